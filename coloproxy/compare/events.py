@@ -1,0 +1,112 @@
+"""What the comparator tells its shell: frozen dataclasses, no callbacks (decisions are data).
+
+The shell turns ``Release`` into an NF_ACCEPT verdict (or a frame written to outdev),
+``Drop`` into NF_DROP, ``CheckpointNeeded`` into a control-socket request (unless
+``coalesced``), and counts every event under its reason label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, StrEnum
+
+from coloproxy.packet.parse import MalformedReason
+
+
+class Side(Enum):
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
+
+
+class Reason(StrEnum):
+    """Why a checkpoint is needed; the closed vocabulary that is also the metric label."""
+
+    PAYLOAD = "payload"  # bytes differ at the same stream offset, or datagrams differ
+    FATE = "fate"  # the connection ends differently: FIN vs RST, FIN offsets, SYN vs RST
+    TIMEOUT = "timeout"  # a primary packet stayed unmatched for compare_timeout
+    SECONDARY_ONLY = "secondary-only"  # secondary output with no primary counterpart in time
+    OVERFLOW = "overflow"  # a configured bound (packets, bytes, flows, fragments) was reached
+    MALFORMED = "malformed"  # a primary packet could not be parsed (policy "checkpoint")
+
+
+class ReleaseReason(StrEnum):
+    MATCHED = "matched"  # the secondary produced the same output
+    CHECKPOINT = "checkpoint"  # flushed by a completed checkpoint
+    PASSTHROUGH = "passthrough"  # a passthrough rule: released uncompared, counted unprotected
+    MALFORMED = "malformed"  # unparseable and the malformed policy is "release"
+
+
+class DropReason(StrEnum):
+    COMPARED = "compared"  # absorbed by the comparator (its bytes are kept as needed)
+    CHECKPOINTING = "checkpointing"  # arrived while a checkpoint runs: stale epoch
+    PASSTHROUGH = "passthrough"
+    MALFORMED = "malformed"
+    OVERFLOW = "overflow"  # not stored because a bound was reached
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """A flow as seen in the guest's egress direction (guest -> peer)."""
+
+    protocol: str  # "tcp", "udp", "icmp", "icmpv6", "ip-proto-N", "ethertype-0xNNNN"
+    guest: str  # address, with ":port" for TCP and UDP
+    peer: str
+    vlan: int = -1
+
+    def __str__(self) -> str:
+        vlan = f" vlan {self.vlan}" if self.vlan >= 0 else ""
+        return f"{self.protocol} {self.guest} -> {self.peer}{vlan}"
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """Where and how the two outputs differ.
+
+    ``offset`` is the TCP stream offset (bytes after the SYN) of the first difference, or
+    None for datagrams. ``primary``/``secondary`` hold up to ``EVIDENCE_BYTES`` bytes of each
+    side starting at the first difference (``context_before`` bytes earlier when possible);
+    the lengths are the whole datagram or segment lengths. ``detail`` is one human line.
+    """
+
+    offset: int | None
+    primary: bytes
+    secondary: bytes
+    primary_length: int
+    secondary_length: int
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    token: object
+    reason: ReleaseReason = ReleaseReason.MATCHED
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    token: object
+    reason: DropReason = DropReason.COMPARED
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointNeeded:
+    """A checkpoint is needed. ``coalesced`` is true when one is already requested (I4)."""
+
+    reason: Reason
+    protocol: str
+    flow: Flow | None
+    evidence: Evidence | None
+    coalesced: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedPacket:
+    """A packet that did not parse; what happened to it follows as a Release/Drop event."""
+
+    side: Side
+    token: object
+    reason: MalformedReason
+    detail: str
+
+
+Event = Release | Drop | CheckpointNeeded | MalformedPacket
