@@ -12,6 +12,9 @@ from enum import Enum, StrEnum
 
 from coloproxy.packet.parse import MalformedReason
 
+EVIDENCE_BYTES = 48
+EVIDENCE_BEFORE = 16
+
 
 class Side(Enum):
     PRIMARY = "primary"
@@ -62,10 +65,11 @@ class Flow:
 class Evidence:
     """Where and how the two outputs differ.
 
-    ``offset`` is the TCP stream offset (bytes after the SYN) of the first difference, or
-    None for datagrams. ``primary``/``secondary`` hold up to ``EVIDENCE_BYTES`` bytes of each
-    side starting at the first difference (``context_before`` bytes earlier when possible);
-    the lengths are the whole datagram or segment lengths. ``detail`` is one human line.
+    ``offset`` is the TCP stream offset (bytes after the SYN) of the first difference, or the
+    byte index of the first difference within the datagram. ``primary``/``secondary`` hold a
+    window of each side's bytes (at most ``EVIDENCE_BYTES``) that starts ``before`` bytes
+    ahead of the first difference. The lengths are of the whole segment or datagram compared.
+    ``detail`` is one line for humans.
     """
 
     offset: int | None
@@ -73,6 +77,7 @@ class Evidence:
     secondary: bytes
     primary_length: int
     secondary_length: int
+    before: int = 0
     detail: str = ""
 
 

@@ -203,7 +203,7 @@ def parse_ethernet(data: bytes) -> Packet | Malformed:
             vlan = _U16.unpack_from(data, offset)[0] & 0x0FFF
         ethertype = _U16.unpack_from(data, offset + 2)[0]
         offset += 4
-    if ethertype == ETH_P_IP or ethertype == ETH_P_IPV6:
+    if ethertype in (ETH_P_IP, ETH_P_IPV6):
         result = parse_ip(data, offset, ethertype, vlan)
         if isinstance(result, Packet) and (result.version == 4) != (ethertype == ETH_P_IP):
             return Malformed(MalformedReason.BAD_VERSION, "IP version does not match ethertype")
@@ -329,7 +329,7 @@ def _parse_l4(packet: Packet, data: bytes, proto: int, l4: int, end: int) -> Pac
         packet.payload = l4 + 8
         packet.end = l4 + length
         return packet
-    if proto == PROTO_ICMP or proto == PROTO_ICMPV6:
+    if proto in (PROTO_ICMP, PROTO_ICMPV6):
         if l4 + 4 > end:
             return Malformed(MalformedReason.TRUNCATED, "ICMP header")
     # ICMP is compared whole (type, code and body); other protocols as opaque payload.

@@ -1,0 +1,38 @@
+"""Compare layer (pure, sans-IO): align primary and secondary output and decide."""
+
+from coloproxy.compare.comparator import Comparator, CompareStats, flow_label
+from coloproxy.compare.config import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.compare.events import (
+    CheckpointNeeded,
+    Drop,
+    DropReason,
+    Event,
+    Evidence,
+    Flow,
+    MalformedPacket,
+    Reason,
+    Release,
+    ReleaseReason,
+    Side,
+)
+
+__all__ = [
+    "CheckpointNeeded",
+    "Comparator",
+    "CompareConfig",
+    "CompareStats",
+    "Drop",
+    "DropReason",
+    "Event",
+    "Evidence",
+    "Flow",
+    "Framing",
+    "MalformedPacket",
+    "MalformedPolicy",
+    "PassthroughRule",
+    "Reason",
+    "Release",
+    "ReleaseReason",
+    "Side",
+    "flow_label",
+]

@@ -1,0 +1,622 @@
+"""The comparator: sans-IO, time injected. ``feed(side, data, now, token) -> events``.
+
+Theory of operation
+-------------------
+Every packet fed is guest egress: the primary's (to be released or held) or the
+secondary's (always dropped; its bytes are kept only as long as needed to compare). Packets
+are parsed in place, IP fragments reassembled, and each one goes to its flow, keyed in the
+guest's egress direction: TCP connections align byte streams (``tcp.py``), everything else
+compares whole datagrams (``datagram.py``).
+
+Output commit (I1): a primary packet is released only when the secondary matched it, or by
+``checkpoint_completed`` (every held primary packet, in arrival order). Nothing is ever
+dropped on the primary side (I2): at a bound the comparator asks for a checkpoint and holds
+everything uncompared until it completes. Every divergence, timeout, overflow and malformed
+primary packet yields a ``CheckpointNeeded``; while one is outstanding later ones come with
+``coalesced=True`` (I4). Bad input becomes events (I5).
+
+Epochs: ``checkpoint_started`` stops comparison (secondary packets are from the old epoch
+and dropped; primary packets are held and released by the checkpoint, since it began after
+they were produced); ``checkpoint_completed`` releases everything held and starts alignment
+afresh with the secondary's TCP state equal to the primary's.
+
+Timers: held primary packets time out after ``compare_timeout`` (one request per flow per
+epoch), stored secondary output after ``secondary_timeout``, datagram mismatches after
+``datagram_reorder_window``, incomplete fragments after ``compare_timeout``, and idle flows
+are forgotten after ``flow_idle_timeout``. ``get_timer()`` gives the earliest deadline and
+``handle_timer(now)`` acts on every deadline that passed; ``handle_timer(math.inf)`` expires
+everything, which offline comparison uses at the end of its input.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from dataclasses import dataclass
+
+from coloproxy.compare.config import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.compare.datagram import DatagramFlow
+from coloproxy.compare.events import (
+    EVIDENCE_BYTES,
+    Drop,
+    DropReason,
+    Event,
+    Evidence,
+    Flow,
+    MalformedPacket,
+    Reason,
+    Release,
+    ReleaseReason,
+    Side,
+)
+from coloproxy.compare.reassembly import Partial, Reassembler
+from coloproxy.compare.state import Book, FlowState, Held
+from coloproxy.compare.tcp import TcpConnection
+from coloproxy.packet.parse import (
+    NOT_IP,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    Malformed,
+    MalformedReason,
+    Packet,
+    parse_ethernet,
+    parse_ip,
+)
+
+_PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
+_PRIMARY = Side.PRIMARY
+
+
+@dataclass(frozen=True, slots=True)
+class CompareStats:
+    """A snapshot for metrics and status."""
+
+    flows: int
+    tcp_connections: int
+    held_packets: int
+    stored_bytes: int
+    bytes_compared: int
+    fragments_pending: int
+    oldest_primary: float | None  # arrival time of the oldest held primary packet
+    oldest_secondary: float | None  # arrival time of the oldest stored secondary output
+    checkpoint_requested: bool
+    checkpointing: bool
+    saturated: bool
+    isn_offsets_learned: int
+
+
+def protocol_name(packet: Packet) -> str:
+    if packet.proto == NOT_IP:
+        return f"ethertype-{packet.ethertype:#06x}"
+    return _PROTOCOL_NAMES.get(packet.proto) or f"ip-proto-{packet.proto}"
+
+
+def flow_label(packet: Packet) -> Flow:
+    protocol = protocol_name(packet)
+    if packet.proto == NOT_IP:
+        return Flow(protocol, packet.src.hex(":"), packet.dst.hex(":"), packet.vlan)
+    guest = str(ipaddress.ip_address(packet.src))
+    peer = str(ipaddress.ip_address(packet.dst))
+    if packet.proto in (PROTO_TCP, PROTO_UDP):
+        if packet.version == 6:
+            guest, peer = f"[{guest}]", f"[{peer}]"
+        guest = f"{guest}:{packet.sport}"
+        peer = f"{peer}:{packet.dport}"
+    return Flow(protocol, guest, peer, packet.vlan)
+
+
+class _Rule:
+    """A passthrough rule with its networks parsed once."""
+
+    __slots__ = ("guest_network", "guest_port", "peer_network", "peer_port", "protocol")
+
+    def __init__(self, rule: PassthroughRule) -> None:
+        self.protocol = rule.protocol
+        self.guest_port = rule.guest_port
+        self.peer_port = rule.peer_port
+        self.guest_network = (
+            ipaddress.ip_network(rule.guest_network, strict=False) if rule.guest_network else None
+        )
+        self.peer_network = (
+            ipaddress.ip_network(rule.peer_network, strict=False) if rule.peer_network else None
+        )
+
+    def matches(self, packet: Packet, protocol: str) -> bool:
+        if self.protocol is not None and self.protocol != protocol:
+            return False
+        if self.guest_port is not None and self.guest_port != packet.sport:
+            return False
+        if self.peer_port is not None and self.peer_port != packet.dport:
+            return False
+        if packet.proto == NOT_IP:
+            return self.guest_network is None and self.peer_network is None
+        if (
+            self.guest_network is not None
+            and ipaddress.ip_address(packet.src) not in self.guest_network
+        ):
+            return False
+        return self.peer_network is None or ipaddress.ip_address(packet.dst) in self.peer_network
+
+
+class Comparator:
+    def __init__(self, config: CompareConfig | None = None) -> None:
+        self.config = config = config or CompareConfig()
+        self._parse = parse_ethernet if config.framing is Framing.ETHERNET else parse_ip
+        self._book = Book(config)
+        self._flows: dict[tuple[object, ...], FlowState] = {}
+        self._rules = [_Rule(rule) for rule in config.passthrough]
+        self._reassembly = Reassembler(config.max_fragment_datagrams, config.max_fragment_bytes)
+        self._frozen: list[Held] = []  # held uncompared: checkpointing, overflow, malformed
+        self._frozen_tokens: list[object] = []  # primary fragments of unfinished datagrams
+        self._reorder: list[tuple[float, int, DatagramFlow]] = []
+        self._checkpointing = False
+        self._next_sweep: float | None = None
+
+    # -- input ---------------------------------------------------------------------------
+
+    def feed(self, side: Side, data: bytes, now: float, token: object = None) -> list[Event]:
+        """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
+        out: list[Event] = []
+        packet = self._parse(data)
+        if side is _PRIMARY:
+            self._feed_primary(packet, data, token, now, out)
+        else:
+            self._feed_secondary(packet, token, now, out)
+        return out
+
+    def _feed_primary(
+        self, packet: Packet | Malformed, data: bytes, token: object, now: float, out: list[Event]
+    ) -> None:
+        book = self._book
+        if type(packet) is Malformed:
+            self._primary_malformed(packet.reason, packet.detail, data, token, now, out)
+            return
+        assert type(packet) is Packet
+        if self._checkpointing or book.saturated:
+            self._freeze(token, now)
+            return
+        if packet.fragment:
+            self._primary_fragment(packet, token, now, out)
+            return
+        self._primary_packet(packet, token, None, now, out)
+
+    def _primary_packet(
+        self,
+        packet: Packet,
+        token: object,
+        extra: list[object] | None,
+        now: float,
+        out: list[Event],
+    ) -> None:
+        book = self._book
+        flow = self._flow(packet, now, out)
+        if flow is None:
+            self._freeze(token, now, extra)
+            return
+        flow.last_active = now
+        if flow.passthrough:
+            out.append(Release(token, ReleaseReason.PASSTHROUGH))
+            if extra:
+                out.extend(Release(more, ReleaseReason.PASSTHROUGH) for more in extra)
+            return
+        if book.over_bounds(packet.end - packet.payload):
+            self._saturate(flow, out)
+            self._freeze(token, now, extra)
+            return
+        held = book.new_held(token, now, flow)
+        held.extra = extra
+        if type(flow) is TcpConnection:
+            flow.feed_primary(packet, held, now, book, out)
+        elif type(flow) is DatagramFlow and flow.feed_primary(
+            bytes(packet.data[packet.payload : packet.end]), held, now, book, out
+        ):
+            self._arm_reorder(flow)
+
+    def _feed_secondary(
+        self, packet: Packet | Malformed, token: object, now: float, out: list[Event]
+    ) -> None:
+        book = self._book
+        if type(packet) is Malformed:
+            out.append(MalformedPacket(Side.SECONDARY, token, packet.reason, packet.detail))
+            out.append(Drop(token, DropReason.MALFORMED))
+            return
+        assert type(packet) is Packet
+        if self._checkpointing:
+            out.append(Drop(token, DropReason.CHECKPOINTING))
+            return
+        if book.saturated:
+            out.append(Drop(token, DropReason.OVERFLOW))
+            return
+        if packet.fragment:
+            out.append(Drop(token, DropReason.COMPARED))
+            self._secondary_fragment(packet, token, now, out)
+            return
+        out.append(Drop(token, self._secondary_packet(packet, now, out)))
+
+    def _secondary_packet(self, packet: Packet, now: float, out: list[Event]) -> DropReason:
+        book = self._book
+        flow = self._flow(packet, now, out)
+        if flow is None:
+            return DropReason.OVERFLOW
+        flow.last_active = now
+        if flow.passthrough:
+            return DropReason.PASSTHROUGH
+        if book.over_bounds(packet.end - packet.payload):
+            self._saturate(flow, out)
+            return DropReason.OVERFLOW
+        if type(flow) is TcpConnection:
+            flow.feed_secondary(packet, now, book, out)
+        elif type(flow) is DatagramFlow and flow.feed_secondary(
+            bytes(packet.data[packet.payload : packet.end]), now, book, out
+        ):
+            self._arm_reorder(flow)
+        return DropReason.COMPARED
+
+    # -- special packets -----------------------------------------------------------------
+
+    def _primary_malformed(
+        self,
+        reason: MalformedReason,
+        detail: str,
+        data: bytes,
+        token: object,
+        now: float,
+        out: list[Event],
+    ) -> None:
+        out.append(MalformedPacket(_PRIMARY, token, reason, detail))
+        if self.config.malformed_policy is MalformedPolicy.RELEASE:
+            out.append(Release(token, ReleaseReason.MALFORMED))
+            return
+        self._freeze(token, now)
+        evidence = Evidence(
+            offset=None,
+            primary=bytes(data[:EVIDENCE_BYTES]),
+            secondary=b"",
+            primary_length=len(data),
+            secondary_length=0,
+            detail=f"{reason}: {detail}" if detail else str(reason),
+        )
+        self._book.request(out, Reason.MALFORMED, "unknown", None, evidence)
+
+    def _primary_fragment(
+        self, packet: Packet, token: object, now: float, out: list[Event]
+    ) -> None:
+        result, partial = self._reassembly.add("primary", packet, token, now)
+        if result.overflow:
+            if partial is not None:  # tokens already collected stay with the partial datagram
+                pass
+            self._saturate(None, out)
+            self._freeze(token, now)
+            return
+        if result.conflict:
+            tokens = partial.tokens if partial is not None else [token]
+            self._frozen_tokens.extend(tokens)
+            out.append(
+                MalformedPacket(
+                    _PRIMARY,
+                    token,
+                    MalformedReason.REASSEMBLY_CONFLICT,
+                    "overlapping fragments differ",
+                )
+            )
+            self._book.request(out, Reason.MALFORMED, protocol_name(packet), None, None)
+            return
+        if result.complete is not None and partial is not None:
+            whole = parse_ip(result.complete)
+            tokens = partial.tokens
+            if type(whole) is Malformed:
+                self._frozen_tokens.extend(tokens)
+                out.append(
+                    MalformedPacket(_PRIMARY, token, whole.reason, "reassembled: " + whole.detail)
+                )
+                self._book.request(out, Reason.MALFORMED, protocol_name(packet), None, None)
+                return
+            assert type(whole) is Packet
+            self._primary_packet(whole, tokens[0], tokens[1:] or None, partial.arrival, out)
+
+    def _secondary_fragment(
+        self, packet: Packet, token: object, now: float, out: list[Event]
+    ) -> None:
+        result, _ = self._reassembly.add("secondary", packet, token, now)
+        if result.overflow:
+            self._saturate(None, out)
+            return
+        if result.conflict:
+            out.append(
+                MalformedPacket(
+                    Side.SECONDARY,
+                    token,
+                    MalformedReason.REASSEMBLY_CONFLICT,
+                    "overlapping fragments differ",
+                )
+            )
+            return
+        if result.complete is not None:
+            whole = parse_ip(result.complete)
+            if type(whole) is Malformed:
+                out.append(
+                    MalformedPacket(
+                        Side.SECONDARY, token, whole.reason, "reassembled: " + whole.detail
+                    )
+                )
+                return
+            assert type(whole) is Packet
+            self._secondary_packet(whole, now, out)
+
+    def _freeze(self, token: object, now: float, extra: list[object] | None = None) -> None:
+        """Hold a primary packet uncompared until the next checkpoint completes."""
+        book = self._book
+        book.serial += 1
+        held = Held(token, book.serial, now, None)
+        held.extra = extra
+        book.held_packets += 1
+        self._frozen.append(held)
+
+    def _saturate(self, flow: FlowState | None, out: list[Event]) -> None:
+        book = self._book
+        if book.saturated:
+            return
+        book.saturated = True
+        evidence = Evidence(
+            offset=None,
+            primary=b"",
+            secondary=b"",
+            primary_length=0,
+            secondary_length=0,
+            detail=(
+                f"held {book.held_packets} packets (max {self.config.max_held_packets}), "
+                f"stored {book.stored_bytes} bytes (max {self.config.max_held_bytes}), "
+                f"{len(self._flows)} flows (max {self.config.max_flows}), "
+                f"{len(self._reassembly.partials)} partial datagrams"
+            ),
+        )
+        protocol = flow.label.protocol if flow is not None else "any"
+        book.request(
+            out, Reason.OVERFLOW, protocol, flow.label if flow is not None else None, evidence
+        )
+
+    # -- flows ---------------------------------------------------------------------------
+
+    def _flow(self, packet: Packet, now: float, out: list[Event]) -> FlowState | None:
+        if packet.proto == NOT_IP:
+            key: tuple[object, ...] = (
+                NOT_IP,
+                packet.src,
+                packet.dst,
+                packet.ethertype,
+                0,
+                packet.vlan,
+            )
+        else:
+            key = (packet.proto, packet.src, packet.dst, packet.sport, packet.dport, packet.vlan)
+        flow = self._flows.get(key)
+        if flow is not None:
+            return flow
+        if len(self._flows) >= self.config.max_flows:
+            self._evict(now, all_idle=True)
+            if len(self._flows) >= self.config.max_flows:
+                self._saturate(None, out)
+                return None
+        label = flow_label(packet)
+        if packet.proto == PROTO_TCP:
+            flow = TcpConnection(key, label, now)
+        else:
+            flow = DatagramFlow(key, label, now)
+        if self._rules:
+            flow.passthrough = any(rule.matches(packet, label.protocol) for rule in self._rules)
+        self._flows[key] = flow
+        if self._next_sweep is None:
+            self._next_sweep = now + self.config.flow_idle_timeout
+        return flow
+
+    def _evict(self, now: float, all_idle: bool = False) -> None:
+        """Forget idle flows: those inactive for flow_idle_timeout, or every idle one."""
+        limit = now - self.config.flow_idle_timeout
+        stale = [
+            key
+            for key, flow in self._flows.items()
+            if flow.idle() and (all_idle or flow.last_active <= limit)
+        ]
+        for key in stale:
+            del self._flows[key]
+
+    def _arm_reorder(self, flow: DatagramFlow) -> None:
+        deadline = flow.reorder_deadline
+        if deadline is not None:
+            self._book.serial += 1
+            heapq.heappush(self._reorder, (deadline, self._book.serial, flow))
+
+    # -- timers --------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which ``handle_timer`` has something to do, or None."""
+        book = self._book
+        config = self.config
+        deadline: float | None = self._next_sweep
+        fifo = book.primary_fifo
+        while fifo and fifo[0].released:
+            fifo.popleft()
+        if fifo:
+            candidate = fifo[0].arrival + config.compare_timeout
+            if deadline is None or candidate < deadline:
+                deadline = candidate
+        secondary_timeout = config.secondary_timeout
+        if secondary_timeout is not None:
+            stored = book.secondary_fifo
+            while stored and not stored[0].live:
+                stored.popleft()
+            if stored:
+                candidate = stored[0].arrival + secondary_timeout
+                if deadline is None or candidate < deadline:
+                    deadline = candidate
+        reorder = self._reorder
+        while reorder and reorder[0][2].reorder_deadline != reorder[0][0]:
+            heapq.heappop(reorder)
+        if reorder and (deadline is None or reorder[0][0] < deadline):
+            deadline = reorder[0][0]
+        oldest = self._reassembly.oldest()
+        if oldest is not None:
+            candidate = oldest + config.compare_timeout
+            if deadline is None or candidate < deadline:
+                deadline = candidate
+        return deadline
+
+    def handle_timer(self, now: float) -> list[Event]:
+        out: list[Event] = []
+        book = self._book
+        config = self.config
+        fifo = book.primary_fifo
+        limit = now - config.compare_timeout
+        while fifo and (fifo[0].released or fifo[0].arrival <= limit):
+            held = fifo.popleft()
+            flow = held.flow
+            if held.released or flow is None or flow.diverged or flow.timed_out:
+                continue
+            flow.timed_out = True
+            book.request(
+                out,
+                Reason.TIMEOUT,
+                flow.label.protocol,
+                flow.label,
+                _timeout_evidence(held, config.compare_timeout),
+            )
+        if config.secondary_timeout is not None:
+            stored_fifo = book.secondary_fifo
+            limit = now - config.secondary_timeout
+            while stored_fifo and (not stored_fifo[0].live or stored_fifo[0].arrival <= limit):
+                stored = stored_fifo.popleft()
+                flow = stored.flow
+                if not stored.live or flow.diverged or flow.timed_out:
+                    continue
+                flow.timed_out = True
+                evidence = Evidence(
+                    offset=stored.start if type(flow) is TcpConnection else None,
+                    primary=b"",
+                    secondary=stored.data[:EVIDENCE_BYTES],
+                    primary_length=0,
+                    secondary_length=len(stored.data),
+                    detail=f"secondary output unmatched for {config.secondary_timeout:g} s",
+                )
+                book.request(out, Reason.SECONDARY_ONLY, flow.label.protocol, flow.label, evidence)
+        reorder = self._reorder
+        while reorder and reorder[0][0] <= now:
+            deadline, _, datagrams = heapq.heappop(reorder)
+            if datagrams.reorder_deadline == deadline:
+                datagrams.reorder_expired(now, book, out)
+        for partial in self._reassembly.expire(now - config.compare_timeout):
+            self._expired_fragments(partial, out)
+        if self._next_sweep is not None and self._next_sweep <= now:
+            self._evict(now)
+            self._next_sweep = (now + config.flow_idle_timeout / 4) if self._flows else None
+        return out
+
+    def _expired_fragments(self, partial: Partial, out: list[Event]) -> None:
+        if partial.key[0] != "primary":
+            return
+        self._frozen_tokens.extend(partial.tokens)
+        evidence = Evidence(
+            offset=None,
+            primary=b"",
+            secondary=b"",
+            primary_length=partial.size,
+            secondary_length=0,
+            detail=f"{len(partial.tokens)} fragments of an incomplete datagram",
+        )
+        self._book.request(out, Reason.TIMEOUT, "ip-fragments", None, evidence)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_started(self, now: float) -> list[Event]:
+        """Both VMs stopped for a checkpoint: stop comparing until it completes."""
+        self._checkpointing = True
+        return []
+
+    def checkpoint_completed(self, now: float) -> list[Event]:
+        """The secondary holds the primary's state: release everything, start afresh."""
+        out: list[Event] = []
+        book = self._book
+        held = self._frozen
+        for flow in self._flows.values():
+            held.extend(flow.held)
+            flow.held.clear()
+            if type(flow) is TcpConnection or type(flow) is DatagramFlow:
+                flow.reset_epoch(book)
+        held.sort(key=lambda entry: entry.serial)
+        for entry in held:
+            if not entry.released:
+                book.release(entry, out, ReleaseReason.CHECKPOINT)
+        tokens = self._frozen_tokens
+        for partial in self._reassembly.clear():
+            if partial.key[0] == "primary":
+                tokens.extend(partial.tokens)
+        out.extend(Release(token, ReleaseReason.CHECKPOINT) for token in tokens)
+        self._frozen = []
+        self._frozen_tokens = []
+        self._reorder = []
+        book.primary_fifo.clear()
+        book.secondary_fifo.clear()
+        book.held_packets = 0
+        book.stored_bytes = 0
+        book.saturated = False
+        book.requested = False
+        self._checkpointing = False
+        return out
+
+    # -- introspection -------------------------------------------------------------------
+
+    def stats(self) -> CompareStats:
+        book = self._book
+        fifo = book.primary_fifo
+        while fifo and fifo[0].released:
+            fifo.popleft()
+        oldest_primary = fifo[0].arrival if fifo else None
+        if self._frozen:
+            first = self._frozen[0].arrival
+            oldest_primary = first if oldest_primary is None else min(first, oldest_primary)
+        stored = book.secondary_fifo
+        while stored and not stored[0].live:
+            stored.popleft()
+        tcp = [flow for flow in self._flows.values() if type(flow) is TcpConnection]
+        return CompareStats(
+            flows=len(self._flows),
+            tcp_connections=len(tcp),
+            held_packets=book.held_packets,
+            stored_bytes=book.stored_bytes,
+            bytes_compared=book.bytes_compared,
+            fragments_pending=len(self._reassembly.partials),
+            oldest_primary=oldest_primary,
+            oldest_secondary=stored[0].arrival if stored else None,
+            checkpoint_requested=book.requested,
+            checkpointing=self._checkpointing,
+            saturated=book.saturated,
+            isn_offsets_learned=sum(1 for flow in tcp if flow.isn_offset() is not None),
+        )
+
+    def isn_offset(
+        self, guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int = -1
+    ) -> int | None:
+        """secondary ISN - primary ISN for a TCP connection, or None while unknown."""
+        flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
+        return flow.isn_offset() if type(flow) is TcpConnection else None
+
+
+def _timeout_evidence(held: Held, timeout: float) -> Evidence:
+    if held.payload:
+        return Evidence(
+            offset=None,
+            primary=held.payload[:EVIDENCE_BYTES],
+            secondary=b"",
+            primary_length=len(held.payload),
+            secondary_length=0,
+            detail=f"primary datagram unmatched for {timeout:g} s",
+        )
+    return Evidence(
+        offset=held.start,
+        primary=b"",
+        secondary=b"",
+        primary_length=held.end - held.start,
+        secondary_length=0,
+        detail=f"primary segment [{held.start}, {held.end}) unmatched for {timeout:g} s",
+    )

@@ -1,0 +1,83 @@
+"""A set of half-open integer ranges, kept as sorted disjoint intervals.
+
+Used for the verified part of a TCP stream. In the common case (in-order data) it holds a
+single interval, so every operation is a couple of comparisons.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+
+
+class RangeSet:
+    __slots__ = ("_ends", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._starts)
+
+    def __iter__(self) -> object:
+        return iter(zip(self._starts, self._ends, strict=True))
+
+    def intervals(self) -> list[tuple[int, int]]:
+        return list(zip(self._starts, self._ends, strict=True))
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._ends.clear()
+
+    def add(self, start: int, end: int) -> None:
+        """Add [start, end), merging with overlapping or touching intervals."""
+        if start >= end:
+            return
+        starts, ends = self._starts, self._ends
+        if starts and ends[-1] == start:  # the in-order fast path: extend the last interval
+            ends[-1] = end
+            return
+        # first interval that could touch: the last one starting at or before `start`
+        i = bisect_right(starts, start) - 1
+        if i < 0 or ends[i] < start:
+            i += 1
+        j = i
+        while j < len(starts) and starts[j] <= end:
+            start = min(start, starts[j])
+            end = max(end, ends[j])
+            j += 1
+        starts[i:j] = [start]
+        ends[i:j] = [end]
+
+    def contains(self, start: int, end: int) -> bool:
+        """Whether [start, end) lies wholly inside the set (an empty range always does)."""
+        if start >= end:
+            return True
+        starts = self._starts
+        if not starts:
+            return False
+        if starts[-1] <= start:
+            return end <= self._ends[-1]
+        i = bisect_right(starts, start) - 1
+        return i >= 0 and end <= self._ends[i]
+
+    def subtract(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) not in the set, in order."""
+        starts, ends = self._starts, self._ends
+        if not starts or start >= ends[-1] or end <= starts[0]:
+            return [(start, end)] if start < end else []
+        out: list[tuple[int, int]] = []
+        i = bisect_right(starts, start) - 1
+        i = max(i, 0)
+        pos = start
+        while pos < end and i < len(starts):
+            if ends[i] <= pos:
+                i += 1
+                continue
+            if starts[i] > pos:
+                out.append((pos, min(starts[i], end)))
+            pos = max(pos, ends[i])
+            i += 1
+        if pos < end:
+            out.append((pos, end))
+        return out

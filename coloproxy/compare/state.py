@@ -1,0 +1,183 @@
+"""Bookkeeping shared by every flow of one comparator: held packets, stored bytes, the
+timeout queues, and the checkpoint request with its coalescing (invariant I4).
+
+Flows never talk to the shell; they append events to the ``out`` list they are handed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final
+
+from coloproxy.compare.config import CompareConfig
+from coloproxy.compare.events import (
+    EVIDENCE_BEFORE,
+    EVIDENCE_BYTES,
+    CheckpointNeeded,
+    Event,
+    Evidence,
+    Flow,
+    Reason,
+    Release,
+    ReleaseReason,
+)
+
+# What a held TCP segment waits for besides its data being verified.
+NEED_SYN: Final = 1  # the secondary sent its SYN too
+NEED_FIN: Final = 2  # the secondary's FIN sits at the same stream offset
+NEED_RST: Final = 4  # the secondary reset the connection too
+NEED_ACK: Final = 8  # the secondary acknowledged at least ``ack`` (ACK gating)
+
+
+class FlowState:
+    """What every kind of flow has: identity, held primary packets, divergence marks."""
+
+    __slots__ = ("diverged", "held", "key", "label", "last_active", "passthrough", "timed_out")
+
+    def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
+        self.key = key
+        self.label = label
+        self.held: deque[Held] = deque()
+        self.diverged = False  # a divergence was reported: hold everything until checkpoint
+        self.timed_out = False  # a timeout was reported for this flow in this epoch
+        self.passthrough = False
+        self.last_active = now
+
+    def idle(self) -> bool:
+        """Nothing held or stored: the flow may be forgotten without losing anything."""
+        return not self.held
+
+
+class Held:
+    """One held primary packet (or the fragments of one datagram)."""
+
+    __slots__ = (
+        "ack",
+        "arrival",
+        "end",
+        "extra",
+        "flow",
+        "need",
+        "payload",
+        "released",
+        "serial",
+        "start",
+        "token",
+    )
+
+    def __init__(self, token: object, serial: int, arrival: float, flow: FlowState | None) -> None:
+        self.token = token
+        self.extra: list[object] | None = None  # further tokens (IP fragments of one datagram)
+        self.serial = serial
+        self.arrival = arrival
+        self.flow = flow
+        self.released = False
+        self.start = 0
+        self.end = 0
+        self.need = 0
+        self.ack = 0
+        self.payload = b""  # datagrams only: the bytes to match
+
+
+class Stored:
+    """Bytes one side produced that wait for the other side (a TCP chunk or a datagram)."""
+
+    __slots__ = ("arrival", "data", "end", "flow", "live", "start")
+
+    def __init__(self, start: int, data: bytes, arrival: float, flow: FlowState) -> None:
+        self.start = start
+        self.end = start + len(data)
+        self.data = data
+        self.arrival = arrival
+        self.flow = flow
+        self.live = True
+
+
+class Book:
+    """Comparator-wide counters and queues."""
+
+    def __init__(self, config: CompareConfig) -> None:
+        self.config = config
+        self.serial = 0
+        self.held_packets = 0
+        self.stored_bytes = 0
+        self.bytes_compared = 0
+        self.requested = False  # a checkpoint was asked for and has not completed yet
+        self.saturated = False  # a bound was hit: hold and drop uncompared until checkpoint
+        self.primary_fifo: deque[Held] = deque()  # arrival order, for compare_timeout
+        self.secondary_fifo: deque[Stored] = deque()  # arrival order, for secondary_timeout
+
+    def new_held(self, token: object, now: float, flow: FlowState | None) -> Held:
+        self.serial += 1
+        held = Held(token, self.serial, now, flow)
+        self.held_packets += 1
+        self.primary_fifo.append(held)
+        return held
+
+    def release(self, held: Held, out: list[Event], reason: ReleaseReason) -> None:
+        held.released = True
+        self.held_packets -= 1
+        out.append(Release(held.token, reason))
+        if held.extra:
+            for token in held.extra:
+                out.append(Release(token, reason))
+
+    def store_secondary(self, stored: Stored) -> None:
+        self.stored_bytes += stored.end - stored.start
+        if self.config.secondary_timeout is not None:
+            self.secondary_fifo.append(stored)
+
+    def request(
+        self,
+        out: list[Event],
+        reason: Reason,
+        protocol: str,
+        flow: Flow | None,
+        evidence: Evidence | None,
+    ) -> None:
+        out.append(CheckpointNeeded(reason, protocol, flow, evidence, self.requested))
+        self.requested = True
+
+    def over_bounds(self, extra_bytes: int) -> bool:
+        config = self.config
+        return (
+            self.held_packets >= config.max_held_packets
+            or self.stored_bytes + extra_bytes > config.max_held_bytes
+        )
+
+
+def difference(
+    primary: bytes,
+    secondary: bytes,
+    base: int | None,
+    primary_length: int,
+    secondary_length: int,
+    detail: str,
+) -> Evidence:
+    """Evidence for two byte strings that differ: find the first difference and cut a window.
+
+    ``base`` is the stream offset of index 0 (TCP) or None (datagrams: offsets are indices).
+    """
+    limit = min(len(primary), len(secondary))
+    index = 0
+    # Halve the search space with slice comparisons (memcmp) instead of a byte loop.
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high) // 2
+        if primary[low : mid + 1] == secondary[low : mid + 1]:
+            low = mid + 1
+        else:
+            high = mid
+    index = low
+    begin = max(0, index - EVIDENCE_BEFORE)
+    stop = begin + EVIDENCE_BYTES
+    offset = index if base is None else base + index
+    return Evidence(
+        offset=offset,
+        primary=bytes(primary[begin:stop]),
+        secondary=bytes(secondary[begin:stop]),
+        primary_length=primary_length,
+        secondary_length=secondary_length,
+        before=index - begin,
+        detail=detail,
+    )

@@ -1,0 +1,418 @@
+"""TCP: align the primary's and the secondary's byte streams and compare them.
+
+Theory of operation
+-------------------
+Each side's stream is addressed by *stream offset*: bytes after the side's SYN, so offset 0
+is the first data byte whatever the side's ISN (``seq.diff(seq, isn) - 1``; the SYN itself
+sits at -1). Segmentation, retransmissions, overlaps and reordering then vanish: what is
+compared is bytes at offsets, not segments.
+
+Each side keeps the bytes it sent that the other side has not sent yet (``chunks``, sorted
+and disjoint). When new bytes arrive they are cut against the *verified* range set (both
+sides sent them and they were equal: retransmissions are released without storing), then
+against the side's own chunks (a retransmission of bytes still waiting), and what is left is
+compared with the other side's chunks where they overlap; the overlap becomes verified and is
+removed from both, the rest is stored. Bytes that differ are a divergence at the exact offset.
+
+A held primary segment is released when, in arrival order per connection:
+- its data range is verified,
+- its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST), and
+- its ACK is covered by the secondary's highest ACK (ACK gating: releasing an ACK the
+  secondary has not sent would let the client discard bytes the secondary never received;
+  pure ACKs obey the same rule).
+The connection's fate is compared too: FIN against RST, FINs at different offsets, data sent
+past the other side's FIN or RST, SYN against RST. QEMU's colo-compare releases every
+zero-payload segment uncompared and so misses all of these.
+
+ISNs: a side's ISN is learned from its SYN (guest as client) or SYN-ACK (guest as server).
+A connection first seen without a SYN uses one shared base for both sides: after a checkpoint
+both guests hold the same TCP state, ISNs included, so equal sequence numbers mean equal
+positions. ``reset_epoch`` (after a checkpoint) makes the secondary's ISN and highest ACK
+equal to the primary's for the same reason.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Final
+
+from coloproxy import seq
+from coloproxy.compare.events import Event, Evidence, Flow, Reason, ReleaseReason
+from coloproxy.compare.ranges import RangeSet
+from coloproxy.compare.state import (
+    NEED_ACK,
+    NEED_FIN,
+    NEED_RST,
+    NEED_SYN,
+    Book,
+    FlowState,
+    Held,
+    Stored,
+    difference,
+)
+from coloproxy.packet.parse import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
+
+PROTOCOL: Final = "tcp"
+
+
+class TcpSide:
+    __slots__ = ("chunks", "fin", "high", "isn", "isn_from_syn", "max_ack", "rst", "syn")
+
+    def __init__(self) -> None:
+        self.isn: int | None = None
+        self.isn_from_syn = False
+        self.max_ack: int | None = None
+        self.chunks: list[Stored] = []
+        self.syn = False  # a SYN was seen in this epoch
+        self.fin: int | None = None  # stream offset of the FIN, in this epoch
+        self.rst: int | None = None  # stream offset of the RST, in this epoch
+        self.high: int | None = None  # end of the highest data sent, in this epoch
+
+    def reset(self) -> None:
+        self.chunks = []
+        self.syn = False
+        self.fin = None
+        self.rst = None
+        self.high = None
+
+
+class TcpConnection(FlowState):
+    __slots__ = ("primary", "secondary", "verified")
+
+    def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
+        super().__init__(key, label, now)
+        self.primary = TcpSide()
+        self.secondary = TcpSide()
+        self.verified = RangeSet()
+
+    def idle(self) -> bool:
+        # Forgetting a connection whose sides have different ISNs would make its next
+        # segments compare at wrong offsets; keep it until a checkpoint equalises them.
+        return (
+            not self.held
+            and not self.primary.chunks
+            and not self.secondary.chunks
+            and self.primary.isn == self.secondary.isn
+        )
+
+    def isn_offset(self) -> int | None:
+        """secondary ISN - primary ISN (mod 2**32), what the S-in rewrite adds to ACKs."""
+        if self.primary.isn is None or self.secondary.isn is None:
+            return None
+        return (self.secondary.isn - self.primary.isn) & 0xFFFFFFFF
+
+    # -- epoch ---------------------------------------------------------------------------
+
+    def reset_epoch(self, book: Book) -> None:
+        """After a checkpoint: the secondary holds the primary's state."""
+        primary, secondary = self.primary, self.secondary
+        for stored in primary.chunks:
+            book.stored_bytes -= stored.end - stored.start
+        for stored in secondary.chunks:
+            stored.live = False
+            book.stored_bytes -= stored.end - stored.start
+        primary.reset()
+        secondary.reset()
+        self.verified.clear()
+        if primary.isn is not None:
+            secondary.isn = primary.isn
+            secondary.isn_from_syn = primary.isn_from_syn
+        secondary.max_ack = primary.max_ack
+        self.diverged = False
+        self.timed_out = False
+
+    # -- input ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _learn_isn(side: TcpSide, other: TcpSide, packet: Packet) -> int:
+        """The side's ISN, learned from this packet if it is not known yet."""
+        isn = side.isn
+        if packet.flags & TCP_SYN:
+            if isn is None or not side.isn_from_syn:
+                side.isn = isn = packet.seq
+                side.isn_from_syn = True
+            return isn
+        if isn is None:
+            isn = other.isn
+            if isn is None:
+                # First seen mid-stream: one shared base for both sides (see module doc).
+                other.isn = isn = seq.add(packet.seq, -1)
+            side.isn = isn
+        return isn
+
+    def feed_primary(
+        self, packet: Packet, held: Held, now: float, book: Book, out: list[Event]
+    ) -> None:
+        primary = self.primary
+        isn = self._learn_isn(primary, self.secondary, packet)
+        flags = packet.flags
+        if flags & TCP_ACK:
+            held.need = NEED_ACK
+            held.ack = packet.ack
+            if primary.max_ack is None or seq.gt(packet.ack, primary.max_ack):
+                primary.max_ack = packet.ack
+        start = seq.diff(packet.seq, isn) - 1
+        if flags & TCP_SYN:
+            start += 1
+            held.need |= NEED_SYN
+            primary.syn = True
+        length = packet.end - packet.payload
+        if flags & TCP_RST:
+            held.need |= NEED_RST
+            primary.rst = start
+            length = 0  # data on a RST is diagnostic text (RFC 9293 3.5.3), not stream data
+        end = start + length
+        held.start = start
+        held.end = end
+        if flags & TCP_FIN:
+            held.need |= NEED_FIN
+            primary.fin = end
+        self.held.append(held)
+        if self.diverged:
+            return
+        if length:
+            if primary.high is None or end > primary.high:
+                primary.high = end
+            self._absorb(True, start, packet.data[packet.payload : packet.end], now, book, out)
+        if not self.diverged:
+            self._check_fate(book, out)
+        self.release_ready(book, out)
+
+    def feed_secondary(self, packet: Packet, now: float, book: Book, out: list[Event]) -> None:
+        secondary = self.secondary
+        isn = self._learn_isn(secondary, self.primary, packet)
+        flags = packet.flags
+        if flags & TCP_ACK and (secondary.max_ack is None or seq.gt(packet.ack, secondary.max_ack)):
+            secondary.max_ack = packet.ack
+        if self.diverged:
+            return
+        start = seq.diff(packet.seq, isn) - 1
+        if flags & TCP_SYN:
+            start += 1
+            secondary.syn = True
+        length = packet.end - packet.payload
+        if flags & TCP_RST:
+            secondary.rst = start
+            length = 0
+        end = start + length
+        if flags & TCP_FIN:
+            secondary.fin = end
+        if length:
+            if secondary.high is None or end > secondary.high:
+                secondary.high = end
+            self._absorb(False, start, packet.data[packet.payload : packet.end], now, book, out)
+        if not self.diverged:
+            self._check_fate(book, out)
+        if self.held:
+            self.release_ready(book, out)
+
+    # -- comparison ----------------------------------------------------------------------
+
+    def _absorb(
+        self, primary_side: bool, start: int, data: bytes, now: float, book: Book, out: list[Event]
+    ) -> None:
+        mine = self.primary if primary_side else self.secondary
+        end = start + len(data)
+        for low, high in self.verified.subtract(start, end):
+            for new_low, new_high in _uncovered(mine.chunks, low, high):
+                piece = (
+                    data
+                    if (new_low == start and new_high == end)
+                    else data[new_low - start : new_high - start]
+                )
+                if not self._match(primary_side, new_low, piece, now, book, out):
+                    return
+
+    def _match(
+        self, primary_side: bool, start: int, piece: bytes, now: float, book: Book, out: list[Event]
+    ) -> bool:
+        """Compare new bytes [start, start+len) of one side with the other side's chunks."""
+        mine = self.primary if primary_side else self.secondary
+        other = self.secondary if primary_side else self.primary
+        chunks = other.chunks
+        end = start + len(piece)
+        pos = start
+        index = _first_ending_after(chunks, start)
+        while pos < end:
+            if index < len(chunks) and chunks[index].start < end:
+                chunk = chunks[index]
+                if chunk.start > pos:
+                    self._store(
+                        mine, primary_side, pos, piece[pos - start : chunk.start - start], now, book
+                    )
+                    pos = chunk.start
+                stop = min(end, chunk.end)
+                ours = piece[pos - start : stop - start]
+                theirs = chunk.data[pos - chunk.start : stop - chunk.start]
+                if ours != theirs:
+                    if primary_side:
+                        evidence = difference(
+                            ours, theirs, pos, len(piece), chunk.end - chunk.start, ""
+                        )
+                    else:
+                        evidence = difference(
+                            theirs, ours, pos, chunk.end - chunk.start, len(piece), ""
+                        )
+                    self._diverge(Reason.PAYLOAD, evidence, book, out)
+                    return False
+                self.verified.add(pos, stop)
+                book.bytes_compared += stop - pos
+                book.stored_bytes -= stop - pos
+                # remove [pos, stop) from the other side's chunk
+                if pos == chunk.start and stop == chunk.end:
+                    chunk.live = False
+                    del chunks[index]
+                elif pos == chunk.start:
+                    chunk.data = chunk.data[stop - chunk.start :]
+                    chunk.start = stop
+                elif stop == chunk.end:
+                    chunk.data = chunk.data[: pos - chunk.start]
+                    chunk.end = pos
+                    index += 1
+                else:
+                    tail = Stored(stop, chunk.data[stop - chunk.start :], chunk.arrival, chunk.flow)
+                    chunk.data = chunk.data[: pos - chunk.start]
+                    chunk.end = pos
+                    chunks.insert(index + 1, tail)
+                    if primary_side and book.config.secondary_timeout is not None:
+                        # the tail is the secondary's: it keeps its arrival time, but joins
+                        # the timeout queue at its end (detected late by at most one timeout)
+                        book.secondary_fifo.append(tail)
+                    index += 1
+                pos = stop
+            else:
+                self._store(
+                    mine,
+                    primary_side,
+                    pos,
+                    piece[pos - start :] if pos > start else piece,
+                    now,
+                    book,
+                )
+                pos = end
+        return True
+
+    def _store(
+        self, side: TcpSide, primary_side: bool, start: int, data: bytes, now: float, book: Book
+    ) -> None:
+        stored = Stored(start, data, now, self)
+        chunks = side.chunks
+        if not chunks or chunks[-1].start < start:
+            chunks.append(stored)
+        else:
+            chunks.insert(bisect_right([c.start for c in chunks], start), stored)
+        if primary_side:
+            book.stored_bytes += len(data)
+        else:
+            book.store_secondary(stored)
+
+    def _diverge(self, reason: Reason, evidence: Evidence, book: Book, out: list[Event]) -> None:
+        self.diverged = True
+        for side in (self.primary, self.secondary):
+            for stored in side.chunks:
+                stored.live = False
+                book.stored_bytes -= stored.end - stored.start
+            side.chunks = []
+        book.request(out, reason, PROTOCOL, self.label, evidence)
+
+    def _check_fate(self, book: Book, out: list[Event]) -> None:
+        primary, secondary = self.primary, self.secondary
+        if (
+            primary.fin is None
+            and primary.rst is None
+            and secondary.fin is None
+            and secondary.rst is None
+        ):
+            if not (primary.syn ^ secondary.syn):
+                return
+        problem = _fate_problem(primary, secondary)
+        if problem is not None:
+            self._diverge(
+                Reason.FATE,
+                Evidence(
+                    offset=problem[0],
+                    primary=b"",
+                    secondary=b"",
+                    primary_length=0,
+                    secondary_length=0,
+                    detail=problem[1],
+                ),
+                book,
+                out,
+            )
+
+    # -- release -------------------------------------------------------------------------
+
+    def release_ready(self, book: Book, out: list[Event]) -> None:
+        held = self.held
+        secondary = self.secondary
+        verified = self.verified
+        while held:
+            segment = held[0]
+            need = segment.need
+            if need:
+                if need & NEED_ACK and (
+                    secondary.max_ack is None or seq.lt(secondary.max_ack, segment.ack)
+                ):
+                    return
+                if need & NEED_SYN and not secondary.syn:
+                    return
+                if need & NEED_FIN and secondary.fin != segment.end:
+                    return
+                if need & NEED_RST and secondary.rst is None:
+                    return
+            if segment.end > segment.start and not verified.contains(segment.start, segment.end):
+                return
+            held.popleft()
+            book.release(segment, out, ReleaseReason.MATCHED)
+
+
+def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str] | None:
+    if primary.fin is not None and secondary.fin is not None and primary.fin != secondary.fin:
+        return primary.fin, f"FIN at stream offset {primary.fin} vs {secondary.fin}"
+    if primary.fin is not None and secondary.rst is not None:
+        return primary.fin, "primary FIN vs secondary RST"
+    if primary.rst is not None and secondary.fin is not None:
+        return primary.rst, "primary RST vs secondary FIN"
+    for name, this, that in (("primary", primary, secondary), ("secondary", secondary, primary)):
+        other = "secondary" if name == "primary" else "primary"
+        if this.fin is not None and that.high is not None and that.high > this.fin:
+            return this.fin, f"{other} sent data past the {name}'s FIN"
+        if this.rst is not None and that.high is not None and that.high > this.rst:
+            return this.rst, f"{other} sent data past the {name}'s RST"
+        if this.rst is not None and that.syn and not this.syn:
+            return -1, f"{other} SYN vs {name} RST"
+    return None
+
+
+def _first_ending_after(chunks: list[Stored], pos: int) -> int:
+    """Index of the first chunk whose end is beyond ``pos`` (chunks are sorted, disjoint)."""
+    if not chunks or chunks[0].end > pos:
+        return 0
+    low, high = 0, len(chunks)
+    while low < high:
+        mid = (low + high) // 2
+        if chunks[mid].end <= pos:
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def _uncovered(chunks: list[Stored], start: int, end: int) -> list[tuple[int, int]]:
+    """Parts of [start, end) not already stored by the same side (retransmissions)."""
+    if not chunks or start >= chunks[-1].end or end <= chunks[0].start:
+        return [(start, end)]
+    out: list[tuple[int, int]] = []
+    pos = start
+    for chunk in chunks[_first_ending_after(chunks, start) :]:
+        if chunk.start >= end:
+            break
+        if chunk.start > pos:
+            out.append((pos, chunk.start))
+        pos = max(pos, chunk.end)
+        if pos >= end:
+            break
+    if pos < end:
+        out.append((pos, end))
+    return out
