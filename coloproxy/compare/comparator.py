@@ -233,26 +233,36 @@ class Comparator:
             out.append(Drop(token, DropReason.COMPARED))
             self._secondary_fragment(packet, token, now, out)
             return
-        out.append(Drop(token, self._secondary_packet(packet, now, out)))
+        self._secondary_packet(packet, token, True, now, out)
 
-    def _secondary_packet(self, packet: Packet, now: float, out: list[Event]) -> DropReason:
+    def _secondary_packet(
+        self, packet: Packet, token: object, drop: bool, now: float, out: list[Event]
+    ) -> None:
+        """Compare a secondary packet; with ``drop``, say first what becomes of it."""
         book = self._book
         flow = self._flow(packet, now, out)
         if flow is None:
-            return DropReason.OVERFLOW
+            if drop:
+                out.append(Drop(token, DropReason.OVERFLOW))
+            return
         flow.last_active = now
         if flow.passthrough:
-            return DropReason.PASSTHROUGH
+            if drop:
+                out.append(Drop(token, DropReason.PASSTHROUGH))
+            return
         if book.over_bounds(packet.end - packet.payload):
             self._saturate(flow, out)
-            return DropReason.OVERFLOW
+            if drop:
+                out.append(Drop(token, DropReason.OVERFLOW))
+            return
+        if drop:
+            out.append(Drop(token, DropReason.COMPARED))
         if type(flow) is TcpConnection:
             flow.feed_secondary(packet, now, book, out)
         elif type(flow) is DatagramFlow and flow.feed_secondary(
             bytes(packet.data[packet.payload : packet.end]), now, book, out
         ):
             self._arm_reorder(flow)
-        return DropReason.COMPARED
 
     # -- special packets -----------------------------------------------------------------
 
@@ -343,7 +353,7 @@ class Comparator:
                 )
                 return
             assert type(whole) is Packet
-            self._secondary_packet(whole, now, out)
+            self._secondary_packet(whole, None, False, now, out)
 
     def _freeze(self, token: object, now: float, extra: list[object] | None = None) -> None:
         """Hold a primary packet uncompared until the next checkpoint completes."""

@@ -56,7 +56,7 @@ PROTOCOL: Final = "tcp"
 
 
 class TcpSide:
-    __slots__ = ("chunks", "fin", "high", "isn", "isn_from_syn", "max_ack", "rst", "syn")
+    __slots__ = ("chunks", "ending", "fin", "high", "isn", "isn_from_syn", "max_ack", "rst", "syn")
 
     def __init__(self) -> None:
         self.isn: int | None = None
@@ -67,9 +67,11 @@ class TcpSide:
         self.fin: int | None = None  # stream offset of the FIN, in this epoch
         self.rst: int | None = None  # stream offset of the RST, in this epoch
         self.high: int | None = None  # end of the highest data sent, in this epoch
+        self.ending: str | None = None  # "FIN" or "RST", whichever came first in this epoch
 
     def reset(self) -> None:
         self.chunks = []
+        self.ending = None
         self.syn = False
         self.fin = None
         self.rst = None
@@ -160,6 +162,7 @@ class TcpConnection(FlowState):
         if flags & TCP_RST:
             held.need |= NEED_RST
             primary.rst = start
+            primary.ending = primary.ending or "RST"
             length = 0  # data on a RST is diagnostic text (RFC 9293 3.5.3), not stream data
         end = start + length
         held.start = start
@@ -167,6 +170,7 @@ class TcpConnection(FlowState):
         if flags & TCP_FIN:
             held.need |= NEED_FIN
             primary.fin = end
+            primary.ending = primary.ending or "FIN"
         self.held.append(held)
         if self.diverged:
             return
@@ -193,10 +197,12 @@ class TcpConnection(FlowState):
         length = packet.end - packet.payload
         if flags & TCP_RST:
             secondary.rst = start
+            secondary.ending = secondary.ending or "RST"
             length = 0
         end = start + length
         if flags & TCP_FIN:
             secondary.fin = end
+            secondary.ending = secondary.ending or "FIN"
         if length:
             if secondary.high is None or end > secondary.high:
                 secondary.high = end
@@ -370,10 +376,10 @@ class TcpConnection(FlowState):
 def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str] | None:
     if primary.fin is not None and secondary.fin is not None and primary.fin != secondary.fin:
         return primary.fin, f"FIN at stream offset {primary.fin} vs {secondary.fin}"
-    if primary.fin is not None and secondary.rst is not None:
-        return primary.fin, "primary FIN vs secondary RST"
-    if primary.rst is not None and secondary.fin is not None:
-        return primary.rst, "primary RST vs secondary FIN"
+    # A FIN then a RST on both sides is fine; what counts is how each side ended first.
+    if primary.ending and secondary.ending and primary.ending != secondary.ending:
+        offset = primary.fin if primary.ending == "FIN" else primary.rst
+        return offset, f"primary {primary.ending} vs secondary {secondary.ending}"
     for name, this, that in (("primary", primary, secondary), ("secondary", secondary, primary)):
         other = "secondary" if name == "primary" else "primary"
         if this.fin is not None and that.high is not None and that.high > this.fin:

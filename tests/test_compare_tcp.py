@@ -1,0 +1,445 @@
+"""TCP alignment: feed packets, assert the exact events."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
+
+from coloproxy.compare import (
+    CheckpointNeeded,
+    Comparator,
+    CompareConfig,
+    Drop,
+    DropReason,
+    Event,
+    Reason,
+    Release,
+    ReleaseReason,
+    Side,
+)
+
+P_ISN = 1_000_000
+S_ISN = 3_000_000_000
+DATA = bytes(range(256)) * 4 + b"HTTP/1.1 200 OK\r\n\r\nthe end"
+
+
+class Pair:
+    """A comparator with a fake clock."""
+
+    def __init__(self, **settings: object) -> None:
+        self.comparator = Comparator(CompareConfig(**settings))  # type: ignore[arg-type]
+        self.now = 0.0
+        self.log: list[Event] = []
+
+    def primary(self, data: bytes, token: object) -> list[Event]:
+        events = self.comparator.feed(Side.PRIMARY, data, self.now, token)
+        self.log += events
+        return events
+
+    def secondary(self, data: bytes, token: object) -> list[Event]:
+        events = self.comparator.feed(Side.SECONDARY, data, self.now, token)
+        self.log += events
+        return events
+
+    def advance(self, seconds: float) -> list[Event]:
+        self.now += seconds
+        events = self.comparator.handle_timer(self.now)
+        self.log += events
+        return events
+
+    def released(self, reason: ReleaseReason = ReleaseReason.MATCHED) -> list[object]:
+        return [e.token for e in self.log if isinstance(e, Release) and e.reason is reason]
+
+    def checkpoints(self) -> list[CheckpointNeeded]:
+        return [e for e in self.log if isinstance(e, CheckpointNeeded)]
+
+
+def handshake(pair: Pair, p_isn: int = P_ISN, s_isn: int = S_ISN) -> None:
+    assert pair.primary(tcp(p_isn, flags=SYN | ACK), "p-syn") == []
+    assert pair.secondary(tcp(s_isn, flags=SYN | ACK), "s-syn") == [
+        Drop("s-syn", DropReason.COMPARED),
+        Release("p-syn", ReleaseReason.MATCHED),
+    ]
+
+
+def test_identical_stream_is_released_segment_by_segment() -> None:
+    pair = Pair()
+    handshake(pair)
+    for index, (p, s) in enumerate(
+        zip(stream(P_ISN, DATA, [500, 1000]), stream(S_ISN, DATA, [500, 1000]), strict=True)
+    ):
+        assert pair.primary(p, f"p{index}") == []
+        assert pair.secondary(s, f"s{index}") == [
+            Drop(f"s{index}", DropReason.COMPARED),
+            Release(f"p{index}", ReleaseReason.MATCHED),
+        ]
+    assert pair.checkpoints() == []
+    assert pair.comparator.stats().held_packets == 0
+    assert pair.comparator.stats().stored_bytes == 0
+
+
+def test_secondary_first_releases_primary_at_once() -> None:
+    pair = Pair()
+    handshake(pair)
+    assert pair.secondary(tcp(S_ISN + 1, b"abc"), "s") == [Drop("s", DropReason.COMPARED)]
+    assert pair.primary(tcp(P_ISN + 1, b"abc"), "p") == [Release("p", ReleaseReason.MATCHED)]
+
+
+def _cut_patterns(length: int) -> list[list[int]]:
+    rng = random.Random(7)
+    patterns = [[], [1], [length - 1], list(range(1, length))]
+    patterns += [sorted(rng.sample(range(1, length), k)) for k in (2, 5, 17)]
+    return patterns
+
+
+@pytest.mark.parametrize("order", ["primary-first", "secondary-first", "interleaved", "reversed"])
+def test_every_cut_and_resegmentation_matches(order: str) -> None:
+    data = DATA[:40]
+    for cut in range(1, len(data)):
+        for secondary_cuts in _cut_patterns(len(data)):
+            pair = Pair()
+            handshake(pair)
+            primary = stream(P_ISN, data, [cut])
+            secondary = stream(S_ISN, data, secondary_cuts)
+            feeds = [("p", i, d) for i, d in enumerate(primary)] + [
+                ("s", i, d) for i, d in enumerate(secondary)
+            ]
+            if order == "secondary-first":
+                feeds.sort(key=lambda f: f[0] != "s")
+            elif order == "interleaved":
+                primaries = [f for f in feeds if f[0] == "p"]
+                secondaries = [f for f in feeds if f[0] == "s"]
+                zipped = itertools.zip_longest(primaries, secondaries)
+                feeds = [f for both in zipped for f in both if f]
+            elif order == "reversed":
+                feeds = feeds[::-1]
+            for side, index, packet in feeds:
+                if side == "p":
+                    pair.primary(packet, index)
+                else:
+                    pair.secondary(packet, f"s{index}")
+            assert pair.checkpoints() == [], (cut, secondary_cuts, order)
+            assert sorted(pair.released(), key=str) == sorted(
+                ["p-syn", *range(len(primary))], key=str
+            )
+            if order != "reversed":  # per connection, release keeps the primary's order
+                assert pair.released() == ["p-syn", *range(len(primary))]
+
+
+def test_retransmissions_overlaps_keepalives_window_and_options_are_not_divergences() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:100], window=100), "p1")
+    pair.primary(tcp(P_ISN + 1 + 50, DATA[50:150], options=b"\x01\x01\x08\x0a" + b"\x00" * 8), "p2")
+    pair.secondary(tcp(S_ISN + 1, DATA[:150], window=9999), "s1")
+    pair.secondary(tcp(S_ISN + 1, DATA[:150]), "s1-retransmit")
+    pair.primary(tcp(P_ISN + 1 + 20, DATA[20:60]), "p-retransmit")
+    pair.primary(tcp(P_ISN + 150, b""), "p-keepalive")  # seq = snd_nxt - 1, no data
+    pair.primary(tcp(P_ISN + 150, DATA[149:150]), "p-keepalive-byte")  # with one old byte
+    assert pair.checkpoints() == []
+    assert pair.released() == [
+        "p-syn",
+        "p1",
+        "p2",
+        "p-retransmit",
+        "p-keepalive",
+        "p-keepalive-byte",
+    ]
+
+
+def test_reordered_segments() -> None:
+    pair = Pair()
+    handshake(pair)
+    primary = stream(P_ISN, DATA, [100, 200, 300])
+    secondary = stream(S_ISN, DATA, [150, 250])
+    for index in (3, 1, 0, 2):
+        pair.primary(primary[index], index)
+    for index in (2, 0, 1):
+        pair.secondary(secondary[index], f"s{index}")
+    assert pair.checkpoints() == []
+    assert pair.released() == ["p-syn", 3, 1, 0, 2] or sorted(pair.released(), key=str) == sorted(
+        ["p-syn", 0, 1, 2, 3], key=str
+    )
+
+
+def test_one_differing_byte_is_one_payload_divergence_at_its_offset() -> None:
+    pair = Pair()
+    handshake(pair)
+    changed = bytearray(DATA)
+    changed[700] ^= 0xFF
+    for index, packet in enumerate(stream(P_ISN, DATA, [512])):
+        pair.primary(packet, index)
+    for index, packet in enumerate(stream(S_ISN, bytes(changed), [300, 600, 900])):
+        pair.secondary(packet, f"s{index}")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.PAYLOAD
+    assert needed.coalesced is False
+    assert str(needed.flow) == "tcp 10.0.0.1:80 -> 10.0.0.9:40000"
+    assert needed.evidence is not None
+    assert needed.evidence.offset == 700
+    before = needed.evidence.before
+    assert needed.evidence.primary[before] == DATA[700]
+    assert needed.evidence.secondary[before] == changed[700]
+    assert needed.evidence.primary[:before] == needed.evidence.secondary[:before]
+    assert pair.released() == ["p-syn", 0]  # [0, 512) matched before the difference
+    # the diverged flow holds everything until the checkpoint; then all of it goes out
+    pair.primary(tcp(P_ISN + 1 + len(DATA), b"more"), "late")
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release(1, ReleaseReason.CHECKPOINT),
+        Release("late", ReleaseReason.CHECKPOINT),
+    ]
+
+
+def test_after_checkpoint_the_secondary_continues_with_the_primary_isn() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"abX"), "s1")
+    assert [c.reason for c in pair.checkpoints()] == [Reason.PAYLOAD]
+    pair.comparator.checkpoint_started(pair.now)
+    assert pair.secondary(tcp(S_ISN + 4, b"old"), "stale") == [
+        Drop("stale", DropReason.CHECKPOINTING)
+    ]
+    assert pair.primary(tcp(P_ISN + 4, b"def"), "p-during") == []
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release("p1", ReleaseReason.CHECKPOINT),
+        Release("p-during", ReleaseReason.CHECKPOINT),
+    ]
+    # the secondary now has the primary's TCP state: same sequence numbers
+    pair.primary(tcp(P_ISN + 7, b"ghi"), "p2")
+    assert pair.secondary(tcp(P_ISN + 7, b"ghi"), "s2") == [
+        Drop("s2", DropReason.COMPARED),
+        Release("p2", ReleaseReason.MATCHED),
+    ]
+    assert len(pair.checkpoints()) == 1
+
+
+@pytest.mark.parametrize(
+    ("primary_flags", "secondary_flags", "detail"),
+    [
+        (FIN | ACK, RST | ACK, "primary FIN vs secondary RST"),
+        (RST | ACK, FIN | ACK, "primary RST vs secondary FIN"),
+    ],
+)
+def test_fin_against_rst_is_a_fate_divergence(
+    primary_flags: int, secondary_flags: int, detail: str
+) -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"bye"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"bye"), "s1")
+    pair.primary(tcp(P_ISN + 4, flags=primary_flags), "p-end")
+    pair.secondary(tcp(S_ISN + 4, flags=secondary_flags), "s-end")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+    assert needed.evidence is not None and needed.evidence.detail == detail
+    assert pair.released() == ["p-syn", "p1"]
+
+
+def test_fins_at_different_offsets_and_data_past_fin_are_fate_divergences() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc", flags=FIN | ACK), "p")
+    pair.secondary(tcp(S_ISN + 1, b"abcd", flags=PSH | ACK), "s")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+    assert needed.evidence is not None and needed.evidence.offset == 3
+
+
+def test_syn_against_rst_is_a_fate_divergence() -> None:
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")
+    pair.secondary(tcp(0, flags=RST | ACK), "s-rst")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+
+
+def test_matching_fin_and_rst_are_released() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"bye", flags=FIN | PSH | ACK), "p-fin")
+    pair.secondary(tcp(S_ISN + 1, b"by"), "s1")
+    assert pair.released() == ["p-syn"]  # FIN waits for the secondary's FIN at the same offset
+    pair.secondary(tcp(S_ISN + 3, b"e", flags=FIN | ACK), "s-fin")
+    pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst")
+    pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+    assert pair.checkpoints() == []
+    assert pair.released() == ["p-syn", "p-fin", "p-rst"]
+
+
+def test_guest_as_client_learns_isn_from_syn() -> None:
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN, ack=0, sport=40001, dport=80), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN, ack=0, sport=40001, dport=80), "s-syn")
+    pair.primary(tcp(P_ISN + 1, b"GET /", sport=40001, dport=80), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"GET /", sport=40001, dport=80), "s1")
+    assert pair.released() == ["p-syn", "p1"]
+    assert (
+        pair.comparator.isn_offset(bytes([10, 0, 0, 1]), 40001, bytes([10, 0, 0, 9]), 80)
+        == (S_ISN - P_ISN) % 2**32
+    )
+
+
+@pytest.mark.parametrize("p_isn", [2**32 - 1, 2**32 - 100, 2**32 - 1024])
+def test_sequence_wraparound(p_isn: int) -> None:
+    pair = Pair()
+    handshake(pair, p_isn=p_isn, s_isn=2**32 - 7)
+    changed = bytearray(DATA)
+    changed[900] ^= 1
+    for index, packet in enumerate(stream(p_isn, DATA, [200, 400, 800])):
+        pair.primary(packet, index)
+    for index, packet in enumerate(stream(2**32 - 7, bytes(changed), [300, 600])):
+        pair.secondary(packet, f"s{index}")
+    (needed,) = pair.checkpoints()
+    assert needed.evidence is not None and needed.evidence.offset == 900
+    assert pair.released() == ["p-syn", 0, 1, 2]
+
+
+def test_ack_gating_holds_primary_until_secondary_acknowledged_as_much() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, b"x", ack=1000), "s1")
+    assert pair.primary(tcp(P_ISN + 1, b"x", ack=1500), "p1") == []  # client bytes the SVM lacks
+    assert pair.primary(tcp(P_ISN + 2, b"", ack=1600), "p-pure-ack") == []
+    assert pair.secondary(tcp(S_ISN + 2, b"", ack=1500), "s-ack") == [
+        Drop("s-ack", DropReason.COMPARED),
+        Release("p1", ReleaseReason.MATCHED),
+    ]
+    assert pair.secondary(tcp(S_ISN + 2, b"", ack=1700), "s-ack2") == [
+        Drop("s-ack2", DropReason.COMPARED),
+        Release("p-pure-ack", ReleaseReason.MATCHED),
+    ]
+
+
+def test_ack_gating_is_modular() -> None:
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=2**32 - 10), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=2**32 - 10), "s-syn")
+    pair.primary(tcp(P_ISN + 1, b"", ack=5), "p-ack")  # 15 bytes later, across the wrap
+    assert pair.released() == ["p-syn"]
+    pair.secondary(tcp(S_ISN + 1, b"", ack=5), "s-ack")
+    assert pair.released() == ["p-syn", "p-ack"]
+
+
+def test_timeout_asks_once_per_flow_and_coalesces() -> None:
+    pair = Pair(compare_timeout=1.0, secondary_timeout=None)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"a"), "p1")
+    pair.primary(tcp(P_ISN + 2, b"b"), "p2")
+    pair.primary(tcp(P_ISN + 1, b"q", sport=81), "other-flow")
+    assert pair.comparator.get_timer() == pytest.approx(1.0)
+    assert pair.advance(0.5) == []
+    events = pair.advance(0.6)
+    assert [
+        (c.reason, str(c.flow), c.coalesced) for c in events if isinstance(c, CheckpointNeeded)
+    ] == [
+        (Reason.TIMEOUT, "tcp 10.0.0.1:80 -> 10.0.0.9:40000", False),
+        (Reason.TIMEOUT, "tcp 10.0.0.1:81 -> 10.0.0.9:40000", True),
+    ]
+    assert pair.advance(5) == []  # nothing new: still waiting for the checkpoint
+    released = pair.comparator.checkpoint_completed(pair.now)
+    assert [e.token for e in released] == ["p1", "p2", "other-flow"]
+
+
+def test_secondary_only_output_times_out() -> None:
+    pair = Pair(compare_timeout=1.0, secondary_timeout=2.0)
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, b"unsolicited"), "s1")
+    assert pair.advance(1.9) == []
+    (needed,) = pair.advance(0.2)
+    assert isinstance(needed, CheckpointNeeded)
+    assert needed.reason is Reason.SECONDARY_ONLY
+    assert needed.evidence is not None and needed.evidence.secondary == b"unsolicited"
+
+
+def test_no_spurious_timeout_after_a_segmented_match() -> None:
+    """QEMU leaves a partly consumed secondary segment behind and checkpoints on idle flows."""
+    pair = Pair(compare_timeout=1.0, secondary_timeout=1.0)
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, DATA[:300]), "s1")
+    pair.primary(tcp(P_ISN + 1, DATA[:100]), "p1")
+    pair.primary(tcp(P_ISN + 101, DATA[100:300]), "p2")
+    assert pair.advance(10) == []
+    assert pair.checkpoints() == []
+    assert pair.comparator.stats().stored_bytes == 0
+
+
+def test_overflow_asks_for_a_checkpoint_and_never_drops_a_primary_packet() -> None:
+    pair = Pair(max_held_packets=3)
+    handshake(pair)
+    for index in range(6):
+        pair.primary(tcp(P_ISN + 1 + index, b"z"), index)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.OVERFLOW
+    assert pair.secondary(tcp(S_ISN + 1, b"z"), "s") == [Drop("s", DropReason.OVERFLOW)]
+    released = pair.comparator.checkpoint_completed(pair.now)
+    assert [e.token for e in released] == list(range(6))
+    assert all(isinstance(e, Release) for e in released)
+
+
+def test_byte_bound_overflow() -> None:
+    pair = Pair(max_held_bytes=1000)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:600]), "p1")
+    pair.primary(tcp(P_ISN + 601, DATA[600:1200]), "p2")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.OVERFLOW
+    assert [e.token for e in pair.comparator.checkpoint_completed(1.0)] == ["p-syn", "p1", "p2"][1:]
+
+
+def test_flow_bound_evicts_idle_flows_first_then_overflows() -> None:
+    pair = Pair(max_flows=2)
+    for port in (1, 2, 3):  # idle after matching (equal ISNs): evictable
+        pair.primary(tcp(P_ISN + 1, b"a", sport=port), f"p{port}")
+        pair.secondary(tcp(P_ISN + 1, b"a", sport=port), f"s{port}")
+    assert pair.checkpoints() == []
+    assert pair.released() == ["p1", "p2", "p3"]
+    pair.primary(tcp(P_ISN + 1, b"b", sport=10), "held-10")
+    pair.primary(tcp(P_ISN + 1, b"b", sport=11), "held-11")
+    pair.primary(tcp(P_ISN + 1, b"b", sport=12), "no-room")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.OVERFLOW
+    assert [e.token for e in pair.comparator.checkpoint_completed(1.0)] == [
+        "held-10",
+        "held-11",
+        "no-room",
+    ]
+
+
+def test_flows_with_unequal_isns_are_kept_until_a_checkpoint() -> None:
+    pair = Pair(flow_idle_timeout=10.0)
+    handshake(pair)
+    pair.advance(100)
+    assert pair.comparator.stats().flows == 1
+    pair.comparator.checkpoint_completed(pair.now)
+    pair.advance(100)
+    assert pair.comparator.stats().flows == 0
+
+
+def test_passthrough_flows_are_released_uncompared() -> None:
+    from coloproxy.compare import PassthroughRule
+
+    pair = Pair(passthrough=(PassthroughRule(protocol="tcp", guest_port=80),))
+    assert pair.primary(tcp(P_ISN + 1, b"clock: 12:00"), "p") == [
+        Release("p", ReleaseReason.PASSTHROUGH)
+    ]
+    assert pair.secondary(tcp(S_ISN + 1, b"clock: 12:01"), "s") == [
+        Drop("s", DropReason.PASSTHROUGH)
+    ]
+    assert pair.primary(tcp(P_ISN + 1, b"x", sport=81), "other") == []
+
+
+def test_ipv6_tcp() -> None:
+    from craft import GUEST6, PEER6
+
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, src=GUEST6, dst=PEER6), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, src=GUEST6, dst=PEER6), "s-syn")
+    pair.primary(tcp(P_ISN + 1, b"hello", src=GUEST6, dst=PEER6), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"hellO", src=GUEST6, dst=PEER6), "s1")
+    (needed,) = pair.checkpoints()
+    assert str(needed.flow) == "tcp [fd00::1]:80 -> [fd00::9]:40000"
+    assert needed.evidence is not None and needed.evidence.offset == 4
