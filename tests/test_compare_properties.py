@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from craft import tcp, udp
 import itertools
 
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +16,7 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
+from craft import tcp, udp
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
