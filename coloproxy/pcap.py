@@ -514,6 +514,7 @@ def compare_captures(
                     break
                 timer = following
 
+        now = 0.0
         merged = heapq.merge(_relative(primary, 0), _relative(secondary, 1))
         for relative_ns, rank, number, record in merged:
             side = sides[rank]
@@ -526,6 +527,17 @@ def compare_captures(
             compared[side] += 1
             ref = PacketRef(side, number)
             take(comparator.feed(side, data, now, ref), now, ref)
+        # After the last packet time goes on for the live proxy too: every timer a packet
+        # armed fires at its own deadline, in order (a datagram mismatch is found by the reorder
+        # window long before its timeout). Then infinity flushes what is left.
+        run_timers(
+            now
+            + max(
+                config.compare_timeout,
+                config.secondary_timeout or 0.0,
+                config.datagram_reorder_window,
+            )
+        )
         take(comparator.handle_timer(math.inf), None, None)
 
         def summary(capture: Capture, side: Side) -> CaptureSummary:

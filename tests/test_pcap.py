@@ -7,7 +7,6 @@ import struct
 from pathlib import Path
 
 import pytest
-from pcaps import LINKTYPE_ETHERNET, LINKTYPE_RAW, pcapng_bytes, write_records
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -15,6 +14,7 @@ from scapy.utils import wrpcapng
 
 from coloproxy.errors import CaptureError
 from coloproxy.pcap import Capture, Record
+from pcaps import LINKTYPE_ETHERNET, LINKTYPE_RAW, pcapng_bytes, write_records
 
 EPOCH_NS = 1_700_000_000 * 10**9
 PAYLOADS = [b"first record", b"second, a bit longer record", b"third record"]
