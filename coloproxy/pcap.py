@@ -509,7 +509,9 @@ def compare_captures(
                 take(comparator.handle_timer(timer), timer, None)
                 following = comparator.get_timer()
                 if following is not None and following <= timer:
-                    # A timer that does not move on would spin here; let it fire at `now`.
+                    # The comparator left this deadline pending (it tests arrival <= now -
+                    # timeout, which float rounding can make false at now == arrival + timeout):
+                    # rather than spin, let it fire at `now`.
                     take(comparator.handle_timer(now), now, None)
                     break
                 timer = following
@@ -529,15 +531,15 @@ def compare_captures(
             take(comparator.feed(side, data, now, ref), now, ref)
         # After the last packet time goes on for the live proxy too: every timer a packet
         # armed fires at its own deadline, in order (a datagram mismatch is found by the reorder
-        # window long before its timeout). Then infinity flushes what is left.
-        run_timers(
-            now
-            + max(
-                config.compare_timeout,
-                config.secondary_timeout or 0.0,
-                config.datagram_reorder_window,
-            )
+        # window long before its timeout), up to well past the last deadline any packet can
+        # have armed (twice the longest timeout leaves room for the rounding noted above).
+        # Then infinity flushes whatever is left.
+        longest = max(
+            config.compare_timeout,
+            config.secondary_timeout or 0.0,
+            config.datagram_reorder_window,
         )
+        run_timers(now + 2 * longest)
         take(comparator.handle_timer(math.inf), None, None)
 
         def summary(capture: Capture, side: Side) -> CaptureSummary:

@@ -114,13 +114,17 @@ def hexdump_pair(
     width = max(6, len(str(start + total)))
     hex_width = HEXDUMP_WIDTH * 3 - 1
     lines = [f"  {'offset':>{width}}  {'side':<9}  {'bytes':<{hex_width}}  text"]
+    # A side with no bytes (a timeout, a secondary-only output) gets no rows and no caret.
+    sides = [
+        (name, data) for name, data in (("primary", primary), ("secondary", secondary)) if data
+    ]
     for row in range(0, total, HEXDUMP_WIDTH):
-        for name, data in (("primary", primary), ("secondary", secondary)):
+        for name, data in sides:
             chunk = data[row : row + HEXDUMP_WIDTH]
             hex_part = " ".join(f"{byte:02x}" for byte in chunk)
             text = "".join(chr(byte) if 0x20 <= byte < 0x7F else "." for byte in chunk)
             lines.append(f"  {start + row:>{width}}  {name:<9}  {hex_part:<{hex_width}}  |{text}|")
-        if row <= first < row + HEXDUMP_WIDTH:
+        if len(sides) == 2 and row <= first < row + HEXDUMP_WIDTH:
             column = first - row
             hex_at = 2 + width + 2 + 9 + 2 + column * 3
             text_at = 2 + width + 2 + 9 + 2 + hex_width + 3 + column
@@ -213,13 +217,13 @@ def _divergence_text(index: int, divergence: Divergence) -> list[str]:
         lines.append(f"  {when}")
         return lines
     if evidence.offset is None:
-        where = "datagram"
+        where = ""
     elif event.protocol == "tcp":
-        where = f"stream offset {evidence.offset}"
+        where = f"stream offset {evidence.offset}; "
     else:
-        where = f"datagram offset {evidence.offset}"
+        where = f"datagram offset {evidence.offset}; "
     lines.append(
-        f"  {where}; primary {evidence.primary_length} bytes,"
+        f"  {where}primary {evidence.primary_length} bytes,"
         f" secondary {evidence.secondary_length} bytes; {when}"
     )
     if evidence.detail:
