@@ -12,13 +12,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, UDP, fragment
+from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import wrpcapng
 
@@ -76,34 +77,36 @@ class Outcome:
         return counts
 
 
-Compare = Callable[..., Outcome]
+class Compare:
+    """Runs ``compare-pcap --json`` in-process and parses what it printed."""
 
+    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.tmp_path = tmp_path
+        self.capsys = capsys
 
-@pytest.fixture
-def compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Compare:
-    """Write both sides, run ``compare-pcap --json``, parse what it printed."""
-
-    def run(
+    def __call__(
+        self,
         primary: Sequence[Timed],
         secondary: Sequence[Timed],
         *options: str,
         link_types: tuple[int, int] = (LINKTYPE_ETHERNET, LINKTYPE_ETHERNET),
     ) -> Outcome:
-        primary_path, secondary_path = write_pair(
-            tmp_path, primary, secondary, link_types=link_types
-        )
-        return run_files(primary_path, secondary_path, *options)
+        """Write both sides' packets as captures, then compare them."""
+        paths = write_pair(self.tmp_path, primary, secondary, link_types=link_types)
+        return self.files(*paths, *options)
 
-    def run_files(primary_path: Path, secondary_path: Path, *options: str) -> Outcome:
-        code = main(["compare-pcap", "--json", *options, str(primary_path), str(secondary_path)])
-        captured = capsys.readouterr()
+    def files(self, primary: Path, secondary: Path, *options: str) -> Outcome:
+        code = main(["compare-pcap", "--json", *options, str(primary), str(secondary)])
+        captured = self.capsys.readouterr()
         report = json.loads(captured.out) if captured.out else {}
         if report:
             assert report["equivalent"] is (code == 0)
         return Outcome(code, report, captured.err)
 
-    run.files = run_files  # type: ignore[attr-defined]
-    return run
+
+@pytest.fixture
+def compare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Compare:
+    return Compare(tmp_path, capsys)
 
 
 def server(
@@ -303,8 +306,6 @@ def test_link_types_mixed_and_diverging(compare: Compare) -> None:
 
 
 def test_pcapng_captures(compare: Compare, tmp_path: Path) -> None:
-    from scapy.layers.l2 import Ether
-
     paths = []
     for name, isn, cuts in (("primary", PRIMARY_ISN, [100]), ("secondary", SECONDARY_ISN, [7])):
         frames = []
@@ -315,7 +316,7 @@ def test_pcapng_captures(compare: Compare, tmp_path: Path) -> None:
         path = tmp_path / f"{name}.pcapng"
         wrpcapng(str(path), frames)
         paths.append(path)
-    outcome = compare.files(*paths)  # type: ignore[attr-defined]
+    outcome = compare.files(paths[0], paths[1])
     assert (outcome.code, outcome.divergences) == (0, [])
     assert outcome.report["captures"]["primary"]["format"] == "pcapng"
 
@@ -325,8 +326,8 @@ def test_link_type_override(compare: Compare, tmp_path: Path) -> None:
     for name, isn in (("primary", PRIMARY_ISN), ("secondary", SECONDARY_ISN)):
         records = [(1000 + item.time, bytes(item.packet)) for item in server(isn).packets]
         paths.append(write_records(tmp_path / f"{name}.pcap", records, link_type=147))
-    assert compare.files(*paths).code == 2  # type: ignore[attr-defined]
-    outcome = compare.files(*paths, "--link-type", "raw")  # type: ignore[attr-defined]
+    assert compare.files(paths[0], paths[1]).code == 2
+    outcome = compare.files(paths[0], paths[1], "--link-type", "raw")
     assert (outcome.code, outcome.divergences) == (0, [])
 
 
@@ -564,7 +565,7 @@ def test_truncated_capture_is_compared_up_to_the_cut_and_reported(
     primary = write_capture(tmp_path / "primary.pcap", packets)
     secondary = write_capture(tmp_path / "secondary.pcap", packets)
     secondary.write_bytes(secondary.read_bytes()[:-30])  # the FIN record is cut
-    outcome = compare.files(primary, secondary)  # type: ignore[attr-defined]
+    outcome = compare.files(primary, secondary)
     assert (outcome.code, outcome.divergences) == (1, [("timeout", TCP_FLOW)])
     assert outcome.counts("secondary")["read"] == 4
     truncated = outcome.report["captures"]["secondary"]["truncated"]
@@ -585,7 +586,7 @@ def _exit_two(outcome: Outcome, message: str) -> None:
 
 def test_missing_file(compare: Compare, tmp_path: Path) -> None:
     good = write_capture(tmp_path / "good.pcap", [udp(0.0, b"x")])
-    outcome = compare.files(good, tmp_path / "missing.pcap")  # type: ignore[attr-defined]
+    outcome = compare.files(good, tmp_path / "missing.pcap")
     _exit_two(outcome, f"{tmp_path / 'missing.pcap'}: No such file or directory")
 
 
@@ -593,7 +594,7 @@ def test_not_a_pcap_file(compare: Compare, tmp_path: Path) -> None:
     good = write_capture(tmp_path / "good.pcap", [udp(0.0, b"x")])
     text = tmp_path / "notes.txt"
     text.write_text("GET / HTTP/1.1\r\n")
-    outcome = compare.files(text, good)  # type: ignore[attr-defined]
+    outcome = compare.files(text, good)
     _exit_two(outcome, f"{text}: not a pcap file (magic 0x47455420)")
 
 
@@ -601,14 +602,14 @@ def test_truncated_file_header(compare: Compare, tmp_path: Path) -> None:
     good = write_capture(tmp_path / "good.pcap", [udp(0.0, b"x")])
     short = tmp_path / "short.pcap"
     short.write_bytes(good.read_bytes()[:20])
-    outcome = compare.files(good, short)  # type: ignore[attr-defined]
+    outcome = compare.files(good, short)
     _exit_two(outcome, f"{short}: truncated pcap file header (20 of 24 bytes)")
 
 
 def test_unsupported_link_type(compare: Compare, tmp_path: Path) -> None:
     good = write_capture(tmp_path / "good.pcap", [udp(0.0, b"x")])
     radio = write_records(tmp_path / "radio.pcap", [(0.0, b"\0" * 8)], link_type=127)
-    outcome = compare.files(good, radio)  # type: ignore[attr-defined]
+    outcome = compare.files(good, radio)
     _exit_two(outcome, f"{radio}: unsupported link type 127")
 
 
@@ -618,7 +619,7 @@ def test_unsupported_link_type(compare: Compare, tmp_path: Path) -> None:
 )
 def test_bad_options(compare: Compare, tmp_path: Path, options: list[str]) -> None:
     good = write_capture(tmp_path / "good.pcap", [udp(0.0, b"x")])
-    outcome = compare.files(good, good, *options)  # type: ignore[attr-defined]
+    outcome = compare.files(good, good, *options)
     assert outcome.code == 2
     assert "error:" in outcome.stderr
 

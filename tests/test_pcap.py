@@ -25,9 +25,10 @@ def _records(path: Path, override: int | None = None) -> tuple[Capture, list[Rec
         return capture, list(capture)
 
 
-def _write_three(path: Path, **kwargs: object) -> Path:
+def _write_three(path: Path, *, link_type: int = LINKTYPE_ETHERNET, endianness: str = "<") -> Path:
     times = [1_700_000_000.0, 1_700_000_000.000123, 1_700_000_001.5]
-    return write_records(path, zip(times, PAYLOADS, strict=True), **kwargs)  # type: ignore[arg-type]
+    records = zip(times, PAYLOADS, strict=True)
+    return write_records(path, records, link_type=link_type, endianness=endianness)
 
 
 @pytest.mark.parametrize("endianness", ["<", ">"])
