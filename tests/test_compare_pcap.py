@@ -164,7 +164,7 @@ def test_tcp_guest_as_client_different_isns(compare: Compare) -> None:
         out.ack(time, 30)
         out.fin(time + 0.001, 30)
         sides.append(out.packets)
-    outcome = compare(*sides)
+    outcome = compare(sides[0], sides[1])
     assert (outcome.code, outcome.divergences) == (0, [])
 
 
