@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from craft import GUEST6, PEER6, fragments, icmp_echo_reply, raw_ip, tcp, udp
-from test_compare_tcp import Pair
-
 from coloproxy.compare import (
     CheckpointNeeded,
     CompareConfig,
@@ -18,6 +15,8 @@ from coloproxy.compare import (
     ReleaseReason,
 )
 from coloproxy.packet import MalformedReason
+from craft import GUEST6, PEER6, fragments, icmp_echo_reply, raw_ip, tcp, udp
+from test_compare_tcp import Pair
 
 
 def test_udp_same_datagrams_in_any_order() -> None:
@@ -221,3 +220,25 @@ def test_stats_report_oldest_held() -> None:
     pair.secondary(tcp(9, b"zz", sport=81), "s")
     stats = pair.comparator.stats()
     assert (stats.oldest_primary, stats.oldest_secondary, stats.held_packets) == (5.0, 5.0, 1)
+
+
+def test_a_datagram_mismatch_is_one_payload_divergence_even_when_all_timers_expire_at_once() -> (
+    None
+):
+    pair = Pair()
+    pair.primary(udp(b"answer 1"), "p1")
+    pair.primary(udp(b"answer 2"), "p2")
+    pair.secondary(udp(b"answer 1"), "s1")
+    pair.secondary(udp(b"answer 3"), "s2")
+    pair.log += pair.comparator.handle_timer(float("inf"))
+    assert [(c.reason, c.coalesced) for c in pair.checkpoints()] == [(Reason.PAYLOAD, False)]
+
+
+def test_handle_timer_at_get_timer_always_fires() -> None:
+    pair = Pair(secondary_timeout=3.0)
+    pair.now = 0.01
+    pair.secondary(udp(b"unsolicited"), "s")
+    deadline = pair.comparator.get_timer()
+    assert deadline is not None
+    (needed,) = pair.comparator.handle_timer(deadline)
+    assert isinstance(needed, CheckpointNeeded) and needed.reason is Reason.SECONDARY_ONLY

@@ -6,7 +6,6 @@ import itertools
 import random
 
 import pytest
-from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
 
 from coloproxy.compare import (
     CheckpointNeeded,
@@ -20,6 +19,7 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
+from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
 
 P_ISN = 1_000_000
 S_ISN = 3_000_000_000

@@ -477,9 +477,18 @@ class Comparator:
         out: list[Event] = []
         book = self._book
         config = self.config
+        # Datagram mismatches first: the reorder window is the shortest deadline, and a
+        # mismatch found there is a better reason (with evidence) than a later timeout.
+        reorder = self._reorder
+        while reorder and reorder[0][0] <= now:
+            deadline, _, datagrams = heapq.heappop(reorder)
+            if datagrams.reorder_deadline == deadline:
+                datagrams.reorder_expired(now, book, out)
+        # Deadlines are compared as ``arrival + timeout <= now``, the same sum get_timer()
+        # returns, so that handle_timer(get_timer()) always fires (no float round-off).
         fifo = book.primary_fifo
-        limit = now - config.compare_timeout
-        while fifo and (fifo[0].released or fifo[0].arrival <= limit):
+        timeout = config.compare_timeout
+        while fifo and (fifo[0].released or fifo[0].arrival + timeout <= now):
             held = fifo.popleft()
             flow = held.flow
             if held.released or flow is None or flow.diverged or flow.timed_out:
@@ -494,8 +503,10 @@ class Comparator:
             )
         if config.secondary_timeout is not None:
             stored_fifo = book.secondary_fifo
-            limit = now - config.secondary_timeout
-            while stored_fifo and (not stored_fifo[0].live or stored_fifo[0].arrival <= limit):
+            secondary_timeout = config.secondary_timeout
+            while stored_fifo and (
+                not stored_fifo[0].live or stored_fifo[0].arrival + secondary_timeout <= now
+            ):
                 stored = stored_fifo.popleft()
                 flow = stored.flow
                 if not stored.live or flow.diverged or flow.timed_out:
@@ -510,12 +521,7 @@ class Comparator:
                     detail=f"secondary output unmatched for {config.secondary_timeout:g} s",
                 )
                 book.request(out, Reason.SECONDARY_ONLY, flow.label.protocol, flow.label, evidence)
-        reorder = self._reorder
-        while reorder and reorder[0][0] <= now:
-            deadline, _, datagrams = heapq.heappop(reorder)
-            if datagrams.reorder_deadline == deadline:
-                datagrams.reorder_expired(now, book, out)
-        for partial in self._reassembly.expire(now - config.compare_timeout):
+        for partial in self._reassembly.expire(now, config.compare_timeout):
             self._expired_fragments(partial, out)
         if self._next_sweep is not None and self._next_sweep <= now:
             self._evict(now)

@@ -16,6 +16,11 @@ class RangeSet:
         self._starts: list[int] = []
         self._ends: list[int] = []
 
+    @property
+    def high(self) -> float:
+        """The end of the last interval, or -inf when empty."""
+        return self._ends[-1] if self._ends else float("-inf")
+
     def __bool__(self) -> bool:
         return bool(self._starts)
 

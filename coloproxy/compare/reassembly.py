@@ -71,11 +71,12 @@ class Reassembler:
             self.order.popleft()
         return self.order[0].arrival if self.order else None
 
-    def expire(self, before: float) -> list[Partial]:
+    def expire(self, now: float, timeout: float) -> list[Partial]:
+        """Forget the datagrams whose first fragment came at least ``timeout`` ago."""
         expired: list[Partial] = []
         while True:
             oldest = self.oldest()
-            if oldest is None or oldest > before:
+            if oldest is None or oldest + timeout > now:
                 return expired
             partial = self.order.popleft()
             self._forget(partial)

@@ -219,7 +219,24 @@ class TcpConnection(FlowState):
     ) -> None:
         mine = self.primary if primary_side else self.secondary
         end = start + len(data)
-        for low, high in self.verified.subtract(start, end):
+        verified = self.verified
+        if not mine.chunks and start >= verified.high:
+            # Fast path, the common case: new bytes past everything verified, nothing of
+            # ours waiting, and the other side either has nothing or exactly this range.
+            other = self.secondary if primary_side else self.primary
+            chunks = other.chunks
+            if not chunks:
+                self._store(mine, primary_side, start, data, now, book)
+                return
+            first = chunks[0]
+            if first.start == start and first.end == end and first.data == data:
+                first.live = False
+                del chunks[0]
+                verified.add(start, end)
+                book.bytes_compared += end - start
+                book.stored_bytes -= end - start
+                return
+        for low, high in verified.subtract(start, end):
             for new_low, new_high in _uncovered(mine.chunks, low, high):
                 piece = (
                     data
