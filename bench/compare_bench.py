@@ -1,0 +1,579 @@
+#!/usr/bin/env python3
+"""Benchmark our comparator against QEMU's colo-compare on the same frames, in one run.
+
+    python3 bench/compare_bench.py [--packets N] [--workload NAME ...] [--skip-qemu]
+
+For each workload (see bench/workloads.py and bench/README.md) it measures:
+
+* ours, in-process: ``Comparator.feed`` called in a loop on pre-built frames, primary and
+  secondary interleaved by stream position; no sockets. The comparator's own cost.
+* ours, over sockets: the comparator in a child process behind three unix sockets that speak
+  colo-compare's chardev framing (4-byte big-endian length + frame); it parses the framing,
+  feeds the comparator, writes released primary frames to the output socket. Driven by the
+  very harness that drives QEMU, so it pays the same socket I/O: the fair comparison.
+* QEMU: colo-compare in ``qemu-system-x86_64 -machine none`` (bench/qemu_colo_compare.py).
+* the feeder alone: the harness writing into sockets that only read, to show the ceiling of
+  the measurement itself.
+
+Every figure is the best of ``--repeat`` runs (throughput noise on a shared 2-core machine is
+one-sided: interference only ever makes a run slower). Rates count primary packets
+released per second; Gbit/s counts primary payload bits (headers excluded) per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import select
+import shlex
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+BENCH_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT: Final = os.path.dirname(BENCH_DIR)
+for _path in (BENCH_DIR, REPO_ROOT):  # run from anywhere, installed or not
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from qemu_colo_compare import (  # noqa: E402
+    CHUNK_ENTRIES,
+    QEMU_BINARY,
+    BenchError,
+    FramedStreams,
+    RunResult,
+    connect_unix,
+    feeder_alone,
+    frame_streams,
+    qemu_command,
+    qemu_version,
+    running_qemu,
+    timed_run,
+)
+from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
+
+DEFAULT_PACKETS: Final = 100_000
+DEFAULT_REPEAT: Final = 3
+# Read the clock once per this many packets: a shell reads it once per receive batch, and
+# time.monotonic() per packet would cost more than some of what we measure.
+CLOCK_BATCH: Final = 64
+RECV_SIZE: Final = 1 << 20
+CHILD_TIMEOUT: Final = 30.0
+_LENGTH: Final = struct.Struct("!I")
+
+
+# -- ours, in-process ------------------------------------------------------------------------
+
+
+@dataclass
+class Verdicts:
+    """What the comparator said, counted; ``problems`` lists every failed check."""
+
+    primary: int
+    released: int = 0
+    released_twice: int = 0
+    secondary_released: int = 0
+    checkpoints: int = 0
+    malformed: int = 0
+    first_checkpoint: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def check(self, name: str) -> None:
+        if self.released != self.primary:
+            self.problems.append(f"released {self.released} of {self.primary} primary packets")
+        if self.released_twice:
+            self.problems.append(f"{self.released_twice} primary packets released twice")
+        if self.secondary_released:
+            self.problems.append(f"{self.secondary_released} secondary packets released")
+        if self.checkpoints:
+            self.problems.append(
+                f"{self.checkpoints} checkpoint requests on identical output, first: "
+                f"{self.first_checkpoint}"
+            )
+        if self.malformed:
+            self.problems.append(f"{self.malformed} packets reported malformed")
+        if self.problems:
+            raise BenchError(f"ours on {name}: " + "; ".join(self.problems))
+
+
+def _sides() -> tuple[Any, Any]:
+    from coloproxy.compare import Side
+
+    return Side.PRIMARY, Side.SECONDARY
+
+
+def _new_comparator() -> Any:
+    from coloproxy.compare import Comparator, CompareConfig, Framing
+
+    return Comparator(CompareConfig(framing=Framing.ETHERNET))
+
+
+def _event_counter(verdicts: Verdicts, marks: bytearray) -> Callable[[list[Any]], None]:
+    """A function that tallies one ``feed``'s events into ``verdicts``.
+
+    Primary tokens are the packet index (>= 0); secondary tokens are negative.
+    """
+    from coloproxy.compare.events import CheckpointNeeded, MalformedPacket, Release
+
+    def count(events: list[Any]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is Release:
+                token = event.token
+                if token < 0:
+                    verdicts.secondary_released += 1
+                elif marks[token]:
+                    verdicts.released_twice += 1
+                else:
+                    marks[token] = 1
+                    verdicts.released += 1
+            elif kind is CheckpointNeeded:
+                if not event.coalesced:
+                    verdicts.checkpoints += 1
+                    if not verdicts.first_checkpoint:
+                        verdicts.first_checkpoint = f"{event.reason} {event.flow}"
+            elif kind is MalformedPacket:
+                verdicts.malformed += 1
+
+    return count
+
+
+def run_ours_in_process(workload: Workload) -> RunResult:
+    """Time ``Comparator.feed`` over the whole workload, interleaved by stream position."""
+    primary_side, secondary_side = _sides()
+    feed_list: list[tuple[Any, bytes, int]] = []
+    for is_primary, index in workload.schedule():
+        if is_primary:
+            feed_list.append((primary_side, workload.primary_frames[index], index))
+        else:
+            feed_list.append((secondary_side, workload.secondary_frames[index], -1 - index))
+    primary_count = len(workload.primary_frames)
+    verdicts = Verdicts(primary_count)
+    count = _event_counter(verdicts, bytearray(primary_count))
+    comparator = _new_comparator()
+    feed = comparator.feed
+    get_timer = comparator.get_timer
+    monotonic = time.monotonic
+    started = time.perf_counter()
+    for start in range(0, len(feed_list), CLOCK_BATCH):
+        now = monotonic()
+        for side, frame, token in feed_list[start : start + CLOCK_BATCH]:
+            count(feed(side, frame, now, token))
+        deadline = get_timer()
+        if deadline is not None and deadline <= now:
+            count(comparator.handle_timer(now))
+    seconds = time.perf_counter() - started
+    verdicts.check(workload.name)
+    return RunResult(primary_count, verdicts.released, seconds, workload.payload_bytes_total)
+
+
+# -- ours, over sockets ----------------------------------------------------------------------
+
+
+def _serve_ours(
+    listeners: tuple[socket.socket, socket.socket, socket.socket],
+    primary_count: int,
+    report: multiprocessing.connection.Connection,
+) -> None:
+    """Child process: colo-compare's socket protocol in front of our comparator.
+
+    Accepts primary_in, secondary_in and outdev; for each receive batch reads the clock once,
+    parses the length framing, feeds every frame and writes released primary frames (framed)
+    to outdev. Reports its verdicts on ``report`` when both inputs reach end of file.
+    """
+    try:
+        connections = [listener.accept()[0] for listener in listeners]
+        for listener in listeners:
+            listener.close()
+        primary_in, secondary_in, out = connections
+        report.send("ready")
+        primary_side, secondary_side = _sides()
+        from coloproxy.compare.events import Release
+
+        comparator = _new_comparator()
+        feed = comparator.feed
+        verdicts = Verdicts(primary_count)
+        count = _event_counter(verdicts, bytearray(primary_count))
+        sides = {primary_in: primary_side, secondary_in: secondary_side}
+        # One preallocated receive buffer per side (recv_into; see count_frames) and how many
+        # bytes of an incomplete frame it carries at its start.
+        buffers = {primary_in: bytearray(RECV_SIZE), secondary_in: bytearray(RECV_SIZE)}
+        views = {sock: memoryview(buffer) for sock, buffer in buffers.items()}
+        carried = {primary_in: 0, secondary_in: 0}
+        # Tokens index these lists; released primary frames are written out from here.
+        primary_frames: list[bytes] = []
+        secondary_seen = 0
+        open_inputs = [primary_in, secondary_in]
+        outgoing: list[bytes] = []
+
+        def act(events: list[Any]) -> None:
+            """Count the events; queue released primary frames for outdev, framed."""
+            count(events)
+            for event in events:
+                if type(event) is Release and event.token >= 0:
+                    released = primary_frames[event.token]
+                    primary_frames[event.token] = b""  # a shell forgets a released frame
+                    outgoing.append(_LENGTH.pack(len(released)))
+                    outgoing.append(released)
+
+        while open_inputs:
+            readable, _, _ = select.select(open_inputs, [], [])
+            now = time.monotonic()
+            for sock in readable:
+                buffer = buffers[sock]
+                view = views[sock]
+                got = sock.recv_into(view[carried[sock] :])
+                if not got:
+                    open_inputs.remove(sock)
+                    continue
+                side = sides[sock]
+                position = 0
+                available = carried[sock] + got
+                while position + 4 <= available:
+                    end = position + 4 + _LENGTH.unpack_from(buffer, position)[0]
+                    if end > available:
+                        break
+                    frame = bytes(view[position + 4 : end])
+                    position = end
+                    if side is primary_side:
+                        token = len(primary_frames)
+                        primary_frames.append(frame)
+                    else:
+                        secondary_seen += 1
+                        token = -secondary_seen
+                    act(feed(side, frame, now, token))
+                carried[sock] = available - position
+                if carried[sock] and position:
+                    buffer[: carried[sock]] = bytes(view[position:available])
+            deadline = comparator.get_timer()
+            if deadline is not None and deadline <= now:
+                act(comparator.handle_timer(now))
+            if outgoing:
+                out.sendall(b"".join(outgoing))
+                outgoing.clear()
+        try:
+            verdicts.check("sockets")
+            report.send(("ok", verdicts.released))
+        except BenchError as exc:
+            report.send(("error", str(exc)))
+    except BaseException as exc:
+        report.send(("error", f"server failed: {exc!r}"))
+        raise
+
+
+@contextlib.contextmanager
+def _ours_server(primary_count: int) -> Iterator[tuple[tuple[socket.socket, ...], Any]]:
+    """Fork the socket server; yield connected (primary_in, secondary_in, outdev) and its pipe."""
+    directory = tempfile.mkdtemp(prefix="coloproxy-bench-")
+    listeners: list[socket.socket] = []
+    clients: list[socket.socket] = []
+    process: multiprocessing.process.BaseProcess | None = None
+    parent_end, child_end = multiprocessing.Pipe()
+    try:
+        paths = [os.path.join(directory, name) for name in ("pin", "sin", "out")]
+        for path in paths:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(listener)
+            listener.bind(path)
+            listener.listen(1)
+        context = multiprocessing.get_context("fork")
+        process = context.Process(
+            target=_serve_ours,
+            args=(tuple(listeners), primary_count, child_end),
+            name="ours-server",
+            daemon=True,
+        )
+        process.start()
+        child_end.close()
+        for listener in listeners:
+            listener.close()
+        clients.extend(connect_unix(path) for path in paths)
+        if not parent_end.poll(CHILD_TIMEOUT) or parent_end.recv() != "ready":
+            raise BenchError("our socket server did not start")
+        yield tuple(clients), parent_end
+    finally:
+        for sock in clients + listeners:
+            sock.close()
+        if process is not None:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        parent_end.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def run_ours_sockets(workload: Workload, streams: FramedStreams) -> RunResult:
+    primary_count = len(workload.primary_frames)
+    with _ours_server(primary_count) as ((primary, secondary, out), report):
+        result = timed_run(
+            primary, secondary, out, streams, primary_count, workload.payload_bytes_total
+        )
+        primary.shutdown(socket.SHUT_WR)
+        secondary.shutdown(socket.SHUT_WR)
+        if not report.poll(CHILD_TIMEOUT):
+            raise BenchError("our socket server sent no verdict")
+        status, detail = report.recv()
+        if status != "ok":
+            raise BenchError(f"ours over sockets on {workload.name}: {detail}")
+    return result
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    ours_packets: int = 0
+    qemu_packets: int = 0
+    in_process: RunResult | None = None
+    sockets: RunResult | None = None
+    qemu: RunResult | None = None
+    feeder: RunResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def best(runs: list[RunResult]) -> RunResult:
+    """The run with the most packets out, then the fastest."""
+    return max(runs, key=lambda run: (run.released, run.packets_per_second))
+
+
+def secondary_leads(streams: FramedStreams) -> FramedStreams:
+    """The same streams with the secondary written one chunk ahead of the primary."""
+    boundaries = streams.boundaries
+    last = len(boundaries) - 1
+    shifted = [
+        (boundaries[index][0], boundaries[min(index + 1, last)][1]) for index in range(last + 1)
+    ]
+    return FramedStreams(
+        streams.primary,
+        streams.secondary,
+        shifted,
+        streams.primary_frames,
+        streams.secondary_frames,
+    )
+
+
+def run_qemu_repeated(
+    workload: Workload, streams: FramedStreams, repeat: int, binary: str
+) -> list[RunResult]:
+    runs = []
+    for _ in range(repeat):
+        with running_qemu(binary) as (primary, secondary, out):
+            runs.append(
+                timed_run(
+                    primary,
+                    secondary,
+                    out,
+                    streams,
+                    len(workload.primary_frames),
+                    workload.payload_bytes_total,
+                )
+            )
+    return runs
+
+
+def measure(name: str, args: argparse.Namespace) -> Row:
+    row = Row(name)
+    if not args.skip_ours:
+        workload = make_workload(name, args.packets)
+        row.ours_packets = len(workload.primary_frames)
+        streams = frame_streams(workload)
+        row.in_process = best([run_ours_in_process(workload) for _ in range(args.repeat)])
+        row.sockets = best([run_ours_sockets(workload, streams) for _ in range(args.repeat)])
+        del workload, streams
+    if not args.skip_qemu:
+        # What colo-compare receives in COLO: the secondary's sequence numbers already
+        # shifted into the primary's space by filter-rewriter.
+        workload = make_workload(name, args.qemu_packets, secondary_in_primary_seq_space=True)
+        row.qemu_packets = len(workload.primary_frames)
+        streams = frame_streams(workload)
+        row.feeder = best(
+            [feeder_alone(streams, workload.payload_bytes_total) for _ in range(args.repeat)]
+        )
+        runs = run_qemu_repeated(workload, streams, args.repeat, args.qemu_binary)
+        row.qemu = best(runs)
+        stalled = [run for run in runs if not run.complete]
+        if stalled:
+            counts = ", ".join(f"{run.released}" for run in stalled)
+            row.notes.append(
+                f"{name}: colo-compare stalled in {len(stalled)} of {len(runs)} runs with the "
+                f"primary fed first (released {counts} of {row.qemu_packets})"
+            )
+        if not row.qemu.complete:
+            # colo-compare matches non-TCP packets newest-primary-first; while the primary
+            # stays ahead nothing matches, queues pass max_queue_size (1024) and drop.
+            lead_runs = run_qemu_repeated(
+                workload, secondary_leads(streams), args.repeat, args.qemu_binary
+            )
+            row.qemu = best(lead_runs)
+            row.notes.append(
+                f"{name}: qemu figure from a rerun with the secondary fed one chunk "
+                f"({CHUNK_ENTRIES} entries) ahead: released {row.qemu.released} of "
+                f"{row.qemu_packets}"
+            )
+        del workload, streams
+    return row
+
+
+def _rate(result: RunResult | None) -> tuple[str, str]:
+    if result is None:
+        return "-", "-"
+    mark = "" if result.complete else "!"
+    return f"{result.packets_per_second:,.0f}{mark}", f"{result.gbit_per_second:.2f}{mark}"
+
+
+def render(rows: list[Row]) -> str:
+    header = (
+        "workload",
+        "ours pkts",
+        "in-proc pkt/s",
+        "in-proc Gb/s",
+        "socket pkt/s",
+        "socket Gb/s",
+        "qemu pkts",
+        "qemu pkt/s",
+        "qemu Gb/s",
+        "socket/qemu",
+        "in-proc/qemu",
+        "feeder pkt/s",
+    )
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        ratio_socket = ratio_in_process = "-"
+        if row.qemu is not None and row.qemu.packets_per_second > 0:
+            if row.sockets is not None:
+                ratio_socket = f"{row.sockets.packets_per_second / row.qemu.packets_per_second:.2f}"
+            if row.in_process is not None:
+                ratio = row.in_process.packets_per_second / row.qemu.packets_per_second
+                ratio_in_process = f"{ratio:.2f}"
+        lines.append(
+            (
+                row.name,
+                f"{row.ours_packets:,}" if row.ours_packets else "-",
+                *_rate(row.in_process),
+                *_rate(row.sockets),
+                f"{row.qemu_packets:,}" if row.qemu_packets else "-",
+                *_rate(row.qemu),
+                ratio_socket,
+                ratio_in_process,
+                _rate(row.feeder)[0],
+            )
+        )
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    rendered = []
+    for number, line in enumerate(lines):
+        cells = [
+            cell.ljust(width) if column == 0 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        rendered.append("  ".join(cells))
+        if number == 0:
+            rendered.append("  ".join("-" * width for width in widths))
+    return "\n".join(rendered)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Compare coloproxy's comparator with QEMU's colo-compare.",
+        epilog="Workloads: " + "; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+    )
+    parser.add_argument(
+        "--packets",
+        type=int,
+        default=DEFAULT_PACKETS,
+        help=f"primary data packets per workload for ours (default {DEFAULT_PACKETS:,})",
+    )
+    parser.add_argument(
+        "--qemu-packets",
+        type=int,
+        default=None,
+        help="primary data packets per workload for QEMU (default: same as --packets)",
+    )
+    parser.add_argument(
+        "--workload",
+        nargs="+",
+        choices=NAMES,
+        default=list(NAMES),
+        metavar="NAME",
+        help=f"workloads to run (default all: {' '.join(NAMES)})",
+    )
+    parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="runs, best is shown")
+    parser.add_argument("--skip-qemu", action="store_true", help="do not run QEMU")
+    parser.add_argument("--skip-ours", action="store_true", help="do not run our comparator")
+    parser.add_argument("--qemu-binary", default=QEMU_BINARY, help="QEMU to run")
+    args = parser.parse_args(argv)
+    if args.qemu_packets is None:
+        args.qemu_packets = args.packets
+    if args.packets <= 0 or args.qemu_packets <= 0 or args.repeat <= 0:
+        parser.error("--packets, --qemu-packets and --repeat must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([os.path.basename(sys.executable), *sys.argv])
+    started = time.monotonic()
+    print(f"date     {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
+    print(f"command  {command}")
+    print(f"python   {platform.python_implementation()} {platform.python_version()}")
+    print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
+    print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
+    if not args.skip_qemu:
+        print(f"qemu cmd {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}")
+    print(
+        f"runs     best of {args.repeat}; ours {args.packets:,} and qemu {args.qemu_packets:,} "
+        "primary data packets per workload (+1 SYN-ACK per TCP connection)"
+    )
+    print(flush=True)
+    rows: list[Row] = []
+    failures: list[str] = []
+    for name in args.workload:
+        workload_started = time.monotonic()
+        try:
+            rows.append(measure(name, args))
+        except BenchError as exc:
+            failures.append(str(exc))
+            rows.append(Row(name, notes=[f"{name}: FAILED: {exc}"]))
+        print(f"  {name} done in {time.monotonic() - workload_started:.1f} s", flush=True)
+    print()
+    print(render(rows))
+    print()
+    print(
+        "in-proc: Comparator.feed in a loop, no I/O. socket: our comparator in a child process "
+        "behind colo-compare's socket framing, driven like QEMU. pkt/s: primary packets "
+        "released per second; Gb/s: primary payload. feeder: the harness alone into sinks. "
+        "! = not every packet came out."
+    )
+    for row in rows:
+        for note in row.notes:
+            print(f"note: {note}")
+    print(f"total {time.monotonic() - started:.1f} s")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
