@@ -10,8 +10,8 @@ TCP connections start with the guest's SYN-ACK on each side, with a different IS
 (real replicas pick their own), followed by ACK|PSH data segments. The acknowledgement number
 is the same constant on both sides: the client sends nothing after its handshake ACK.
 
-Frames are built with ``struct`` and precomputed per-flow headers, not scapy (scapy costs
-about 50 us per packet; 500k frames would take minutes). Checksums are real: IPv4 header,
+Frames are built with ``struct`` and precomputed per-flow headers, not scapy (which is
+orders of magnitude slower per packet; DESIGN section 5). Checksums are real: IPv4 header,
 TCP and UDP (pseudo-header included), computed by the small helper below, so a parser that
 verifies them, or a pcap viewer, sees valid frames.
 
@@ -70,7 +70,8 @@ def internet_checksum(data: bytes, initial: int = 0) -> int:
     """RFC 1071 checksum of ``data`` (padded to even length) plus ``initial`` (a word sum).
 
     Summing 16-bit words modulo 0xFFFF equals reducing the whole big-endian integer modulo
-    0xFFFF (2**16 is 1 modulo 0xFFFF), which CPython does in C: about 1 us for 1500 bytes.
+    0xFFFF (2**16 is 1 modulo 0xFFFF), which CPython does in C: about 4 us for 1468 bytes
+    here, against about 14 us for summing struct.unpack of the 16-bit words.
     """
     if len(data) & 1:
         data += b"\x00"
