@@ -265,7 +265,8 @@ def _parse_v6(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malfo
     packet.end = end
     next_header = data[l3 + 6]
     offset = l3 + 40
-    for _ in range(MAX_V6_EXTENSION_HEADERS):
+    # One pass per extension header plus the final one for the upper-layer header.
+    for _ in range(MAX_V6_EXTENSION_HEADERS + 1):
         if next_header in _V6_GENERIC_EXT or next_header == _V6_AH:
             if offset + 2 > end:
                 return Malformed(MalformedReason.TRUNCATED, "IPv6 extension header")
