@@ -1,0 +1,90 @@
+"""Queue S-in: shift the client's acknowledgements into the secondary's sequence space.
+
+The client talks to the primary. The secondary receives a copy of every client packet, but
+its own TCP connection started from its own ISN, so the client's ACK numbers and SACK edges
+(which count the primary's bytes) must be moved by ``secondary ISN - primary ISN`` before the
+secondary sees them; otherwise it would answer with challenge ACKs or resets. QEMU's
+filter-rewriter does this on the secondary's host; we do it on host P on the way into the
+tunnel. The client's own sequence numbers are the same for both guests and stay untouched.
+
+Where the offsets come from: the comparator learns each connection's ISNs from the guests'
+SYN and SYN-ACK (``Comparator.isn_offset``). The comparator holds the primary's SYN-ACK until
+the secondary's arrived, so by the time the client can acknowledge it the offset is known.
+After a checkpoint both guests share ISNs and the offset is 0.
+
+Checksums: a rewritten packet goes back to the kernel through an NFQUEUE verdict with a new
+payload, which marks it as needing no checksum completion, so the checksum must be complete.
+With a full checksum (the kernel completes checksums before queueing unless the queue asked
+for GSO packets) the RFC 1624 update keeps it right. With a partial one (``checksum_partial``)
+the whole checksum is computed afresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
+from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Malformed, Packet, parse_ip
+from coloproxy.packet.rewrite import ShiftStatus, shift_tcp_ack
+
+# (guest address, guest port, peer address, peer port, vlan) -> secondary ISN - primary ISN
+OffsetLookup = Callable[[bytes, int, bytes, int, int], "int | None"]
+
+
+class RewriteStatus(StrEnum):
+    """What happened to one S-in packet; also the metric label."""
+
+    SHIFTED = "shifted"
+    NOT_TCP = "not-tcp"  # passed unchanged: only TCP carries acknowledgements
+    NO_ACK = "no-ack"  # passed unchanged: a segment without ACK (the client's SYN)
+    NO_OFFSET = "no-offset"  # passed unchanged: connection unknown (after a checkpoint: equal)
+    ZERO_OFFSET = "zero-offset"  # passed unchanged: both guests share the ISN
+    MALFORMED = "malformed"  # passed unchanged: the secondary's stack judges it as the primary's
+    BAD_TCP_OPTIONS = "bad-tcp-options"  # ACK shifted, SACK options unusable
+    FRAGMENT = "fragment"  # passed unchanged: no TCP header in this fragment
+
+
+@dataclass(frozen=True, slots=True)
+class RewriteOutcome:
+    status: RewriteStatus
+    payload: bytes | None = None  # the new packet, or None when it passes unchanged
+
+
+class IngressRewriter:
+    def __init__(self, offsets: OffsetLookup) -> None:
+        self._offsets = offsets
+
+    def rewrite(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
+        """Rewrite one client -> guest IP packet for the secondary."""
+        packet = parse_ip(data)
+        if isinstance(packet, Malformed):
+            return RewriteOutcome(RewriteStatus.MALFORMED)
+        if packet.proto != PROTO_TCP:
+            return RewriteOutcome(RewriteStatus.NOT_TCP)
+        if packet.fragment:
+            return RewriteOutcome(RewriteStatus.FRAGMENT)
+        if not packet.flags & TCP_ACK:
+            return RewriteOutcome(RewriteStatus.NO_ACK)
+        # The packet goes client -> guest: the guest is its destination.
+        offset = self._offsets(packet.dst, packet.dport, packet.src, packet.sport, packet.vlan)
+        if offset is None:
+            return RewriteOutcome(RewriteStatus.NO_OFFSET)
+        if offset == 0:
+            return RewriteOutcome(RewriteStatus.ZERO_OFFSET)
+        buffer = bytearray(data)
+        mutable = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
+        if not isinstance(mutable, Packet):  # parsed once already: cannot differ
+            return RewriteOutcome(RewriteStatus.MALFORMED)
+        form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
+        result = shift_tcp_ack(buffer, mutable, offset, checksum=form)
+        if checksum_partial:
+            field = checksum_field_offset(mutable)
+            buffer[field : field + 2] = tcp_udp_checksum(mutable).to_bytes(2, "big")
+        status = (
+            RewriteStatus.BAD_TCP_OPTIONS
+            if result.status is ShiftStatus.BAD_TCP_OPTIONS
+            else RewriteStatus.SHIFTED
+        )
+        return RewriteOutcome(status, bytes(buffer))

@@ -1,0 +1,99 @@
+"""Queue S-in rewrite: the client's ACK and SACK moved into the secondary's sequence space."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+
+from coloproxy.rewrite import IngressRewriter, RewriteStatus
+
+CLIENT, GUEST = "10.0.0.9", "10.0.0.1"
+OFFSET = 2**32 - 1000  # secondary ISN - primary ISN, wrapping
+
+
+def lookup_table(table: dict[tuple[bytes, int, bytes, int], int]):  # type: ignore[no-untyped-def]
+    def lookup(guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int) -> int | None:
+        return table.get((guest, guest_port, peer, peer_port))
+
+    return lookup
+
+
+def rewriter(offset: int | None = OFFSET) -> IngressRewriter:
+    table = (
+        {} if offset is None else {(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000): offset}
+    )
+    return IngressRewriter(lookup_table(table))
+
+
+def client_segment(ack: int, sack: list[tuple[int, int]] | None = None, flags: str = "A") -> bytes:
+    options = (
+        [("NOP", None), ("NOP", None), ("SAck", tuple(v for block in sack for v in block))]
+        if sack
+        else []
+    )
+    return bytes(
+        IP(src=CLIENT, dst=GUEST)
+        / TCP(sport=40000, dport=80, seq=5, ack=ack, flags=flags, options=options)
+        / b"GET / HTTP/1.0\r\n\r\n"
+    )
+
+
+def test_ack_and_sack_are_shifted_and_the_checksum_stays_right() -> None:
+    outcome = rewriter().rewrite(client_segment(ack=500, sack=[(1500, 2000), (3000, 3500)]))
+    assert outcome.status is RewriteStatus.SHIFTED
+    assert outcome.payload is not None
+    packet = IP(outcome.payload)
+    assert packet[TCP].ack == (500 + OFFSET) % 2**32
+    sack = dict(packet[TCP].options)["SAck"]
+    assert sack == tuple((v + OFFSET) % 2**32 for v in (1500, 2000, 3000, 3500))
+    assert packet[TCP].seq == 5  # the client's own numbers are the same for both guests
+    expected = IP(outcome.payload)
+    del expected[TCP].chksum
+    assert IP(bytes(expected))[TCP].chksum == packet[TCP].chksum
+
+
+def test_partial_checksum_is_computed_afresh() -> None:
+    original = client_segment(ack=500)
+    outcome = rewriter().rewrite(original, checksum_partial=True)
+    assert outcome.payload is not None
+    rebuilt = IP(outcome.payload)
+    check = rebuilt.copy()
+    del check[TCP].chksum
+    assert IP(bytes(check))[TCP].chksum == rebuilt[TCP].chksum
+
+
+@pytest.mark.parametrize(
+    ("data", "offset", "status"),
+    [
+        (
+            bytes(IP(src=CLIENT, dst=GUEST) / UDP(sport=1, dport=2) / b"x"),
+            OFFSET,
+            RewriteStatus.NOT_TCP,
+        ),
+        (client_segment(ack=0, flags="S"), OFFSET, RewriteStatus.NO_ACK),
+        (client_segment(ack=500), None, RewriteStatus.NO_OFFSET),
+        (client_segment(ack=500), 0, RewriteStatus.ZERO_OFFSET),
+        (b"\x45\x00", OFFSET, RewriteStatus.MALFORMED),
+    ],
+)
+def test_packets_that_pass_unchanged(
+    data: bytes, offset: int | None, status: RewriteStatus
+) -> None:
+    outcome = rewriter(offset).rewrite(data)
+    assert outcome.status is status
+    assert outcome.payload is None
+
+
+def test_ipv6() -> None:
+    guest6, client6 = "fd00::1", "fd00::9"
+    import ipaddress
+
+    table = {
+        (ipaddress.ip_address(guest6).packed, 80, ipaddress.ip_address(client6).packed, 40000): 10
+    }
+    outcome = IngressRewriter(lookup_table(table)).rewrite(
+        bytes(IPv6(src=client6, dst=guest6) / TCP(sport=40000, dport=80, ack=7, flags="A"))
+    )
+    assert outcome.payload is not None
+    assert IPv6(outcome.payload)[TCP].ack == 17
