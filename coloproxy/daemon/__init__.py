@@ -1,0 +1,1 @@
+"""The daemon (shell): wiring capture, comparator, rewriter, control socket and metrics."""

@@ -1,0 +1,189 @@
+"""Role primary: the three queues of host P, the comparator and the checkpoint requests.
+
+Theory of operation
+-------------------
+``PrimaryProxy`` is the pump between the capture layer and the pure core. It owns no
+sockets: verdicts go to the queue objects it is given, checkpoint requests to a
+``RequestSink`` (the control server), counts to ``ProxyCounters`` (read by the metrics
+collector at scrape time, so the per-packet cost is a dict increment).
+
+- P-out (primary egress): ``comparator.feed(PRIMARY, ...)``; the packet is held in the kernel
+  (no verdict) until a ``Release`` names it.
+- S-out (secondary egress): ``comparator.feed(SECONDARY, ...)``; every packet is dropped.
+- S-in (client -> secondary copies): the rewriter shifts ACK/SACK; always accepted.
+- ``CheckpointNeeded`` that is not coalesced becomes one request with a fresh id (I4);
+  later ones while it is outstanding are counted as coalesced.
+- Checkpoint started/completed from the engine drive the comparator's epochs.
+
+Restart safety (I6): a new ``PrimaryProxy`` starts *frozen*: it calls
+``checkpoint_started`` on its comparator, so every PVM packet is held and every SVM packet
+dropped, and asks for a checkpoint with reason ``restart``. Nothing is released before an
+engine reports a completed checkpoint.
+
+Timers: after any input the proxy asks the comparator for its next deadline (at most once
+per event-loop iteration) and keeps one loop timer armed at the earliest.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from coloproxy.compare import (
+    CheckpointNeeded,
+    Comparator,
+    Drop,
+    Event,
+    MalformedPacket,
+    Release,
+    Side,
+)
+from coloproxy.rewrite import IngressRewriter
+
+log = logging.getLogger(__name__)
+
+# Reasons the proxy itself adds to the comparator's vocabulary (coloproxy.compare.Reason).
+REASON_RESTART = "restart"
+REASON_MANUAL = "manual"
+
+
+class Verdicts(Protocol):
+    """What a capture queue offers the proxy."""
+
+    def accept(self, handle: object, payload: bytes | None = None) -> None: ...
+
+    def drop(self, handle: object) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRequest:
+    id: int
+    reason: str
+    protocol: str
+    flow: str | None
+    evidence: object | None  # coloproxy.compare.Evidence, or None
+    time: float
+
+
+class RequestSink(Protocol):
+    """Where checkpoint requests go (the control server broadcasts them to engines)."""
+
+    def checkpoint_requested(self, request: CheckpointRequest) -> None: ...
+
+
+@dataclass
+class ProxyCounters:
+    """Plain counters, bumped on the hot path and exposed at scrape time."""
+
+    packets: Counter[tuple[str, str]] = field(default_factory=Counter)  # (queue, verdict)
+    divergences: Counter[tuple[str, str]] = field(default_factory=Counter)  # (protocol, reason)
+    requests: Counter[str] = field(default_factory=Counter)  # reason
+    coalesced: Counter[str] = field(default_factory=Counter)  # reason
+    malformed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (side, reason)
+    rewrites: Counter[str] = field(default_factory=Counter)  # RewriteStatus
+    checkpoints_completed: int = 0
+    last_checkpoint: float | None = None  # loop time of the last completed checkpoint
+
+
+class PrimaryProxy:
+    def __init__(
+        self,
+        comparator: Comparator,
+        rewriter: IngressRewriter,
+        primary_out: Verdicts,
+        secondary_out: Verdicts,
+        secondary_in: Verdicts,
+        requests: RequestSink,
+        now: float,
+        counters: ProxyCounters | None = None,
+    ) -> None:
+        self.comparator = comparator
+        self.rewriter = rewriter
+        self._primary_out = primary_out
+        self._secondary_out = secondary_out
+        self._secondary_in = secondary_in
+        self._requests = requests
+        self.counters = counters or ProxyCounters()
+        self._ids = itertools.count(1)
+        self.outstanding: CheckpointRequest | None = None
+        self.checkpointing = False
+        # I6: hold everything until a checkpoint made the secondary equal to the primary.
+        comparator.checkpoint_started(now)
+        self.checkpointing = True
+        self._request(REASON_RESTART, "any", None, None, now)
+
+    # -- packets ---------------------------------------------------------------------------
+
+    def on_primary(self, handle: object, payload: bytes, now: float) -> None:
+        self._act(self.comparator.feed(Side.PRIMARY, payload, now, handle), now)
+
+    def on_secondary(self, handle: object, payload: bytes, now: float) -> None:
+        self._act(self.comparator.feed(Side.SECONDARY, payload, now, handle), now)
+
+    def on_ingress(self, handle: object, payload: bytes, now: float) -> None:
+        outcome = self.rewriter.rewrite(payload)
+        self.counters.rewrites[outcome.status] += 1
+        self._secondary_in.accept(handle, outcome.payload)
+        self.counters.packets["secondary-in", "accept"] += 1
+
+    def on_timer(self, now: float) -> None:
+        self._act(self.comparator.handle_timer(now), now)
+
+    def _act(self, events: list[Event], now: float) -> None:
+        packets = self.counters.packets
+        for event in events:
+            if type(event) is Release:
+                self._primary_out.accept(event.token)
+                packets["primary-out", "accept-" + event.reason] += 1
+            elif type(event) is Drop:
+                if event.token is not None:
+                    self._secondary_out.drop(event.token)
+                packets["secondary-out", "drop-" + event.reason] += 1
+            elif type(event) is CheckpointNeeded:
+                self.counters.divergences[event.protocol, event.reason] += 1
+                if event.coalesced or self.outstanding is not None:
+                    self.counters.coalesced[event.reason] += 1
+                else:
+                    self._request(
+                        event.reason,
+                        event.protocol,
+                        str(event.flow) if event.flow is not None else None,
+                        event.evidence,
+                        now,
+                    )
+            elif type(event) is MalformedPacket:
+                self.counters.malformed[event.side.value, event.reason] += 1
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def request_manual(self, now: float) -> CheckpointRequest | None:
+        """A checkpoint asked for by an operator; None when one is outstanding already."""
+        if self.outstanding is not None:
+            self.counters.coalesced[REASON_MANUAL] += 1
+            return None
+        return self._request(REASON_MANUAL, "any", None, None, now)
+
+    def _request(
+        self, reason: str, protocol: str, flow: str | None, evidence: object | None, now: float
+    ) -> CheckpointRequest:
+        request = CheckpointRequest(next(self._ids), reason, protocol, flow, evidence, now)
+        self.outstanding = request
+        self.counters.requests[reason] += 1
+        log.info("checkpoint request %d: %s %s %s", request.id, reason, protocol, flow or "")
+        self._requests.checkpoint_requested(request)
+        return request
+
+    def checkpoint_started(self, now: float) -> None:
+        self.checkpointing = True
+        self._act(self.comparator.checkpoint_started(now), now)
+
+    def checkpoint_completed(self, now: float) -> None:
+        """The engine saw the primary's RESUME: the secondary holds the primary's state."""
+        self.checkpointing = False
+        self.outstanding = None
+        self.counters.checkpoints_completed += 1
+        self.counters.last_checkpoint = now
+        self._act(self.comparator.checkpoint_completed(now), now)

@@ -1,0 +1,108 @@
+"""PrimaryProxy with fake queues: verdicts, requests, restart safety (I6)."""
+
+from __future__ import annotations
+
+from coloproxy.compare import Comparator, CompareConfig
+from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
+from coloproxy.rewrite import IngressRewriter
+from craft import ACK, SYN, tcp
+
+P_ISN, S_ISN = 1000, 900_000
+
+
+class FakeQueue:
+    def __init__(self) -> None:
+        self.accepted: list[tuple[object, bytes | None]] = []
+        self.dropped: list[object] = []
+
+    def accept(self, handle: object, payload: bytes | None = None) -> None:
+        self.accepted.append((handle, payload))
+
+    def drop(self, handle: object) -> None:
+        self.dropped.append(handle)
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.requests: list[CheckpointRequest] = []
+
+    def checkpoint_requested(self, request: CheckpointRequest) -> None:
+        self.requests.append(request)
+
+
+def make() -> tuple[PrimaryProxy, FakeQueue, FakeQueue, FakeQueue, FakeSink]:
+    comparator = Comparator(CompareConfig())
+    primary_out, secondary_out, secondary_in, sink = (
+        FakeQueue(),
+        FakeQueue(),
+        FakeQueue(),
+        FakeSink(),
+    )
+    proxy = PrimaryProxy(
+        comparator,
+        IngressRewriter(comparator.isn_offset),
+        primary_out,
+        secondary_out,
+        secondary_in,
+        sink,
+        now=0.0,
+    )
+    return proxy, primary_out, secondary_out, secondary_in, sink
+
+
+def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
+    proxy, primary_out, secondary_out, _, sink = make()
+    assert [(r.id, r.reason) for r in sink.requests] == [(1, "restart")]
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"stale?"), 0.1)
+    proxy.on_secondary("s1", tcp(S_ISN + 1, b"stale?"), 0.1)
+    assert primary_out.accepted == []
+    assert secondary_out.dropped == ["s1"]
+    proxy.checkpoint_completed(0.2)
+    assert primary_out.accepted == [("p1", None)]
+    assert proxy.outstanding is None
+
+
+def test_matched_output_is_released_and_divergence_is_one_request() -> None:
+    proxy, primary_out, secondary_out, _, sink = make()
+    proxy.checkpoint_completed(0.0)
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)
+    proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"same"), 1.0)
+    proxy.on_secondary("s1", tcp(S_ISN + 1, b"same"), 1.0)
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1"]
+    proxy.on_primary("p2", tcp(P_ISN + 5, b"abc"), 1.1)
+    proxy.on_secondary("s2", tcp(S_ISN + 5, b"abd"), 1.1)
+    proxy.on_primary("p3", tcp(P_ISN + 1, b"x", sport=81), 1.1)
+    proxy.on_timer(10.0)  # the other flow times out: coalesced with the outstanding request
+    assert [(r.id, r.reason, r.flow) for r in sink.requests[1:]] == [
+        (2, "payload", "tcp 10.0.0.1:80 -> 10.0.0.9:40000")
+    ]
+    assert proxy.counters.coalesced["timeout"] == 1
+    assert secondary_out.dropped == ["s-syn", "s1", "s2"]
+    proxy.checkpoint_started(10.1)
+    proxy.checkpoint_completed(10.2)
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3"]
+
+
+def test_ingress_copies_get_the_acknowledgement_shifted() -> None:
+    proxy, _, _, secondary_in, _ = make()
+    proxy.checkpoint_completed(0.0)
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)
+    proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)
+    client_ack = tcp(
+        5000, b"", flags=ACK, ack=P_ISN + 1, src="10.0.0.9", dst="10.0.0.1", sport=40000, dport=80
+    )
+    proxy.on_ingress("c1", client_ack, 1.1)
+    ((handle, payload),) = secondary_in.accepted
+    assert handle == "c1" and payload is not None
+    assert int.from_bytes(payload[28:32], "big") == S_ISN + 1
+    assert proxy.counters.rewrites["shifted"] == 1
+
+
+def test_manual_request_is_coalesced_while_one_is_outstanding() -> None:
+    proxy, _, _, _, sink = make()
+    assert proxy.request_manual(0.0) is None  # the restart request is outstanding
+    proxy.checkpoint_completed(0.1)
+    request = proxy.request_manual(0.2)
+    assert request is not None and request.reason == "manual"
+    assert [r.reason for r in sink.requests] == ["restart", "manual"]
