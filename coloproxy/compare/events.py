@@ -1,4 +1,4 @@
-"""What the comparator tells its shell: frozen dataclasses, no callbacks (decisions are data).
+"""What the comparator tells its shell: immutable values, no callbacks (decisions are data).
 
 The shell turns ``Release`` into an NF_ACCEPT verdict (or a frame written to outdev),
 ``Drop`` into NF_DROP, ``CheckpointNeeded`` into a control-socket request (unless
@@ -81,16 +81,71 @@ class Evidence:
     detail: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
-    token: object
-    reason: ReleaseReason = ReleaseReason.MATCHED
+class _Verdict:
+    """A verdict on one packet: an immutable value (token, reason), like a frozen dataclass.
+
+    ``Release`` and ``Drop`` are made for every packet fed, so they are plain classes with
+    read-only properties over slots: a frozen dataclass's ``__init__`` goes through
+    ``object.__setattr__`` and costs about 280 ns against 75 ns here (CPython 3.11, measured
+    with timeit; see docs/benchmarks.md). Equality, hashing, ``repr`` and ``match`` behave as
+    they would for ``@dataclass(frozen=True)``: equal only to the same class with equal fields.
+    """
+
+    __slots__ = ("_reason", "_token")
+    __match_args__ = ("token", "reason")
+    _reason: ReleaseReason | DropReason
+
+    def __init__(self, token: object, reason: ReleaseReason | DropReason) -> None:
+        self._token = token
+        self._reason = reason
+
+    @property
+    def token(self) -> object:
+        return self._token
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Verdict) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._token == other._token and self._reason == other._reason
+
+    def __hash__(self) -> int:
+        return hash((self._token, self._reason))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(token={self._token!r}, reason={self._reason!r})"
+
+    def __reduce__(self) -> tuple[type[_Verdict], tuple[object, ReleaseReason | DropReason]]:
+        return type(self), (self._token, self._reason)
 
 
-@dataclass(frozen=True, slots=True)
-class Drop:
-    token: object
-    reason: DropReason = DropReason.COMPARED
+class Release(_Verdict):
+    """Let the primary packet ``token`` go out."""
+
+    __slots__ = ()
+    _reason: ReleaseReason
+
+    def __init__(self, token: object, reason: ReleaseReason = ReleaseReason.MATCHED) -> None:
+        self._token = token
+        self._reason = reason
+
+    @property
+    def reason(self) -> ReleaseReason:
+        return self._reason
+
+
+class Drop(_Verdict):
+    """Drop the packet ``token`` (always a secondary packet: a primary one is never dropped)."""
+
+    __slots__ = ()
+    _reason: DropReason
+
+    def __init__(self, token: object, reason: DropReason = DropReason.COMPARED) -> None:
+        self._token = token
+        self._reason = reason
+
+    @property
+    def reason(self) -> DropReason:
+        return self._reason
 
 
 @dataclass(frozen=True, slots=True)
