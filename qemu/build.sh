@@ -8,7 +8,8 @@
 #   ${COLOPROXY_CACHE:-/var/cache/coloproxy}/qemu/<version>-<hash>/bin/qemu-system-x86_64
 #   ${COLOPROXY_CACHE:-/var/cache/coloproxy}/qemu/<version>-<hash>/share/qemu/  (firmware)
 # A second run finds the cache and returns at once. The binary's path is the only line on
-# stdout; progress goes to stderr. Run as root (apt). See qemu/README.md.
+# stdout; progress goes to stderr; .../qemu/current points at the latest build. Run as root
+# (apt). See qemu/README.md.
 #
 #   qemu/build.sh            build if needed, print the binary's path
 #   qemu/build.sh --force    rebuild even if cached
@@ -65,15 +66,33 @@ patch_dir=$here/patches/$series
 [ -d "$patch_dir" ] || die "no patch set for QEMU $series ($version): expected $patch_dir"
 mapfile -t patches < <(find "$patch_dir" -maxdepth 1 -name '*.patch' | sort)
 
-# The cache key covers everything that changes the binary: source version, patches,
-# this script (configure flags, firmware list).
-hash=$(cat "${patches[@]}" "$0" | sha256sum | cut -c1-12)
+# Only what COLO needs: TCG and KVM, replication (migration/colo.c aborts without it; it also
+# keeps block replication), the colo-compare / filter-* objects (always built in net/), fdt
+# (the microvm machine, always part of x86_64-softmmu). Everything else is off: no GUI, VNC,
+# audio, slirp, tools, docs.
+configure_flags=(
+    --target-list=x86_64-softmmu
+    --without-default-features
+    --enable-tcg
+    --enable-kvm
+    --enable-replication
+    --enable-fdt=system
+    --disable-docs
+    --disable-debug-info
+    --disable-werror
+)
+# Bump when the way the cache directory is filled changes (e.g. the firmware list).
+recipe=1
+
+# The cache key covers what changes the binary: source version, patches, configure flags.
+hash=$( (cat "${patches[@]}"; echo "recipe=$recipe ${configure_flags[*]}") | sha256sum | cut -c1-12)
 key="$(echo "$version" | tr ':~' '._')-$hash"
 dest=$cache_root/$key
 binary=$dest/bin/qemu-system-x86_64
 
 if [ "$force" = 0 ] && [ -x "$binary" ] && [ -f "$dest/BUILD-INFO" ]; then
     say "cached: $dest (QEMU $version, patch set $series)"
+    ln -sfn "$dest" "$cache_root/current"
     echo "$binary"
     exit 0
 fi
@@ -200,26 +219,12 @@ for p in "${patches[@]}"; do
 done
 
 # --- configure and build ------------------------------------------------------------------
-# Only what COLO needs: TCG and KVM, replication (migration/colo.c aborts without it; it also
-# keeps block replication), the colo-compare / filter-* objects (always built in net/).
-# Everything else is off: no GUI, VNC, audio, slirp, tools, docs.
 tmp_dest=$dest.tmp.$$
 rm -rf "$tmp_dest"
 mkdir -p build
 cd build
 say "configure"
-../configure \
-    --prefix="$dest" \
-    --firmwarepath="$dest/share/qemu" \
-    --target-list=x86_64-softmmu \
-    --without-default-features \
-    --enable-tcg \
-    --enable-kvm \
-    --enable-replication \
-    --enable-fdt=system \
-    --disable-docs \
-    --disable-debug-info \
-    --disable-werror \
+../configure --prefix="$dest" --firmwarepath="$dest/share/qemu" "${configure_flags[@]}" \
     >"$work/configure.log" 2>&1 \
     || { tail -30 "$work/configure.log" >&2; die "configure failed (log: $work/configure.log)"; }
 grep -iE 'replication support|KVM support|TCG support' "$work/configure.log" | sed 's/^/    /' >&2 || true
@@ -259,6 +264,7 @@ build_seconds=$((end - start))
 EOF
 rm -rf "$dest"
 mv "$tmp_dest" "$dest"
+ln -sfn "$dest" "$cache_root/current"
 # The source tree is only needed to rebuild; keep the logs.
 rm -rf "$work/src"
 say "built in $((end - start)) s: $dest"
