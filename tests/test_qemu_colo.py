@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -156,9 +157,7 @@ class Vm:
         self.proc.wait(timeout=10)
 
 
-def start_vm(
-    built: dict[str, Any], tmp: Path, name: str, cmdline: str, incoming: str | None
-) -> Vm:
+def start_vm(built: dict[str, Any], tmp: Path, name: str, cmdline: str, incoming: str | None) -> Vm:
     serial = tmp / f"{name}.serial"
     qmp_path = tmp / f"{name}.qmp"
     argv = [
@@ -229,8 +228,10 @@ async def colo_pair(
         await secondary.connect()
 
         await wait_for(
-            lambda: b"coloproxy-guest: ready" in primary.console()
-            and len(memcheck_lines(primary.console())) >= 3,
+            lambda: (
+                b"coloproxy-guest: ready" in primary.console()
+                and len(memcheck_lines(primary.console())) >= 3
+            ),
             BOOT_TIMEOUT_S,
             "the primary guest to boot and its memory checker to run",
         )
@@ -332,7 +333,7 @@ async def test_colo_checkpoints_and_failover(
             await wait_for(two_more_passes, 60, "two full memory passes on the secondary")
             lines = after_failover()
             assert all(line.errors == 0 for line in lines), lines
-            assert all(b.seq == a.seq + 1 for a, b in zip(lines, lines[1:], strict=False))
+            assert all(b.seq == a.seq + 1 for a, b in itertools.pairwise(lines))
             # It resumed from the last checkpoint: not ahead of what the primary printed.
             assert lines[0].seq <= last_pvm.seq + 1
             assert lines[0].writes > 0
