@@ -7,15 +7,22 @@ Exit codes follow diff(1): 0 same, 1 different, 2 trouble. Unusable input (an
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TypeVar
 
 from coloproxy import __version__
+from coloproxy.config import ConfigError, describe, load_config
+from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.errors import InputError
 from coloproxy.pcap import LINK_TYPE_NAMES, SUPPORTED_LINK_TYPES, compare_captures
+from coloproxy.protocol import Ack, CheckpointNow, ClientRole, Status, StatusRequest, Welcome
+from coloproxy.protocol import to_json as message_json
+from coloproxy.protocol.messages import REASON_PATTERN
 from coloproxy.report import format_text, to_json
 
 EXIT_EQUIVALENT = 0
@@ -105,6 +112,187 @@ def _add_compare_pcap(commands: argparse._SubParsersAction[argparse.ArgumentPars
     parser.set_defaults(handler=_compare_pcap)
 
 
+# -- check-config, status, checkpoint -------------------------------------------------------
+
+# Where status and checkpoint look without --socket or --config. A config's own default is
+# /run/coloproxy/<pair>.sock: pass -c to reach a proxy started with defaults.
+DEFAULT_SOCKET = "/run/coloproxy/coloproxy.sock"
+T = TypeVar("T")
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    status = EXIT_EQUIVALENT
+    for path in args.files:
+        try:
+            print(describe(load_config(path)))
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            status = EXIT_TROUBLE
+    return status
+
+
+def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "check-config",
+        help="check configuration files",
+        description=(
+            "Read each file as the proxy would and print 'FILE: ok (pair NAME, role ROLE)',"
+            " or every problem as FILE:LINE: key 'KEY': what is wrong. Exit 2 on a problem."
+        ),
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE", help="a configuration file")
+    parser.set_defaults(handler=_check_config)
+
+
+def _control_socket(args: argparse.Namespace) -> str:
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        return str(load_config(args.config).control.socket)
+    return DEFAULT_SOCKET
+
+
+def _reason(text: str) -> str:
+    if not REASON_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"not a reason token (a-z, 0-9 and '-', at most 32): {text!r}"
+        )
+    return text
+
+
+def _talk(
+    args: argparse.Namespace, exchange: Callable[[str], Coroutine[object, object, T]]
+) -> T | None:
+    """Run one exchange with the proxy; None (after one line on stderr) if it failed."""
+    try:
+        return asyncio.run(exchange(_control_socket(args)))
+    except ControlRefusedError as exc:
+        reply = exc.reply
+        print(f"{args.command}: the proxy refused ({reply.code}): {reply.message}", file=sys.stderr)
+    except ControlError as exc:
+        print(f"{args.command}: {exc}", file=sys.stderr)
+    return None
+
+
+async def _fetch_status(path: str) -> tuple[Welcome, Status]:
+    client = await ControlClient.connect(
+        path, ClientRole.MONITOR, name=f"coloproxy-cli {__version__}"
+    )
+    async with client:
+        status = await client.request(StatusRequest())
+        if client.welcome is None:  # connect() only returns welcomed clients
+            raise ControlError("no welcome")
+        return client.welcome, status
+
+
+def _age(seconds: float | None, none: str) -> str:
+    return none if seconds is None else f"{seconds:.3f} s"
+
+
+def format_status(welcome: Welcome, status: Status) -> str:
+    checkpoint = "idle"
+    if status.checkpointing:
+        checkpoint = "running"
+    elif status.checkpoint_requested:
+        checkpoint = "requested"
+    rows = [
+        ("epoch", str(status.epoch)),
+        (
+            "held packets",
+            f"{status.held_packets} (oldest {_age(status.oldest_held_age, 'none')})"
+            if status.held_packets
+            else "0",
+        ),
+        ("stored bytes", str(status.stored_bytes)),
+        ("flows", str(status.flows)),
+        (
+            "checkpoint",
+            checkpoint + (" (saturated: holding everything)" if status.saturated else ""),
+        ),
+        ("period", "unknown" if status.period_ms is None else f"{status.period_ms} ms"),
+        (
+            "last checkpoint",
+            "never"
+            if status.last_checkpoint_age is None
+            else f"{status.last_checkpoint_age:.3f} s ago",
+        ),
+        ("clients", f"{status.clients} ({status.engines} engines)"),
+        ("uptime", f"{status.uptime:.0f} s"),
+        *((name, str(value)) for name, value in sorted(status.counters.items())),
+    ]
+    head = (
+        f"pair {status.pair}: {status.role}, {status.mode}"
+        f" ({welcome.software}, protocol v{welcome.version})"
+    )
+    return "\n".join([head, *(f"{label:<20} {value}" for label, value in rows)]) + "\n"
+
+
+def _status(args: argparse.Namespace) -> int:
+    found = _talk(args, _fetch_status)
+    if found is None:
+        return EXIT_TROUBLE
+    welcome, status = found
+    if args.json:
+        sys.stdout.write(json.dumps(message_json(status, welcome.version), indent=2) + "\n")
+    else:
+        sys.stdout.write(format_status(welcome, status))
+    return EXIT_EQUIVALENT
+
+
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket", metavar="PATH", help=f"the proxy's control socket (default {DEFAULT_SOCKET})"
+    )
+    parser.add_argument(
+        "-c", "--config", metavar="FILE", help="take the socket from this configuration file"
+    )
+
+
+def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "status",
+        help="show a running proxy's state",
+        description="Ask a running proxy for its state over the control socket. Exit 2 if"
+        " it cannot be reached.",
+    )
+    _add_socket_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the status message as JSON")
+    parser.set_defaults(handler=_status)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    async def ask(path: str) -> Ack:
+        client = await ControlClient.connect(
+            path, ClientRole.CLI, name=f"coloproxy-cli {__version__}"
+        )
+        async with client:
+            return await client.request(CheckpointNow(reason=args.reason))
+
+    ack = _talk(args, ask)
+    if ack is None:
+        return EXIT_TROUBLE
+    which = f": request {ack.request}" if ack.request is not None else ""
+    print(f"checkpoint requested{which}")
+    return EXIT_EQUIVALENT
+
+
+def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "checkpoint",
+        help="ask a running proxy for a checkpoint now",
+        description="Ask a running primary proxy to have its engine checkpoint now. Exit 2 if"
+        " it cannot be reached or refuses.",
+    )
+    _add_socket_options(parser)
+    parser.add_argument(
+        "--reason",
+        type=_reason,
+        default="manual",
+        help="the reason the request carries (a token; default manual)",
+    )
+    parser.set_defaults(handler=_checkpoint)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coloproxy",
@@ -113,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"coloproxy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compare_pcap(commands)
+    _add_check_config(commands)
+    _add_status(commands)
+    _add_checkpoint(commands)
     return parser
 
 

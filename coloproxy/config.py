@@ -1,0 +1,743 @@
+"""The YAML configuration of one proxy: one file per host pair and role (shell).
+
+Theory of operation
+-------------------
+The file is composed into YAML's node tree (``yaml.compose`` with the safe loader), not
+loaded into plain dicts, so that every key keeps the line it is on. The tree is then
+walked against a schema: each section is a table of keys, each key a rule that turns the
+YAML value into a typed value or says what is allowed, plus a default or "required".
+Every problem is collected, as ``FILE:LINE: key 'dotted.key': what is wrong``, and all of
+them are raised together in one :class:`ConfigError`, so an operator fixes a file in one
+round. Only when there is no problem are the frozen dataclasses built.
+
+The ``compare`` section is derived from :class:`coloproxy.compare.CompareConfig` itself
+(field names, types and defaults), so a new comparator setting is configurable without an
+edit here; the comparator's own validation still runs and its complaints are reported
+with the section's line.
+
+docs/configuration.md describes every key; configs/ holds commented examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import grp
+import ipaddress
+import math
+import os
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Final
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from coloproxy.compare.config import CompareConfig, PassthroughRule
+from coloproxy.errors import InputError, UsageError
+from coloproxy.protocol import ProxyRole
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_SOCKET_DIR: Final = Path("/run/coloproxy")
+MAX_SOCKET_PATH: Final = 107  # sun_path holds 108 bytes with the terminating NUL
+MAX_SECONDS: Final = 86400.0  # no timeout of the comparator is sensibly longer than a day
+MAX_COUNT: Final = 2**40  # bounds: 1 Ti packets or bytes is beyond any host
+
+
+class ConfigError(InputError):
+    """A configuration file that cannot be used; ``problems`` holds one line per problem,
+    in file order, each naming the file, the line and the key."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class Transport(StrEnum):
+    NETFILTERQUEUE = "netfilterqueue"  # the netfilterqueue binding (libnetfilter_queue)
+    NETLINK = "netlink"  # our own nfnetlink socket
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True, slots=True)
+class PairConfig:
+    name: str
+    role: ProxyRole
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationConfig:
+    local: IPAddress
+    remote: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class NetConfig:
+    guest_port: str
+    replication: ReplicationConfig
+    prefix: str = "cp"
+    lan_bridge: str | None = None
+    vxlan_id: int = 77
+    vxlan_port: int = 4789
+    underlay: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueuesConfig:
+    primary_out: int = 10
+    secondary_out: int = 11
+    secondary_in: int = 12
+    max_len: int = 4096
+    copy_range: int = 65535
+    rcvbuf: int = 8 << 20
+    transport: Transport = Transport.NETFILTERQUEUE
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    socket: Path
+    group: str | None = None
+    max_clients: int = 16
+    client_queue: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    host: str = "127.0.0.1"
+    port: int = 9477
+    enabled: bool = True
+
+    @property
+    def listen(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    qmp: str | None = None
+    period_ms: int = 20000
+    min_gap_ms: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: LogLevel = LogLevel.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str  # the file it was read from, for messages
+    pair: PairConfig
+    net: NetConfig
+    queues: QueuesConfig | None  # None on a secondary: it has no queues
+    compare: CompareConfig
+    control: ControlConfig
+    metrics: MetricsConfig
+    engine: EngineConfig
+    log: LogConfig
+
+
+# -- rules: YAML value in, typed value out, or _Bad saying what is allowed -------------------
+
+
+class _BadError(Exception):
+    """A value that breaks its rule; the message is "expected ..., got ..."."""
+
+
+Rule = Callable[[object], object]
+
+
+def _shown(value: object) -> str:
+    """A value as the operator wrote it (near enough), for "got ..."."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value if len(value) <= 60 else value[:57] + "...")
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, int | float):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    return f"a {type(value).__name__}"
+
+
+def _bad(allowed: str, value: object) -> _BadError:
+    return _BadError(f"expected {allowed}, got {_shown(value)}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(low: int, high: int, allowed: str | None = None) -> Rule:
+    allowed = allowed or f"an integer from {low} to {high}"
+
+    def rule(value: object) -> object:
+        if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+            raise _bad(allowed, value)
+        return value
+
+    return rule
+
+
+def _seconds(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad("a positive number of seconds", value)
+    if not (math.isfinite(value) and value > 0):
+        raise _bad("a positive number of seconds", value)
+    if value > MAX_SECONDS:
+        raise _bad(f"a positive number of seconds, at most {MAX_SECONDS:g}", value)
+    return float(value)
+
+
+def _boolean(value: object) -> object:
+    if not isinstance(value, bool):
+        raise _bad("true or false", value)
+    return value
+
+
+def _optional(rule: Rule) -> Rule:
+    def optional(value: object) -> object:
+        return None if value is None else rule(value)
+
+    return optional
+
+
+def _choice(kind: type[StrEnum]) -> Rule:
+    allowed = "one of " + ", ".join(member.value for member in kind)
+
+    def rule(value: object) -> object:
+        if isinstance(value, str) and value in {member.value for member in kind}:
+            return kind(value)
+        raise _bad(allowed, value)
+
+    return rule
+
+
+def _pattern(regex: str, allowed: str) -> Rule:
+    compiled = re.compile(regex)
+
+    def rule(value: object) -> object:
+        if not isinstance(value, str) or not compiled.fullmatch(value):
+            raise _bad(allowed, value)
+        return value
+
+    return rule
+
+
+def _interface(value: object) -> object:
+    # Linux dev_valid_name(): 1-15 bytes, not "." or "..", no '/', ':' or white space.
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value.encode()) <= 15
+        or value in (".", "..")
+        or any(c in value for c in "/:")
+        or any(c.isspace() for c in value)
+    ):
+        raise _bad("an interface name (1 to 15 characters, no '/', ':' or spaces)", value)
+    return value
+
+
+def _address(value: object) -> object:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return ipaddress.ip_address(value)
+    except ValueError:
+        raise _bad("an IPv4 or IPv6 address", value) from None
+
+
+def _socket_path(value: object) -> object:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad("an absolute path", value)
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise _bad(f"a path of at most {MAX_SOCKET_PATH} bytes (a Unix socket address)", value)
+    return Path(value)
+
+
+def _absolute_path(value: object) -> object:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _bad("an absolute path", value)
+    return value
+
+
+def _group(value: object) -> object:
+    if not isinstance(value, str) or not value:
+        raise _bad("a group name", value)
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise _BadError(f"group {value!r} does not exist on this host") from None
+    return value
+
+
+_HOSTNAME: Final = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_LISTEN: Final = "HOST:PORT (an address or host name, IPv6 in brackets; port 0 to 65535)"
+
+
+def _listen(value: object) -> object:
+    """ "host:port" -> (host, port); "[v6]:port" for IPv6."""
+    if not isinstance(value, str):
+        raise _bad(_LISTEN, value)
+    if value.startswith("["):
+        host, bracket, port = value[1:].partition("]:")
+        valid_host = bool(bracket)
+        if valid_host:
+            try:
+                valid_host = ipaddress.ip_address(host).version == 6
+            except ValueError:
+                valid_host = False
+    else:
+        host, colon, port = value.rpartition(":")
+        if ":" in host:
+            raise _BadError(
+                f"expected IPv6 addresses in brackets, e.g. '[::1]:9477', got {value!r}"
+            )
+        valid_host = bool(colon) and bool(_HOSTNAME.fullmatch(host))
+    if not valid_host or not port.isdigit() or int(port) > 65535:
+        raise _bad(_LISTEN, value)
+    return (host, int(port))
+
+
+def _passthrough_protocol(value: object) -> object:
+    if isinstance(value, str):
+        if value in ("tcp", "udp", "icmp", "icmpv6"):
+            return value
+        match = re.fullmatch(r"ip-proto-(\d{1,3})", value)
+        if match and int(match.group(1)) <= 255:
+            return value
+    raise _bad("one of tcp, udp, icmp, icmpv6 or ip-proto-N (N from 0 to 255)", value)
+
+
+def _network(value: object) -> object:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise _bad("a network in CIDR notation, e.g. 10.0.0.0/24", value) from None
+    return value
+
+
+# -- the schema ------------------------------------------------------------------------------
+
+_REQUIRED: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    rule: Rule | None  # None: a nested section, handled by its own reader
+    default: object = _REQUIRED
+    allowed: str = ""  # for "missing" messages; defaults to the rule's own wording
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+_PAIR_NAME: Final = "a name of 1 to 12 characters a-z, 0-9 and '-'"
+_PREFIX: Final = "1 to 5 characters a-z and 0-9, starting with a letter"
+_QUEUE: Final = _integer(0, 65535, "a queue number from 0 to 65535")
+
+PAIR_KEYS: Final[Mapping[str, _Key]] = {
+    "name": _Key(_pattern(r"[a-z0-9-]{1,12}", _PAIR_NAME), allowed=_PAIR_NAME),
+    "role": _Key(_choice(ProxyRole), allowed="one of primary, secondary"),
+}
+REPLICATION_KEYS: Final[Mapping[str, _Key]] = {
+    "local": _Key(_address, allowed="an IPv4 or IPv6 address (this host on the link)"),
+    "remote": _Key(_address, allowed="an IPv4 or IPv6 address (the peer host on the link)"),
+}
+NET_KEYS: Final[Mapping[str, _Key]] = {
+    "prefix": _Key(_pattern(r"[a-z][a-z0-9]{0,4}", _PREFIX), "cp"),
+    "guest_port": _Key(_interface, allowed="an interface name (the host side of the guest's NIC)"),
+    "lan_bridge": _Key(_optional(_interface), None),
+    "replication": _Key(None, allowed="a mapping with local and remote"),
+    "vxlan_id": _Key(_integer(1, 16777215), 77),
+    "vxlan_port": _Key(_integer(1, 65535), 4789),
+    "underlay": _Key(_optional(_interface), None),
+}
+QUEUES_KEYS: Final[Mapping[str, _Key]] = {
+    "primary_out": _Key(_QUEUE, 10),
+    "secondary_out": _Key(_QUEUE, 11),
+    "secondary_in": _Key(_QUEUE, 12),
+    "max_len": _Key(_integer(1, 1 << 20), 4096),
+    "copy_range": _Key(_integer(64, 65535), 65535),
+    "rcvbuf": _Key(
+        _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 8 << 20
+    ),
+    "transport": _Key(_choice(Transport), Transport.NETFILTERQUEUE),
+}
+PASSTHROUGH_KEYS: Final[Mapping[str, _Key]] = {
+    "protocol": _Key(_optional(_passthrough_protocol), None),
+    "guest_port": _Key(_optional(_integer(0, 65535, "a port from 0 to 65535")), None),
+    "peer_port": _Key(_optional(_integer(0, 65535, "a port from 0 to 65535")), None),
+    "guest_network": _Key(_optional(_network), None),
+    "peer_network": _Key(_optional(_network), None),
+}
+CONTROL_KEYS: Final[Mapping[str, _Key]] = {
+    "socket": _Key(_socket_path, None),  # default: /run/coloproxy/<pair>.sock
+    "group": _Key(_optional(_group), None),
+    "max_clients": _Key(_integer(1, 1024), 16),
+    "client_queue": _Key(_integer(1, 1 << 16), 256),
+}
+METRICS_KEYS: Final[Mapping[str, _Key]] = {
+    "listen": _Key(_listen, ("127.0.0.1", 9477)),
+    "enabled": _Key(_boolean, True),
+}
+# The checkpoint loop is another issue: its keys are only type-checked here.
+ENGINE_KEYS: Final[Mapping[str, _Key]] = {
+    "qmp": _Key(_optional(_absolute_path), None),
+    "period_ms": _Key(_integer(1, 2**32 - 1, "a positive integer of milliseconds"), 20000),
+    "min_gap_ms": _Key(_integer(0, 2**32 - 1, "a non-negative integer of milliseconds"), 100),
+}
+LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
+
+
+def _compare_keys() -> dict[str, _Key]:
+    """One key per CompareConfig field, the rule from its annotation, the default its own."""
+    hints = typing.get_type_hints(CompareConfig)
+    keys: dict[str, _Key] = {}
+    for item in dataclasses.fields(CompareConfig):
+        annotation = hints[item.name]
+        rule: Rule | None
+        if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+            rule = _choice(annotation)
+        elif annotation is float:
+            rule = _seconds
+        elif annotation == float | None:
+            rule = _optional(_seconds)
+        elif annotation is int:
+            rule = _integer(1, MAX_COUNT, "a positive integer")
+        elif item.name == "passthrough":
+            rule = None
+        else:  # a new kind of comparator setting: teach this function about it
+            raise TypeError(f"CompareConfig.{item.name}: no YAML rule for {annotation!r}")
+        default = item.default if item.default is not dataclasses.MISSING else ()
+        keys[item.name] = _Key(rule, default)
+    return keys
+
+
+COMPARE_KEYS: Final[Mapping[str, _Key]] = _compare_keys()
+
+SECTIONS: Final[Mapping[str, Mapping[str, _Key]]] = {
+    "pair": PAIR_KEYS,
+    "net": NET_KEYS,
+    "queues": QUEUES_KEYS,
+    "compare": COMPARE_KEYS,
+    "control": CONTROL_KEYS,
+    "metrics": METRICS_KEYS,
+    "engine": ENGINE_KEYS,
+    "log": LOG_KEYS,
+}
+REQUIRED_SECTIONS: Final = frozenset({"pair", "net"})
+
+
+# -- the walk --------------------------------------------------------------------------------
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+@dataclass(slots=True)
+class _Read:
+    """One mapping, read: checked values (defaults filled in), the nodes of nested keys, and
+    the line of every key present."""
+
+    values: dict[str, object]
+    nested: dict[str, Node]
+    lines: dict[str, int]
+    line: int  # the line to blame for the mapping as a whole (its key's)
+
+    def line_of(self, name: str) -> int:
+        return self.lines.get(name, self.line)
+
+
+class _Reader:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self.problems: list[tuple[int, int, str]] = []  # (line, order, text)
+        self._constructor = yaml.SafeLoader("")
+
+    def problem(self, line: int, key: str, message: str) -> None:
+        where = f"key '{key}': " if key else ""
+        self.problems.append(
+            (line, len(self.problems), f"{self.filename}:{line}: {where}{message}")
+        )
+
+    def shown(self, node: Node) -> str:
+        """A node for "got ...": its value if it is a readable scalar."""
+        if isinstance(node, ScalarNode):
+            try:
+                return _shown(self._constructor.construct_object(node, deep=True))
+            except yaml.YAMLError:
+                return repr(node.value)
+        return "a list" if isinstance(node, SequenceNode) else "a mapping"
+
+    def scalar(self, node: Node, key: str) -> tuple[bool, object]:
+        """The plain value of a node; lists and mappings become [] / {} stand-ins so that
+        rules can say "got a list"."""
+        if isinstance(node, SequenceNode):
+            return True, []
+        if isinstance(node, MappingNode):
+            return True, {}
+        try:
+            return True, self._constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as exc:
+            problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None
+            self.problem(_line(node), key, f"unreadable value: {problem or exc}")
+            return False, None
+
+    def mapping(
+        self, node: Node | None, key: str, keys: Mapping[str, _Key], line: int
+    ) -> _Read | None:
+        """Read a mapping against ``keys``; None (and a problem) if it is no mapping. A
+        missing or null node is an empty mapping."""
+        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
+            node = MappingNode("tag:yaml.org,2002:map", [])
+        if not isinstance(node, MappingNode):
+            self.problem(
+                line, key, f"expected a mapping ({', '.join(keys)}), got {self.shown(node)}"
+            )
+            return None
+        read = _Read({}, {}, {}, line)
+        for key_node, value_node in node.value:
+            key_line = _line(key_node)
+            if not isinstance(key_node, ScalarNode):
+                self.problem(key_line, key, "keys must be plain names")
+                continue
+            name = str(key_node.value)
+            dotted = f"{key}.{name}" if key else name
+            if name in read.lines:
+                self.problem(key_line, dotted, f"duplicate key (first at line {read.lines[name]})")
+                continue
+            read.lines[name] = key_line
+            spec = keys.get(name)
+            if spec is None:
+                close = difflib.get_close_matches(name, list(keys), n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ";"
+                self.problem(key_line, dotted, f"unknown key{hint} allowed keys: {', '.join(keys)}")
+                continue
+            if spec.rule is None:
+                read.nested[name] = value_node
+                continue
+            readable, value = self.scalar(value_node, dotted)
+            if not readable:
+                continue
+            try:
+                read.values[name] = spec.rule(value)
+            except _BadError as exc:
+                self.problem(key_line, dotted, str(exc))
+        for name, spec in keys.items():
+            if name in read.lines:
+                continue
+            if spec.required:
+                dotted = f"{key}.{name}" if key else name
+                self.problem(line, dotted, f"missing; expected {spec.allowed or 'a value'}")
+            elif spec.rule is not None:
+                read.values[name] = spec.default
+        return read
+
+    def sequence(self, node: Node, key: str, line: int) -> list[Node] | None:
+        if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
+            return []
+        if not isinstance(node, SequenceNode):
+            self.problem(line, key, f"expected a list, got {self.shown(node)}")
+            return None
+        return list(node.value)
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError([text for _, _, text in sorted(self.problems)])
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a configuration file; :class:`ConfigError` lists every problem."""
+    filename = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError([f"{filename}: cannot read: {reason}"]) from exc
+    return parse_config(text, filename)
+
+
+def parse_config(text: str, filename: str = "<config>") -> Config:
+    """Check a configuration given as text; ``filename`` is what messages call it."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        problem = exc.problem or exc.context or "unreadable"
+        if exc.problem and exc.context and not exc.context.startswith("while"):
+            problem = f"{exc.context}, {exc.problem}"  # "expected a single document, but..."
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {problem}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{filename}:1: not valid YAML: {exc}"]) from exc
+    reader = _Reader(filename)
+    top = reader.mapping(root, "", {name: _Key(None, None) for name in SECTIONS}, 1)
+    config = _Builder(reader, top).build() if top is not None else None
+    reader.raise_if_any()
+    if config is None:  # every path to None records a problem first
+        raise UsageError(f"{filename}: rejected without a reason (a bug in coloproxy.config)")
+    return dataclasses.replace(config, path=filename)
+
+
+class _Builder:
+    """Reads each section and builds the dataclasses (only when nothing is wrong)."""
+
+    def __init__(self, reader: _Reader, top: _Read) -> None:
+        self.reader = reader
+        self.top = top
+
+    def section(self, name: str) -> _Read | None:
+        keys = SECTIONS[name]
+        if name not in self.top.nested and name in REQUIRED_SECTIONS:
+            needed = ", ".join(key for key, spec in keys.items() if spec.required)
+            self.reader.problem(1, name, f"missing; expected a mapping with {needed}")
+            return None
+        return self.reader.mapping(self.top.nested.get(name), name, keys, self.top.line_of(name))
+
+    def build(self) -> Config | None:
+        pair = self.section("pair")
+        net = self.section("net")
+        compare = self.section("compare")
+        control = self.section("control")
+        metrics = self.section("metrics")
+        engine = self.section("engine")
+        log = self.section("log")
+        role = pair.values.get("role") if pair is not None else None
+        queues = self._queues(role)
+        replication = self._replication(net)
+        compare_config = self._compare(compare)
+        if (
+            self.reader.problems
+            or pair is None
+            or net is None
+            or control is None
+            or metrics is None
+            or engine is None
+            or log is None
+            or replication is None
+            or compare_config is None
+            or (queues is None and role is ProxyRole.PRIMARY)
+        ):
+            return None
+        pair_config = PairConfig(**pair.values)  # type: ignore[arg-type]  # rules typed them
+        control_values = dict(control.values)
+        if control_values["socket"] is None:
+            control_values["socket"] = DEFAULT_SOCKET_DIR / f"{pair_config.name}.sock"
+        host, port = typing.cast(tuple[str, int], metrics.values["listen"])
+        return Config(
+            path="",
+            pair=pair_config,
+            net=NetConfig(replication=replication, **net.values),  # type: ignore[arg-type]
+            queues=queues,
+            compare=compare_config,
+            control=ControlConfig(**control_values),  # type: ignore[arg-type]
+            metrics=MetricsConfig(host=host, port=port, enabled=bool(metrics.values["enabled"])),
+            engine=EngineConfig(**engine.values),  # type: ignore[arg-type]
+            log=LogConfig(**log.values),  # type: ignore[arg-type]
+        )
+
+    def _queues(self, role: object) -> QueuesConfig | None:
+        if role is ProxyRole.SECONDARY:
+            if "queues" in self.top.nested:
+                self.reader.problem(
+                    self.top.line_of("queues"),
+                    "queues",
+                    "only a primary has queues (role is secondary)",
+                )
+            return None
+        read = self.section("queues")
+        if read is None:
+            return None
+        numbers: dict[object, str] = {}
+        for name in ("primary_out", "secondary_out", "secondary_in"):
+            if name not in read.values:
+                continue
+            number = read.values[name]
+            if number in numbers:
+                self.reader.problem(
+                    read.line_of(name),
+                    f"queues.{name}",
+                    f"queue {number} is also queues.{numbers[number]}",
+                )
+            numbers[number] = name
+        return QueuesConfig(**read.values)  # type: ignore[arg-type]
+
+    def _replication(self, net: _Read | None) -> ReplicationConfig | None:
+        if net is None or "replication" not in net.nested:
+            return None
+        line = net.line_of("replication")
+        read = self.reader.mapping(
+            net.nested["replication"], "net.replication", REPLICATION_KEYS, line
+        )
+        if read is None or "local" not in read.values or "remote" not in read.values:
+            return None
+        local = typing.cast(IPAddress, read.values["local"])
+        remote = typing.cast(IPAddress, read.values["remote"])
+        if local.version != remote.version:
+            self.reader.problem(
+                line, "net.replication", "local and remote must both be IPv4 or both IPv6"
+            )
+        elif local == remote:
+            self.reader.problem(line, "net.replication", f"local and remote are both {local}")
+        return ReplicationConfig(local=local, remote=remote)
+
+    def _passthrough(self, compare: _Read) -> tuple[PassthroughRule, ...] | None:
+        if "passthrough" not in compare.nested:
+            return ()
+        line = compare.line_of("passthrough")
+        items = self.reader.sequence(compare.nested["passthrough"], "compare.passthrough", line)
+        if items is None:
+            return None
+        rules = []
+        for index, item in enumerate(items):
+            key = f"compare.passthrough[{index}]"
+            read = self.reader.mapping(item, key, PASSTHROUGH_KEYS, _line(item))
+            if read is None:
+                continue
+            try:
+                rules.append(PassthroughRule(**read.values))  # type: ignore[arg-type]
+            except UsageError as exc:  # its own checks, should ours ever fall behind
+                self.reader.problem(_line(item), key, str(exc))
+        return tuple(rules)
+
+    def _compare(self, compare: _Read | None) -> CompareConfig | None:
+        if compare is None:
+            return None
+        passthrough = self._passthrough(compare)
+        if passthrough is None:
+            return None
+        try:
+            return CompareConfig(**compare.values, passthrough=passthrough)  # type: ignore[arg-type]
+        except UsageError as exc:
+            # Our rules mirror the comparator's; if it still refuses, blame the section.
+            self.reader.problem(compare.line, "compare", str(exc))
+            return None
+
+
+def describe(config: Config) -> str:
+    """The one line ``check-config`` prints for a good file."""
+    return f"{config.path}: ok (pair {config.pair.name}, role {config.pair.role})"

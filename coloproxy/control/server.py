@@ -1,0 +1,696 @@
+"""The control socket: a Unix stream socket where engines, the CLI and monitors talk to the
+proxy in the control protocol (:mod:`coloproxy.protocol`, docs/control-protocol.md).
+
+Theory of operation
+-------------------
+``ControlServer`` owns the socket file and every client connection; the daemon owns the
+decisions and plugs them in as a :class:`ControlHandler`. Per connection there are two
+tasks: the *reader* (the task asyncio starts for the connection) decodes lines, answers
+protocol errors itself, performs the hello, checks what the client's role may send and
+awaits the handler for everything else, one message at a time, so replies leave in the
+order the requests came; the *writer* drains a bounded queue of encoded lines into the
+socket.
+
+Nothing the proxy does waits for a client. :meth:`ControlServer.broadcast` (checkpoint
+requests from the packet path) only puts the line on each client's queue; a client whose
+queue is full has stopped reading and is dropped on the spot, with the reason logged, so
+one stuck monitor can never stall the engine's requests or the packet path (the bound is
+``client_queue`` lines plus the transport's 64 KiB write buffer).
+
+Who may connect: the socket file is created with mode 0660 (group: the configured one),
+before ``listen()``, so no connection can slip in with the umask's mode. Each peer's
+credentials (``SO_PEERCRED``, and ``SO_PEERGROUPS`` for its supplementary groups) are
+checked as well: root, the proxy's own user, or a member of the group. That second check
+still holds if someone loosens the file's mode. A refused peer gets one ``error`` line
+(``forbidden``) and is disconnected.
+
+Bounds: ``max_clients`` connections (one more gets ``busy``), ``hello_timeout`` to say hello,
+``handler_timeout`` per handled message, ``MAX_MESSAGE_BYTES`` per line (longer ones are
+answered ``oversized`` and skipped; the connection stays).
+
+Task discipline (qemu.qmp style): the runstate is explicit, every background loop logs why it
+ends, ``CancelledError`` is always re-raised, and child tasks are awaited with
+``asyncio.wait`` so that a cancellation of the waiter is never mistaken for the child's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Collection
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Final, Protocol
+
+from coloproxy import __version__
+from coloproxy.errors import ColoproxyError, UsageError
+from coloproxy.protocol import (
+    CLIENT_MAY_SEND,
+    PUSH_TO,
+    Ack,
+    ClientRole,
+    Decoder,
+    ErrorCode,
+    ErrorReply,
+    Hello,
+    Message,
+    Mode,
+    ProtocolError,
+    ProxyRole,
+    Push,
+    Request,
+    Status,
+    Welcome,
+    choose_version,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+# sun_path is 108 bytes on Linux, one of which is the terminating NUL.
+MAX_SOCKET_PATH: Final = 107
+READ_CHUNK: Final = 64 * 1024
+# The last lines to a client we are closing on (an error reply) get this long to leave.
+FINAL_FLUSH_TIMEOUT: Final = 1.0
+# After those lines, how long we keep reading (and dropping) what the client still sends,
+# so that its writes do not fail (EPIPE) before it has read why it is being closed.
+LINGER_TIMEOUT: Final = 1.0
+# Linux's SO_PEERGROUPS (since 4.13); the socket module does not name it.
+SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
+_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+_GID: Final = struct.Struct("I")
+
+HandlerReply = Ack | Status | ErrorReply
+
+
+class ControlError(ColoproxyError):
+    """The control socket cannot be served or used (path, group, connection, refusal)."""
+
+
+class Runstate(Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] | None  # supplementary groups; None when the kernel cannot say
+
+
+@dataclass(frozen=True, slots=True)
+class ClientInfo:
+    """One connected client, as the handler sees it."""
+
+    number: int  # connection number, unique for the server's life
+    role: ClientRole
+    name: str  # what the client called itself in its hello
+    credentials: PeerCredentials
+
+    def __str__(self) -> str:
+        label = f" {self.name!r}" if self.name else ""
+        return f"client {self.number} ({self.role}{label}, pid {self.credentials.pid})"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyIdentity:
+    """What the welcome tells a client about the proxy."""
+
+    pair: str
+    role: ProxyRole
+    mode: Mode
+
+
+class ControlHandler(Protocol):
+    """What the daemon implements. Every method runs on the event loop.
+
+    ``handle`` gets every message a client is allowed to send after its hello (roles are
+    already checked: see ``CLIENT_MAY_SEND``) and returns the reply; the server sets the
+    reply's ``re``. An exception becomes an ``internal`` error reply (and is logged); the
+    connection stays. ``client_connected``/``client_disconnected`` follow the welcome and the
+    end of a welcomed connection; they must not block.
+    """
+
+    def identity(self) -> ProxyIdentity: ...
+
+    async def handle(self, client: ClientInfo, message: Request) -> HandlerReply: ...
+
+    def client_connected(self, client: ClientInfo) -> None: ...
+
+    def client_disconnected(self, client: ClientInfo, reason: str) -> None: ...
+
+
+def peer_credentials(sock: socket.socket) -> PeerCredentials:
+    """The connecting process's pid, uid, gid (at connect time) and supplementary groups.
+
+    ``sock`` may also be asyncio's TransportSocket, which offers the same ``getsockopt``.
+    """
+    getsockopt = sock.getsockopt
+    pid, uid, gid = _UCRED.unpack(getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    groups: tuple[int, ...] | None = None
+    for count in (64, 65536):  # NGROUPS_MAX is 65536; try a small buffer first
+        try:
+            raw = getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, count * _GID.size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            break  # ENOPROTOOPT on old kernels: fall back to the group database
+        groups = tuple(value for (value,) in _GID.iter_unpack(raw))
+        break
+    return PeerCredentials(pid, uid, gid, groups)
+
+
+def refusal(credentials: PeerCredentials, gid: int | None, own_uid: int) -> str | None:
+    """Why a peer may not use the socket, or None when it may.
+
+    Root may; so may the proxy's own user (it owns the socket file anyway); so may a process
+    whose primary or supplementary group is the configured group.
+    """
+    if credentials.uid in (0, own_uid):
+        return None
+    if gid is not None:
+        if credentials.gid == gid:
+            return None
+        if credentials.groups is not None:
+            if gid in credentials.groups:
+                return None
+        elif _member_by_name(credentials.uid, gid):
+            return None
+        return f"uid {credentials.uid} is not root and not in group {gid}"
+    return f"uid {credentials.uid} is not root (no control group is configured)"
+
+
+def _member_by_name(uid: int, gid: int) -> bool:
+    """Group membership from the databases, for kernels without SO_PEERGROUPS."""
+    try:
+        return pwd.getpwuid(uid).pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+def resolve_group(group: str | int | None) -> int | None:
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlError(f"control group {group!r} does not exist") from None
+
+
+class _Connection:
+    """One client connection: its queue, tasks and state (reader side owns it)."""
+
+    def __init__(
+        self,
+        number: int,
+        writer: asyncio.StreamWriter,
+        credentials: PeerCredentials,
+        queue_size: int,
+    ) -> None:
+        self.number = number
+        self.writer = writer
+        self.credentials = credentials
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_size)
+        self.info: ClientInfo | None = None  # set by the welcome
+        self.version = 0
+        self.close_reason: str | None = None  # set once: why this connection ends
+        self.aborted = False  # closed at once, queued lines dropped
+        self.reader_task: asyncio.Task[None] | None = None
+        self.writer_task: asyncio.Task[None] | None = None
+
+    def closing(self) -> bool:
+        # A method, not a property: mypy would otherwise keep a narrowed value across awaits.
+        return self.close_reason is not None
+
+    def __str__(self) -> str:
+        if self.info is not None:
+            return str(self.info)
+        return f"client {self.number} (pid {self.credentials.pid}, uid {self.credentials.uid})"
+
+
+class ControlServer:
+    """Serves the control socket at ``path`` for ``handler``; see the module docstring."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        handler: ControlHandler,
+        group: str | int | None = None,
+        *,
+        max_clients: int = 16,
+        client_queue: int = 256,
+        hello_timeout: float = 5.0,
+        handler_timeout: float = 30.0,
+        software: str = f"coloproxy {__version__}",
+    ) -> None:
+        if max_clients < 1 or client_queue < 1 or hello_timeout <= 0 or handler_timeout <= 0:
+            raise UsageError("control server bounds must be positive")
+        self.path = Path(path)
+        self.handler = handler
+        self.group = group
+        self.max_clients = max_clients
+        self.client_queue = client_queue
+        self.hello_timeout = hello_timeout
+        self.handler_timeout = handler_timeout
+        self.software = software
+        self.runstate = Runstate.IDLE
+        self._server: asyncio.Server | None = None
+        self._socket_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
+        self._connections: dict[int, _Connection] = {}
+        self._numbers = 0
+        self._own_uid = os.geteuid()
+        self._gid: int | None = None
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.runstate is not Runstate.IDLE:
+            raise UsageError(f"control server cannot start in state {self.runstate.value}")
+        self._gid = resolve_group(self.group)
+        path = os.fsencode(self.path)
+        if len(path) > MAX_SOCKET_PATH:
+            raise ControlError(
+                f"control socket path {self.path} is {len(path)} bytes; at most"
+                f" {MAX_SOCKET_PATH} fit in a Unix socket address"
+            )
+        listener = self._listen()
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, sock=listener)
+        except BaseException:
+            listener.close()
+            self._unlink()
+            raise
+        self.runstate = Runstate.RUNNING
+        log.info("control socket listening at %s", self.path)
+
+    def _listen(self) -> socket.socket:
+        try:
+            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            _remove_stale(self.path)
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ControlError(f"cannot prepare control socket {self.path}: {exc}") from exc
+        try:
+            listener.bind(os.fspath(self.path))
+            info = os.stat(self.path)
+            self._socket_inode = (info.st_dev, info.st_ino)
+            # Mode and group before listen(): until then every connect() is refused.
+            os.chmod(self.path, 0o660)
+            if self._gid is not None:
+                os.chown(self.path, -1, self._gid)
+            listener.listen(self.max_clients)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            self._unlink()
+            raise ControlError(f"cannot listen on control socket {self.path}: {exc}") from exc
+        return listener
+
+    async def close(self) -> None:
+        """Stop listening, disconnect every client, remove the socket file. Idempotent."""
+        if self.runstate in (Runstate.CLOSING, Runstate.CLOSED):
+            return
+        self.runstate = Runstate.CLOSING
+        if self._server is not None:
+            self._server.close()
+        self._unlink()
+        tasks = []
+        for connection in list(self._connections.values()):
+            self._disconnect(connection, "the proxy is shutting down", abort=True)
+            if connection.reader_task is not None:
+                tasks.append(connection.reader_task)
+        if tasks:
+            # Readers end at their next read; one inside the handler gets handler_timeout.
+            _, late = await asyncio.wait(tasks, timeout=self.handler_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.runstate = Runstate.CLOSED
+        log.info("control socket %s closed", self.path)
+
+    async def __aenter__(self) -> ControlServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def _unlink(self) -> None:
+        """Remove the socket file if it is still the one we created."""
+        if self._socket_inode is None:
+            return
+        try:
+            info = os.stat(self.path)
+            if (info.st_dev, info.st_ino) == self._socket_inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove control socket %s: %s", self.path, exc)
+        self._socket_inode = None
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def clients(self) -> list[ClientInfo]:
+        """Welcomed clients, in connection order."""
+        return [c.info for c in self._connections.values() if c.info is not None]
+
+    def broadcast(self, message: Push, to_roles: Collection[str] | None = None) -> int:
+        """Queue ``message`` for every welcomed client of the given roles (default: who
+        receives that kind, i.e. engines) and return how many got it. Never waits: a client
+        whose queue is full is dropped."""
+        roles = PUSH_TO[message.kind] if to_roles is None else frozenset(to_roles)
+        lines: dict[int, bytes] = {}
+        sent = 0
+        for connection in list(self._connections.values()):
+            info = connection.info
+            if info is None or info.role not in roles or connection.close_reason is not None:
+                continue
+            line = lines.get(connection.version)
+            if line is None:
+                line = lines[connection.version] = encode(message, connection.version)
+            if self._enqueue(connection, line):
+                sent += 1
+        return sent
+
+    def send(self, client: ClientInfo | int, message: Push) -> bool:
+        """Queue a push for one welcomed client (e.g. the outstanding checkpoint request for
+        an engine that just connected). False when it is gone or was dropped."""
+        number = client if isinstance(client, int) else client.number
+        connection = self._connections.get(number)
+        if connection is None or connection.info is None:
+            return False
+        return self._enqueue(connection, encode(message, connection.version))
+
+    def _enqueue(self, connection: _Connection, line: bytes | None) -> bool:
+        if connection.close_reason is not None:
+            return False
+        try:
+            connection.queue.put_nowait(line)
+        except asyncio.QueueFull:
+            self._disconnect(
+                connection,
+                f"its outgoing queue is full ({self.client_queue} lines): it stopped reading",
+                abort=True,
+                level=logging.WARNING,
+            )
+            return False
+        return True
+
+    def _reply(self, connection: _Connection, message: Message) -> None:
+        self._enqueue(connection, encode(message, connection.version or 1))
+
+    def _disconnect(
+        self,
+        connection: _Connection,
+        reason: str,
+        *,
+        abort: bool = False,
+        level: int = logging.INFO,
+    ) -> None:
+        """End a connection. With ``abort`` at once (queued lines are lost); without, after
+        the queued lines have left (or FINAL_FLUSH_TIMEOUT)."""
+        if connection.close_reason is not None:
+            return
+        connection.close_reason = reason
+        log.log(level, "control %s disconnected: %s", connection, reason)
+        if abort:
+            connection.aborted = True
+            connection.writer.transport.abort()
+            if connection.writer_task is not None:
+                connection.writer_task.cancel()
+        else:
+            with contextlib.suppress(asyncio.QueueFull):
+                connection.queue.put_nowait(None)  # the writer closes after the queued lines
+            if connection.writer_task is None or connection.queue.full():
+                connection.aborted = True
+                connection.writer.transport.abort()
+        # The reader is not cancelled (it may be inside the handler, whose work must not be
+        # cut in half): its next read returns EOF once the transport is closed.
+
+    # -- one connection --------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._numbers += 1
+        try:
+            credentials = peer_credentials(writer.get_extra_info("socket"))
+        except OSError as exc:
+            log.warning("control client %d: cannot read its credentials: %s", self._numbers, exc)
+            writer.transport.abort()
+            return
+        connection = _Connection(self._numbers, writer, credentials, self.client_queue)
+        connection.reader_task = asyncio.current_task()
+        self._connections[connection.number] = connection
+        connection.writer_task = asyncio.create_task(
+            self._write_loop(connection), name=f"control-writer-{connection.number}"
+        )
+        log.debug("control %s connected", connection)
+        try:
+            await self._read_loop(connection, reader)
+            await self._linger(connection, reader)
+        except asyncio.CancelledError:
+            if connection.close_reason is None:
+                connection.close_reason = "cancelled"
+            log.debug("control %s reader cancelled: %s", connection, connection.close_reason)
+            raise
+        except ConnectionError as exc:
+            self._disconnect(
+                connection, f"connection error: {exc}", abort=True, level=logging.WARNING
+            )
+        finally:
+            await self._finish(connection)
+
+    async def _read_loop(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
+        refused = refusal(connection.credentials, self._gid, self._own_uid)
+        if refused is not None:
+            self._reply(connection, ErrorReply(ErrorCode.FORBIDDEN, f"not allowed: {refused}"))
+            self._disconnect(connection, f"refused: {refused}")
+            return
+        if len(self._connections) > self.max_clients or self.runstate is not Runstate.RUNNING:
+            why = f"{self.max_clients} clients are connected already"
+            if self.runstate is not Runstate.RUNNING:
+                why = "the proxy is shutting down"
+            self._reply(connection, ErrorReply(ErrorCode.BUSY, why))
+            self._disconnect(connection, f"refused: {why}")
+            return
+        decoder = Decoder()
+        deadline = asyncio.get_running_loop().time() + self.hello_timeout
+        while not connection.closing():
+            try:
+                async with asyncio.timeout_at(deadline if connection.info is None else None):
+                    data = await reader.read(READ_CHUNK)
+            except TimeoutError:
+                self._reply(
+                    connection,
+                    ErrorReply(ErrorCode.HELLO_REQUIRED, f"no hello within {self.hello_timeout} s"),
+                )
+                self._disconnect(connection, f"no hello within {self.hello_timeout} s")
+                return
+            if not data:
+                for error in decoder.close():
+                    log.info("control %s: %s", connection, error.detail)
+                self._disconnect(connection, "it closed the connection")
+                return
+            for item in decoder.feed(data):
+                await self._dispatch(connection, item)
+                if connection.closing():
+                    return
+
+    async def _dispatch(self, connection: _Connection, item: Message | ProtocolError) -> None:
+        if isinstance(item, ProtocolError):
+            log.info("control %s sent a bad line: %s: %s", connection, item.code, item.detail)
+            self._reply(connection, ErrorReply(item.code, item.detail, item.re))
+            return
+        info = connection.info
+        if type(item) is Hello:
+            if info is not None:
+                self._reply(connection, ErrorReply(ErrorCode.UNEXPECTED, "hello again", item.id))
+            else:
+                self._welcome(connection, item)
+            return
+        message_id = item.id if isinstance(item, Request) else None
+        if info is None:
+            self._reply(
+                connection,
+                ErrorReply(ErrorCode.HELLO_REQUIRED, "say hello first", message_id),
+            )
+            return
+        if not isinstance(item, Request):  # a reply or a checkpoint request: the proxy's kinds
+            self._reply(
+                connection,
+                ErrorReply(
+                    ErrorCode.UNEXPECTED, f"{item.kind} is sent by the proxy, not to it", None
+                ),
+            )
+            return
+        if item.kind not in CLIENT_MAY_SEND[info.role]:
+            self._reply(
+                connection,
+                ErrorReply(
+                    ErrorCode.FORBIDDEN,
+                    f"a client of role {info.role} may not send {item.kind}",
+                    message_id,
+                ),
+            )
+            return
+        reply = await self._call_handler(info, item)
+        self._reply(connection, dataclasses.replace(reply, re=item.id))
+
+    def _welcome(self, connection: _Connection, hello: Hello) -> None:
+        version = choose_version(hello.versions)
+        if version is None:
+            offered = ", ".join(str(v) for v in hello.versions)
+            self._reply(
+                connection,
+                ErrorReply(
+                    ErrorCode.UNSUPPORTED_VERSION,
+                    f"no common version: client speaks {offered}, proxy speaks 1",
+                    hello.id,
+                ),
+            )
+            self._disconnect(connection, f"no common protocol version (it speaks {offered})")
+            return
+        identity = self.handler.identity()
+        connection.version = version
+        connection.info = ClientInfo(
+            connection.number, hello.role, hello.client[:80], connection.credentials
+        )
+        self._reply(
+            connection,
+            Welcome(
+                version=version,
+                pair=identity.pair,
+                role=identity.role,
+                mode=identity.mode,
+                software=self.software,
+                re=hello.id,
+            ),
+        )
+        log.info("control %s said hello (protocol v%d)", connection, version)
+        try:
+            self.handler.client_connected(connection.info)
+        except Exception:
+            log.exception("control handler failed on the connection of %s", connection)
+
+    async def _call_handler(self, info: ClientInfo, request: Request) -> HandlerReply:
+        try:
+            async with asyncio.timeout(self.handler_timeout):
+                reply: object = await self.handler.handle(info, request)
+        except TimeoutError:
+            log.error(
+                "control handler took over %s s on %s from %s",
+                self.handler_timeout,
+                request.kind,
+                info,
+            )
+            return ErrorReply(ErrorCode.INTERNAL, f"no answer within {self.handler_timeout} s")
+        except Exception as exc:
+            log.exception("control handler failed on %s from %s", request.kind, info)
+            return ErrorReply(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        if not isinstance(reply, Ack | Status | ErrorReply):
+            log.error("control handler answered %s with %r", request.kind, reply)
+            return ErrorReply(ErrorCode.INTERNAL, "the proxy gave no valid answer")
+        return reply
+
+    async def _write_loop(self, connection: _Connection) -> None:
+        writer = connection.writer
+        why = "the queue was closed"
+        try:
+            while True:
+                line = await connection.queue.get()
+                if line is None:
+                    break
+                writer.write(line)
+                await writer.drain()
+            # A polite end: the last lines (an error reply) get a bounded time to leave, then
+            # our side of the stream ends (the client reads EOF after them). The reader closes
+            # the transport once the client has closed too (see _linger).
+            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
+                if writer.can_write_eof():
+                    writer.write_eof()
+                await writer.drain()
+            why = "the last lines were sent"
+        except asyncio.CancelledError:
+            why = "cancelled"
+            raise
+        except TimeoutError:
+            why = "the final lines did not leave in time"
+            writer.transport.abort()
+        except ConnectionError as exc:
+            why = f"connection error: {exc}"
+            self._disconnect(connection, why, abort=True)
+        finally:
+            log.debug("control %s writer ended: %s", connection, why)
+
+    async def _linger(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
+        """After a polite close, read and drop what the client still sends until it closes
+        (bounded): closing at once would make its next write fail, and with it, in most
+        clients, the read of the error line that says why ("lingering close")."""
+        if connection.aborted:
+            return
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                while await reader.read(READ_CHUNK):
+                    pass
+
+    async def _finish(self, connection: _Connection) -> None:
+        """The reader's last act: end the writer, forget the connection, tell the handler."""
+        if connection.close_reason is None:
+            connection.close_reason = "ended"
+        writer_task = connection.writer_task
+        if writer_task is not None:
+            if not writer_task.done():
+                # Give a polite close its flush; the writer bounds that itself.
+                await asyncio.wait([writer_task], timeout=FINAL_FLUSH_TIMEOUT * 2)
+            if not writer_task.done():
+                writer_task.cancel()
+                await asyncio.wait([writer_task])
+        connection.writer.transport.abort()
+        self._connections.pop(connection.number, None)
+        if connection.info is not None:
+            try:
+                self.handler.client_disconnected(connection.info, connection.close_reason)
+            except Exception:
+                log.exception("control handler failed on the disconnection of %s", connection)
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove a socket file nobody listens on (left by a crash); refuse anything else."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ControlError(f"{path} exists and is not a socket; not removing it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a full backlog must not block us: EAGAIN means alive
+    try:
+        probe.connect(os.fspath(path))
+    except ConnectionRefusedError:
+        log.info("removing stale control socket %s", path)
+        os.unlink(path)
+        return
+    except BlockingIOError:
+        pass
+    except FileNotFoundError:
+        return
+    finally:
+        probe.close()
+    raise ControlError(f"another process is listening on {path}")

@@ -1,0 +1,572 @@
+"""The YAML configuration: defaults, every kind of problem with its exact message and line,
+all problems at once, the example files, ``coloproxy check-config``."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+from pathlib import Path
+
+import pytest
+
+from coloproxy import config as config_module
+from coloproxy.cli import main
+from coloproxy.compare import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    ControlConfig,
+    EngineConfig,
+    LogConfig,
+    LogLevel,
+    MetricsConfig,
+    NetConfig,
+    PairConfig,
+    QueuesConfig,
+    ReplicationConfig,
+    Transport,
+    load_config,
+    parse_config,
+)
+from coloproxy.errors import InputError, UsageError
+from coloproxy.protocol import ProxyRole
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Lines 1-8; whatever a test appends starts at line 9.
+BASE = """\
+pair:
+  name: lab
+  role: primary
+net:
+  guest_port: guest0
+  replication:
+    local: 10.255.77.1
+    remote: 10.255.77.2
+"""
+COMPARE_KEYS = (
+    "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
+    " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
+    " flow_idle_timeout, malformed_policy, passthrough"
+)
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "t.yaml")
+    assert str(raised.value) == "\n".join(raised.value.problems)
+    return list(raised.value.problems)
+
+
+# -- defaults --------------------------------------------------------------------------------
+
+
+def test_a_minimal_primary_gets_every_default() -> None:
+    config = parse_config(BASE, "t.yaml")
+    assert config == Config(
+        path="t.yaml",
+        pair=PairConfig("lab", ProxyRole.PRIMARY),
+        net=NetConfig(
+            guest_port="guest0",
+            replication=ReplicationConfig(
+                ipaddress.ip_address("10.255.77.1"), ipaddress.ip_address("10.255.77.2")
+            ),
+            prefix="cp",
+            lan_bridge=None,
+            vxlan_id=77,
+            vxlan_port=4789,
+            underlay=None,
+        ),
+        queues=QueuesConfig(10, 11, 12, 4096, 65535, 8 << 20, Transport.NETFILTERQUEUE),
+        compare=CompareConfig(),
+        control=ControlConfig(Path("/run/coloproxy/lab.sock"), None, 16, 256),
+        metrics=MetricsConfig("127.0.0.1", 9477, True),
+        engine=EngineConfig(None, 20000, 100),
+        log=LogConfig(LogLevel.INFO),
+    )
+    assert config.metrics.listen == "127.0.0.1:9477"
+
+
+def test_a_secondary_has_no_queues() -> None:
+    config = parse_config(BASE.replace("primary", "secondary"), "t.yaml")
+    assert config.queues is None
+    assert config.pair.role is ProxyRole.SECONDARY
+
+
+def test_empty_and_null_sections_take_their_defaults() -> None:
+    config = parse_config(BASE + "compare:\nlog: {}\nqueues: ~\n", "t.yaml")
+    assert config.compare == CompareConfig()
+    assert config.log == LogConfig()
+    assert config.queues == QueuesConfig()
+
+
+def test_every_comparator_setting_can_be_set() -> None:
+    """The compare section follows CompareConfig's fields; none may be left unreachable."""
+    text = BASE + (
+        "compare:\n"
+        "  framing: ethernet\n"
+        "  compare_timeout: 1\n"
+        "  secondary_timeout: null\n"
+        "  datagram_reorder_window: 0.5\n"
+        "  max_flows: 10\n"
+        "  max_held_packets: 11\n"
+        "  max_held_bytes: 12\n"
+        "  max_fragment_datagrams: 13\n"
+        "  max_fragment_bytes: 14\n"
+        "  flow_idle_timeout: 15.5\n"
+        "  malformed_policy: release\n"
+        "  passthrough:\n"
+        "    - {protocol: udp, guest_port: 123}\n"
+        "    - peer_network: 10.0.0.0/8\n"
+        "      peer_port: 0\n"
+    )
+    compare = parse_config(text, "t.yaml").compare
+    assert compare == CompareConfig(
+        framing=Framing.ETHERNET,
+        compare_timeout=1.0,
+        secondary_timeout=None,
+        datagram_reorder_window=0.5,
+        max_flows=10,
+        max_held_packets=11,
+        max_held_bytes=12,
+        max_fragment_datagrams=13,
+        max_fragment_bytes=14,
+        flow_idle_timeout=15.5,
+        malformed_policy=MalformedPolicy.RELEASE,
+        passthrough=(
+            PassthroughRule(protocol="udp", guest_port=123),
+            PassthroughRule(peer_network="10.0.0.0/8", peer_port=0),
+        ),
+    )
+    assert set(text.split("compare:\n")[1].split()) >= {
+        f"{field.name}:" for field in dataclasses.fields(CompareConfig)
+    }
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("127.0.0.1:9477", "127.0.0.1", 9477),
+        ("'[::1]:9100'", "::1", 9100),
+        ("0.0.0.0:0", "0.0.0.0", 0),
+        ("localhost:9477", "localhost", 9477),
+        ("metrics.example.org:80", "metrics.example.org", 80),
+    ],
+)
+def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
+    metrics = parse_config(BASE + f"metrics: {{listen: {listen}}}\n", "t.yaml").metrics
+    assert (metrics.host, metrics.port) == (host, port)
+    if host == "::1":
+        assert metrics.listen == "[::1]:9100"
+
+
+# -- every kind of problem -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # unknown keys, with and without a suggestion
+        (
+            BASE + "compare:\n  compare_timout: 3\n",
+            f"t.yaml:10: key 'compare.compare_timout': unknown key; did you mean"
+            f" 'compare_timeout'? allowed keys: {COMPARE_KEYS}",
+        ),
+        (
+            BASE + "zzz: 1\n",
+            "t.yaml:9: key 'zzz': unknown key; allowed keys: pair, net, queues, compare,"
+            " control, metrics, engine, log",
+        ),
+        (
+            BASE + "metrics:\n  enable: false\n",
+            "t.yaml:10: key 'metrics.enable': unknown key; did you mean 'enabled'? allowed"
+            " keys: listen, enabled",
+        ),
+        # wrong types
+        (
+            BASE + "  vxlan_id: '77'\n",
+            "t.yaml:9: key 'net.vxlan_id': expected an integer from 1 to 16777215, got '77'",
+        ),
+        (
+            BASE + "compare: {max_flows: true}\n",
+            "t.yaml:9: key 'compare.max_flows': expected a positive integer, got true",
+        ),
+        (
+            BASE + "log:\n  level: [info]\n",
+            "t.yaml:10: key 'log.level': expected one of debug, info, warning, error,"
+            " critical, got a list",
+        ),
+        (
+            BASE + "metrics: {enabled: 'yes'}\n",
+            "t.yaml:9: key 'metrics.enabled': expected true or false, got 'yes'",
+        ),
+        (
+            BASE + "compare: {compare_timeout: 3s}\n",
+            "t.yaml:9: key 'compare.compare_timeout': expected a positive number of"
+            " seconds, got '3s'",
+        ),
+        (
+            BASE + "engine: {period_ms: fast}\n",
+            "t.yaml:9: key 'engine.period_ms': expected a positive integer of"
+            " milliseconds, got 'fast'",
+        ),
+        (
+            BASE + "engine: {qmp: qmp.sock}\n",
+            "t.yaml:9: key 'engine.qmp': expected an absolute path, got 'qmp.sock'",
+        ),
+        # out of range
+        (
+            BASE + "  vxlan_id: 0\n",
+            "t.yaml:9: key 'net.vxlan_id': expected an integer from 1 to 16777215, got 0",
+        ),
+        (
+            BASE + "  vxlan_port: 70000\n",
+            "t.yaml:9: key 'net.vxlan_port': expected an integer from 1 to 65535, got 70000",
+        ),
+        (
+            BASE + "compare:\n  compare_timeout: -1\n",
+            "t.yaml:10: key 'compare.compare_timeout': expected a positive number of"
+            " seconds, got -1",
+        ),
+        (
+            BASE + "compare:\n  flow_idle_timeout: 0\n",
+            "t.yaml:10: key 'compare.flow_idle_timeout': expected a positive number of"
+            " seconds, got 0",
+        ),
+        (
+            BASE + "compare:\n  secondary_timeout: .inf\n",
+            "t.yaml:10: key 'compare.secondary_timeout': expected a positive number of"
+            " seconds, got inf",
+        ),
+        (
+            BASE + "compare:\n  datagram_reorder_window: 100000\n",
+            "t.yaml:10: key 'compare.datagram_reorder_window': expected a positive number of"
+            " seconds, at most 86400, got 100000",
+        ),
+        (
+            BASE.replace("name: lab", "name: Web_1"),
+            "t.yaml:2: key 'pair.name': expected a name of 1 to 12 characters a-z, 0-9 and"
+            " '-', got 'Web_1'",
+        ),
+        (
+            BASE.replace("role: primary", "role: master"),
+            "t.yaml:3: key 'pair.role': expected one of primary, secondary, got 'master'",
+        ),
+        (
+            BASE + "  prefix: coloproxy\n",
+            "t.yaml:9: key 'net.prefix': expected 1 to 5 characters a-z and 0-9, starting"
+            " with a letter, got 'coloproxy'",
+        ),
+        (
+            BASE.replace("guest_port: guest0", "guest_port: a-very-long-tap-name"),
+            "t.yaml:5: key 'net.guest_port': expected an interface name (1 to 15"
+            " characters, no '/', ':' or spaces), got 'a-very-long-tap-name'",
+        ),
+        (
+            BASE.replace("10.255.77.2", "10.255.77.256"),
+            "t.yaml:8: key 'net.replication.remote': expected an IPv4 or IPv6 address, got"
+            " '10.255.77.256'",
+        ),
+        (
+            BASE + "queues: {rcvbuf: 5}\n",
+            "t.yaml:9: key 'queues.rcvbuf': expected a number of bytes from 65536 to"
+            " 1073741824, got 5",
+        ),
+        (
+            BASE + "queues: {transport: libnfq}\n",
+            "t.yaml:9: key 'queues.transport': expected one of netfilterqueue, netlink, got"
+            " 'libnfq'",
+        ),
+        (
+            BASE + "control: {max_clients: 0}\n",
+            "t.yaml:9: key 'control.max_clients': expected an integer from 1 to 1024, got 0",
+        ),
+        # missing required keys and sections
+        (
+            BASE.replace("  role: primary\n", ""),
+            "t.yaml:1: key 'pair.role': missing; expected one of primary, secondary",
+        ),
+        (
+            BASE.replace("  guest_port: guest0\n", ""),
+            "t.yaml:4: key 'net.guest_port': missing; expected an interface name (the host"
+            " side of the guest's NIC)",
+        ),
+        (
+            BASE.replace("    remote: 10.255.77.2\n", ""),
+            "t.yaml:6: key 'net.replication.remote': missing; expected an IPv4 or IPv6"
+            " address (the peer host on the link)",
+        ),
+        (
+            "pair: {name: lab, role: primary}\n",
+            "t.yaml:1: key 'net': missing; expected a mapping with guest_port, replication",
+        ),
+        # structure
+        (
+            BASE + "queues: 5\n",
+            "t.yaml:9: key 'queues': expected a mapping (primary_out, secondary_out,"
+            " secondary_in, max_len, copy_range, rcvbuf, transport), got 5",
+        ),
+        (
+            BASE + "  prefix: cp\n  prefix: xy\n",
+            "t.yaml:10: key 'net.prefix': duplicate key (first at line 9)",
+        ),
+        (
+            BASE + "? [a, b]\n: 1\n",
+            "t.yaml:9: keys must be plain names",
+        ),
+        (
+            BASE + "log: {level: !shout info}\n",
+            "t.yaml:9: key 'log.level': unreadable value: could not determine a constructor"
+            " for the tag '!shout'",
+        ),
+        # relations between keys
+        (
+            BASE.replace("primary", "secondary") + "queues: {}\n",
+            "t.yaml:9: key 'queues': only a primary has queues (role is secondary)",
+        ),
+        (
+            BASE + "queues:\n  primary_out: 5\n  secondary_in: 5\n",
+            "t.yaml:11: key 'queues.secondary_in': queue 5 is also queues.primary_out",
+        ),
+        (
+            BASE.replace("10.255.77.2", "fd77:255::2"),
+            "t.yaml:6: key 'net.replication': local and remote must both be IPv4 or both IPv6",
+        ),
+        (
+            BASE.replace("10.255.77.2", "10.255.77.1"),
+            "t.yaml:6: key 'net.replication': local and remote are both 10.255.77.1",
+        ),
+        # passthrough rules
+        (
+            BASE + "compare:\n  passthrough: tcp\n",
+            "t.yaml:10: key 'compare.passthrough': expected a list, got 'tcp'",
+        ),
+        (
+            BASE + "compare:\n  passthrough:\n    - 5\n",
+            "t.yaml:11: key 'compare.passthrough[0]': expected a mapping (protocol,"
+            " guest_port, peer_port, guest_network, peer_network), got 5",
+        ),
+        (
+            BASE + "compare:\n  passthrough:\n    - {protocol: sctp}\n",
+            "t.yaml:11: key 'compare.passthrough[0].protocol': expected one of tcp, udp,"
+            " icmp, icmpv6 or ip-proto-N (N from 0 to 255), got 'sctp'",
+        ),
+        (
+            BASE + "compare:\n  passthrough:\n    - guest_port: 123\n    - peer_port: -1\n",
+            "t.yaml:12: key 'compare.passthrough[1].peer_port': expected a port from 0 to"
+            " 65535, got -1",
+        ),
+        (
+            BASE + "compare:\n  passthrough:\n    - {guest_network: 10.0.0.0/33}\n",
+            "t.yaml:11: key 'compare.passthrough[0].guest_network': expected a network in"
+            " CIDR notation, e.g. 10.0.0.0/24, got '10.0.0.0/33'",
+        ),
+        (
+            BASE + "compare:\n  passthrough:\n    - {port: 53}\n",
+            "t.yaml:11: key 'compare.passthrough[0].port': unknown key; did you mean"
+            " 'peer_port'? allowed keys: protocol, guest_port, peer_port, guest_network,"
+            " peer_network",
+        ),
+        # control
+        (
+            BASE + "control: {group: no-such-group}\n",
+            "t.yaml:9: key 'control.group': group 'no-such-group' does not exist on this host",
+        ),
+        (
+            BASE + "control: {socket: run/lab.sock}\n",
+            "t.yaml:9: key 'control.socket': expected an absolute path, got 'run/lab.sock'",
+        ),
+        (
+            BASE + f"control: {{socket: /run/{'x' * 110}.sock}}\n",
+            f"t.yaml:9: key 'control.socket': expected a path of at most 107 bytes (a Unix"
+            f" socket address), got '/run/{'x' * 52}...'",
+        ),
+        # metrics.listen
+        (
+            BASE + "metrics: {listen: '::1:9477'}\n",
+            "t.yaml:9: key 'metrics.listen': expected IPv6 addresses in brackets, e.g."
+            " '[::1]:9477', got '::1:9477'",
+        ),
+        (
+            BASE + "metrics: {listen: localhost}\n",
+            "t.yaml:9: key 'metrics.listen': expected HOST:PORT (an address or host name,"
+            " IPv6 in brackets; port 0 to 65535), got 'localhost'",
+        ),
+        (
+            BASE + "metrics: {listen: '127.0.0.1:99999'}\n",
+            "t.yaml:9: key 'metrics.listen': expected HOST:PORT (an address or host name,"
+            " IPv6 in brackets; port 0 to 65535), got '127.0.0.1:99999'",
+        ),
+        (
+            BASE + "metrics: {listen: '[10.0.0.1]:80'}\n",
+            "t.yaml:9: key 'metrics.listen': expected HOST:PORT (an address or host name,"
+            " IPv6 in brackets; port 0 to 65535), got '[10.0.0.1]:80'",
+        ),
+        # whole files
+        (
+            "pair: {name: lab\n",
+            "t.yaml:2: not valid YAML: expected ',' or '}', but got '<stream end>'",
+        ),
+        (
+            "",
+            "t.yaml:1: key 'pair': missing; expected a mapping with name, role\n"
+            "t.yaml:1: key 'net': missing; expected a mapping with guest_port, replication",
+        ),
+        (
+            "- pair\n",
+            "t.yaml:1: expected a mapping (pair, net, queues, compare, control, metrics,"
+            " engine, log), got a list",
+        ),
+        (
+            BASE + "---\n" + BASE,
+            "t.yaml:9: not valid YAML: expected a single document in the stream, but found"
+            " another document",
+        ),
+    ],
+)
+def test_each_problem_has_its_exact_message(text: str, expected: str) -> None:
+    assert problems(text) == expected.split("\n")
+
+
+def test_every_problem_is_reported_at_once_in_file_order() -> None:
+    text = """\
+pair:
+  name: Web_1
+  role: master
+net:
+  prefix: toolong
+  replication:
+    local: 10.0.0.1
+    remote: 10.0.0.1
+  vxlan_id: 0
+queues:
+  primary_out: 10
+  secondary_out: 10
+compare:
+  compare_timout: 3
+  compare_timeout: -1
+  compare_timeout: 2
+  passthrough:
+    - {protocol: tcp, guest_port: 99999}
+metrics:
+  listen: "::1:9477"
+log:
+  level: verbose
+extra: 1
+"""
+    assert problems(text) == [
+        "t.yaml:2: key 'pair.name': expected a name of 1 to 12 characters a-z, 0-9 and '-',"
+        " got 'Web_1'",
+        "t.yaml:3: key 'pair.role': expected one of primary, secondary, got 'master'",
+        "t.yaml:4: key 'net.guest_port': missing; expected an interface name (the host side of"
+        " the guest's NIC)",
+        "t.yaml:5: key 'net.prefix': expected 1 to 5 characters a-z and 0-9, starting with a"
+        " letter, got 'toolong'",
+        "t.yaml:6: key 'net.replication': local and remote are both 10.0.0.1",
+        "t.yaml:9: key 'net.vxlan_id': expected an integer from 1 to 16777215, got 0",
+        "t.yaml:12: key 'queues.secondary_out': queue 10 is also queues.primary_out",
+        f"t.yaml:14: key 'compare.compare_timout': unknown key; did you mean 'compare_timeout'?"
+        f" allowed keys: {COMPARE_KEYS}",
+        "t.yaml:15: key 'compare.compare_timeout': expected a positive number of seconds, got -1",
+        "t.yaml:16: key 'compare.compare_timeout': duplicate key (first at line 15)",
+        "t.yaml:18: key 'compare.passthrough[0].guest_port': expected a port from 0 to 65535,"
+        " got 99999",
+        "t.yaml:20: key 'metrics.listen': expected IPv6 addresses in brackets, e.g."
+        " '[::1]:9477', got '::1:9477'",
+        "t.yaml:22: key 'log.level': expected one of debug, info, warning, error, critical,"
+        " got 'verbose'",
+        "t.yaml:23: key 'extra': unknown key; allowed keys: pair, net, queues, compare,"
+        " control, metrics, engine, log",
+    ]
+
+
+def test_the_comparators_own_refusal_is_reported_with_the_section(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Our rules mirror CompareConfig's checks; should they ever fall behind, its
+    UsageError still becomes a ConfigError with a line."""
+
+    def refuse(**_: object) -> CompareConfig:
+        raise UsageError("compare setting max_flows must be below max_held_packets")
+
+    monkeypatch.setattr(config_module, "CompareConfig", refuse)
+    assert problems(BASE + "compare:\n  max_flows: 10\n") == [
+        "t.yaml:9: key 'compare': compare setting max_flows must be below max_held_packets"
+    ]
+
+
+def test_an_existing_group_is_accepted() -> None:
+    assert parse_config(BASE + "control: {group: users}\n", "t.yaml").control.group == "users"
+
+
+def test_a_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_config(tmp_path / "none.yaml")
+    assert str(raised.value) == f"{tmp_path / 'none.yaml'}: cannot read: No such file or directory"
+    assert isinstance(raised.value, InputError)
+
+
+# -- the examples and the documentation ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lab.yaml", "pair-primary.yaml", "pair-secondary.yaml"])
+def test_the_example_configs_load(name: str) -> None:
+    config = load_config(ROOT / "configs" / name)
+    assert config.path.endswith(name)
+
+
+def test_the_example_pair_is_one_pair() -> None:
+    primary = load_config(ROOT / "configs" / "pair-primary.yaml")
+    secondary = load_config(ROOT / "configs" / "pair-secondary.yaml")
+    assert primary.pair.name == secondary.pair.name
+    assert (primary.pair.role, secondary.pair.role) == (ProxyRole.PRIMARY, ProxyRole.SECONDARY)
+    assert primary.net.replication.local == secondary.net.replication.remote
+    assert primary.net.replication.remote == secondary.net.replication.local
+    assert (primary.net.vxlan_id, primary.net.vxlan_port) == (
+        secondary.net.vxlan_id,
+        secondary.net.vxlan_port,
+    )
+    assert secondary.queues is None
+
+
+def test_the_primary_example_shows_every_key() -> None:
+    """The commented primary example is the reference file: it sets every key."""
+    text = (ROOT / "configs" / "pair-primary.yaml").read_text()
+    for section, keys in SECTIONS.items():
+        for key in keys:
+            assert re.search(rf"^\s+#?\s*{key}:", text, re.MULTILINE), f"{section}.{key}"
+
+
+def test_the_document_describes_every_key() -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    for section, keys in SECTIONS.items():
+        for key in keys:
+            assert f"`{section}.{key}" in text, f"{section}.{key}"
+    for key in config_module.PASSTHROUGH_KEYS:
+        assert f"| `{key}` |" in text
+
+
+# -- coloproxy check-config ------------------------------------------------------------------
+
+
+def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    path = ROOT / "configs" / "pair-secondary.yaml"
+    assert main(["check-config", str(path)]) == 0
+    assert capsys.readouterr().out == f"{path}: ok (pair web1, role secondary)\n"
+
+
+def test_check_config_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE + "compare:\n  compare_timeout: -1\nlog: {level: loud}\n")
+    good = ROOT / "configs" / "lab.yaml"
+    assert main(["check-config", str(good), str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"{good}: ok (pair lab, role primary)\n"
+    assert captured.err == (
+        f"{bad}:10: key 'compare.compare_timeout': expected a positive number of seconds,"
+        " got -1\n"
+        f"{bad}:11: key 'log.level': expected one of debug, info, warning, error, critical,"
+        " got 'loud'\n"
+    )

@@ -1,0 +1,685 @@
+"""The control socket: a real Unix socket, real clients, the exact lines the proxy answers.
+
+Sockets live in a fresh directory under /tmp with mode 0755 rather than in ``tmp_path``:
+pytest's base directory is mode 0700, which would stop the unprivileged children of the
+credential tests at the directory instead of at the check under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from coloproxy.cli import main
+from coloproxy.control import (
+    ClientInfo,
+    ControlClient,
+    ControlError,
+    ControlRefusedError,
+    ControlServer,
+    ProxyIdentity,
+    Runstate,
+)
+from coloproxy.control.server import HandlerReply
+from coloproxy.protocol import (
+    Ack,
+    CheckpointCompleted,
+    CheckpointEvidence,
+    CheckpointNow,
+    CheckpointRequest,
+    CheckpointStarted,
+    ClientRole,
+    ErrorCode,
+    ErrorReply,
+    Failover,
+    Hello,
+    Message,
+    Mode,
+    ProtocolError,
+    ProxyRole,
+    Request,
+    SetPeriod,
+    Status,
+    StatusRequest,
+    Welcome,
+    decode_line,
+    encode,
+)
+from engine_double import FakeEngine
+
+NOBODY = 65534
+USERS_GID = grp.getgrnam("users").gr_gid
+WELCOME = Welcome(
+    version=1,
+    pair="lab",
+    role=ProxyRole.PRIMARY,
+    mode=Mode.PROTECTED,
+    software="coloproxy 0.1.0",
+    re=1,
+)
+
+
+class RecordingHandler:
+    """The daemon's side, reduced to recording what it is told."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[ClientRole, Request]] = []
+        self.connected: list[ClientInfo] = []
+        self.disconnected: list[tuple[ClientInfo, str]] = []
+        self.reply: HandlerReply | None = None  # answer every message with this
+        self.delay = 0.0
+        self.fail: Exception | None = None
+
+    def identity(self) -> ProxyIdentity:
+        return ProxyIdentity("lab", ProxyRole.PRIMARY, Mode.PROTECTED)
+
+    async def handle(self, client: ClientInfo, message: Request) -> HandlerReply:
+        self.messages.append((client.role, message))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail is not None:
+            raise self.fail
+        if self.reply is not None:
+            return self.reply
+        if isinstance(message, StatusRequest):
+            return Status(
+                pair="lab",
+                role=ProxyRole.PRIMARY,
+                mode=Mode.PROTECTED,
+                epoch=3,
+                held_packets=2,
+                oldest_held_age=0.5,
+                period_ms=20000,
+                engines=sum(1 for c in self.connected if c.role is ClientRole.ENGINE),
+                clients=len(self.connected),
+                counters={"divergences": 4},
+            )
+        if isinstance(message, CheckpointNow):
+            return Ack(request=77)
+        return Ack()
+
+    def client_connected(self, client: ClientInfo) -> None:
+        self.connected.append(client)
+
+    def client_disconnected(self, client: ClientInfo, reason: str) -> None:
+        self.connected.remove(client)
+        self.disconnected.append((client, reason))
+
+
+class RawClient:
+    """Lines in and out, nothing checked: for what a well-behaved client would not send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, path: Path) -> RawClient:
+        reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def send(self, data: Message | bytes) -> None:
+        self.writer.write(data if isinstance(data, bytes) else encode(data))
+        await self.writer.drain()
+
+    async def receive(self, timeout: float = 5.0) -> Message | ProtocolError:
+        async with asyncio.timeout(timeout):
+            line = await self.reader.readline()
+        assert line.endswith(b"\n"), f"connection ended: {line!r}"
+        return decode_line(line[:-1])
+
+    async def at_eof(self, timeout: float = 5.0) -> bool:
+        async with asyncio.timeout(timeout):
+            return await self.reader.read(1) == b""
+
+    async def hello(self, role: ClientRole = ClientRole.CLI) -> None:
+        await self.send(Hello(role, id=1))
+        assert await self.receive() == WELCOME
+
+    def close(self) -> None:
+        self.writer.transport.abort()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="cp-ctl-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def handler() -> RecordingHandler:
+    return RecordingHandler()
+
+
+@pytest_asyncio.fixture
+async def server(socket_dir: Path, handler: RecordingHandler) -> AsyncIterator[ControlServer]:
+    async with ControlServer(socket_dir / "ctl.sock", handler) as running:
+        yield running
+
+
+async def settle(predicate: object, timeout: float = 5.0) -> None:
+    """Until ``predicate()`` holds (bounded): for effects that happen on other tasks."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.005)
+
+
+# -- the conversation ------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_hello_welcome_and_status(server: ControlServer, handler: RecordingHandler) -> None:
+    async with await ControlClient.connect(server.path, ClientRole.MONITOR, name="probe") as c:
+        assert c.welcome == WELCOME
+        status = await c.request(StatusRequest())
+        assert (status.epoch, status.held_packets, status.clients, status.re) == (3, 2, 1, 2)
+        (info,) = handler.connected
+        assert (info.role, info.name, info.credentials.uid) == (ClientRole.MONITOR, "probe", 0)
+        assert info.credentials.pid == os.getpid()
+    await settle(lambda: handler.disconnected)
+    assert handler.disconnected[0][1] == "it closed the connection"
+
+
+@pytest.mark.asyncio
+async def test_hello_is_required_first_and_the_connection_stays(server: ControlServer) -> None:
+    raw = await RawClient.open(server.path)
+    await raw.send(StatusRequest(id=5))
+    assert await raw.receive() == ErrorReply(ErrorCode.HELLO_REQUIRED, "say hello first", 5)
+    await raw.hello()
+    await raw.send(StatusRequest(id=7))
+    reply = await raw.receive()
+    assert isinstance(reply, Status) and reply.re == 7
+    raw.close()
+
+
+@pytest.mark.asyncio
+async def test_no_hello_in_time_is_an_error_and_closes(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "s", handler, hello_timeout=0.2) as server:
+        raw = await RawClient.open(server.path)
+        assert await raw.receive() == ErrorReply(ErrorCode.HELLO_REQUIRED, "no hello within 0.2 s")
+        assert await raw.at_eof()
+        raw.close()
+    assert handler.disconnected == []  # never welcomed: the handler never knew it
+
+
+@pytest.mark.asyncio
+async def test_bad_lines_get_error_replies_and_the_connection_survives(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
+    raw = await RawClient.open(server.path)
+    await raw.hello()
+    await raw.send(b"garbage\n")
+    assert await raw.receive() == ErrorReply(
+        ErrorCode.MALFORMED, "not JSON: Expecting value: line 1 column 1 (char 0)"
+    )
+    await raw.send(b'{"v":1,"kind":"status-request","id":' + b"9" * 70000 + b"}\n")
+    assert await raw.receive() == ErrorReply(
+        ErrorCode.OVERSIZED, "line longer than 65536 bytes; skipped to the next newline"
+    )
+    await raw.send(b'{"v":1,"kind":"reboot","id":3}\n')
+    assert await raw.receive() == ErrorReply(
+        ErrorCode.UNKNOWN_KIND, 'unknown kind the string "reboot"', 3
+    )
+    await raw.send(b'{"v":1,"kind":"set-period","period_ms":0,"id":4}\n')
+    assert await raw.receive() == ErrorReply(
+        ErrorCode.INVALID, "set-period: period 0 ms is not 1 to 4294967295", 4
+    )
+    await raw.send(StatusRequest(id=5))
+    reply = await raw.receive()
+    assert isinstance(reply, Status) and reply.re == 5
+    assert [message for _, message in handler.messages] == [StatusRequest(id=5)]
+    raw.close()
+
+
+@pytest.mark.asyncio
+async def test_what_a_role_may_send(server: ControlServer, handler: RecordingHandler) -> None:
+    monitor = await RawClient.open(server.path)
+    await monitor.hello(ClientRole.MONITOR)
+    await monitor.send(CheckpointNow(id=2))
+    assert await monitor.receive() == ErrorReply(
+        ErrorCode.FORBIDDEN, "a client of role monitor may not send checkpoint", 2
+    )
+    await monitor.send(Ack(re=1))
+    assert await monitor.receive() == ErrorReply(
+        ErrorCode.UNEXPECTED, "ack is sent by the proxy, not to it"
+    )
+    await monitor.send(CheckpointRequest(id=1, reason="payload", protocol="tcp"))
+    assert await monitor.receive() == ErrorReply(
+        ErrorCode.UNEXPECTED, "checkpoint-request is sent by the proxy, not to it"
+    )
+    await monitor.send(Hello(ClientRole.ENGINE, id=3))
+    assert await monitor.receive() == ErrorReply(ErrorCode.UNEXPECTED, "hello again", 3)
+
+    engine = await RawClient.open(server.path)
+    await engine.hello(ClientRole.ENGINE)
+    await engine.send(SetPeriod(period_ms=100, id=2))
+    assert await engine.receive() == ErrorReply(
+        ErrorCode.FORBIDDEN, "a client of role engine may not send set-period", 2
+    )
+    await engine.send(CheckpointStarted(request=1, time=5.0, id=3))
+    assert await engine.receive() == Ack(re=3)
+    assert handler.messages == [(ClientRole.ENGINE, CheckpointStarted(request=1, time=5.0, id=3))]
+    monitor.close()
+    engine.close()
+
+
+@pytest.mark.asyncio
+async def test_no_common_version_is_an_error_and_closes(server: ControlServer) -> None:
+    raw = await RawClient.open(server.path)
+    await raw.send(Hello(ClientRole.CLI, versions=(2, 3), id=1))
+    assert await raw.receive() == ErrorReply(
+        ErrorCode.UNSUPPORTED_VERSION, "no common version: client speaks 2, 3, proxy speaks 1", 1
+    )
+    assert await raw.at_eof()
+    raw.close()
+
+
+# -- several clients, broadcasts and slow readers --------------------------------------------
+
+
+async def collect(client: ControlClient, into: list[CheckpointRequest | SetPeriod]) -> None:
+    async for push in client:
+        into.append(push)
+
+
+@pytest.mark.asyncio
+async def test_several_clients_and_broadcasts_reach_engines_only(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
+    clients = [
+        await ControlClient.connect(server.path, role)
+        for role in (ClientRole.ENGINE, ClientRole.CLI, ClientRole.ENGINE, ClientRole.MONITOR)
+    ]
+    received: list[list[CheckpointRequest | SetPeriod]] = [[] for _ in clients]
+    tasks = [
+        asyncio.create_task(collect(c, into)) for c, into in zip(clients, received, strict=True)
+    ]
+    statuses = await asyncio.gather(*(c.request(StatusRequest()) for c in clients))
+    assert all(status.clients == 4 and status.engines == 2 for status in statuses)
+
+    request = CheckpointRequest(id=1, reason="payload", protocol="tcp", time=1.0)
+    assert server.broadcast(request) == 2
+    assert server.broadcast(SetPeriod(period_ms=500, id=2), to_roles={"engine", "monitor"}) == 3
+    assert server.send(handler.connected[1], SetPeriod(period_ms=9, id=3))  # the cli
+    await settle(lambda: len(received[0]) == 2 and len(received[2]) == 2 and received[3])
+    await settle(lambda: received[1])
+    assert received[0] == received[2] == [request, SetPeriod(period_ms=500, id=2)]
+    assert received[1] == [SetPeriod(period_ms=9, id=3)]
+    assert received[3] == [SetPeriod(period_ms=500, id=2)]
+    assert [info.number for info in server.clients()] == [1, 2, 3, 4]
+    for c in clients:
+        await c.close()
+    await asyncio.wait(tasks)
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_stops_reading_is_dropped_and_stalls_nobody(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    """The slow engine says hello and never reads again. Each request is ~2.3 kB, so 1000
+    of them overflow its socket buffer, the proxy's transport buffer and its 16-line queue; the
+    fast engine must still get every one, in order, and no broadcast may wait."""
+    async with ControlServer(socket_dir / "s", handler, client_queue=16) as server:
+        # A plain blocking socket that never calls recv(): asyncio's reader would keep
+        # pulling lines into its own buffer and hide the stall.
+        slow = socket.socket(socket.AF_UNIX)
+        slow.connect(os.fspath(server.path))
+        slow.sendall(encode(Hello(ClientRole.ENGINE, id=1)))
+        await settle(lambda: handler.connected)
+        fast = await ControlClient.connect(server.path, ClientRole.ENGINE, name="fast")
+        received: list[CheckpointRequest | SetPeriod] = []
+        task = asyncio.create_task(collect(fast, received))
+        evidence = CheckpointEvidence(0, 0, b"p" * 48, b"s" * 48, 48, 48, "x" * 2000)
+        requests = [
+            CheckpointRequest(id=n, reason="payload", protocol="tcp", evidence=evidence)
+            for n in range(1, 1001)
+        ]
+        slowest = 0.0
+        delivered = []
+        for start in range(0, len(requests), 8):  # bursts smaller than the queue
+            for request in requests[start : start + 8]:
+                began = time.perf_counter()
+                delivered.append(server.broadcast(request))
+                slowest = max(slowest, time.perf_counter() - began)
+            await settle(lambda start=start: len(received) >= min(start + 8, len(requests)))
+        assert received == requests
+        assert delivered[0] == 2 and delivered[-1] == 1
+        assert slowest < 0.05, f"a broadcast took {slowest:.3f} s"
+        ((dropped, reason),) = handler.disconnected
+        assert dropped.number == 1
+        assert reason == "its outgoing queue is full (16 lines): it stopped reading"
+        assert [info.name for info in server.clients()] == ["fast"]
+        slow.close()
+        await fast.close()
+        await asyncio.wait([task])
+
+
+@pytest.mark.asyncio
+async def test_one_client_too_many_is_busy(socket_dir: Path, handler: RecordingHandler) -> None:
+    async with ControlServer(socket_dir / "s", handler, max_clients=2) as server:
+        first = await ControlClient.connect(server.path, ClientRole.CLI)
+        second = await ControlClient.connect(server.path, ClientRole.CLI)
+        with pytest.raises(ControlRefusedError, match=r"refused \(busy\): 2 clients are"):
+            await ControlClient.connect(server.path, ClientRole.CLI)
+        await first.close()
+        await settle(lambda: len(server.clients()) == 1)
+        third = await ControlClient.connect(server.path, ClientRole.CLI)
+        await second.close()
+        await third.close()
+
+
+# -- the handler -----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_a_failing_handler_is_an_internal_error_and_the_connection_stays(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
+    async with await ControlClient.connect(server.path, ClientRole.CLI) as client:
+        handler.fail = RuntimeError("the QMP socket is gone")
+        with pytest.raises(ControlRefusedError) as refused:
+            await client.request(Failover(role=ProxyRole.PRIMARY))
+        assert refused.value.reply == ErrorReply(
+            ErrorCode.INTERNAL, "RuntimeError: the QMP socket is gone", 2
+        )
+        handler.fail = None
+        assert await client.request(Failover(role=ProxyRole.PRIMARY)) == Ack(re=3)
+
+
+@pytest.mark.asyncio
+async def test_a_slow_handler_is_bounded(socket_dir: Path, handler: RecordingHandler) -> None:
+    async with (
+        ControlServer(socket_dir / "s", handler, handler_timeout=0.1) as server,
+        await ControlClient.connect(server.path, ClientRole.CLI) as client,
+    ):
+        handler.delay = 1.0
+        with pytest.raises(ControlRefusedError, match=r"\(internal\): no answer within 0.1 s"):
+            await client.request(CheckpointNow())
+
+
+@pytest.mark.asyncio
+async def test_the_handler_refusal_reaches_the_client(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
+    handler.reply = ErrorReply(ErrorCode.UNAVAILABLE, "no engine is connected")
+    async with await ControlClient.connect(server.path, ClientRole.CLI) as client:
+        with pytest.raises(ControlRefusedError) as refused:
+            await client.request(CheckpointNow())
+        assert str(refused.value) == "checkpoint: refused (unavailable): no engine is connected"
+        assert refused.value.reply.re == 2
+
+
+@pytest.mark.asyncio
+async def test_the_fake_engine_completes_each_request(
+    server: ControlServer, handler: RecordingHandler
+) -> None:
+    async with FakeEngine(server.path, delay=0.01) as engine:
+        await settle(lambda: handler.connected)
+        for number in (1, 2):
+            server.broadcast(CheckpointRequest(id=number, reason="timeout", protocol="udp"))
+            await engine.wait_for(number)
+        assert engine.count == 2
+        kinds = [(type(m).__name__, getattr(m, "request", None)) for _, m in handler.messages]
+        assert kinds == [
+            ("CheckpointStarted", 1),
+            ("CheckpointCompleted", 1),
+            ("CheckpointStarted", 2),
+            ("CheckpointCompleted", 2),
+        ]
+        completed = handler.messages[1][1]
+        assert isinstance(completed, CheckpointCompleted)
+        assert completed.completed - completed.started >= 0.009
+
+
+# -- the socket file -------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_the_socket_is_0660_and_in_the_group(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "run" / "s", handler, group="users") as server:
+        info = os.stat(server.path)
+        assert stat.S_ISSOCK(info.st_mode)
+        assert stat.S_IMODE(info.st_mode) == 0o660
+        assert (info.st_uid, info.st_gid) == (0, USERS_GID)
+        assert stat.S_IMODE(os.stat(socket_dir / "run").st_mode) == 0o755
+
+
+@pytest.mark.asyncio
+async def test_a_stale_socket_is_removed(socket_dir: Path, handler: RecordingHandler) -> None:
+    path = socket_dir / "s"
+    with socket.socket(socket.AF_UNIX) as crashed:  # bound, then gone without unlink
+        crashed.bind(os.fspath(path))
+    assert path.exists()
+    async with (
+        ControlServer(path, handler) as server,
+        await ControlClient.connect(server.path, ClientRole.CLI),
+    ):
+        pass
+    assert not path.exists()
+
+
+@pytest.mark.asyncio
+async def test_a_live_socket_and_a_regular_file_are_left_alone(
+    server: ControlServer, handler: RecordingHandler, socket_dir: Path
+) -> None:
+    with pytest.raises(ControlError, match="another process is listening on"):
+        await ControlServer(server.path, handler).start()
+    async with await ControlClient.connect(server.path, ClientRole.CLI):
+        pass  # the first server still serves
+    regular = socket_dir / "file"
+    regular.write_text("keep me")
+    with pytest.raises(ControlError, match="exists and is not a socket; not removing it"):
+        await ControlServer(regular, handler).start()
+    assert regular.read_text() == "keep me"
+
+
+@pytest.mark.asyncio
+async def test_bad_paths_and_groups(socket_dir: Path, handler: RecordingHandler) -> None:
+    with pytest.raises(ControlError, match="at most 107 fit in a Unix socket address"):
+        await ControlServer(socket_dir / ("x" * 120), handler).start()
+    with pytest.raises(ControlError, match="control group 'no-such-group' does not exist"):
+        await ControlServer(socket_dir / "s", handler, group="no-such-group").start()
+
+
+@pytest.mark.asyncio
+async def test_close_ends_clients_and_removes_the_socket(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    server = ControlServer(socket_dir / "s", handler)
+    await server.start()
+    assert server.runstate is Runstate.RUNNING
+    engine = await ControlClient.connect(server.path, ClientRole.ENGINE)
+    received: list[CheckpointRequest | SetPeriod] = []
+    task = asyncio.create_task(collect(engine, received))
+    await settle(lambda: handler.connected)
+    await server.close()
+    assert server.runstate is Runstate.CLOSED
+    assert not server.path.exists()
+    async with asyncio.timeout(5):
+        await task  # the iteration ended
+    assert engine.closed_reason == "the proxy closed the connection"
+    assert handler.disconnected[0][1] == "the proxy is shutting down"
+    await server.close()  # idempotent
+
+
+# -- peer credentials ------------------------------------------------------------------------
+
+
+def _child(path: str, uid: int, gid: int, groups: list[int], out: int) -> None:
+    """In a forked child: drop to ``uid``, connect, say hello, report the first line and
+    whether the proxy then closed. No asyncio and no logging here (fork copied their state)."""
+    try:
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(encode(Hello(ClientRole.MONITOR, id=1)))  # the proxy lingers: no EPIPE
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            sock.settimeout(0.5)
+            try:
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                closed = False
+        os.write(out, json.dumps({"line": data.decode(), "closed": closed}).encode())
+    except OSError as exc:
+        os.write(out, json.dumps({"errno": exc.errno}).encode())
+    finally:
+        os._exit(0)
+
+
+async def connect_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, object]:
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        _child(os.fspath(path), uid, gid, groups, write_end)
+    os.close(write_end)
+
+    def wait() -> bytes:
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        os.waitpid(pid, 0)
+        return data
+
+    result: dict[str, object] = json.loads(await asyncio.to_thread(wait))
+    if "line" in result:
+        result["line"] = decode_line(str(result["line"]).encode().rstrip(b"\n"))
+    return result
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes uid in a child: needs root")
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_root_is_accepted(server: ControlServer) -> None:
+    assert await connect_as(server.path, 0, 0, []) == {"line": WELCOME, "closed": False}
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_the_file_mode_stops_others(server: ControlServer) -> None:
+    assert await connect_as(server.path, NOBODY, NOBODY, []) == {"errno": 13}  # EACCES
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_others_are_refused_even_with_a_loosened_mode(server: ControlServer) -> None:
+    os.chmod(server.path, 0o666)  # an operator's mistake: the credential check still holds
+    assert await connect_as(server.path, NOBODY, NOBODY, []) == {
+        "line": ErrorReply(
+            ErrorCode.FORBIDDEN,
+            "not allowed: uid 65534 is not root (no control group is configured)",
+        ),
+        "closed": True,
+    }
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_members_of_the_group_are_accepted(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "s", handler, group="users") as server:
+        # a supplementary group (SO_PEERGROUPS), then the primary group
+        assert await connect_as(server.path, NOBODY, NOBODY, [USERS_GID]) == {
+            "line": WELCOME,
+            "closed": False,
+        }
+        assert await connect_as(server.path, NOBODY, USERS_GID, []) == {
+            "line": WELCOME,
+            "closed": False,
+        }
+        os.chmod(server.path, 0o666)
+        assert await connect_as(server.path, NOBODY, NOBODY, []) == {
+            "line": ErrorReply(
+                ErrorCode.FORBIDDEN,
+                f"not allowed: uid 65534 is not root and not in group {USERS_GID}",
+            ),
+            "closed": True,
+        }
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+async def run_cli(*argv: str) -> int:
+    """``coloproxy ARGV`` in a thread (it runs its own event loop) while the server serves."""
+    return await asyncio.to_thread(main, list(argv))
+
+
+@pytest.mark.asyncio
+async def test_cli_status(server: ControlServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert await run_cli("status", "--socket", os.fspath(server.path)) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "pair lab: primary, protected (coloproxy 0.1.0, protocol v1)"
+    assert "held packets         2 (oldest 0.500 s)" in out
+    assert "divergences          4" in out
+    assert await run_cli("status", "--socket", os.fspath(server.path), "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["kind"], status["pair"], status["held_packets"]) == ("status", "lab", 2)
+
+
+@pytest.mark.asyncio
+async def test_cli_checkpoint(
+    server: ControlServer, handler: RecordingHandler, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = os.fspath(server.path)
+    assert await run_cli("checkpoint", "--socket", path, "--reason", "maintenance") == 0
+    assert capsys.readouterr().out == "checkpoint requested: request 77\n"
+    assert handler.messages[-1] == (ClientRole.CLI, CheckpointNow(reason="maintenance", id=2))
+    handler.reply = ErrorReply(ErrorCode.UNAVAILABLE, "no engine is connected")
+    assert await run_cli("checkpoint", "--socket", path) == 2
+    assert capsys.readouterr().err == (
+        "checkpoint: the proxy refused (unavailable): no engine is connected\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_cli_without_a_proxy(socket_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = os.fspath(socket_dir / "none.sock")
+    assert await run_cli("status", "--socket", missing) == 2
+    assert capsys.readouterr().err == (
+        f"status: cannot connect to {missing}: No such file or directory\n"
+    )
+
+
+@pytest.mark.asyncio
+async def test_cli_takes_the_socket_from_the_config(
+    server: ControlServer, socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = socket_dir / "pair.yaml"
+    config.write_text(
+        "pair: {name: lab, role: primary}\n"
+        "net:\n"
+        "  guest_port: hp-guest\n"
+        "  replication: {local: 10.77.0.1, remote: 10.77.0.2}\n"
+        f"control: {{socket: {server.path}}}\n"
+    )
+    assert await run_cli("status", "-c", os.fspath(config), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["pair"] == "lab"
