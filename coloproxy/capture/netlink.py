@@ -502,6 +502,14 @@ class NetlinkQueue:
     # -- verdicts --------------------------------------------------------------------------
 
     def accept(self, handle: Any, payload: bytes | None = None) -> None:
+        if payload is not None and self._config.gso:
+            # The kernel copies GSO-queue packets out with partial checksums and marks a
+            # rewritten packet CHECKSUM_NONE (nfqnl_mangle): an incremental checksum update
+            # of a partial checksum would leave with a wrong one.
+            raise UsageError(
+                f"queue {self._config.queue_num}: payload rewrites need gso off "
+                "(packets of a GSO queue carry partial checksums)"
+            )
         try:
             self._undecided.remove(handle)
         except KeyError:

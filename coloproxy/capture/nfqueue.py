@@ -246,28 +246,37 @@ def netlink_socket(netns: str | None = None) -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
 
 
-def _holder_hint(config: QueueConfig) -> str:
-    """Who holds the queue, from /proc (a portid is usually the holder's pid)."""
+def _holder(config: QueueConfig) -> int | None:
+    """The portid bound to the queue now, from /proc; None if unbound or unreadable."""
     from coloproxy.capture.stats import read_queue_stats
 
     try:
         stats = read_queue_stats(netns=config.netns)
     except (OSError, ColoproxyError):
-        return ""
+        return None
     held = stats.get(config.queue_num)
-    if held is None:
-        return ""
-    return f" (bound by netlink portid {held.portid}, usually that process's pid)"
+    return None if held is None else held.portid
 
 
-def bind_error(config: QueueConfig, err: int | None, exc: BaseException) -> QueueError:
-    """The QueueError for a failed bind, saying why in words an operator can act on."""
+def bind_error(
+    config: QueueConfig, err: int | None, exc: BaseException, *, may_be_held: bool = True
+) -> QueueError:
+    """The QueueError for a failed bind, saying why in words an operator can act on.
+
+    The kernel answers EPERM both to a process without CAP_NET_ADMIN and to a bind of a
+    queue another socket holds (``nfqnl_recv_config`` checks the owner before the command),
+    and netfilterqueue drops the errno altogether: /proc tells the two apart.
+    """
     where = f" in network namespace {config.netns!r}" if config.netns else ""
     num = config.queue_num
-    if err == errno.EPERM:
+    portid = _holder(config) if may_be_held else None
+    if portid is not None:
+        text = (
+            f"NFQUEUE {num}{where} is already bound by another socket "
+            f"(netlink portid {portid}, usually the holder's pid)"
+        )
+    elif err == errno.EPERM:
         text = f"cannot bind NFQUEUE {num}{where}: needs root (CAP_NET_ADMIN)"
-    elif err == errno.EBUSY:
-        text = f"NFQUEUE {num}{where} is already bound by another socket{_holder_hint(config)}"
     else:
         text = f"cannot bind NFQUEUE {num}{where}: {exc}"
     return QueueError(text, num)
@@ -340,21 +349,18 @@ class NfQueue:
             raise UsageError(f"queue {self._config.queue_num} is {self._state.value}, not idle")
         loop = asyncio.get_running_loop()
         config = self._config
-        try:
-            if config.netns is None:
+        # In another namespace, libnetfilter_queue opens (and autobinds) its socket there.
+        # Not netfilterqueue's sockfd= route: that rebinds the given socket to the portid
+        # autobound in *our* namespace, our pid for every queue, so a second queue of this
+        # process in the same namespace fails with EADDRINUSE.
+        with in_netns(config.netns):
+            try:
                 nfq = NetfilterQueue()
-            else:
-                # netfilterqueue's documented way to use a socket of another namespace.
-                sock = netlink_socket(config.netns)
-                try:
-                    nfq = NetfilterQueue(sockfd=sock.fileno())
-                finally:
-                    sock.close()  # nfq holds its own dup of it
-        except OSError as exc:
-            # "Failed to bind family 2. Are you root?": the one likely cause is EPERM.
-            raise bind_error(config, exc.errno or errno.EPERM, exc) from exc
+            except OSError as exc:
+                # "Failed to bind family 2. Are you root?": nfnetlink's capability check.
+                raise bind_error(config, exc.errno or errno.EPERM, exc, may_be_held=False) from exc
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with in_netns(config.netns), warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 nfq.bind(
                     config.queue_num,
@@ -365,9 +371,8 @@ class NfQueue:
                     sock_len=config.rcvbuf,
                 )
         except OSError as exc:
-            # "Failed to create queue N." carries no errno; EBUSY (another socket holds the
-            # queue) is the cause once the family bind above succeeded as root.
-            raise bind_error(config, exc.errno or errno.EBUSY, exc) from exc
+            # "Failed to create queue N." carries no errno; bind_error asks /proc.
+            raise bind_error(config, exc.errno, exc) from exc
         for warning in caught:
             # The receive buffer came out smaller than asked (not root?); say so, go on.
             log.warning("queue %d: %s", config.queue_num, warning.message)

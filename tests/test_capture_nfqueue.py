@@ -1,0 +1,662 @@
+"""The capture layer against the real kernel: NFQUEUE on the FORWARD chain of a router namespace.
+
+client (10.204.1.1) -- router -- server (10.204.2.1), each a network namespace of our own,
+joined by veth pairs; the queue rule sits on the router's FORWARD chain without
+``--queue-bypass`` (fail closed), as the data path has it. The test process binds the queue
+inside the router's namespace and talks through sockets created in the client's and the
+server's: no traffic leaves the namespaces. Every scenario runs on both transports.
+
+The codec tests at the end need no kernel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coloproxy.capture import (
+    NfQueue,
+    PacketQueue,
+    QueueConfig,
+    QueueError,
+    QueueState,
+    Transport,
+    open_queue,
+    read_queue_stats,
+)
+from coloproxy.capture.netlink import (
+    NF_ACCEPT,
+    NF_DROP,
+    NFQA_CAP_LEN,
+    NFQA_CFG_F_FAIL_OPEN,
+    NFQA_CFG_F_GSO,
+    NFQA_IFINDEX_INDEV,
+    NFQA_IFINDEX_PHYSINDEV,
+    NFQA_PACKET_HDR,
+    NFQA_PAYLOAD,
+    NFQA_SKB_INFO,
+    NFQNL_CFG_CMD_BIND,
+    NLMSG_ERROR,
+    NetlinkQueue,
+    build_config,
+    build_verdict,
+    build_verdict_batch,
+    iter_messages,
+    parse_error,
+    parse_packet,
+)
+from coloproxy.capture.nfqueue import in_netns
+from coloproxy.errors import InputError, UsageError
+
+CLIENT = "10.204.1.1"
+SERVER = "10.204.2.1"
+QUEUE = 41  # UDP to UDP_PORT
+TCP_QUEUE = 42  # TCP from or to TCP_PORT, TCP_PORT + 1
+UDP_PORT = 9411
+TCP_PORT = 9412
+SILENCE = 0.25  # how long "nothing arrives" is watched
+
+TRANSPORTS = [Transport.NETFILTERQUEUE, Transport.NETLINK]
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True)
+
+
+class Lab:
+    """client -- router -- server namespaces; the queue rule on the router's FORWARD."""
+
+    def __init__(self) -> None:
+        prefix = f"cqt{os.getpid() % 100000}"
+        self.prefix = prefix
+        self.client, self.router, self.server = f"{prefix}c", f"{prefix}r", f"{prefix}s"
+
+    def up(self) -> None:
+        p = self.prefix
+        for ns in (self.client, self.router, self.server):
+            sh("ip", "netns", "add", ns)
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"{p}c0", "netns", self.client, "type", "veth",
+           "peer", "name", f"{p}r0", "netns", self.router)  # fmt: skip
+        sh("ip", "link", "add", f"{p}s0", "netns", self.server, "type", "veth",
+           "peer", "name", f"{p}r1", "netns", self.router)  # fmt: skip
+        for ns, dev, addr in (
+            (self.client, f"{p}c0", f"{CLIENT}/24"),
+            (self.router, f"{p}r0", "10.204.1.2/24"),
+            (self.router, f"{p}r1", "10.204.2.2/24"),
+            (self.server, f"{p}s0", f"{SERVER}/24"),
+        ):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", self.client, "route", "add", "default", "via", "10.204.1.2")
+        sh("ip", "-n", self.server, "route", "add", "default", "via", "10.204.2.2")
+        sh("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def rules(self, action: str) -> None:
+        # UDP and TCP tests use queues of their own, so that a late TCP retransmission of an
+        # earlier test (its queue closed, the segment dropped) never reaches a UDP test.
+        for match, queue in (
+            (["-p", "udp", "--dport", str(UDP_PORT)], QUEUE),
+            (["-p", "tcp", "-m", "multiport", "--ports", f"{TCP_PORT},{TCP_PORT + 1}"], TCP_QUEUE),
+        ):
+            sh("ip", "netns", "exec", self.router, "iptables", action, "FORWARD", *match,
+               "-j", "NFQUEUE", "--queue-num", str(queue))  # fmt: skip
+
+    def down(self) -> None:
+        for ns in (self.client, self.router, self.server):
+            subprocess.run(("ip", "netns", "del", ns), capture_output=True, check=False)
+
+    def socket(self, ns: str, kind: int) -> socket.socket:
+        with in_netns(ns):
+            sock = socket.socket(socket.AF_INET, kind)
+        sock.setblocking(False)
+        return sock
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces and NFQUEUE rules")
+    lab = Lab()
+    try:
+        lab.up()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        lab.down()
+        pytest.skip(f"cannot build namespaces here: {exc}")
+    try:
+        yield lab
+    finally:
+        lab.down()
+        assert not Path("/run/netns", lab.router).exists()
+
+
+@pytest.fixture
+def queued(lab: Lab) -> Iterator[Lab]:
+    """The lab with the FORWARD rules in place for one test."""
+    lab.rules("-A")
+    try:
+        yield lab
+    finally:
+        lab.rules("-D")
+
+
+def config(lab: Lab, queue: int = QUEUE, **overrides: Any) -> QueueConfig:
+    return QueueConfig(queue, netns=lab.router, **overrides)
+
+
+class Held:
+    """A consumer that holds everything: the handles and payloads, in arrival order."""
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+        self.payloads: list[bytes] = []
+        self.nows: list[float] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, handle: Any, payload: bytes, now: float) -> None:
+        self.handles.append(handle)
+        self.payloads.append(payload)
+        self.nows.append(now)
+        self.arrived.set()
+
+    async def wait_for(self, count: int, timeout: float = 2.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.handles) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+
+async def receive(sock: socket.socket, timeout: float = 2.0) -> bytes | None:
+    """One datagram, or None if nothing came within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.sock_recv(sock, 65536), timeout)
+    except TimeoutError:
+        return None
+
+
+class Udp:
+    """A sender in the client's namespace, a receiver in the server's."""
+
+    def __init__(self, lab: Lab, port: int = UDP_PORT) -> None:
+        self.tx = lab.socket(lab.client, socket.SOCK_DGRAM)
+        self.rx = lab.socket(lab.server, socket.SOCK_DGRAM)
+        self.rx.bind((SERVER, port))
+        # Room for every datagram a test sends before it reads (SO_RCVBUFFORCE, root only).
+        self.rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)
+        self.port = port
+
+    def send(self, data: bytes) -> None:
+        self.tx.sendto(data, (SERVER, self.port))
+
+    def close(self) -> None:
+        self.tx.close()
+        self.rx.close()
+
+
+@pytest.fixture
+def udp(lab: Lab) -> Iterator[Udp]:
+    flow = Udp(lab)
+    try:
+        yield flow
+    finally:
+        flow.close()
+
+
+def run_on(loop_kind: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def udp_payload(packet: bytes) -> bytes:
+    header = (packet[0] & 0x0F) * 4
+    return packet[header + 8 :]
+
+
+# --------------------------------------------------------------------------------------------
+# scenarios
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_tcp_exchange_passes_with_an_accept_all_consumer(
+    queued: Lab, transport: Transport, loop_kind: str
+) -> None:
+    data = os.urandom(200_000)
+
+    async def main() -> None:
+        queue: PacketQueue | None = None
+
+        def on_packet(handle: Any, payload: bytes, now: float) -> None:
+            assert queue is not None
+            queue.accept(handle)
+
+        queue = open_queue(config(queued, TCP_QUEUE), on_packet, transport)
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(await reader.readexactly(len(data)))
+            await writer.drain()
+            writer.close()
+
+        listener = queued.socket(queued.server, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((SERVER, TCP_PORT))
+        listener.listen()
+        server = await asyncio.start_server(echo, sock=listener)
+        try:
+            client = queued.socket(queued.client, socket.SOCK_STREAM)
+            await asyncio.get_running_loop().sock_connect(client, (SERVER, TCP_PORT))
+            reader, writer = await asyncio.open_connection(sock=client)
+            writer.write(data)
+            async with asyncio.timeout(10):
+                echoed = await reader.readexactly(len(data))
+            writer.close()
+            assert echoed == data
+            counters = queue.counters()
+            assert counters.received >= 2 * len(data) // 65536  # both directions queued
+            assert counters.wakeups >= 1
+        finally:
+            server.close()
+            queue.close()
+
+    run_on(loop_kind, main)
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_held_packets_block_until_accepted_later(
+    queued: Lab, udp: Udp, transport: Transport, loop_kind: str
+) -> None:
+    async def main() -> None:
+        held = Held()
+        queue = open_queue(config(queued), held, transport)
+        try:
+            for index in range(3):
+                udp.send(b"held %d" % index)
+            await held.wait_for(3)
+            assert [udp_payload(p) for p in held.payloads] == [b"held 0", b"held 1", b"held 2"]
+            assert await receive(udp.rx, SILENCE) is None  # held: nothing passes
+            # Verdicts long after the callbacks returned, in reverse order, from a timer.
+            loop = asyncio.get_running_loop()
+            for handle in reversed(held.handles):
+                loop.call_later(0.01, queue.accept, handle)
+            arrived = [await receive(udp.rx) for _ in range(3)]
+            assert arrived == [b"held 2", b"held 1", b"held 0"]
+        finally:
+            queue.close()
+
+    run_on(loop_kind, main)
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_held_packet_is_released_after_many_others(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    queue: PacketQueue | None = None
+    first: list[Any] = []
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        if not first:
+            first.append(handle)  # hold the first packet
+        else:
+            queue.accept(handle)
+
+    queue = open_queue(config(queued, batch=16), on_packet, transport)
+    try:
+        for index in range(501):
+            udp.send(b"%d" % index)
+            if index % 50 == 49:
+                await asyncio.sleep(0.005)  # let the queue keep up: no socket-buffer drops
+        got = [await receive(udp.rx) for _ in range(500)]
+        assert got == [b"%d" % index for index in range(1, 501)]
+        assert await receive(udp.rx, SILENCE) is None
+        queue.accept(first[0])
+        assert await receive(udp.rx) == b"0"
+        counters = queue.counters()
+        assert counters.received == 501
+        assert counters.wakeups >= 501 // 16  # the batch bound held
+        assert counters.kernel_errors == 0
+        stats = read_queue_stats(netns=queued.router)[QUEUE]
+        assert (stats.queue_total, stats.queue_dropped, stats.user_dropped) == (0, 0, 0)
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_drop(queued: Lab, udp: Udp, transport: Transport) -> None:
+    queue: PacketQueue | None = None
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        if udp_payload(payload).startswith(b"drop"):
+            queue.drop(handle)
+        else:
+            queue.accept(handle)
+
+    queue = open_queue(config(queued), on_packet, transport)
+    try:
+        udp.send(b"drop me")
+        udp.send(b"keep me")
+        assert await receive(udp.rx) == b"keep me"
+        assert await receive(udp.rx, SILENCE) is None
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_accept_with_a_modified_payload(queued: Lab, udp: Udp, transport: Transport) -> None:
+    queue: PacketQueue | None = None
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        packet = bytearray(payload)
+        udp_at = (packet[0] & 0x0F) * 4
+        packet[udp_at + 8] ^= 0x20  # "hello" -> "Hello"
+        packet[udp_at + 6 : udp_at + 8] = b"\0\0"  # no UDP checksum (allowed over IPv4)
+        queue.accept(handle, bytes(packet))
+
+    queue = open_queue(config(queued), on_packet, transport)
+    try:
+        udp.send(b"hello, modified")
+        assert await receive(udp.rx) == b"Hello, modified"
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_closing_with_held_packets_fails_closed(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued), held, transport)
+    for index in range(3):
+        udp.send(b"held %d" % index)
+    await held.wait_for(3)
+    started = time.monotonic()
+    queue.close()
+    assert time.monotonic() - started < 1.0
+    assert queue.state is QueueState.CLOSED
+    queue.close()  # idempotent
+    for handle in held.handles:
+        queue.accept(handle)  # too late: a no-op, the kernel dropped them
+    assert await receive(udp.rx, SILENCE) is None
+    assert QUEUE not in read_queue_stats(netns=queued.router)
+    udp.send(b"after close")  # no listener and no --queue-bypass: dropped too
+    assert await receive(udp.rx, SILENCE) is None
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("second", TRANSPORTS)
+@pytest.mark.parametrize("first", TRANSPORTS)
+async def test_binding_a_bound_queue_is_a_clear_error(
+    lab: Lab, first: Transport, second: Transport
+) -> None:
+    queue = open_queue(config(lab), Held(), first)
+    try:
+        portid = read_queue_stats(netns=lab.router)[QUEUE].portid
+        with pytest.raises(QueueError, match=f"already bound.*portid {portid}") as raised:
+            open_queue(config(lab), Held(), second)
+        assert raised.value.queue_num == QUEUE
+        assert raised.value.__cause__ is not None
+        assert queue.state is QueueState.OPEN  # the first binding is untouched
+    finally:
+        queue.close()
+    queue = open_queue(config(lab), Held(), second)  # free again once closed
+    queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_double_verdict_is_a_usage_error(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued), held, transport)
+    try:
+        udp.send(b"once")
+        await held.wait_for(1)
+        queue.accept(held.handles[0])
+        with pytest.raises(UsageError):
+            queue.drop(held.handles[0])
+        assert await receive(udp.rx) == b"once"
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_one_wakeup_delivers_at_most_batch_packets_with_one_clock(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued, batch=4), held, transport)
+    try:
+        for index in range(20):
+            udp.send(b"%d" % index)
+        await held.wait_for(20)
+        assert queue.counters().wakeups >= 5
+        # ``now`` is read once per wake-up: runs of equal values, each at most 4 long.
+        runs: list[int] = []
+        for index, now in enumerate(held.nows):
+            if index and now == held.nows[index - 1]:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        assert max(runs) <= 4
+        assert held.nows == sorted(held.nows)
+        for handle in held.handles:
+            queue.drop(handle)
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_netlink_gso_delivers_whole_gso_packets(queued: Lab) -> None:
+    queue: PacketQueue | None = None
+    largest = 0
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        nonlocal largest
+        assert queue is not None
+        largest = max(largest, len(payload))
+        queue.accept(handle)
+
+    queue = open_queue(config(queued, TCP_QUEUE, gso=True), on_packet, Transport.NETLINK)
+    listener = queued.socket(queued.server, socket.SOCK_STREAM)
+    listener.bind((SERVER, TCP_PORT + 1))
+    listener.listen()
+    loop = asyncio.get_running_loop()
+    try:
+        client = queued.socket(queued.client, socket.SOCK_STREAM)
+        await loop.sock_connect(client, (SERVER, TCP_PORT + 1))
+        conn, _ = await loop.sock_accept(listener)
+        data = os.urandom(1 << 20)
+        sending = asyncio.ensure_future(loop.sock_sendall(client, data))
+        received = bytearray()
+        async with asyncio.timeout(10):
+            while len(received) < len(data):
+                received += await loop.sock_recv(conn, 1 << 16)
+        await sending
+        assert received == data
+        assert largest > 1500  # more than one MTU: the kernel did not segment it
+        conn.close()
+        client.close()
+    finally:
+        listener.close()
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_netlink_gso_refuses_payload_rewrites(queued: Lab, udp: Udp) -> None:
+    held = Held()
+    queue = open_queue(config(queued, gso=True), held, Transport.NETLINK)
+    try:
+        udp.send(b"x")
+        await held.wait_for(1)
+        with pytest.raises(UsageError, match="partial checksums"):
+            queue.accept(held.handles[0], held.payloads[0])
+        queue.accept(held.handles[0])
+        assert await receive(udp.rx) == b"x"
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+def test_without_cap_net_admin_the_error_says_so(lab: Lab) -> None:
+    script = (
+        "import asyncio, sys\n"
+        "from coloproxy.capture import QueueConfig, QueueError, open_queue\n"
+        "async def main():\n"
+        "    try:\n"
+        f"        open_queue(QueueConfig({QUEUE}), lambda *a: None, sys.argv[1])\n"
+        "    except QueueError as exc:\n"
+        "        print(exc)\n"
+        "asyncio.run(main())\n"
+    )
+    for transport in TRANSPORTS:
+        done = subprocess.run(
+            ["ip", "netns", "exec", lab.router, "setpriv", "--inh-caps=-net_admin",
+             "--bounding-set=-net_admin", sys.executable, "-c", script, transport.value],
+            capture_output=True, text=True, timeout=30, check=False,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )  # fmt: skip
+        assert "needs root (CAP_NET_ADMIN)" in done.stdout, (transport, done.stdout, done.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# interface and config, no kernel needed
+
+
+def test_config_refuses_impossible_values() -> None:
+    for bad in ({"queue_num": 70000}, {"max_len": 0}, {"copy_range": 0}, {"batch": 0}):
+        with pytest.raises(InputError):
+            QueueConfig(**{"queue_num": 1, **bad})
+
+
+def test_netfilterqueue_cannot_do_gso() -> None:
+    with pytest.raises(InputError, match="netlink"):
+        NfQueue(QueueConfig(1, gso=True), lambda *a: None)
+
+
+def test_an_unknown_transport_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="netfilterqueue, netlink"):
+        open_queue(QueueConfig(1), lambda *a: None, "pcap")
+
+
+def test_open_twice_is_a_usage_error() -> None:
+    async def main() -> None:
+        queue = NetlinkQueue(QueueConfig(1), lambda *a: None)
+        queue.close()
+        with pytest.raises(UsageError):
+            queue.open()
+
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------------------------
+# the netlink codec, byte for byte against the kernel's structures
+
+
+def test_config_message_layout() -> None:
+    message = build_config(
+        0x1234, command=NFQNL_CFG_CMD_BIND, copy_range=0xFFFF, max_len=8192,
+        flags=NFQA_CFG_F_GSO, mask=NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN, seq=7,
+    )  # fmt: skip
+    length, msg_type, flags, seq, portid = struct.unpack_from("=IHHII", message)
+    assert (length, msg_type, flags, seq, portid) == (len(message), 0x0302, 0x05, 7, 0)
+    assert message[16:20] == bytes([0, 0, 0x12, 0x34])  # AF_UNSPEC, v0, res_id big-endian
+    attrs = message[20:]
+    assert attrs[:8] == struct.pack("=HH", 8, 1) + bytes([1, 0, 0, 0])  # CMD BIND, pf 0
+    # PARAMS: packed {be32 copy_range; u8 mode} = 5 bytes, padded to 8
+    assert attrs[8:20] == struct.pack("=HH", 9, 2) + struct.pack(">IB", 0xFFFF, 2) + bytes(3)
+    assert attrs[20:28] == struct.pack("=HH", 8, 3) + struct.pack(">I", 8192)
+    assert attrs[28:36] == struct.pack("=HH", 8, 4) + struct.pack(">I", 5)  # mask
+    assert attrs[36:44] == struct.pack("=HH", 8, 5) + struct.pack(">I", 4)  # flags
+    assert len(attrs) == 44
+
+
+def test_verdict_messages_layout() -> None:
+    plain = build_verdict(3, 0xDEADBEEF, NF_DROP)
+    assert struct.unpack_from("=IHH", plain) == (32, 0x0301, 0x01)
+    assert plain[20:] == struct.pack("=HH", 12, 2) + struct.pack(">II", NF_DROP, 0xDEADBEEF)
+    rewritten = build_verdict(3, 5, NF_ACCEPT, b"abcde")
+    assert struct.unpack_from("=I", rewritten)[0] == len(rewritten) == 32 + 12
+    assert rewritten[32:] == struct.pack("=HH", 9, 10) + b"abcde" + bytes(3)
+    batch = build_verdict_batch(3, 99, NF_ACCEPT)
+    assert struct.unpack_from("=IHH", batch) == (32, 0x0303, 0x01)
+    assert batch[28:] == struct.pack(">I", 99)
+
+
+def packet_message(attrs: list[tuple[int, bytes]], seq: int = 0) -> bytes:
+    body = bytes([2, 0, 0, 41])
+    for attr_type, value in attrs:
+        length = 4 + len(value)
+        body += struct.pack("=HH", length, attr_type) + value + bytes(-length % 4)
+    return struct.pack("=IHHII", 16 + len(body), 0x0300, 0, seq, 0) + body
+
+
+def test_parse_packet_reads_every_field_we_use() -> None:
+    payload = bytes(range(61))
+    message = packet_message(
+        [
+            (NFQA_PACKET_HDR, struct.pack(">IHB", 77, 0x0800, 2) + b"\0"),
+            (NFQA_IFINDEX_INDEV, struct.pack(">I", 3)),
+            (NFQA_IFINDEX_PHYSINDEV, struct.pack(">I", 9)),
+            (NFQA_CAP_LEN, struct.pack(">I", 1500)),
+            (NFQA_SKB_INFO, struct.pack(">I", 3)),
+            (NFQA_PAYLOAD, payload),
+        ]
+    )
+    parsed = parse_packet(message)
+    assert (parsed.packet_id, parsed.hw_protocol, parsed.hook) == (77, 0x0800, 2)
+    assert (parsed.indev, parsed.physindev, parsed.cap_len, parsed.skb_info) == (3, 9, 1500, 3)
+    assert parsed.payload == payload
+
+
+def test_iter_messages_walks_a_datagram_and_stops_at_a_bad_header() -> None:
+    first = packet_message([(NFQA_PAYLOAD, b"abc")], seq=1)
+    second = packet_message([(NFQA_PAYLOAD, b"de")], seq=2)
+    walked = list(iter_messages(first + second))
+    assert [(seq, start, end) for _t, _f, seq, start, end in walked] == [
+        (1, 0, len(first)),
+        (2, len(first), len(first) + len(second)),
+    ]
+    assert list(iter_messages(first[:10])) == []
+    assert len(list(iter_messages(first + second[:20]))) == 1
+
+
+def test_parse_error_gives_errno_and_the_echoed_request() -> None:
+    request = build_config(5, command=NFQNL_CFG_CMD_BIND, seq=42)
+    error = struct.pack("=IHHII", 16 + 4 + len(request), NLMSG_ERROR, 0, 42, 0)
+    error += struct.pack("=i", -16) + request
+    assert parse_error(error) == (16, 0x0302, 42)
