@@ -293,6 +293,54 @@ def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(handler=_checkpoint)
 
 
+# -- run, teardown -----------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    from coloproxy.daemon.run import run  # the daemon's dependencies load only when needed
+
+    return run(load_config(args.config), setup_net=not args.no_setup)
+
+
+def _teardown(args: argparse.Namespace) -> int:
+    from coloproxy.daemon.run import teardown
+
+    config = load_config(args.config)
+    teardown(config)
+    print(f"{args.config}: host set-up of pair {config.pair.name} removed")
+    return 0
+
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "run",
+        help="run the proxy daemon of one host",
+        description=(
+            "Set up this host's part of the pair, then compare and release (role primary) or"
+            " serve the secondary's side (role secondary) until SIGTERM. The set-up stays"
+            " when the daemon stops, so the host fails closed; `coloproxy teardown` removes it."
+        ),
+    )
+    parser.add_argument("-c", "--config", required=True, metavar="FILE", help="the pair's config")
+    parser.add_argument(
+        "--no-setup", action="store_true", help="do not touch links, tc or rules (already set up)"
+    )
+    parser.set_defaults(handler=_run)
+
+
+def _add_teardown(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "teardown",
+        help="remove this host's set-up (links, tc, rules)",
+        description=(
+            "Remove what `coloproxy run` set up on this host. On host P the guest's output then"
+            " flows uncompared: run it only when the pair is being taken apart."
+        ),
+    )
+    parser.add_argument("-c", "--config", required=True, metavar="FILE", help="the pair's config")
+    parser.set_defaults(handler=_teardown)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coloproxy",
@@ -304,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_config(commands)
     _add_status(commands)
     _add_checkpoint(commands)
+    _add_run(commands)
+    _add_teardown(commands)
     return parser
 
 

@@ -37,6 +37,7 @@ from coloproxy.compare import (
     Comparator,
     Drop,
     Event,
+    Evidence,
     MalformedPacket,
     Release,
     Side,
@@ -64,7 +65,7 @@ class CheckpointRequest:
     reason: str
     protocol: str
     flow: str | None
-    evidence: object | None  # coloproxy.compare.Evidence, or None
+    evidence: Evidence | None
     time: float
 
 
@@ -110,17 +111,32 @@ class PrimaryProxy:
         self._ids = itertools.count(1)
         self.outstanding: CheckpointRequest | None = None
         self.checkpointing = False
+        self.unprotected = False  # after the secondary was lost: release without comparing
         # I6: hold everything until a checkpoint made the secondary equal to the primary.
         comparator.checkpoint_started(now)
         self.checkpointing = True
         self._request(REASON_RESTART, "any", None, None, now)
 
+    def bind(self, primary_out: Verdicts, secondary_out: Verdicts, secondary_in: Verdicts) -> None:
+        """Attach the queues (they are opened after the proxy exists: packets may come at once)."""
+        self._primary_out = primary_out
+        self._secondary_out = secondary_out
+        self._secondary_in = secondary_in
+
     # -- packets ---------------------------------------------------------------------------
 
     def on_primary(self, handle: object, payload: bytes, now: float) -> None:
+        if self.unprotected:
+            self._primary_out.accept(handle)
+            self.counters.packets["primary-out", "accept-unprotected"] += 1
+            return
         self._act(self.comparator.feed(Side.PRIMARY, payload, now, handle), now)
 
     def on_secondary(self, handle: object, payload: bytes, now: float) -> None:
+        if self.unprotected:
+            self._secondary_out.drop(handle)
+            self.counters.packets["secondary-out", "drop-unprotected"] += 1
+            return
         self._act(self.comparator.feed(Side.SECONDARY, payload, now, handle), now)
 
     def on_ingress(self, handle: object, payload: bytes, now: float) -> None:
@@ -159,15 +175,24 @@ class PrimaryProxy:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def request_manual(self, now: float) -> CheckpointRequest | None:
+    def request_manual(self, now: float, reason: str = REASON_MANUAL) -> CheckpointRequest | None:
         """A checkpoint asked for by an operator; None when one is outstanding already."""
         if self.outstanding is not None:
-            self.counters.coalesced[REASON_MANUAL] += 1
+            self.counters.coalesced[reason] += 1
             return None
-        return self._request(REASON_MANUAL, "any", None, None, now)
+        return self._request(reason, "any", None, None, now)
+
+    def set_unprotected(self, now: float) -> None:
+        """The secondary is gone: release what is held and compare nothing from now on."""
+        self.unprotected = True
+        self.outstanding = None
+        for event in self.comparator.checkpoint_completed(now):
+            if type(event) is Release:
+                self._primary_out.accept(event.token)
+                self.counters.packets["primary-out", "accept-unprotected"] += 1
 
     def _request(
-        self, reason: str, protocol: str, flow: str | None, evidence: object | None, now: float
+        self, reason: str, protocol: str, flow: str | None, evidence: Evidence | None, now: float
     ) -> CheckpointRequest:
         request = CheckpointRequest(next(self._ids), reason, protocol, flow, evidence, now)
         self.outstanding = request

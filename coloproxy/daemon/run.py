@@ -1,0 +1,419 @@
+"""``coloproxy run``: one daemon, one host, one role (shell).
+
+Primary: set up host P's data path (unless told not to), serve the control socket and the
+metrics, bind the three queues and pump them through ``PrimaryProxy``; the comparator's
+timers run on one loop timer. Secondary: set up host S's side of the tunnel and serve the
+control socket (heartbeat, failover and takeover come with the checkpoint engine; this is
+their seam).
+
+On SIGTERM/SIGINT the daemon closes its queues and sockets and exits. It leaves the network
+set-up and the NFQUEUE rules in place on purpose: with no process bound, the kernel drops
+whatever the rules queue, so PVM output stays stopped and SVM output stays off the LAN until
+a daemon runs again (fail closed) or an operator runs ``coloproxy teardown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+from coloproxy import __version__
+from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
+from coloproxy.capture.stats import read_queue_stats
+from coloproxy.compare import Comparator
+from coloproxy.config import Config
+from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
+from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
+from coloproxy.metrics import Metrics, MetricsServer
+from coloproxy.net import host as hostnet
+from coloproxy.net.rules import QueueNumbers, Role
+from coloproxy.protocol import (
+    Ack,
+    CheckpointCompleted,
+    CheckpointEvidence,
+    CheckpointNow,
+    CheckpointStarted,
+    ClientRole,
+    ErrorCode,
+    ErrorReply,
+    Failover,
+    Mode,
+    ProxyRole,
+    Request,
+    SetPeriod,
+    Status,
+    StatusRequest,
+)
+from coloproxy.protocol import CheckpointRequest as WireRequest
+from coloproxy.rewrite import IngressRewriter
+
+log = logging.getLogger(__name__)
+
+
+def host_net(config: Config) -> hostnet.HostNet:
+    """The net layer's parameters from a config."""
+    queues = config.queues
+    numbers = (
+        QueueNumbers(queues.primary_out, queues.secondary_out, queues.secondary_in)
+        if queues is not None
+        else QueueNumbers()
+    )
+    return hostnet.HostNet(
+        prefix=config.net.prefix,
+        pair=config.pair.name,
+        role=Role(config.pair.role.value),
+        guest_port=config.net.guest_port,
+        local_address=config.net.replication.local,
+        remote_address=config.net.replication.remote,
+        vxlan_id=config.net.vxlan_id,
+        queues=numbers,
+        lan_bridge=config.net.lan_bridge,
+        vxlan_port=config.net.vxlan_port,
+        underlay=config.net.underlay,
+    )
+
+
+class Daemon:
+    """Everything one ``coloproxy run`` owns; ``ControlHandler`` for its control socket."""
+
+    def __init__(self, config: Config, *, setup_net: bool = True) -> None:
+        self.config = config
+        self.setup_net = setup_net
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+        self.role = ProxyRole(config.pair.role.value)
+        self.mode = Mode.PROTECTED
+        self.period_ms: int | None = None
+        self.proxy: PrimaryProxy | None = None
+        self.comparator: Comparator | None = None
+        self.queues: list[PacketQueue] = []
+        self.control = ControlServer(
+            config.control.socket,
+            self,
+            config.control.group,
+            max_clients=config.control.max_clients,
+            client_queue=config.control.client_queue,
+        )
+        self.metrics = Metrics(pair=config.pair.name, role=self.role.value, clock=self.loop.time)
+        self.metrics_server: MetricsServer | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._rearm_pending = False
+        self._stopped = asyncio.Event()
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        config = self.config
+        if self.setup_net:
+            hostnet.setup(host_net(config))
+            log.info("host network set up for pair %s (%s)", config.pair.name, self.role.value)
+        await self.control.start()
+        try:
+            if config.metrics.enabled:
+                self.metrics_server = MetricsServer(
+                    self.metrics, config.metrics.host, config.metrics.port
+                )
+                await self.metrics_server.start()
+            self.metrics.control_clients = self._clients_by_role
+            if self.role is ProxyRole.PRIMARY:
+                self._start_primary()
+            self.metrics.protected = self.mode is Mode.PROTECTED
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self._stopped.set)
+            log.info(
+                "coloproxy %s running: pair %s, role %s",
+                __version__,
+                config.pair.name,
+                self.role.value,
+            )
+            await self._stopped.wait()
+            log.info("stopping")
+        finally:
+            for queue in self.queues:
+                queue.close()
+            if self._timer is not None:
+                self._timer.cancel()
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
+            await self.control.close()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _start_primary(self) -> None:
+        config = self.config
+        queues = config.queues
+        if queues is None:  # the config loader requires queues on a primary
+            raise ValueError("primary without queues")
+        comparator = Comparator(config.compare)
+        self.comparator = comparator
+        proxy = PrimaryProxy(
+            comparator,
+            IngressRewriter(comparator.isn_offset),
+            _Late(),
+            _Late(),
+            _Late(),
+            self,
+            self.loop.time(),
+        )
+        self.proxy = proxy
+        self.metrics.counts = proxy.counters
+        self.metrics.compare_stats = comparator.stats
+        numbers = {
+            queues.primary_out: "primary-out",
+            queues.secondary_out: "secondary-out",
+            queues.secondary_in: "secondary-in",
+        }
+        self.metrics.queue_names = numbers
+        self.metrics.queue_stats = lambda: [
+            s for n, s in read_queue_stats().items() if n in numbers
+        ]
+        rearm = self._rearm_soon
+
+        def primary(handle: object, payload: bytes, now: float) -> None:
+            proxy.on_primary(handle, payload, now)
+            rearm()
+
+        def secondary(handle: object, payload: bytes, now: float) -> None:
+            proxy.on_secondary(handle, payload, now)
+            rearm()
+
+        def ingress(handle: object, payload: bytes, now: float) -> None:
+            proxy.on_ingress(handle, payload, now)
+
+        opened: list[PacketQueue] = []
+        for number, callback in (
+            (queues.primary_out, primary),
+            (queues.secondary_out, secondary),
+            (queues.secondary_in, ingress),
+        ):
+            queue_config = QueueConfig(
+                number, max_len=queues.max_len, copy_range=queues.copy_range, rcvbuf=queues.rcvbuf
+            )
+            opened.append(open_queue(queue_config, callback, queues.transport.value))
+        self.queues = opened
+        proxy.bind(opened[0], opened[1], opened[2])
+        self._rearm_soon()
+
+    # -- comparator timers -----------------------------------------------------------------
+
+    def _rearm_soon(self) -> None:
+        if not self._rearm_pending:
+            self._rearm_pending = True
+            self.loop.call_soon(self._rearm)
+
+    def _rearm(self) -> None:
+        self._rearm_pending = False
+        if self.comparator is None:
+            return
+        deadline = self.comparator.get_timer()
+        timer = self._timer
+        if deadline is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+            return
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        if self.proxy is not None:
+            self.proxy.on_timer(self.loop.time())
+        self._rearm()
+
+    # -- requests to engines ---------------------------------------------------------------
+
+    def checkpoint_requested(self, request: CheckpointRequest) -> None:
+        sent = self.control.broadcast(_wire_request(request), to_roles={ClientRole.ENGINE})
+        if not sent:
+            log.warning(
+                "checkpoint request %d (%s): no engine connected; holding output",
+                request.id,
+                request.reason,
+            )
+
+    # -- ControlHandler --------------------------------------------------------------------
+
+    def identity(self) -> ProxyIdentity:
+        return ProxyIdentity(self.config.pair.name, self.role, self.mode)
+
+    def client_connected(self, client: ClientInfo) -> None:
+        log.info("%s connected", client)
+        proxy = self.proxy
+        if client.role is ClientRole.ENGINE and proxy is not None and proxy.outstanding is not None:
+            self.control.send(client, _wire_request(proxy.outstanding))
+
+    def client_disconnected(self, client: ClientInfo, reason: str) -> None:
+        log.info("%s disconnected: %s", client, reason)
+
+    async def handle(self, client: ClientInfo, message: Request) -> HandlerReply:
+        now = self.loop.time()
+        proxy = self.proxy
+        if isinstance(message, StatusRequest):
+            return self._status(now)
+        if isinstance(message, CheckpointStarted):
+            if proxy is not None:
+                proxy.checkpoint_started(now)
+            return Ack(request=message.request)
+        if isinstance(message, CheckpointCompleted):
+            if proxy is not None:
+                proxy.checkpoint_completed(now)
+                self._rearm_soon()
+            return Ack(request=message.request)
+        if isinstance(message, CheckpointNow):
+            if proxy is None:
+                return ErrorReply(
+                    ErrorCode.UNAVAILABLE, "only a primary proxy asks for checkpoints"
+                )
+            request = proxy.request_manual(now, message.reason)
+            if request is None:
+                outstanding = proxy.outstanding
+                number = outstanding.id if outstanding is not None else None
+                return Ack(request=number, detail="coalesced with the outstanding request")
+            return Ack(request=request.id)
+        if isinstance(message, SetPeriod):
+            sent = self.control.broadcast(message, to_roles={ClientRole.ENGINE})
+            if not sent:
+                return ErrorReply(ErrorCode.UNAVAILABLE, "no checkpoint engine connected")
+            self.period_ms = message.period_ms
+            return Ack(detail=f"sent to {sent} engine(s)")
+        return self._failover(message, now)
+
+    def _failover(self, message: Failover, now: float) -> HandlerReply:
+        if message.mode is Mode.UNPROTECTED:
+            self.mode = Mode.UNPROTECTED
+            self.metrics.protected = False
+            if self.proxy is not None:
+                self.proxy.set_unprotected(now)
+            log.warning("now unprotected: %s", message.detail or "failover")
+            return Ack(detail="unprotected: output passes uncompared")
+        return ErrorReply(ErrorCode.UNAVAILABLE, "re-protection comes with the checkpoint engine")
+
+    def _status(self, now: float) -> Status:
+        config = self.config
+        clients = self.control.clients()
+        engines = sum(1 for c in clients if c.role is ClientRole.ENGINE)
+        proxy = self.proxy
+        if proxy is None or self.comparator is None:
+            return Status(
+                pair=config.pair.name, role=self.role, mode=self.mode,
+                engines=engines, clients=len(clients), uptime=now - self.started,
+            )  # fmt: skip
+        stats = self.comparator.stats()
+        counters = proxy.counters
+        last = counters.last_checkpoint
+        return Status(
+            pair=config.pair.name,
+            role=self.role,
+            mode=self.mode,
+            epoch=counters.checkpoints_completed,
+            held_packets=stats.held_packets,
+            oldest_held_age=None if stats.oldest_primary is None else now - stats.oldest_primary,
+            stored_bytes=stats.stored_bytes,
+            oldest_secondary_age=None
+            if stats.oldest_secondary is None
+            else now - stats.oldest_secondary,
+            flows=stats.flows,
+            checkpoint_requested=proxy.outstanding is not None,
+            checkpointing=stats.checkpointing,
+            saturated=stats.saturated,
+            period_ms=self.period_ms,
+            last_checkpoint_age=None if last is None else now - last,
+            engines=engines,
+            clients=len(clients),
+            uptime=now - self.started,
+            counters={
+                "requests": sum(counters.requests.values()),
+                "coalesced": sum(counters.coalesced.values()),
+                "released": sum(v for (q, _), v in counters.packets.items() if q == "primary-out"),
+                "secondary_dropped": sum(
+                    v for (q, _), v in counters.packets.items() if q == "secondary-out"
+                ),
+                "rewrites": counters.rewrites["shifted"],
+                "checkpoints": counters.checkpoints_completed,
+            },
+        )
+
+    def _clients_by_role(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for client in self.control.clients():
+            counts[client.role.value] = counts.get(client.role.value, 0) + 1
+        return counts
+
+
+class _Late:
+    """Stands in for a queue until the queues are open (the proxy is built first)."""
+
+    def accept(self, handle: object, payload: bytes | None = None) -> None:
+        raise RuntimeError("queue not open yet")
+
+    def drop(self, handle: object) -> None:
+        raise RuntimeError("queue not open yet")
+
+
+def _wire_request(request: CheckpointRequest) -> WireRequest:
+    evidence = request.evidence
+    wire_evidence = None
+    if evidence is not None:
+        wire_evidence = CheckpointEvidence(
+            offset=evidence.offset,
+            before=evidence.before,
+            primary=evidence.primary,
+            secondary=evidence.secondary,
+            primary_length=evidence.primary_length,
+            secondary_length=evidence.secondary_length,
+            detail=evidence.detail,
+        )
+    return WireRequest(
+        id=request.id,
+        reason=request.reason,
+        protocol=request.protocol,
+        flow=request.flow,
+        evidence=wire_evidence,
+        time=time.time(),
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+
+
+def run(
+    config: Config,
+    *,
+    setup_net: bool = True,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT; the exit code."""
+    configure_logging(config.log.level.value)
+
+    async def main() -> None:
+        daemon = Daemon(config, setup_net=setup_net)
+        await daemon.run()
+
+    if loop_factory is None:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main())
+    return 0
+
+
+def teardown(config: Config) -> None:
+    """Remove this host's set-up: links, tc, rules. PVM output then flows uncompared."""
+    hostnet.teardown(host_net(config))
+
+
+__all__ = ["Daemon", "host_net", "run", "teardown"]
