@@ -59,6 +59,12 @@ def links_of(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {link["name"]: link for link in state["links"]}
 
 
+def without_macs(state: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot with random MACs left out: links created anew get new ones."""
+    links = [{k: v for k, v in link.items() if k != "mac"} for link in state["links"]]
+    return {**state, "links": links}
+
+
 IFF_UP, IFF_NOARP = 0x1, 0x80
 
 
@@ -134,6 +140,24 @@ def test_setup_twice_gives_the_same_state(topology: Topology) -> None:
     first = {role: snapshot(topology, role) for role in ("hp", "hs")}
     set_up(topology)
     assert {role: snapshot(topology, role) for role in ("hp", "hs")} == first
+
+
+@pytest.mark.root
+def test_setup_for_the_other_role_removes_the_first_roles_objects(topology: Topology) -> None:
+    """After a failover the hosts swap roles; a setup yields exactly its own role's state."""
+    primary, secondary = set_up(topology)
+    as_primary, as_secondary = snapshot(topology, "hp"), snapshot(topology, "hs")
+    swapped = dataclasses.replace(secondary, role=Role.PRIMARY, queues=QUEUES)
+    topology.exec("hs", ["ip", "link", "set", "guest0", "master", "br-lan"])  # the failover
+    topology.run_in("hs", host.setup, swapped)
+    assert "cp-brs" not in links_of(snapshot(topology, "hs"))
+    topology.run_in("hs", host.setup, secondary)
+    assert without_macs(snapshot(topology, "hs")) == without_macs(as_secondary)
+    demoted = dataclasses.replace(primary, role=Role.SECONDARY)
+    topology.run_in("hp", host.setup, demoted)
+    topology.run_in("hp", host.attach_guest_to_lan, demoted)  # the next failover
+    topology.run_in("hp", host.setup, primary)
+    assert without_macs(snapshot(topology, "hp")) == without_macs(as_primary)
 
 
 @pytest.mark.root

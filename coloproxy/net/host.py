@@ -169,10 +169,7 @@ def teardown(params: HostNet) -> None:
             _remove_mirror(ipr, guest["index"], params.guest_port)
         _remove_rules(params)
         for name in params.links.all():
-            link = _find_link(ipr, name)
-            if link is not None:
-                with _failing_as(f"deleting link {name}"):
-                    ipr.link("del", index=link["index"])
+            _delete_link(ipr, name)
 
 
 def attach_guest_to_lan(params: HostNet) -> None:
@@ -197,6 +194,9 @@ def attach_guest_to_lan(params: HostNet) -> None:
 
 def _setup_primary(ipr: Any, params: HostNet, guest: Any) -> None:
     links = params.links
+    # A host that was the secondary before (roles swap after a failover) has a bridge of the
+    # other role; the VXLAN moves into ours below.
+    _delete_link(ipr, links.secondary_bridge)
     bridge = _ensure_bridge(ipr, links.primary_bridge)
     vxlan = _ensure_vxlan(ipr, params)
     mirror, mirror_peer = _ensure_veth(ipr, links.mirror, links.mirror_peer, _mtu(guest))
@@ -222,6 +222,11 @@ def _setup_primary(ipr: Any, params: HostNet, guest: Any) -> None:
 
 def _setup_secondary(ipr: Any, params: HostNet, guest: Any) -> None:
     links = params.links
+    # What a primary setup left on this host would copy the SVM's input to nowhere, or
+    # worse, mirror the SVM's port: none of it belongs to a secondary.
+    _remove_mirror(ipr, guest["index"], params.guest_port)
+    for name in (links.primary_bridge, links.mirror, links.mirror_peer):
+        _delete_link(ipr, name)
     bridge = _ensure_bridge(ipr, links.secondary_bridge)
     vxlan = _ensure_vxlan(ipr, params)
     for name in (links.secondary_bridge, links.vxlan):
@@ -275,6 +280,13 @@ def _require_link(ipr: Any, name: str, what: str) -> Any:
     if link is None:
         raise NetError(f"{what} {name} does not exist")
     return link
+
+
+def _delete_link(ipr: Any, name: str) -> None:
+    link = _find_link(ipr, name)
+    if link is not None:
+        with _failing_as(f"deleting link {name}"):
+            ipr.link("del", index=link["index"])
 
 
 def _kind(link: Any) -> str | None:
