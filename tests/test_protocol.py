@@ -456,6 +456,19 @@ def test_evidence_from_the_comparator() -> None:
     }
 
 
+def test_evidence_from_the_comparator_always_fits_a_line() -> None:
+    """The packet path broadcasts requests: encode must never refuse one."""
+    evidence = Evidence(0, b"p" * 4096, b"s" * 4096, 4096, 4096, detail="d" * 100_000)
+    request = CheckpointRequest(
+        id=1,
+        reason="payload",
+        protocol="tcp",
+        flow="f" * 200,
+        evidence=CheckpointEvidence.from_compare(evidence),
+    )
+    assert len(encode(request)) < 4096
+
+
 def test_version_choice() -> None:
     assert choose_version([1]) == 1
     assert choose_version([1, 2, 3]) == 1

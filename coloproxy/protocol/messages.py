@@ -57,6 +57,8 @@ MAX_VERSIONS: Final = 16  # a hello lists at most this many versions
 MAX_COUNTERS: Final = 256  # a status carries at most this many counters
 MAX_NAME: Final = 64  # counter names
 MAX_EVIDENCE_BYTES: Final = 256  # per side; the comparator sends 48 (EVIDENCE_BYTES)
+# A request must always fit in a line: the packet path broadcasts it and must not fail.
+MAX_DETAIL: Final = 1024
 # Checkpoint reasons are metric labels: short tokens, never free text.
 REASON_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _HEX: Final = re.compile(r"(?:[0-9a-f]{2})*")
@@ -141,7 +143,7 @@ class CheckpointEvidence:
             secondary=evidence.secondary[:MAX_EVIDENCE_BYTES],
             primary_length=evidence.primary_length,
             secondary_length=evidence.secondary_length,
-            detail=evidence.detail,
+            detail=evidence.detail[:MAX_DETAIL],
         )
 
 
