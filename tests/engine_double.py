@@ -27,8 +27,11 @@ from coloproxy.protocol import (
 
 
 class FakeEngine:
-    def __init__(self, path: str | os.PathLike[str], delay: float = 0.0) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], delay: float = 0.0, synced: bool = True
+    ) -> None:
         self.path = path
+        self.synced = synced  # False: "guests" are namespaces, no state is copied
         self.delay = delay  # seconds between started and completed: the checkpoint's pause
         self.requests: list[CheckpointRequest] = []
         self.periods: list[int] = []
@@ -70,7 +73,9 @@ class FakeEngine:
             if self.delay:
                 await asyncio.sleep(self.delay)
             await client.request(
-                CheckpointCompleted(request=push.id, started=started, completed=time.time())
+                CheckpointCompleted(
+                    request=push.id, started=started, completed=time.time(), synced=self.synced
+                )
             )
             async with self._progress:
                 self.completed += 1

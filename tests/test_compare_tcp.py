@@ -443,3 +443,20 @@ def test_ipv6_tcp() -> None:
     (needed,) = pair.checkpoints()
     assert str(needed.flow) == "tcp [fd00::1]:80 -> [fd00::9]:40000"
     assert needed.evidence is not None and needed.evidence.offset == 4
+
+
+def test_an_unsynced_checkpoint_keeps_the_learned_isn_offset() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"abX"), "s1")
+    assert [e.token for e in pair.comparator.checkpoint_completed(0, synced=False)] == ["p1"]
+    pair.primary(tcp(P_ISN + 4, b"def"), "p2")
+    assert pair.secondary(tcp(S_ISN + 4, b"def"), "s2") == [
+        Drop("s2", DropReason.COMPARED),
+        Release("p2", ReleaseReason.MATCHED),
+    ]
+    assert (
+        pair.comparator.isn_offset(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000)
+        == (S_ISN - P_ISN) % 2**32
+    )

@@ -205,10 +205,10 @@ class PrimaryProxy:
         self.checkpointing = True
         self._act(self.comparator.checkpoint_started(now), now)
 
-    def checkpoint_completed(self, now: float) -> None:
+    def checkpoint_completed(self, now: float, synced: bool = True) -> None:
         """The engine saw the primary's RESUME: the secondary holds the primary's state."""
         self.checkpointing = False
         self.outstanding = None
         self.counters.checkpoints_completed += 1
         self.counters.last_checkpoint = now
-        self._act(self.comparator.checkpoint_completed(now), now)
+        self._act(self.comparator.checkpoint_completed(now, synced), now)

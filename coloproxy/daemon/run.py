@@ -265,7 +265,7 @@ class Daemon:
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
             if proxy is not None:
-                proxy.checkpoint_completed(now)
+                proxy.checkpoint_completed(now, message.synced)
                 self._rearm_soon()
             return Ack(request=message.request)
         if isinstance(message, CheckpointNow):

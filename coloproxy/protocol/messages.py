@@ -235,6 +235,9 @@ class CheckpointCompleted:
     request: int | None = None
     started: float = 0.0  # engine's wall clock at STOP
     completed: float = 0.0  # engine's wall clock at RESUME
+    # False from an engine that cannot copy state (the namespace tests' double): the proxy then
+    # keeps the learned ISN offsets instead of taking the secondary's TCP state as the primary's.
+    synced: bool = True
     id: int = 0
 
     def __post_init__(self) -> None:
