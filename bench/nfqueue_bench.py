@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -39,12 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coloproxy.capture.netlink import (  # noqa: E402
-    NFQA_CFG_F_GSO,
-    build_config,
-)
 from coloproxy.capture.nfqueue import (  # noqa: E402
-    NfQueue,
     PacketQueue,
     QueueConfig,
     Transport,
@@ -114,20 +108,12 @@ class Variant:
     name: str
     transport: Transport | None  # None: direct, no queue
     gso: bool = False
-    note: str = ""
-    nfq_gso_hack: bool = False  # set NFQA_CFG_F_GSO behind netfilterqueue's back
     flush_each: bool = False  # one verdict per send(): no batching
 
 
 VARIANTS = [
     Variant("direct (no queue)", None),
     Variant("netfilterqueue", Transport.NETFILTERQUEUE),
-    Variant(
-        "netfilterqueue + GSO flag*",
-        Transport.NETFILTERQUEUE,
-        nfq_gso_hack=True,
-        note="* flag set by hand; payload cut at 4016 B: not usable for comparing",
-    ),
     Variant("netlink, 1 verdict/send", Transport.NETLINK, flush_each=True),
     Variant("netlink", Transport.NETLINK),
     Variant("netlink + GSO", Transport.NETLINK, gso=True),
@@ -164,11 +150,6 @@ class Consumer:
         self.queue = open_queue(config, on_packet, variant.transport)
         accept = self.queue.accept
         flush = getattr(self.queue, "flush", lambda: None)
-        if variant.nfq_gso_hack:
-            assert isinstance(self.queue, NfQueue)
-            message = build_config(QUEUE_NUM, flags=NFQA_CFG_F_GSO, mask=NFQA_CFG_F_GSO, ack=False)
-            with socket.socket(fileno=os.dup(self.queue.fileno())) as raw:
-                raw.send(message)
 
     def stop(self) -> None:
         if self.queue is not None:
@@ -188,8 +169,10 @@ class BulkResult:
     gbits: float
     retransmits: int
     packets: int
+    per_wakeup: float
     seconds: float
     cpu: float
+    user_share: float  # of cpu: the rest is kernel work done in our syscalls
     max_lag: float
     queue_dropped: int
     user_dropped: int
@@ -206,24 +189,30 @@ async def measure_bulk(lab: Lab, variant: Variant, seconds: float) -> BulkResult
         cmd = ["ip", "netns", "exec", lab.client, "iperf3", "-c", SERVER_ADDR, "-p",
                str(IPERF_PORT), "-t", str(seconds), "-J"]  # fmt: skip
         COMMANDS.append(shlex.join(cmd))
-        cpu0 = time.process_time()
+        times0 = os.times()
         wall0 = time.monotonic()
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
         wall = time.monotonic() - wall0
-        cpu = time.process_time() - cpu0
+        times1 = os.times()
+        user = times1.user - times0.user
+        system = times1.system - times0.system
         stop.set()
         await lag_task
         report = json.loads(out)
         end = report["end"]
         stats = read_queue_stats(netns=lab.router).get(QUEUE_NUM)
-        packets = consumer.queue.counters().received if consumer.queue else 0
+        counters = consumer.queue.counters() if consumer.queue else None
+        packets = counters.received if counters else 0
+        per_wakeup = packets / counters.wakeups if counters and counters.wakeups else 0.0
         return BulkResult(
             gbits=end["sum_received"]["bits_per_second"] / 1e9,
             retransmits=end["sum_sent"].get("retransmits", 0),
             packets=packets,
+            per_wakeup=per_wakeup,
             seconds=wall,
-            cpu=cpu / wall,
+            cpu=(user + system) / wall,
+            user_share=user / (user + system) if user + system else 0.0,
             max_lag=consumer.max_lag,
             queue_dropped=stats.queue_dropped if stats else 0,
             user_dropped=stats.user_dropped if stats else 0,
@@ -273,10 +262,24 @@ print(json.dumps(samples))
 
 @dataclass
 class LatencyResult:
-    p50: float
-    p99: float
-    max: float
-    count: int
+    samples: list[float]
+
+    @property
+    def p50(self) -> float:
+        return sorted(self.samples)[len(self.samples) // 2]
+
+    @property
+    def p99(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+    @property
+    def max(self) -> float:
+        return max(self.samples)
+
+    @property
+    def count(self) -> int:
+        return len(self.samples)
 
 
 async def measure_latency(lab: Lab, variant: Variant, rate: float, count: int) -> LatencyResult:
@@ -291,13 +294,7 @@ async def measure_latency(lab: Lab, variant: Variant, rate: float, count: int) -
         cmd[cmd.index("<latency client>")] = LATENCY_CLIENT
         proc = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE)
         out, _ = await proc.communicate()
-        samples = sorted(json.loads(out)[100:])  # the first 100 warm up the path
-        return LatencyResult(
-            p50=samples[len(samples) // 2],
-            p99=samples[min(len(samples) - 1, int(len(samples) * 0.99))],
-            max=samples[-1],
-            count=len(samples),
-        )
+        return LatencyResult(json.loads(out)[100:])  # the first 100 warm up the path
     finally:
         consumer.stop()
         if variant.transport is not None:
@@ -323,26 +320,52 @@ def servers(lab: Lab) -> Iterator[None]:
             proc.wait()
 
 
+def busy_fraction(seconds: float) -> float:
+    """Share of all CPUs busy over ``seconds`` (/proc/stat): other people's load on the box."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 async def bench(args: argparse.Namespace, lab: Lab) -> None:
+    """Rounds interleave the variants, so that load from elsewhere hits them all alike."""
     variants = [v for v in VARIANTS if not args.only or v.name in args.only]
-    bulk: list[tuple[Variant, BulkResult]] = []
-    for variant in variants:
-        result = await measure_bulk(lab, variant, args.seconds)
-        print(f"  bulk    {variant.name:28s} {result.gbits:6.2f} Gbit/s", file=sys.stderr)
-        bulk.append((variant, result))
-    latency: list[tuple[Variant, LatencyResult]] = []
-    if not args.skip_latency:
+    background = busy_fraction(1.0)
+    bulk: dict[str, list[BulkResult]] = {v.name: [] for v in variants}
+    for round_ in range(args.rounds):
         for variant in variants:
-            if variant.nfq_gso_hack or variant.flush_each:
-                continue
-            lat = await measure_latency(lab, variant, args.rate, args.requests)
-            print(f"  latency {variant.name:28s} p50 {lat.p50 * 1e6:7.0f} us", file=sys.stderr)
-            latency.append((variant, lat))
-    report(args, bulk, latency)
+            result = await measure_bulk(lab, variant, args.seconds)
+            print(f"  round {round_ + 1} bulk    {variant.name:26s} {result.gbits:6.2f} Gbit/s",
+                  file=sys.stderr)  # fmt: skip
+            bulk[variant.name].append(result)
+    latency: dict[str, LatencyResult] = {}
+    if not args.skip_latency:
+        per_round = max(200, args.requests // args.rounds)
+        for round_ in range(args.rounds):
+            for variant in variants:
+                lat = await measure_latency(lab, variant, args.rate, per_round)
+                print(f"  round {round_ + 1} latency {variant.name:26s} p50 "
+                      f"{lat.p50 * 1e6:5.0f} us", file=sys.stderr)  # fmt: skip
+                latency.setdefault(variant.name, LatencyResult([])).samples.extend(lat.samples)
+    report(
+        args,
+        background,
+        # The best round of each: the one least disturbed by the rest of the machine.
+        [(v, max(bulk[v.name], key=lambda r: r.gbits)) for v in variants],
+        [(v, latency[v.name]) for v in variants if v.name in latency],
+    )
 
 
 def report(
     args: argparse.Namespace,
+    background: float,
     bulk: list[tuple[Variant, BulkResult]],
     latency: list[tuple[Variant, LatencyResult]],
 ) -> None:
@@ -356,30 +379,36 @@ def report(
         f"host: {platform.node()}, {os.cpu_count()} CPUs, kernel {platform.release()}, "
         f"Python {platform.python_version()}, uvloop {uvloop.__version__}"
     )
-    print(f"iperf3 {args.seconds:g} s; latency {args.requests} requests of {REQUEST_SIZE} B at "
-          f"{args.rate:g}/s on one TCP connection (first 100 dropped)")  # fmt: skip
+    print(f"CPU busy before the run (other load on the machine): {background * 100:.0f}%")
+    print(
+        f"bulk: iperf3 {args.seconds:g} s per variant, {args.rounds} interleaved rounds, best "
+        f"shown; latency: {args.requests} requests of {REQUEST_SIZE} B at {args.rate:g}/s on "
+        f"one TCP connection, pooled over the rounds (first 100 of each round dropped)"
+    )
     print()
     direct = next((r for v, r in bulk if v.transport is None), None)
     print("## TCP bulk (iperf3), client -> router (queue on FORWARD) -> server")
     print()
-    print("| variant | Gbit/s | vs direct | queue pkt/s | avg pkt B | consumer CPU | "
-          "max loop lag | retrans | kernel drops q/user |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| variant | Gbit/s | vs direct | queue pkt/s | avg pkt B | pkt/wakeup "
+        "| consumer CPU (user) | max loop lag | retrans | kernel drops q/user |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for variant, r in bulk:
         ratio = f"{r.gbits / direct.gbits:.2f}" if direct and direct.gbits else "-"
         if variant.transport is None:
-            rate = size = cpu = lag = drops = "-"
+            rate = size = wakeup = cpu = lag = drops = "-"
         else:
             rate = f"{r.packets / r.seconds / 1e3:.0f}k"
             size = f"{r.gbits * 1e9 * r.seconds / 8 / r.packets:.0f}" if r.packets else "-"
-            cpu = f"{r.cpu * 100:.0f}%"
+            wakeup = f"{r.per_wakeup:.1f}"
+            cpu = f"{r.cpu * 100:.0f}% ({r.user_share * 100:.0f}% user)"
             lag = f"{r.max_lag * 1e3:.1f} ms"
             drops = f"{r.queue_dropped}/{r.user_dropped}"
-        print(f"| {variant.name} | {r.gbits:.2f} | {ratio} | {rate} | {size} | {cpu} | {lag} | "
-              f"{r.retransmits} | {drops} |")  # fmt: skip
-    notes = sorted({v.note for v, _ in bulk if v.note})
-    for note in notes:
-        print(f"\n{note}")
+        print(
+            f"| {variant.name} | {r.gbits:.2f} | {ratio} | {rate} | {size} | {wakeup} "
+            f"| {cpu} | {lag} | {r.retransmits} | {drops} |"
+        )
     if latency:
         print()
         print(f"## Request/response latency, {args.rate:g} req/s")
@@ -406,7 +435,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="iperf3 run length")
     parser.add_argument("--rate", type=float, default=1000.0, help="requests per second")
-    parser.add_argument("--requests", type=int, default=3000, help="requests per latency run")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per variant")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
     parser.add_argument("--only", nargs="*", help="variant names to run")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
