@@ -480,6 +480,32 @@ async def test_one_wakeup_delivers_at_most_batch_packets_with_one_clock(
 
 @pytest.mark.root
 @pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_a_full_receive_buffer_drops_and_is_counted(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued, rcvbuf=4096), held, transport)
+    try:
+        for index in range(100):  # the loop does not run meanwhile: nobody reads
+            udp.send(b"%d" % index)
+        await asyncio.sleep(0.2)
+        stats = read_queue_stats(netns=queued.router)[QUEUE]
+        assert stats.user_dropped > 0  # dropped, not passed: fail closed
+        assert len(held.handles) + stats.user_dropped == 100
+        if transport is Transport.NETLINK:
+            assert queue.counters().enobufs >= 1
+        for handle in held.handles:
+            queue.accept(handle)
+        arrived = [await receive(udp.rx) for _ in held.handles]
+        assert arrived == [udp_payload(payload) for payload in held.payloads]
+        assert await receive(udp.rx, SILENCE) is None
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
 async def test_netlink_gso_delivers_whole_gso_packets(queued: Lab) -> None:
     queue: PacketQueue | None = None
     largest = 0
@@ -512,6 +538,27 @@ async def test_netlink_gso_delivers_whole_gso_packets(queued: Lab) -> None:
         client.close()
     finally:
         listener.close()
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_netlink_counts_the_kernels_error_replies(
+    queued: Lab, udp: Udp, caplog: pytest.LogCaptureFixture
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued), held, Transport.NETLINK)
+    try:
+        # A verdict for an id the kernel does not hold, sent behind the queue's back: the
+        # ENOENT reply arrives among the packets and takes the reader's slow path.
+        os.write(queue.fileno(), build_verdict(QUEUE, 123456, NF_ACCEPT))
+        udp.send(b"after the error")
+        await held.wait_for(1)
+        assert queue.counters().kernel_errors == 1
+        assert "ENOENT" in caplog.text
+        queue.accept(held.handles[0])
+        assert await receive(udp.rx) == b"after the error"
+    finally:
         queue.close()
 
 

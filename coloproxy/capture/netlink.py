@@ -33,9 +33,11 @@ not yet decided is what makes a batch verdict safe and a double verdict an error
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import itertools
 import logging
+import os
 import socket
 import struct
 from collections.abc import Iterator
@@ -115,10 +117,9 @@ NF_DROP = 0
 NF_ACCEPT = 1
 
 _TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
-# Its two bytes as they sit in a header (host byte order), to test without unpacking.
-_TYPE_PACKET_LOW, _TYPE_PACKET_HIGH = struct.pack("=H", _TYPE_PACKET)
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (res_id is big-endian: pre-swapped)
+_NLMSG_LEN_TYPE = struct.Struct("=IH")  # the first two fields of _NLMSGHDR
 _NLATTR = struct.Struct("=HH")  # len, type: host byte order; attribute values are big-endian
 _BE32 = struct.Struct(">I")
 _PACKET_HDR = struct.Struct(">IHB")  # struct nfqnl_msg_packet_hdr
@@ -126,8 +127,73 @@ _ERRNO = struct.Struct("=i")
 _HEADER_LEN = _NLMSGHDR.size + _NFGENMSG.size  # 20: where the attributes start
 
 # Largest datagram: a 64 KiB GSO packet (payload capped at 65531 by NFQNL_MAX_COPY_RANGE)
-# plus its metadata attributes.
+# plus its metadata attributes (under 200 bytes with the flags we set; 4 KiB of room).
 _RECV_SIZE = 0x10000 + 4096
+# Datagrams one recvmmsg() call may return. Each has a slot of _RECV_SIZE bytes, so a queue
+# holds 32 * 68 KiB = 2.2 MiB of receive slots. One call instead of one recv() per packet
+# measured +10-20% bulk throughput (see bench/nfqueue_README.md).
+_SLOTS = 32
+MSG_DONTWAIT = 0x40  # bits/socket_type.h
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
+
+
+class _Msghdr(ctypes.Structure):
+    _fields_ = (
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_Iovec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    )
+
+
+class _Mmsghdr(ctypes.Structure):
+    _fields_ = (("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint))
+
+
+_recvmmsg_fn: Any = None
+
+
+def _recvmmsg() -> Any:
+    """libc's recvmmsg(2) (Python's socket module has none), looked up once."""
+    global _recvmmsg_fn
+    if _recvmmsg_fn is None:
+        function = ctypes.CDLL(None, use_errno=True).recvmmsg
+        function.argtypes = (
+            ctypes.c_int,
+            ctypes.POINTER(_Mmsghdr),
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        )
+        function.restype = ctypes.c_int
+        _recvmmsg_fn = function
+    return _recvmmsg_fn
+
+
+class _Slots:
+    """Receive slots for recvmmsg(): one buffer cut into ``count`` slots of ``size`` bytes."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.count = count
+        self.size = size
+        self.buffer = (ctypes.c_char * (count * size))()
+        self.view = memoryview(self.buffer).cast("B")
+        self.iovecs = (_Iovec * count)()
+        self.headers = (_Mmsghdr * count)()
+        base = ctypes.addressof(self.buffer)
+        for index in range(count):
+            self.iovecs[index].iov_base = base + index * size
+            self.iovecs[index].iov_len = size
+            self.headers[index].msg_hdr.msg_iov = ctypes.pointer(self.iovecs[index])
+            self.headers[index].msg_hdr.msg_iovlen = 1
+
+
 # Verdicts given to the first two packets of a wake-up are sent before we read on; the rest
 # wait for the end of the wake-up and go out together. A request/response flow sees one or
 # two packets per wake-up, and a verdict's send() runs the forwarding path in our context,
@@ -302,8 +368,9 @@ class NetlinkQueue:
         self._state = QueueState.IDLE
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._buf = bytearray(_RECV_SIZE)
+        self._buf = bytearray(_RECV_SIZE)  # for the bind handshake
         self._view = memoryview(self._buf)
+        self._slots: _Slots | None = None
         self._undecided: set[int] = set()
         # The run of plain verdicts of one kind (self._run_verdict) not yet encoded, and the
         # encoded verdicts before it, in the order the consumer gave them.
@@ -379,6 +446,7 @@ class NetlinkQueue:
             sock.close()
             raise
         sock.setblocking(False)
+        self._slots = _Slots(min(_SLOTS, config.batch), _RECV_SIZE)
         self._loop.add_reader(sock.fileno(), self._on_readable)
         self._state = QueueState.OPEN
         if self._run or self._out:
@@ -411,16 +479,15 @@ class NetlinkQueue:
                         self._enobufs += 1
                         continue
                     raise
-                self._dispatch_slow(size, self._loop.time())
+                self._dispatch_slow(self._view[:size], self._loop.time())
         finally:
             self._in_reader = False
         error = self._acks.pop(seq)
         if error:
             raise OSError(error, errno.errorcode.get(error, str(error)))
 
-    def _dispatch_slow(self, size: int, now: float) -> None:
+    def _dispatch_slow(self, data: memoryview, now: float) -> None:
         """Every message of one datagram, decoded in full (bind time and control messages)."""
-        data = self._view[:size]
         for msg_type, _flags, _seq, start, _end in iter_messages(data):
             if msg_type == _TYPE_PACKET:
                 packet = parse_packet(data, start)
@@ -452,13 +519,17 @@ class NetlinkQueue:
 
     def _on_readable(self) -> None:
         sock = self._sock
-        if sock is None:
+        slots = self._slots
+        if sock is None or slots is None:
             return
         assert self._loop is not None
         now = self._loop.time()
-        recv_into = sock.recv_into
-        buf = self._buf
-        view = self._view
+        recvmmsg = _recvmmsg()
+        fd = sock.fileno()
+        headers = slots.headers
+        view = slots.view
+        slot_size = slots.size
+        unpack_header = _NLMSG_LEN_TYPE.unpack_from
         unpack_attr = _NLATTR.unpack_from
         unpack_be32 = _BE32.unpack_from
         on_packet = self._on_packet
@@ -472,41 +543,47 @@ class NetlinkQueue:
             while delivered < batch:
                 if 0 < delivered <= _EAGER_VERDICTS and (run or out):
                     self._flush()
-                try:
-                    size = recv_into(buf)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
+                count = recvmmsg(
+                    fd, headers, min(slots.count, batch - delivered), MSG_DONTWAIT, None
+                )
+                if count < 0:
+                    err = ctypes.get_errno()
+                    if err == errno.EAGAIN:
+                        break
+                    if err == errno.ENOBUFS:
                         self._enobufs += 1  # the kernel dropped packets (user_dropped)
                         continue
                     raise QueueError(
-                        f"queue {self._config.queue_num}: receive failed: {exc}",
+                        f"queue {self._config.queue_num}: receive failed: {os.strerror(err)}",
                         self._config.queue_num,
-                    ) from exc
-                # nlmsg_type is the u16 at offset 4: anything but a packet (an error reply)
-                # takes the slow path.
-                if size < _HEADER_LEN or buf[4] != _TYPE_PACKET_LOW or buf[5] != _TYPE_PACKET_HIGH:
-                    self._dispatch_slow(size, now)
-                    continue
-                # One packet per datagram (nfnetlink_unicast sends each in its own skb).
-                # Walk the attributes: the header first, the payload last, a handful between.
-                offset = _HEADER_LEN
-                packet_id = -1
-                payload = b""
-                while offset < size:
-                    attr_len, attr_type = unpack_attr(buf, offset)
-                    if attr_type == NFQA_PACKET_HDR:
-                        packet_id = unpack_be32(buf, offset + 4)[0]
-                    elif attr_type == NFQA_PAYLOAD:
-                        payload = bytes(view[offset + 4 : offset + attr_len])
-                    elif attr_type == NFQA_CAP_LEN:
+                    )
+                for base in range(0, count * slot_size, slot_size):
+                    size, msg_type = unpack_header(view, base)
+                    if size > slot_size:  # cut by the slot (cannot happen: see _RECV_SIZE)
                         self._truncated += 1
-                    # "or 4": a zero length (never sent by the kernel) must not loop forever.
-                    offset += (attr_len + 3) & ~3 or 4
-                undecided_add(packet_id)
-                delivered += 1
-                on_packet(packet_id, payload, now)
+                        size = slot_size
+                    if msg_type != _TYPE_PACKET:  # an error reply: the slow path
+                        self._dispatch_slow(view[base : base + size], now)
+                        continue
+                    # One packet per datagram (nfnetlink_unicast sends each in its own skb).
+                    # Walk the attributes: the header first, the payload last, a few between.
+                    end = base + size
+                    offset = base + _HEADER_LEN
+                    packet_id = -1
+                    payload = b""
+                    while offset < end:
+                        attr_len, attr_type = unpack_attr(view, offset)
+                        if attr_type == NFQA_PACKET_HDR:
+                            packet_id = unpack_be32(view, offset + 4)[0]
+                        elif attr_type == NFQA_PAYLOAD:
+                            payload = bytes(view[offset + 4 : min(offset + attr_len, end)])
+                        elif attr_type == NFQA_CAP_LEN:
+                            self._truncated += 1
+                        # "or 4": a zero length (never sent by the kernel) must not loop forever.
+                        offset += (attr_len + 3) & ~3 or 4
+                    undecided_add(packet_id)
+                    delivered += 1
+                    on_packet(packet_id, payload, now)
         finally:
             self._in_reader = False
             if delivered:
@@ -656,6 +733,7 @@ class NetlinkQueue:
                 log.warning("queue %d: unbind: %s", self._config.queue_num, exc)
             sock.close()
         self._sock = None
+        self._slots = None
         self._undecided.clear()
         self._run.clear()
         self._out.clear()

@@ -191,6 +191,9 @@ class PacketQueue(Protocol):
 
     def counters(self) -> QueueCounters: ...
 
+    def fileno(self) -> int:
+        """The netlink socket's descriptor (diagnostics; -1 when not open)."""
+
 
 # ---------------------------------------------------------------------------------------------
 # Network namespaces: the lab and the tests model hosts as namespaces, and a netfilter queue
@@ -338,7 +341,7 @@ class NfQueue:
 
     def fileno(self) -> int:
         """The netlink socket's fd (for diagnostics; do not read from it)."""
-        return self._fd
+        return self._fd if self._state is QueueState.OPEN else -1
 
     def open(self) -> None:
         import asyncio
