@@ -460,3 +460,58 @@ def test_an_unsynced_checkpoint_keeps_the_learned_isn_offset() -> None:
         pair.comparator.isn_offset(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000)
         == (S_ISN - P_ISN) % 2**32
     )
+
+
+def test_isns_are_learned_during_a_checkpoint() -> None:
+    pair = Pair()
+    pair.comparator.checkpoint_started(0)
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
+    pair.comparator.checkpoint_completed(0, synced=False)
+    assert (
+        pair.comparator.isn_offset(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000)
+        == (S_ISN - P_ISN) % 2**32
+    )
+
+
+def test_a_new_connection_on_the_same_ports_does_not_inherit_verified_bytes() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:500]), "old-p")
+    pair.secondary(tcp(S_ISN + 1, DATA[:500]), "old-s")
+    assert pair.released() == ["p-syn", "old-p"]
+    # the four-tuple is reused with new ISNs; [0, 500) was verified for the old connection
+    pair.primary(tcp(7, flags=SYN | ACK), "new-p-syn")
+    pair.primary(tcp(8, b"new bytes"), "new-p")
+    assert pair.released() == ["p-syn", "old-p"]  # nothing of the new one released unchecked
+    pair.secondary(tcp(99, flags=SYN | ACK), "new-s-syn")
+    pair.secondary(tcp(100, b"new bytes"), "new-s")
+    assert pair.released() == ["p-syn", "old-p", "new-p-syn", "new-p"]
+
+
+def test_timestamp_offsets_are_learned_from_the_syns() -> None:
+    from scapy.layers.inet import IP, TCP
+
+    def syn_ack(isn: int, tsval: int) -> bytes:
+        return bytes(
+            IP(src="10.0.0.1", dst="10.0.0.9")
+            / TCP(
+                sport=80,
+                dport=40000,
+                seq=isn,
+                ack=1000,
+                flags="SA",
+                options=[("Timestamp", (tsval, 5))],
+            )
+        )
+
+    pair = Pair()
+    pair.primary(syn_ack(P_ISN, 1_000), "p-syn")
+    pair.secondary(syn_ack(S_ISN, 998), "s-syn")
+    guest, peer = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 9])
+    assert pair.comparator.sequence_offsets(guest, 80, peer, 40000) == (
+        (S_ISN - P_ISN) % 2**32,
+        2**32 - 2,
+    )
+    pair.comparator.checkpoint_completed(0)  # synced: the secondary now has the primary's clock
+    assert pair.comparator.sequence_offsets(guest, 80, peer, 40000) == (0, 0)

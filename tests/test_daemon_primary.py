@@ -40,7 +40,7 @@ def make() -> tuple[PrimaryProxy, FakeQueue, FakeQueue, FakeQueue, FakeSink]:
     )
     proxy = PrimaryProxy(
         comparator,
-        IngressRewriter(comparator.isn_offset),
+        IngressRewriter(comparator.sequence_offsets),
         primary_out,
         secondary_out,
         secondary_in,

@@ -12,9 +12,12 @@ CLIENT, GUEST = "10.0.0.9", "10.0.0.1"
 OFFSET = 2**32 - 1000  # secondary ISN - primary ISN, wrapping
 
 
-def lookup_table(table: dict[tuple[bytes, int, bytes, int], int]):  # type: ignore[no-untyped-def]
-    def lookup(guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int) -> int | None:
-        return table.get((guest, guest_port, peer, peer_port))
+def lookup_table(table: dict[tuple[bytes, int, bytes, int], int], ts_offset: int = 0):  # type: ignore[no-untyped-def]
+    def lookup(
+        guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int
+    ) -> tuple[int, int] | None:
+        offset = table.get((guest, guest_port, peer, peer_port))
+        return None if offset is None else (offset, ts_offset)
 
     return lookup
 
@@ -97,3 +100,27 @@ def test_ipv6() -> None:
     )
     assert outcome.payload is not None
     assert IPv6(outcome.payload)[TCP].ack == 17
+
+
+def test_the_timestamp_echo_is_moved_into_the_secondarys_timestamp_space() -> None:
+    table = {(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000): 100}
+    rewriter = IngressRewriter(lookup_table(table, ts_offset=2**32 - 3))
+    segment = bytes(
+        IP(src=CLIENT, dst=GUEST)
+        / TCP(
+            sport=40000,
+            dport=80,
+            seq=5,
+            ack=500,
+            flags="A",
+            options=[("NOP", None), ("NOP", None), ("Timestamp", (777, 1000))],
+        )
+    )
+    outcome = rewriter.rewrite(segment)
+    assert outcome.payload is not None
+    packet = IP(outcome.payload)
+    assert dict(packet[TCP].options)["Timestamp"] == (777, 997)  # TSval is the client's own
+    assert packet[TCP].ack == 600
+    check = packet.copy()
+    del check[TCP].chksum
+    assert IP(bytes(check))[TCP].chksum == packet[TCP].chksum

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
+import struct
 from dataclasses import dataclass
+from typing import Final
 
 from coloproxy.compare.config import CompareConfig, Framing, MalformedPolicy, PassthroughRule
 from coloproxy.compare.datagram import DatagramFlow
@@ -52,18 +54,31 @@ from coloproxy.compare.events import (
 from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import Book, FlowState, Held
 from coloproxy.compare.tcp import TcpConnection
+from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import (
+    ETH_P_IP,
+    ETHERNET_HEADER_LEN,
     NOT_IP,
     PROTO_ICMP,
     PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
+    TCP_SYN,
     Malformed,
     MalformedReason,
     Packet,
     parse_ethernet,
     parse_ip,
 )
+
+# The TCP lane's header readers. From the IP header: version and IHL, total length, the
+# fragment field, protocol, then the 12 bytes from the source address to the TCP destination
+# port (the lane's flow key), sequence and acknowledgement numbers, data offset, flags. The
+# Ethernet one reads the ethertype first; the raw-IP one reads an empty string in its place.
+_LANE_ETHERNET: Final = struct.Struct("!12x2sBxH2xHxB2x12sIIBB")
+_LANE_IP: Final = struct.Struct("!0sBxH2xHxB2x12sIIBB")
+_LANE_PORTS: Final = struct.Struct("!HH")
+_ETHERTYPE_IPV4: Final = ETH_P_IP.to_bytes(2, "big")
 
 _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 _PRIMARY = Side.PRIMARY
@@ -143,7 +158,18 @@ class _Rule:
 class Comparator:
     def __init__(self, config: CompareConfig | None = None) -> None:
         self.config = config = config or CompareConfig()
-        self._parse = parse_ethernet if config.framing is Framing.ETHERNET else parse_ip
+        ethernet = config.framing is Framing.ETHERNET
+        self._parse = parse_ethernet if ethernet else parse_ip
+        # The TCP lane (see feed): where the IP header starts, the header reader, the shortest
+        # frame it reads, the ethertype it wants (none for raw IP), and its connections by
+        # guest address, peer address, guest port, peer port as they sit in the IPv4 header.
+        self._l3 = ETHERNET_HEADER_LEN if ethernet else 0
+        self._lane = _LANE_ETHERNET if ethernet else _LANE_IP
+        self._lane_min = self._l3 + 40
+        self._lane_ethertype = _ETHERTYPE_IPV4 if ethernet else b""
+        self._lane_flows: dict[bytes, TcpConnection] = {}
+        self._max_held_packets = config.max_held_packets
+        self._max_held_bytes = config.max_held_bytes
         self._book = Book(config)
         self._flows: dict[tuple[object, ...], FlowState] = {}
         self._rules = [_Rule(rule) for rule in config.passthrough]
@@ -159,6 +185,47 @@ class Comparator:
     def feed(self, side: Side, data: bytes, now: float, token: object = None) -> list[Event]:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
+        # The TCP lane: a segment of a known IPv4 TCP connection, untagged, no IP options, not
+        # a fragment, while comparing normally. One unpack reads every field needed and the
+        # segment goes straight to its connection, with no Packet built; what it does is what
+        # the general path below does for such a segment (tests/test_compare_lane.py checks
+        # both paths give the same events). Anything else takes the general path, which
+        # parses from scratch.
+        book = self._book
+        if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
+            ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = (
+                self._lane.unpack_from(data)
+            )
+            connection = self._lane_flows.get(key)
+            if (
+                connection is not None
+                and vhl == 0x45
+                and ethertype == self._lane_ethertype
+                and proto == PROTO_TCP
+                and not frag & 0x3FFF  # neither MF nor a fragment offset
+                and offset >= 0x50  # a TCP data offset of at least 20 bytes
+                and not flags & TCP_SYN  # SYNs name ISNs and timestamps: the general path
+            ):
+                end = self._l3 + total
+                start = self._l3 + 20 + (offset >> 4) * 4
+                if (
+                    start <= end <= len(data)
+                    # not book.over_bounds(end - start), without the call
+                    and book.held_packets < self._max_held_packets
+                    and book.stored_bytes + (end - start) <= self._max_held_bytes
+                ):
+                    connection.last_active = now
+                    if side is _PRIMARY:
+                        held = book.new_held(token, now, connection)
+                        connection.feed_primary(
+                            number, ack, flags, data[start:end], held, now, book, out
+                        )
+                    else:
+                        out.append(Drop(token, DropReason.COMPARED))
+                        connection.feed_secondary(
+                            number, ack, flags, data[start:end], now, book, out
+                        )
+                    return out
         packet = self._parse(data)
         if side is _PRIMARY:
             self._feed_primary(packet, data, token, now, out)
@@ -175,12 +242,32 @@ class Comparator:
             return
         assert type(packet) is Packet
         if self._checkpointing or book.saturated:
+            if self._checkpointing:
+                self._learn_uncompared(packet, True, now, out)
             self._freeze(token, now)
             return
         if packet.fragment:
             self._primary_fragment(packet, token, now, out)
             return
         self._primary_packet(packet, token, None, now, out)
+
+    def _learn_uncompared(
+        self, packet: Packet, primary_side: bool, now: float, out: list[Event]
+    ) -> None:
+        """During a checkpoint nothing is compared, but SYNs still name ISNs: without that a
+        connection opened across a checkpoint would have no ISN offset for queue S-in, and
+        with ``checkpoint_completed(synced=False)`` none ever after."""
+        if packet.proto == PROTO_TCP and packet.flags & TCP_SYN and not packet.fragment:
+            flow = self._flow(packet, now, out)
+            if type(flow) is TcpConnection:
+                flow.learn(primary_side, packet.seq, packet.flags, self._book)
+                self._learn_tsval(flow, packet, primary_side)
+
+    @staticmethod
+    def _learn_tsval(flow: TcpConnection, packet: Packet, primary_side: bool) -> None:
+        found = timestamps(packet)
+        if found is not None:
+            flow.learn_tsval(primary_side, found[0])
 
     def _primary_packet(
         self,
@@ -208,7 +295,18 @@ class Comparator:
         held = book.new_held(token, now, flow)
         held.extra = extra
         if type(flow) is TcpConnection:
-            flow.feed_primary(packet, held, now, book, out)
+            if packet.flags & TCP_SYN:
+                self._learn_tsval(flow, packet, True)
+            flow.feed_primary(
+                packet.seq,
+                packet.ack,
+                packet.flags,
+                packet.data[packet.payload : packet.end],
+                held,
+                now,
+                book,
+                out,
+            )
         elif type(flow) is DatagramFlow and flow.feed_primary(
             bytes(packet.data[packet.payload : packet.end]), held, now, book, out
         ):
@@ -224,6 +322,7 @@ class Comparator:
             return
         assert type(packet) is Packet
         if self._checkpointing:
+            self._learn_uncompared(packet, False, now, out)
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
         if book.saturated:
@@ -258,7 +357,17 @@ class Comparator:
         if drop:
             out.append(Drop(token, DropReason.COMPARED))
         if type(flow) is TcpConnection:
-            flow.feed_secondary(packet, now, book, out)
+            if packet.flags & TCP_SYN:
+                self._learn_tsval(flow, packet, False)
+            flow.feed_secondary(
+                packet.seq,
+                packet.ack,
+                packet.flags,
+                packet.data[packet.payload : packet.end],
+                now,
+                book,
+                out,
+            )
         elif type(flow) is DatagramFlow and flow.feed_secondary(
             bytes(packet.data[packet.payload : packet.end]), now, book, out
         ):
@@ -417,6 +526,9 @@ class Comparator:
         if self._rules:
             flow.passthrough = any(rule.matches(packet, label.protocol) for rule in self._rules)
         self._flows[key] = flow
+        lane_key = _lane_key(key)
+        if lane_key is not None and type(flow) is TcpConnection and not flow.passthrough:
+            self._lane_flows[lane_key] = flow
         if self._next_sweep is None:
             self._next_sweep = now + self.config.flow_idle_timeout
         return flow
@@ -431,6 +543,9 @@ class Comparator:
         ]
         for key in stale:
             del self._flows[key]
+            lane_key = _lane_key(key)
+            if lane_key is not None:
+                self._lane_flows.pop(lane_key, None)
 
     def _arm_reorder(self, flow: DatagramFlow) -> None:
         deadline = flow.reorder_deadline
@@ -549,15 +664,22 @@ class Comparator:
         self._checkpointing = True
         return []
 
-    def checkpoint_completed(self, now: float) -> list[Event]:
-        """The secondary holds the primary's state: release everything, start afresh."""
+    def checkpoint_completed(self, now: float, synced: bool = True) -> list[Event]:
+        """The secondary holds the primary's state: release everything, start afresh.
+
+        ``synced=False`` says the secondary did *not* receive the primary's state (a test
+        engine whose guests are namespaces): everything is released and compared afresh as
+        usual, but each connection keeps its learned ISN offset and the secondary's ACKs.
+        """
         out: list[Event] = []
         book = self._book
         held = self._frozen
         for flow in self._flows.values():
             held.extend(flow.held)
             flow.held.clear()
-            if type(flow) is TcpConnection or type(flow) is DatagramFlow:
+            if type(flow) is TcpConnection:
+                flow.reset_epoch(book, synced)
+            elif type(flow) is DatagramFlow:
                 flow.reset_epoch(book)
         held.sort(key=lambda entry: entry.serial)
         for entry in held:
@@ -616,6 +738,26 @@ class Comparator:
         """secondary ISN - primary ISN for a TCP connection, or None while unknown."""
         flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
         return flow.isn_offset() if type(flow) is TcpConnection else None
+
+    def sequence_offsets(
+        self, guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int = -1
+    ) -> tuple[int, int] | None:
+        """(ISN offset, TSval offset), secondary minus primary, for queue S-in; None while the
+        ISN offset is unknown. The TSval offset is 0 when either SYN had no timestamps."""
+        flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
+        if type(flow) is not TcpConnection:
+            return None
+        isn = flow.isn_offset()
+        return None if isn is None else (isn, flow.ts_offset())
+
+
+def _lane_key(key: tuple[object, ...]) -> bytes | None:
+    """The TCP lane's key for a flow key: untagged IPv4 TCP flows only, else None."""
+    proto, src, dst, sport, dport, vlan = key
+    if proto != PROTO_TCP or vlan != -1 or not isinstance(src, bytes) or len(src) != 4:
+        return None
+    assert isinstance(dst, bytes) and isinstance(sport, int) and isinstance(dport, int)
+    return src + dst + _LANE_PORTS.pack(sport, dport)
 
 
 def _timeout_evidence(held: Held, timeout: float) -> Evidence:

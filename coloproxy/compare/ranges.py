@@ -7,19 +7,20 @@ single interval, so every operation is a couple of comparisons.
 from __future__ import annotations
 
 from bisect import bisect_right
+from typing import Final
+
+_EMPTY_HIGH: Final = float("-inf")
 
 
 class RangeSet:
-    __slots__ = ("_ends", "_starts")
+    __slots__ = ("_ends", "_starts", "high")
 
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
-
-    @property
-    def high(self) -> float:
-        """The end of the last interval, or -inf when empty."""
-        return self._ends[-1] if self._ends else float("-inf")
+        # The end of the last interval, or -inf when empty. A plain attribute kept up to date
+        # by every change, not a property: the TCP hot path reads it for every segment.
+        self.high: float = _EMPTY_HIGH
 
     def __bool__(self) -> bool:
         return bool(self._starts)
@@ -33,6 +34,7 @@ class RangeSet:
     def clear(self) -> None:
         self._starts.clear()
         self._ends.clear()
+        self.high = _EMPTY_HIGH
 
     def add(self, start: int, end: int) -> None:
         """Add [start, end), merging with overlapping or touching intervals."""
@@ -40,7 +42,7 @@ class RangeSet:
             return
         starts, ends = self._starts, self._ends
         if starts and ends[-1] == start:  # the in-order fast path: extend the last interval
-            ends[-1] = end
+            ends[-1] = self.high = end
             return
         # first interval that could touch: the last one starting at or before `start`
         i = bisect_right(starts, start) - 1
@@ -53,6 +55,7 @@ class RangeSet:
             j += 1
         starts[i:j] = [start]
         ends[i:j] = [end]
+        self.high = ends[-1]
 
     def contains(self, start: int, end: int) -> bool:
         """Whether [start, end) lies wholly inside the set (an empty range always does)."""

@@ -37,7 +37,7 @@ from bisect import bisect_right
 from typing import Final
 
 from coloproxy import seq
-from coloproxy.compare.events import Event, Evidence, Flow, Reason, ReleaseReason
+from coloproxy.compare.events import Event, Evidence, Flow, Reason, Release, ReleaseReason
 from coloproxy.compare.ranges import RangeSet
 from coloproxy.compare.state import (
     NEED_ACK,
@@ -50,17 +50,29 @@ from coloproxy.compare.state import (
     Stored,
     difference,
 )
-from coloproxy.packet.parse import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN, Packet
+from coloproxy.packet.parse import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 PROTOCOL: Final = "tcp"
 
 
 class TcpSide:
-    __slots__ = ("chunks", "ending", "fin", "high", "isn", "isn_from_syn", "max_ack", "rst", "syn")
+    __slots__ = (
+        "chunks",
+        "ending",
+        "fin",
+        "high",
+        "isn",
+        "isn_from_syn",
+        "max_ack",
+        "rst",
+        "syn",
+        "tsval",
+    )
 
     def __init__(self) -> None:
         self.isn: int | None = None
         self.isn_from_syn = False
+        self.tsval: int | None = None  # TSval of the side's SYN (RFC 7323), if it sent one
         self.max_ack: int | None = None
         self.chunks: list[Stored] = []
         self.syn = False  # a SYN was seen in this epoch
@@ -97,6 +109,20 @@ class TcpConnection(FlowState):
             and self.primary.isn == self.secondary.isn
         )
 
+    def ts_offset(self) -> int:
+        """secondary TSval - primary TSval at the SYNs (mod 2**32), 0 while unknown.
+
+        The client echoes the primary's timestamps; Linux (6.x) drops a handshake ACK whose
+        TSecr lies outside the TSvals its SYN-ACKs carried, so the S-in rewrite moves TSecr
+        into the secondary's timestamp space too (QEMU's filter-rewriter does not).
+        """
+        if self.primary.tsval is None or self.secondary.tsval is None:
+            return 0
+        return (self.secondary.tsval - self.primary.tsval) & 0xFFFFFFFF
+
+    def learn_tsval(self, primary_side: bool, tsval: int) -> None:
+        (self.primary if primary_side else self.secondary).tsval = tsval
+
     def isn_offset(self) -> int | None:
         """secondary ISN - primary ISN (mod 2**32), what the S-in rewrite adds to ACKs."""
         if self.primary.isn is None or self.secondary.isn is None:
@@ -105,8 +131,8 @@ class TcpConnection(FlowState):
 
     # -- epoch ---------------------------------------------------------------------------
 
-    def reset_epoch(self, book: Book) -> None:
-        """After a checkpoint: the secondary holds the primary's state."""
+    def reset_epoch(self, book: Book, synced: bool = True) -> None:
+        """After a checkpoint: the secondary holds the primary's state (when ``synced``)."""
         primary, secondary = self.primary, self.secondary
         for stored in primary.chunks:
             book.stored_bytes -= stored.end - stored.start
@@ -116,49 +142,88 @@ class TcpConnection(FlowState):
         primary.reset()
         secondary.reset()
         self.verified.clear()
-        if primary.isn is not None:
-            secondary.isn = primary.isn
-            secondary.isn_from_syn = primary.isn_from_syn
-        secondary.max_ack = primary.max_ack
+        if synced:
+            if primary.isn is not None:
+                secondary.isn = primary.isn
+                secondary.isn_from_syn = primary.isn_from_syn
+            secondary.max_ack = primary.max_ack
+            secondary.tsval = primary.tsval
         self.diverged = False
         self.timed_out = False
 
     # -- input ---------------------------------------------------------------------------
 
-    @staticmethod
-    def _learn_isn(side: TcpSide, other: TcpSide, packet: Packet) -> int:
-        """The side's ISN, learned from this packet if it is not known yet."""
+    def _learn_isn(self, side: TcpSide, other: TcpSide, number: int, flags: int, book: Book) -> int:
+        """The side's ISN, learned from this segment if it is not known yet."""
         isn = side.isn
-        if packet.flags & TCP_SYN:
+        if flags & TCP_SYN:
             if isn is None or not side.isn_from_syn:
-                side.isn = isn = packet.seq
+                side.isn = isn = number
                 side.isn_from_syn = True
+            elif number != isn:
+                # A new connection on the same four-tuple (the old one is gone): nothing of
+                # the old alignment may carry over, or bytes verified for the old connection
+                # would release the new one's unchecked (I1).
+                self._forget_alignment(book)
+                other.isn_from_syn = False  # its next SYN names its new ISN
+                side.isn = isn = number
             return isn
         if isn is None:
             isn = other.isn
             if isn is None:
                 # First seen mid-stream: one shared base for both sides (see module doc).
-                other.isn = isn = seq.add(packet.seq, -1)
+                other.isn = isn = seq.add(number, -1)
             side.isn = isn
         return isn
 
+    def _forget_alignment(self, book: Book) -> None:
+        for side in (self.primary, self.secondary):
+            for stored in side.chunks:
+                stored.live = False
+                book.stored_bytes -= stored.end - stored.start
+            side.reset()
+        self.verified.clear()
+
+    def learn(self, primary_side: bool, number: int, flags: int, book: Book) -> None:
+        """Learn an ISN from a SYN that is not compared (it came during a checkpoint)."""
+        if flags & TCP_SYN:
+            mine, other = (
+                (self.primary, self.secondary) if primary_side else (self.secondary, self.primary)
+            )
+            self._learn_isn(mine, other, number, flags, book)
+
+    # Both feeds take the header fields the comparator read (``number`` is the sequence
+    # number) and the payload bytes, not a parsed Packet: the comparator's TCP lane reads
+    # those fields with one unpack and never builds a Packet.
+
     def feed_primary(
-        self, packet: Packet, held: Held, now: float, book: Book, out: list[Event]
+        self,
+        number: int,
+        ack: int,
+        flags: int,
+        payload: bytes,
+        held: Held,
+        now: float,
+        book: Book,
+        out: list[Event],
     ) -> None:
         primary = self.primary
-        isn = self._learn_isn(primary, self.secondary, packet)
-        flags = packet.flags
+        isn = primary.isn
+        if isn is None or flags & TCP_SYN:
+            isn = self._learn_isn(primary, self.secondary, number, flags, book)
         if flags & TCP_ACK:
             held.need = NEED_ACK
-            held.ack = packet.ack
-            if primary.max_ack is None or seq.gt(packet.ack, primary.max_ack):
-                primary.max_ack = packet.ack
-        start = seq.diff(packet.seq, isn) - 1
+            held.ack = ack
+            max_ack = primary.max_ack
+            # equal numbers are equal mod 2**32 too: skip the modular test in the common case
+            if max_ack != ack and (max_ack is None or seq.gt(ack, max_ack)):
+                primary.max_ack = ack
+        start = seq.diff(number, isn) - 1
         if flags & TCP_SYN:
             start += 1
             held.need |= NEED_SYN
             primary.syn = True
-        length = packet.end - packet.payload
+        length = len(payload)
         if flags & TCP_RST:
             held.need |= NEED_RST
             primary.rst = start
@@ -177,24 +242,43 @@ class TcpConnection(FlowState):
         if length:
             if primary.high is None or end > primary.high:
                 primary.high = end
-            self._absorb(True, start, packet.data[packet.payload : packet.end], now, book, out)
-        if not self.diverged:
+            self._absorb(True, start, payload, now, book, out)
+        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
+        # ``fin`` or ``rst`` is) or only one side sent a SYN; test that here, without a call.
+        secondary = self.secondary
+        if (
+            primary.ending is not None
+            or secondary.ending is not None
+            or primary.syn is not secondary.syn
+        ) and not self.diverged:
             self._check_fate(book, out)
         self.release_ready(book, out)
 
-    def feed_secondary(self, packet: Packet, now: float, book: Book, out: list[Event]) -> None:
+    def feed_secondary(
+        self,
+        number: int,
+        ack: int,
+        flags: int,
+        payload: bytes,
+        now: float,
+        book: Book,
+        out: list[Event],
+    ) -> None:
         secondary = self.secondary
-        isn = self._learn_isn(secondary, self.primary, packet)
-        flags = packet.flags
-        if flags & TCP_ACK and (secondary.max_ack is None or seq.gt(packet.ack, secondary.max_ack)):
-            secondary.max_ack = packet.ack
+        isn = secondary.isn
+        if isn is None or flags & TCP_SYN:
+            isn = self._learn_isn(secondary, self.primary, number, flags, book)
+        if flags & TCP_ACK:
+            max_ack = secondary.max_ack
+            if max_ack != ack and (max_ack is None or seq.gt(ack, max_ack)):
+                secondary.max_ack = ack
         if self.diverged:
             return
-        start = seq.diff(packet.seq, isn) - 1
+        start = seq.diff(number, isn) - 1
         if flags & TCP_SYN:
             start += 1
             secondary.syn = True
-        length = packet.end - packet.payload
+        length = len(payload)
         if flags & TCP_RST:
             secondary.rst = start
             secondary.ending = secondary.ending or "RST"
@@ -206,8 +290,13 @@ class TcpConnection(FlowState):
         if length:
             if secondary.high is None or end > secondary.high:
                 secondary.high = end
-            self._absorb(False, start, packet.data[packet.payload : packet.end], now, book, out)
-        if not self.diverged:
+            self._absorb(False, start, payload, now, book, out)
+        primary = self.primary
+        if (
+            primary.ending is not None
+            or secondary.ending is not None
+            or primary.syn is not secondary.syn
+        ) and not self.diverged:
             self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
@@ -222,7 +311,9 @@ class TcpConnection(FlowState):
         verified = self.verified
         if not mine.chunks and start >= verified.high:
             # Fast path, the common case: new bytes past everything verified, nothing of
-            # ours waiting, and the other side either has nothing or exactly this range.
+            # ours waiting. Nothing to cut away (below gives [(start, end)] here): if the
+            # other side has nothing, store; if it has exactly this range, match it at once;
+            # otherwise compare with its chunks.
             other = self.secondary if primary_side else self.primary
             chunks = other.chunks
             if not chunks:
@@ -236,6 +327,8 @@ class TcpConnection(FlowState):
                 book.bytes_compared += end - start
                 book.stored_bytes -= end - start
                 return
+            self._match(primary_side, start, data, now, book, out)
+            return
         for low, high in verified.subtract(start, end):
             for new_low, new_high in _uncovered(mine.chunks, low, high):
                 piece = (
@@ -374,20 +467,29 @@ class TcpConnection(FlowState):
             segment = held[0]
             need = segment.need
             if need:
-                if need & NEED_ACK and (
-                    secondary.max_ack is None or seq.lt(secondary.max_ack, segment.ack)
+                if (
+                    need & NEED_ACK
+                    and segment.ack != secondary.max_ack
+                    and (secondary.max_ack is None or seq.lt(secondary.max_ack, segment.ack))
                 ):
                     return
-                if need & NEED_SYN and not secondary.syn:
-                    return
-                if need & NEED_FIN and secondary.fin != segment.end:
-                    return
-                if need & NEED_RST and secondary.rst is None:
-                    return
+                if need != NEED_ACK:  # a SYN, FIN or RST waits for the secondary's too
+                    if need & NEED_SYN and not secondary.syn:
+                        return
+                    if need & NEED_FIN and secondary.fin != segment.end:
+                        return
+                    if need & NEED_RST and secondary.rst is None:
+                        return
             if segment.end > segment.start and not verified.contains(segment.start, segment.end):
                 return
             held.popleft()
-            book.release(segment, out, ReleaseReason.MATCHED)
+            # book.release(segment, out, ReleaseReason.MATCHED), without the call
+            segment.released = True
+            book.held_packets -= 1
+            out.append(Release(segment.token, ReleaseReason.MATCHED))
+            if segment.extra:
+                for token in segment.extra:
+                    out.append(Release(token, ReleaseReason.MATCHED))
 
 
 def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str] | None:

@@ -28,6 +28,7 @@ from coloproxy.compare import Comparator
 from coloproxy.config import Config
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
+from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import host as hostnet
 from coloproxy.net.rules import QueueNumbers, Role
@@ -109,7 +110,8 @@ class Daemon:
     async def run(self) -> None:
         config = self.config
         if self.setup_net:
-            hostnet.setup(host_net(config))
+            # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
+            await asyncio.to_thread(hostnet.setup, host_net(config))
             log.info("host network set up for pair %s (%s)", config.pair.name, self.role.value)
         await self.control.start()
         try:
@@ -153,7 +155,7 @@ class Daemon:
         self.comparator = comparator
         proxy = PrimaryProxy(
             comparator,
-            IngressRewriter(comparator.isn_offset),
+            IngressRewriter(comparator.sequence_offsets),
             _Late(),
             _Late(),
             _Late(),
@@ -406,8 +408,12 @@ def run(
             import uvloop
 
             loop_factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(main())
+    try:
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
+    except ColoproxyError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 

@@ -55,6 +55,7 @@ from coloproxy.packet.checksum import (
     fold,
     update16,
 )
+from coloproxy.packet.options import find_timestamps
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Packet
 
 _U16: Final = struct.Struct("!H")
@@ -96,16 +97,22 @@ class ShiftResult:
 
 _FRAGMENT: Final = ShiftResult(ShiftStatus.FRAGMENT, 0)
 _NOTHING: Final = ShiftResult(ShiftStatus.NOTHING_TO_SHIFT, 0)
-# At most 9 fields: the ack and 8 SACK edges (40 option bytes hold at most 4 blocks).
-_SHIFTED: Final = tuple(ShiftResult(ShiftStatus.SHIFTED, count) for count in range(10))
+# At most 10 fields: the ack, 8 SACK edges (40 option bytes hold at most 4 blocks), TSecr.
+_SHIFTED: Final = tuple(ShiftResult(ShiftStatus.SHIFTED, count) for count in range(11))
 # Unpackers for the edges of one SACK option, by edge count (2, 4, 6 or 8 fit in a header).
 _EDGES: Final = tuple(struct.Struct(f"!{count}I") for count in range(9))
 
 
 def shift_tcp_ack(
-    buf: bytearray, packet: Packet, delta: int, *, checksum: ChecksumForm | None = None
+    buf: bytearray,
+    packet: Packet,
+    delta: int,
+    *,
+    checksum: ChecksumForm | None = None,
+    tsecr_delta: int = 0,
 ) -> ShiftResult:
-    """Add ``delta`` (mod 2**32) to the acknowledgement number and every SACK block edge.
+    """Add ``delta`` (mod 2**32) to the acknowledgement number and every SACK block edge,
+    and ``tsecr_delta`` to the timestamp echo (TSecr, RFC 7323) when it is not 0.
 
     The ack field only when the ACK flag is set (otherwise it means nothing and may be
     anything); SACK blocks wherever present. ``packet`` must have been parsed from ``buf``;
@@ -125,6 +132,12 @@ def shift_tcp_ack(
     fields = 1 if has_ack else 0
     for _, count in sacks:
         fields += count
+    tsecr_at: int | None = None
+    if tsecr_delta and packet.payload - l4 > TCP_OPTIONS_OFFSET:
+        tsval_at = find_timestamps(buf, l4 + TCP_OPTIONS_OFFSET, packet.payload)
+        if tsval_at is not None:
+            tsecr_at = tsval_at + 4
+            fields += 1
     if not fields:
         return _NOTHING if clean else ShiftResult(ShiftStatus.BAD_TCP_OPTIONS, 0)
     form = checksum if checksum is not None else classify_checksum(packet)
@@ -140,6 +153,16 @@ def shift_tcp_ack(
         packet.ack = new
         even_old = old
         even_new = new
+    if tsecr_at is not None:
+        old = _U32.unpack_from(buf, tsecr_at)[0]
+        new = seq.add(old, tsecr_delta)
+        _U32.pack_into(buf, tsecr_at, new)
+        if (tsecr_at - l4) & 1:
+            odd_old += old
+            odd_new += new
+        else:
+            even_old += old
+            even_new += new
     for offset, count in sacks:
         # All edges of one option share its parity: one struct call each way.
         edges = _EDGES[count]

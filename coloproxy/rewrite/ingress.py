@@ -3,7 +3,10 @@
 The client talks to the primary. The secondary receives a copy of every client packet, but
 its own TCP connection started from its own ISN, so the client's ACK numbers and SACK edges
 (which count the primary's bytes) must be moved by ``secondary ISN - primary ISN`` before the
-secondary sees them; otherwise it would answer with challenge ACKs or resets. QEMU's
+secondary sees them; otherwise it would answer with challenge ACKs or resets. The timestamp
+echo (TSecr) is moved by ``secondary TSval - primary TSval`` at the SYNs as well: Linux 6.x
+drops a handshake ACK whose TSecr is not one of the TSvals its SYN-ACKs carried, leaving the
+secondary's connection in SYN-RECEIVED (seen in tests/test_proxy_netns.py before this). QEMU's
 filter-rewriter does this on the secondary's host; we do it on host P on the way into the
 tunnel. The client's own sequence numbers are the same for both guests and stay untouched.
 
@@ -29,8 +32,9 @@ from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_u
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Malformed, Packet, parse_ip
 from coloproxy.packet.rewrite import ShiftStatus, shift_tcp_ack
 
-# (guest address, guest port, peer address, peer port, vlan) -> secondary ISN - primary ISN
-OffsetLookup = Callable[[bytes, int, bytes, int, int], "int | None"]
+# (guest address, guest port, peer address, peer port, vlan) -> (secondary ISN - primary ISN,
+# secondary TSval - primary TSval), or None while the connection's ISNs are not both known
+OffsetLookup = Callable[[bytes, int, bytes, int, int], "tuple[int, int] | None"]
 
 
 class RewriteStatus(StrEnum):
@@ -68,17 +72,18 @@ class IngressRewriter:
         if not packet.flags & TCP_ACK:
             return RewriteOutcome(RewriteStatus.NO_ACK)
         # The packet goes client -> guest: the guest is its destination.
-        offset = self._offsets(packet.dst, packet.dport, packet.src, packet.sport, packet.vlan)
-        if offset is None:
+        offsets = self._offsets(packet.dst, packet.dport, packet.src, packet.sport, packet.vlan)
+        if offsets is None:
             return RewriteOutcome(RewriteStatus.NO_OFFSET)
-        if offset == 0:
+        offset, ts_offset = offsets
+        if offset == 0 and ts_offset == 0:
             return RewriteOutcome(RewriteStatus.ZERO_OFFSET)
         buffer = bytearray(data)
         mutable = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
         if not isinstance(mutable, Packet):  # parsed once already: cannot differ
             return RewriteOutcome(RewriteStatus.MALFORMED)
         form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
-        result = shift_tcp_ack(buffer, mutable, offset, checksum=form)
+        result = shift_tcp_ack(buffer, mutable, offset, checksum=form, tsecr_delta=ts_offset)
         if checksum_partial:
             field = checksum_field_offset(mutable)
             buffer[field : field + 2] = tcp_udp_checksum(mutable).to_bytes(2, "big")

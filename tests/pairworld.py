@@ -1,0 +1,307 @@
+"""A protected pair of namespace "guests": topology, both daemons, guest services, an engine.
+
+Used by the proxy's namespace tests. Each ``PairWorld`` gets its own topology prefix, its own
+control sockets in a temporary directory and cleans up everything it started, whatever the
+test did. The checkpoint engine is the test double (namespaces cannot be checkpointed), run
+on an event loop of its own in a thread and reconnecting when the proxy restarts; it reports
+``synced: false`` so the proxy keeps each connection's ISN offset (see docs/control-protocol.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from coloproxy.control import ControlClient
+from coloproxy.control.client import ControlError
+from coloproxy.lab.topology import GUEST_IPV4, GUEST_IPV6, Topology
+from coloproxy.protocol import (
+    CheckpointCompleted,
+    CheckpointRequest,
+    CheckpointStarted,
+    ClientRole,
+    SetPeriod,
+    Status,
+    StatusRequest,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTD = ROOT / "tests" / "guestd.py"
+BIG = bytes((i * 131 + 7) % 251 for i in range(1 << 20))  # tests/guestd.py's /big
+
+PRIMARY_CONFIG = """\
+pair: {{name: t1, role: primary}}
+net:
+  prefix: cp
+  guest_port: guest0
+  lan_bridge: br-lan
+  replication: {{local: 10.255.77.1, remote: 10.255.77.2}}
+  underlay: repl
+queues: {{primary_out: 7710, secondary_out: 7711, secondary_in: 7712}}
+compare:
+  compare_timeout: {compare_timeout}
+  max_held_packets: {max_held_packets}
+  # MLD reports and router solicitations go out after random delays (RFC 3810, RFC 4861):
+  # the two guests never send them in step. Multicast control traffic is not protected.
+  passthrough: [{{protocol: icmpv6, peer_network: "ff00::/8"}}]
+control: {{socket: {socket}}}
+metrics: {{listen: "127.0.0.1:9477"}}
+log: {{level: info}}
+"""
+
+SECONDARY_CONFIG = """\
+pair: {{name: t1, role: secondary}}
+net:
+  prefix: cp
+  guest_port: guest0
+  lan_bridge: br-lan
+  replication: {{local: 10.255.77.2, remote: 10.255.77.1}}
+  underlay: repl
+control: {{socket: {socket}}}
+metrics: {{enabled: false}}
+log: {{level: info}}
+"""
+
+
+class Engine:
+    """The engine double on a thread: answers every request, reconnects after a restart."""
+
+    def __init__(self, path: Path, delay: float = 0.002) -> None:
+        self.path = path
+        self.delay = delay
+        self.requests: list[CheckpointRequest] = []
+        self.completed = 0
+        self._loop = asyncio.new_event_loop()
+        self._task = self._loop.create_task(self._main())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    async def _main(self) -> None:
+        while True:
+            try:
+                client = await ControlClient.connect(
+                    self.path, ClientRole.ENGINE, name="test-engine", timeout=1
+                )
+            except (ControlError, OSError):
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                async for push in client:
+                    if isinstance(push, SetPeriod):
+                        continue
+                    self.requests.append(push)
+                    started = time.time()
+                    await client.request(CheckpointStarted(request=push.id, time=started))
+                    await asyncio.sleep(self.delay)
+                    await client.request(
+                        CheckpointCompleted(
+                            request=push.id, started=started, completed=time.time(), synced=False
+                        )
+                    )
+                    self.completed += 1
+            except (ControlError, OSError):
+                pass
+            finally:
+                with contextlib.suppress(Exception):
+                    await client.close()
+
+    def reasons(self) -> list[str]:
+        return [request.reason for request in self.requests]
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(timeout=5)
+
+
+class PairWorld:
+    def __init__(self, topology: Topology, directory: Path, **compare: Any) -> None:
+        self.topology = topology
+        self.directory = directory
+        self.primary_socket = directory / "primary.sock"
+        self.secondary_socket = directory / "secondary.sock"
+        settings = {"compare_timeout": 1.0, "max_held_packets": 4096} | compare
+        self.primary_config = directory / "primary.yaml"
+        self.primary_config.write_text(
+            PRIMARY_CONFIG.format(socket=self.primary_socket, **settings)
+        )
+        self.secondary_config = directory / "secondary.yaml"
+        self.secondary_config.write_text(SECONDARY_CONFIG.format(socket=self.secondary_socket))
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.engine: Engine | None = None
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, where: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.directory / f"{name}.log", "ab")  # noqa: SIM115  (closed with the process)
+        process = self.topology.popen(where, argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.processes[name] = process
+        return process
+
+    def start(self) -> PairWorld:
+        python = sys.executable
+        self._spawn("pvm", "pvm", [python, str(GUESTD), "--variant", "primary"])
+        self._spawn("svm", "svm", [python, str(GUESTD), "--variant", "secondary"])
+        self._spawn(
+            "secondary", "hs", [python, "-m", "coloproxy", "run", "-c", str(self.secondary_config)]
+        )
+        self.wait_for_socket(self.secondary_socket)
+        self.start_primary()
+        self.engine = Engine(self.primary_socket)
+        self.wait_until(
+            lambda: self.engine is not None and self.engine.completed >= 1,
+            what="the restart checkpoint",
+        )
+        return self
+
+    def start_primary(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.primary_socket.unlink()
+        self._spawn(
+            "primary",
+            "hp",
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(self.primary_config)],
+        )
+        self.wait_for_socket(self.primary_socket)
+
+    def kill_primary(self) -> None:
+        process = self.processes.pop("primary")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def wait_for_socket(self, path: Path, timeout: float = 20.0) -> None:
+        self.wait_until(path.exists, timeout, what=f"control socket {path}")
+
+    def wait_until(self, predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(
+                        f"{name} exited with {process.returncode}:\n{self.log(name)}"
+                    )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.05)
+
+    def log(self, name: str) -> str:
+        path = self.directory / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        for process in self.processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.processes.clear()
+
+    # -- what a client does ----------------------------------------------------------------
+
+    def client(self, function: Any, *args: Any) -> Any:
+        return self.topology.run_in("client", function, *args)
+
+    def status(self) -> Status:
+        async def ask() -> Status:
+            client = await ControlClient.connect(
+                self.primary_socket, ClientRole.MONITOR, name="test"
+            )
+            try:
+                return await client.request(StatusRequest())
+            finally:
+                await client.close()
+
+        return asyncio.run(ask())
+
+    def scrape(self) -> str:
+        def fetch() -> str:
+            with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=5) as response:
+                return response.read().decode()
+
+        return str(self.topology.run_in("hp", fetch))
+
+
+def http_get(
+    path: str, family: int = socket.AF_INET, timeout: float = 10.0
+) -> tuple[int, bytes, int]:
+    """GET over a fresh connection from the client namespace: (status, body, local port)."""
+    host = GUEST_IPV4 if family == socket.AF_INET else GUEST_IPV6
+    connection = http.client.HTTPConnection(host, 80, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        port = connection.sock.getsockname()[1] if connection.sock else 0
+        return response.status, response.read(), port
+    finally:
+        connection.close()
+
+
+def http_post(path: str, body: bytes, timeout: float = 10.0) -> bytes:
+    connection = http.client.HTTPConnection(GUEST_IPV4, 80, timeout=timeout)
+    try:
+        connection.request("POST", path, body=body)
+        return connection.getresponse().read()
+    finally:
+        connection.close()
+
+
+def sha256_line(data: bytes) -> bytes:
+    return hashlib.sha256(data).hexdigest().encode() + b"\n"
+
+
+def udp_echo(message: bytes, family: int, timeout: float = 5.0) -> bytes:
+    host = GUEST_IPV4 if family == socket.AF_INET else GUEST_IPV6
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(message, (host, 7))
+        return sock.recvfrom(65536)[0]
+
+
+def tcp_echo(message: bytes, family: int, timeout: float = 5.0) -> bytes:
+    host = GUEST_IPV4 if family == socket.AF_INET else GUEST_IPV6
+    with socket.create_connection((host, 7), timeout=timeout) as sock:
+        sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+__all__ = [
+    "BIG",
+    "Engine",
+    "PairWorld",
+    "http_get",
+    "http_post",
+    "os",
+    "sha256_line",
+    "tcp_echo",
+    "udp_echo",
+]

@@ -1,0 +1,212 @@
+"""The comparator's TCP lane gives exactly the events of the general path.
+
+``Comparator.feed`` reads known IPv4 TCP connections' segments with one unpack and hands them
+straight to the connection (the lane); everything else is parsed in full (the general path).
+The lane is only an optimisation: here the same random inputs (TCP on several connections,
+both framings, VLAN tags, IP options, fragments, truncation, corruption, bounds, passthrough,
+timers and checkpoints) go to a comparator with the lane and to one with the lane turned off,
+and every event list, timer and statistic must be equal.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from coloproxy.compare import (
+    Comparator,
+    CompareConfig,
+    Drop,
+    DropReason,
+    Event,
+    Framing,
+    PassthroughRule,
+    Release,
+    ReleaseReason,
+    Side,
+)
+from craft import ACK, FIN, GUEST6, PEER6, PSH, RST, SYN, tcp, udp
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+STREAM = bytes((i * 13 + 5) % 251 for i in range(400))
+ISNS = {Side.PRIMARY: 4_294_967_000, Side.SECONDARY: 77}
+MACS = bytes.fromhex("525400000002525400000001")
+
+
+def without_lane(config: CompareConfig) -> Comparator:
+    comparator = Comparator(config)
+    comparator._lane_min = sys.maxsize  # no frame is long enough: the general path only
+    return comparator
+
+
+def _ethernet(packet: bytes, draw: st.DrawFn) -> bytes:
+    version = packet[0] >> 4 if packet else 4
+    ethertype = 0x86DD if version == 6 else 0x0800
+    ethertype = draw(st.sampled_from([ethertype, ethertype, ethertype, 0x86DD, 0x0806]))
+    tag = b""
+    if draw(st.integers(0, 5)) == 0:
+        tag = struct.pack("!HH", 0x8100, draw(st.integers(0, 0xFFFF)))
+    return MACS + tag + struct.pack("!H", ethertype) + packet
+
+
+def _with_ip_options(packet: bytes) -> bytes:
+    """The same IPv4 packet with a 4-byte header option (IHL 6): the lane must pass it on."""
+    header, body = packet[:20], packet[20:]
+    total = struct.unpack_from("!H", header, 2)[0] + 4
+    return bytes([0x46]) + header[1:2] + struct.pack("!H", total) + header[4:] + b"\x01" * 4 + body
+
+
+@st.composite
+def tcp_segment(draw: st.DrawFn, side: Side) -> bytes:
+    port = draw(st.sampled_from([40000, 40000, 40001, 40002]))
+    low = draw(st.integers(0, len(STREAM)))
+    high = draw(st.integers(low, min(len(STREAM), low + 60)))
+    payload = bytearray(STREAM[low:high])
+    if payload and side is Side.SECONDARY and draw(st.integers(0, 15)) == 0:
+        payload[draw(st.integers(0, len(payload) - 1))] ^= 0x40  # a difference
+    number = ISNS[side] + 1 + low
+    if draw(st.integers(0, 20)) == 0:
+        number = draw(st.integers(0, 2**32 - 1))
+    flags = draw(
+        st.sampled_from([PSH | ACK, PSH | ACK, ACK, 0, SYN | ACK, SYN, FIN | ACK, RST, RST | ACK])
+    )
+    if flags & SYN:
+        number = ISNS[side]
+    ack = 1000 + draw(st.integers(0, 3)) * 100
+    options = draw(st.sampled_from([b"", b"", b"\x01\x01\x08\x0a" + bytes(8)]))
+    if draw(st.integers(0, 10)) == 0:
+        packet = tcp(number, bytes(payload), flags, ack, src=GUEST6, dst=PEER6, dport=port)
+    else:
+        packet = tcp(number, bytes(payload), flags, ack, dport=port, options=options)
+        if draw(st.integers(0, 10)) == 0:
+            packet = _with_ip_options(packet)
+        if draw(st.integers(0, 10)) == 0:  # MF, or a fragment offset, or DF (not a fragment)
+            frag = draw(st.sampled_from([0x2000, 0x0001, 0x4000]))
+            packet = packet[:6] + struct.pack("!H", frag) + packet[8:]
+        if draw(st.integers(0, 10)) == 0:  # a data offset below 20 or past the end
+            packet = packet[:32] + bytes([draw(st.integers(0, 255))]) + packet[33:]
+        if draw(st.integers(0, 10)) == 0:  # a total length that disagrees with the frame
+            total = draw(st.integers(0, len(packet) + 8))
+            packet = packet[:2] + struct.pack("!H", total) + packet[4:]
+        if draw(st.integers(0, 10)) == 0:  # protocol field
+            packet = packet[:9] + bytes([draw(st.sampled_from([17, 1, 0]))]) + packet[10:]
+        if draw(st.integers(0, 10)) == 0:  # the version and IHL byte
+            packet = bytes([draw(st.integers(0, 255))]) + packet[1:]
+    if draw(st.integers(0, 15)) == 0:
+        packet = packet[: draw(st.integers(0, len(packet)))]
+    if draw(st.integers(0, 10)) == 0:
+        packet += b"\x00" * draw(st.integers(1, 12))  # Ethernet padding
+    return packet
+
+
+@st.composite
+def scenario(draw: st.DrawFn) -> tuple[CompareConfig, list[tuple[str, Side, bytes]]]:
+    config = CompareConfig(
+        framing=draw(st.sampled_from(Framing)),
+        compare_timeout=draw(st.sampled_from([0.05, 3.0])),
+        secondary_timeout=draw(st.sampled_from([None, 0.05, 3.0])),
+        max_flows=draw(st.sampled_from([1, 2, 16384])),
+        max_held_packets=draw(st.sampled_from([3, 4096])),
+        max_held_bytes=draw(st.sampled_from([90, 64 << 20])),
+        flow_idle_timeout=draw(st.sampled_from([0.05, 120.0])),
+        passthrough=draw(st.sampled_from([(), (PassthroughRule(peer_port=40001),)])),
+    )
+    steps: list[tuple[str, Side, bytes]] = []
+    for _ in range(draw(st.integers(0, 40))):
+        side = draw(st.sampled_from(Side))
+        action = draw(st.sampled_from(["tcp"] * 12 + ["udp", "timer", "started", "completed"]))
+        packet = b""
+        if action == "tcp":
+            packet = draw(tcp_segment(side))
+        elif action == "udp":
+            packet = udp(STREAM[: draw(st.integers(0, 30))])
+        if action in ("tcp", "udp") and config.framing is Framing.ETHERNET:
+            packet = _ethernet(packet, draw)
+        steps.append((action, side, packet))
+    return config, steps
+
+
+def _run(comparator: Comparator, steps: list[tuple[str, Side, bytes]]) -> list[object]:
+    """Everything observable: each call's events, the timer after it, and the end state."""
+    seen: list[object] = []
+    now = 0.0
+    handshake = [
+        (Side.PRIMARY, tcp(ISNS[Side.PRIMARY], flags=SYN | ACK)),
+        (Side.SECONDARY, tcp(ISNS[Side.SECONDARY], flags=SYN | ACK)),
+    ]
+    for side, packet in handshake:
+        if comparator.config.framing is Framing.ETHERNET:
+            packet = MACS + b"\x08\x00" + packet  # noqa: PLW2901
+        seen.append(comparator.feed(side, packet, now, ("syn", side.value)))
+    for index, (action, side, packet) in enumerate(steps):
+        now += 0.02
+        if action == "timer":
+            seen.append(comparator.handle_timer(now))
+        elif action == "started":
+            seen.append(comparator.checkpoint_started(now))
+        elif action == "completed":
+            seen.append(comparator.checkpoint_completed(now))
+        else:
+            seen.append(comparator.feed(side, packet, now, index))
+        seen.append(comparator.get_timer())
+    seen.append(comparator.stats())
+    seen.append(comparator.handle_timer(float("inf")))
+    seen.append(comparator.checkpoint_completed(now + 1))
+    seen.append(comparator.stats())
+    return seen
+
+
+@SETTINGS
+@given(scenario())
+def test_lane_and_general_path_give_the_same_events(
+    case: tuple[CompareConfig, list[tuple[str, Side, bytes]]],
+) -> None:
+    config, steps = case
+    assert _run(Comparator(config), steps) == _run(without_lane(config), steps)
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+def test_the_lane_takes_in_order_data_of_a_known_connection(framing: Framing) -> None:
+    """After the handshake, data segments never reach the parser (so the lane is used)."""
+    wrap: Callable[[bytes], bytes] = (
+        (lambda packet: MACS + b"\x08\x00" + packet)
+        if framing is Framing.ETHERNET
+        else (lambda packet: packet)
+    )
+    comparator = Comparator(CompareConfig(framing=framing))
+    primary_isn, secondary_isn = ISNS[Side.PRIMARY], ISNS[Side.SECONDARY]
+    comparator.feed(Side.PRIMARY, wrap(tcp(primary_isn, flags=SYN | ACK)), 0.0, "p-syn")
+    comparator.feed(Side.SECONDARY, wrap(tcp(secondary_isn, flags=SYN | ACK)), 0.0, "s-syn")
+
+    def no_parsing(data: bytes) -> object:
+        raise AssertionError("the general path parsed a segment the lane should have taken")
+
+    comparator._parse = no_parsing  # type: ignore[assignment]
+    for index in range(3):
+        low, high = index * 100, index * 100 + 100
+        primary = wrap(tcp(primary_isn + 1 + low, STREAM[low:high]))
+        secondary = wrap(tcp(secondary_isn + 1 + low, STREAM[low:high]))
+        assert comparator.feed(Side.PRIMARY, primary, 1.0, f"p{index}") == []
+        assert comparator.feed(Side.SECONDARY, secondary, 1.0, f"s{index}") == [
+            Drop(f"s{index}", DropReason.COMPARED),
+            Release(f"p{index}", ReleaseReason.MATCHED),
+        ]
+
+
+def test_a_lane_connection_is_forgotten_with_its_flow() -> None:
+    """Idle eviction removes a connection from the lane too: it comes back as a new flow."""
+    comparator = Comparator(CompareConfig(flow_idle_timeout=1.0))
+    comparator.feed(Side.PRIMARY, tcp(10, b"ab"), 0.0, "p1")
+    comparator.feed(Side.SECONDARY, tcp(10, b"ab"), 0.0, "s1")
+    assert comparator.stats().flows == 1
+    comparator.handle_timer(5.0)
+    assert comparator.stats().flows == 0
+    events: list[Event] = comparator.feed(Side.PRIMARY, tcp(12, b"cd"), 6.0, "p2")
+    assert events == []
+    assert comparator.stats().flows == 1
