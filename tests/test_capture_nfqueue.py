@@ -193,7 +193,7 @@ class Udp:
         self.rx = lab.socket(lab.server, socket.SOCK_DGRAM)
         self.rx.bind((SERVER, port))
         # Room for every datagram a test sends before it reads (SO_RCVBUFFORCE, root only).
-        self.rx.setsockopt(socket.SOL_SOCKET, 33, 4 << 20)
+        self.rx.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)
         self.port = port
 
     def send(self, data: bytes) -> None:
@@ -337,6 +337,35 @@ async def test_a_held_packet_is_released_after_many_others(
         assert counters.kernel_errors == 0
         stats = read_queue_stats(netns=queued.router)[QUEUE]
         assert (stats.queue_total, stats.queue_dropped, stats.user_dropped) == (0, 0, 0)
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_thousands_of_held_packets_released_at_once_in_any_order(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    held = Held()
+    queue = open_queue(config(queued), held, transport)
+    count = 5000  # the netlink transport's verdicts then need two datagrams (160 KB)
+    try:
+        for index in range(count):
+            udp.send(b"%d" % index)
+            if index % 500 == 499:
+                await asyncio.sleep(0.001)
+        await held.wait_for(count, timeout=10)
+        sends = queue.counters().verdict_sends
+        for handle in reversed(held.handles):  # one loop iteration, newest first
+            queue.accept(handle)
+        arrived = [await receive(udp.rx) for _ in range(count)]
+        assert arrived == [b"%d" % index for index in reversed(range(count))]
+        stats = read_queue_stats(netns=queued.router)[QUEUE]
+        assert (stats.queue_total, stats.queue_dropped, stats.user_dropped) == (0, 0, 0)
+        assert queue.counters().kernel_errors == 0
+        if transport is Transport.NETLINK:
+            assert queue.counters().verdict_sends - sends == 2
     finally:
         queue.close()
 
