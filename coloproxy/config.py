@@ -102,7 +102,7 @@ class QueuesConfig:
     max_len: int = 4096
     copy_range: int = 65535
     rcvbuf: int = 8 << 20
-    transport: Transport = Transport.NETFILTERQUEUE
+    transport: Transport = Transport.NETLINK
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,7 +384,7 @@ QUEUES_KEYS: Final[Mapping[str, _Key]] = {
     "rcvbuf": _Key(
         _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 8 << 20
     ),
-    "transport": _Key(_choice(Transport), Transport.NETFILTERQUEUE),
+    "transport": _Key(_choice(Transport), Transport.NETLINK),
 }
 PASSTHROUGH_KEYS: Final[Mapping[str, _Key]] = {
     "protocol": _Key(_optional(_passthrough_protocol), None),

@@ -92,7 +92,7 @@ def test_metrics_are_served(world: PairWorld) -> None:
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[PairWorld]:
     with topology_fixture() as topology:
-        pair = PairWorld(topology, tmp_path, max_held_packets=64)
+        pair = PairWorld(topology, tmp_path, max_held_packets=4)
         try:
             yield pair.start()
         finally:

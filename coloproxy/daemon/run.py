@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from coloproxy import __version__
-from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
+from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
 from coloproxy.config import Config
@@ -187,6 +187,7 @@ class Daemon:
         def ingress(handle: object, payload: bytes, now: float) -> None:
             proxy.on_ingress(handle, payload, now)
 
+        netlink = queues.transport.value == Transport.NETLINK.value
         opened: list[PacketQueue] = []
         for number, callback in (
             (queues.primary_out, primary),
@@ -194,7 +195,13 @@ class Daemon:
             (queues.secondary_in, ingress),
         ):
             queue_config = QueueConfig(
-                number, max_len=queues.max_len, copy_range=queues.copy_range, rcvbuf=queues.rcvbuf
+                number,
+                max_len=queues.max_len,
+                copy_range=queues.copy_range,
+                rcvbuf=queues.rcvbuf,
+                # Whole GSO packets where verdicts carry no new payload; never on S-in, whose
+                # rewritten packets need complete checksums (bench/nfqueue_README.md).
+                gso=netlink and number != queues.secondary_in,
             )
             opened.append(open_queue(queue_config, callback, queues.transport.value))
         self.queues = opened
