@@ -13,6 +13,7 @@ import json
 import math
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 from coloproxy import __version__
@@ -299,7 +300,8 @@ def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser
 def _run(args: argparse.Namespace) -> int:
     from coloproxy.daemon.run import run  # the daemon's dependencies load only when needed
 
-    return run(load_config(args.config), setup_net=not args.no_setup)
+    record = Path(args.record) if args.record else None
+    return run(load_config(args.config), setup_net=not args.no_setup, record=record)
 
 
 def _teardown(args: argparse.Namespace) -> int:
@@ -324,6 +326,11 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("-c", "--config", required=True, metavar="FILE", help="the pair's config")
     parser.add_argument(
         "--no-setup", action="store_true", help="do not touch links, tc or rules (already set up)"
+    )
+    parser.add_argument(
+        "--record",
+        metavar="DIR",
+        help="debugging: write every compared packet to DIR/primary.pcap and DIR/secondary.pcap",
     )
     parser.set_defaults(handler=_run)
 

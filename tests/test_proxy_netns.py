@@ -44,7 +44,7 @@ def test_download_and_upload_get_the_primary_bytes(world: PairWorld) -> None:
     assert world.client(http_post, "/upload", upload) == sha256_line(upload)
     # No divergence: in particular the SVM kept its connections (an RST from it would be a
     # fate divergence), because the client's ACKs reached it shifted by the ISN offset.
-    assert world.engine.requests[before:] == []
+    assert world.engine.requests[before:] == [], world.diagnose()
     status_reply = world.status()
     assert status_reply.counters["rewrites"] > 0
     assert status_reply.held_packets == 0
@@ -57,7 +57,7 @@ def test_an_injected_divergence_is_one_request_with_flow_and_evidence(world: Pai
     assert status == 200
     assert body == b"variant: primary.........\n"  # the primary's bytes, after the checkpoint
     requests = world.engine.requests[before:]
-    assert [r.reason for r in requests] == ["payload"]
+    assert [r.reason for r in requests] == ["payload"], world.diagnose()
     (request,) = requests
     assert request.flow == f"tcp {GUEST_IPV4}:80 -> {CLIENT_IPV4}:{port}"
     assert request.evidence is not None
@@ -79,7 +79,7 @@ def test_udp_and_tcp_echo(world: PairWorld, family: int) -> None:
     assert world.client(tcp_echo, b"stream " * 5000, family) == b"stream " * 5000
     status, body, _ = world.client(http_get, "/", family)
     assert status == 200 and body == b"hello from the guest\n" * 10
-    assert world.engine.requests[before:] == []
+    assert world.engine.requests[before:] == [], world.diagnose()
 
 
 def test_metrics_are_served(world: PairWorld) -> None:
@@ -92,7 +92,8 @@ def test_metrics_are_served(world: PairWorld) -> None:
 @pytest.fixture
 def fresh(tmp_path: Path) -> Iterator[PairWorld]:
     with topology_fixture() as topology:
-        pair = PairWorld(topology, tmp_path, max_held_packets=4)
+        # 4 KiB of stored bytes: a few segments of a download waiting for their match
+        pair = PairWorld(topology, tmp_path, max_held_bytes=4096)
         try:
             yield pair.start()
         finally:

@@ -20,6 +20,7 @@ import logging
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from coloproxy import __version__
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
@@ -28,6 +29,7 @@ from coloproxy.compare import Comparator
 from coloproxy.config import Config
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
+from coloproxy.daemon.record import Recorder
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import host as hostnet
@@ -81,9 +83,12 @@ def host_net(config: Config) -> hostnet.HostNet:
 class Daemon:
     """Everything one ``coloproxy run`` owns; ``ControlHandler`` for its control socket."""
 
-    def __init__(self, config: Config, *, setup_net: bool = True) -> None:
+    def __init__(
+        self, config: Config, *, setup_net: bool = True, record: Path | None = None
+    ) -> None:
         self.config = config
         self.setup_net = setup_net
+        self.recorder = Recorder(record) if record is not None else None
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
         self.role = ProxyRole(config.pair.role.value)
@@ -142,6 +147,8 @@ class Daemon:
             if self.metrics_server is not None:
                 await self.metrics_server.close()
             await self.control.close()
+            if self.recorder is not None:
+                self.recorder.close()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -175,6 +182,7 @@ class Daemon:
             s for n, s in read_queue_stats().items() if n in numbers
         ]
         rearm = self._rearm_soon
+        recorder = self.recorder
 
         def primary(handle: object, payload: bytes, now: float) -> None:
             proxy.on_primary(handle, payload, now)
@@ -183,6 +191,18 @@ class Daemon:
         def secondary(handle: object, payload: bytes, now: float) -> None:
             proxy.on_secondary(handle, payload, now)
             rearm()
+
+        if recorder is not None:
+
+            def primary(handle: object, payload: bytes, now: float) -> None:
+                recorder.write("primary", payload)
+                proxy.on_primary(handle, payload, now)
+                rearm()
+
+            def secondary(handle: object, payload: bytes, now: float) -> None:
+                recorder.write("secondary", payload)
+                proxy.on_secondary(handle, payload, now)
+                rearm()
 
         def ingress(handle: object, payload: bytes, now: float) -> None:
             proxy.on_ingress(handle, payload, now)
@@ -401,13 +421,14 @@ def run(
     config: Config,
     *,
     setup_net: bool = True,
+    record: Path | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT; the exit code."""
     configure_logging(config.log.level.value)
 
     async def main() -> None:
-        daemon = Daemon(config, setup_net=setup_net)
+        daemon = Daemon(config, setup_net=setup_net, record=record)
         await daemon.run()
 
     if loop_factory is None:
