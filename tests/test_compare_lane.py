@@ -1,8 +1,8 @@
-"""The comparator's TCP lane gives exactly the events of the general path.
+"""The comparator's TCP and UDP lanes give exactly the events of the general path.
 
-``Comparator.feed`` reads known IPv4 TCP connections' segments with one unpack and hands them
-straight to the connection (the lane); everything else is parsed in full (the general path).
-The lane is only an optimisation: here the same random inputs (TCP on several connections,
+``Comparator.feed`` reads packets of known IPv4 TCP and UDP flows with one unpack and hands
+them straight to the flow (the lanes); everything else is parsed in full (the general path).
+The lane is only an optimisation: here the same random inputs (TCP and UDP on several flows,
 both framings, VLAN tags, IP options, fragments, truncation, corruption, bounds, passthrough,
 timers and checkpoints) go to a comparator with the lane and to one with the lane turned off,
 and every event list, timer and statistic must be equal.
@@ -62,6 +62,29 @@ def _with_ip_options(packet: bytes) -> bytes:
     return bytes([0x46]) + header[1:2] + struct.pack("!H", total) + header[4:] + b"\x01" * 4 + body
 
 
+def _mangle(packet: bytes, draw: st.DrawFn) -> bytes:
+    """Sometimes change an IPv4 header field so the lanes must pass the packet on."""
+    if draw(st.integers(0, 10)) == 0:
+        packet = _with_ip_options(packet)
+    if draw(st.integers(0, 10)) == 0:  # MF, or a fragment offset, or DF (not a fragment)
+        frag = draw(st.sampled_from([0x2000, 0x0001, 0x4000]))
+        packet = packet[:6] + struct.pack("!H", frag) + packet[8:]
+    if packet[9] == 6 and draw(st.integers(0, 10)) == 0:  # TCP's data offset
+        packet = packet[:32] + bytes([draw(st.integers(0, 255))]) + packet[33:]
+    if packet[9] == 17 and draw(st.integers(0, 8)) == 0:  # the UDP length
+        body = len(packet) - 20
+        length = draw(st.sampled_from([0, 7, 8, body - 1, body + 1, 0xFFFF]))
+        packet = packet[:24] + struct.pack("!H", max(0, length)) + packet[26:]
+    if draw(st.integers(0, 10)) == 0:  # a total length that disagrees with the frame
+        total = draw(st.integers(0, len(packet) + 8))
+        packet = packet[:2] + struct.pack("!H", total) + packet[4:]
+    if draw(st.integers(0, 10)) == 0:  # protocol field
+        packet = packet[:9] + bytes([draw(st.sampled_from([6, 17, 1, 0]))]) + packet[10:]
+    if draw(st.integers(0, 10)) == 0:  # the version and IHL byte
+        packet = bytes([draw(st.integers(0, 255))]) + packet[1:]
+    return packet
+
+
 @st.composite
 def tcp_segment(draw: st.DrawFn, side: Side) -> bytes:
     port = draw(st.sampled_from([40000, 40000, 40001, 40002]))
@@ -81,28 +104,18 @@ def tcp_segment(draw: st.DrawFn, side: Side) -> bytes:
     ack = 1000 + draw(st.integers(0, 3)) * 100
     options = draw(st.sampled_from([b"", b"", b"\x01\x01\x08\x0a" + bytes(8)]))
     if draw(st.integers(0, 10)) == 0:
-        packet = tcp(number, bytes(payload), flags, ack, src=GUEST6, dst=PEER6, dport=port)
-    else:
-        packet = tcp(number, bytes(payload), flags, ack, dport=port, options=options)
-        if draw(st.integers(0, 10)) == 0:
-            packet = _with_ip_options(packet)
-        if draw(st.integers(0, 10)) == 0:  # MF, or a fragment offset, or DF (not a fragment)
-            frag = draw(st.sampled_from([0x2000, 0x0001, 0x4000]))
-            packet = packet[:6] + struct.pack("!H", frag) + packet[8:]
-        if draw(st.integers(0, 10)) == 0:  # a data offset below 20 or past the end
-            packet = packet[:32] + bytes([draw(st.integers(0, 255))]) + packet[33:]
-        if draw(st.integers(0, 10)) == 0:  # a total length that disagrees with the frame
-            total = draw(st.integers(0, len(packet) + 8))
-            packet = packet[:2] + struct.pack("!H", total) + packet[4:]
-        if draw(st.integers(0, 10)) == 0:  # protocol field
-            packet = packet[:9] + bytes([draw(st.sampled_from([17, 1, 0]))]) + packet[10:]
-        if draw(st.integers(0, 10)) == 0:  # the version and IHL byte
-            packet = bytes([draw(st.integers(0, 255))]) + packet[1:]
-    if draw(st.integers(0, 15)) == 0:
-        packet = packet[: draw(st.integers(0, len(packet)))]
+        return tcp(number, bytes(payload), flags, ack, src=GUEST6, dst=PEER6, dport=port)
+    return _mangle(tcp(number, bytes(payload), flags, ack, dport=port, options=options), draw)
+
+
+@st.composite
+def udp_datagram(draw: st.DrawFn) -> bytes:
+    port = draw(st.sampled_from([40000, 40001, 40002]))
+    low = draw(st.sampled_from([0, 0, 3]))  # mostly the same datagrams on both sides
+    payload = STREAM[low : low + draw(st.sampled_from([4, 12, 20, 30]))]
     if draw(st.integers(0, 10)) == 0:
-        packet += b"\x00" * draw(st.integers(1, 12))  # Ethernet padding
-    return packet
+        return udp(payload, src=GUEST6, dst=PEER6, dport=port)
+    return _mangle(udp(payload, dport=port), draw)
 
 
 @st.composite
@@ -111,21 +124,28 @@ def scenario(draw: st.DrawFn) -> tuple[CompareConfig, list[tuple[str, Side, byte
         framing=draw(st.sampled_from(Framing)),
         compare_timeout=draw(st.sampled_from([0.05, 3.0])),
         secondary_timeout=draw(st.sampled_from([None, 0.05, 3.0])),
-        max_flows=draw(st.sampled_from([1, 2, 16384])),
-        max_held_packets=draw(st.sampled_from([3, 4096])),
-        max_held_bytes=draw(st.sampled_from([90, 64 << 20])),
+        datagram_reorder_window=draw(st.sampled_from([0.005, 0.1])),
+        max_flows=draw(st.sampled_from([1, 2, 16384, 16384, 16384])),
+        max_held_packets=draw(st.sampled_from([3, 4096, 4096, 4096])),
+        max_held_bytes=draw(st.sampled_from([40, 90, 64 << 20, 64 << 20, 64 << 20])),
         flow_idle_timeout=draw(st.sampled_from([0.05, 120.0])),
         passthrough=draw(st.sampled_from([(), (PassthroughRule(peer_port=40001),)])),
     )
     steps: list[tuple[str, Side, bytes]] = []
     for _ in range(draw(st.integers(0, 40))):
         side = draw(st.sampled_from(Side))
-        action = draw(st.sampled_from(["tcp"] * 12 + ["udp", "timer", "started", "completed"]))
+        action = draw(
+            st.sampled_from(["tcp"] * 9 + ["udp"] * 4 + ["timer", "started", "completed"])
+        )
         packet = b""
         if action == "tcp":
             packet = draw(tcp_segment(side))
         elif action == "udp":
-            packet = udp(STREAM[: draw(st.integers(0, 30))])
+            packet = draw(udp_datagram())
+        if draw(st.integers(0, 15)) == 0:
+            packet = packet[: draw(st.integers(0, len(packet)))]
+        if draw(st.integers(0, 10)) == 0:
+            packet += b"\x00" * draw(st.integers(1, 12))  # Ethernet padding
         if action in ("tcp", "udp") and config.framing is Framing.ETHERNET:
             packet = _ethernet(packet, draw)
         steps.append((action, side, packet))
@@ -171,6 +191,49 @@ def test_lane_and_general_path_give_the_same_events(
     assert _run(Comparator(config), steps) == _run(without_lane(config), steps)
 
 
+def _same_with_and_without_lane(
+    config: CompareConfig, steps: list[tuple[str, Side, bytes]]
+) -> None:
+    assert _run(Comparator(config), steps) == _run(without_lane(config), steps)
+
+
+BOUNDS = [
+    pytest.param(CompareConfig(max_held_bytes=40), id="bytes"),
+    pytest.param(CompareConfig(max_held_packets=3), id="packets"),
+]
+
+
+@pytest.mark.parametrize("config", BOUNDS)
+@pytest.mark.parametrize(
+    "make",
+    [lambda n: udp(STREAM[n : n + 15]), lambda n: tcp(10 + n * 15, STREAM[n * 15 : n * 15 + 15])],
+    ids=["udp", "tcp"],
+)
+def test_the_lanes_leave_a_packet_past_a_bound_to_the_general_path(
+    config: CompareConfig, make: Callable[[int], bytes]
+) -> None:
+    """Unmatched primary packets fill a bound: the one that passes it saturates."""
+    steps = [("feed", Side.PRIMARY, make(n)) for n in range(5)]
+    steps += [("feed", Side.SECONDARY, make(n)) for n in range(5)]
+    _same_with_and_without_lane(config, steps)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: udp(STREAM[:20]), lambda: tcp(10, STREAM[:20])], ids=["udp", "tcp"]
+)
+def test_the_lanes_forget_evicted_flows(make: Callable[[], bytes]) -> None:
+    """An idle flow is forgotten after flow_idle_timeout; its next packet makes a new flow."""
+    packet = make()
+    steps = [
+        ("feed", Side.PRIMARY, packet),
+        ("feed", Side.SECONDARY, packet),
+        *[("timer", Side.PRIMARY, b"")] * 5,
+        ("feed", Side.PRIMARY, packet),
+        ("feed", Side.SECONDARY, packet),
+    ]
+    _same_with_and_without_lane(CompareConfig(flow_idle_timeout=0.05), steps)
+
+
 @pytest.mark.parametrize("framing", list(Framing))
 def test_the_lane_takes_in_order_data_of_a_known_connection(framing: Framing) -> None:
     """After the handshake, data segments never reach the parser (so the lane is used)."""
@@ -196,6 +259,31 @@ def test_the_lane_takes_in_order_data_of_a_known_connection(framing: Framing) ->
         assert comparator.feed(Side.SECONDARY, secondary, 1.0, f"s{index}") == [
             Drop(f"s{index}", DropReason.COMPARED),
             Release(f"p{index}", ReleaseReason.MATCHED),
+        ]
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+def test_the_lane_takes_datagrams_of_a_known_udp_flow(framing: Framing) -> None:
+    wrap: Callable[[bytes], bytes] = (
+        (lambda packet: MACS + b"\x08\x00" + packet)
+        if framing is Framing.ETHERNET
+        else (lambda packet: packet)
+    )
+    comparator = Comparator(CompareConfig(framing=framing))
+    comparator.feed(Side.PRIMARY, wrap(udp(STREAM[:20])), 0.0, "p0")
+    comparator.feed(Side.SECONDARY, wrap(udp(STREAM[:20])), 0.0, "s0")
+
+    def no_parsing(data: bytes) -> object:
+        raise AssertionError("the general path parsed a datagram the lane should have taken")
+
+    comparator._parse = no_parsing  # type: ignore[assignment]
+    for index in range(1, 4):
+        datagram = wrap(udp(STREAM[index : index + 20]))
+        assert comparator.feed(Side.SECONDARY, datagram, 1.0, f"s{index}") == [
+            Drop(f"s{index}", DropReason.COMPARED)
+        ]
+        assert comparator.feed(Side.PRIMARY, datagram, 1.0, f"p{index}") == [
+            Release(f"p{index}", ReleaseReason.MATCHED)
         ]
 
 

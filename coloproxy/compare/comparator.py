@@ -71,10 +71,11 @@ from coloproxy.packet.parse import (
     parse_ip,
 )
 
-# The TCP lane's header readers. From the IP header: version and IHL, total length, the
-# fragment field, protocol, then the 12 bytes from the source address to the TCP destination
-# port (the lane's flow key), sequence and acknowledgement numbers, data offset, flags. The
-# Ethernet one reads the ethertype first; the raw-IP one reads an empty string in its place.
+# The lanes' header reader. From the IP header: version and IHL, total length, the fragment
+# field, protocol, then the 12 bytes from the source address to the destination port (the
+# lane's flow key), then TCP's sequence and acknowledgement numbers, data offset and flags
+# (for UDP the first 16 bits of "sequence" are the UDP length). The Ethernet one reads the
+# ethertype first; the raw-IP one reads an empty string in its place.
 _LANE_ETHERNET: Final = struct.Struct("!12x2sBxH2xHxB2x12sIIBB")
 _LANE_IP: Final = struct.Struct("!0sBxH2xHxB2x12sIIBB")
 _LANE_PORTS: Final = struct.Struct("!HH")
@@ -160,14 +161,15 @@ class Comparator:
         self.config = config = config or CompareConfig()
         ethernet = config.framing is Framing.ETHERNET
         self._parse = parse_ethernet if ethernet else parse_ip
-        # The TCP lane (see feed): where the IP header starts, the header reader, the shortest
-        # frame it reads, the ethertype it wants (none for raw IP), and its connections by
-        # guest address, peer address, guest port, peer port as they sit in the IPv4 header.
+        # The lanes (see feed): where the IP header starts, the header reader, the shortest
+        # frame it reads, the ethertype it wants (none for raw IP), and the TCP and UDP flows
+        # by guest address, peer address, guest port, peer port as they sit in the headers.
         self._l3 = ETHERNET_HEADER_LEN if ethernet else 0
         self._lane = _LANE_ETHERNET if ethernet else _LANE_IP
         self._lane_min = self._l3 + 40
         self._lane_ethertype = _ETHERTYPE_IPV4 if ethernet else b""
-        self._lane_flows: dict[bytes, TcpConnection] = {}
+        self._lane_tcp: dict[bytes, TcpConnection] = {}
+        self._lane_udp: dict[bytes, DatagramFlow] = {}
         self._max_held_packets = config.max_held_packets
         self._max_held_bytes = config.max_held_bytes
         self._book = Book(config)
@@ -185,47 +187,69 @@ class Comparator:
     def feed(self, side: Side, data: bytes, now: float, token: object = None) -> list[Event]:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
-        # The TCP lane: a segment of a known IPv4 TCP connection, untagged, no IP options, not
-        # a fragment, while comparing normally. One unpack reads every field needed and the
-        # segment goes straight to its connection, with no Packet built; what it does is what
-        # the general path below does for such a segment (tests/test_compare_lane.py checks
-        # both paths give the same events). Anything else takes the general path, which
-        # parses from scratch.
+        # The lanes: a TCP segment or UDP datagram of a known IPv4 flow, untagged, no IP
+        # options, not a fragment, while comparing normally. One unpack reads every field
+        # needed and the packet goes straight to its flow, with no Packet built; what the
+        # lanes do is what the general path below does for such a packet
+        # (tests/test_compare_lane.py checks both give the same events). Anything else takes
+        # the general path, which parses from scratch.
         book = self._book
         if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
             ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = (
                 self._lane.unpack_from(data)
             )
-            connection = self._lane_flows.get(key)
             if (
-                connection is not None
-                and vhl == 0x45
+                vhl == 0x45
                 and ethertype == self._lane_ethertype
-                and proto == PROTO_TCP
                 and not frag & 0x3FFF  # neither MF nor a fragment offset
-                and offset >= 0x50  # a TCP data offset of at least 20 bytes
-                and not flags & TCP_SYN  # SYNs name ISNs and timestamps: the general path
+                and self._l3 + total <= len(data)
             ):
-                end = self._l3 + total
-                start = self._l3 + 20 + (offset >> 4) * 4
-                if (
-                    start <= end <= len(data)
-                    # not book.over_bounds(end - start), without the call
-                    and book.held_packets < self._max_held_packets
-                    and book.stored_bytes + (end - start) <= self._max_held_bytes
-                ):
-                    connection.last_active = now
-                    if side is _PRIMARY:
-                        held = book.new_held(token, now, connection)
-                        connection.feed_primary(
-                            number, ack, flags, data[start:end], held, now, book, out
-                        )
-                    else:
-                        out.append(Drop(token, DropReason.COMPARED))
-                        connection.feed_secondary(
-                            number, ack, flags, data[start:end], now, book, out
-                        )
-                    return out
+                l4 = self._l3 + 20
+                if proto == PROTO_TCP:
+                    connection = self._lane_tcp.get(key)
+                    end = l4 - 20 + total
+                    start = l4 + (offset >> 4) * 4
+                    if (
+                        connection is not None
+                        and offset >= 0x50  # a TCP data offset of at least 20 bytes
+                        and start <= end
+                        and not flags & TCP_SYN  # SYNs name ISNs and timestamps: general path
+                        # not book.over_bounds(end - start), without the call
+                        and book.held_packets < self._max_held_packets
+                        and book.stored_bytes + (end - start) <= self._max_held_bytes
+                    ):
+                        connection.last_active = now
+                        if side is _PRIMARY:
+                            held = book.new_held(token, now, connection)
+                            connection.feed_primary(
+                                number, ack, flags, data[start:end], held, now, book, out
+                            )
+                        else:
+                            out.append(Drop(token, DropReason.COMPARED))
+                            connection.feed_secondary(
+                                number, ack, flags, data[start:end], now, book, out
+                            )
+                        return out
+                elif proto == PROTO_UDP:
+                    datagrams = self._lane_udp.get(key)
+                    length = number >> 16  # the UDP length field, where TCP's seq would be
+                    if (
+                        datagrams is not None
+                        and 8 <= length <= total - 20
+                        and book.held_packets < self._max_held_packets
+                        and book.stored_bytes + (length - 8) <= self._max_held_bytes
+                    ):
+                        datagrams.last_active = now
+                        payload = bytes(data[l4 + 8 : l4 + length])
+                        if side is _PRIMARY:
+                            held = book.new_held(token, now, datagrams)
+                            if datagrams.feed_primary(payload, held, now, book, out):
+                                self._arm_reorder(datagrams)
+                        else:
+                            out.append(Drop(token, DropReason.COMPARED))
+                            if datagrams.feed_secondary(payload, now, book, out):
+                                self._arm_reorder(datagrams)
+                        return out
         packet = self._parse(data)
         if side is _PRIMARY:
             self._feed_primary(packet, data, token, now, out)
@@ -527,8 +551,11 @@ class Comparator:
             flow.passthrough = any(rule.matches(packet, label.protocol) for rule in self._rules)
         self._flows[key] = flow
         lane_key = _lane_key(key)
-        if lane_key is not None and type(flow) is TcpConnection and not flow.passthrough:
-            self._lane_flows[lane_key] = flow
+        if lane_key is not None and not flow.passthrough:
+            if type(flow) is TcpConnection:
+                self._lane_tcp[lane_key] = flow
+            elif type(flow) is DatagramFlow and packet.proto == PROTO_UDP:
+                self._lane_udp[lane_key] = flow
         if self._next_sweep is None:
             self._next_sweep = now + self.config.flow_idle_timeout
         return flow
@@ -545,7 +572,8 @@ class Comparator:
             del self._flows[key]
             lane_key = _lane_key(key)
             if lane_key is not None:
-                self._lane_flows.pop(lane_key, None)
+                lane = self._lane_tcp if key[0] == PROTO_TCP else self._lane_udp
+                lane.pop(lane_key, None)
 
     def _arm_reorder(self, flow: DatagramFlow) -> None:
         deadline = flow.reorder_deadline
@@ -752,9 +780,11 @@ class Comparator:
 
 
 def _lane_key(key: tuple[object, ...]) -> bytes | None:
-    """The TCP lane's key for a flow key: untagged IPv4 TCP flows only, else None."""
+    """A lane's key for a flow key: untagged IPv4 TCP and UDP flows only, else None."""
     proto, src, dst, sport, dport, vlan = key
-    if proto != PROTO_TCP or vlan != -1 or not isinstance(src, bytes) or len(src) != 4:
+    if proto not in (PROTO_TCP, PROTO_UDP) or vlan != -1 or not isinstance(src, bytes):
+        return None
+    if len(src) != 4:
         return None
     assert isinstance(dst, bytes) and isinstance(sport, int) and isinstance(dport, int)
     return src + dst + _LANE_PORTS.pack(sport, dport)
