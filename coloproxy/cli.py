@@ -348,6 +348,81 @@ def _add_teardown(commands: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(handler=_teardown)
 
 
+# -- lab -----------------------------------------------------------------------------------------
+
+
+def _lab(args: argparse.Namespace) -> int:
+    import os
+
+    from coloproxy.lab.lab import Lab, demo, format_summary, running_lab
+    from coloproxy.lab.vms import LabError
+
+    if os.geteuid() != 0:
+        print("lab: run as root (namespaces, QEMU, NFQUEUE)", file=sys.stderr)
+        return EXIT_TROUBLE
+    lab = Lab(args.prefix, Path(args.run_dir), qemu_filters=getattr(args, "qemu_filters", False))
+    try:
+        if args.lab_command == "up":
+            lab.up()
+            print(f"lab up; `coloproxy lab down` ends it (state in {lab.paths.state})")
+        elif args.lab_command == "down":
+            lab.down()
+            print("lab down")
+        else:
+            with running_lab(lab, keep=args.keep):
+                result = demo(lab, traffic_s=args.traffic, after_failover_s=args.after)
+                sys.stdout.write(format_summary(result, lab))
+            return EXIT_EQUIVALENT if result.failed == 0 else EXIT_DIVERGED
+    except LabError as exc:
+        print(f"lab {args.lab_command}: {exc}", file=sys.stderr)
+        return EXIT_TROUBLE
+    return EXIT_EQUIVALENT
+
+
+def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from coloproxy.lab.configs import DEFAULT_RUN_DIR
+    from coloproxy.lab.lab import DEFAULT_PREFIX
+
+    parser = commands.add_parser(
+        "lab",
+        help="a protected VM pair serving a client, on this machine (namespaces, QEMU)",
+        description=(
+            "Hosts as network namespaces, a real COLO VM pair under QEMU, coloproxy between"
+            " them and a client (docs/lab.md). As root."
+        ),
+    )
+    parser.add_argument("--prefix", default=DEFAULT_PREFIX, help="namespace prefix (%(default)s)")
+    parser.add_argument(
+        "--run-dir", default=str(DEFAULT_RUN_DIR), help="sockets, logs, state (%(default)s)"
+    )
+    actions = parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True)
+    up = actions.add_parser(
+        "up", help="build what is missing, start the pair, wait until it serves the client"
+    )
+    up.add_argument(
+        "--qemu-filters",
+        action="store_true",
+        help="wire the pair with QEMU's colo-compare and filters instead of coloproxy",
+    )
+    actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
+    demo = actions.add_parser(
+        "demo", help="up, client traffic, a divergence, SIGKILL of the primary, summary, down"
+    )
+    demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    demo.add_argument(
+        "--qemu-filters", action="store_true", help="the same with QEMU's own colo-compare"
+    )
+    demo.add_argument(
+        "--traffic", type=_seconds, default=20.0, metavar="SECONDS",
+        help="client traffic before the divergence and the kill (%(default)s)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--after", type=_seconds, default=10.0, metavar="SECONDS",
+        help="client traffic after the kill (%(default)s)",
+    )  # fmt: skip
+    parser.set_defaults(handler=_lab)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coloproxy",
@@ -361,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint(commands)
     _add_run(commands)
     _add_teardown(commands)
+    _add_lab(commands)
     return parser
 
 

@@ -1,0 +1,872 @@
+"""``coloproxy lab up | down | demo``: a protected VM pair serving a client, on one machine.
+
+Theory of operation
+-------------------
+The lab is DESIGN.md's host pair with every machine replaced by a network namespace
+(:class:`~coloproxy.lab.topology.Topology` with ``guests="tap"``): a client, a LAN switch,
+host P and host S joined by a replication link. Each host namespace runs what a real host
+would: a QEMU (:mod:`coloproxy.lab.vms`, tap ``guest0``) and a ``coloproxy run`` daemon with
+the lab's config (:mod:`coloproxy.lab.configs`). The client reaches the guest's address
+through the LAN bridge and host P's bridge; host P's proxy compares the PVM's output with
+the SVM's, which arrives over the VXLAN tunnel, and holds it until they match or a
+checkpoint completes.
+
+``up`` goes step by step, each with a timeout and a message naming what did not happen:
+build or find QEMU and the guest image, build the namespaces, start the secondary QEMU
+(``-incoming`` on host S's replication address) and the primary QEMU, wait for the primary
+guest's services, start host S's daemon then host P's, bring the pair into COLO, and wait
+until the client gets a page through the proxy. Its pids and paths go to ``state.json`` in
+the run directory, so ``down`` (another process) can end them; ``down`` ends the daemons,
+the QEMUs and anything else left in the namespaces, and deletes the namespaces.
+
+Who drives COLO. The checkpoint engine (``coloproxy/engine/``, started by ``coloproxy run``
+when the config's ``engine.qmp`` is set) brings the pair into COLO, answers the proxy's
+checkpoint requests and fails over. Until it has landed, the lab runs a stand-in of its own,
+:func:`run_interim_colo_driver`, in a process next to the daemons: :func:`lab_bring_up_colo`
+(x-colo, migrate, wait for COLO on both QEMUs), a relay that turns the proxy's checkpoint
+requests into forced checkpoints and the primary's STOP/RESUME events into
+``checkpoint-started``/``-completed``, and a failover on a lost QMP connection (the QEMU
+died). It watches local QEMUs only: no heartbeat between hosts. :func:`engine_landed` picks
+one or the other. With ``--qemu-filters`` no daemon runs and QEMU's own colo-compare decides;
+the same driver brings the pair up and fails over (COLO-FT.txt's sequences).
+
+The demo's client runs in the client namespace: fresh HTTP connections, one request each,
+no retry; a request succeeds only with status 200 and exactly the page's bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coloproxy.lab import vms
+from coloproxy.lab.configs import (
+    DEFAULT_RUN_DIR,
+    MIN_GAP_MS,
+    PERIOD_MS,
+    LabPaths,
+    config_text,
+    migrate_uri,
+)
+from coloproxy.lab.qemu import repo_root
+from coloproxy.lab.topology import GUEST_IPV4, LAN_BRIDGE, Topology
+from coloproxy.lab.vms import LabError, Monitor
+from coloproxy.net import netns
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "cplab"
+# A guest reaches "ready" in about 5 s under TCG here (20 s with a louder console, DESIGN.md);
+# a loaded CI machine gets room.
+BOOT_TIMEOUT_S = 120.0
+DAEMON_TIMEOUT_S = 30.0
+# migrate -> COLO on both sides took 0.8-1.2 s here (qemu/README.md).
+COLO_TIMEOUT_S = 60.0
+SERVE_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 10.0
+BUILD_TIMEOUT_S = 1800.0
+PAGES = ("/index.html", "/big.bin")
+NONDETERMINISTIC_PAGE = "/cgi-bin/clock"
+
+Say = Callable[[str], None]
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# which engine
+
+
+def engine_landed() -> bool:
+    """True once the checkpoint engine exists and its config keys do (see module docstring)."""
+    import importlib.util
+
+    from coloproxy.config import ENGINE_KEYS
+
+    return importlib.util.find_spec("coloproxy.engine") is not None and "migrate_uri" in ENGINE_KEYS
+
+
+# --------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass
+class LabState:
+    prefix: str
+    run_dir: str
+    qemu_filters: bool
+    driver: str  # "engine" (coloproxy's), "interim" (the lab's stand-in), "qemu-filters"
+    accel: str = ""
+    pids: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def save(self, paths: LabPaths) -> None:
+        paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, paths: LabPaths) -> LabState | None:
+        try:
+            data = json.loads(paths.state.read_text())
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+
+# --------------------------------------------------------------------------------------------
+# the guest's pages, as the PVM serves them
+
+
+def big_bin() -> bytes:
+    """/big.bin: 384 KiB of SHA-256 counter bytes (guest/build.sh writes the same)."""
+    return b"".join(
+        hashlib.sha256(b"coloproxy big.bin %d" % i).digest() for i in range(384 * 1024 // 32)
+    )
+
+
+def index_html() -> bytes:
+    """/index.html, read from guest/build.sh's heredoc."""
+    script = (repo_root() / "guest" / "build.sh").read_text()
+    match = re.search(r"www/index\.html\" <<'EOF'\n(.*?)\nEOF\n", script, re.DOTALL)
+    if match is None:
+        raise LabError("guest/build.sh no longer writes /index.html with a heredoc")
+    return (match.group(1) + "\n").encode()
+
+
+def expected_pages() -> dict[str, bytes]:
+    return {"/index.html": index_html(), "/big.bin": big_bin()}
+
+
+# --------------------------------------------------------------------------------------------
+# the client (functions run inside the client namespace)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One request: when it started and ended (monotonic), and whether it succeeded."""
+
+    path: str
+    started: float
+    ended: float
+    ok: bool
+    detail: str = ""
+
+
+def http_get(path: str, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bytes]:
+    """GET over a fresh connection to the guest; (status, body)."""
+    connection = http.client.HTTPConnection(GUEST_IPV4, 80, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"Connection": "close"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+def attempt(path: str, expected: bytes | None, timeout: float = REQUEST_TIMEOUT_S) -> Attempt:
+    """One request, no retry: ok only with status 200 and (if given) exactly ``expected``."""
+    started = time.monotonic()
+    try:
+        status, body = http_get(path, timeout)
+    except (OSError, http.client.HTTPException) as exc:
+        return Attempt(path, started, time.monotonic(), False, f"{type(exc).__name__}: {exc}")
+    ended = time.monotonic()
+    if status != 200:
+        return Attempt(path, started, ended, False, f"status {status}")
+    if expected is not None and body != expected:
+        return Attempt(path, started, ended, False, f"{len(body)} bytes, not the page's")
+    return Attempt(path, started, ended, True)
+
+
+class ClientLoop:
+    """Requests the deterministic pages in a loop from the client namespace, in a thread."""
+
+    def __init__(self, topology: Topology, pages: dict[str, bytes], pause: float = 0.05) -> None:
+        self.topology = topology
+        self.pages = pages
+        self.pause = pause
+        self.attempts: list[Attempt] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lab-client", daemon=True)
+
+    def start(self) -> ClientLoop:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        self.topology.run_in("client", self._loop)
+
+    def _loop(self) -> None:
+        paths = list(self.pages)
+        index = 0
+        while not self._stop.is_set():
+            path = paths[index % len(paths)]
+            index += 1
+            self.attempts.append(attempt(path, self.pages[path]))
+            self._stop.wait(self.pause)
+
+    def stop(self) -> list[Attempt]:
+        self._stop.set()
+        self._thread.join(timeout=REQUEST_TIMEOUT_S + 5)
+        return list(self.attempts)
+
+
+def failover_gap(attempts: list[Attempt], killed: float) -> tuple[float | None, float | None]:
+    """(gap, worst latency): last success ending before ``killed`` to the first success ending
+    after it, in seconds; None when there is no success on one side."""
+    before = [a.ended for a in attempts if a.ok and a.ended <= killed]
+    after = [a.ended for a in attempts if a.ok and a.ended > killed]
+    gap = (min(after) - max(before)) if before and after else None
+    around = [a.ended - a.started for a in attempts if a.ok and a.ended > killed - 1]
+    return gap, (max(around) if around else None)
+
+
+# --------------------------------------------------------------------------------------------
+# the lab
+
+
+class Lab:
+    """One lab: its namespaces (``prefix``) and its run directory."""
+
+    def __init__(
+        self,
+        prefix: str = DEFAULT_PREFIX,
+        run_dir: Path = DEFAULT_RUN_DIR,
+        *,
+        qemu_filters: bool = False,
+        say: Say = _print,
+    ) -> None:
+        self.prefix = prefix
+        self.paths = LabPaths(Path(run_dir))
+        self.topology = Topology(prefix, guests="tap")
+        self.qemu_filters = qemu_filters
+        self.say = say
+        self._t0 = time.monotonic()
+        self.state: LabState | None = None
+
+    def progress(self, text: str) -> None:
+        self.say(f"[{time.monotonic() - self._t0:6.1f}s] {text}")
+
+    # -- build ---------------------------------------------------------------------------
+
+    def build(self) -> None:
+        self.progress(
+            "building or finding QEMU and the guest image (qemu/build.sh, guest/build.sh: "
+            "about 5 minutes the first time, seconds after)"
+        )
+        for script in ("qemu/build.sh", "guest/build.sh"):
+            started = time.monotonic()
+            try:
+                done = subprocess.run(
+                    [str(repo_root() / script)],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=BUILD_TIMEOUT_S,
+                )
+            except subprocess.TimeoutExpired as exc:
+                raise LabError(f"{script} did not finish within {BUILD_TIMEOUT_S:.0f} s") from exc
+            if done.returncode != 0:
+                raise LabError(f"{script} failed:\n{done.stderr[-3000:]}")
+            self.progress(f"{script}: {done.stdout.strip()} ({time.monotonic() - started:.1f} s)")
+
+    # -- up ------------------------------------------------------------------------------
+
+    def is_up(self) -> bool:
+        state = LabState.load(self.paths)
+        return state is not None and all(vms.alive(pid) for pid in state.pids.values())
+
+    def up(self, *, build: bool = True) -> LabState:
+        """Bring the lab up (or find it up); LabError naming what did not happen in time."""
+        if self.is_up():
+            state = LabState.load(self.paths)
+            assert state is not None
+            self.state = state
+            self.topology = Topology(state.prefix, guests="tap")
+            self.progress(f"the lab is already up (namespaces {state.prefix}-*); checking it")
+            self.wait_serving(SERVE_TIMEOUT_S)
+            return state
+        if self.paths.state.exists():
+            self.progress("a previous lab is partly down: taking it down first")
+            self.down()
+        if build:
+            self.build()
+        from coloproxy.lab import qemu as built
+
+        accel = built.accelerator()
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        driver = (
+            "qemu-filters" if self.qemu_filters else ("engine" if engine_landed() else "interim")
+        )
+        state = LabState(
+            self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
+            started=time.time(),
+        )  # fmt: skip
+        self.state = state
+        state.save(self.paths)
+        try:
+            self._up(state)
+        except BaseException:
+            self.progress("lab up failed: taking down what was started")
+            self.down()
+            raise
+        return state
+
+    def _up(self, state: LabState) -> None:
+        paths = self.paths
+        for role in ("primary", "secondary"):
+            paths.config(role).write_text(config_text(role, paths))
+        self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
+        self.topology.up()
+
+        mode = "QEMU's own filters" if self.qemu_filters else "coloproxy"
+        self.progress(
+            f"starting the secondary QEMU in {self.topology.ns('hs')} (accel {state.accel}, "
+            f"-incoming {migrate_uri()}, network by {mode})"
+        )
+        secondary = vms.vm_spec(
+            "secondary", paths, incoming=migrate_uri(), qemu_filters=self.qemu_filters
+        )
+        state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
+        state.save(paths)
+        self.progress(f"starting the primary QEMU in {self.topology.ns('hp')}")
+        primary = vms.vm_spec("primary", paths, incoming=None, qemu_filters=self.qemu_filters)
+        state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
+        state.save(paths)
+        booted = vms.wait_ready(paths, "primary", state.pids["primary_qemu"], BOOT_TIMEOUT_S)
+        state.timings["primary_boot_s"] = booted
+        self.progress(f"primary guest ready after {booted:.1f} s (httpd, echo, memory checker)")
+
+        if not self.qemu_filters:
+            self._start_daemon(state, "secondary")
+            self._start_daemon(state, "primary")
+        if state.driver != "engine":
+            self._start_interim_driver(state)
+        else:
+            self.progress("the checkpoint engine (coloproxy run, engine.*) brings up COLO")
+        state.timings["colo_s"] = self.wait_colo(COLO_TIMEOUT_S)
+        self.progress(
+            f"both QEMUs in COLO ({state.timings['colo_s']:.1f} s after the daemons started)"
+        )
+        state.timings["serving_s"] = self.wait_serving(SERVE_TIMEOUT_S)
+        state.save(paths)
+        self.progress(
+            f"the client gets {GUEST_IPV4}/index.html through the "
+            f"{'colo-compare' if self.qemu_filters else 'proxy'}: the lab is up"
+        )
+
+    def _spawn(self, name: str, where: str | None, argv: list[str], log_path: Path) -> int:
+        with log_path.open("ab") as output:
+            if where is None:
+                process = subprocess.Popen(
+                    argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )  # fmt: skip
+            else:
+                process = self.topology.popen(
+                    where, argv, stdout=output, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, start_new_session=True,
+                )  # fmt: skip
+        assert self.state is not None
+        self.state.pids[name] = int(process.pid)
+        self.state.save(self.paths)
+        return int(process.pid)
+
+    def _start_daemon(self, state: LabState, role: str) -> None:
+        host = vms.HOST_OF[role]
+        socket_path = self.paths.control_socket(role)
+        socket_path.unlink(missing_ok=True)
+        self.progress(f"starting coloproxy run ({role}) in {self.topology.ns(host)}")
+        pid = self._spawn(
+            f"{role}_daemon",
+            host,
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(self.paths.config(role))],
+            self.paths.daemon_log(role),
+        )
+        self._wait(
+            socket_path.exists,
+            DAEMON_TIMEOUT_S,
+            f"the {role} daemon's control socket {socket_path}",
+            pid=pid,
+            log_path=self.paths.daemon_log(role),
+        )
+
+    def _start_interim_driver(self, state: LabState) -> None:
+        what = "QEMU's filters" if self.qemu_filters else "the checkpoint engine, not landed yet"
+        self.progress(f"starting the lab's COLO driver (stands in for {what})")
+        argv = [sys.executable, "-m", "coloproxy.lab.lab", "colo-driver", str(self.paths.run_dir)]
+        if self.qemu_filters:
+            argv.append("--qemu-filters")
+        self._spawn("colo_driver", None, argv, self.paths.run_dir / "colo-driver.log")
+
+    def _wait(
+        self,
+        predicate: Callable[[], bool],
+        timeout: float,
+        what: str,
+        *,
+        pid: int | None = None,
+        log_path: Path | None = None,
+    ) -> float:
+        started = time.monotonic()
+        while not predicate():
+            if pid is not None:
+                vms.reap(pid)
+                if not vms.alive(pid):
+                    shown = vms.tail(log_path) if log_path else ""
+                    raise LabError(f"waiting for {what}: the process exited\n{shown}")
+            if time.monotonic() - started > timeout:
+                shown = f"\n{vms.tail(log_path)}" if log_path else ""
+                raise LabError(f"{what} did not appear within {timeout:.0f} s{shown}")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def wait_colo(self, timeout: float) -> float:
+        """Poll query-colo-status on both lab monitors until primary/secondary."""
+
+        async def poll() -> float:
+            started = time.monotonic()
+            monitors = [
+                await Monitor(role, self.paths.lab_qmp_socket(role)).connect()
+                for role in ("primary", "secondary")
+            ]
+            try:
+                modes: list[str] = []
+                while True:
+                    modes = [await vms.colo_mode(m) for m in monitors]
+                    if modes == ["primary", "secondary"]:
+                        return time.monotonic() - started
+                    if time.monotonic() - started > timeout:
+                        raise LabError(
+                            f"the pair did not reach COLO within {timeout:.0f} s "
+                            f"(modes primary={modes[0]}, secondary={modes[1]}); see "
+                            f"{self.paths.run_dir}/colo-driver.log and *-coloproxy.log"
+                        )
+                    await asyncio.sleep(0.1)
+            finally:
+                for monitor in monitors:
+                    await monitor.close()
+
+        return asyncio.run(poll())
+
+    def wait_serving(self, timeout: float) -> float:
+        """Until one request for /index.html succeeds from the client namespace."""
+        expected = index_html()
+        started = time.monotonic()
+        last: Attempt | None = None
+        while time.monotonic() - started < timeout:
+            last = self.topology.run_in("client", attempt, "/index.html", expected, 5.0)
+            if last.ok:
+                return time.monotonic() - started
+            time.sleep(0.2)
+        raise LabError(
+            f"the client got no page from {GUEST_IPV4} within {timeout:.0f} s "
+            f"(last try: {last.detail if last else 'none'})"
+        )
+
+    # -- down ----------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Stop daemons and QEMUs, delete the namespaces; harmless when nothing is up."""
+        state = LabState.load(self.paths)
+        prefixes = {self.prefix} | ({state.prefix} if state else set())
+        if state is not None:
+            order = ["colo_driver", "primary_daemon", "secondary_daemon"]
+            order += ["primary_qemu", "secondary_qemu"]
+            for name in order + sorted(set(state.pids) - set(order)):
+                pid = state.pids.get(name)
+                if pid is not None and vms.alive(pid) and _is_ours(pid):
+                    vms.stop_process(pid)
+        for prefix in sorted(prefixes):
+            Topology(prefix, guests="tap").down()
+        for path in self.paths.run_dir.glob("*.sock"):
+            path.unlink(missing_ok=True)
+        self.paths.state.unlink(missing_ok=True)
+
+    # -- looking at it -------------------------------------------------------------------
+
+    def scrape(self, role: str = "primary") -> str:
+        def fetch() -> str:
+            with urllib.request.urlopen("http://127.0.0.1:9477/metrics", timeout=5) as reply:
+                return str(reply.read().decode())
+
+        return str(self.topology.run_in(vms.HOST_OF[role], fetch))
+
+    def checkpoints(self) -> dict[str, int]:
+        """Checkpoint requests by reason and checkpoints completed, from host P's metrics."""
+        found: dict[str, int] = {}
+        for line in self.scrape().splitlines():
+            if line.startswith("coloproxy_checkpoint_requests_total{"):
+                match = re.search(r'reason="([^"]+)"', line)
+                if match:
+                    found[match.group(1)] = found.get(match.group(1), 0) + int(
+                        float(line.rsplit(" ", 1)[1])
+                    )
+            elif line.startswith("coloproxy_checkpoints_completed_total"):
+                found["completed"] = int(float(line.rsplit(" ", 1)[1]))
+        return found
+
+    def kill_qemu(self, role: str) -> float:
+        """SIGKILL one QEMU; the monotonic time of the kill."""
+        assert self.state is not None
+        pid = self.state.pids[f"{role}_qemu"]
+        killed = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        return killed
+
+    def colo_status(self, role: str) -> dict[str, Any]:
+        async def ask() -> dict[str, Any]:
+            monitor = await Monitor(role, self.paths.lab_qmp_socket(role)).connect()
+            try:
+                return dict(await monitor.execute("query-colo-status"))
+            finally:
+                await monitor.close()
+
+        return asyncio.run(ask())
+
+
+def _is_ours(pid: int) -> bool:
+    """Only end processes the lab started: QEMU, coloproxy, python running our module."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"coloproxy" in cmdline or b"qemu-system" in cmdline
+
+
+@contextlib.contextmanager
+def running_lab(lab: Lab, *, keep: bool = False) -> Iterator[Lab]:
+    """``lab.up()``, then ``lab.down()`` whatever happens (unless ``keep``)."""
+    try:
+        lab.up()
+        yield lab
+    finally:
+        if not keep:
+            lab.progress("taking the lab down")
+            lab.down()
+
+
+# --------------------------------------------------------------------------------------------
+# the demo
+
+
+@dataclass
+class DemoResult:
+    served: int = 0
+    failed: int = 0
+    failures: list[str] = field(default_factory=list)
+    checkpoints_before: dict[str, int] = field(default_factory=dict)
+    checkpoints: dict[str, int] = field(default_factory=dict)
+    clock_page: str = ""
+    gap_s: float | None = None
+    worst_latency_s: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -> DemoResult:
+    """Traffic, a divergence, a failover; prints as it goes. The lab must be up."""
+    say = lab.progress
+    result = DemoResult()
+    pages = expected_pages()
+    proxy = not lab.qemu_filters
+
+    if proxy:
+        result.checkpoints_before = lab.checkpoints()
+        say(f"checkpoints so far (host P's metrics): {_reasons(result.checkpoints_before)}")
+    say(f"client: GET {', '.join(PAGES)} in a loop for {traffic_s:.0f} s (no retries)")
+    loop = ClientLoop(lab.topology, pages).start()
+    _progress_while(lab, loop, traffic_s)
+
+    say(f"client: GET {NONDETERMINISTIC_PAGE} (differs between PVM and SVM)")
+    clock = lab.topology.run_in("client", attempt, NONDETERMINISTIC_PAGE, None)
+    status, body = (0, b"")
+    if clock.ok:
+        status, body = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
+    result.clock_page = body.decode(errors="replace").strip().replace("\n", " ")
+    complete = all(word in result.clock_page for word in ("realtime_ns=", "random="))
+    say(f"  answer {status}, {'complete' if complete else 'INCOMPLETE'}: {result.clock_page[:90]}")
+    if proxy:
+        time.sleep(0.5)
+        now = lab.checkpoints()
+        say(f"checkpoints now: {_reasons(now)}")
+        if now.get("payload", 0) > result.checkpoints_before.get("payload", 0):
+            say(
+                "  the divergence was a checkpoint with reason payload;"
+                " the client got the PVM's page"
+            )
+
+    say("SIGKILL of the primary QEMU while the client goes on")
+    killed = lab.kill_qemu("primary")
+    _progress_while(lab, loop, after_failover_s, since=killed)
+    attempts = loop.stop()
+    result.gap_s, result.worst_latency_s = failover_gap(attempts, killed)
+    result.served = sum(1 for a in attempts if a.ok)
+    result.failed = sum(1 for a in attempts if not a.ok)
+    result.failures = [f"{a.path}: {a.detail}" for a in attempts if not a.ok][:5]
+    with contextlib.suppress(LabError, OSError):
+        status_s = lab.colo_status("secondary")
+        say(f"secondary QEMU after failover: {status_s}")
+    if proxy:
+        with contextlib.suppress(OSError, LabError):
+            result.checkpoints = lab.checkpoints()
+    return result
+
+
+def _progress_while(lab: Lab, loop: ClientLoop, seconds: float, since: float = 0.0) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(5.0, max(0.0, end - time.monotonic())))
+        attempts = list(loop.attempts)
+        ok = sum(1 for a in attempts if a.ok)
+        bad = len(attempts) - ok
+        lab.progress(f"  client: {ok} requests served, {bad} failed")
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    reasons = {k: v for k, v in counts.items() if k != "completed"}
+    shown = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none requested"
+    return f"requested: {shown}; completed: {counts.get('completed', 0)}"
+
+
+def format_summary(result: DemoResult, lab: Lab) -> str:
+    state = lab.state
+    lines = ["", "== coloproxy lab demo: summary"]
+    if state is not None:
+        lines.append(
+            f"network by           {'QEMU colo-compare' if state.qemu_filters else 'coloproxy'}"
+            f" (COLO driven by {state.driver}), accel {state.accel}"
+        )
+        for name, value in state.timings.items():
+            lines.append(f"{name:<20} {value:.1f} s")
+    lines.append(f"requests served      {result.served}")
+    lines.append(f"requests failed      {result.failed}")
+    lines.extend(f"  failed: {failure}" for failure in result.failures)
+    if result.checkpoints:
+        lines.append(f"checkpoints          {_reasons(result.checkpoints)}")
+    gap = "not measured" if result.gap_s is None else f"{result.gap_s * 1000:.0f} ms"
+    lines.append(f"failover gap         {gap} (last success before the kill -> first after)")
+    if result.worst_latency_s is not None:
+        lines.append(f"slowest request      {result.worst_latency_s * 1000:.0f} ms around the kill")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# the interim COLO driver: bring-up, checkpoint relay, local failover
+
+
+async def lab_bring_up_colo(
+    primary: Monitor, secondary: Monitor, uri: str, period_ms: int, timeout: float
+) -> float:
+    """Enable x-colo, migrate, wait until both QEMUs are in COLO; seconds from migrate.
+
+    The lab's own bring-up, used until the checkpoint engine (engine.bring_up) has landed,
+    and always with --qemu-filters.
+    """
+    caps = [{"capability": "x-colo", "state": True}]
+    await primary.execute("migrate-set-capabilities", {"capabilities": caps})
+    if await vms.qemu_version(primary) >= (8, 1):  # QEMU 8.1 wants it on the secondary too
+        await secondary.execute("migrate-set-capabilities", {"capabilities": caps})
+    await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": period_ms})
+    started = time.monotonic()
+    await primary.execute("migrate", {"uri": uri})
+    while True:
+        modes = (await vms.colo_mode(primary), await vms.colo_mode(secondary))
+        if modes == ("primary", "secondary"):
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            info = await primary.execute("query-migrate")
+            raise LabError(
+                f"no COLO within {timeout:.0f} s after migrate: modes {modes}, "
+                f"migration {info.get('status')}"
+            )
+        await asyncio.sleep(0.05)
+
+
+class InterimColoDriver:
+    """Stands in for the checkpoint engine until it lands (see the module docstring)."""
+
+    def __init__(self, paths: LabPaths, prefix: str, qemu_filters: bool) -> None:
+        self.paths = paths
+        self.prefix = prefix
+        self.qemu_filters = qemu_filters
+        self.primary = Monitor("primary", paths.qmp_socket("primary"))
+        self.secondary = Monitor("secondary", paths.qmp_socket("secondary"))
+        self.control: Any = None
+        self.pending: list[int] = []
+        self.in_checkpoint: list[int] | None = None
+        self.stopped_at = 0.0
+        self.last_resume = 0.0
+        self.failed_over = False
+
+    async def run(self) -> None:
+        await self.primary.connect()
+        await self.secondary.connect()
+        took = await lab_bring_up_colo(
+            self.primary, self.secondary, migrate_uri(), PERIOD_MS, COLO_TIMEOUT_S
+        )
+        log.info("COLO reached %.2f s after migrate", took)
+        tasks = [
+            asyncio.create_task(self._watch("primary")),
+            asyncio.create_task(self._watch("secondary")),
+        ]
+        if not self.qemu_filters:
+            from coloproxy.control import ControlClient
+            from coloproxy.protocol import ClientRole
+
+            self.control = await ControlClient.connect(
+                self.paths.control_socket("primary"), ClientRole.ENGINE, name="lab-colo-driver"
+            )
+            tasks.append(asyncio.create_task(self._requests()))
+            tasks.append(asyncio.create_task(self._events()))
+        await asyncio.gather(*tasks)
+
+    async def _requests(self) -> None:
+        from coloproxy.protocol import CheckpointRequest
+
+        async for push in self.control:
+            if isinstance(push, CheckpointRequest):
+                log.info("checkpoint request %d: %s %s", push.id, push.reason, push.flow or "")
+                self.pending.append(push.id)
+                if self.in_checkpoint is None and not self.failed_over:
+                    await self._force()
+
+    async def _force(self) -> None:
+        gap = MIN_GAP_MS / 1000 - (time.monotonic() - self.last_resume)
+        if gap > 0:
+            await asyncio.sleep(gap)
+        # The same period again: QEMU starts a checkpoint at once (DESIGN.md section 6).
+        with contextlib.suppress(LabError):
+            await self.primary.execute("migrate-set-parameters", {"x-checkpoint-delay": PERIOD_MS})
+
+    async def _events(self) -> None:
+        from coloproxy.protocol import CheckpointCompleted, CheckpointStarted
+
+        seen = len(self.primary.events)
+        while not self.primary.closed.is_set() and not self.failed_over:
+            self.primary.arrived.clear()
+            while seen < len(self.primary.events):
+                name = self.primary.events[seen][0]
+                seen += 1
+                if name == "STOP" and self.in_checkpoint is None:
+                    self.in_checkpoint, self.pending = self.pending, []
+                    self.stopped_at = time.time()
+                    request = self.in_checkpoint[0] if self.in_checkpoint else None
+                    await self.control.request(
+                        CheckpointStarted(request=request, time=self.stopped_at)
+                    )
+                elif name == "RESUME" and self.in_checkpoint is not None:
+                    done, self.in_checkpoint = self.in_checkpoint, None
+                    self.last_resume = time.monotonic()
+                    await self.control.request(
+                        CheckpointCompleted(
+                            request=done[0] if done else None,
+                            started=self.stopped_at,
+                            completed=time.time(),
+                            synced=True,
+                        )
+                    )
+                    if self.pending:
+                        await self._force()
+            await self.primary.arrived.wait()
+
+    async def _watch(self, role: str) -> None:
+        monitor = self.primary if role == "primary" else self.secondary
+        await monitor.closed.wait()
+        if self.failed_over:
+            return
+        self.failed_over = True
+        survivor = self.secondary if role == "primary" else self.primary
+        log.warning("the %s QEMU is gone: failover to the %s", role, survivor.role)
+        started = time.monotonic()
+        if survivor is self.primary and self.qemu_filters:
+            for name in ("comp0", "iothread1", "m0", "redire0", "redire1"):
+                with contextlib.suppress(LabError):
+                    await survivor.execute("object-del", {"id": name})
+        await survivor.execute("x-colo-lost-heartbeat")
+        if survivor is self.secondary:
+            if self.qemu_filters:
+                for name in ("f2", "f1"):
+                    with contextlib.suppress(LabError):
+                        await survivor.execute("object-del", {"id": name})
+            await asyncio.to_thread(self._attach_secondary_to_lan)
+            with contextlib.suppress(LabError):
+                await survivor.execute(
+                    "announce-self",
+                    {"initial": 50, "max": 550, "rounds": 5, "step": 100},
+                )
+        log.info("failover done in %.3f s", time.monotonic() - started)
+        if self.control is not None and survivor is self.primary:
+            # Host P's proxy: release the PVM's output uncompared from now on.
+            from coloproxy.protocol import Failover, Mode, ProxyRole
+
+            with contextlib.suppress(Exception):
+                await self.control.request(
+                    Failover(role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED, detail="SVM lost")
+                )
+        if not self.qemu_filters and survivor is self.secondary:
+            await self._tell_secondary_proxy()
+
+    async def _tell_secondary_proxy(self) -> None:
+        from coloproxy.control import ControlClient
+        from coloproxy.protocol import ClientRole, Failover, Mode, ProxyRole
+
+        with contextlib.suppress(Exception):
+            client = await ControlClient.connect(
+                self.paths.control_socket("secondary"), ClientRole.ENGINE, name="lab-colo-driver"
+            )
+            async with client:
+                await client.request(
+                    Failover(role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED, detail="PVM lost")
+                )
+
+    def _attach_secondary_to_lan(self) -> None:
+        topology = Topology(self.prefix, guests="tap")
+        if self.qemu_filters:
+            topology.exec("hs", ["ip", "link", "set", "guest0", "master", LAN_BRIDGE, "up"])
+            return
+        from coloproxy.config import load_config
+        from coloproxy.daemon.run import host_net
+        from coloproxy.net import host as hostnet
+
+        params = host_net(load_config(self.paths.config("secondary")))
+        netns.run_in(topology.ns("hs"), hostnet.attach_guest_to_lan, params)
+
+
+def run_interim_colo_driver(run_dir: Path, qemu_filters: bool) -> int:
+    """The lab's stand-in for the checkpoint engine, as a process (see the module docstring)."""
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    paths = LabPaths(run_dir)
+    state = LabState.load(paths)
+    prefix = state.prefix if state else DEFAULT_PREFIX
+    driver = InterimColoDriver(paths, prefix, qemu_filters)
+    try:
+        asyncio.run(driver.run())
+    except LabError as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # python3 -m coloproxy.lab.lab colo-driver RUN_DIR [--qemu-filters]
+    if len(sys.argv) >= 3 and sys.argv[1] == "colo-driver":
+        sys.exit(run_interim_colo_driver(Path(sys.argv[2]), "--qemu-filters" in sys.argv[3:]))
+    print("usage: python3 -m coloproxy.lab.lab colo-driver RUN_DIR [--qemu-filters]")
+    sys.exit(2)

@@ -1,0 +1,407 @@
+"""The lab's two QEMUs: started inside host P's and host S's namespaces (shell).
+
+Theory of operation
+-------------------
+Each QEMU runs the lab guest (guest/build.sh: Debian's cloud kernel and a busybox initramfs,
+diskless, so COLO needs no block replication) with ``-machine pc -m 256`` under the
+accelerator :func:`coloproxy.lab.qemu.accelerator` picks: KVM where it boots Linux, else TCG
+(DESIGN.md section 6: nested KVM on these machines does not). The process is started with
+``ip netns exec <host namespace>``, so its tap netdev opens ``guest0``, the tap the topology
+created in that namespace (``Topology(guests="tap")``), and its migration socket lives on
+that host's addresses: the secondary's ``-incoming`` listens on host S's replication address,
+and the primary migrates across the replication link as it would between two machines.
+
+Both guests have the same MAC and addresses, as COLO's two VMs do (the secondary must be
+an exact copy). Each QEMU has two QMP monitors: one for the checkpoint engine
+(``engine.qmp`` in the daemon's config) and one for the lab, because a monitor socket takes
+one client and events are seen only while connected (DESIGN.md section 6); QEMU sends every
+event to every monitor.
+
+The serial console goes to a file per VM; the guest prints ``coloproxy-guest: ready`` once
+its services listen. The processes run in their own sessions so that ``coloproxy lab up``
+can return and leave them running; their pids go into the lab's state file and
+``coloproxy lab down`` ends them (and ``Topology.down`` ends anything left in the
+namespaces).
+
+With ``qemu_filters=True`` the pair is wired the way QEMU's docs/COLO-FT.txt does it, for
+comparison with our proxy: the primary mirrors the client's packets to the secondary
+(filter-mirror), its own output goes through colo-compare (filter-redirector), and the
+secondary's filter-redirectors and filter-rewriter carry its traffic over sockets on the
+replication link; the tap runs without a vnet header (QEMU's filters default to none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coloproxy.errors import ColoproxyError
+from coloproxy.lab import qemu as build
+from coloproxy.lab.configs import LabPaths
+from coloproxy.lab.topology import (
+    GUEST_IPV4,
+    GUEST_IPV6,
+    GUEST_MAC,
+    GUEST_PORT,
+    REPLICATION_IPV4,
+    Topology,
+)
+
+log = logging.getLogger(__name__)
+
+ROLES = ("primary", "secondary")
+HOST_OF = {"primary": "hp", "secondary": "hs"}
+READY_LINE = b"coloproxy-guest: ready"
+# With QEMU's own filters: the primary listens for the secondary's two redirectors on its
+# replication address (COLO-FT.txt's 9003/9004), and loops its compare chardevs on loopback.
+FILTER_PORTS = {"mirror": 7793, "compare_secondary": 7794, "compare_primary": 7795, "out": 7796}
+# What a guest kernel prints when its memory went bad (with `quiet` only these get through).
+KERNEL_TROUBLE = (b"Kernel panic", b"BUG: ", b"Oops", b"general protection fault")
+
+
+class LabError(ColoproxyError):
+    """Something the lab started did not do what it should, in time; the message says what."""
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """Everything that makes one lab QEMU's command line."""
+
+    role: str  # "primary" or "secondary"
+    binary: Path
+    firmware: Path
+    kernel: Path
+    initrd: Path
+    accel: str
+    paths: LabPaths
+    incoming: str | None = None
+    qemu_filters: bool = False
+    memcheck_mib: int = 32
+
+
+def guest_cmdline(memcheck_mib: int = 32) -> str:
+    """The guest's kernel command line: the LAN's guest addresses on eth0."""
+    return build.guest_cmdline(
+        ip=f"{GUEST_IPV4}/24",
+        ip6=f"{GUEST_IPV6}/64",
+        memcheck_mib=memcheck_mib,
+        memcheck_rate=1024,
+        # Status lines on the console: after a failover they show the secondary going on
+        # from the primary's memory (tests/test_qemu_colo.py reads them the same way).
+        memcheck_console=True,
+    )
+
+
+def qemu_argv(spec: VmSpec) -> list[str]:
+    """The QEMU command line of one lab VM (without the ``ip netns exec`` in front)."""
+    paths = spec.paths
+    netdev = f"tap,id=hn0,ifname={GUEST_PORT},script=no,downscript=no,vhost=off"
+    if spec.qemu_filters:
+        netdev += ",vnet_hdr=off"
+    argv = [
+        str(spec.binary),
+        *("-name", f"coloproxy-lab-{spec.role}", "-machine", "pc", "-accel", spec.accel),
+        *("-m", "256", "-smp", "1", "-nodefaults", "-display", "none", "-vga", "none"),
+        *("-L", str(spec.firmware)),
+        *("-kernel", str(spec.kernel), "-initrd", str(spec.initrd)),
+        *("-append", guest_cmdline(spec.memcheck_mib)),
+        *("-netdev", netdev),
+        # No option ROM: the kernel is loaded directly, nothing boots from the network.
+        *("-device", f"virtio-net-pci,netdev=hn0,mac={GUEST_MAC},romfile="),
+        *("-serial", f"file:{paths.serial_log(spec.role)}"),
+        *("-qmp", f"unix:{paths.qmp_socket(spec.role)},server=on,wait=off"),
+        *("-qmp", f"unix:{paths.lab_qmp_socket(spec.role)},server=on,wait=off"),
+    ]
+    if spec.qemu_filters:
+        argv += _filter_argv(spec.role)
+    if spec.incoming is not None:
+        argv += ["-incoming", spec.incoming]
+    return argv
+
+
+def _filter_argv(role: str) -> list[str]:
+    """QEMU's own COLO network filters, as in QEMU's docs/COLO-FT.txt."""
+    host_p = REPLICATION_IPV4["hp"]
+    ports = FILTER_PORTS
+    if role == "primary":
+        chardevs = [
+            f"socket,id=mirror0,host={host_p},port={ports['mirror']},server=on,wait=off",
+            f"socket,id=compare1,host={host_p},port={ports['compare_secondary']},server=on,wait=off",
+            f"socket,id=compare0,host=127.0.0.1,port={ports['compare_primary']},server=on,wait=off",
+            f"socket,id=compare0-0,host=127.0.0.1,port={ports['compare_primary']}",
+            f"socket,id=compare_out,host=127.0.0.1,port={ports['out']},server=on,wait=off",
+            f"socket,id=compare_out0,host=127.0.0.1,port={ports['out']}",
+        ]
+        objects = [
+            "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
+            "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out",
+            "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0",
+            "iothread,id=iothread1",
+            "colo-compare,id=comp0,primary_in=compare0-0,secondary_in=compare1,"
+            "outdev=compare_out0,iothread=iothread1",
+        ]
+    else:
+        chardevs = [
+            f"socket,id=red0,host={host_p},port={ports['mirror']},reconnect=1",
+            f"socket,id=red1,host={host_p},port={ports['compare_secondary']},reconnect=1",
+        ]
+        objects = [
+            "filter-redirector,id=f1,netdev=hn0,queue=tx,indev=red0",
+            "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
+            "filter-rewriter,id=rew0,netdev=hn0,queue=all",
+        ]
+    argv: list[str] = []
+    for chardev in chardevs:
+        argv += ["-chardev", chardev]
+    for obj in objects:
+        argv += ["-object", obj]
+    return argv
+
+
+def vm_spec(
+    role: str, paths: LabPaths, *, incoming: str | None, qemu_filters: bool = False
+) -> VmSpec:
+    """A spec with the built QEMU and guest image (LabNotBuiltError when they are missing)."""
+    return VmSpec(
+        role=role,
+        binary=build.qemu_binary(),
+        firmware=build.qemu_firmware_dir(),
+        kernel=build.guest_kernel(),
+        initrd=build.guest_initrd(),
+        accel=build.accelerator(),
+        paths=paths,
+        incoming=incoming,
+        qemu_filters=qemu_filters,
+    )
+
+
+def start_vm(topology: Topology, spec: VmSpec) -> int:
+    """Start one QEMU inside its host's namespace; its pid (QEMU itself: ip execs it)."""
+    paths = spec.paths
+    for stale in (
+        paths.qmp_socket(spec.role),
+        paths.lab_qmp_socket(spec.role),
+        paths.serial_log(spec.role),
+    ):
+        stale.unlink(missing_ok=True)
+    with paths.qemu_log(spec.role).open("wb") as output:
+        process = topology.popen(
+            HOST_OF[spec.role],
+            qemu_argv(spec),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return int(process.pid)
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def reap(pid: int) -> None:
+    """Collect ``pid`` if it is our child (a zombie otherwise keeps looking alive)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def stop_process(pid: int, grace: float = 3.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; harmless if it is gone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        reap(pid)
+        if not alive(pid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        reap(pid)
+        if not alive(pid):
+            return
+        time.sleep(0.02)
+
+
+def console(paths: LabPaths, role: str) -> bytes:
+    try:
+        return paths.serial_log(role).read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return f"({path} does not exist)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_ready(paths: LabPaths, role: str, pid: int, timeout: float) -> float:
+    """Wait for the guest's ready line; the seconds it took. LabError on timeout or exit."""
+    started = time.monotonic()
+    deadline = started + timeout
+    while READY_LINE not in console(paths, role):
+        reap(pid)
+        if not alive(pid):
+            raise LabError(
+                f"the {role} QEMU exited before its guest was ready; its output:\n"
+                + tail(paths.qemu_log(role))
+            )
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"the {role} guest did not print 'coloproxy-guest: ready' within "
+                f"{timeout:.0f} s; its console ends with:\n" + tail(paths.serial_log(role))
+            )
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+# --------------------------------------------------------------------------------------------
+# the lab's own QMP monitor
+
+
+@dataclass
+class Monitor:
+    """One QMP connection (the lab's monitor) with the events it saw, timestamped by QEMU."""
+
+    role: str
+    path: Path
+    client: Any = None
+    events: list[tuple[str, float, dict[str, Any]]] = field(default_factory=list)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    _pump: asyncio.Task[None] | None = None
+    _watch: asyncio.Task[None] | None = None
+
+    async def connect(self, timeout: float = 20.0) -> Monitor:
+        from qemu.qmp import QMPClient
+
+        deadline = time.monotonic() + timeout
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                raise LabError(f"the {self.role} QEMU made no QMP socket {self.path}")
+            await asyncio.sleep(0.05)
+        # QMPClient logs every failure at ERROR; the lab says what failed itself.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+        self.client = QMPClient(f"lab-{self.role}")
+        try:
+            await self.client.connect(str(self.path))
+        except Exception as exc:  # qemu.qmp raises ConnectError wrapping the OSError
+            raise LabError(
+                f"cannot connect to the {self.role} QMP socket {self.path}: {exc}"
+            ) from exc
+        self._pump = asyncio.create_task(self._collect(), name=f"qmp-events-{self.role}")
+        self._watch = asyncio.create_task(self._watch_runstate(), name=f"qmp-state-{self.role}")
+        return self
+
+    async def _watch_runstate(self) -> None:
+        """Set ``closed`` when the connection drops (the QEMU exited or was killed): an event
+        listener just stops receiving, it does not end."""
+        from qemu.qmp.protocol import Runstate
+
+        try:
+            while self.client.runstate is Runstate.RUNNING:
+                await self.client.runstate_changed()
+        finally:
+            self.closed.set()
+            self.arrived.set()
+
+    async def _collect(self) -> None:
+        from qemu.qmp import EventListener
+
+        listener = EventListener()
+        try:
+            with self.client.listen(listener):
+                async for event in listener:
+                    message: dict[str, Any] = dict(event)
+                    stamp = message["timestamp"]
+                    when = stamp["seconds"] + stamp["microseconds"] / 1e6
+                    self.events.append((str(message["event"]), when, message.get("data", {})))
+                    self.arrived.set()
+        finally:
+            self.closed.set()
+            self.arrived.set()
+
+    async def execute(self, command: str, arguments: dict[str, object] | None = None) -> Any:
+        try:
+            return await self.client.execute(command, arguments)
+        except Exception as exc:  # ExecuteError, a dropped connection: both say what
+            raise LabError(f"{self.role} QEMU: {command}: {exc}") from exc
+
+    async def wait_event(self, name: str, after: int, timeout: float) -> int:
+        """The index of the first ``name`` event at index >= ``after``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    for index in range(after, len(self.events)):
+                        if self.events[index][0] == name:
+                            return index
+                    self.arrived.clear()
+                    await self.arrived.wait()
+        except TimeoutError:
+            raise LabError(
+                f"the {self.role} QEMU sent no {name} event within {timeout:g} s"
+            ) from None
+
+    async def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.disconnect()
+        for task in (self._pump, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+
+async def colo_mode(monitor: Monitor) -> str:
+    status = await monitor.execute("query-colo-status")
+    return str(status["mode"])
+
+
+async def qemu_version(monitor: Monitor) -> tuple[int, int]:
+    version = (await monitor.execute("query-version"))["qemu"]
+    return int(version["major"]), int(version["minor"])
+
+
+def describe_argv(argv: Sequence[str]) -> str:
+    return " ".join(argv)
+
+
+__all__ = [
+    "FILTER_PORTS",
+    "HOST_OF",
+    "KERNEL_TROUBLE",
+    "ROLES",
+    "LabError",
+    "Monitor",
+    "VmSpec",
+    "alive",
+    "colo_mode",
+    "console",
+    "guest_cmdline",
+    "qemu_argv",
+    "qemu_version",
+    "start_vm",
+    "stop_process",
+    "tail",
+    "vm_spec",
+    "wait_ready",
+]
