@@ -66,12 +66,20 @@ hash=$( (cat "$here/build.sh" "$here/init" "$here/cpx.c"; echo "$busybox_version
         | sha256sum | cut -c1-12)
 dest=$cache_root/$kver-$hash
 
-if [ "$force" = 0 ] && [ -f "$dest/BUILD-INFO" ]; then
-    say "cached: $dest (kernel $kver)"
-    ln -sfn "$dest" "$cache_root/current"
-    echo "$dest"
-    exit 0
-fi
+cached() {
+    if [ "$force" = 0 ] && [ -f "$dest/BUILD-INFO" ]; then
+        say "cached: $dest (kernel $kver)"
+        ln -sfn "$dest" "$cache_root/current"
+        echo "$dest"
+        exit 0
+    fi
+}
+cached
+# One build at a time: wait for a concurrent run, then use what it built.
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock"
+flock 9
+cached
 
 say "building the guest image: kernel $kver, busybox-static $busybox_version"
 stage=$(mktemp -d /var/tmp/coloproxy-guest.XXXXXX)

@@ -69,7 +69,8 @@ mapfile -t patches < <(find "$patch_dir" -maxdepth 1 -name '*.patch' | sort)
 # Only what COLO needs: TCG and KVM, replication (migration/colo.c aborts without it; it also
 # keeps block replication), the colo-compare / filter-* objects (always built in net/), fdt
 # (the microvm machine, always part of x86_64-softmmu). Everything else is off: no GUI, VNC,
-# audio, slirp, tools, docs.
+# audio, slirp, tools, docs. No firmware blobs: Debian's source has none (they are copied
+# from Debian's packages below).
 configure_flags=(
     --target-list=x86_64-softmmu
     --without-default-features
@@ -77,6 +78,7 @@ configure_flags=(
     --enable-kvm
     --enable-replication
     --enable-fdt=system
+    --disable-install-blobs
     --disable-docs
     --disable-debug-info
     --disable-werror
@@ -90,12 +92,24 @@ key="$(echo "$version" | tr ':~' '._')-$hash"
 dest=$cache_root/$key
 binary=$dest/bin/qemu-system-x86_64
 
-if [ "$force" = 0 ] && [ -x "$binary" ] && [ -f "$dest/BUILD-INFO" ]; then
-    say "cached: $dest (QEMU $version, patch set $series)"
-    ln -sfn "$dest" "$cache_root/current"
-    echo "$binary"
-    exit 0
+cached() {
+    if [ "$force" = 0 ] && [ -x "$binary" ] && [ -f "$dest/BUILD-INFO" ]; then
+        say "cached: $dest (QEMU $version, patch set $series)"
+        ln -sfn "$dest" "$cache_root/current"
+        echo "$binary"
+        exit 0
+    fi
+}
+cached
+# One build at a time (tests and set-up may start this script concurrently): wait for the
+# other one, then use what it built.
+mkdir -p "$cache_root"
+exec 9>"$cache_root/.lock"
+if ! flock -n 9; then
+    say "another qemu/build.sh is running: waiting for it"
+    flock 9
 fi
+cached
 
 start=$(date +%s)
 say "building QEMU $version (Debian $VERSION_ID $codename) with $(( ${#patches[@]} )) patches from $patch_dir"
@@ -224,7 +238,10 @@ rm -rf "$tmp_dest"
 mkdir -p build
 cd build
 say "configure"
-../configure --prefix="$dest" --firmwarepath="$dest/share/qemu" "${configure_flags[@]}" \
+# Debian's python3 (PYTHON, which 7.2 and 10.0 both read; 7.2 refuses --python without its
+# embedded meson), not whatever python3 comes first in PATH (pyenv here): QEMU >= 8.1's
+# configure looks for the meson module in the interpreter it runs.
+PYTHON=/usr/bin/python3 ../configure --prefix="$dest" --firmwarepath="$dest/share/qemu" "${configure_flags[@]}" \
     >"$work/configure.log" 2>&1 \
     || { tail -30 "$work/configure.log" >&2; die "configure failed (log: $work/configure.log)"; }
 grep -iE 'replication support|KVM support|TCG support' "$work/configure.log" | sed 's/^/    /' >&2 || true

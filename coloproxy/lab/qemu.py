@@ -79,8 +79,9 @@ def _qemu_dir() -> Path:
         recorded = info.get("patch_hash", "")
         if not _patch_hash_matches(patch_dir, recorded):
             raise LabNotBuiltError(
-                f"the QEMU in {current.resolve()} was built from other patches than "
-                f"{patch_dir}: run qemu/build.sh (as root)"
+                f"the QEMU in {current.resolve()} was built from other patches or "
+                f"configure flags than {patch_dir} and qemu/build.sh have now: "
+                "run qemu/build.sh (as root)"
             )
     return current.resolve()
 
