@@ -386,7 +386,7 @@ class Lab:
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
         assert self.state is not None
-        self.state.pids[name] = int(process.pid)
+        self.state.pids[name] = vms.adopt(process)
         self.state.save(self.paths)
         return int(process.pid)
 
@@ -429,7 +429,6 @@ class Lab:
         started = time.monotonic()
         while not predicate():
             if pid is not None:
-                vms.reap(pid)
                 if not vms.alive(pid):
                     shown = vms.tail(log_path) if log_path else ""
                     raise LabError(f"waiting for {what}: the process exited\n{shown}")
@@ -564,6 +563,64 @@ def running_lab(lab: Lab, *, keep: bool = False) -> Iterator[Lab]:
             lab.down()
 
 
+class CheckpointWatch:
+    """The primary QEMU's checkpoints as QEMU sees them (STOP -> RESUME on the lab's monitor),
+    whoever asked for them: works the same with our proxy and with QEMU's colo-compare."""
+
+    def __init__(self, paths: LabPaths) -> None:
+        self.monitor = Monitor("primary", paths.lab_qmp_socket("primary"))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._done: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="lab-qmp-watch", daemon=True)
+
+    def start(self) -> CheckpointWatch:
+        self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise LabError(f"cannot watch the primary's checkpoints: {self._error}")
+        return self
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._done = asyncio.Event()
+            try:
+                await self.monitor.connect()
+            except BaseException as exc:
+                self._error = exc
+                raise
+            finally:
+                self._ready.set()
+            try:
+                await self._done.wait()
+            finally:
+                await self.monitor.close()
+
+        with contextlib.suppress(Exception):
+            asyncio.run(main())
+
+    def pauses_ms(self) -> list[float]:
+        """One pause per completed checkpoint: STOP to the next RESUME, QEMU's timestamps."""
+        pauses: list[float] = []
+        stopped: float | None = None
+        for name, when, _ in list(self.monitor.events):
+            if name == "STOP":
+                stopped = when
+            elif name == "RESUME" and stopped is not None:
+                pauses.append((when - stopped) * 1000)
+                stopped = None
+        return pauses
+
+    def stop(self) -> list[float]:
+        if self._loop is not None and self._done is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._done.set)
+        self._thread.join(timeout=10)
+        return self.pauses_ms()
+
+
 # --------------------------------------------------------------------------------------------
 # the demo
 
@@ -578,7 +635,7 @@ class DemoResult:
     clock_page: str = ""
     gap_s: float | None = None
     worst_latency_s: float | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    pauses_ms: list[float] = field(default_factory=list)
 
 
 def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -> DemoResult:
@@ -591,6 +648,7 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
     if proxy:
         result.checkpoints_before = lab.checkpoints()
         say(f"checkpoints so far (host P's metrics): {_reasons(result.checkpoints_before)}")
+    watch = CheckpointWatch(lab.paths).start()
     say(f"client: GET {', '.join(PAGES)} in a loop for {traffic_s:.0f} s (no retries)")
     loop = ClientLoop(lab.topology, pages).start()
     _progress_while(lab, loop, traffic_s)
@@ -613,6 +671,11 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
                 " the client got the PVM's page"
             )
 
+    result.pauses_ms = watch.stop()
+    say(
+        f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
+        f"(pause {_pause_figures(result.pauses_ms)})"
+    )
     say("SIGKILL of the primary QEMU while the client goes on")
     killed = lab.kill_qemu("primary")
     _progress_while(lab, loop, after_failover_s, since=killed)
@@ -640,6 +703,14 @@ def _progress_while(lab: Lab, loop: ClientLoop, seconds: float, since: float = 0
         lab.progress(f"  client: {ok} requests served, {bad} failed")
 
 
+def _pause_figures(pauses: list[float]) -> str:
+    if not pauses:
+        return "none"
+    ordered = sorted(pauses)
+    p50 = ordered[len(ordered) // 2]
+    return f"p50 {p50:.1f} ms, max {ordered[-1]:.1f} ms"
+
+
 def _reasons(counts: dict[str, int]) -> str:
     reasons = {k: v for k, v in counts.items() if k != "completed"}
     shown = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none requested"
@@ -660,7 +731,11 @@ def format_summary(result: DemoResult, lab: Lab) -> str:
     lines.append(f"requests failed      {result.failed}")
     lines.extend(f"  failed: {failure}" for failure in result.failures)
     if result.checkpoints:
-        lines.append(f"checkpoints          {_reasons(result.checkpoints)}")
+        lines.append(f"checkpoints (proxy)  {_reasons(result.checkpoints)}")
+    lines.append(
+        f"checkpoints (QEMU)   {len(result.pauses_ms)} before the kill, "
+        f"pause {_pause_figures(result.pauses_ms)}"
+    )
     gap = "not measured" if result.gap_s is None else f"{result.gap_s * 1000:.0f} ms"
     lines.append(f"failover gap         {gap} (last success before the kill -> first after)")
     if result.worst_latency_s is not None:

@@ -202,37 +202,49 @@ def start_vm(topology: Topology, spec: VmSpec) -> int:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    return adopt(process)
+
+
+# Children of this process, by pid: polled to collect them once they exit, so that neither a
+# zombie looks alive nor a Popen object complains it was dropped while its process ran.
+_children: dict[int, subprocess.Popen[Any]] = {}
+
+
+def adopt(process: subprocess.Popen[Any]) -> int:
+    _children[process.pid] = process
     return int(process.pid)
 
 
+def reap(pid: int) -> None:
+    """Collect ``pid`` if it is our child and has exited."""
+    process = _children.get(pid)
+    if process is not None and process.poll() is not None:
+        del _children[pid]
+
+
 def alive(pid: int) -> bool:
+    reap(pid)
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z"
-
-
-def reap(pid: int) -> None:
-    """Collect ``pid`` if it is our child (a zombie otherwise keeps looking alive)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    return state != "Z"  # a zombie: not ours, or not collected yet; dead either way
 
 
 def stop_process(pid: int, grace: float = 3.0) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds; harmless if it is gone."""
+    if not alive(pid):
+        return
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        reap(pid)
         if not alive(pid):
             return
         time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    for _ in range(100):
-        reap(pid)
+    for _ in range(250):
         if not alive(pid):
             return
         time.sleep(0.02)
@@ -258,7 +270,6 @@ def wait_ready(paths: LabPaths, role: str, pid: int, timeout: float) -> float:
     started = time.monotonic()
     deadline = started + timeout
     while READY_LINE not in console(paths, role):
-        reap(pid)
         if not alive(pid):
             raise LabError(
                 f"the {role} QEMU exited before its guest was ready; its output:\n"
@@ -393,6 +404,7 @@ __all__ = [
     "LabError",
     "Monitor",
     "VmSpec",
+    "adopt",
     "alive",
     "colo_mode",
     "console",

@@ -1,0 +1,248 @@
+"""The lab end to end: a real COLO VM pair (QEMU, TCG here) in namespaces, our proxy between
+them and a client, a divergence, and the loss of either VM.
+
+Theory of operation. Each lab gets a namespace prefix and a run directory of its own (so a
+developer's ``coloproxy lab up`` on the same machine is not touched) and is taken down in a
+``finally``, whatever the test did. The client makes one request per fresh connection and
+never retries: a request counts as served only with status 200 and exactly the PVM's bytes
+(the page as guest/build.sh wrote it). Which driver runs COLO (the checkpoint engine once it
+has landed, the lab's interim driver until then) is printed with the figures.
+
+Bounded: a lab comes up in about 10 s here once QEMU and the guest image are cached (the
+first build of QEMU takes about 5 minutes, done by the ``built`` fixture); every wait has a
+timeout (the lab's own) and the whole file takes about 2 minutes under TCG.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from coloproxy.lab import configs
+from coloproxy.lab.lab import (
+    NONDETERMINISTIC_PAGE,
+    ClientLoop,
+    Lab,
+    attempt,
+    expected_pages,
+    failover_gap,
+    http_get,
+)
+from coloproxy.lab.qemu import repo_root
+from coloproxy.net import netns
+
+ROOT = Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+# -- the example configs (no root needed) ----------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["primary", "secondary"])
+def test_the_example_configs_are_the_labs_own(role: str) -> None:
+    """configs/lab*.yaml are what `coloproxy lab` writes for its default run directory;
+    `python3 -m coloproxy.lab.configs` rewrites them after a change."""
+    path = ROOT / "configs" / configs.FILES[role]
+    assert path.read_text() == configs.config_text(role), (
+        f"{path} differs from coloproxy/lab/configs.py: run python3 -m coloproxy.lab.configs"
+    )
+
+
+def test_the_lab_configs_load_as_one_pair(tmp_path: Path) -> None:
+    from coloproxy.config import parse_config
+
+    paths = configs.LabPaths(tmp_path)
+    primary = parse_config(configs.config_text("primary", paths))
+    secondary = parse_config(configs.config_text("secondary", paths))
+    assert primary.pair.name == secondary.pair.name == configs.PAIR_NAME
+    assert primary.net.replication.local == secondary.net.replication.remote
+    assert primary.control.socket == paths.control_socket("primary")
+    assert secondary.control.socket == paths.control_socket("secondary")
+    assert primary.engine.qmp == str(paths.qmp_socket("primary"))
+    assert secondary.engine.qmp == str(paths.qmp_socket("secondary"))
+
+
+# -- the lab itself (root, QEMU) ---------------------------------------------------------------
+
+
+def report(capsys: pytest.CaptureFixture[str], text: str) -> None:
+    with capsys.disabled():
+        print(f"\n[lab] {text}")
+
+
+@pytest.fixture(scope="module")
+def built() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: namespaces, QEMU, NFQUEUE; builds with apt")
+    if not Path("/proc/sys/net/bridge").is_dir():
+        pytest.skip("kernel without br_netfilter (/proc/sys/net/bridge is missing)")
+    for script in ("qemu/build.sh", "guest/build.sh"):
+        # Seconds when cached; the first QEMU build on a fresh machine takes ~5 minutes.
+        subprocess.run([str(repo_root() / script)], check=True, stdout=subprocess.DEVNULL)
+
+
+def _new_lab(qemu_filters: bool = False) -> Lab:
+    # A short run directory: it holds Unix sockets (108 bytes of path at most).
+    run_dir = Path(tempfile.mkdtemp(prefix="cplab-test-"))
+    prefix = f"cpl{os.getpid() % 10000}{next(_counter)}"
+    return Lab(prefix, run_dir, qemu_filters=qemu_filters, say=lambda _text: None)
+
+
+@pytest.fixture
+def lab_factory(built: None) -> Iterator[Callable[..., Lab]]:
+    """Labs a test brings up; every one is taken down afterwards, namespaces checked gone."""
+    labs: list[Lab] = []
+
+    def make(qemu_filters: bool = False) -> Lab:
+        lab = _new_lab(qemu_filters)
+        labs.append(lab)
+        lab.up(build=False)
+        return lab
+
+    try:
+        yield make
+    finally:
+        for lab in labs:
+            lab.down()
+            left = [name for name in lab.topology.namespaces() if netns.exists(name)]
+            assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def lab(built: None) -> Iterator[Lab]:
+    """One lab for the tests that leave the pair in COLO; the primary-kill test ends it."""
+    shared = _new_lab()
+    try:
+        shared.up(build=False)
+        yield shared
+    finally:
+        shared.down()
+        left = [name for name in shared.topology.namespaces() if netns.exists(name)]
+        assert not left, f"namespaces left behind: {left}"
+
+
+def _serve(lab: Lab, rounds: int) -> list[str]:
+    """``rounds`` requests of each deterministic page; the failures, described."""
+    failures = []
+    for path, body in expected_pages().items():
+        for _ in range(rounds):
+            result = lab.topology.run_in("client", attempt, path, body)
+            if not result.ok:
+                failures.append(f"{path}: {result.detail}")
+    return failures
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_the_pair_is_in_colo_and_the_client_gets_the_primary_bytes(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert lab.colo_status("primary")["mode"] == "primary"
+    assert lab.colo_status("secondary")["mode"] == "secondary"
+    assert _serve(lab, 10) == []
+    state = lab.state
+    assert state is not None
+    report(
+        capsys,
+        f"driver={state.driver} accel={state.accel} "
+        + " ".join(f"{name}={value:.1f}s" for name, value in state.timings.items()),
+    )
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_the_nondeterministic_page_is_a_payload_checkpoint(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = lab.checkpoints()
+    status, body = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
+    assert status == 200
+    text = body.decode()
+    # A complete answer: every field the page has, and its end.
+    assert all(word in text for word in ("realtime_ns=", "monotonic_ns=", "random=")), text
+    assert text.endswith("\n")
+    deadline = time.monotonic() + 5
+    after = lab.checkpoints()
+    while after.get("payload", 0) <= before.get("payload", 0) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = lab.checkpoints()
+    assert after.get("payload", 0) > before.get("payload", 0), (before, after)
+    assert after.get("completed", 0) > before.get("completed", 0), (before, after)
+    # and the pair still serves the deterministic pages
+    assert _serve(lab, 3) == []
+    report(capsys, f"checkpoints before {before}, after the clock page {after}")
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_sigkill_of_the_primary_qemu_loses_no_request(
+    lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loop = ClientLoop(lab.topology, expected_pages()).start()
+    try:
+        time.sleep(3)
+        killed = lab.kill_qemu("primary")
+        time.sleep(8)
+    finally:
+        attempts = loop.stop()
+    failed = [f"{a.path} at {a.started - killed:+.2f}s: {a.detail}" for a in attempts if not a.ok]
+    after = [a for a in attempts if a.ok and a.started > killed]
+    gap, slowest = failover_gap(attempts, killed)
+    assert failed == [], failed
+    assert len(after) >= 5, "the client was not served after the kill"
+    status = lab.colo_status("secondary")
+    assert (status["mode"], status["last-mode"]) == ("none", "secondary"), status
+    assert gap is not None
+    report(
+        capsys,
+        f"SIGKILL primary: {len(attempts)} requests, 0 failed, failover gap "
+        f"{gap * 1000:.0f} ms, slowest request around it {1000 * (slowest or 0):.0f} ms",
+    )
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_sigkill_of_the_secondary_qemu_the_primary_keeps_serving(
+    lab_factory: Callable[..., Lab], capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = lab_factory()
+    loop = ClientLoop(lab.topology, expected_pages()).start()
+    try:
+        time.sleep(3)
+        killed = lab.kill_qemu("secondary")
+        time.sleep(8)
+    finally:
+        attempts = loop.stop()
+    failed = [f"{a.path} at {a.started - killed:+.2f}s: {a.detail}" for a in attempts if not a.ok]
+    after = [a for a in attempts if a.ok and a.started > killed]
+    gap, _ = failover_gap(attempts, killed)
+    assert failed == [], failed
+    assert len(after) >= 5, "the client was not served after the secondary died"
+    assert lab.colo_status("primary")["mode"] == "none"
+    report(
+        capsys,
+        f"SIGKILL secondary: {len(attempts)} requests, 0 failed, longest gap "
+        f"{1000 * (gap or 0):.0f} ms",
+    )
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_qemu_filters_mode_serves_the_client(
+    lab_factory: Callable[..., Lab], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same pair wired with QEMU's colo-compare and filters, for comparison."""
+    lab = lab_factory(qemu_filters=True)
+    assert lab.colo_status("primary")["mode"] == "primary"
+    assert _serve(lab, 5) == []
+    result = lab.topology.run_in("client", attempt, NONDETERMINISTIC_PAGE, None)
+    assert result.ok, result.detail
+    assert _serve(lab, 2) == []
+    report(capsys, "QEMU filters: deterministic pages and the clock page served")
