@@ -309,11 +309,11 @@ class TcpConnection(FlowState):
         mine = self.primary if primary_side else self.secondary
         end = start + len(data)
         verified = self.verified
-        if not mine.chunks and start >= verified.high:
-            # Fast path, the common case: new bytes past everything verified, nothing of
-            # ours waiting. Nothing to cut away (below gives [(start, end)] here): if the
-            # other side has nothing, store; if it has exactly this range, match it at once;
-            # otherwise compare with its chunks.
+        if start >= verified.high and (not mine.chunks or start >= mine.chunks[-1].end):
+            # Fast path, the common case: new bytes past everything verified and past all of
+            # ours that waits (in order, whichever side runs ahead). Nothing to cut away (the
+            # loop below gives [(start, end)] here): if the other side has nothing, store; if
+            # it has exactly this range, match it at once; otherwise compare with its chunks.
             other = self.secondary if primary_side else self.primary
             chunks = other.chunks
             if not chunks:
