@@ -9,7 +9,9 @@ from __future__ import annotations
 from bisect import bisect_right
 from typing import Final
 
-_EMPTY_HIGH: Final = float("-inf")
+# ``high`` of an empty set: below any stream offset (offsets lie within +-2**32), and an int so
+# that the attribute has one type (mypyc compiles this module; see scripts/build-fast).
+EMPTY_HIGH: Final = -(1 << 40)
 
 
 class RangeSet:
@@ -18,9 +20,9 @@ class RangeSet:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._ends: list[int] = []
-        # The end of the last interval, or -inf when empty. A plain attribute kept up to date
-        # by every change, not a property: the TCP hot path reads it for every segment.
-        self.high: float = _EMPTY_HIGH
+        # The end of the last interval, or EMPTY_HIGH when empty. A plain attribute kept up to
+        # date by every change, not a property: the TCP hot path reads it for every segment.
+        self.high: int = EMPTY_HIGH
 
     def __bool__(self) -> bool:
         return bool(self._starts)
@@ -34,7 +36,7 @@ class RangeSet:
     def clear(self) -> None:
         self._starts.clear()
         self._ends.clear()
-        self.high = _EMPTY_HIGH
+        self.high = EMPTY_HIGH
 
     def add(self, start: int, end: int) -> None:
         """Add [start, end), merging with overlapping or touching intervals."""
