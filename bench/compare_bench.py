@@ -185,12 +185,14 @@ def _serve_ours(
     listeners: tuple[socket.socket, socket.socket, socket.socket],
     primary_count: int,
     report: multiprocessing.connection.Connection,
+    batch: bool,
 ) -> None:
     """Child process: colo-compare's socket protocol in front of our comparator.
 
     Accepts primary_in, secondary_in and outdev; for each receive batch reads the clock once,
-    parses the length framing, feeds every frame and writes released primary frames (framed)
-    to outdev. Reports its verdicts on ``report`` when both inputs reach end of file.
+    parses the length framing, feeds the batch's frames (with one ``feed_many`` call when
+    ``batch``, else ``feed`` per frame) and writes released primary frames (framed) to
+    outdev. Reports its verdicts on ``report`` when both inputs reach end of file.
     """
     try:
         connections = [listener.accept()[0] for listener in listeners]
@@ -202,16 +204,12 @@ def _serve_ours(
         from coloproxy.compare.events import Release
 
         comparator = _new_comparator()
-        feed = comparator.feed
         verdicts = Verdicts(primary_count)
         count = _event_counter(verdicts, bytearray(primary_count))
         sides = {primary_in: primary_side, secondary_in: secondary_side}
-        # One preallocated receive buffer per side (recv_into; see count_frames) and how many
-        # bytes of an incomplete frame it carries at its start.
-        buffers = {primary_in: bytearray(RECV_SIZE), secondary_in: bytearray(RECV_SIZE)}
-        views = {sock: memoryview(buffer) for sock, buffer in buffers.items()}
-        carried = {primary_in: 0, secondary_in: 0}
-        # Tokens index these lists; released primary frames are written out from here.
+        # Bytes of an incomplete frame left over from the previous receive, per side.
+        carried = {primary_in: b"", secondary_in: b""}
+        # Tokens index this list; released primary frames are written out from here.
         primary_frames: list[bytes] = []
         secondary_seen = 0
         open_inputs = [primary_in, secondary_in]
@@ -227,35 +225,43 @@ def _serve_ours(
                     outgoing.append(_LENGTH.pack(len(released)))
                     outgoing.append(released)
 
+        feed_one = comparator.feed
+        feed_many = getattr(comparator, "feed_many", None) if batch else None
         while open_inputs:
             readable, _, _ = select.select(open_inputs, [], [])
             now = time.monotonic()
             for sock in readable:
-                buffer = buffers[sock]
-                view = views[sock]
-                got = sock.recv_into(view[carried[sock] :])
+                got = sock.recv(RECV_SIZE)
                 if not got:
                     open_inputs.remove(sock)
                     continue
                 side = sides[sock]
+                # recv gives bytes, and slices of bytes are bytes: one copy per frame, and
+                # what the comparator is fed is exactly bytes (the compiled build insists).
+                # Measured here: 0.45 us per 1514-byte frame to receive and cut, against 0.50
+                # with recv_into a preallocated buffer and bytes(view[...]) per frame.
+                data = carried[sock] + got if carried[sock] else got
                 position = 0
-                available = carried[sock] + got
+                available = len(data)
+                frames: list[bytes] = []
                 while position + 4 <= available:
-                    end = position + 4 + _LENGTH.unpack_from(buffer, position)[0]
+                    end = position + 4 + _LENGTH.unpack_from(data, position)[0]
                     if end > available:
                         break
-                    frame = bytes(view[position + 4 : end])
+                    frames.append(data[position + 4 : end])
                     position = end
-                    if side is primary_side:
-                        token = len(primary_frames)
-                        primary_frames.append(frame)
-                    else:
-                        secondary_seen += 1
-                        token = -secondary_seen
-                    act(feed(side, frame, now, token))
-                carried[sock] = available - position
-                if carried[sock] and position:
-                    buffer[: carried[sock]] = bytes(view[position:available])
+                carried[sock] = data[position:]
+                if side is primary_side:
+                    tokens: range = range(len(primary_frames), len(primary_frames) + len(frames))
+                    primary_frames += frames
+                else:
+                    tokens = range(-1 - secondary_seen, -1 - secondary_seen - len(frames), -1)
+                    secondary_seen += len(frames)
+                if feed_many is not None:
+                    act(feed_many(side, frames, now, tokens))
+                else:
+                    for frame, token in zip(frames, tokens, strict=True):
+                        act(feed_one(side, frame, now, token))
             deadline = comparator.get_timer()
             if deadline is not None and deadline <= now:
                 act(comparator.handle_timer(now))
@@ -273,7 +279,9 @@ def _serve_ours(
 
 
 @contextlib.contextmanager
-def _ours_server(primary_count: int) -> Iterator[tuple[tuple[socket.socket, ...], Any]]:
+def _ours_server(
+    primary_count: int, batch: bool
+) -> Iterator[tuple[tuple[socket.socket, ...], Any]]:
     """Fork the socket server; yield connected (primary_in, secondary_in, outdev) and its pipe."""
     directory = tempfile.mkdtemp(prefix="coloproxy-bench-")
     listeners: list[socket.socket] = []
@@ -290,7 +298,7 @@ def _ours_server(primary_count: int) -> Iterator[tuple[tuple[socket.socket, ...]
         context = multiprocessing.get_context("fork")
         process = context.Process(
             target=_serve_ours,
-            args=(tuple(listeners), primary_count, child_end),
+            args=(tuple(listeners), primary_count, child_end, batch),
             name="ours-server",
             daemon=True,
         )
@@ -317,9 +325,9 @@ def _ours_server(primary_count: int) -> Iterator[tuple[tuple[socket.socket, ...]
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run_ours_sockets(workload: Workload, streams: FramedStreams) -> RunResult:
+def run_ours_sockets(workload: Workload, streams: FramedStreams, batch: bool = True) -> RunResult:
     primary_count = len(workload.primary_frames)
-    with _ours_server(primary_count) as ((primary, secondary, out), report):
+    with _ours_server(primary_count, batch) as ((primary, secondary, out), report):
         result = timed_run(
             primary, secondary, out, streams, primary_count, workload.payload_bytes_total
         )
@@ -395,7 +403,9 @@ def measure(name: str, args: argparse.Namespace) -> Row:
         row.ours_packets = len(workload.primary_frames)
         streams = frame_streams(workload)
         row.in_process = best([run_ours_in_process(workload) for _ in range(args.repeat)])
-        row.sockets = best([run_ours_sockets(workload, streams) for _ in range(args.repeat)])
+        row.sockets = best(
+            [run_ours_sockets(workload, streams, args.batch) for _ in range(args.repeat)]
+        )
         del workload, streams
     if not args.skip_qemu:
         # What colo-compare receives in COLO: the secondary's sequence numbers already
@@ -496,6 +506,31 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def comparator_variant() -> tuple[str, list[str]]:
+    """Which comparator runs: pure Python or compiled by scripts/build-fast; and the compiled
+    modules whose source is newer than their build (stale: not the code in the .py)."""
+    try:
+        from coloproxy.compare import comparator
+    except ImportError as exc:
+        return f"not importable ({exc})", []
+    path = comparator.__file__ or "?"
+    if not path.endswith(".so"):
+        return f"pure Python ({path})", []
+    package = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # .../coloproxy
+    compiled, stale = [], []
+    for directory, _, files in os.walk(package):
+        for name in sorted(files):
+            if ".cpython-" not in name or not name.endswith(".so"):
+                continue
+            source = os.path.join(directory, name.split(".", 1)[0] + ".py")
+            if not os.path.exists(source):
+                continue  # the shared library
+            compiled.append(os.path.relpath(source, os.path.dirname(package)))
+            if os.path.getmtime(source) > os.path.getmtime(os.path.join(directory, name)):
+                stale.append(compiled[-1])
+    return f"compiled with mypyc by scripts/build-fast: {' '.join(compiled)}", stale
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compare coloproxy's comparator with QEMU's colo-compare.",
@@ -522,6 +557,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"workloads to run (default all: {' '.join(NAMES)})",
     )
     parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="runs, best is shown")
+    parser.add_argument(
+        "--feed-per-packet",
+        dest="batch",
+        action="store_false",
+        help="socket column: call feed once per frame, not feed_many once per receive batch",
+    )
     parser.add_argument("--skip-qemu", action="store_true", help="do not run QEMU")
     parser.add_argument("--skip-ours", action="store_true", help="do not run our comparator")
     parser.add_argument("--qemu-binary", default=QEMU_BINARY, help="QEMU to run")
@@ -540,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"date     {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
     print(f"command  {command}")
     print(f"python   {platform.python_implementation()} {platform.python_version()}")
+    variant, stale = comparator_variant() if not args.skip_ours else ("skipped", [])
+    print(f"ours     {variant}")
+    if stale:
+        print(f"error: stale compiled modules (source newer than build): {' '.join(stale)}")
+        print("       rebuild with scripts/build-fast, or remove with scripts/build-fast --clean")
+        return 2
     print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
     if not args.skip_qemu:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import heapq
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -54,6 +55,7 @@ from coloproxy.compare.events import (
 from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import Book, FlowState, Held
 from coloproxy.compare.tcp import TcpConnection
+from coloproxy.errors import UsageError
 from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import (
     ETH_P_IP,
@@ -255,6 +257,23 @@ class Comparator:
             self._feed_primary(packet, data, token, now, out)
         else:
             self._feed_secondary(packet, token, now, out)
+        return out
+
+    def feed_many(
+        self, side: Side, frames: Sequence[bytes], now: float, tokens: Sequence[object]
+    ) -> list[Event]:
+        """``feed`` each of ``frames`` in order with the token at the same index (there must be
+        as many tokens as frames), all at ``now``: the events of every call, concatenated.
+
+        For a shell that receives packets in batches: one call per batch instead of one per
+        packet, and one event list to act on.
+        """
+        if len(frames) != len(tokens):
+            raise UsageError(f"feed_many: {len(frames)} frames but {len(tokens)} tokens")
+        feed = self.feed
+        out: list[Event] = []
+        for index in range(len(frames)):
+            out += feed(side, frames[index], now, tokens[index])
         return out
 
     def _feed_primary(
