@@ -127,9 +127,18 @@ class MetricsConfig:
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """The checkpoint engine (docs/engine.md). No ``qmp``: no engine runs in the daemon."""
+
     qmp: str | None = None
     period_ms: int = 20000
     min_gap_ms: int = 100
+    migrate_uri: str | None = None  # primary: where the secondary QEMU listens (-incoming)
+    heartbeat_port: int = 9478
+    heartbeat_interval_ms: int = 50
+    failover_timeout_ms: int = 300
+    checkpoint_timeout_ms: int = 10000
+    bring_up: bool = True
+    lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,11 +412,23 @@ METRICS_KEYS: Final[Mapping[str, _Key]] = {
     "listen": _Key(_listen, ("127.0.0.1", 9477)),
     "enabled": _Key(_boolean, True),
 }
-# The checkpoint loop is another issue: its keys are only type-checked here.
+_MIGRATE_URI: Final = (
+    "a QEMU migration URI (tcp:HOST:PORT, unix:PATH, rdma:, vsock:, exec:, fd: or file:)"
+)
+_MILLISECONDS: Final = "a positive integer of milliseconds"
 ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "qmp": _Key(_optional(_absolute_path), None),
-    "period_ms": _Key(_integer(1, 2**32 - 1, "a positive integer of milliseconds"), 20000),
+    "period_ms": _Key(_integer(1, 2**32 - 1, _MILLISECONDS), 20000),
     "min_gap_ms": _Key(_integer(0, 2**32 - 1, "a non-negative integer of milliseconds"), 100),
+    "migrate_uri": _Key(
+        _optional(_pattern(r"(?:tcp|unix|rdma|vsock|exec|fd|file):\S+", _MIGRATE_URI)), None
+    ),
+    "heartbeat_port": _Key(_integer(1, 65535, "a UDP port from 1 to 65535"), 9478),
+    "heartbeat_interval_ms": _Key(_integer(1, 60000, f"{_MILLISECONDS}, at most 60000"), 50),
+    "failover_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 300),
+    "checkpoint_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 10000),
+    "bring_up": _Key(_boolean, True),
+    "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
 }
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
 
@@ -630,6 +651,7 @@ class _Builder:
         queues = self._queues(role)
         replication = self._replication(net)
         compare_config = self._compare(compare)
+        lan_heartbeat = self._engine(engine, role)
         if (
             self.reader.problems
             or pair is None
@@ -656,7 +678,7 @@ class _Builder:
             compare=compare_config,
             control=ControlConfig(**control_values),  # type: ignore[arg-type]
             metrics=MetricsConfig(host=host, port=port, enabled=bool(metrics.values["enabled"])),
-            engine=EngineConfig(**engine.values),  # type: ignore[arg-type]
+            engine=EngineConfig(**engine.values, lan_heartbeat=lan_heartbeat),  # type: ignore[arg-type]
             log=LogConfig(**log.values),  # type: ignore[arg-type]
         )
 
@@ -689,21 +711,45 @@ class _Builder:
     def _replication(self, net: _Read | None) -> ReplicationConfig | None:
         if net is None or "replication" not in net.nested:
             return None
-        line = net.line_of("replication")
-        read = self.reader.mapping(
-            net.nested["replication"], "net.replication", REPLICATION_KEYS, line
+        return self._addresses(
+            net.nested["replication"], "net.replication", net.line_of("replication")
         )
+
+    def _addresses(self, node: Node, key: str, line: int) -> ReplicationConfig | None:
+        """A mapping of this host's and the peer's address on one network."""
+        read = self.reader.mapping(node, key, REPLICATION_KEYS, line)
         if read is None or "local" not in read.values or "remote" not in read.values:
             return None
         local = typing.cast(IPAddress, read.values["local"])
         remote = typing.cast(IPAddress, read.values["remote"])
         if local.version != remote.version:
-            self.reader.problem(
-                line, "net.replication", "local and remote must both be IPv4 or both IPv6"
-            )
+            self.reader.problem(line, key, "local and remote must both be IPv4 or both IPv6")
         elif local == remote:
-            self.reader.problem(line, "net.replication", f"local and remote are both {local}")
+            self.reader.problem(line, key, f"local and remote are both {local}")
         return ReplicationConfig(local=local, remote=remote)
+
+    def _engine(self, engine: _Read | None, role: object) -> ReplicationConfig | None:
+        """Checks across the engine's keys; the LAN heartbeat path."""
+        if engine is None:
+            return None
+        values = engine.values
+        if role is ProxyRole.SECONDARY and values.get("migrate_uri") is not None:
+            self.reader.problem(
+                engine.line_of("migrate_uri"),
+                "engine.migrate_uri",
+                "only a primary migrates (role is secondary)",
+            )
+        interval, timeout = values.get("heartbeat_interval_ms"), values.get("failover_timeout_ms")
+        if isinstance(interval, int) and isinstance(timeout, int) and timeout <= interval:
+            self.reader.problem(
+                engine.line_of("failover_timeout_ms"),
+                "engine.failover_timeout_ms",
+                f"must be longer than engine.heartbeat_interval_ms ({interval})",
+            )
+        node = engine.nested.get("lan_heartbeat")
+        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
+            return None
+        return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
 
     def _passthrough(self, compare: _Read) -> tuple[PassthroughRule, ...] | None:
         if "passthrough" not in compare.nested:

@@ -548,6 +548,91 @@ def test_the_document_describes_every_key() -> None:
         assert f"| `{key}` |" in text
 
 
+# -- engine ----------------------------------------------------------------------------------
+
+
+def test_engine_defaults_and_every_key() -> None:
+    assert parse_config(BASE, "t.yaml").engine == EngineConfig(
+        qmp=None,
+        period_ms=20000,
+        min_gap_ms=100,
+        migrate_uri=None,
+        heartbeat_port=9478,
+        heartbeat_interval_ms=50,
+        failover_timeout_ms=300,
+        checkpoint_timeout_ms=10000,
+        bring_up=True,
+        lan_heartbeat=None,
+    )
+    engine = parse_config(
+        BASE + "engine:\n"
+        "  qmp: /run/qmp.sock\n"
+        "  migrate_uri: tcp:10.255.77.2:8888\n"
+        "  period_ms: 2000\n"
+        "  min_gap_ms: 0\n"
+        "  heartbeat_port: 9999\n"
+        "  heartbeat_interval_ms: 20\n"
+        "  failover_timeout_ms: 200\n"
+        "  checkpoint_timeout_ms: 5000\n"
+        "  bring_up: false\n"
+        "  lan_heartbeat: {local: 'fd00::1', remote: 'fd00::2'}\n",
+        "t.yaml",
+    ).engine
+    assert engine == EngineConfig(
+        "/run/qmp.sock",
+        2000,
+        0,
+        "tcp:10.255.77.2:8888",
+        9999,
+        20,
+        200,
+        5000,
+        False,
+        ReplicationConfig(ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")),
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE + "engine: {migrate_uri: '10.0.0.2:8888'}\n",
+            "t.yaml:9: key 'engine.migrate_uri': expected a QEMU migration URI (tcp:HOST:PORT,"
+            " unix:PATH, rdma:, vsock:, exec:, fd: or file:), got '10.0.0.2:8888'",
+        ),
+        (
+            BASE.replace("primary", "secondary") + "engine: {migrate_uri: 'tcp:h:1'}\n",
+            "t.yaml:9: key 'engine.migrate_uri': only a primary migrates (role is secondary)",
+        ),
+        (
+            BASE + "engine: {heartbeat_interval_ms: 300}\n",
+            "t.yaml:9: key 'engine.failover_timeout_ms': must be longer than"
+            " engine.heartbeat_interval_ms (300)",
+        ),
+        (
+            BASE + "engine: {heartbeat_port: 0}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': expected a UDP port from 1 to 65535, got 0",
+        ),
+        (
+            BASE + "engine: {bring_up: 1}\n",
+            "t.yaml:9: key 'engine.bring_up': expected true or false, got 1",
+        ),
+        (
+            BASE + "engine:\n  lan_heartbeat: {local: 10.0.0.1, remote: 'fd00::2'}\n",
+            "t.yaml:10: key 'engine.lan_heartbeat': local and remote must both be IPv4 or"
+            " both IPv6",
+        ),
+        (
+            BASE + "engine:\n  lan_heartbeat: {local: 10.0.0.1}\n",
+            "t.yaml:10: key 'engine.lan_heartbeat.remote': missing; expected an IPv4 or IPv6"
+            " address (the peer host on the link)",
+        ),
+    ],
+)
+def test_engine_problems(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
 # -- coloproxy check-config ------------------------------------------------------------------
 
 

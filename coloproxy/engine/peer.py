@@ -1,0 +1,141 @@
+"""The heartbeat between the two daemons of a pair (shell): UDP datagrams on one or more
+paths (the replication link, and optionally the LAN).
+
+Theory of operation
+-------------------
+Each path is one UDP socket bound to this host's address on that network and the engine's
+heartbeat port, sending to the peer's address and the same port. What to send and when is
+the failover decider's business (:mod:`coloproxy.engine.logic`): :meth:`HeartbeatPeer.send`
+puts the same datagram on every path at once, never waiting (a datagram the kernel cannot
+take is counted and dropped: the next one follows within the interval). Every datagram that
+arrives is decoded (never raises) and handed to ``on_heartbeat(path, heartbeat, now)``;
+bad ones are counted by reason, the metric label.
+
+Why UDP: a heartbeat is only worth something when fresh; a lost one must not delay the next
+(TCP would retransmit it, and queue the next behind it). Why a socket per path, bound to the
+local address: a heartbeat heard on the LAN while the replication link is cut is exactly the
+evidence that keeps the secondary from taking over (split brain); binding pins each to its
+network.
+
+Datagrams come only from the peer's address on each path (``connect``-ed sockets: the kernel
+drops the rest). The heartbeat carries no authentication: the replication link and the LAN
+path are trusted networks (docs/engine.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from coloproxy.engine.logic import BadHeartbeat, Heartbeat, decode_heartbeat
+from coloproxy.engine.qmp import EngineError
+
+log = logging.getLogger(__name__)
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class PeerError(EngineError):
+    """A heartbeat socket cannot be opened."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatPath:
+    name: str  # "replication", "lan": the metric label and the decider's path name
+    local: Address
+    remote: Address
+    port: int
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, peer: HeartbeatPeer, path: HeartbeatPath) -> None:
+        self.peer = peer
+        self.path = path
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.DatagramTransport):
+            self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        self.peer._received(self.path, data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ECONNREFUSED after an ICMP port unreachable: the peer daemon is not (yet) there.
+        self.peer.counters["error-" + type(exc).__name__] += 1
+        log.debug("heartbeat path %s: %r", self.path.name, exc)
+
+
+class HeartbeatPeer:
+    def __init__(
+        self,
+        paths: list[HeartbeatPath],
+        on_heartbeat: Callable[[str, Heartbeat, float], None],
+    ) -> None:
+        self.paths = list(paths)
+        self.on_heartbeat = on_heartbeat
+        self.counters: Counter[str] = Counter()  # sent, received, bad-<reason>, error-<type>
+        self._endpoints: list[_Endpoint] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        loop = self._loop = asyncio.get_running_loop()
+        try:
+            for path in self.paths:
+                family = socket.AF_INET6 if path.local.version == 6 else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((str(path.local), path.port))
+                    sock.connect((str(path.remote), path.port))
+                    sock.setblocking(False)
+                except OSError as exc:
+                    sock.close()
+                    raise PeerError(
+                        f"heartbeat path {path.name}: cannot use {path.local} port {path.port}"
+                        f" towards {path.remote}: {exc.strerror or exc}"
+                    ) from exc
+                endpoint = _Endpoint(self, path)
+                await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)  # type: ignore[misc]
+                self._endpoints.append(endpoint)
+        except BaseException:
+            self.close()
+            raise
+        log.info(
+            "heartbeats on %s",
+            ", ".join(f"{p.name} {p.local} <-> {p.remote} port {p.port}" for p in self.paths),
+        )
+
+    def close(self) -> None:
+        for endpoint in self._endpoints:
+            if endpoint.transport is not None:
+                endpoint.transport.close()
+        self._endpoints = []
+
+    def send(self, heartbeat: Heartbeat) -> None:
+        data = heartbeat.encode()
+        for endpoint in self._endpoints:
+            transport = endpoint.transport
+            if transport is None or transport.is_closing():
+                continue
+            try:
+                transport.sendto(data)
+            except OSError as exc:  # pragma: no cover - asyncio reports most via error_received
+                self.counters["error-" + type(exc).__name__] += 1
+                continue
+            self.counters["sent"] += 1
+
+    def _received(self, path: HeartbeatPath, data: bytes) -> None:
+        item = decode_heartbeat(data)
+        if isinstance(item, BadHeartbeat):
+            self.counters["bad-" + item.reason] += 1
+            return
+        self.counters["received"] += 1
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        self.on_heartbeat(path.name, item, now)
