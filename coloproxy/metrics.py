@@ -32,18 +32,21 @@ and ``non-ip``; every other label comes from a closed vocabulary (reasons, sides
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import platform
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
+    HistogramMetricFamily,
     InfoMetricFamily,
     Metric,
 )
@@ -112,6 +115,72 @@ class QueueCounters(Protocol):
     def user_dropped(self) -> int: ...
 
 
+# Checkpoint pauses are 2-30 ms, request latencies below 10 ms, failovers tens of ms
+# (DESIGN.md sections 5 and 6): buckets from 0.5 ms to 10 s.
+ENGINE_BUCKETS: Final = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
+)  # fmt: skip
+RECENT: Final = 1024  # raw values kept for percentiles in logs and tests
+
+
+class Histogram:
+    """Bucket counts bumped on the engine's path (a bisect and three additions), turned
+    into a Prometheus histogram at scrape time; the last ``RECENT`` values are kept too."""
+
+    def __init__(self, buckets: Sequence[float] = ENGINE_BUCKETS) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self.recent: deque[float] = deque(maxlen=RECENT)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+        self.count += 1
+        self.recent.append(value)
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """(upper bound, observations at or below it), ending with +Inf."""
+        out: list[tuple[str, float]] = []
+        total = 0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            total += count
+            out.append((repr(bound), float(total)))
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+@dataclass
+class EngineFigures:
+    """What the checkpoint engine (``coloproxy.engine.runner``) counts, read at scrape time.
+
+    Times are seconds; ``peer_heard`` is on the metrics clock.
+    """
+
+    role: str = ""
+    qemu: str = "unknown"  # unknown, running, shutdown, exited
+    colo_mode: str = "none"  # query-colo-status mode
+    last_colo_exit_reason: str | None = None  # query-colo-status reason (trusted over COLO_EXIT)
+    phase: str = "off"  # the scheduler's phase
+    watch: str = "standby"  # the failover decider's state
+    period_ms: int = 0
+    checkpoints: Counter[str] = field(default_factory=Counter)  # completed, by reason
+    aborted: int = 0
+    stalled: int = 0
+    triggers: Counter[str] = field(default_factory=Counter)  # first, retry, error
+    pause: Histogram = field(default_factory=Histogram)  # primary STOP -> RESUME (QEMU's stamps)
+    request_to_stop: Histogram = field(default_factory=Histogram)  # request arrived -> STOP seen
+    request_to_command: Histogram = field(default_factory=Histogram)  # -> trigger answered
+    failovers: Counter[str] = field(default_factory=Counter)  # primary-lost, secondary-lost, ...
+    last_failover: dict[str, float] = field(default_factory=dict)  # step -> s after decision
+    split_brain: int = 0
+    time_to_colo: float | None = None  # migrate -> COLO, at bring-up
+    migration: Mapping[str, int] = field(default_factory=dict)  # query-migrate ram figures
+    heartbeats: Mapping[str, int] = field(default_factory=dict)  # sent, received, bad-*, error-*
+    peer_heard: float | None = None
+
+
 def protocol_label(protocol: str) -> str:
     """A bounded label for a protocol name: ``ip-proto-N`` and ``ethertype-0xNNNN`` would
     otherwise allow 65 000 series."""
@@ -150,6 +219,7 @@ class Metrics:
         self.compare_stats: Callable[[], CompareStats | None] | None = None
         self.queue_stats: Callable[[], Iterable[QueueCounters]] | None = None
         self.control_clients: Callable[[], Mapping[str, int]] | None = None
+        self.engine: EngineFigures | None = None  # the checkpoint engine's, when it runs
         self.scrape_errors: defaultdict[str, int] = defaultdict(int)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -209,6 +279,8 @@ class _Collector(Collector):
                 for role, count in sorted(clients.items()):
                     family.add_metric([str(role)], float(count))
                 yield family
+        if metrics.engine is not None:
+            yield from self._engine(metrics.engine, now)
         errors = CounterMetricFamily(
             "coloproxy_scrape_errors",
             "Metric sources that failed at scrape time",
@@ -365,6 +437,106 @@ class _Collector(Collector):
         yield waiting
         yield dropped
         yield user
+
+    def _engine(self, figures: EngineFigures, now: float) -> Iterator[Metric]:
+        yield _counter(
+            "coloproxy_engine_checkpoints",
+            "COLO checkpoints completed, by reason (a request's, periodic, qemu, colo-entry)",
+            ["reason"],
+            (((reason,), count) for reason, count in figures.checkpoints.items()),
+        )
+        for name, help_text, value in (
+            ("coloproxy_engine_checkpoints_aborted", "Checkpoints COLO ended under",
+             figures.aborted),
+            ("coloproxy_engine_checkpoints_stalled",
+             "Checkpoints that did not start or end in time", figures.stalled),
+            ("coloproxy_engine_split_brain", "Times both hosts were seen serving",
+             figures.split_brain),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, help_text)
+            counter.add_metric([], value)
+            yield counter
+        yield _counter(
+            "coloproxy_engine_triggers",
+            "x-checkpoint-delay triggers sent (first, retry) or failed (error)",
+            ["kind"],
+            (((kind,), count) for kind, count in figures.triggers.items()),
+        )
+        for name, help_text, histogram in (
+            ("coloproxy_engine_checkpoint_pause_seconds", "Primary STOP to RESUME",
+             figures.pause),
+            ("coloproxy_engine_request_to_stop_seconds",
+             "Checkpoint request arrived to the primary's STOP", figures.request_to_stop),
+            ("coloproxy_engine_request_to_command_seconds",
+             "Checkpoint request arrived to the trigger's QMP reply", figures.request_to_command),
+        ):  # fmt: skip
+            family = HistogramMetricFamily(name, help_text)
+            family.add_metric([], histogram.cumulative(), histogram.sum)
+            yield family
+        yield _counter(
+            "coloproxy_engine_failovers",
+            "Failover decisions: primary-lost (took over), secondary-lost (runs alone), stood-down",
+            ["kind"],
+            (((kind,), count) for kind, count in figures.failovers.items()),
+        )
+        last = GaugeMetricFamily(
+            "coloproxy_engine_last_failover_seconds",
+            "Seconds from the last failover decision to each step's end",
+            labels=["step"],
+        )
+        for step, seconds in sorted(figures.last_failover.items()):
+            last.add_metric([step], seconds)
+        yield last
+        mode = GaugeMetricFamily(
+            "coloproxy_engine_colo_mode", "1 for the local QEMU's COLO mode", labels=["mode"]
+        )
+        for name in ("none", "primary", "secondary"):
+            mode.add_metric([name], 1.0 if figures.colo_mode == name else 0.0)
+        yield mode
+        if figures.last_colo_exit_reason is not None:
+            exit_reason = GaugeMetricFamily(
+                "coloproxy_engine_last_colo_exit",
+                "The reason query-colo-status gives for the last COLO exit",
+                labels=["reason"],
+            )
+            exit_reason.add_metric([figures.last_colo_exit_reason], 1.0)
+            yield exit_reason
+        state = InfoMetricFamily("coloproxy_engine", "The checkpoint engine's states")
+        state.add_metric(
+            [],
+            {"role": figures.role, "qemu": figures.qemu, "phase": figures.phase,
+             "watch": figures.watch},
+        )  # fmt: skip
+        yield state
+        period = GaugeMetricFamily("coloproxy_engine_period_seconds", "The checkpoint period")
+        period.add_metric([], figures.period_ms / 1000)
+        yield period
+        if figures.time_to_colo is not None:
+            colo = GaugeMetricFamily(
+                "coloproxy_engine_time_to_colo_seconds", "migrate to COLO state, at bring-up"
+            )
+            colo.add_metric([], figures.time_to_colo)
+            yield colo
+        migration = GaugeMetricFamily(
+            "coloproxy_engine_migration",
+            "query-migrate figures: ram transferred/total bytes, pages, dirty-pages-rate",
+            labels=["figure"],
+        )
+        for figure, value in sorted(figures.migration.items()):
+            migration.add_metric([figure], float(value))
+        yield migration
+        yield _counter(
+            "coloproxy_engine_heartbeats",
+            "Heartbeat datagrams sent, received, bad (by reason) and socket errors",
+            ["event"],
+            (((event,), count) for event, count in figures.heartbeats.items()),
+        )
+        if figures.peer_heard is not None:
+            age = GaugeMetricFamily(
+                "coloproxy_engine_peer_heartbeat_age_seconds", "Since the peer was last heard"
+            )
+            age.add_metric([], max(0.0, now - figures.peer_heard))
+            yield age
 
 
 def _counter(

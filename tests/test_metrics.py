@@ -20,7 +20,14 @@ from coloproxy import __version__
 from coloproxy.capture.stats import QueueStats
 from coloproxy.compare import Comparator, CompareConfig, Side
 from coloproxy.daemon.primary import ProxyCounters
-from coloproxy.metrics import Metrics, MetricsError, MetricsServer, protocol_label
+from coloproxy.metrics import (
+    EngineFigures,
+    Histogram,
+    Metrics,
+    MetricsError,
+    MetricsServer,
+    protocol_label,
+)
 from craft import udp
 
 
@@ -223,6 +230,55 @@ async def test_a_failing_source_is_counted_and_the_scrape_goes_on(
     assert found["coloproxy_control_clients", (("role", "engine"),)] == 2.0
     assert "metrics source nfqueue failed" in caplog.text
     assert (await scrape(server))["coloproxy_scrape_errors_total", (("source", "nfqueue"),)] == 2
+
+
+@pytest.mark.asyncio
+async def test_the_checkpoint_engines_figures(
+    metrics: Metrics, server: MetricsServer, clock: FakeClock
+) -> None:
+    figures = EngineFigures(role="primary", qemu="running", colo_mode="primary", period_ms=2000)
+    metrics.engine = figures
+    figures.checkpoints.update({"payload": 3, "periodic": 2})
+    figures.triggers.update({"first": 3, "retry": 1})
+    for pause in (0.0025, 0.004, 0.03):
+        figures.pause.observe(pause)
+    figures.request_to_stop.observe(0.0015)
+    figures.failovers["secondary-lost"] += 1
+    figures.last_failover.update({"lost-heartbeat": 0.004, "proxy": 0.006})
+    figures.last_colo_exit_reason = "request"
+    figures.migration = {"ram_transferred": 1 << 20, "dirty_pages_rate": 250}
+    figures.heartbeats = {"sent": 40, "received": 38, "bad-version": 1}
+    figures.peer_heard = 99.95
+    found = await scrape(server)
+    assert found["coloproxy_engine_checkpoints_total", (("reason", "payload"),)] == 3.0
+    assert found["coloproxy_engine_checkpoints_total", (("reason", "periodic"),)] == 2.0
+    assert found["coloproxy_engine_triggers_total", (("kind", "retry"),)] == 1.0
+    pause = "coloproxy_engine_checkpoint_pause_seconds"
+    assert found[f"{pause}_bucket", (("le", "0.005"),)] == 2.0
+    assert found[f"{pause}_bucket", (("le", "+Inf"),)] == 3.0
+    assert found[f"{pause}_count", ()] == 3.0
+    assert found[f"{pause}_sum", ()] == pytest.approx(0.0365)
+    assert found["coloproxy_engine_request_to_stop_seconds_count", ()] == 1.0
+    assert found["coloproxy_engine_failovers_total", (("kind", "secondary-lost"),)] == 1.0
+    assert found["coloproxy_engine_last_failover_seconds", (("step", "proxy"),)] == 0.006
+    assert found["coloproxy_engine_colo_mode", (("mode", "primary"),)] == 1.0
+    assert found["coloproxy_engine_colo_mode", (("mode", "none"),)] == 0.0
+    assert found["coloproxy_engine_last_colo_exit", (("reason", "request"),)] == 1.0
+    assert found["coloproxy_engine_period_seconds", ()] == 2.0
+    assert found["coloproxy_engine_migration", (("figure", "ram_transferred"),)] == 1 << 20
+    assert found["coloproxy_engine_heartbeats_total", (("event", "bad-version"),)] == 1.0
+    assert found["coloproxy_engine_peer_heartbeat_age_seconds", ()] == pytest.approx(0.05)
+    info = (("phase", "off"), ("qemu", "running"), ("role", "primary"), ("watch", "standby"))
+    assert found["coloproxy_engine_info", info] == 1.0
+
+
+def test_histogram_buckets_and_recent_values() -> None:
+    histogram = Histogram((0.001, 0.01))
+    for value in (0.0005, 0.001, 0.005, 5.0):
+        histogram.observe(value)
+    assert histogram.cumulative() == [("0.001", 2.0), ("0.01", 3.0), ("+Inf", 4.0)]
+    assert list(histogram.recent) == [0.0005, 0.001, 0.005, 5.0]
+    assert histogram.count == 4
 
 
 @pytest.mark.asyncio
