@@ -3,8 +3,9 @@
 Primary: set up host P's data path (unless told not to), serve the control socket and the
 metrics, bind the three queues and pump them through ``PrimaryProxy``; the comparator's
 timers run on one loop timer. Secondary: set up host S's side of the tunnel and serve the
-control socket (heartbeat, failover and takeover come with the checkpoint engine; this is
-their seam).
+control socket. With ``engine.qmp`` set, either role also runs the checkpoint engine
+(:mod:`coloproxy.engine.runner`: checkpoints, heartbeat, failover, takeover) as a client of
+its own control socket.
 
 On SIGTERM/SIGINT the daemon closes its queues and sockets and exits. It leaves the network
 set-up and the NFQUEUE rules in place on purpose: with no process bound, the kernel drops
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -30,6 +32,7 @@ from coloproxy.config import Config
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
+from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import host as hostnet
@@ -93,7 +96,7 @@ class Daemon:
         self.started = self.loop.time()
         self.role = ProxyRole(config.pair.role.value)
         self.mode = Mode.PROTECTED
-        self.period_ms: int | None = None
+        self.period_ms: int | None = config.engine.period_ms if config.engine.qmp else None
         self.proxy: PrimaryProxy | None = None
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
@@ -109,6 +112,8 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._rearm_pending = False
         self._stopped = asyncio.Event()
+        self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
+        self._engine_task: asyncio.Task[None] | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class Daemon:
             self.metrics.control_clients = self._clients_by_role
             if self.role is ProxyRole.PRIMARY:
                 self._start_primary()
+            self._start_engine()
             self.metrics.protected = self.mode is Mode.PROTECTED
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stopped.set)
@@ -140,6 +146,7 @@ class Daemon:
             await self._stopped.wait()
             log.info("stopping")
         finally:
+            await self._stop_engine()
             for queue in self.queues:
                 queue.close()
             if self._timer is not None:
@@ -227,6 +234,28 @@ class Daemon:
         self.queues = opened
         proxy.bind(opened[0], opened[1], opened[2])
         self._rearm_soon()
+
+    # -- the checkpoint engine -------------------------------------------------------------
+
+    def _start_engine(self) -> None:
+        """With ``engine.qmp`` set, the engine runs in this daemon as a client of its own
+        control socket (docs/engine.md); without, the proxy waits for an external engine."""
+        settings = EngineSettings.from_config(self.config)
+        if settings is None:
+            return
+        attach_lan = None
+        if self.setup_net and self.config.net.lan_bridge is not None:
+            attach_lan = functools.partial(hostnet.attach_guest_to_lan, host_net(self.config))
+        self.engine = EngineRunner(settings, attach_lan=attach_lan)
+        self.metrics.engine = self.engine.figures
+        self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
+        self._engine_task.add_done_callback(_engine_ended)
+
+    async def _stop_engine(self) -> None:
+        task = self._engine_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task])
 
     # -- comparator timers -----------------------------------------------------------------
 
@@ -319,6 +348,7 @@ class Daemon:
     def _failover(self, message: Failover, now: float) -> HandlerReply:
         if message.mode is Mode.UNPROTECTED:
             self.mode = Mode.UNPROTECTED
+            self.role = message.role  # a secondary that took over is the primary now
             self.metrics.protected = False
             if self.proxy is not None:
                 self.proxy.set_unprotected(now)
@@ -376,6 +406,11 @@ class Daemon:
         for client in self.control.clients():
             counts[client.role.value] = counts.get(client.role.value, 0) + 1
         return counts
+
+
+def _engine_ended(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the checkpoint engine stopped: %r", task.exception())
 
 
 class _Late:

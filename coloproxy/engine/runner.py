@@ -1,0 +1,892 @@
+"""The checkpoint engine a daemon runs (shell): QMP to the local QEMU, the control socket to
+its own proxy, heartbeats to the peer daemon; decisions by :mod:`coloproxy.engine.logic`.
+
+Theory of operation
+-------------------
+Everything that happens is an input to one of the two pure state machines, on the event
+loop, with ``now = loop.time()``: a ``checkpoint-request`` or ``set-period`` push from the
+proxy (the engine is a control-socket client of role ``engine``, exactly like an external
+engine, docs/control-protocol.md), a QMP event (``STOP``, ``RESUME``, ``COLO_EXIT``,
+``SHUTDOWN``), the QMP socket closing (QEMU exited), a heartbeat, a timer, the result of a
+``query-colo-status``. Inputs are handled at once and synchronously; the actions returned
+are carried out by two *lanes* (serial worker tasks: one for QMP commands, one for
+control messages, so a slow QMP command never delays a release) or by a task of their own
+for a failover. One loop timer stays armed at the earliest of the two machines' timers.
+
+Role primary: a request becomes an ``x-checkpoint-delay`` trigger; the primary's ``STOP``
+becomes ``checkpoint-started``, its ``RESUME`` ``checkpoint-completed`` (QEMU emits it only
+once the secondary holds the new state, DESIGN.md section 6), both with QEMU's own event
+timestamps. Bring-up (``engine.bring_up``, the QEMUs not in COLO yet): once the secondary's
+engine says its QEMU waits for the migration, enable ``x-colo``, set the backstop
+``x-checkpoint-delay`` and ``migrate``; the migration's last stop and COLO's first resume
+are the first checkpoint, which serves the restarted proxy's ``restart`` request (I6), once
+``query-colo-status`` confirms COLO. Secondary lost: ``x-colo-lost-heartbeat`` on the
+primary QEMU, then ``failover`` (mode unprotected) to the proxy, which then releases without
+comparing.
+
+Role secondary: watch the local QEMU and the primary's heartbeats. Primary lost:
+``x-colo-lost-heartbeat`` on the secondary QEMU, the guest port into the LAN bridge
+(``attach_lan``; skipped, with a warning, when the daemon has no network configured),
+``announce-self``, then ``failover`` (role primary, unprotected) to the proxy. Every step's
+time after the decision is kept in the figures (the failover gap).
+
+Task discipline as in qemu.qmp: an explicit runstate, background tasks that log why they
+end, ``CancelledError`` always re-raised, every QMP error wrapped with its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any, Final
+
+from coloproxy import __version__
+from coloproxy.config import Config
+from coloproxy.control.client import ControlClient, ControlConnectionError
+from coloproxy.control.server import ControlError
+from coloproxy.engine.logic import (
+    CheckpointAborted,
+    CheckpointBegan,
+    CheckpointEnded,
+    CheckpointScheduler,
+    CheckpointStalled,
+    ColoMode,
+    DecideAction,
+    DeciderConfig,
+    FailoverDecider,
+    Heartbeat,
+    LocalQemuLost,
+    PeerRejected,
+    Phase,
+    PrimaryLost,
+    QemuState,
+    RequestsAbandoned,
+    Role,
+    ScheduleAction,
+    SchedulerConfig,
+    SecondaryLost,
+    SendHeartbeat,
+    SplitBrain,
+    StoodDown,
+    Trigger,
+    Unexpected,
+)
+from coloproxy.engine.peer import HeartbeatPath, HeartbeatPeer
+from coloproxy.engine.qmp import ColoStatus, MigrationStats, QemuMonitor, QmpError, QmpEvent
+from coloproxy.metrics import EngineFigures
+from coloproxy.protocol import (
+    CheckpointCompleted,
+    CheckpointRequest,
+    CheckpointStarted,
+    ClientRole,
+    Failover,
+    Mode,
+    ProxyRole,
+    SetPeriod,
+)
+
+log = logging.getLogger(__name__)
+
+# How often the COLO mode and the migration figures are read: slow while in COLO (the
+# events carry what matters), fast while waiting for COLO to begin.
+POLL_IN_COLO: Final = 1.0
+POLL_WAITING: Final = 0.1
+# The migration that enters COLO moves the guest's RAM once: 0.6-1.0 s for 256 MiB here
+# (DESIGN.md section 6); a large guest on a slow link takes minutes.
+BRING_UP_TIMEOUT: Final = 600.0
+CONTROL_RETRY: Final = 0.2
+# A failover message must reach the proxy: wait this long for the control connection.
+FAILOVER_CONTROL_WAIT: Final = 10.0
+RESUME_WAIT: Final = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """What the engine needs from the config (``from_config``), or built by tests."""
+
+    pair: str
+    role: Role
+    qmp: str
+    control_socket: Path
+    heartbeat_paths: tuple[HeartbeatPath, ...]
+    migrate_uri: str | None = None
+    bring_up: bool = True
+    period_ms: int = 20000
+    min_gap_ms: int = 100
+    checkpoint_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 50
+    failover_timeout_ms: int = 300
+
+    @classmethod
+    def from_config(cls, config: Config) -> EngineSettings | None:
+        """None when the config names no QMP socket: no engine runs in the daemon."""
+        engine = config.engine
+        if engine.qmp is None:
+            return None
+        paths = [
+            HeartbeatPath(
+                "replication",
+                config.net.replication.local,
+                config.net.replication.remote,
+                engine.heartbeat_port,
+            )
+        ]
+        if engine.lan_heartbeat is not None:
+            paths.append(
+                HeartbeatPath(
+                    "lan",
+                    engine.lan_heartbeat.local,
+                    engine.lan_heartbeat.remote,
+                    engine.heartbeat_port,
+                )
+            )
+        return cls(
+            pair=config.pair.name,
+            role=Role(config.pair.role.value),
+            qmp=engine.qmp,
+            control_socket=config.control.socket,
+            heartbeat_paths=tuple(paths),
+            migrate_uri=engine.migrate_uri,
+            bring_up=engine.bring_up,
+            period_ms=engine.period_ms,
+            min_gap_ms=engine.min_gap_ms,
+            checkpoint_timeout_ms=engine.checkpoint_timeout_ms,
+            heartbeat_interval_ms=engine.heartbeat_interval_ms,
+            failover_timeout_ms=engine.failover_timeout_ms,
+        )
+
+
+class EngineRunstate(Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class _Lane:
+    """A serial worker: jobs run one at a time, in order; a failing job is logged and the
+    next one runs."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._jobs: asyncio.Queue[tuple[str, Callable[[], Awaitable[None]]]] = asyncio.Queue()
+
+    def put(self, what: str, job: Callable[[], Awaitable[None]]) -> None:
+        self._jobs.put_nowait((what, job))
+
+    async def work(self) -> None:
+        why = "cancelled"
+        try:
+            while True:
+                what, job = await self._jobs.get()
+                try:
+                    await job()
+                except asyncio.CancelledError:
+                    raise
+                except QmpError as exc:
+                    log.error("engine %s lane: %s: %s", self.name, what, exc)
+                except Exception:
+                    log.exception("engine %s lane: %s failed", self.name, what)
+        finally:
+            log.debug("engine %s lane ended: %s", self.name, why)
+
+
+class EngineRunner:
+    """One engine; :meth:`run` until cancelled. ``attach_lan`` moves the guest port into the
+    LAN bridge at takeover (blocking; run in a thread); None when the daemon manages no
+    network."""
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        *,
+        attach_lan: Callable[[], None] | None = None,
+        figures: EngineFigures | None = None,
+    ) -> None:
+        self.settings = settings
+        self.attach_lan = attach_lan
+        self.role = settings.role
+        self.figures = figures or EngineFigures()
+        self.figures.role = settings.role.value
+        self.figures.period_ms = settings.period_ms
+        self.runstate = EngineRunstate.IDLE
+        self.monitor = QemuMonitor(
+            settings.qmp, f"{settings.role.value}-qemu", self._on_event, self._on_gone
+        )
+        self.peer = HeartbeatPeer(list(settings.heartbeat_paths), self._on_heartbeat)
+        self.scheduler: CheckpointScheduler | None = None
+        self.decider: FailoverDecider | None = None
+        self.failover_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._qmp_lane = _Lane("qmp")
+        self._control_lane = _Lane("control")
+        self._control: ControlClient | None = None
+        self._control_up = asyncio.Event()
+        self._changed = asyncio.Event()  # pulsed at every input: tests and waiters
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._requests_received: dict[int, float] = {}  # request id -> loop time (bounded)
+        self._entry_checkpoint: int | None = None  # the checkpoint that enters COLO
+        self._shutdown_seen = False
+        self.events: list[QmpEvent] = []  # the last QMP events (bounded), for tests and logs
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until cancelled. Waits for the QEMU's QMP socket and the control socket as
+        long as it takes (either may start after the daemon)."""
+        if self.runstate is not EngineRunstate.IDLE:
+            raise QmpError(f"engine cannot run in state {self.runstate.value}")
+        loop = self._loop = asyncio.get_running_loop()
+        settings = self.settings
+        now = loop.time()
+        self.scheduler = CheckpointScheduler(
+            SchedulerConfig(
+                period=settings.period_ms / 1000,
+                min_gap=settings.min_gap_ms / 1000,
+                checkpoint_timeout=settings.checkpoint_timeout_ms / 1000,
+            ),
+            now,
+        )
+        self.decider = FailoverDecider(
+            DeciderConfig(
+                pair=settings.pair,
+                role=settings.role,
+                boot=random.getrandbits(48),
+                interval=settings.heartbeat_interval_ms / 1000,
+                timeout=settings.failover_timeout_ms / 1000,
+            ),
+            now,
+        )
+        self.runstate = EngineRunstate.RUNNING
+        why = "cancelled"
+        try:
+            await self.peer.start()
+            self._rearm()
+            self._spawn(self._qmp_lane.work(), "engine-qmp-lane")
+            self._spawn(self._control_lane.work(), "engine-control-lane")
+            self._spawn(self._control_loop(), "engine-control")
+            log.info("engine (%s) waiting for QEMU's QMP socket %s", self.role.value, settings.qmp)
+            await self.monitor.connect()
+            self._decide(self.decider.local_qemu(QemuState.RUNNING, loop.time()))
+            if self.role is Role.PRIMARY:
+                await self._start_primary()
+            else:
+                await self._start_secondary()
+            self._spawn(self._poll(), "engine-poll")
+            await asyncio.Event().wait()  # until cancelled
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            why = f"failed: {exc!r}"
+            raise
+        finally:
+            log.info("engine (%s) stopping: %s", self.role.value, why)
+            self.runstate = EngineRunstate.STOPPED
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        tasks = [*self._tasks]
+        if self.failover_task is not None:
+            tasks.append(self.failover_task)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.monitor.close()
+        self.peer.close()
+        if self._control is not None:
+            await self._control.close()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(coroutine, name=name))
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Until ``predicate()`` holds, re-checked at every input (for tests and tools)."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    def _now(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0
+
+    def _pulse(self) -> None:
+        self._changed.set()
+        scheduler, decider = self.scheduler, self.decider
+        figures = self.figures
+        if scheduler is not None:
+            figures.phase = scheduler.phase.value
+        if decider is not None:
+            figures.watch = decider.state.value
+            figures.qemu = decider.qemu.value
+            figures.peer_heard = decider.heard()
+        figures.heartbeats = dict(self.peer.counters)
+
+    # -- the timer -------------------------------------------------------------------------
+
+    def _rearm(self) -> None:
+        loop = self._loop
+        if loop is None or self.runstate is not EngineRunstate.RUNNING:
+            return
+        deadlines = [
+            machine.get_timer() for machine in (self.scheduler, self.decider) if machine is not None
+        ]
+        due = min((d for d in deadlines if d is not None), default=None)
+        timer = self._timer
+        if timer is not None:
+            if due is not None and timer.when() == due:
+                return
+            timer.cancel()
+            self._timer = None
+        if due is not None:
+            self._timer = loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._now()
+        if self.decider is not None:
+            self._decide(self.decider.handle_timer(now), rearm=False)
+        if self.scheduler is not None:
+            self._schedule(self.scheduler.handle_timer(now), rearm=False)
+        self._rearm()
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def _on_request(self, push: CheckpointRequest) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        now = self._now()
+        if len(self._requests_received) > 4096:  # bounded: the oldest are long served
+            for key in sorted(self._requests_received)[:2048]:
+                del self._requests_received[key]
+        self._requests_received.setdefault(push.id, now)
+        log.debug("checkpoint request %d (%s)", push.id, push.reason)
+        # A request stamped 0 (an engine double, a hand-typed line) counts as sent now.
+        wall = push.time if push.time > 0 else time.time()
+        self._schedule(scheduler.request(push.id, push.reason, now, wall))
+
+    def _on_set_period(self, push: SetPeriod) -> None:
+        if self.scheduler is None:
+            return
+        log.info("checkpoint period now %d ms", push.period_ms)
+        self.figures.period_ms = push.period_ms
+        self._schedule(self.scheduler.set_period(push.period_ms / 1000, self._now()))
+
+    def _on_event(self, event: QmpEvent) -> None:
+        self.events.append(event)
+        if len(self.events) > 4096:
+            del self.events[:2048]
+        scheduler, decider = self.scheduler, self.decider
+        if scheduler is None or decider is None:
+            return
+        now = event.received
+        if event.name == "STOP":
+            if self.role is Role.PRIMARY:
+                self._schedule(scheduler.started(now, event.wall))
+        elif event.name == "RESUME":
+            if self.role is Role.PRIMARY:
+                if self._entry_checkpoint is not None and scheduler.phase is Phase.RUNNING:
+                    self._qmp_lane.put("confirm COLO entry", self._confirm_entry)
+                else:
+                    self._schedule(scheduler.completed(now, event.wall))
+        elif event.name == "COLO_EXIT":
+            # The event's reason says "error" even for a requested failover (7.2): only a
+            # hint; query-colo-status is asked for the truth.
+            log.warning("COLO_EXIT: %s", dict(event.data))
+            self._decide(decider.local_colo_exit(now))
+            self._qmp_lane.put("query-colo-status", self._refresh_colo)
+        elif event.name == "SHUTDOWN":
+            self._shutdown_seen = True
+            self._decide(decider.local_qemu(QemuState.SHUTDOWN, now))
+        self._pulse()
+
+    def _on_gone(self, reason: str) -> None:
+        decider, scheduler = self.decider, self.scheduler
+        if decider is None or scheduler is None:
+            return
+        state = QemuState.SHUTDOWN if self._shutdown_seen else QemuState.EXITED
+        log.error("local QEMU %s: %s", state.value, reason)
+        self._decide(decider.local_qemu(state, self._now()))
+        self._pulse()
+
+    def _on_heartbeat(self, path: str, heartbeat: Heartbeat, now: float) -> None:
+        if self.decider is not None:
+            self._decide(self.decider.heartbeat(heartbeat, path, now))
+            self._pulse()
+
+    def _colo_seen(self, status: ColoStatus) -> None:
+        """A query-colo-status answer: the truth about the local QEMU's COLO mode."""
+        scheduler, decider = self.scheduler, self.decider
+        if scheduler is None or decider is None:
+            return
+        now = self._now()
+        self.figures.colo_mode = status.mode
+        if status.reason not in ("none", "processing"):
+            self.figures.last_colo_exit_reason = status.reason
+        try:
+            mode = ColoMode(status.mode)
+        except ValueError:
+            log.warning("query-colo-status: unknown mode %r", status.mode)
+            return
+        self._decide(decider.local_colo(mode, now))
+        if (
+            self.role is Role.PRIMARY
+            and mode is ColoMode.PRIMARY
+            and scheduler.phase in (Phase.OFF, Phase.ENTERING)
+            and self._entry_checkpoint is None
+            and not decider.failed_over
+        ):
+            log.info("the QEMUs are in COLO: checkpoints start")
+            self._schedule(scheduler.activate(now))
+        self._pulse()
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def _schedule(self, actions: list[ScheduleAction], *, rearm: bool = True) -> None:
+        for action in actions:
+            if isinstance(action, Trigger):
+                self._trigger(action)
+            elif isinstance(action, CheckpointBegan):
+                self._began(action)
+            elif isinstance(action, CheckpointEnded):
+                self._ended(action)
+            elif isinstance(action, CheckpointAborted):
+                self.figures.aborted += 1
+                log.warning(
+                    "checkpoint %d aborted (COLO ended under it); requests %s wait again",
+                    action.checkpoint,
+                    action.requests,
+                )
+            elif isinstance(action, CheckpointStalled):
+                self.figures.stalled += 1
+                log.error(
+                    "checkpoint %d stalled (%s for %.1f s)",
+                    action.checkpoint,
+                    action.phase.value,
+                    action.waited,
+                )
+                if self.decider is not None:
+                    self._decide(self.decider.checkpoint_stalled(self._now()), rearm=False)
+            elif isinstance(action, RequestsAbandoned):
+                log.info("requests %s abandoned: COLO is over", action.requests)
+            elif isinstance(action, Unexpected):
+                log.debug("QMP %s ignored in phase %s", action.event.value, action.phase.value)
+        if rearm:
+            self._rearm()
+
+    def _trigger(self, action: Trigger) -> None:
+        figures = self.figures
+        figures.triggers["first" if action.attempt == 1 else "retry"] += 1
+        received = [self._requests_received.get(r) for r in action.requests]
+        arrived = min((r for r in received if r is not None), default=None)
+
+        async def trigger() -> None:
+            try:
+                await self.monitor.set_checkpoint_delay(action.backstop_ms)
+            except QmpError:
+                figures.triggers["error"] += 1
+                raise
+            if arrived is not None and action.attempt == 1:
+                figures.request_to_command.observe(self._now() - arrived)
+
+        log.debug(
+            "trigger checkpoint %d (%s, requests %s, attempt %d)",
+            action.checkpoint,
+            action.reason,
+            action.requests,
+            action.attempt,
+        )
+        self._qmp_lane.put(f"trigger checkpoint {action.checkpoint}", trigger)
+
+    def _began(self, action: CheckpointBegan) -> None:
+        if action.reason == "colo-entry":
+            self._entry_checkpoint = action.checkpoint
+        request = max(action.requests) if action.requests else None
+        message = CheckpointStarted(request=request, time=action.wall)
+        self._control_lane.put("checkpoint-started", lambda: self._notify(message))
+
+    def _ended(self, action: CheckpointEnded) -> None:
+        figures = self.figures
+        figures.checkpoints[action.reason] += 1
+        figures.pause.observe(action.pause)
+        if action.request_to_stop is not None:
+            figures.request_to_stop.observe(action.request_to_stop)
+        request = max(action.requests) if action.requests else None
+        message = CheckpointCompleted(
+            request=request,
+            started=action.started_wall,
+            completed=action.completed_wall,
+            synced=True,
+        )
+        self._control_lane.put("checkpoint-completed", lambda: self._notify(message))
+        log.debug(
+            "checkpoint %d (%s) done: pause %.1f ms, requests %s",
+            action.checkpoint,
+            action.reason,
+            action.pause * 1000,
+            action.requests,
+        )
+
+    async def _notify(self, message: CheckpointStarted | CheckpointCompleted) -> None:
+        client = self._control
+        if client is None:
+            # The proxy re-sends its outstanding request when we reconnect: a checkpoint
+            # then serves it again. Nothing is released without a checkpoint.
+            log.warning("%s not sent: no control connection", message.kind)
+            return
+        try:
+            await client.request(message)
+        except ControlError as exc:
+            log.warning("%s: %s", message.kind, exc)
+
+    def _decide(self, actions: list[DecideAction], *, rearm: bool = True) -> None:
+        for action in actions:
+            if isinstance(action, SendHeartbeat):
+                self.peer.send(action.heartbeat)
+            elif isinstance(action, PrimaryLost):
+                self._start_failover(self._take_over(action), "primary-lost")
+            elif isinstance(action, SecondaryLost):
+                self._start_failover(self._leave_colo(action), "secondary-lost")
+            elif isinstance(action, StoodDown):
+                self.figures.failovers["stood-down"] += 1
+                log.error(
+                    "standing down (%s): the primary runs alone; this secondary will not"
+                    " take over (re-protect with a new secondary)",
+                    action.reason,
+                )
+            elif isinstance(action, LocalQemuLost):
+                log.error("the local QEMU is %s: nothing left to protect here", action.state)
+                if self.scheduler is not None:
+                    self._schedule(self.scheduler.deactivate(self._now()), rearm=False)
+            elif isinstance(action, SplitBrain):
+                self.figures.split_brain += 1
+                log.critical(
+                    "SPLIT BRAIN: both hosts serve the LAN (peer %s says serving); an operator"
+                    " must stop one",
+                    action.peer.role.value,
+                )
+            elif isinstance(action, PeerRejected):
+                log.warning(
+                    "heartbeat rejected (%s): pair %s role %s",
+                    action.reason,
+                    action.heartbeat.pair,
+                    action.heartbeat.role.value,
+                )
+        if rearm:
+            self._rearm()
+
+    def _start_failover(self, coroutine: Coroutine[Any, Any, None], kind: str) -> None:
+        self.figures.failovers[kind] += 1
+        if self.failover_task is not None:  # the decider decides once; belt and braces
+            log.error("a second failover (%s) ignored", kind)
+            coroutine.close()
+            return
+        self.failover_task = asyncio.create_task(coroutine, name=f"engine-failover-{kind}")
+
+    # -- primary ---------------------------------------------------------------------------
+
+    async def _start_primary(self) -> None:
+        status = await self.monitor.colo_status()
+        self._colo_seen(status)
+        if status.mode == ColoMode.PRIMARY.value:
+            return  # activated by _colo_seen: an engine (re)started while in COLO
+        if status.last_mode == ColoMode.PRIMARY.value:
+            # This QEMU failed over before the engine started: it runs alone.
+            log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
+            await self._tell_proxy(
+                Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "the QEMU left COLO earlier")
+            )
+            return
+        if not self.settings.bring_up:
+            log.info("bring_up is off: waiting for the QEMUs to enter COLO")
+            return
+        if self.settings.migrate_uri is None:
+            log.warning("engine.migrate_uri is not set: waiting for the QEMUs to enter COLO")
+            return
+        self._spawn(self._bring_up(self.settings.migrate_uri), "engine-bring-up")
+
+    async def _bring_up(self, uri: str) -> None:
+        monitor, scheduler, decider = self.monitor, self.scheduler, self.decider
+        if scheduler is None or decider is None:
+            return
+        log.info("bring-up: waiting for the secondary's engine to say its QEMU is ready")
+
+        def peer_ready() -> bool:
+            peer, heard = decider.peer, decider.heard()
+            return (
+                peer is not None
+                and peer.ready
+                and heard is not None
+                and self._now() - heard < decider.config.timeout
+            )
+
+        while not peer_ready():
+            with contextlib.suppress(TimeoutError):
+                await self.wait_until(peer_ready, 10.0)
+            if not peer_ready():
+                log.warning("bring-up: the secondary is not ready yet (no heartbeat saying so)")
+        version = await monitor.version()
+        log.info("bring-up: QEMU %d.%d, x-colo on, migrating to %s", *version, uri)
+        await monitor.enable_colo()
+        await monitor.set_checkpoint_delay(scheduler.backstop_ms)
+        self._schedule(scheduler.bring_up(self._now()))
+        started = self._now()
+        await monitor.migrate(uri)
+        stats = MigrationStats("none")
+        async with asyncio.timeout(BRING_UP_TIMEOUT):
+            while True:
+                stats = await monitor.migration_stats()
+                if stats.status in ("colo", "failed", "cancelled", "completed"):
+                    break
+                await asyncio.sleep(0.02)
+        if stats.status != "colo":
+            log.error("bring-up failed: the migration ended %s, not in COLO", stats.status)
+            self._schedule(scheduler.aborted(self._now()))
+            self._entry_checkpoint = None
+            return
+        self.figures.time_to_colo = self._now() - started
+        log.info("bring-up: COLO state %.2f s after migrate", self.figures.time_to_colo)
+
+    async def _confirm_entry(self) -> None:
+        """The primary resumed after the migration: in COLO, that is the first checkpoint."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        status = await self.monitor.colo_status()
+        now = self._now()
+        resume = next((e for e in reversed(self.events) if e.name == "RESUME"), None)
+        wall = resume.wall if resume is not None else time.time()
+        self._entry_checkpoint = None
+        if status.mode == ColoMode.PRIMARY.value:
+            self._schedule(scheduler.completed(now, wall))
+        else:
+            log.error("the primary resumed without COLO (mode %s)", status.mode)
+            self._schedule(scheduler.aborted(now))
+        self._colo_seen(status)
+
+    async def _leave_colo(self, decision: SecondaryLost) -> None:
+        """Secondary lost: the primary QEMU leaves COLO and the proxy runs unprotected."""
+        started = self._now()
+        steps = self.figures.last_failover
+        steps.clear()
+        log.error(
+            "secondary lost (%s, silent %.0f ms): leaving COLO, running unprotected",
+            decision.reason,
+            decision.silent_for * 1000,
+        )
+        if self.scheduler is not None:
+            self._schedule(self.scheduler.deactivate(started))
+        try:
+            await self.monitor.lost_heartbeat()
+            steps["lost-heartbeat"] = self._now() - started
+        except QmpError as exc:
+            log.error("x-colo-lost-heartbeat on the primary: %s", exc)
+        await self._tell_proxy(
+            Failover(
+                ProxyRole.PRIMARY,
+                Mode.UNPROTECTED,
+                f"secondary lost ({decision.reason}); running unprotected",
+            )
+        )
+        steps["proxy"] = self._now() - started
+        with contextlib.suppress(QmpError):
+            self._colo_seen(await self.monitor.colo_status())
+        log.warning(
+            "unprotected: failover done in %.1f ms (%s)",
+            steps["proxy"] * 1000,
+            ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()),
+        )
+        self._pulse()
+
+    # -- secondary -------------------------------------------------------------------------
+
+    async def _start_secondary(self) -> None:
+        monitor, decider = self.monitor, self.decider
+        if decider is None:
+            return
+        status = await monitor.colo_status()
+        self._colo_seen(status)
+        state = await monitor.run_state()
+        ready = status.mode == ColoMode.SECONDARY.value
+        if not ready and state == "inmigrate":
+            version = await monitor.version()
+            if self.settings.bring_up and version >= (8, 1):
+                await monitor.enable_colo()  # QEMU 8.1+ wants x-colo on the secondary too
+            ready = True
+        if ready:
+            log.info("secondary QEMU ready (status %s, COLO mode %s)", state, status.mode)
+        else:
+            log.warning(
+                "secondary QEMU is not waiting for a migration (status %s, COLO mode %s)",
+                state,
+                status.mode,
+            )
+        self._decide(decider.set_ready(ready, self._now()))
+
+    async def _take_over(self, decision: PrimaryLost) -> None:
+        """Primary lost: the SVM runs alone, on the LAN, and the proxy is told."""
+        monitor = self.monitor
+        started = self._now()
+        steps = self.figures.last_failover
+        steps.clear()
+        log.error(
+            "primary lost (%s, silent %.0f ms): taking over",
+            decision.reason,
+            decision.silent_for * 1000,
+        )
+        resumes = sum(1 for e in self.events if e.name == "RESUME")
+        try:
+            await monitor.lost_heartbeat()
+        except QmpError as exc:
+            log.error("cannot take over: x-colo-lost-heartbeat: %s", exc)
+            return
+        steps["lost-heartbeat"] = self._now() - started
+        if self.attach_lan is None:
+            log.warning(
+                "no network configured in this daemon: the guest port is not moved to the"
+                " LAN (attach_guest_to_lan skipped)"
+            )
+        else:
+            try:
+                await asyncio.to_thread(self.attach_lan)
+                steps["lan"] = self._now() - started
+            except Exception:
+                log.exception("moving the guest port to the LAN failed")
+        try:
+            await monitor.announce_self()
+            steps["announce"] = self._now() - started
+        except QmpError as exc:
+            log.error("announce-self: %s", exc)
+
+        def resumed() -> bool:
+            return sum(1 for e in self.events if e.name == "RESUME") > resumes
+
+        try:
+            await self.wait_until(resumed, RESUME_WAIT)
+            resume = next(e for e in reversed(self.events) if e.name == "RESUME")
+            steps["resume"] = resume.received - started
+        except TimeoutError:
+            log.error("no RESUME within %.0f s after x-colo-lost-heartbeat", RESUME_WAIT)
+        with contextlib.suppress(QmpError):
+            self._colo_seen(await monitor.colo_status())
+        await self._tell_proxy(
+            Failover(
+                ProxyRole.PRIMARY,
+                Mode.UNPROTECTED,
+                f"primary lost ({decision.reason}); took over",
+            )
+        )
+        steps["proxy"] = self._now() - started
+        log.warning(
+            "took over in %.1f ms (%s)",
+            steps["proxy"] * 1000,
+            ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()),
+        )
+        self._pulse()
+
+    # -- both ------------------------------------------------------------------------------
+
+    async def _tell_proxy(self, message: Failover) -> None:
+        try:
+            async with asyncio.timeout(FAILOVER_CONTROL_WAIT):
+                await self._control_up.wait()
+        except TimeoutError:
+            log.error("failover not told to the proxy: no control connection")
+            return
+        client = self._control
+        if client is None:
+            log.error("failover not told to the proxy: the control connection ended")
+            return
+        try:
+            await client.request(message)
+        except ControlError as exc:
+            log.error("failover not accepted by the proxy: %s", exc)
+
+    async def _refresh_colo(self) -> None:
+        self._colo_seen(await self.monitor.colo_status())
+
+    async def _poll(self) -> None:
+        """COLO mode and migration figures, now and then."""
+        why = "cancelled"
+        try:
+            while True:
+                decider = self.decider
+                waiting = decider is not None and decider.colo is ColoMode.NONE
+                await asyncio.sleep(POLL_WAITING if waiting else POLL_IN_COLO)
+                if self.monitor.state.value != "connected":
+                    why = "the monitor is closed"
+                    return
+                try:
+                    self._colo_seen(await self.monitor.colo_status())
+                    if self.role is Role.PRIMARY and self.figures.colo_mode == "primary":
+                        stats = await self.monitor.migration_stats()
+                        self.figures.migration = {
+                            name: value
+                            for name, value in (
+                                ("ram_transferred", stats.ram_transferred),
+                                ("ram_total", stats.ram_total),
+                                ("ram_normal_pages", stats.ram_normal_pages),
+                                ("ram_duplicate_pages", stats.ram_duplicate_pages),
+                                ("dirty_pages_rate", stats.dirty_pages_rate),
+                                ("dirty_sync_count", stats.dirty_sync_count),
+                            )
+                            if value is not None
+                        }
+                except QmpError as exc:
+                    log.debug("poll: %s", exc)
+        finally:
+            log.debug("engine poll ended: %s", why)
+
+    async def _control_loop(self) -> None:
+        """Stay connected to the proxy's control socket as an engine; handle its pushes."""
+        path = self.settings.control_socket
+        why = "cancelled"
+        complained = False
+        try:
+            while True:
+                try:
+                    client = await ControlClient.connect(
+                        path, ClientRole.ENGINE, name=f"coloproxy-engine {__version__}"
+                    )
+                except ControlError as exc:
+                    if not complained:
+                        log.warning("engine: control socket %s: %s (retrying)", path, exc)
+                        complained = True
+                    await asyncio.sleep(CONTROL_RETRY)
+                    continue
+                complained = False
+                self._control = client
+                self._control_up.set()
+                log.info("engine connected to the proxy at %s", path)
+                try:
+                    async for push in client:
+                        if isinstance(push, CheckpointRequest):
+                            self._on_request(push)
+                        else:
+                            self._on_set_period(push)
+                        self._pulse()
+                finally:
+                    self._control_up.clear()
+                    self._control = None
+                    await client.close()
+                log.warning("engine: control connection ended: %s", client.closed_reason)
+                await asyncio.sleep(CONTROL_RETRY)
+        except ControlConnectionError as exc:  # pragma: no cover - connect() wraps these
+            why = f"control connection: {exc}"
+            raise
+        finally:
+            log.debug("engine control loop ended: %s", why)
+
+
+__all__ = ["EngineRunner", "EngineRunstate", "EngineSettings"]
