@@ -2,7 +2,9 @@
 
 The shell turns ``Release`` into an NF_ACCEPT verdict (or a frame written to outdev),
 ``Drop`` into NF_DROP, ``CheckpointNeeded`` into a control-socket request (unless
-``coalesced``), and counts every event under its reason label.
+``coalesced``), and counts every event under its reason label. ``Release`` and ``Drop``, with
+their reasons, live in ``verdicts.py`` (made for every packet, kept compilable) and are
+imported from here.
 """
 
 from __future__ import annotations
@@ -10,7 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
+from coloproxy.compare.verdicts import Drop, DropReason, Release, ReleaseReason
 from coloproxy.packet.parse import MalformedReason
+
+__all__ = [
+    "EVIDENCE_BEFORE",
+    "EVIDENCE_BYTES",
+    "CheckpointNeeded",
+    "Drop",
+    "DropReason",
+    "Event",
+    "Evidence",
+    "Flow",
+    "MalformedPacket",
+    "Reason",
+    "Release",
+    "ReleaseReason",
+    "Side",
+]
 
 EVIDENCE_BYTES = 48
 EVIDENCE_BEFORE = 16
@@ -30,21 +49,6 @@ class Reason(StrEnum):
     SECONDARY_ONLY = "secondary-only"  # secondary output with no primary counterpart in time
     OVERFLOW = "overflow"  # a configured bound (packets, bytes, flows, fragments) was reached
     MALFORMED = "malformed"  # a primary packet could not be parsed (policy "checkpoint")
-
-
-class ReleaseReason(StrEnum):
-    MATCHED = "matched"  # the secondary produced the same output
-    CHECKPOINT = "checkpoint"  # flushed by a completed checkpoint
-    PASSTHROUGH = "passthrough"  # a passthrough rule: released uncompared, counted unprotected
-    MALFORMED = "malformed"  # unparseable and the malformed policy is "release"
-
-
-class DropReason(StrEnum):
-    COMPARED = "compared"  # absorbed by the comparator (its bytes are kept as needed)
-    CHECKPOINTING = "checkpointing"  # arrived while a checkpoint runs: stale epoch
-    PASSTHROUGH = "passthrough"
-    MALFORMED = "malformed"
-    OVERFLOW = "overflow"  # not stored because a bound was reached
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,73 +83,6 @@ class Evidence:
     secondary_length: int
     before: int = 0
     detail: str = ""
-
-
-class _Verdict:
-    """A verdict on one packet: an immutable value (token, reason), like a frozen dataclass.
-
-    ``Release`` and ``Drop`` are made for every packet fed, so they are plain classes with
-    read-only properties over slots: a frozen dataclass's ``__init__`` goes through
-    ``object.__setattr__`` and costs about 280 ns against 75 ns here (CPython 3.11, measured
-    with timeit; see docs/benchmarks.md). Equality, hashing, ``repr`` and ``match`` behave as
-    they would for ``@dataclass(frozen=True)``: equal only to the same class with equal fields.
-    """
-
-    __slots__ = ("_reason", "_token")
-    __match_args__ = ("token", "reason")
-    _reason: ReleaseReason | DropReason
-
-    def __init__(self, token: object, reason: ReleaseReason | DropReason) -> None:
-        self._token = token
-        self._reason = reason
-
-    @property
-    def token(self) -> object:
-        return self._token
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, _Verdict) or other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._token == other._token and self._reason == other._reason
-
-    def __hash__(self) -> int:
-        return hash((self._token, self._reason))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(token={self._token!r}, reason={self._reason!r})"
-
-    def __reduce__(self) -> tuple[type[_Verdict], tuple[object, ReleaseReason | DropReason]]:
-        return type(self), (self._token, self._reason)
-
-
-class Release(_Verdict):
-    """Let the primary packet ``token`` go out."""
-
-    __slots__ = ()
-    _reason: ReleaseReason
-
-    def __init__(self, token: object, reason: ReleaseReason = ReleaseReason.MATCHED) -> None:
-        self._token = token
-        self._reason = reason
-
-    @property
-    def reason(self) -> ReleaseReason:
-        return self._reason
-
-
-class Drop(_Verdict):
-    """Drop the packet ``token`` (always a secondary packet: a primary one is never dropped)."""
-
-    __slots__ = ()
-    _reason: DropReason
-
-    def __init__(self, token: object, reason: DropReason = DropReason.COMPARED) -> None:
-        self._token = token
-        self._reason = reason
-
-    @property
-    def reason(self) -> DropReason:
-        return self._reason
 
 
 @dataclass(frozen=True, slots=True)
