@@ -354,13 +354,18 @@ def _add_teardown(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 def _lab(args: argparse.Namespace) -> int:
     import os
 
+    from coloproxy.errors import ColoproxyError
     from coloproxy.lab.lab import Lab, demo, format_summary, running_lab
-    from coloproxy.lab.vms import LabError
 
     if os.geteuid() != 0:
         print("lab: run as root (namespaces, QEMU, NFQUEUE)", file=sys.stderr)
         return EXIT_TROUBLE
-    lab = Lab(args.prefix, Path(args.run_dir), qemu_filters=getattr(args, "qemu_filters", False))
+    lab = Lab(
+        args.prefix,
+        Path(args.run_dir),
+        qemu_filters=getattr(args, "qemu_filters", False),
+        driver=getattr(args, "driver", "auto"),
+    )
     try:
         if args.lab_command == "up":
             lab.up()
@@ -373,7 +378,7 @@ def _lab(args: argparse.Namespace) -> int:
                 result = demo(lab, traffic_s=args.traffic, after_failover_s=args.after)
                 sys.stdout.write(format_summary(result, lab))
             return EXIT_EQUIVALENT if result.failed == 0 else EXIT_DIVERGED
-    except LabError as exc:
+    except ColoproxyError as exc:  # what did not happen in time, a missing build, the network
         print(f"lab {args.lab_command}: {exc}", file=sys.stderr)
         return EXIT_TROUBLE
     return EXIT_EQUIVALENT
@@ -404,11 +409,22 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="wire the pair with QEMU's colo-compare and filters instead of coloproxy",
     )
+    up.add_argument(
+        "--driver",
+        choices=["auto", "engine", "interim"],
+        default="auto",
+        help="who drives COLO: coloproxy's checkpoint engine, or the lab's interim driver"
+        " (auto: the engine once `coloproxy run` has it)",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
     demo = actions.add_parser(
         "demo", help="up, client traffic, a divergence, SIGKILL of the primary, summary, down"
     )
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    demo.add_argument(
+        "--driver", choices=["auto", "engine", "interim"], default="auto",
+        help="who drives COLO (as for up)",
+    )  # fmt: skip
     demo.add_argument(
         "--qemu-filters", action="store_true", help="the same with QEMU's own colo-compare"
     )

@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,20 +87,19 @@ def built() -> None:
         subprocess.run([str(repo_root() / script)], check=True, stdout=subprocess.DEVNULL)
 
 
-def _new_lab(qemu_filters: bool = False) -> Lab:
-    # A short run directory: it holds Unix sockets (108 bytes of path at most).
-    run_dir = Path(tempfile.mkdtemp(prefix="cplab-test-"))
+def _new_lab(run_dir: Path, qemu_filters: bool = False) -> Lab:
+    # The run directory holds Unix sockets: pytest's temporary paths are short enough.
     prefix = f"cpl{os.getpid() % 10000}{next(_counter)}"
     return Lab(prefix, run_dir, qemu_filters=qemu_filters, say=lambda _text: None)
 
 
 @pytest.fixture
-def lab_factory(built: None) -> Iterator[Callable[..., Lab]]:
+def lab_factory(built: None, tmp_path: Path) -> Iterator[Callable[..., Lab]]:
     """Labs a test brings up; every one is taken down afterwards, namespaces checked gone."""
     labs: list[Lab] = []
 
     def make(qemu_filters: bool = False) -> Lab:
-        lab = _new_lab(qemu_filters)
+        lab = _new_lab(tmp_path / f"run{len(labs)}", qemu_filters)
         labs.append(lab)
         lab.up(build=False)
         return lab
@@ -116,9 +114,9 @@ def lab_factory(built: None) -> Iterator[Callable[..., Lab]]:
 
 
 @pytest.fixture(scope="module")
-def lab(built: None) -> Iterator[Lab]:
+def lab(built: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     """One lab for the tests that leave the pair in COLO; the primary-kill test ends it."""
-    shared = _new_lab()
+    shared = _new_lab(tmp_path_factory.mktemp("lab"))
     try:
         shared.up(build=False)
         yield shared

@@ -31,14 +31,15 @@ NET_PREFIX = "cp"
 # The secondary QEMU's -incoming listens here, on host S's replication address: the
 # migration stream crosses the replication link like it would between two machines.
 MIGRATION_PORT = 7790
-# The engines' heartbeat between host P and host S, over the replication link.
-HEARTBEAT_PORT = 7791
+# The engines' heartbeat between host P and host S, over the replication link: the engine's
+# defaults, written out (docs/configuration.md).
+HEARTBEAT_PORT = 9478
 # Under TCG a checkpoint pauses the guest for 2-10 ms (qemu/README.md); a 2 s period keeps
 # the loop busy enough to be seen in a demo without slowing the guest down.
 PERIOD_MS = 2000
 MIN_GAP_MS = 100
-HEARTBEAT_INTERVAL_MS = 100
-FAILOVER_TIMEOUT_MS = 500
+HEARTBEAT_INTERVAL_MS = 50
+FAILOVER_TIMEOUT_MS = 300
 FILES = {"primary": "lab.yaml", "secondary": "lab-secondary.yaml"}
 
 
@@ -119,9 +120,16 @@ metrics:
   listen: 127.0.0.1:9477
 
 engine:
-  qmp: {primary_qmp} # the primary QEMU's QMP monitor
+  qmp: {primary_qmp} # the primary QEMU's QMP monitor (the lab has its own, a second one)
+  # The secondary QEMU's -incoming, on host S's replication address: the engine enables
+  # x-colo and migrates there once host S's engine says its QEMU waits.
+  migrate_uri: {migrate_uri}
+  bring_up: true
   period_ms: {period_ms} # the lab checkpoints often, to exercise the loop
   min_gap_ms: {min_gap_ms}
+  heartbeat_port: {heartbeat_port} # UDP, on the replication addresses
+  heartbeat_interval_ms: {heartbeat_interval_ms}
+  failover_timeout_ms: {failover_timeout_ms}
 
 log:
   level: info
@@ -158,9 +166,15 @@ metrics:
   listen: 127.0.0.1:9477
 
 engine:
-  qmp: {secondary_qmp} # the secondary QEMU's QMP monitor
+  qmp: {secondary_qmp} # the secondary QEMU's QMP monitor (the lab has its own, a second one)
+  bring_up: true
   period_ms: {period_ms}
   min_gap_ms: {min_gap_ms}
+  heartbeat_port: {heartbeat_port}
+  heartbeat_interval_ms: {heartbeat_interval_ms}
+  # Host P's heartbeats silent this long: host S takes over (x-colo-lost-heartbeat, the
+  # SVM's port into the LAN bridge, announce-self).
+  failover_timeout_ms: {failover_timeout_ms}
 
 log:
   level: info
@@ -186,6 +200,10 @@ def config_text(role: str, paths: LabPaths | None = None) -> str:
         secondary_qmp=paths.qmp_socket("secondary"),
         period_ms=PERIOD_MS,
         min_gap_ms=MIN_GAP_MS,
+        migrate_uri=migrate_uri(),
+        heartbeat_port=HEARTBEAT_PORT,
+        heartbeat_interval_ms=HEARTBEAT_INTERVAL_MS,
+        failover_timeout_ms=FAILOVER_TIMEOUT_MS,
     )
 
 

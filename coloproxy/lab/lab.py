@@ -65,7 +65,7 @@ from coloproxy.lab.configs import (
     migrate_uri,
 )
 from coloproxy.lab.qemu import repo_root
-from coloproxy.lab.topology import GUEST_IPV4, LAN_BRIDGE, Topology
+from coloproxy.lab.topology import GUEST_IPV4, Topology
 from coloproxy.lab.vms import LabError, Monitor
 from coloproxy.net import netns
 
@@ -96,12 +96,16 @@ def _print(text: str) -> None:
 
 
 def engine_landed() -> bool:
-    """True once the checkpoint engine exists and its config keys do (see module docstring)."""
-    import importlib.util
+    """True once ``coloproxy run`` starts the checkpoint engine (see the module docstring).
 
-    from coloproxy.config import ENGINE_KEYS
+    ``COLOPROXY_LAB_DRIVER=engine`` or ``=interim`` overrides the guess.
+    """
+    forced = os.environ.get("COLOPROXY_LAB_DRIVER")
+    if forced in ("engine", "interim"):
+        return forced == "engine"
+    import coloproxy.daemon.run as daemon
 
-    return importlib.util.find_spec("coloproxy.engine") is not None and "migrate_uri" in ENGINE_KEYS
+    return "coloproxy.engine" in Path(daemon.__file__).read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,12 +256,16 @@ class Lab:
         run_dir: Path = DEFAULT_RUN_DIR,
         *,
         qemu_filters: bool = False,
+        driver: str = "auto",
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
         self.paths = LabPaths(Path(run_dir))
         self.topology = Topology(prefix, guests="tap")
         self.qemu_filters = qemu_filters
+        if driver not in ("auto", "engine", "interim"):
+            raise LabError(f"driver {driver!r}: auto, engine or interim")
+        self.driver = driver
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -290,6 +298,11 @@ class Lab:
 
     # -- up ------------------------------------------------------------------------------
 
+    def _driver(self) -> str:
+        if self.driver != "auto":
+            return self.driver
+        return "engine" if engine_landed() else "interim"
+
     def is_up(self) -> bool:
         state = LabState.load(self.paths)
         return state is not None and all(vms.alive(pid) for pid in state.pids.values())
@@ -313,9 +326,7 @@ class Lab:
 
         accel = built.accelerator()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        driver = (
-            "qemu-filters" if self.qemu_filters else ("engine" if engine_landed() else "interim")
-        )
+        driver = "qemu-filters" if self.qemu_filters else self._driver()
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
             started=time.time(),
@@ -790,6 +801,12 @@ class InterimColoDriver:
         self.stopped_at = 0.0
         self.last_resume = 0.0
         self.failed_over = False
+        self.topology = Topology(prefix, guests="tap")
+        # Read now, not at failover: loading the config and the net layer takes ~100 ms.
+        from coloproxy.config import load_config
+        from coloproxy.daemon.run import host_net
+
+        self.secondary_net = host_net(load_config(paths.config("secondary")))
 
     async def run(self) -> None:
         await self.primary.connect()
@@ -875,13 +892,21 @@ class InterimColoDriver:
             for name in ("comp0", "iothread1", "m0", "redire0", "redire1"):
                 with contextlib.suppress(LabError):
                     await survivor.execute("object-del", {"id": name})
-        await survivor.execute("x-colo-lost-heartbeat")
+        if survivor is self.primary or self.qemu_filters:
+            await survivor.execute("x-colo-lost-heartbeat")
         if survivor is self.secondary:
-            if self.qemu_filters:
+            if self.qemu_filters:  # the redirectors to a primary that is gone
                 for name in ("f2", "f1"):
                     with contextlib.suppress(LabError):
                         await survivor.execute("object-del", {"id": name})
-            await asyncio.to_thread(self._attach_secondary_to_lan)
+                await asyncio.to_thread(self._attach_secondary_to_lan)
+            else:
+                # The PVM is dead for sure (its QEMU closed the monitor), so the SVM's port
+                # may join the LAN while QEMU takes it out of COLO: both at once.
+                await asyncio.gather(
+                    survivor.execute("x-colo-lost-heartbeat"),
+                    asyncio.to_thread(self._attach_secondary_to_lan),
+                )
             with contextlib.suppress(LabError):
                 await survivor.execute(
                     "announce-self",
@@ -913,16 +938,10 @@ class InterimColoDriver:
                 )
 
     def _attach_secondary_to_lan(self) -> None:
-        topology = Topology(self.prefix, guests="tap")
-        if self.qemu_filters:
-            topology.exec("hs", ["ip", "link", "set", "guest0", "master", LAN_BRIDGE, "up"])
-            return
-        from coloproxy.config import load_config
-        from coloproxy.daemon.run import host_net
+        """Host S's guest port into its LAN bridge (what the engine's failover does)."""
         from coloproxy.net import host as hostnet
 
-        params = host_net(load_config(self.paths.config("secondary")))
-        netns.run_in(topology.ns("hs"), hostnet.attach_guest_to_lan, params)
+        netns.run_in(self.topology.ns("hs"), hostnet.attach_guest_to_lan, self.secondary_net)
 
 
 def run_interim_colo_driver(run_dir: Path, qemu_filters: bool) -> int:
