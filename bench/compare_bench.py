@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import multiprocessing
 import multiprocessing.connection
@@ -56,6 +57,7 @@ from qemu_colo_compare import (  # noqa: E402
     connect_unix,
     feeder_alone,
     frame_streams,
+    process_cpu_seconds,
     qemu_command,
     qemu_version,
     running_qemu,
@@ -119,16 +121,27 @@ def _new_comparator() -> Any:
     return Comparator(CompareConfig(framing=Framing.ETHERNET))
 
 
-def _event_counter(verdicts: Verdicts, marks: bytearray) -> Callable[[list[Any]], None]:
+def _event_counter(
+    verdicts: Verdicts,
+    marks: bytearray,
+    frames: list[bytes] | None = None,
+    outgoing: list[bytes] | None = None,
+) -> Callable[[list[Any]], None]:
     """A function that tallies one ``feed``'s events into ``verdicts``.
 
-    Primary tokens are the packet index (>= 0); secondary tokens are negative.
+    Primary tokens are the packet index (>= 0); secondary tokens are negative. With
+    ``frames`` and ``outgoing`` (the socket server), each newly released primary frame is
+    also queued on ``outgoing``, framed, and forgotten from ``frames``: one pass over events.
     """
-    from coloproxy.compare.events import CheckpointNeeded, MalformedPacket, Release
+    from coloproxy.compare.events import CheckpointNeeded, Drop, MalformedPacket, Release
+
+    pack_length = _LENGTH.pack
 
     def count(events: list[Any]) -> None:
         for event in events:
             kind = type(event)
+            if kind is Drop:
+                continue
             if kind is Release:
                 token = event.token
                 if token < 0:
@@ -138,6 +151,11 @@ def _event_counter(verdicts: Verdicts, marks: bytearray) -> Callable[[list[Any]]
                 else:
                     marks[token] = 1
                     verdicts.released += 1
+                    if frames is not None and outgoing is not None:
+                        released = frames[token]
+                        frames[token] = b""  # a shell forgets a released frame
+                        outgoing.append(pack_length(len(released)))
+                        outgoing.append(released)
             elif kind is CheckpointNeeded:
                 if not event.coalesced:
                     verdicts.checkpoints += 1
@@ -200,12 +218,10 @@ def _serve_ours(
             listener.close()
         primary_in, secondary_in, out = connections
         report.send("ready")
+        cpu_started = time.process_time()  # idle until the harness writes: CPU, not wall
         primary_side, secondary_side = _sides()
-        from coloproxy.compare.events import Release
-
         comparator = _new_comparator()
         verdicts = Verdicts(primary_count)
-        count = _event_counter(verdicts, bytearray(primary_count))
         sides = {primary_in: primary_side, secondary_in: secondary_side}
         # Bytes of an incomplete frame left over from the previous receive, per side.
         carried = {primary_in: b"", secondary_in: b""}
@@ -214,16 +230,8 @@ def _serve_ours(
         secondary_seen = 0
         open_inputs = [primary_in, secondary_in]
         outgoing: list[bytes] = []
-
-        def act(events: list[Any]) -> None:
-            """Count the events; queue released primary frames for outdev, framed."""
-            count(events)
-            for event in events:
-                if type(event) is Release and event.token >= 0:
-                    released = primary_frames[event.token]
-                    primary_frames[event.token] = b""  # a shell forgets a released frame
-                    outgoing.append(_LENGTH.pack(len(released)))
-                    outgoing.append(released)
+        # Count the events and queue released primary frames for outdev, framed.
+        act = _event_counter(verdicts, bytearray(primary_count), primary_frames, outgoing)
 
         feed_one = comparator.feed
         feed_many = getattr(comparator, "feed_many", None) if batch else None
@@ -270,11 +278,11 @@ def _serve_ours(
                 outgoing.clear()
         try:
             verdicts.check("sockets")
-            report.send(("ok", verdicts.released))
+            report.send(("ok", verdicts.released, time.process_time() - cpu_started))
         except BenchError as exc:
-            report.send(("error", str(exc)))
+            report.send(("error", str(exc), 0.0))
     except BaseException as exc:
-        report.send(("error", f"server failed: {exc!r}"))
+        report.send(("error", f"server failed: {exc!r}", 0.0))
         raise
 
 
@@ -335,10 +343,10 @@ def run_ours_sockets(workload: Workload, streams: FramedStreams, batch: bool = T
         secondary.shutdown(socket.SHUT_WR)
         if not report.poll(CHILD_TIMEOUT):
             raise BenchError("our socket server sent no verdict")
-        status, detail = report.recv()
+        status, detail, cpu = report.recv()
         if status != "ok":
             raise BenchError(f"ours over sockets on {workload.name}: {detail}")
-    return result
+    return dataclasses.replace(result, server_cpu=cpu)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -382,17 +390,18 @@ def run_qemu_repeated(
 ) -> list[RunResult]:
     runs = []
     for _ in range(repeat):
-        with running_qemu(binary) as (primary, secondary, out):
-            runs.append(
-                timed_run(
-                    primary,
-                    secondary,
-                    out,
-                    streams,
-                    len(workload.primary_frames),
-                    workload.payload_bytes_total,
-                )
+        with running_qemu(binary) as (primary, secondary, out, pid):
+            cpu_before = process_cpu_seconds(pid)
+            result = timed_run(
+                primary,
+                secondary,
+                out,
+                streams,
+                len(workload.primary_frames),
+                workload.payload_bytes_total,
             )
+            cpu = process_cpu_seconds(pid) - cpu_before
+            runs.append(dataclasses.replace(result, server_cpu=cpu))
     return runs
 
 
@@ -406,6 +415,12 @@ def measure(name: str, args: argparse.Namespace) -> Row:
         row.sockets = best(
             [run_ours_sockets(workload, streams, args.batch) for _ in range(args.repeat)]
         )
+        if row.sockets.server_cpu is not None and row.sockets.seconds > 0:
+            busy = row.sockets.server_cpu / row.sockets.seconds
+            row.notes.append(
+                f"{name}: socket child used {row.sockets.server_cpu:.2f} s of CPU in the best "
+                f"run's {row.sockets.seconds:.2f} s ({busy:.0%} of one CPU)"
+            )
         del workload, streams
     if not args.skip_qemu:
         # What colo-compare receives in COLO: the secondary's sequence numbers already
@@ -436,6 +451,12 @@ def measure(name: str, args: argparse.Namespace) -> Row:
                 f"{name}: qemu figure from a rerun with the secondary fed one chunk "
                 f"({CHUNK_ENTRIES} entries) ahead: released {row.qemu.released} of "
                 f"{row.qemu_packets}"
+            )
+        if row.qemu.server_cpu is not None and row.qemu.seconds > 0:
+            busy = row.qemu.server_cpu / row.qemu.seconds
+            row.notes.append(
+                f"{name}: QEMU used {row.qemu.server_cpu:.2f} s of CPU in the best run's "
+                f"{row.qemu.seconds:.2f} s ({busy:.0%} of one CPU)"
             )
         del workload, streams
     return row

@@ -34,6 +34,7 @@ writing into sockets that only read and discard, to show whether QEMU or the fee
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import select
@@ -135,6 +136,7 @@ class RunResult:
     released: int
     seconds: float
     payload_bytes: int  # payload of all expected primary frames
+    server_cpu: float | None = None  # CPU seconds of the comparing process, where measured
 
     @property
     def complete(self) -> bool:
@@ -407,8 +409,11 @@ def probe_outdev(primary: socket.socket, out: socket.socket) -> int:
 
 
 @contextlib.contextmanager
-def running_qemu(binary: str = QEMU_BINARY) -> Iterator[tuple[socket.socket, ...]]:
-    """Start QEMU with colo-compare, connect (primary_in, secondary_in, outdev), probe.
+def running_qemu(
+    binary: str = QEMU_BINARY,
+) -> Iterator[tuple[socket.socket, socket.socket, socket.socket, int]]:
+    """Start QEMU with colo-compare, connect (primary_in, secondary_in, outdev), probe; yield
+    the three sockets and QEMU's pid.
 
     QEMU is killed and the temporary directory removed whatever happens.
     """
@@ -438,7 +443,7 @@ def running_qemu(binary: str = QEMU_BINARY) -> Iterator[tuple[socket.socket, ...
             if output:
                 raise BenchError(f"{exc} (QEMU said: {output})") from exc
             raise
-        yield tuple(sockets)
+        yield sockets[0], sockets[1], sockets[2], process.pid
         if process.poll() is not None:
             raise BenchError(f"QEMU exited with status {process.returncode} during the run")
     finally:
@@ -454,11 +459,19 @@ def running_qemu(binary: str = QEMU_BINARY) -> Iterator[tuple[socket.socket, ...
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far, from /proc (clock-tick granularity)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def run_qemu(workload: Workload, binary: str = QEMU_BINARY) -> RunResult:
     """Time colo-compare on ``workload`` (secondary already in the primary's seq space)."""
     streams = frame_streams(workload)
-    with running_qemu(binary) as (primary, secondary, out):
-        return timed_run(
+    with running_qemu(binary) as (primary, secondary, out, pid):
+        cpu_before = process_cpu_seconds(pid)
+        result = timed_run(
             primary,
             secondary,
             out,
@@ -466,3 +479,4 @@ def run_qemu(workload: Workload, binary: str = QEMU_BINARY) -> RunResult:
             len(workload.primary_frames),
             workload.payload_bytes_total,
         )
+        return dataclasses.replace(result, server_cpu=process_cpu_seconds(pid) - cpu_before)
