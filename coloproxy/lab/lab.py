@@ -344,7 +344,10 @@ class Lab:
     def _up(self, state: LabState) -> None:
         paths = self.paths
         for role in ("primary", "secondary"):
-            paths.config(role).write_text(config_text(role, paths))
+            # With the interim driver no engine may run in the daemons: it would hold the
+            # engine's QMP monitor (one client per monitor) and drive COLO too.
+            text = config_text(role, paths, engine=state.driver == "engine")
+            paths.config(role).write_text(text)
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
 
@@ -421,7 +424,7 @@ class Lab:
         )
 
     def _start_interim_driver(self, state: LabState) -> None:
-        what = "QEMU's filters" if self.qemu_filters else "the checkpoint engine, not landed yet"
+        what = "QEMU's filters" if self.qemu_filters else "the checkpoint engine"
         self.progress(f"starting the lab's COLO driver (stands in for {what})")
         argv = [sys.executable, "-m", "coloproxy.lab.lab", "colo-driver", str(self.paths.run_dir)]
         if self.qemu_filters:
@@ -534,6 +537,18 @@ class Lab:
                 found["completed"] = int(float(line.rsplit(" ", 1)[1]))
         return found
 
+    def engine_checkpoints(self) -> dict[str, int]:
+        """Checkpoints the engine completed, by reason (periodic, payload, ...), from host P's
+        metrics; empty without the engine."""
+        found: dict[str, int] = {}
+        for line in self.scrape().splitlines():
+            if line.startswith("coloproxy_engine_checkpoints_total{"):
+                match = re.search(r'reason="([^"]+)"', line)
+                if match:
+                    value = int(float(line.rsplit(" ", 1)[1]))
+                    found[match.group(1)] = found.get(match.group(1), 0) + value
+        return found
+
     def kill_qemu(self, role: str) -> float:
         """SIGKILL one QEMU; the monotonic time of the kill."""
         assert self.state is not None
@@ -643,6 +658,7 @@ class DemoResult:
     failures: list[str] = field(default_factory=list)
     checkpoints_before: dict[str, int] = field(default_factory=dict)
     checkpoints: dict[str, int] = field(default_factory=dict)
+    engine_checkpoints: dict[str, int] = field(default_factory=dict)
     clock_page: str = ""
     gap_s: float | None = None
     worst_latency_s: float | None = None
@@ -683,6 +699,9 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
             )
 
     result.pauses_ms = watch.stop()
+    if proxy:
+        with contextlib.suppress(OSError, LabError):
+            result.engine_checkpoints = lab.engine_checkpoints()
     say(
         f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
         f"(pause {_pause_figures(result.pauses_ms)})"
@@ -743,6 +762,9 @@ def format_summary(result: DemoResult, lab: Lab) -> str:
     lines.extend(f"  failed: {failure}" for failure in result.failures)
     if result.checkpoints:
         lines.append(f"checkpoints (proxy)  {_reasons(result.checkpoints)}")
+    if result.engine_checkpoints:
+        shown = ", ".join(f"{k} {v}" for k, v in sorted(result.engine_checkpoints.items()))
+        lines.append(f"checkpoints (engine) {shown} (before the kill)")
     lines.append(
         f"checkpoints (QEMU)   {len(result.pauses_ms)} before the kill, "
         f"pause {_pause_figures(result.pauses_ms)}"
