@@ -514,10 +514,10 @@ def test_primary_fails_over_alone_on_silence_exit_report_colo_exit_or_a_stall() 
 
     # Reported by the peer (just heard: silent for 0 s) or seen locally (0.1 s after it).
     exited = beat(Role.SECONDARY, qemu=QemuState.EXITED)
-    broken = beat(Role.SECONDARY, colo_exit=True)
+    took_over = beat(Role.SECONDARY, failed_over=True)
     for reason, silent_for, feed in (
         ("qemu-exited", 0.0, lambda d: d.heartbeat(exited, "r", 1)),
-        ("peer-colo-exit", 0.0, lambda d: d.heartbeat(broken, "r", 1)),
+        ("peer-failed-over", 0.0, lambda d: d.heartbeat(took_over, "r", 1)),
         ("colo-exit", 0.1, lambda d: d.local_colo_exit(1)),
         ("colo-exit", 0.1, lambda d: d.local_colo(ColoMode.NONE, 1)),
         ("checkpoint-stalled", 0.1, lambda d: d.checkpoint_stalled(1)),
@@ -526,6 +526,14 @@ def test_primary_fails_over_alone_on_silence_exit_report_colo_exit_or_a_stall() 
         decide.heartbeat(beat(Role.SECONDARY), "replication", 0.9)
         expected = [SecondaryLost(reason, pytest.approx(silent_for, abs=1e-9))]  # type: ignore[arg-type]
         assert decisions(feed(decide)) == expected, reason
+
+
+def test_the_secondarys_colo_exit_alone_is_no_reason_for_the_primary() -> None:
+    """The stream breaks on the secondary when the *primary* QEMU dies, too; the primary's
+    daemon may hear that before its own QMP socket closes."""
+    decide = decider(Role.PRIMARY)
+    assert decisions(decide.heartbeat(beat(Role.SECONDARY, colo_exit=True), "r", 0.1)) == []
+    assert decide.state is Watch.WATCHING
 
 
 def test_a_daemon_whose_qemu_died_decides_nothing_but_says_so() -> None:

@@ -40,8 +40,9 @@ on the replication link and optionally on the LAN) and the local QEMU, and decid
 - on the secondary, :class:`PrimaryLost` when the primary is silent for ``timeout`` on every
   path, or says its QEMU exited, *and* the local QEMU still runs in COLO secondary mode;
 - on the primary, :class:`SecondaryLost` when the secondary is silent, says its QEMU exited
-  or its COLO stream broke, or the local QEMU left COLO (``COLO_EXIT``) or a checkpoint
-  stalled. The primary keeps serving, unprotected.
+  or that it took over, or the local QEMU left COLO (``COLO_EXIT``) or a checkpoint
+  stalled. The primary keeps serving, unprotected. (The secondary's own ``COLO_EXIT``
+  is no evidence: the stream breaks just as well when the primary QEMU dies.)
 - on the secondary, :class:`StoodDown` when the primary says it failed over (runs alone) or
   its guest shut down: the secondary's state is then stale and it must never take over.
 
@@ -653,7 +654,7 @@ class PrimaryLost:
 class SecondaryLost:
     """Primary: leave COLO (x-colo-lost-heartbeat) and serve unprotected."""
 
-    reason: str  # silent, qemu-exited, colo-exit, peer-colo-exit, checkpoint-stalled
+    reason: str  # silent, qemu-exited, peer-failed-over, colo-exit, checkpoint-stalled
     silent_for: float
 
 
@@ -814,8 +815,10 @@ class FailoverDecider:
             return []
         if peer.qemu in (QemuState.EXITED, QemuState.SHUTDOWN):
             return self._lose_peer("qemu-exited", now)
-        if peer.colo_exit:
-            return self._lose_peer("peer-colo-exit", now)
+        # peer.colo_exit is no reason: the secondary's COLO stream breaks just as well when
+        # the *primary* QEMU dies, and this daemon may hear that before its own QMP socket
+        # closes. A broken stream with both QEMUs alive shows here as a COLO_EXIT or a
+        # stalled checkpoint of our own.
         if peer.failed_over:
             return self._lose_peer("peer-failed-over", now)
         return []

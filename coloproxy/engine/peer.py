@@ -25,6 +25,7 @@ path are trusted networks (docs/engine.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -57,10 +58,11 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.peer = peer
         self.path = path
         self.transport: asyncio.DatagramTransport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.DatagramTransport):
-            self.transport = transport
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
         self.peer._received(self.path, data)
@@ -69,6 +71,10 @@ class _Endpoint(asyncio.DatagramProtocol):
         # ECONNREFUSED after an ICMP port unreachable: the peer daemon is not (yet) there.
         self.peer.counters["error-" + type(exc).__name__] += 1
         log.debug("heartbeat path %s: %r", self.path.name, exc)
+
+
+def _same(endpoint: _Endpoint) -> _Endpoint:
+    return endpoint
 
 
 class HeartbeatPeer:
@@ -101,21 +107,27 @@ class HeartbeatPeer:
                         f" towards {path.remote}: {exc.strerror or exc}"
                     ) from exc
                 endpoint = _Endpoint(self, path)
-                await loop.create_datagram_endpoint(lambda e=endpoint: e, sock=sock)  # type: ignore[misc]
+                transport, _ = await loop.create_datagram_endpoint(
+                    functools.partial(_same, endpoint), sock=sock
+                )
+                endpoint.transport = transport
                 self._endpoints.append(endpoint)
         except BaseException:
-            self.close()
+            await self.aclose()
             raise
         log.info(
             "heartbeats on %s",
             ", ".join(f"{p.name} {p.local} <-> {p.remote} port {p.port}" for p in self.paths),
         )
 
-    def close(self) -> None:
-        for endpoint in self._endpoints:
+    async def aclose(self) -> None:
+        """Close every socket and wait until asyncio has let go of them."""
+        endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
             if endpoint.transport is not None:
                 endpoint.transport.close()
-        self._endpoints = []
+        if endpoints:
+            await asyncio.wait([endpoint.lost for endpoint in endpoints], timeout=1.0)
 
     def send(self, heartbeat: Heartbeat) -> None:
         data = heartbeat.encode()

@@ -217,23 +217,30 @@ class QemuMonitor:
         try:
             while client.runstate is Runstate.RUNNING:
                 await client.runstate_changed()
+            # Gone from this moment: tell at once (the failover decider must not act on
+            # behalf of a QEMU that is dying), then collect the reader's error for the log.
             why = "the monitor closed"
+            self._gone(why)
             try:
                 await client.disconnect()
             except EOFError:
                 why = "QEMU closed the monitor (end of stream)"
             except (QMPError, OSError) as exc:
                 why = f"the monitor broke: {exc!r}"
+            self.gone_reason = why
         finally:
             log.debug("%s: watcher ended: %s", self.name, why)
-        if self.state is MonitorState.CONNECTED:
-            self.state = MonitorState.GONE
-            self.gone_reason = why
-            log.warning("%s: QEMU is gone: %s", self.name, why)
-            try:
-                self.on_gone(why)
-            except Exception:
-                log.exception("%s: gone handler failed", self.name)
+
+    def _gone(self, why: str) -> None:
+        if self.state is not MonitorState.CONNECTED:
+            return
+        self.state = MonitorState.GONE
+        self.gone_reason = why
+        log.warning("%s: QEMU is gone: %s", self.name, why)
+        try:
+            self.on_gone(why)
+        except Exception:
+            log.exception("%s: gone handler failed", self.name)
 
     # -- commands --------------------------------------------------------------------------
 

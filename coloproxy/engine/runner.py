@@ -302,7 +302,7 @@ class EngineRunner:
         if tasks:
             await asyncio.wait(tasks)
         await self.monitor.close()
-        self.peer.close()
+        await self.peer.aclose()
         if self._control is not None:
             await self._control.close()
 
