@@ -1,0 +1,322 @@
+"""The engine runner without QEMU: QMP doubles that behave like COLO's two monitors, the
+real control socket, real UDP heartbeats on loopback, and a real secondary ``Daemon`` running
+its engine from the config file. Fast and unprivileged; tests/test_engine_qemu.py does the
+same against real QEMUs.
+
+The double speaks QMP (greeting, ``qmp_capabilities``, ``execute``/``return``/``error``, events
+with timestamps). ``migrate`` moves both doubles into COLO with the primary's STOP/RESUME;
+``migrate-set-parameters`` in COLO makes a checkpoint: STOP, then RESUME ``pause`` later, on
+both monitors; ``x-colo-lost-heartbeat`` leaves COLO (COLO_EXIT, then STOP/RESUME as 7.2
+does); :meth:`QmpDouble.die` closes the monitor as an exiting QEMU does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from coloproxy.config import parse_config
+from coloproxy.control import ControlClient
+from coloproxy.control.server import ControlServer
+from coloproxy.daemon.run import Daemon
+from coloproxy.engine.logic import Role, Watch
+from coloproxy.engine.peer import HeartbeatPath
+from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.protocol import (
+    CheckpointRequest,
+    ClientRole,
+    Mode,
+    ProxyRole,
+    SetPeriod,
+    StatusRequest,
+)
+from test_engine_qemu import ProxyDouble, free_udp_port
+
+PAUSE = 0.003
+LOOPBACK = (ip_address("127.0.0.1"), ip_address("127.0.0.2"))
+
+
+@dataclass
+class QmpDouble:
+    name: str
+    path: Path
+    mode: str = "none"  # COLO mode
+    last_mode: str | None = None
+    status: str = "running"
+    peer: QmpDouble | None = None  # the other monitor (checkpoints show on both)
+    commands: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    server: asyncio.Server | None = None
+    lost_heartbeat_fails: bool = False
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+
+    async def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def die(self) -> None:
+        """QEMU exits: the monitor socket closes."""
+        await self.close()
+        self.writers.clear()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message).encode() + b"\r\n"
+        for writer in self.writers:
+            if not writer.is_closing():
+                writer.write(line)
+
+    def event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        now = time.time()
+        message: dict[str, Any] = {
+            "event": name,
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+        }
+        if data is not None:
+            message["data"] = data
+        self._send(message)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        writer.write(
+            json.dumps(
+                {
+                    "QMP": {
+                        "version": {
+                            "qemu": {"major": 7, "minor": 2, "micro": 0},
+                            "package": "double",
+                        },
+                        "capabilities": [],
+                    }
+                }
+            ).encode()
+            + b"\r\n"
+        )
+        decoder = json.JSONDecoder()
+        buffer = ""
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                buffer += data.decode()
+                while buffer.strip():  # QMP is a stream of JSON objects, no framing
+                    try:
+                        message, end = decoder.raw_decode(buffer.lstrip())
+                    except json.JSONDecodeError:
+                        break
+                    buffer = buffer.lstrip()[end:]
+                    command = message["execute"]
+                    arguments = message.get("arguments") or {}
+                    self.commands.append((command, arguments))
+                    reply = await self._execute(command, arguments)
+                    if "id" in message:
+                        reply["id"] = message["id"]
+                    if not writer.is_closing():
+                        writer.write(json.dumps(reply).encode() + b"\r\n")
+
+    async def _execute(self, command: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        if command == "query-colo-status":
+            reply = {"mode": self.mode, "reason": "none"}
+            if self.last_mode is not None:
+                reply["last-mode"] = self.last_mode
+            return {"return": reply}
+        if command == "query-status":
+            return {"return": {"status": self.status, "running": self.status == "running"}}
+        if command == "query-version":
+            return {"return": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""}}
+        if command == "query-migrate":
+            status = "colo" if self.mode != "none" else "active"
+            return {"return": {"status": status, "ram": {"transferred": 1 << 20, "total": 1}}}
+        if command == "migrate":
+            loop.call_later(0.01, self._enter_colo)
+            return {"return": {}}
+        if command == "migrate-set-parameters":
+            if self.mode == "primary":
+                loop.call_soon(self._checkpoint)
+            return {"return": {}}
+        if command == "x-colo-lost-heartbeat":
+            if self.lost_heartbeat_fails or self.mode == "none":
+                return {"error": {"class": "GenericError", "desc": "COLO is disabled"}}
+            self.last_mode, self.mode = self.mode, "none"
+            self.event("COLO_EXIT", {"mode": self.last_mode, "reason": "error"})
+            self.event("STOP")
+            self.event("RESUME")
+            return {"return": {}}
+        return {"return": {}}  # capabilities, announce-self, ...
+
+    def _enter_colo(self) -> None:
+        secondary = self.peer
+        assert secondary is not None
+        self.event("STOP")
+        self.mode = "primary"
+        secondary.mode, secondary.status = "secondary", "running"
+        asyncio.get_running_loop().call_later(PAUSE, self.event, "RESUME")
+        secondary.event("RESUME")
+
+    def _checkpoint(self) -> None:
+        loop = asyncio.get_running_loop()
+        for monitor in (self, self.peer):
+            if monitor is not None and monitor.mode != "none":
+                monitor.event("STOP")
+                loop.call_later(PAUSE, monitor.event, "RESUME")
+
+
+SECONDARY_CONFIG = """\
+pair: {{name: engine-test, role: secondary}}
+net:
+  guest_port: guest0
+  replication: {{local: 127.0.0.2, remote: 127.0.0.1}}
+control: {{socket: {socket}}}
+metrics: {{enabled: false}}
+engine:
+  qmp: {qmp}
+  heartbeat_port: {port}
+  heartbeat_interval_ms: 20
+  failover_timeout_ms: 1000
+"""
+
+
+@dataclass
+class World:
+    primary_qemu: QmpDouble
+    secondary_qemu: QmpDouble
+    primary: EngineRunner
+    proxy: ProxyDouble
+    daemon: Daemon
+    secondary_socket: Path
+
+
+@contextlib.asynccontextmanager
+async def world(tmp: Path) -> AsyncIterator[World]:
+    port = free_udp_port()
+    primary_qemu = QmpDouble("primary", tmp / "p.qmp")
+    secondary_qemu = QmpDouble("secondary", tmp / "s.qmp", status="inmigrate")
+    primary_qemu.peer = secondary_qemu
+    await primary_qemu.start()
+    await secondary_qemu.start()
+    proxy = ProxyDouble(ProxyRole.PRIMARY)
+    server = ControlServer(tmp / "p.sock", proxy)
+    proxy.server = server
+    proxy.outstanding = CheckpointRequest(id=1, reason="restart", protocol="any", time=time.time())
+    proxy.next_id = 2
+    await server.start()
+    config = parse_config(
+        SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port)
+    )
+    daemon = Daemon(config, setup_net=False)
+    daemon_task = asyncio.create_task(daemon.run())
+    primary = EngineRunner(
+        EngineSettings(
+            pair="engine-test",
+            role=Role.PRIMARY,
+            qmp=str(tmp / "p.qmp"),
+            control_socket=tmp / "p.sock",
+            heartbeat_paths=(
+                HeartbeatPath(
+                    "replication", ip_address("127.0.0.1"), ip_address("127.0.0.2"), port
+                ),
+            ),
+            migrate_uri="tcp:127.0.0.2:1",
+            period_ms=60000,
+            min_gap_ms=0,
+            heartbeat_interval_ms=20,
+            failover_timeout_ms=1000,
+        )
+    )
+    primary_task = asyncio.create_task(primary.run())
+    try:
+        yield World(primary_qemu, secondary_qemu, primary, proxy, daemon, tmp / "s.sock")
+    finally:
+        primary_task.cancel()
+        await asyncio.wait([primary_task])
+        daemon.stop()
+        await asyncio.wait_for(daemon_task, 10)
+        await server.close()
+        await primary_qemu.close()
+        await secondary_qemu.close()
+
+
+async def in_colo(w: World) -> None:
+    await w.proxy.wait(lambda: w.proxy.completed_for(1) is not None, 5, "the restart request")
+    engine = w.daemon.engine
+    assert engine is not None
+
+    def watching() -> bool:
+        return all(
+            e.decider is not None and e.decider.state is Watch.WATCHING for e in (w.primary, engine)
+        )
+
+    await engine.wait_until(watching, 5)
+
+
+@pytest.mark.asyncio
+async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
+    tmp_path: Path,
+) -> None:
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        # Bring-up: x-colo on, the backstop delay, migrate; the entry served the restart.
+        commands = [c for c, _ in w.primary_qemu.commands]
+        assert commands.index("migrate-set-capabilities") < commands.index("migrate")
+        assert ("migrate-set-parameters", {"x-checkpoint-delay": 121000}) in (
+            w.primary_qemu.commands
+        )
+        assert w.proxy.started[0][1].request == 1
+        assert w.primary.figures.checkpoints["colo-entry"] == 1
+        # A request: one trigger, started and completed naming it.
+        request = w.proxy.request()
+        await w.proxy.wait(lambda: w.proxy.completed_for(request) is not None, 5, "request")
+        assert [m.request for _, m in w.proxy.started] == [1, request]
+        assert w.primary.figures.checkpoints["payload"] == 1
+        # The secondary daemon's engine and its status.
+        engine = w.daemon.engine
+        assert engine is not None
+        async with await ControlClient.connect(w.secondary_socket, ClientRole.MONITOR) as cli:
+            status = await cli.request(StatusRequest())
+            assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
+            assert status.engines == 1
+        # The primary QEMU exits: the secondary daemon takes over.
+        await w.primary_qemu.die()
+        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        assert engine.figures.failovers["primary-lost"] == 1
+        acted = [c for c, _ in w.secondary_qemu.commands if not c.startswith("query-")]
+        assert acted[-2:] == ["x-colo-lost-heartbeat", "announce-self"]
+        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert w.daemon.metrics.engine is engine.figures
+
+
+@pytest.mark.asyncio
+async def test_set_period_and_the_primary_going_unprotected(tmp_path: Path) -> None:
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        assert w.proxy.server is not None
+        w.proxy.server.broadcast(SetPeriod(period_ms=50))
+        await w.proxy.wait(
+            lambda: sum(1 for _, m in w.proxy.completed if m.request is None) >= 3,
+            5,
+            "periodic checkpoints",
+        )
+        assert w.primary.figures.checkpoints["periodic"] >= 3
+        # The secondary QEMU exits: its daemon says so; the primary leaves COLO.
+        await w.secondary_qemu.die()
+        await w.proxy.wait(lambda: bool(w.proxy.failovers), 5, "failover")
+        _, failover = w.proxy.failovers[0]
+        assert failover.mode is Mode.UNPROTECTED
+        assert failover.detail == "secondary lost (qemu-exited); running unprotected"
+        assert ("x-colo-lost-heartbeat", {}) in w.primary_qemu.commands
+        # Nothing more is triggered.
+        triggers = w.primary.figures.triggers["first"]
+        await asyncio.sleep(0.2)
+        assert w.primary.figures.triggers["first"] == triggers
