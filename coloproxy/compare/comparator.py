@@ -85,6 +85,9 @@ _ETHERTYPE_IPV4: Final = ETH_P_IP.to_bytes(2, "big")
 
 _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 _PRIMARY = Side.PRIMARY
+# Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
+# metaclass, about 85 ns in CPython 3.11, on every packet otherwise.
+_COMPARED: Final = DropReason.COMPARED
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,11 +166,11 @@ class Comparator:
         self.config = config = config or CompareConfig()
         ethernet = config.framing is Framing.ETHERNET
         self._parse = parse_ethernet if ethernet else parse_ip
-        # The lanes (see feed): where the IP header starts, the header reader, the shortest
-        # frame it reads, the ethertype it wants (none for raw IP), and the TCP and UDP flows
-        # by guest address, peer address, guest port, peer port as they sit in the headers.
+        # The lanes (see feed): where the IP header starts, the header reader (a bound method),
+        # the shortest frame it reads, the ethertype it wants (none for raw IP), and the TCP and
+        # UDP flows by guest address, peer address, guest port, peer port as in the headers.
         self._l3 = ETHERNET_HEADER_LEN if ethernet else 0
-        self._lane = _LANE_ETHERNET if ethernet else _LANE_IP
+        self._lane_unpack = (_LANE_ETHERNET if ethernet else _LANE_IP).unpack_from
         self._lane_min = self._l3 + 40
         self._lane_ethertype = _ETHERTYPE_IPV4 if ethernet else b""
         self._lane_tcp: dict[bytes, TcpConnection] = {}
@@ -197,8 +200,8 @@ class Comparator:
         # the general path, which parses from scratch.
         book = self._book
         if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
-            ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = (
-                self._lane.unpack_from(data)
+            ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = self._lane_unpack(
+                data
             )
             if (
                 vhl == 0x45
@@ -227,7 +230,7 @@ class Comparator:
                                 number, ack, flags, data[start:end], held, now, book, out
                             )
                         else:
-                            out.append(Drop(token, DropReason.COMPARED))
+                            out.append(Drop(token, _COMPARED))
                             connection.feed_secondary(
                                 number, ack, flags, data[start:end], now, book, out
                             )
@@ -248,7 +251,7 @@ class Comparator:
                             if datagrams.feed_primary(payload, held, now, book, out):
                                 self._arm_reorder(datagrams)
                         else:
-                            out.append(Drop(token, DropReason.COMPARED))
+                            out.append(Drop(token, _COMPARED))
                             if datagrams.feed_secondary(payload, now, book, out):
                                 self._arm_reorder(datagrams)
                         return out
@@ -398,7 +401,7 @@ class Comparator:
                 out.append(Drop(token, DropReason.OVERFLOW))
             return
         if drop:
-            out.append(Drop(token, DropReason.COMPARED))
+            out.append(Drop(token, _COMPARED))
         if type(flow) is TcpConnection:
             if packet.flags & TCP_SYN:
                 self._learn_tsval(flow, packet, False)
