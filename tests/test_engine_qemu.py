@@ -183,6 +183,7 @@ class Pair:
     primary_proxy: ProxyDouble
     secondary_proxy: ProxyDouble
     bring_up_s: float
+    primary_task: asyncio.Task[None]
 
 
 @contextlib.asynccontextmanager
@@ -261,6 +262,7 @@ async def engine_pair(images: dict[str, Any], tmp: Path, period_ms: int) -> Asyn
             primary_proxy,
             proxies[ProxyRole.SECONDARY],
             bring_up,
+            tasks[1],
         )
     finally:
         for task in tasks:
@@ -463,5 +465,41 @@ async def test_engine_primary_runs_unprotected_after_the_secondary_dies(
                 f" {(told - killed) * 1000:.1f} ms (reason: {failover.detail}); steps: "
                 + ", ".join(
                     f"{k} {v * 1000:.1f} ms" for k, v in primary.figures.last_failover.items()
+                ),
+            )
+
+
+@pytest.mark.asyncio
+async def test_engine_takeover_when_host_p_is_gone(
+    built: dict[str, Any],  # noqa: F811
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Host P dies whole: its daemon stops heartbeating and its QEMU dies. The secondary
+    hears nothing for failover_timeout_ms (300) and takes over."""
+    async with asyncio.timeout(TEST_TIMEOUT_S):
+        async with engine_pair(built, tmp_path, period_ms=20000) as pair:
+            await both_watching(pair)
+            loop = asyncio.get_running_loop()
+            killed = loop.time()
+            pair.primary_task.cancel()  # the daemon goes silent ...
+            os.kill(pair.primary_vm.proc.pid, signal.SIGKILL)  # ... with its QEMU
+            secondary_proxy = pair.secondary_proxy
+            await secondary_proxy.wait(
+                lambda: bool(secondary_proxy.failovers), STEP_TIMEOUT_S, "failover"
+            )
+            told, failover = secondary_proxy.failovers[0]
+            assert "primary lost (silent)" in failover.detail
+            gap = told - killed
+            assert 0.3 <= gap < FAILOVER_BOUND_S
+            status = await pair.secondary.monitor.colo_status()
+            assert status.mode == "none"
+            report(
+                capsys,
+                f"host P gone (engine stopped + SIGKILL QEMU) -> secondary proxy told failover"
+                f" {gap * 1000:.1f} ms (timeout 300 ms); steps after the decision: "
+                + ", ".join(
+                    f"{k} {v * 1000:.1f} ms"
+                    for k, v in pair.secondary.figures.last_failover.items()
                 ),
             )
