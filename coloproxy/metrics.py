@@ -169,7 +169,8 @@ class EngineFigures:
     aborted: int = 0
     stalled: int = 0
     triggers: Counter[str] = field(default_factory=Counter)  # first, retry, error
-    pause: Histogram = field(default_factory=Histogram)  # primary STOP -> RESUME (QEMU's stamps)
+    # Primary STOP -> RESUME by QEMU's stamps; not the COLO entry (the migration's downtime).
+    pause: Histogram = field(default_factory=Histogram)
     request_to_stop: Histogram = field(default_factory=Histogram)  # request arrived -> STOP seen
     request_to_command: Histogram = field(default_factory=Histogram)  # -> trigger answered
     failovers: Counter[str] = field(default_factory=Counter)  # primary-lost, secondary-lost, ...

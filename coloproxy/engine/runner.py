@@ -519,7 +519,8 @@ class EngineRunner:
     def _ended(self, action: CheckpointEnded) -> None:
         figures = self.figures
         figures.checkpoints[action.reason] += 1
-        figures.pause.observe(action.pause)
+        if action.reason != "colo-entry":  # that pause is the migration's downtime
+            figures.pause.observe(action.pause)
         if action.request_to_stop is not None:
             figures.request_to_stop.observe(action.request_to_stop)
         request = max(action.requests) if action.requests else None
