@@ -377,7 +377,7 @@ def _lab(args: argparse.Namespace) -> int:
             with running_lab(lab, keep=args.keep):
                 result = demo(lab, traffic_s=args.traffic, after_failover_s=args.after)
                 sys.stdout.write(format_summary(result, lab))
-            return EXIT_EQUIVALENT if result.failed == 0 else EXIT_DIVERGED
+            return EXIT_EQUIVALENT if result.ok else EXIT_DIVERGED
     except ColoproxyError as exc:  # what did not happen in time, a missing build, the network
         print(f"lab {args.lab_command}: {exc}", file=sys.stderr)
         return EXIT_TROUBLE

@@ -28,6 +28,7 @@ from coloproxy.lab import configs
 from coloproxy.lab.lab import (
     NONDETERMINISTIC_PAGE,
     ClientLoop,
+    EchoSession,
     Lab,
     attempt,
     expected_pages,
@@ -178,18 +179,67 @@ def test_the_nondeterministic_page_is_a_payload_checkpoint(
     report(capsys, f"checkpoints before {before}, after the clock page {after}")
 
 
+def _wait_for_a_checkpoint(lab: Lab) -> None:
+    """Until host P's proxy saw one more checkpoint complete (the period is 2 s)."""
+    before = lab.checkpoints().get("completed", 0)
+    deadline = time.monotonic() + 10
+    while lab.checkpoints().get("completed", 0) <= before:
+        assert time.monotonic() < deadline, "no checkpoint completed within 10 s"
+        time.sleep(0.1)
+
+
+NOT_LANDED_ISN_AFTER_TAKEOVER = (
+    "needs an engine/proxy feature that has not landed: after a takeover host S must keep "
+    "shifting the sequence numbers of connections opened since the last checkpoint (the SVM "
+    "answered them with its own ISN, the client knows the PVM's; the offsets live in host P's "
+    "proxy). Seen in the lab: such a connection stalls after SIGKILL of the primary, one "
+    "opened before the last checkpoint carries on."
+)
+
+
+@pytest.mark.skip(reason=NOT_LANDED_ISN_AFTER_TAKEOVER)
+@pytest.mark.qemu
+@pytest.mark.root
+def test_a_connection_opened_since_the_last_checkpoint_survives_a_failover(
+    lab_factory: Callable[..., Lab],
+) -> None:
+    lab = lab_factory()
+    _wait_for_a_checkpoint(lab)
+    echo = EchoSession(lab.topology)  # opened after that checkpoint, killed before the next
+    try:
+        echo.exchange(b"before\n")
+        lab.kill_qemu("primary")
+        assert echo.exchange(b"after the kill\n") < 5
+    finally:
+        echo.close()
+
+
 @pytest.mark.qemu
 @pytest.mark.root
 def test_sigkill_of_the_primary_qemu_loses_no_request(
     lab: Lab, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    loop = ClientLoop(lab.topology, expected_pages()).start()
+    """A stream of requests and a long-lived connection across SIGKILL of the primary QEMU.
+
+    The kill falls between two requests of the stream (``ClientLoop.hold``); requests go on
+    at once after it, and the echo connection, opened before a checkpoint, must carry on.
+    """
+    echo = EchoSession(lab.topology)
     try:
-        time.sleep(3)
-        killed = lab.kill_qemu("primary")
-        time.sleep(8)
+        echo.exchange(b"before\n")
+        _wait_for_a_checkpoint(lab)
+        loop = ClientLoop(lab.topology, expected_pages()).start()
+        try:
+            time.sleep(3)
+            loop.hold()
+            killed = lab.kill_qemu("primary")
+            loop.resume()
+            echo_s = echo.exchange(b"after the kill\n")
+            time.sleep(8)
+        finally:
+            attempts = loop.stop()
     finally:
-        attempts = loop.stop()
+        echo.close()
     failed = [f"{a.path} at {a.started - killed:+.2f}s: {a.detail}" for a in attempts if not a.ok]
     after = [a for a in attempts if a.ok and a.started > killed]
     gap, slowest = failover_gap(attempts, killed)
@@ -201,7 +251,8 @@ def test_sigkill_of_the_primary_qemu_loses_no_request(
     report(
         capsys,
         f"SIGKILL primary: {len(attempts)} requests, 0 failed, failover gap "
-        f"{gap * 1000:.0f} ms, slowest request around it {1000 * (slowest or 0):.0f} ms",
+        f"{gap * 1000:.0f} ms, slowest request around it {1000 * (slowest or 0):.0f} ms, "
+        f"echo connection answered {echo_s * 1000:.0f} ms after the kill",
     )
 
 
@@ -214,7 +265,9 @@ def test_sigkill_of_the_secondary_qemu_the_primary_keeps_serving(
     loop = ClientLoop(lab.topology, expected_pages()).start()
     try:
         time.sleep(3)
+        loop.hold()
         killed = lab.kill_qemu("secondary")
+        loop.resume()
         time.sleep(8)
     finally:
         attempts = loop.stop()
