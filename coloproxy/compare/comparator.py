@@ -84,7 +84,7 @@ _LANE_PORTS: Final = struct.Struct("!HH")
 _ETHERTYPE_IPV4: Final = ETH_P_IP.to_bytes(2, "big")
 
 _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
-_PRIMARY = Side.PRIMARY
+_PRIMARY: Final = Side.PRIMARY
 # Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
 # metaclass, about 85 ns in CPython 3.11, on every packet otherwise.
 _COMPARED: Final = DropReason.COMPARED
@@ -200,6 +200,18 @@ class Comparator:
         # the general path, which parses from scratch.
         book = self._book
         if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
+            # Declared so that compiled code (scripts/build-fast) unboxes the fields once and
+            # then works on machine integers; in pure Python these lines cost nothing.
+            ethertype: bytes
+            key: bytes
+            vhl: int
+            total: int
+            frag: int
+            proto: int
+            number: int
+            ack: int
+            offset: int
+            flags: int
             ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = self._lane_unpack(
                 data
             )

@@ -76,7 +76,7 @@ class DatagramFlow(FlowState):
 
     def _arm(self, now: float, book: Book) -> bool:
         if self.held and self.secondary and self.reorder_deadline is None:
-            self.reorder_deadline = now + book.config.datagram_reorder_window
+            self.reorder_deadline = now + book.reorder_window
             return True
         return False
 

@@ -98,6 +98,10 @@ class Book:
 
     def __init__(self, config: CompareConfig) -> None:
         self.config = config
+        # Read per packet: plain attributes (config is a frozen dataclass, which compiled
+        # code reads by name).
+        self.secondary_timeout = config.secondary_timeout
+        self.reorder_window = config.datagram_reorder_window
         self.serial = 0
         self.held_packets = 0
         self.stored_bytes = 0
@@ -124,7 +128,7 @@ class Book:
 
     def store_secondary(self, stored: Stored) -> None:
         self.stored_bytes += stored.end - stored.start
-        if self.config.secondary_timeout is not None:
+        if self.secondary_timeout is not None:
             self.secondary_fifo.append(stored)
 
     def request(

@@ -218,7 +218,7 @@ class TcpConnection(FlowState):
             held.ack = ack
             max_ack = primary.max_ack
             # equal numbers are equal mod 2**32 too: skip the modular test in the common case
-            if max_ack != ack and (max_ack is None or seq.gt(ack, max_ack)):
+            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
                 primary.max_ack = ack
         start = seq.diff(number, isn) - 1
         if flags & TCP_SYN:
@@ -272,7 +272,7 @@ class TcpConnection(FlowState):
             isn = self._learn_isn(secondary, self.primary, number, flags, book)
         if flags & TCP_ACK:
             max_ack = secondary.max_ack
-            if max_ack != ack and (max_ack is None or seq.gt(ack, max_ack)):
+            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
                 secondary.max_ack = ack
         if self.diverged:
             return
@@ -392,7 +392,7 @@ class TcpConnection(FlowState):
                     chunk.data = chunk.data[: pos - chunk.start]
                     chunk.end = pos
                     chunks.insert(index + 1, tail)
-                    if primary_side and book.config.secondary_timeout is not None:
+                    if primary_side and book.secondary_timeout is not None:
                         # the tail is the secondary's: it keeps its arrival time, but joins
                         # the timeout queue at its end (detected late by at most one timeout)
                         book.secondary_fifo.append(tail)
@@ -469,12 +469,10 @@ class TcpConnection(FlowState):
             segment = held[0]
             need = segment.need
             if need:
-                if (
-                    need & NEED_ACK
-                    and segment.ack != secondary.max_ack
-                    and (secondary.max_ack is None or seq.lt(secondary.max_ack, segment.ack))
-                ):
-                    return
+                if need & NEED_ACK:
+                    max_ack = secondary.max_ack
+                    if max_ack is None or (max_ack != segment.ack and seq.lt(max_ack, segment.ack)):
+                        return
                 if need != NEED_ACK:  # a SYN, FIN or RST waits for the secondary's too
                     if need & NEED_SYN and not secondary.syn:
                         return
