@@ -514,10 +514,8 @@ def test_primary_fails_over_alone_on_silence_exit_report_colo_exit_or_a_stall() 
 
     # Reported by the peer (just heard: silent for 0 s) or seen locally (0.1 s after it).
     exited = beat(Role.SECONDARY, qemu=QemuState.EXITED)
-    took_over = beat(Role.SECONDARY, failed_over=True)
     for reason, silent_for, feed in (
         ("qemu-exited", 0.0, lambda d: d.heartbeat(exited, "r", 1)),
-        ("peer-failed-over", 0.0, lambda d: d.heartbeat(took_over, "r", 1)),
         ("colo-exit", 0.1, lambda d: d.local_colo_exit(1)),
         ("colo-exit", 0.1, lambda d: d.local_colo(ColoMode.NONE, 1)),
         ("checkpoint-stalled", 0.1, lambda d: d.checkpoint_stalled(1)),
@@ -534,6 +532,34 @@ def test_the_secondarys_colo_exit_alone_is_no_reason_for_the_primary() -> None:
     decide = decider(Role.PRIMARY)
     assert decisions(decide.heartbeat(beat(Role.SECONDARY, colo_exit=True), "r", 0.1)) == []
     assert decide.state is Watch.WATCHING
+
+
+def test_the_primary_stands_down_when_the_secondary_took_over() -> None:
+    """This daemon was silent too long (stalled, or restarted): the secondary is the master."""
+    took_over = beat(Role.SECONDARY, failed_over=True, serving=True, colo=ColoMode.NONE)
+    for armed in (True, False):  # in COLO, or an engine (re)started outside it
+        decide = decider(Role.PRIMARY, armed=armed)
+        actions = decide.heartbeat(took_over, "replication", 1.0)
+        assert decisions(actions) == [StoodDown("secondary-took-over")]
+        assert decide.state is Watch.STOOD_DOWN
+        assert decisions(decide.handle_timer(9.0)) == []
+
+
+def test_a_peer_leaving_on_purpose_is_not_lost_until_heard_again() -> None:
+    decide = decider(Role.SECONDARY)
+    decide.heartbeat(beat(Role.PRIMARY, 1), "replication", 0.1)
+    decide.heartbeat(beat(Role.PRIMARY, 2, leaving=True), "replication", 0.2)
+    assert decide.peer_leaving
+    assert decisions(decide.handle_timer(60.0)) == []  # a planned restart is no failover
+    decide.heartbeat(beat(Role.PRIMARY, 1), "replication", 61.0)  # back (a new engine)
+    assert decisions(decide.handle_timer(61.29)) == []
+    assert decisions(decide.handle_timer(61.3)) == [PrimaryLost("silent", pytest.approx(0.3))]  # type: ignore[arg-type]
+
+
+def test_leaving_says_so_in_the_last_heartbeat() -> None:
+    decide = decider(Role.PRIMARY)
+    assert sent(decide.leave(1.0))[0].leaving
+    assert sent(decide.handle_timer(2.0))[0].leaving
 
 
 def test_a_daemon_whose_qemu_died_decides_nothing_but_says_so() -> None:
@@ -564,7 +590,7 @@ def test_heartbeats_from_another_pair_or_of_our_role_are_rejected() -> None:
 
 
 def test_heartbeat_round_trip_and_bad_datagrams() -> None:
-    heartbeat = beat(Role.SECONDARY, ready=True, colo_exit=True)
+    heartbeat = beat(Role.SECONDARY, ready=True, colo_exit=True, leaving=True)
     assert decode_heartbeat(heartbeat.encode()) == heartbeat
     assert decode_heartbeat(b"\xff") == BadHeartbeat("not-json")
     assert decode_heartbeat(b"[1]") == BadHeartbeat("not-object")

@@ -481,8 +481,9 @@ async def test_engine_takeover_when_host_p_is_gone(
         async with engine_pair(built, tmp_path, period_ms=20000) as pair:
             await both_watching(pair)
             loop = asyncio.get_running_loop()
+            # The daemon goes silent (a clean stop would say "leaving": not a death) ...
+            await pair.primary.peer.aclose()
             killed = loop.time()
-            pair.primary_task.cancel()  # the daemon goes silent ...
             os.kill(pair.primary_vm.proc.pid, signal.SIGKILL)  # ... with its QEMU
             secondary_proxy = pair.secondary_proxy
             await secondary_proxy.wait(

@@ -320,3 +320,36 @@ async def test_set_period_and_the_primary_going_unprotected(tmp_path: Path) -> N
         triggers = w.primary.figures.triggers["first"]
         await asyncio.sleep(0.2)
         assert w.primary.figures.triggers["first"] == triggers
+
+
+@pytest.mark.asyncio
+async def test_a_planned_daemon_restart_is_no_failover(tmp_path: Path) -> None:
+    """The secondary daemon stops cleanly: its last heartbeat says "leaving"; the primary
+    stays protected through the silence (COLO itself needs only the secondary QEMU)."""
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        w.daemon.stop()
+        await asyncio.sleep(1.5)  # five times the failover timeout
+        decider = w.primary.decider
+        assert decider is not None and decider.state is Watch.WATCHING
+        assert decider.peer_leaving
+        assert not w.proxy.failovers
+        request = w.proxy.request()
+        await w.proxy.wait(lambda: w.proxy.completed_for(request) is not None, 5, "request")
+
+
+@pytest.mark.asyncio
+async def test_a_primary_whose_secondary_took_over_pauses_its_guest(tmp_path: Path) -> None:
+    """The primary's heartbeats stop reaching the secondary (a stalled daemon, one-way
+    loss): the secondary takes over; the primary, hearing it, stands down and pauses."""
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
+        engine = w.daemon.engine
+        assert engine is not None
+        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        assert engine.figures.failovers["primary-lost"] == 1
+        await w.primary.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
+        decider = w.primary.decider
+        assert decider is not None and decider.state is Watch.STOOD_DOWN
+        assert not w.proxy.failovers  # the proxy keeps holding: fail closed

@@ -39,12 +39,16 @@ on the replication link and optionally on the LAN) and the local QEMU, and decid
 
 - on the secondary, :class:`PrimaryLost` when the primary is silent for ``timeout`` on every
   path, or says its QEMU exited, *and* the local QEMU still runs in COLO secondary mode;
-- on the primary, :class:`SecondaryLost` when the secondary is silent, says its QEMU exited
-  or that it took over, or the local QEMU left COLO (``COLO_EXIT``) or a checkpoint
-  stalled. The primary keeps serving, unprotected. (The secondary's own ``COLO_EXIT``
-  is no evidence: the stream breaks just as well when the primary QEMU dies.)
-- on the secondary, :class:`StoodDown` when the primary says it failed over (runs alone) or
-  its guest shut down: the secondary's state is then stale and it must never take over.
+- on the primary, :class:`SecondaryLost` when the secondary is silent, says its QEMU exited,
+  or the local QEMU left COLO (``COLO_EXIT``) or a checkpoint stalled. The primary keeps
+  serving, unprotected. (The secondary's own ``COLO_EXIT`` is no evidence: the stream breaks
+  just as well when the primary QEMU dies.)
+- :class:`StoodDown` on the secondary when the primary says it failed over (runs alone) or
+  its guest shut down: the secondary's state is then stale and it must never take over; on
+  the primary when the secondary says it took over (this daemon was silent too long): the
+  primary must stop serving.
+- A daemon stopped on purpose says so in its last heartbeat (``leaving``); the peer does not
+  take its silence for a death until it is heard again (a planned restart is no failover).
 
 Split brain: with only the replication link, a cut link makes each side believe the other
 is dead; the primary goes unprotected and the secondary takes over, and both serve.
@@ -534,6 +538,7 @@ class Heartbeat:
     failed_over: bool = False  # primary: left COLO, runs alone; secondary: took over
     colo_exit: bool = False  # the sender's QEMU reported COLO_EXIT (its COLO stream broke)
     serving: bool = False  # the sender's guest serves the LAN
+    leaving: bool = False  # the sender's engine stops on purpose (daemon restart): not a death
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -549,6 +554,7 @@ class Heartbeat:
                 "failed_over": self.failed_over,
                 "colo_exit": self.colo_exit,
                 "serving": self.serving,
+                "leaving": self.leaving,
             },
             separators=(",", ":"),
         ).encode("ascii")
@@ -577,7 +583,8 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
         pair, boot, sequence = wire["pair"], wire["boot"], wire["seq"]
         if not isinstance(pair, str) or not isinstance(boot, int) or not isinstance(sequence, int):
             return BadHeartbeat("field")
-        flags = [wire.get(name, False) for name in ("ready", "failed_over", "colo_exit", "serving")]
+        names = ("ready", "failed_over", "colo_exit", "serving", "leaving")
+        flags = [wire.get(name, False) for name in names]
         if not all(isinstance(flag, bool) for flag in flags):
             return BadHeartbeat("field")
         return Heartbeat(
@@ -591,6 +598,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
             failed_over=flags[1],
             colo_exit=flags[2],
             serving=flags[3],
+            leaving=flags[4],
         )
     except (KeyError, ValueError, TypeError):
         return BadHeartbeat("field")
@@ -614,6 +622,7 @@ class Evidence(Enum):
 
 _WATCH_TRANSITIONS: Final[Mapping[tuple[Watch, Evidence], Watch]] = {
     (Watch.STANDBY, Evidence.ARMED): Watch.WATCHING,
+    (Watch.STANDBY, Evidence.PEER_ALONE): Watch.STOOD_DOWN,  # primary: the secondary took over
     (Watch.STANDBY, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
     (Watch.WATCHING, Evidence.PEER_LOST): Watch.FAILED_OVER,
     (Watch.WATCHING, Evidence.PEER_ALONE): Watch.STOOD_DOWN,
@@ -654,15 +663,16 @@ class PrimaryLost:
 class SecondaryLost:
     """Primary: leave COLO (x-colo-lost-heartbeat) and serve unprotected."""
 
-    reason: str  # silent, qemu-exited, peer-failed-over, colo-exit, checkpoint-stalled
+    reason: str  # silent, qemu-exited, colo-exit, checkpoint-stalled
     silent_for: float
 
 
 @dataclass(frozen=True, slots=True)
 class StoodDown:
-    """Secondary: the primary runs alone (or left): this side must never take over."""
+    """Secondary: the primary runs alone (or left): this side must never take over.
+    Primary: the secondary took over: this side must stop serving (its guest is paused)."""
 
-    reason: str  # primary-failed-over, primary-shutdown, left-colo
+    reason: str  # primary-failed-over, primary-shutdown, left-colo, secondary-took-over
 
 
 @dataclass(frozen=True, slots=True)
@@ -712,6 +722,7 @@ class FailoverDecider:
         self.last_heard: dict[str, float] = {}
         self.peer: Heartbeat | None = None
         self._split_reported = False
+        self._leaving = False  # this engine is stopping on purpose
 
     @property
     def expected_mode(self) -> ColoMode:
@@ -722,11 +733,16 @@ class FailoverDecider:
         return self.state is Watch.FAILED_OVER
 
     @property
+    def peer_leaving(self) -> bool:
+        """The peer's engine said it stops on purpose and has not been heard since."""
+        return self.peer is not None and self.peer.leaving
+
+    @property
     def serving(self) -> bool:
         if self.qemu is not QemuState.RUNNING:
             return False
         if self.config.role is Role.PRIMARY:
-            return True
+            return self.state is not Watch.STOOD_DOWN  # stood down: its guest is paused
         return self.state is Watch.FAILED_OVER
 
     def heard(self) -> float | None:
@@ -780,6 +796,12 @@ class FailoverDecider:
         actions.append(self._heartbeat(now))
         return actions
 
+    def leave(self, now: float) -> list[DecideAction]:
+        """This engine stops on purpose (the daemon restarts): the last heartbeat says so,
+        and the peer does not take silence for death until it hears from us again."""
+        self._leaving = True
+        return [self._heartbeat(now)]
+
     def checkpoint_stalled(self, now: float) -> list[DecideAction]:
         if self.config.role is Role.PRIMARY and self.state is Watch.WATCHING:
             return [*self._lose_peer("checkpoint-stalled", now), self._heartbeat(now)]
@@ -797,6 +819,14 @@ class FailoverDecider:
         actions: list[DecideAction] = []
         if self.state is Watch.WATCHING:
             actions.extend(self._judge(heartbeat, now))
+        elif (
+            self.state is Watch.STANDBY
+            and self.config.role is Role.PRIMARY
+            and heartbeat.failed_over
+        ):
+            # A primary (re)started after its secondary took over: never serve again.
+            self._to(Evidence.PEER_ALONE)
+            actions += [StoodDown("secondary-took-over"), self._heartbeat(now)]
         if heartbeat.serving and self.serving and not self._split_reported:
             self._split_reported = True
             actions.append(SplitBrain(heartbeat))
@@ -813,14 +843,17 @@ class FailoverDecider:
             if peer.qemu is QemuState.EXITED:
                 return self._lose_peer("qemu-exited", now)
             return []
+        if peer.failed_over:
+            # The secondary took over (we were silent too long: a stalled or restarted
+            # daemon): it is the master now; this side stops serving.
+            self._to(Evidence.PEER_ALONE)
+            return [StoodDown("secondary-took-over"), self._heartbeat(now)]
         if peer.qemu in (QemuState.EXITED, QemuState.SHUTDOWN):
             return self._lose_peer("qemu-exited", now)
         # peer.colo_exit is no reason: the secondary's COLO stream breaks just as well when
         # the *primary* QEMU dies, and this daemon may hear that before its own QMP socket
         # closes. A broken stream with both QEMUs alive shows here as a COLO_EXIT or a
         # stalled checkpoint of our own.
-        if peer.failed_over:
-            return self._lose_peer("peer-failed-over", now)
         return []
 
     def _lose_peer(self, reason: str, now: float) -> list[DecideAction]:
@@ -843,7 +876,7 @@ class FailoverDecider:
     # -- timers ----------------------------------------------------------------------------
 
     def _silence_deadline(self) -> float | None:
-        if self.state is not Watch.WATCHING or self._armed_at is None:
+        if self.state is not Watch.WATCHING or self._armed_at is None or self.peer_leaving:
             return None
         heard = self.heard()
         base = self._armed_at if heard is None else max(heard, self._armed_at)
@@ -876,6 +909,7 @@ class FailoverDecider:
                 failed_over=self.state is Watch.FAILED_OVER,
                 colo_exit=self.colo_exit,
                 serving=self.serving,
+                leaving=self._leaving,
             )
         )
 

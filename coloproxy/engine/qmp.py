@@ -322,6 +322,10 @@ class QemuMonitor:
             dirty_sync_count=number("dirty-sync-count"),
         )
 
+    async def stop_guest(self) -> None:
+        """``stop``: pause the guest (a primary whose secondary took over)."""
+        await self.execute("stop")
+
     async def lost_heartbeat(self) -> None:
         """``x-colo-lost-heartbeat``: this QEMU leaves COLO and runs alone."""
         await self.execute("x-colo-lost-heartbeat")

@@ -288,6 +288,10 @@ class EngineRunner:
             raise
         finally:
             log.info("engine (%s) stopping: %s", self.role.value, why)
+            if self.decider is not None:
+                # A planned stop (the daemon restarts) is no death: the peer must not fail
+                # over on the silence that follows.
+                self._decide(self.decider.leave(self._now()), rearm=False)
             self.runstate = EngineRunstate.STOPPED
             await self._shutdown()
 
@@ -561,11 +565,21 @@ class EngineRunner:
                 self._start_failover(self._leave_colo(action), "secondary-lost")
             elif isinstance(action, StoodDown):
                 self.figures.failovers["stood-down"] += 1
-                log.error(
-                    "standing down (%s): the primary runs alone; this secondary will not"
-                    " take over (re-protect with a new secondary)",
-                    action.reason,
-                )
+                if self.role is Role.PRIMARY:
+                    log.critical(
+                        "standing down (%s): the secondary serves now; pausing this guest"
+                        " (the proxy keeps holding its output)",
+                        action.reason,
+                    )
+                    if self.scheduler is not None:
+                        self._schedule(self.scheduler.deactivate(self._now()), rearm=False)
+                    self._qmp_lane.put("stop the guest", self.monitor.stop_guest)
+                else:
+                    log.error(
+                        "standing down (%s): the primary runs alone; this secondary will not"
+                        " take over (re-protect with a new secondary)",
+                        action.reason,
+                    )
             elif isinstance(action, LocalQemuLost):
                 log.error("the local QEMU is %s: nothing left to protect here", action.state)
                 if self.scheduler is not None:
