@@ -196,6 +196,7 @@ class World:
     proxy: ProxyDouble
     daemon: Daemon
     secondary_socket: Path
+    primary_task: asyncio.Task[None]
 
 
 @contextlib.asynccontextmanager
@@ -237,7 +238,9 @@ async def world(tmp: Path) -> AsyncIterator[World]:
     )
     primary_task = asyncio.create_task(primary.run())
     try:
-        yield World(primary_qemu, secondary_qemu, primary, proxy, daemon, tmp / "s.sock")
+        yield World(
+            primary_qemu, secondary_qemu, primary, proxy, daemon, tmp / "s.sock", primary_task
+        )
     finally:
         primary_task.cancel()
         await asyncio.wait([primary_task])
@@ -353,3 +356,31 @@ async def test_a_primary_whose_secondary_took_over_pauses_its_guest(tmp_path: Pa
         decider = w.primary.decider
         assert decider is not None and decider.state is Watch.STOOD_DOWN
         assert not w.proxy.failovers  # the proxy keeps holding: fail closed
+
+
+@pytest.mark.asyncio
+async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -> None:
+    """The primary daemon dies (no "leaving"): the secondary takes over. The daemon comes
+    back with its QEMU still in COLO mode: its new engine hears the secondary first and
+    stands down instead of checkpointing (which would fail and read as "secondary lost")."""
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
+        w.primary_task.cancel()
+        await asyncio.wait([w.primary_task])
+        engine = w.daemon.engine
+        assert engine is not None
+        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        triggers = sum(1 for c, _ in w.primary_qemu.commands if c == "migrate-set-parameters")
+        again = EngineRunner(w.primary.settings)
+        task = asyncio.create_task(again.run())
+        try:
+            await again.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
+            assert again.decider is not None and again.decider.state is Watch.STOOD_DOWN
+            assert (
+                sum(1 for c, _ in w.primary_qemu.commands if c == "migrate-set-parameters")
+                == triggers
+            )
+        finally:
+            task.cancel()
+            await asyncio.wait([task])

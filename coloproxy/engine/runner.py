@@ -77,6 +77,7 @@ from coloproxy.engine.logic import (
     StoodDown,
     Trigger,
     Unexpected,
+    Watch,
 )
 from coloproxy.engine.peer import HeartbeatPath, HeartbeatPeer
 from coloproxy.engine.qmp import ColoStatus, MigrationStats, QemuMonitor, QmpError, QmpEvent
@@ -449,7 +450,7 @@ class EngineRunner:
             and mode is ColoMode.PRIMARY
             and scheduler.phase in (Phase.OFF, Phase.ENTERING)
             and self._entry_checkpoint is None
-            and not decider.failed_over
+            and decider.state in (Watch.STANDBY, Watch.WATCHING)
         ):
             log.info("the QEMUs are in COLO: checkpoints start")
             self._schedule(scheduler.activate(now))
@@ -612,6 +613,16 @@ class EngineRunner:
     # -- primary ---------------------------------------------------------------------------
 
     async def _start_primary(self) -> None:
+        decider = self.decider
+        if decider is None:
+            return
+        # Hear the secondary first (bounded): if it took over while this daemon was away,
+        # this side must stand down before it triggers anything (a checkpoint would fail,
+        # and a COLO_EXIT would read as "secondary lost": both would serve).
+        with contextlib.suppress(TimeoutError):
+            await self.wait_until(lambda: decider.heard() is not None, 2 * decider.config.timeout)
+        if decider.state is Watch.STOOD_DOWN:
+            return
         status = await self.monitor.colo_status()
         self._colo_seen(status)
         if status.mode == ColoMode.PRIMARY.value:
