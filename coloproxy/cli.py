@@ -364,7 +364,6 @@ def _lab(args: argparse.Namespace) -> int:
         args.prefix,
         Path(args.run_dir),
         qemu_filters=getattr(args, "qemu_filters", False),
-        driver=getattr(args, "driver", "auto"),
     )
     try:
         if args.lab_command == "up":
@@ -409,22 +408,11 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="wire the pair with QEMU's colo-compare and filters instead of coloproxy",
     )
-    up.add_argument(
-        "--driver",
-        choices=["auto", "engine", "interim"],
-        default="auto",
-        help="who drives COLO: coloproxy's checkpoint engine, or the lab's interim driver"
-        " (auto: the engine once `coloproxy run` has it)",
-    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
     demo = actions.add_parser(
         "demo", help="up, client traffic, a divergence, SIGKILL of the primary, summary, down"
     )
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
-    demo.add_argument(
-        "--driver", choices=["auto", "engine", "interim"], default="auto",
-        help="who drives COLO (as for up)",
-    )  # fmt: skip
     demo.add_argument(
         "--qemu-filters", action="store_true", help="the same with QEMU's own colo-compare"
     )

@@ -5,12 +5,12 @@ Theory of operation. Each lab gets a namespace prefix and a run directory of its
 developer's ``coloproxy lab up`` on the same machine is not touched) and is taken down in a
 ``finally``, whatever the test did. The client makes one request per fresh connection and
 never retries: a request counts as served only with status 200 and exactly the PVM's bytes
-(the page as guest/build.sh wrote it). Which driver runs COLO (the checkpoint engine once it
-has landed, the lab's interim driver until then) is printed with the figures.
+(the page as guest/build.sh wrote it). COLO is driven by the checkpoint engine inside both
+daemons (with ``--qemu-filters``, by the lab's own small driver); figures are printed.
 
 Bounded: a lab comes up in about 10 s here once QEMU and the guest image are cached (the
 first build of QEMU takes about 5 minutes, done by the ``built`` fixture); every wait has a
-timeout (the lab's own) and the whole file takes about 2 minutes under TCG.
+timeout (the lab's own) and the whole file takes about 70 s under TCG.
 """
 
 from __future__ import annotations

@@ -181,21 +181,10 @@ log:
 """
 
 
-_WITHOUT_ENGINE = """\
-# No engine section: the lab runs its interim COLO driver on the engine's QMP socket
-# (coloproxy lab up --driver interim).
-"""
-
-
-def config_text(role: str, paths: LabPaths | None = None, *, engine: bool = True) -> str:
-    """The config of ``role`` ("primary" or "secondary") for a lab in ``paths.run_dir``;
-    ``engine=False`` leaves out the engine section (no engine runs in the daemon)."""
+def config_text(role: str, paths: LabPaths | None = None) -> str:
+    """The config of ``role`` ("primary" or "secondary") for a lab in ``paths.run_dir``."""
     paths = paths or LabPaths()
     template = {"primary": _PRIMARY, "secondary": _SECONDARY}[role]
-    if not engine:
-        start = template.index("engine:\n")
-        end = template.index("\nlog:\n")
-        template = template[:start] + _WITHOUT_ENGINE + template[end:]
     return template.format(
         pair=PAIR_NAME,
         prefix=NET_PREFIX,

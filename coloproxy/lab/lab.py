@@ -19,16 +19,13 @@ until the client gets a page through the proxy. Its pids and paths go to ``state
 the run directory, so ``down`` (another process) can end them; ``down`` ends the daemons,
 the QEMUs and anything else left in the namespaces, and deletes the namespaces.
 
-Who drives COLO. The checkpoint engine (``coloproxy/engine/``, started by ``coloproxy run``
-when the config's ``engine.qmp`` is set) brings the pair into COLO, answers the proxy's
-checkpoint requests and fails over. Until it has landed, the lab runs a stand-in of its own,
-:func:`run_interim_colo_driver`, in a process next to the daemons: :func:`lab_bring_up_colo`
-(x-colo, migrate, wait for COLO on both QEMUs), a relay that turns the proxy's checkpoint
-requests into forced checkpoints and the primary's STOP/RESUME events into
-``checkpoint-started``/``-completed``, and a failover on a lost QMP connection (the QEMU
-died). It watches local QEMUs only: no heartbeat between hosts. :func:`engine_landed` picks
-one or the other. With ``--qemu-filters`` no daemon runs and QEMU's own colo-compare decides;
-the same driver brings the pair up and fails over (COLO-FT.txt's sequences).
+Who drives COLO. The checkpoint engine (``coloproxy/engine/``, which ``coloproxy run`` starts
+because the lab's configs set ``engine.qmp``) brings the pair into COLO (``engine.migrate_uri``,
+``engine.bring_up``), answers the proxy's checkpoint requests, exchanges heartbeats over the
+replication link and fails over; the lab only watches, on a second QMP monitor of each
+QEMU. With ``--qemu-filters`` no daemon runs and QEMU's own colo-compare decides; a small
+driver of the lab's, :class:`QemuFiltersDriver`, enters COLO (:func:`lab_bring_up_colo`) and
+runs COLO-FT.txt's failover when a QEMU's monitor connection drops.
 
 The demo's client runs in the client namespace: fresh HTTP connections, one request each,
 no retry; a request succeeds only with status 200 and exactly the page's bytes.
@@ -59,16 +56,14 @@ from typing import Any
 from coloproxy.lab import vms
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
-    MIN_GAP_MS,
     PERIOD_MS,
     LabPaths,
     config_text,
     migrate_uri,
 )
 from coloproxy.lab.qemu import repo_root
-from coloproxy.lab.topology import GUEST_IPV4, Topology
+from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
 from coloproxy.lab.vms import LabError, Monitor
-from coloproxy.net import netns
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +88,6 @@ def _print(text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# which engine
-
-
-def engine_landed() -> bool:
-    """True once ``coloproxy run`` starts the checkpoint engine (see the module docstring).
-
-    ``COLOPROXY_LAB_DRIVER=engine`` or ``=interim`` overrides the guess.
-    """
-    forced = os.environ.get("COLOPROXY_LAB_DRIVER")
-    if forced in ("engine", "interim"):
-        return forced == "engine"
-    import coloproxy.daemon.run as daemon
-
-    return "coloproxy.engine" in Path(daemon.__file__).read_text()
-
-
-# --------------------------------------------------------------------------------------------
 # state
 
 
@@ -118,7 +96,7 @@ class LabState:
     prefix: str
     run_dir: str
     qemu_filters: bool
-    driver: str  # "engine" (coloproxy's), "interim" (the lab's stand-in), "qemu-filters"
+    driver: str  # "engine" (coloproxy's, in the daemons) or "qemu-filters" (the lab's driver)
     accel: str = ""
     pids: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
@@ -308,16 +286,12 @@ class Lab:
         run_dir: Path = DEFAULT_RUN_DIR,
         *,
         qemu_filters: bool = False,
-        driver: str = "auto",
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
         self.paths = LabPaths(Path(run_dir))
         self.topology = Topology(prefix, guests="tap")
         self.qemu_filters = qemu_filters
-        if driver not in ("auto", "engine", "interim"):
-            raise LabError(f"driver {driver!r}: auto, engine or interim")
-        self.driver = driver
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -350,11 +324,6 @@ class Lab:
 
     # -- up ------------------------------------------------------------------------------
 
-    def _driver(self) -> str:
-        if self.driver != "auto":
-            return self.driver
-        return "engine" if engine_landed() else "interim"
-
     def is_up(self) -> bool:
         state = LabState.load(self.paths)
         return state is not None and all(vms.alive(pid) for pid in state.pids.values())
@@ -378,7 +347,7 @@ class Lab:
 
         accel = built.accelerator()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        driver = "qemu-filters" if self.qemu_filters else self._driver()
+        driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
             started=time.time(),
@@ -396,10 +365,7 @@ class Lab:
     def _up(self, state: LabState) -> None:
         paths = self.paths
         for role in ("primary", "secondary"):
-            # With the interim driver no engine may run in the daemons: it would hold the
-            # engine's QMP monitor (one client per monitor) and drive COLO too.
-            text = config_text(role, paths, engine=state.driver == "engine")
-            paths.config(role).write_text(text)
+            paths.config(role).write_text(config_text(role, paths))
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
 
@@ -424,10 +390,10 @@ class Lab:
         if not self.qemu_filters:
             self._start_daemon(state, "secondary")
             self._start_daemon(state, "primary")
-        if state.driver != "engine":
-            self._start_interim_driver(state)
+        if self.qemu_filters:
+            self._start_filters_driver()
         else:
-            self.progress("the checkpoint engine (coloproxy run, engine.*) brings up COLO")
+            self.progress("the checkpoint engine (in both daemons, engine.*) brings up COLO")
         state.timings["colo_s"] = self.wait_colo(COLO_TIMEOUT_S)
         self.progress(
             f"both QEMUs in COLO ({state.timings['colo_s']:.1f} s after the daemons started)"
@@ -475,13 +441,18 @@ class Lab:
             log_path=self.paths.daemon_log(role),
         )
 
-    def _start_interim_driver(self, state: LabState) -> None:
-        what = "QEMU's filters" if self.qemu_filters else "the checkpoint engine"
-        self.progress(f"starting the lab's COLO driver (stands in for {what})")
-        argv = [sys.executable, "-m", "coloproxy.lab.lab", "colo-driver", str(self.paths.run_dir)]
-        if self.qemu_filters:
-            argv.append("--qemu-filters")
-        self._spawn("colo_driver", None, argv, self.paths.run_dir / "colo-driver.log")
+    def _start_filters_driver(self) -> None:
+        self.progress(
+            "starting the lab's COLO driver (bring-up and failover; colo-compare decides)"
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "coloproxy.lab.lab",
+            "filters-driver",
+            str(self.paths.run_dir),
+        ]
+        self._spawn("filters_driver", None, argv, self.paths.run_dir / "filters-driver.log")
 
     def _wait(
         self,
@@ -523,7 +494,7 @@ class Lab:
                         raise LabError(
                             f"the pair did not reach COLO within {timeout:.0f} s "
                             f"(modes primary={modes[0]}, secondary={modes[1]}); see "
-                            f"{self.paths.run_dir}/colo-driver.log and *-coloproxy.log"
+                            f"{self.paths.run_dir}/*-coloproxy.log (filters-driver.log)"
                         )
                     await asyncio.sleep(0.1)
             finally:
@@ -554,7 +525,7 @@ class Lab:
         state = LabState.load(self.paths)
         prefixes = {self.prefix} | ({state.prefix} if state else set())
         if state is not None:
-            order = ["colo_driver", "primary_daemon", "secondary_daemon"]
+            order = ["filters_driver", "primary_daemon", "secondary_daemon"]
             order += ["primary_qemu", "secondary_qemu"]
             for name in order + sorted(set(state.pids) - set(order)):
                 pid = state.pids.get(name)
@@ -857,7 +828,7 @@ def format_summary(result: DemoResult, lab: Lab) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# the interim COLO driver: bring-up, checkpoint relay, local failover
+# --qemu-filters: the lab drives COLO itself (no daemon, QEMU's colo-compare decides)
 
 
 async def lab_bring_up_colo(
@@ -865,8 +836,8 @@ async def lab_bring_up_colo(
 ) -> float:
     """Enable x-colo, migrate, wait until both QEMUs are in COLO; seconds from migrate.
 
-    The lab's own bring-up, used until the checkpoint engine (engine.bring_up) has landed,
-    and always with --qemu-filters.
+    The lab's own bring-up, for ``--qemu-filters`` (no coloproxy daemon, so no engine); with
+    our proxy the engine does this (``engine.migrate_uri``, ``engine.bring_up``).
     """
     caps = [{"capability": "x-colo", "state": True}]
     await primary.execute("migrate-set-capabilities", {"capabilities": caps})
@@ -888,27 +859,21 @@ async def lab_bring_up_colo(
         await asyncio.sleep(0.05)
 
 
-class InterimColoDriver:
-    """Stands in for the checkpoint engine until it lands (see the module docstring)."""
+class QemuFiltersDriver:
+    """Brings up and fails over a pair wired with QEMU's own filters (COLO-FT.txt).
 
-    def __init__(self, paths: LabPaths, prefix: str, qemu_filters: bool) -> None:
+    colo-compare asks for checkpoints inside QEMU, so this only enters COLO
+    (:func:`lab_bring_up_colo`) and, when a QEMU's QMP connection drops (it exited or was
+    killed), runs COLO-FT.txt's failover on the survivor. It sees local QEMUs only: no
+    heartbeat, no lost host with a running QEMU; the engine does that for our proxy.
+    """
+
+    def __init__(self, paths: LabPaths, prefix: str) -> None:
         self.paths = paths
-        self.prefix = prefix
-        self.qemu_filters = qemu_filters
+        self.topology = Topology(prefix, guests="tap")
         self.primary = Monitor("primary", paths.qmp_socket("primary"))
         self.secondary = Monitor("secondary", paths.qmp_socket("secondary"))
-        self.control: Any = None
-        self.pending: list[int] = []
-        self.in_checkpoint: list[int] | None = None
-        self.stopped_at = 0.0
-        self.last_resume = 0.0
         self.failed_over = False
-        self.topology = Topology(prefix, guests="tap")
-        # Read now, not at failover: loading the config and the net layer takes ~100 ms.
-        from coloproxy.config import load_config
-        from coloproxy.daemon.run import host_net
-
-        self.secondary_net = host_net(load_config(paths.config("secondary")))
 
     async def run(self) -> None:
         await self.primary.connect()
@@ -917,69 +882,7 @@ class InterimColoDriver:
             self.primary, self.secondary, migrate_uri(), PERIOD_MS, COLO_TIMEOUT_S
         )
         log.info("COLO reached %.2f s after migrate", took)
-        tasks = [
-            asyncio.create_task(self._watch("primary")),
-            asyncio.create_task(self._watch("secondary")),
-        ]
-        if not self.qemu_filters:
-            from coloproxy.control import ControlClient
-            from coloproxy.protocol import ClientRole
-
-            self.control = await ControlClient.connect(
-                self.paths.control_socket("primary"), ClientRole.ENGINE, name="lab-colo-driver"
-            )
-            tasks.append(asyncio.create_task(self._requests()))
-            tasks.append(asyncio.create_task(self._events()))
-        await asyncio.gather(*tasks)
-
-    async def _requests(self) -> None:
-        from coloproxy.protocol import CheckpointRequest
-
-        async for push in self.control:
-            if isinstance(push, CheckpointRequest):
-                log.info("checkpoint request %d: %s %s", push.id, push.reason, push.flow or "")
-                self.pending.append(push.id)
-                if self.in_checkpoint is None and not self.failed_over:
-                    await self._force()
-
-    async def _force(self) -> None:
-        gap = MIN_GAP_MS / 1000 - (time.monotonic() - self.last_resume)
-        if gap > 0:
-            await asyncio.sleep(gap)
-        # The same period again: QEMU starts a checkpoint at once (DESIGN.md section 6).
-        with contextlib.suppress(LabError):
-            await self.primary.execute("migrate-set-parameters", {"x-checkpoint-delay": PERIOD_MS})
-
-    async def _events(self) -> None:
-        from coloproxy.protocol import CheckpointCompleted, CheckpointStarted
-
-        seen = len(self.primary.events)
-        while not self.primary.closed.is_set() and not self.failed_over:
-            self.primary.arrived.clear()
-            while seen < len(self.primary.events):
-                name = self.primary.events[seen][0]
-                seen += 1
-                if name == "STOP" and self.in_checkpoint is None:
-                    self.in_checkpoint, self.pending = self.pending, []
-                    self.stopped_at = time.time()
-                    request = self.in_checkpoint[0] if self.in_checkpoint else None
-                    await self.control.request(
-                        CheckpointStarted(request=request, time=self.stopped_at)
-                    )
-                elif name == "RESUME" and self.in_checkpoint is not None:
-                    done, self.in_checkpoint = self.in_checkpoint, None
-                    self.last_resume = time.monotonic()
-                    await self.control.request(
-                        CheckpointCompleted(
-                            request=done[0] if done else None,
-                            started=self.stopped_at,
-                            completed=time.time(),
-                            synced=True,
-                        )
-                    )
-                    if self.pending:
-                        await self._force()
-            await self.primary.arrived.wait()
+        await asyncio.gather(self._watch("primary"), self._watch("secondary"))
 
     async def _watch(self, role: str) -> None:
         monitor = self.primary if role == "primary" else self.secondary
@@ -990,69 +893,34 @@ class InterimColoDriver:
         survivor = self.secondary if role == "primary" else self.primary
         log.warning("the %s QEMU is gone: failover to the %s", role, survivor.role)
         started = time.monotonic()
-        if survivor is self.primary and self.qemu_filters:
+        if survivor is self.primary:
             for name in ("comp0", "iothread1", "m0", "redire0", "redire1"):
                 with contextlib.suppress(LabError):
                     await survivor.execute("object-del", {"id": name})
-        if survivor is self.primary or self.qemu_filters:
             await survivor.execute("x-colo-lost-heartbeat")
-        if survivor is self.secondary:
-            if self.qemu_filters:  # the redirectors to a primary that is gone
-                for name in ("f2", "f1"):
-                    with contextlib.suppress(LabError):
-                        await survivor.execute("object-del", {"id": name})
-                await asyncio.to_thread(self._attach_secondary_to_lan)
-            else:
-                # The PVM is dead for sure (its QEMU closed the monitor), so the SVM's port
-                # may join the LAN while QEMU takes it out of COLO: both at once.
-                await asyncio.gather(
-                    survivor.execute("x-colo-lost-heartbeat"),
-                    asyncio.to_thread(self._attach_secondary_to_lan),
-                )
+        else:
+            await survivor.execute("x-colo-lost-heartbeat")
+            for name in ("f2", "f1"):  # the redirectors to a primary that is gone
+                with contextlib.suppress(LabError):
+                    await survivor.execute("object-del", {"id": name})
+            await asyncio.to_thread(self._attach_secondary_to_lan)
             with contextlib.suppress(LabError):
                 await survivor.execute(
-                    "announce-self",
-                    {"initial": 50, "max": 550, "rounds": 5, "step": 100},
+                    "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
                 )
         log.info("failover done in %.3f s", time.monotonic() - started)
-        if self.control is not None and survivor is self.primary:
-            # Host P's proxy: release the PVM's output uncompared from now on.
-            from coloproxy.protocol import Failover, Mode, ProxyRole
-
-            with contextlib.suppress(Exception):
-                await self.control.request(
-                    Failover(role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED, detail="SVM lost")
-                )
-        if not self.qemu_filters and survivor is self.secondary:
-            await self._tell_secondary_proxy()
-
-    async def _tell_secondary_proxy(self) -> None:
-        from coloproxy.control import ControlClient
-        from coloproxy.protocol import ClientRole, Failover, Mode, ProxyRole
-
-        with contextlib.suppress(Exception):
-            client = await ControlClient.connect(
-                self.paths.control_socket("secondary"), ClientRole.ENGINE, name="lab-colo-driver"
-            )
-            async with client:
-                await client.request(
-                    Failover(role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED, detail="PVM lost")
-                )
 
     def _attach_secondary_to_lan(self) -> None:
-        """Host S's guest port into its LAN bridge (what the engine's failover does)."""
-        from coloproxy.net import host as hostnet
-
-        netns.run_in(self.topology.ns("hs"), hostnet.attach_guest_to_lan, self.secondary_net)
+        """Host S's guest port into its LAN bridge (no daemon: the topology's names)."""
+        self.topology.exec("hs", ["ip", "link", "set", GUEST_PORT, "master", LAN_BRIDGE, "up"])
 
 
-def run_interim_colo_driver(run_dir: Path, qemu_filters: bool) -> int:
-    """The lab's stand-in for the checkpoint engine, as a process (see the module docstring)."""
+def run_qemu_filters_driver(run_dir: Path) -> int:
+    """The driver of a ``--qemu-filters`` lab, as a process of its own."""
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
     paths = LabPaths(run_dir)
     state = LabState.load(paths)
-    prefix = state.prefix if state else DEFAULT_PREFIX
-    driver = InterimColoDriver(paths, prefix, qemu_filters)
+    driver = QemuFiltersDriver(paths, state.prefix if state else DEFAULT_PREFIX)
     try:
         asyncio.run(driver.run())
     except LabError as exc:
@@ -1061,8 +929,8 @@ def run_interim_colo_driver(run_dir: Path, qemu_filters: bool) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python3 -m coloproxy.lab.lab colo-driver RUN_DIR [--qemu-filters]
-    if len(sys.argv) >= 3 and sys.argv[1] == "colo-driver":
-        sys.exit(run_interim_colo_driver(Path(sys.argv[2]), "--qemu-filters" in sys.argv[3:]))
-    print("usage: python3 -m coloproxy.lab.lab colo-driver RUN_DIR [--qemu-filters]")
+if __name__ == "__main__":  # python3 -m coloproxy.lab.lab filters-driver RUN_DIR
+    if len(sys.argv) == 3 and sys.argv[1] == "filters-driver":
+        sys.exit(run_qemu_filters_driver(Path(sys.argv[2])))
+    print("usage: python3 -m coloproxy.lab.lab filters-driver RUN_DIR")
     sys.exit(2)
