@@ -276,10 +276,15 @@ class EngineRunner:
             log.info("engine (%s) waiting for QEMU's QMP socket %s", self.role.value, settings.qmp)
             await self.monitor.connect()
             self._decide(self.decider.local_qemu(QemuState.RUNNING, loop.time()))
-            if self.role is Role.PRIMARY:
-                await self._start_primary()
-            else:
-                await self._start_secondary()
+            try:
+                if self.role is Role.PRIMARY:
+                    await self._start_primary()
+                else:
+                    await self._start_secondary()
+            except QmpError as exc:
+                # Not fatal: heartbeats, events and the poll go on (the poll activates the
+                # checkpoints once the QEMUs are in COLO); a QEMU that is gone says so.
+                log.error("engine start (%s): %s", self.role.value, exc)
             self._spawn(self._poll(), "engine-poll")
             await asyncio.Event().wait()  # until cancelled
         except asyncio.CancelledError:
@@ -312,7 +317,9 @@ class EngineRunner:
             await self._control.close()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(asyncio.create_task(coroutine, name=name))
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(_log_failure)
+        self._tasks.append(task)
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> None:
         """Until ``predicate()`` holds, re-checked at every input (for tests and tools)."""
@@ -609,6 +616,7 @@ class EngineRunner:
             coroutine.close()
             return
         self.failover_task = asyncio.create_task(coroutine, name=f"engine-failover-{kind}")
+        self.failover_task.add_done_callback(_log_failure)
 
     # -- primary ---------------------------------------------------------------------------
 
@@ -913,6 +921,17 @@ class EngineRunner:
             raise
         finally:
             log.debug("engine control loop ended: %s", why)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task of the engine ended by an error: say which and why."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if isinstance(exc, QmpError):
+        log.error("engine task %s ended: %s", task.get_name(), exc)
+    elif exc is not None:
+        log.error("engine task %s failed", task.get_name(), exc_info=exc)
 
 
 __all__ = ["EngineRunner", "EngineRunstate", "EngineSettings"]
