@@ -723,82 +723,93 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
         result.checkpoints_before = lab.checkpoints()
         say(f"checkpoints so far (host P's metrics): {_reasons(result.checkpoints_before)}")
     watch = CheckpointWatch(lab.paths).start()
-    say("client: a TCP connection to the echo service, kept open across the failover")
-    echo = EchoSession(lab.topology)
-    echo.exchange(b"before the failover\n")
-    say(f"client: GET {', '.join(PAGES)} in a loop for {traffic_s:.0f} s (no retries)")
-    loop = ClientLoop(lab.topology, pages).start()
-    _progress_while(lab, loop, traffic_s)
-
-    say(f"client: GET {NONDETERMINISTIC_PAGE} (differs between PVM and SVM)")
-    payload_before = lab.checkpoints().get("payload", 0) if proxy else 0
-    if proxy:
-        # The CGI takes a second or two under TCG: with the 2 s period a periodic checkpoint
-        # would often release the PVM's answer before the SVM's was compared.
-        say(f"  (periodic checkpoints every {QUIET_PERIOD_MS // 1000} s meanwhile, not 2 s)")
-        lab.set_period(QUIET_PERIOD_MS)
-    asked = time.monotonic()
+    echo: EchoSession | None = None
+    loop: ClientLoop | None = None
     try:
-        status, body = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
-    except (OSError, http.client.HTTPException) as exc:
-        status, body = 0, f"{type(exc).__name__}: {exc}".encode()
-    took = time.monotonic() - asked
-    if proxy:
-        lab.set_period(PERIOD_MS)
-    result.clock_page = body.decode(errors="replace").strip().replace("\n", " ")
-    complete = all(word in result.clock_page for word in ("realtime_ns=", "random="))
-    shown = "complete" if complete else "INCOMPLETE"
-    say(f"  answer {status} in {took:.2f} s, {shown}: {result.clock_page[:80]}")
-    if proxy:
-        time.sleep(0.5)
-        now = lab.checkpoints()
-        say(f"checkpoints now: {_reasons(now)}")
-        if now.get("payload", 0) > payload_before:
-            say(
-                "  the divergence was a checkpoint with reason payload;"
-                " the client got the PVM's page"
-            )
+        say("client: a TCP connection to the echo service, kept open across the failover")
+        echo = EchoSession(lab.topology)
+        echo.exchange(b"before the failover\n")
+        say(f"client: GET {', '.join(PAGES)} in a loop for {traffic_s:.0f} s (no retries)")
+        loop = ClientLoop(lab.topology, pages).start()
+        _progress_while(lab, loop, traffic_s)
 
-    result.pauses_ms = watch.stop()
-    if proxy:
-        with contextlib.suppress(OSError, LabError):
-            result.engine_checkpoints = lab.engine_checkpoints()
-    say(
-        f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
-        f"(pause {_pause_figures(result.pauses_ms)})"
-    )
-    say(
-        "SIGKILL of the primary QEMU while the client goes on (between two of its requests:"
-        " a connection opened since the last checkpoint would not survive, docs/lab.md)"
-    )
-    loop.hold()
-    killed = lab.kill_qemu("primary")
-    loop.resume()
-    try:
-        took = echo.exchange(b"after the failover\n")
-        result.echo = f"answered {took * 1000:.0f} ms after the kill"
-        say(f"  the echo connection opened before the kill carried on: {result.echo}")
-    except LabError as exc:
-        result.echo = f"FAILED: {exc}"
-        say(f"  the echo connection opened before the kill: {result.echo}")
-    finally:
-        echo.close()
-    _progress_while(lab, loop, after_failover_s, since=killed)
-    attempts = loop.stop()
-    result.gap_s, result.worst_latency_s = failover_gap(attempts, killed)
-    result.served = sum(1 for a in attempts if a.ok)
-    result.failed = sum(1 for a in attempts if not a.ok)
-    result.failures = [f"{a.path}: {a.detail}" for a in attempts if not a.ok][:5]
-    with contextlib.suppress(LabError, OSError):
-        status_s = lab.colo_status("secondary")
-        say(f"secondary QEMU after failover: {status_s}")
+        say(f"client: GET {NONDETERMINISTIC_PAGE} (differs between PVM and SVM)")
+        payload_before = lab.checkpoints().get("payload", 0) if proxy else 0
+        if proxy:
+            # The CGI takes a second or two under TCG: with the 2 s period a periodic checkpoint
+            # would often release the PVM's answer before the SVM's was compared.
+            say(f"  (periodic checkpoints every {QUIET_PERIOD_MS // 1000} s meanwhile, not 2 s)")
+            lab.set_period(QUIET_PERIOD_MS)
+        asked = time.monotonic()
+        try:
+            status, body = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
+        except (OSError, http.client.HTTPException) as exc:
+            status, body = 0, f"{type(exc).__name__}: {exc}".encode()
+        took = time.monotonic() - asked
+        if proxy:
+            lab.set_period(PERIOD_MS)
+        result.clock_page = body.decode(errors="replace").strip().replace("\n", " ")
+        complete = all(word in result.clock_page for word in ("realtime_ns=", "random="))
+        shown = "complete" if complete else "INCOMPLETE"
+        say(f"  answer {status} in {took:.2f} s, {shown}: {result.clock_page[:80]}")
+        if proxy:
+            time.sleep(0.5)
+            now = lab.checkpoints()
+            say(f"checkpoints now: {_reasons(now)}")
+            if now.get("payload", 0) > payload_before:
+                say(
+                    "  the divergence was a checkpoint with reason payload;"
+                    " the client got the PVM's page"
+                )
+            else:
+                say("  no new payload request (merged into an outstanding one)")
+
+        result.pauses_ms = watch.stop()
+        if proxy:
+            with contextlib.suppress(OSError, LabError):
+                result.engine_checkpoints = lab.engine_checkpoints()
+        say(
+            f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
+            f"(pause {_pause_figures(result.pauses_ms)})"
+        )
+        say(
+            "SIGKILL of the primary QEMU while the client goes on (between two of its requests:"
+            " a connection opened since the last checkpoint would not survive, docs/lab.md)"
+        )
+        loop.hold()
+        killed = lab.kill_qemu("primary")
+        loop.resume()
+        try:
+            took = echo.exchange(b"after the failover\n")
+            result.echo = f"answered {took * 1000:.0f} ms after the kill"
+            say(f"  the echo connection opened before the kill carried on: {result.echo}")
+        except LabError as exc:
+            result.echo = f"FAILED: {exc}"
+            say(f"  the echo connection opened before the kill: {result.echo}")
+        finally:
+            echo.close()
+        _progress_while(lab, loop, after_failover_s)
+        attempts = loop.stop()
+        result.gap_s, result.worst_latency_s = failover_gap(attempts, killed)
+        result.served = sum(1 for a in attempts if a.ok)
+        result.failed = sum(1 for a in attempts if not a.ok)
+        result.failures = [f"{a.path}: {a.detail}" for a in attempts if not a.ok][:5]
+        with contextlib.suppress(LabError, OSError):
+            status_s = lab.colo_status("secondary")
+            say(f"secondary QEMU after failover: {status_s}")
+    finally:  # whatever failed: no thread or connection of ours outlives the demo
+        if loop is not None:
+            loop.stop()
+        if echo is not None:
+            echo.close()
+        watch.stop()
     if proxy:
         with contextlib.suppress(OSError, LabError):
             result.checkpoints = lab.checkpoints()
     return result
 
 
-def _progress_while(lab: Lab, loop: ClientLoop, seconds: float, since: float = 0.0) -> None:
+def _progress_while(lab: Lab, loop: ClientLoop, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         time.sleep(min(5.0, max(0.0, end - time.monotonic())))
