@@ -334,7 +334,14 @@ class Lab:
         """Bring the lab up (or find it up); LabError naming what did not happen in time."""
         if self.is_up():
             state = LabState.load(self.paths)
-            assert state is not None
+            if state is None:
+                raise LabError(f"{self.paths.state} went away while the lab was looked at")
+            if state.qemu_filters != self.qemu_filters:
+                wired = "QEMU's filters" if state.qemu_filters else "coloproxy"
+                raise LabError(
+                    f"a lab wired with {wired} is up (namespaces {state.prefix}-*): "
+                    "`coloproxy lab down` first"
+                )
             self.state = state
             self.topology = Topology(state.prefix, guests="tap")
             self.progress(f"the lab is already up (namespaces {state.prefix}-*); checking it")
@@ -419,9 +426,9 @@ class Lab:
                     where, argv, stdout=output, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True,
                 )  # fmt: skip
-        assert self.state is not None
-        self.state.pids[name] = vms.adopt(process)
-        self.state.save(self.paths)
+        state = self._require_state()
+        state.pids[name] = vms.adopt(process)
+        state.save(self.paths)
         return int(process.pid)
 
     def _start_daemon(self, state: LabState, role: str) -> None:
@@ -591,10 +598,14 @@ class Lab:
         except ControlError as exc:
             raise LabError(f"set-period {period_ms} ms: {exc}") from exc
 
+    def _require_state(self) -> LabState:
+        if self.state is None:
+            raise LabError("the lab is not up (no state): `coloproxy lab up` first")
+        return self.state
+
     def kill_qemu(self, role: str) -> float:
         """SIGKILL one QEMU; the monotonic time of the kill."""
-        assert self.state is not None
-        pid = self.state.pids[f"{role}_qemu"]
+        pid = self._require_state().pids[f"{role}_qemu"]
         killed = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         return killed
