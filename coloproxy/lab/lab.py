@@ -311,17 +311,18 @@ class Lab:
         for script in ("qemu/build.sh", "guest/build.sh"):
             started = time.monotonic()
             try:
+                # Its progress lines (stderr) go straight to ours: a first build is long.
                 done = subprocess.run(
                     [str(repo_root() / script)],
                     check=False,
-                    capture_output=True,
+                    stdout=subprocess.PIPE,
                     text=True,
                     timeout=BUILD_TIMEOUT_S,
                 )
             except subprocess.TimeoutExpired as exc:
                 raise LabError(f"{script} did not finish within {BUILD_TIMEOUT_S:.0f} s") from exc
             if done.returncode != 0:
-                raise LabError(f"{script} failed:\n{done.stderr[-3000:]}")
+                raise LabError(f"{script} failed (exit {done.returncode}); its messages are above")
             self.progress(f"{script}: {done.stdout.strip()} ({time.monotonic() - started:.1f} s)")
 
     # -- up ------------------------------------------------------------------------------
