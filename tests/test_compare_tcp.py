@@ -515,3 +515,21 @@ def test_timestamp_offsets_are_learned_from_the_syns() -> None:
     )
     pair.comparator.checkpoint_completed(0)  # synced: the secondary now has the primary's clock
     assert pair.comparator.sequence_offsets(guest, 80, peer, 40000) == (0, 0)
+
+
+def test_packets_sent_after_the_checkpoint_ended_are_compared_not_released() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.comparator.checkpoint_started(1.0)
+    pair.primary(tcp(P_ISN + 4, b"def"), "before-stop")  # in flight from before the stop
+    pair.secondary(tcp(S_ISN + 4, b"old"), "stale")  # the old epoch: never compared
+    # the guests resumed at 2.0; the shell hears of it at 2.5
+    pair.now = 2.2
+    pair.primary(tcp(P_ISN + 7, b"ghi"), "after-resume")
+    pair.secondary(tcp(P_ISN + 7, b"ghX"), "s-after-resume")  # synced: the primary's ISN
+    events = pair.comparator.checkpoint_completed(2.5, resumed=2.0)
+    assert [e.token for e in events if isinstance(e, Release)] == ["p1", "before-stop"]
+    (needed,) = [e for e in events if isinstance(e, CheckpointNeeded)]
+    assert needed.reason is Reason.PAYLOAD  # "ghi" vs "ghX" was compared, not released
+    assert not any(isinstance(e, Drop) and e.token is None for e in events)

@@ -183,6 +183,10 @@ class Comparator:
         self._reassembly = Reassembler(config.max_fragment_datagrams, config.max_fragment_bytes)
         self._frozen: list[Held] = []  # held uncompared: checkpointing, overflow, malformed
         self._frozen_tokens: list[object] = []  # primary fragments of unfinished datagrams
+        # Packets fed while a checkpoint runs, kept so that those the guests sent after it
+        # ended (before the shell heard of the end) are compared, not released (I1).
+        self._late_primary: list[tuple[Held, bytes]] = []
+        self._late_secondary: list[tuple[bytes, float]] = []
         self._reorder: list[tuple[float, int, DatagramFlow]] = []
         self._checkpointing = False
         self._next_sweep: float | None = None
@@ -300,9 +304,11 @@ class Comparator:
             return
         assert type(packet) is Packet
         if self._checkpointing or book.saturated:
+            self._freeze(token, now)
             if self._checkpointing:
                 self._learn_uncompared(packet, True, now, out)
-            self._freeze(token, now)
+                if len(self._late_primary) < self._max_held_packets:
+                    self._late_primary.append((self._frozen[-1], data))
             return
         if packet.fragment:
             self._primary_fragment(packet, token, now, out)
@@ -381,6 +387,8 @@ class Comparator:
         assert type(packet) is Packet
         if self._checkpointing:
             self._learn_uncompared(packet, False, now, out)
+            if len(self._late_secondary) < self._max_held_packets:
+                self._late_secondary.append((packet.data, now))
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
         if book.saturated:
@@ -724,17 +732,40 @@ class Comparator:
     def checkpoint_started(self, now: float) -> list[Event]:
         """Both VMs stopped for a checkpoint: stop comparing until it completes."""
         self._checkpointing = True
+        self._late_primary = []
+        self._late_secondary = []
         return []
 
-    def checkpoint_completed(self, now: float, synced: bool = True) -> list[Event]:
+    def checkpoint_completed(
+        self, now: float, synced: bool = True, resumed: float | None = None
+    ) -> list[Event]:
         """The secondary holds the primary's state: release everything, start afresh.
 
         ``synced=False`` says the secondary did *not* receive the primary's state (a test
         engine whose guests are namespaces): everything is released and compared afresh as
         usual, but each connection keeps its learned ISN offset and the secondary's ACKs.
+
+        ``resumed`` is when (on the clock of ``now``) the guests ran again. The shell hears of
+        the end of a checkpoint a little after it: packets that arrived after ``resumed`` were
+        produced after the checkpoint, so they are not released by it but compared in the new
+        epoch, fed again in arrival order (the secondary's too, which were dropped uncompared
+        while the checkpoint ran). Without ``resumed`` every held packet is released.
         """
         out: list[Event] = []
         book = self._book
+        late_primary: list[tuple[Held, bytes]] = []
+        late_secondary: list[tuple[bytes, float]] = []
+        if resumed is not None:
+            late_primary = [
+                (entry, data) for entry, data in self._late_primary if entry.arrival > resumed
+            ]
+            late_secondary = [
+                (data, arrival) for data, arrival in self._late_secondary if arrival > resumed
+            ]
+            for entry, _ in late_primary:
+                entry.released = True  # fed again below under a new Held
+        self._late_primary = []
+        self._late_secondary = []
         held = self._frozen
         for flow in self._flows.values():
             held.extend(flow.held)
@@ -762,6 +793,18 @@ class Comparator:
         book.saturated = False
         book.requested = False
         self._checkpointing = False
+        if late_primary or late_secondary:
+            again: list[tuple[float, int, Side, bytes, object]] = [
+                (entry.arrival, entry.serial, _PRIMARY, data, entry.token)
+                for entry, data in late_primary
+            ]
+            again += [(arrival, 0, Side.SECONDARY, data, None) for data, arrival in late_secondary]
+            again.sort(key=lambda item: (item[0], item[1]))
+            for arrival, _, side, data, token in again:
+                for event in self.feed(side, data, arrival, token):
+                    # the secondary's packets got their Drop when they first came
+                    if not (type(event) is Drop and event.token is None):
+                        out.append(event)
         return out
 
     # -- introspection -------------------------------------------------------------------

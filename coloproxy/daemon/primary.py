@@ -205,10 +205,13 @@ class PrimaryProxy:
         self.checkpointing = True
         self._act(self.comparator.checkpoint_started(now), now)
 
-    def checkpoint_completed(self, now: float, synced: bool = True) -> None:
-        """The engine saw the primary's RESUME: the secondary holds the primary's state."""
+    def checkpoint_completed(
+        self, now: float, synced: bool = True, resumed: float | None = None
+    ) -> None:
+        """The engine saw the primary's RESUME (at ``resumed``, on our clock, when known):
+        the secondary holds the primary's state."""
         self.checkpointing = False
         self.outstanding = None
         self.counters.checkpoints_completed += 1
         self.counters.last_checkpoint = now
-        self._act(self.comparator.checkpoint_completed(now, synced), now)
+        self._act(self.comparator.checkpoint_completed(now, synced, resumed), now)

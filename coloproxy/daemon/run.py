@@ -323,7 +323,12 @@ class Daemon:
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
             if proxy is not None:
-                proxy.checkpoint_completed(now, message.synced)
+                # The guests resumed at the engine's RESUME stamp (wall clock, this host):
+                # on our loop's clock, so that packets sent since are compared, not released.
+                resumed = None
+                if message.completed > 0:
+                    resumed = min(now, now - (time.time() - message.completed))
+                proxy.checkpoint_completed(now, message.synced, resumed)
                 self._rearm_soon()
             return Ack(request=message.request)
         if isinstance(message, CheckpointNow):
