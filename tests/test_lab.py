@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from coloproxy.lab import configs
+from coloproxy.lab import configs, vms
 from coloproxy.lab.lab import (
     NONDETERMINISTIC_PAGE,
     QUIET_PERIOD_MS,
@@ -35,6 +35,8 @@ from coloproxy.lab.lab import (
     expected_pages,
     failover_gap,
     http_get,
+    memcheck_lines,
+    memcheck_summary,
 )
 from coloproxy.lab.qemu import repo_root
 from coloproxy.net import netns
@@ -239,6 +241,7 @@ def test_sigkill_of_the_primary_qemu_loses_no_request(
         try:
             time.sleep(3)
             loop.hold()
+            mark = len(vms.console(lab.paths, "secondary"))
             killed = lab.kill_qemu("primary")
             loop.resume()
             echo_s = echo.exchange(b"after the kill\n")
@@ -255,6 +258,12 @@ def test_sigkill_of_the_primary_qemu_loses_no_request(
     status = lab.colo_status("secondary")
     assert (status["mode"], status["last-mode"]) == ("none", "secondary"), status
     assert gap is not None
+    # The guest goes on from the primary's memory: the checker's passes continue, no error.
+    console = vms.console(lab.paths, "secondary")[mark:]
+    lines = memcheck_lines(console)
+    assert lines and lines[-1][1] >= lines[0][1] + 2, memcheck_summary(console)
+    assert all(errors == 0 for _, _, errors in lines), memcheck_summary(console)
+    assert not any(word in console for word in vms.KERNEL_TROUBLE), console[-2000:]
     report(
         capsys,
         f"SIGKILL primary: {len(attempts)} requests, 0 failed, failover gap "

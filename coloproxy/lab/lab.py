@@ -837,9 +837,14 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
 _MEMCHECK = re.compile(rb"memcheck seq=(\d+) steps=\d+ writes=\d+ passes=(\d+) errors=(\d+)")
 
 
+def memcheck_lines(console: bytes) -> list[tuple[int, int, int]]:
+    """The memory checker's status lines (guest/README.md): (seq, passes, errors) each."""
+    return [(int(m[1]), int(m[2]), int(m[3])) for m in _MEMCHECK.finditer(console)]
+
+
 def memcheck_summary(console: bytes) -> str:
-    """What the guest's memory checker printed (guest/README.md): lines, passes, errors."""
-    found = [tuple(int(g) for g in m.groups()) for m in _MEMCHECK.finditer(console)]
+    """What the guest's memory checker printed: lines, passes, errors."""
+    found = memcheck_lines(console)
     trouble = [word.decode() for word in vms.KERNEL_TROUBLE if word in console]
     if not found:
         return "no status line" + (f"; kernel: {', '.join(trouble)}" if trouble else "")
