@@ -72,6 +72,70 @@ def test_the_lab_configs_load_as_one_pair(tmp_path: Path) -> None:
     assert secondary.engine.qmp == str(paths.qmp_socket("secondary"))
 
 
+def _spec(role: str, qemu_filters: bool = False) -> vms.VmSpec:
+    paths = configs.LabPaths(Path("/run/x"))
+    incoming = configs.migrate_uri() if role == "secondary" else None
+    return vms.VmSpec(
+        role, Path("/q"), Path("/fw"), Path("/k"), Path("/i"), "tcg", paths, incoming, qemu_filters
+    )
+
+
+def _options(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, word in enumerate(argv) if word == flag]
+
+
+def test_the_qemu_command_lines() -> None:
+    primary = vms.qemu_argv(_spec("primary"))
+    secondary = vms.qemu_argv(_spec("secondary"))
+    for argv in (primary, secondary):
+        assert _options(argv, "-machine") == ["pc"]
+        assert _options(argv, "-netdev") == [
+            "tap,id=hn0,ifname=guest0,script=no,downscript=no,vhost=off"
+        ]
+        assert _options(argv, "-device") == [
+            "virtio-net-pci,netdev=hn0,mac=52:54:00:77:00:64,romfile="
+        ]
+        assert "-object" not in argv
+    # one QMP monitor for the engine, one for the lab
+    assert _options(primary, "-qmp") == [
+        "unix:/run/x/primary-qmp.sock,server=on,wait=off",
+        "unix:/run/x/primary-lab-qmp.sock,server=on,wait=off",
+    ]
+    assert "-incoming" not in primary
+    assert _options(secondary, "-incoming") == ["tcp:10.255.77.2:7790"]
+    # the primary migrates where the secondary listens
+    assert configs.config_text("primary").count("migrate_uri: tcp:10.255.77.2:7790") == 1
+
+
+def test_the_qemu_filters_command_lines() -> None:
+    primary = vms.qemu_argv(_spec("primary", qemu_filters=True))
+    secondary = vms.qemu_argv(_spec("secondary", qemu_filters=True))
+    assert _options(primary, "-netdev")[0].endswith(",vnet_hdr=off")
+    kinds = [word.split(",")[0] for word in _options(primary, "-object")]
+    assert kinds == ["filter-mirror", "filter-redirector", "filter-redirector", "iothread",
+                     "colo-compare"]  # fmt: skip
+    kinds = [word.split(",")[0] for word in _options(secondary, "-object")]
+    assert kinds == ["filter-redirector", "filter-redirector", "filter-rewriter"]
+    # the secondary's redirectors reach host P over the replication link
+    assert all("host=10.255.77.1" in word for word in _options(secondary, "-chardev"))
+
+
+def test_failover_gap() -> None:
+    from coloproxy.lab.lab import Attempt
+
+    attempts = [
+        Attempt("/", 0.0, 0.1, True),
+        Attempt("/", 0.2, 0.3, True),
+        Attempt("/", 0.4, 1.5, True),  # started before the kill, served by the SVM
+        Attempt("/", 1.6, 1.7, False, "timed out"),
+        Attempt("/", 1.8, 1.9, True),
+    ]
+    gap, slowest = failover_gap(attempts, killed=0.5)
+    assert gap == pytest.approx(1.2)
+    assert slowest == pytest.approx(1.1)
+    assert failover_gap(attempts[:2], killed=0.5) == (None, pytest.approx(0.1))
+
+
 # -- the lab itself (root, QEMU) ---------------------------------------------------------------
 
 

@@ -39,7 +39,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -390,10 +389,6 @@ async def colo_mode(monitor: Monitor) -> str:
 async def qemu_version(monitor: Monitor) -> tuple[int, int]:
     version = (await monitor.execute("query-version"))["qemu"]
     return int(version["major"]), int(version["minor"])
-
-
-def describe_argv(argv: Sequence[str]) -> str:
-    return " ".join(argv)
 
 
 __all__ = [
