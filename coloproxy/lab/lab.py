@@ -416,7 +416,7 @@ class Lab:
         )
 
     def _spawn(self, name: str, where: str | None, argv: list[str], log_path: Path) -> int:
-        with log_path.open("ab") as output:
+        with log_path.open("wb") as output:  # one lab's story per file
             if where is None:
                 process = subprocess.Popen(
                     argv, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
