@@ -109,7 +109,8 @@ class Daemon:
         )
         self.metrics = Metrics(pair=config.pair.name, role=self.role.value, clock=self.loop.time)
         self.metrics_server: MetricsServer | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_due = 0.0
         self._rearm_pending = False
         self._stopped = asyncio.Event()
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
@@ -276,10 +277,13 @@ class Daemon:
                 self._timer = None
             return
         if timer is not None:
-            if timer.when() <= deadline:
+            # Our own record of the deadline: uvloop's call_at returns a plain Handle without
+            # when() for a deadline already in the past.
+            if self._timer_due <= deadline:
                 return
             timer.cancel()
         self._timer = self.loop.call_at(deadline, self._fire)
+        self._timer_due = deadline
 
     def _fire(self) -> None:
         self._timer = None

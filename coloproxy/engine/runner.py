@@ -230,7 +230,8 @@ class EngineRunner:
         self._control: ControlClient | None = None
         self._control_up = asyncio.Event()
         self._changed = asyncio.Event()  # pulsed at every input: tests and waiters
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_due = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._requests_received: dict[int, float] = {}  # request id -> loop time (bounded)
         self._entry_checkpoint: int | None = None  # the checkpoint that enters COLO
@@ -356,12 +357,15 @@ class EngineRunner:
         due = min((d for d in deadlines if d is not None), default=None)
         timer = self._timer
         if timer is not None:
-            if due is not None and timer.when() == due:
+            # Compare with the deadline we asked for, not timer.when(): uvloop returns a
+            # plain Handle without when() for a deadline already in the past.
+            if due is not None and self._timer_due == due:
                 return
             timer.cancel()
             self._timer = None
         if due is not None:
             self._timer = loop.call_at(due, self._fire)
+            self._timer_due = due
 
     def _fire(self) -> None:
         self._timer = None
