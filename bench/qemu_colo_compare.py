@@ -365,13 +365,24 @@ def wait_for_paths(paths: Sequence[str], process: subprocess.Popen[bytes] | None
 
 
 def connect_unix(path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+    """Connect, retrying while the path exists but nobody listens yet: QEMU binds the socket
+    (the path appears) before it calls listen, and on a busy machine a connect can fall in
+    between (ECONNREFUSED; seen once in about 50 runs)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+            continue
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
 
 def probe_outdev(primary: socket.socket, out: socket.socket) -> int:
