@@ -99,7 +99,7 @@ class QueuesConfig:
     primary_out: int = 10
     secondary_out: int = 11
     secondary_in: int = 12
-    max_len: int = 4096
+    max_len: int = 8192
     copy_range: int = 65535
     rcvbuf: int = 8 << 20
     transport: Transport = Transport.NETLINK
@@ -388,7 +388,7 @@ QUEUES_KEYS: Final[Mapping[str, _Key]] = {
     "primary_out": _Key(_QUEUE, 10),
     "secondary_out": _Key(_QUEUE, 11),
     "secondary_in": _Key(_QUEUE, 12),
-    "max_len": _Key(_integer(1, 1 << 20), 4096),
+    "max_len": _Key(_integer(1, 1 << 20), 8192),
     "copy_range": _Key(_integer(64, 65535), 65535),
     "rcvbuf": _Key(
         _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 8 << 20

@@ -79,7 +79,7 @@ def test_a_minimal_primary_gets_every_default() -> None:
             vxlan_port=4789,
             underlay=None,
         ),
-        queues=QueuesConfig(10, 11, 12, 4096, 65535, 8 << 20, Transport.NETLINK),
+        queues=QueuesConfig(10, 11, 12, 8192, 65535, 8 << 20, Transport.NETLINK),
         compare=CompareConfig(),
         control=ControlConfig(Path("/run/coloproxy/lab.sock"), None, 16, 256),
         metrics=MetricsConfig("127.0.0.1", 9477, True),
