@@ -6,9 +6,11 @@ distance from ``b`` to ``a`` in the range [-2**31, 2**31), which is meaningful a
 two numbers are less than 2**31 apart (RFC 1982 section 3.2).
 """
 
-MOD = 1 << 32
-_HALF = 1 << 31
-_MASK = MOD - 1
+from typing import Final
+
+MOD: Final = 1 << 32
+_HALF: Final = 1 << 31
+_MASK: Final = MOD - 1
 
 
 def add(seq: int, delta: int) -> int:

@@ -470,8 +470,6 @@ class Comparator:
     ) -> None:
         result, partial = self._reassembly.add("primary", packet, token, now)
         if result.overflow:
-            if partial is not None:  # tokens already collected stay with the partial datagram
-                pass
             self._saturate(None, out)
             self._freeze(token, now)
             return
