@@ -533,3 +533,38 @@ def test_packets_sent_after_the_checkpoint_ended_are_compared_not_released() -> 
     (needed,) = [e for e in events if isinstance(e, CheckpointNeeded)]
     assert needed.reason is Reason.PAYLOAD  # "ghi" vs "ghX" was compared, not released
     assert not any(isinstance(e, Drop) and e.token is None for e in events)
+
+
+def test_a_gibibyte_in_one_epoch_asks_for_a_checkpoint_that_rebases_the_offsets() -> None:
+    """Offsets are 32-bit distances: before they could wrap onto ranges verified in the same
+    epoch (and release bytes unchecked), a checkpoint moves their base forward."""
+    from coloproxy.compare.tcp import REBASE_AT
+
+    pair = Pair()
+    handshake(pair)
+    far = P_ISN + 1 + REBASE_AT  # the stream has moved 1 GiB since the SYN
+    pair.primary(tcp(far, b"abc"), "p-far")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.OVERFLOW
+    assert needed.evidence is not None and needed.evidence.offset == REBASE_AT + 3
+    pair.comparator.checkpoint_completed(pair.now)  # synced: the secondary shares the base
+    pair.primary(tcp(far + 3, b"defg"), "p-next")
+    pair.secondary(tcp(far + 3, b"deXg"), "s-next")
+    (_, diverged) = pair.checkpoints()
+    assert diverged.reason is Reason.PAYLOAD
+    assert diverged.evidence is not None and diverged.evidence.offset == 2  # near the new base
+    assert pair.comparator.isn_offset(bytes([10, 0, 0, 1]), 80, bytes([10, 0, 0, 9]), 40000) == 0
+
+
+def test_a_retransmitted_syn_after_a_rebase_is_not_a_new_connection() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"abc"), "s1")
+    pair.comparator.checkpoint_completed(pair.now, synced=False)  # rebased by 3 bytes
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn-again")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn-again")
+    pair.primary(tcp(P_ISN + 4, b"def"), "p2")
+    pair.secondary(tcp(S_ISN + 4, b"def"), "s2")
+    assert pair.checkpoints() == []
+    assert pair.released()[-2:] == ["p-syn-again", "p2"]

@@ -68,12 +68,16 @@ class TcpSide:
         "max_ack",
         "rst",
         "syn",
+        "syn_seq",
         "tsval",
     )
 
     def __init__(self) -> None:
+        # ``isn`` is the base of stream offsets: the ISN at first, moved forward at each
+        # checkpoint (see ``reset_epoch``); ``syn_seq`` is the ISN the side's SYN named.
         self.isn: int | None = None
         self.isn_from_syn = False
+        self.syn_seq: int | None = None
         self.tsval: int | None = None  # TSval of the side's SYN (RFC 7323), if it sent one
         self.max_ack: int | None = None
         self.chunks: list[Stored] = []
@@ -92,14 +96,22 @@ class TcpSide:
         self.high = None
 
 
+# Stream offsets are signed 32-bit distances from the base (RFC 1982 arithmetic holds within
+# 2**31). Past this many bytes in one epoch the connection asks for a checkpoint, whose
+# completion moves the base up to the current position; the verified ranges of one epoch then
+# never meet offsets that wrapped around to them (which would release bytes unchecked, I1).
+REBASE_AT: Final = 1 << 30
+
+
 class TcpConnection(FlowState):
-    __slots__ = ("primary", "secondary", "verified")
+    __slots__ = ("primary", "rebase_asked", "secondary", "verified")
 
     def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
         super().__init__(key, label, now)
         self.primary = TcpSide()
         self.secondary = TcpSide()
         self.verified = RangeSet()
+        self.rebase_asked = False
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
@@ -141,6 +153,15 @@ class TcpConnection(FlowState):
         for stored in secondary.chunks:
             stored.live = False
             book.stored_bytes -= stored.end - stored.start
+        # Move both bases up to where the primary's stream stands, so that offsets of the new
+        # epoch start near 0 (REBASE_AT). Both move by the same amount: the ISN offset the
+        # S-in rewrite uses (secondary base - primary base) does not change.
+        shift = primary.high
+        if shift is not None and shift > 0:
+            if primary.isn is not None:
+                primary.isn = seq.add(primary.isn, shift)
+            if secondary.isn is not None:
+                secondary.isn = seq.add(secondary.isn, shift)
         primary.reset()
         secondary.reset()
         self.verified.clear()
@@ -148,10 +169,12 @@ class TcpConnection(FlowState):
             if primary.isn is not None:
                 secondary.isn = primary.isn
                 secondary.isn_from_syn = primary.isn_from_syn
+                secondary.syn_seq = primary.syn_seq
             secondary.max_ack = primary.max_ack
             secondary.tsval = primary.tsval
         self.diverged = False
         self.timed_out = False
+        self.rebase_asked = False
 
     # -- input ---------------------------------------------------------------------------
 
@@ -162,13 +185,15 @@ class TcpConnection(FlowState):
             if isn is None or not side.isn_from_syn:
                 side.isn = isn = number
                 side.isn_from_syn = True
-            elif number != isn:
+                side.syn_seq = number
+            elif number != side.syn_seq:
                 # A new connection on the same four-tuple (the old one is gone): nothing of
                 # the old alignment may carry over, or bytes verified for the old connection
                 # would release the new one's unchecked (I1).
                 self._forget_alignment(book)
                 other.isn_from_syn = False  # its next SYN names its new ISN
                 side.isn = isn = number
+                side.syn_seq = number
             return isn
         if isn is None:
             isn = other.isn
@@ -177,6 +202,19 @@ class TcpConnection(FlowState):
                 other.isn = isn = seq.add(number, -1)
             side.isn = isn
         return isn
+
+    def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
+        self.rebase_asked = True
+        evidence = Evidence(
+            offset=end,
+            primary=b"",
+            secondary=b"",
+            primary_length=0,
+            secondary_length=0,
+            detail=f"{end} bytes on one connection since the last checkpoint: a checkpoint"
+            " moves the stream offsets' base before they could wrap",
+        )
+        book.request(out, Reason.OVERFLOW, PROTOCOL, self.label, evidence)
 
     def _forget_alignment(self, book: Book) -> None:
         for side in (self.primary, self.secondary):
@@ -234,6 +272,8 @@ class TcpConnection(FlowState):
         end = start + length
         held.start = start
         held.end = end
+        if end > REBASE_AT and not self.rebase_asked:
+            self._ask_rebase(end, book, out)
         if flags & TCP_FIN:
             held.need |= NEED_FIN
             primary.fin = end
