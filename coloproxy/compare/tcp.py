@@ -28,7 +28,8 @@ ISNs: a side's ISN is learned from its SYN (guest as client) or SYN-ACK (guest a
 A connection first seen without a SYN uses one shared base for both sides: after a checkpoint
 both guests hold the same TCP state, ISNs included, so equal sequence numbers mean equal
 positions. ``reset_epoch`` (after a checkpoint) makes the secondary's ISN and highest ACK
-equal to the primary's for the same reason.
+equal to the primary's for the same reason, and moves both sides' base of offsets up to the
+primary's position, so that offsets of an epoch stay far below 2**31 (``REBASE_AT``).
 """
 
 from __future__ import annotations
