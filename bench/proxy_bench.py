@@ -524,19 +524,6 @@ metrics: {{listen: "127.0.0.1:9477"}}
 log: {{level: info}}
 """
 
-SECONDARY_CONFIG = """\
-pair: {{name: t1, role: secondary}}
-net:
-  prefix: cp
-  guest_port: guest0
-  lan_bridge: br-lan
-  replication: {{local: 10.255.77.2, remote: 10.255.77.1}}
-  underlay: repl
-control: {{socket: {socket}}}
-metrics: {{enabled: false}}
-log: {{level: info}}
-"""
-
 
 class Bench:
     def __init__(self, args: argparse.Namespace, topology: Topology, workdir: Path) -> None:
@@ -782,6 +769,8 @@ class Bench:
     def start_secondary(self) -> subprocess.Popen[Any]:
         socket_path = self.workdir / "secondary.sock"
         config = self.workdir / "secondary.yaml"
+        from pairworld import SECONDARY_CONFIG  # the same host S as the namespace tests
+
         config.write_text(SECONDARY_CONFIG.format(socket=socket_path))
         argv = [sys.executable, "-m", "coloproxy", "run", "-c", str(config)]
         process = self.spawn("hs", argv, log="secondary.log")

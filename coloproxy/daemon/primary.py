@@ -36,15 +36,21 @@ from coloproxy.compare import (
     CheckpointNeeded,
     Comparator,
     Drop,
+    DropReason,
     Event,
     Evidence,
     MalformedPacket,
     Release,
+    ReleaseReason,
     Side,
 )
 from coloproxy.rewrite import IngressRewriter
 
 log = logging.getLogger(__name__)
+
+# Verdict labels built once, not concatenated for every packet.
+_ACCEPT: dict[str, str] = {reason: "accept-" + reason for reason in ReleaseReason}
+_DROP: dict[str, str] = {reason: "drop-" + reason for reason in DropReason}
 
 # Reasons the proxy itself adds to the comparator's vocabulary (coloproxy.compare.Reason).
 REASON_RESTART = "restart"
@@ -153,11 +159,11 @@ class PrimaryProxy:
         for event in events:
             if type(event) is Release:
                 self._primary_out.accept(event.token)
-                packets["primary-out", "accept-" + event.reason] += 1
+                packets["primary-out", _ACCEPT[event.reason]] += 1
             elif type(event) is Drop:
                 if event.token is not None:
                     self._secondary_out.drop(event.token)
-                packets["secondary-out", "drop-" + event.reason] += 1
+                packets["secondary-out", _DROP[event.reason]] += 1
             elif type(event) is CheckpointNeeded:
                 self.counters.divergences[event.protocol, event.reason] += 1
                 if event.coalesced or self.outstanding is not None:
