@@ -292,7 +292,7 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             assert status.engines == 1
         # The primary QEMU exits: the secondary daemon takes over.
         await w.primary_qemu.die()
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
         acted = [c for c, _ in w.secondary_qemu.commands if not c.startswith("query-")]
         assert acted[-2:] == ["x-colo-lost-heartbeat", "announce-self"]
@@ -350,7 +350,7 @@ async def test_a_primary_whose_secondary_took_over_pauses_its_guest(tmp_path: Pa
         w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
         engine = w.daemon.engine
         assert engine is not None
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
         await w.primary.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
         decider = w.primary.decider
@@ -370,7 +370,7 @@ async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -
         await asyncio.wait([w.primary_task])
         engine = w.daemon.engine
         assert engine is not None
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         triggers = sum(1 for c, _ in w.primary_qemu.commands if c == "migrate-set-parameters")
         again = EngineRunner(w.primary.settings)
         task = asyncio.create_task(again.run())

@@ -32,6 +32,7 @@ from coloproxy.config import Config
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
+from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
@@ -55,7 +56,7 @@ from coloproxy.protocol import (
     StatusRequest,
 )
 from coloproxy.protocol import CheckpointRequest as WireRequest
-from coloproxy.rewrite import IngressRewriter
+from coloproxy.rewrite import SecondaryRewriter
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,9 @@ def host_net(config: Config) -> hostnet.HostNet:
     """The net layer's parameters from a config."""
     queues = config.queues
     numbers = (
-        QueueNumbers(queues.primary_out, queues.secondary_out, queues.secondary_in)
+        QueueNumbers(
+            queues.primary_out, queues.secondary_out, queues.secondary_in, queues.secondary_egress
+        )
         if queues is not None
         else QueueNumbers()
     )
@@ -98,6 +101,7 @@ class Daemon:
         self.mode = Mode.PROTECTED
         self.period_ms: int | None = config.engine.period_ms if config.engine.qmp else None
         self.proxy: PrimaryProxy | None = None
+        self.secondary: SecondaryProxy | None = None  # host S: the SVM's sequence spaces
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
         self.control = ControlServer(
@@ -134,6 +138,8 @@ class Daemon:
             self.metrics.control_clients = self._clients_by_role
             if self.role is ProxyRole.PRIMARY:
                 self._start_primary()
+            else:
+                self._start_secondary()
             self._start_engine()
             self.metrics.protected = self.mode is Mode.PROTECTED
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -168,27 +174,13 @@ class Daemon:
             raise ValueError("primary without queues")
         comparator = Comparator(config.compare)
         self.comparator = comparator
-        proxy = PrimaryProxy(
-            comparator,
-            IngressRewriter(comparator.sequence_offsets),
-            _Late(),
-            _Late(),
-            _Late(),
-            self,
-            self.loop.time(),
-        )
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
-        numbers = {
-            queues.primary_out: "primary-out",
-            queues.secondary_out: "secondary-out",
-            queues.secondary_in: "secondary-in",
-        }
-        self.metrics.queue_names = numbers
-        self.metrics.queue_stats = lambda: [
-            s for n, s in read_queue_stats().items() if n in numbers
-        ]
+        self._queue_metrics(
+            {queues.primary_out: "primary-out", queues.secondary_out: "secondary-out"}
+        )
         rearm = self._rearm_soon
         recorder = self.recorder
 
@@ -212,29 +204,50 @@ class Daemon:
                 proxy.on_secondary(handle, payload, now)
                 rearm()
 
-        def ingress(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_ingress(handle, payload, now)
-
-        netlink = queues.transport.value == Transport.NETLINK.value
-        opened: list[PacketQueue] = []
-        for number, callback in (
-            (queues.primary_out, primary),
-            (queues.secondary_out, secondary),
-            (queues.secondary_in, ingress),
-        ):
-            queue_config = QueueConfig(
-                number,
-                max_len=queues.max_len,
-                copy_range=queues.copy_range,
-                rcvbuf=queues.rcvbuf,
-                # Whole GSO packets where verdicts carry no new payload; never on S-in, whose
-                # rewritten packets need complete checksums (bench/nfqueue_README.md).
-                gso=netlink and number != queues.secondary_in,
-            )
-            opened.append(open_queue(queue_config, callback, queues.transport.value))
-        self.queues = opened
-        proxy.bind(opened[0], opened[1], opened[2])
+        # Whole GSO packets: these verdicts carry no new payload (bench/nfqueue_README.md).
+        primary_out = self._open_queue(queues.primary_out, primary, gso=True)
+        secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True)
+        proxy.bind(primary_out, secondary_out)
         self._rearm_soon()
+
+    def _start_secondary(self) -> None:
+        """Host S: the rewriter of the SVM's TCP sequence spaces on its two queues."""
+        queues = self.config.queues
+        if queues is None:  # the config loader fills in the defaults on a secondary
+            raise ValueError("secondary without queues")
+        proxy = SecondaryProxy(SecondaryRewriter(), _Late(), _Late())
+        self.secondary = proxy
+        self.metrics.counts = proxy.counters
+        self._queue_metrics(
+            {queues.secondary_in: "secondary-in", queues.secondary_egress: "secondary-egress"}
+        )
+        # Never GSO here: rewritten packets go back with complete checksums.
+        to_guest = self._open_queue(queues.secondary_in, proxy.on_to_guest, gso=False)
+        from_guest = self._open_queue(queues.secondary_egress, proxy.on_from_guest, gso=False)
+        proxy.bind(to_guest, from_guest)
+
+    def _open_queue(
+        self, number: int, callback: Callable[[object, bytes, float], None], *, gso: bool
+    ) -> PacketQueue:
+        queues = self.config.queues
+        assert queues is not None
+        netlink = queues.transport.value == Transport.NETLINK.value
+        queue_config = QueueConfig(
+            number,
+            max_len=queues.max_len,
+            copy_range=queues.copy_range,
+            rcvbuf=queues.rcvbuf,
+            gso=netlink and gso,
+        )
+        queue = open_queue(queue_config, callback, queues.transport.value)
+        self.queues.append(queue)
+        return queue
+
+    def _queue_metrics(self, numbers: dict[int, str]) -> None:
+        self.metrics.queue_names = numbers
+        self.metrics.queue_stats = lambda: [
+            s for n, s in read_queue_stats().items() if n in numbers
+        ]
 
     # -- the checkpoint engine -------------------------------------------------------------
 
@@ -326,6 +339,8 @@ class Daemon:
                 proxy.checkpoint_started(now)
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
+            if self.secondary is not None and message.synced:
+                self.secondary.checkpoint_applied()  # host S: the SVM loaded a checkpoint
             if proxy is not None:
                 # The guests resumed at the engine's RESUME stamp (wall clock, this host):
                 # on our loop's clock, so that packets sent since are compared, not released.
@@ -361,6 +376,8 @@ class Daemon:
             self.metrics.protected = False
             if self.proxy is not None:
                 self.proxy.set_unprotected(now)
+            if self.secondary is not None:
+                self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
             return Ack(detail="unprotected: output passes uncompared")
         return ErrorReply(ErrorCode.UNAVAILABLE, "re-protection comes with the checkpoint engine")
@@ -371,9 +388,19 @@ class Daemon:
         engines = sum(1 for c in clients if c.role is ClientRole.ENGINE)
         proxy = self.proxy
         if proxy is None or self.comparator is None:
+            host_s_counts: dict[str, int] = {}
+            if self.secondary is not None:
+                host_s = self.secondary.counters
+                host_s_counts = {
+                    "rewrites": host_s.rewrites["shifted"],
+                    "takeover_rewrites": host_s.egress_rewrites["shifted"],
+                    "offsets_learnt": self.secondary.rewriter.learnt,
+                    "connections_shifted": len(self.secondary.rewriter),
+                }
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,
                 engines=engines, clients=len(clients), uptime=now - self.started,
+                counters=host_s_counts,
             )  # fmt: skip
         stats = self.comparator.stats()
         counters = proxy.counters

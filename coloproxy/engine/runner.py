@@ -416,6 +416,12 @@ class EngineRunner:
                     self._qmp_lane.put("confirm COLO entry", self._confirm_entry)
                 else:
                     self._schedule(scheduler.completed(now, event.wall))
+            elif self.failover_task is None:
+                # The SVM resumes after loading a checkpoint (or at COLO entry): it is a copy
+                # of the PVM now, and host S's proxy forgets its sequence offsets. The RESUME
+                # after a takeover is none of these: failover_task is set by then.
+                message = CheckpointCompleted(completed=event.wall, synced=True)
+                self._control_lane.put("svm-synced", lambda: self._notify(message))
         elif event.name == "COLO_EXIT":
             # The event's reason says "error" even for a requested failover (7.2): only a
             # hint; query-colo-status is asked for the truth.
@@ -790,6 +796,16 @@ class EngineRunner:
             log.error("cannot take over: x-colo-lost-heartbeat: %s", exc)
             return
         steps["lost-heartbeat"] = self._now() - started
+        # The proxy first: it must shift the SVM's output for the connections opened since
+        # the last checkpoint before that output can reach the LAN.
+        await self._tell_proxy(
+            Failover(
+                ProxyRole.PRIMARY,
+                Mode.UNPROTECTED,
+                f"primary lost ({decision.reason}); took over",
+            )
+        )
+        steps["proxy"] = self._now() - started
         if self.attach_lan is None:
             log.warning(
                 "no network configured in this daemon: the guest port is not moved to the"
@@ -818,17 +834,10 @@ class EngineRunner:
             log.error("no RESUME within %.0f s after x-colo-lost-heartbeat", RESUME_WAIT)
         with contextlib.suppress(QmpError):
             self._colo_seen(await monitor.colo_status())
-        await self._tell_proxy(
-            Failover(
-                ProxyRole.PRIMARY,
-                Mode.UNPROTECTED,
-                f"primary lost ({decision.reason}); took over",
-            )
-        )
-        steps["proxy"] = self._now() - started
+        steps["done"] = self._now() - started
         log.warning(
             "took over in %.1f ms (%s)",
-            steps["proxy"] * 1000,
+            steps["done"] * 1000,
             ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()),
         )
         self._pulse()
