@@ -261,21 +261,13 @@ def _wait_for_a_checkpoint(lab: Lab) -> None:
         time.sleep(0.1)
 
 
-NOT_LANDED_ISN_AFTER_TAKEOVER = (
-    "needs an engine/proxy feature that has not landed: after a takeover host S must keep "
-    "shifting the sequence numbers of connections opened since the last checkpoint (the SVM "
-    "answered them with its own ISN, the client knows the PVM's; the offsets live in host P's "
-    "proxy). Seen in the lab: such a connection stalls after SIGKILL of the primary, one "
-    "opened before the last checkpoint carries on."
-)
-
-
-@pytest.mark.skip(reason=NOT_LANDED_ISN_AFTER_TAKEOVER)
 @pytest.mark.qemu
 @pytest.mark.root
 def test_a_connection_opened_since_the_last_checkpoint_survives_a_failover(
     lab_factory: Callable[..., Lab],
 ) -> None:
+    """The SVM answered it with its own ISN and TSval, the client knows the PVM's: host S
+    learnt the offsets and, after the takeover, shifts the SVM's output by them."""
     lab = lab_factory()
     _wait_for_a_checkpoint(lab)
     echo = EchoSession(lab.topology)  # opened after that checkpoint, killed before the next
