@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
+from coloproxy.errors import UsageError
 from coloproxy.rewrite import RewriteStatus, SecondaryRewriter
 
 CLIENT, GUEST = "10.0.0.9", "10.0.0.1"
@@ -44,9 +46,9 @@ def from_client(
 
 
 def handshake(rewriter: SecondaryRewriter) -> None:
-    assert rewriter.to_guest(from_client("S", 0, tsecr=None)).payload is None
+    assert rewriter.to_guest(from_client("S", 0, tsecr=None), now=0.0).payload is None
     rewriter.from_guest(from_svm("SA", SVM_ISN))
-    rewriter.to_guest(from_client("A", PVM_ISN + 1))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1), now=0.0)
 
 
 def fields(data: bytes) -> dict[str, int]:
@@ -70,7 +72,7 @@ def test_offsets_learnt_from_the_svm_syn_ack_and_the_clients_handshake_ack() -> 
     rewriter = SecondaryRewriter()
     rewriter.from_guest(from_svm("SA", SVM_ISN))
     assert rewriter.sequence_offsets(GUEST_B, 80, CLIENT_B, 40000) is None  # not yet
-    outcome = rewriter.to_guest(from_client("A", PVM_ISN + 1))
+    outcome = rewriter.to_guest(from_client("A", PVM_ISN + 1), now=0.0)
     assert rewriter.sequence_offsets(GUEST_B, 80, CLIENT_B, 40000) == (-1500, SVM_TSVAL - PVM_TSVAL)
     # The handshake ACK itself already reaches the SVM in its own space.
     assert outcome.status is RewriteStatus.SHIFTED and outcome.payload is not None
@@ -82,7 +84,8 @@ def test_client_acks_and_sack_edges_are_shifted_into_the_svm_space() -> None:
     rewriter = SecondaryRewriter()
     handshake(rewriter)
     outcome = rewriter.to_guest(
-        from_client("A", PVM_ISN + 3001, sack=(PVM_ISN + 4001, PVM_ISN + 5001), payload=b"x")
+        from_client("A", PVM_ISN + 3001, sack=(PVM_ISN + 4001, PVM_ISN + 5001), payload=b"x"),
+        now=0.0,
     )
     assert outcome.payload is not None
     tcp = IP(outcome.payload)[TCP]
@@ -119,7 +122,9 @@ def test_a_checkpoint_makes_every_offset_zero_until_a_takeover() -> None:
     handshake(rewriter)
     rewriter.checkpoint_applied()
     assert len(rewriter) == 0
-    assert rewriter.to_guest(from_client("A", PVM_ISN + 10)).status is RewriteStatus.NO_OFFSET
+    assert (
+        rewriter.to_guest(from_client("A", PVM_ISN + 10), now=0.0).status is RewriteStatus.NO_OFFSET
+    )
     handshake(rewriter)
     rewriter.take_over()
     rewriter.checkpoint_applied()  # the RESUME after x-colo-lost-heartbeat is no checkpoint
@@ -130,7 +135,7 @@ def test_a_connection_opened_after_the_takeover_learns_zero_and_is_not_kept() ->
     rewriter = SecondaryRewriter()
     rewriter.take_over()
     rewriter.from_guest(from_svm("SA", SVM_ISN, sport=81))
-    outcome = rewriter.to_guest(from_client("A", SVM_ISN + 1, tsecr=SVM_TSVAL, dport=81))
+    outcome = rewriter.to_guest(from_client("A", SVM_ISN + 1, tsecr=SVM_TSVAL, dport=81), now=0.0)
     assert outcome.status is RewriteStatus.NO_OFFSET
     assert len(rewriter) == 0 and rewriter.learnt == 1
     assert rewriter.from_guest(from_svm("A", SVM_ISN + 1, sport=81)).payload is None
@@ -139,7 +144,7 @@ def test_a_connection_opened_after_the_takeover_learns_zero_and_is_not_kept() ->
 def test_port_reuse_forgets_the_old_connection() -> None:
     rewriter = SecondaryRewriter()
     handshake(rewriter)
-    rewriter.to_guest(from_client("S", 0, tsecr=None))
+    rewriter.to_guest(from_client("S", 0, tsecr=None), now=0.0)
     assert len(rewriter) == 0
     # A new SYN-ACK with another ISN replaces a learnt connection too.
     handshake(rewriter)
@@ -151,14 +156,14 @@ def test_a_retransmitted_syn_ack_updates_the_tsval_the_client_will_echo() -> Non
     rewriter = SecondaryRewriter()
     rewriter.from_guest(from_svm("SA", SVM_ISN))
     rewriter.from_guest(from_svm("SA", SVM_ISN, tsval=SVM_TSVAL + 1000))
-    rewriter.to_guest(from_client("A", PVM_ISN + 1, tsecr=PVM_TSVAL + 1000))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, tsecr=PVM_TSVAL + 1000), now=0.0)
     assert rewriter.sequence_offsets(GUEST_B, 80, CLIENT_B, 40000) == (-1500, SVM_TSVAL - PVM_TSVAL)
 
 
 def test_without_timestamps_only_the_isn_offset_is_learnt() -> None:
     rewriter = SecondaryRewriter()
     rewriter.from_guest(from_svm("SA", SVM_ISN, tsval=None))
-    rewriter.to_guest(from_client("A", PVM_ISN + 1, tsecr=None))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, tsecr=None), now=0.0)
     assert rewriter.sequence_offsets(GUEST_B, 80, CLIENT_B, 40000) == (-1500, 0)
 
 
@@ -167,9 +172,9 @@ def test_the_table_is_bounded_oldest_first() -> None:
     for port in (81, 82, 83):
         rewriter.from_guest(from_svm("SA", SVM_ISN, sport=port))
     assert len(rewriter) == 2 and rewriter.evicted == 1
-    rewriter.to_guest(from_client("A", PVM_ISN + 1, dport=81))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, dport=81), now=0.0)
     assert rewriter.sequence_offsets(GUEST_B, 81, CLIENT_B, 40000) is None
-    rewriter.to_guest(from_client("A", PVM_ISN + 1, dport=83))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, dport=83), now=0.0)
     assert rewriter.sequence_offsets(GUEST_B, 83, CLIENT_B, 40000) is not None
 
 
@@ -179,4 +184,110 @@ def test_non_tcp_and_malformed_packets_pass_unchanged() -> None:
     assert rewriter.from_guest(b"\x45\x00").status is RewriteStatus.MALFORMED
     ping = bytes(IPv6(src="fd00::1", dst="fd00::9", nh=58) / b"\x80\x00\x00\x00")
     assert rewriter.from_guest(ping).status is RewriteStatus.NOT_TCP
-    assert rewriter.to_guest(ping).status is RewriteStatus.NOT_TCP
+    assert rewriter.to_guest(ping, now=0.0).status is RewriteStatus.NOT_TCP
+
+
+# -- the client SYNs replayed at a takeover ------------------------------------------------------
+
+
+def half_open(rewriter: SecondaryRewriter, now: float, dport: int = 80) -> bytes:
+    """The client's SYN reached the SVM at ``now``, the SVM answered; no client ACK yet."""
+    syn = from_client("S", 0, tsecr=None, dport=dport)
+    rewriter.to_guest(syn, now=now)
+    rewriter.from_guest(from_svm("SA", SVM_ISN, sport=dport))
+    return syn
+
+
+def test_a_half_open_connections_syn_is_replayed_once_after_the_takeover() -> None:
+    rewriter = SecondaryRewriter()
+    syn = half_open(rewriter, now=10.0)
+    assert rewriter.kept_syns == 1
+    rewriter.take_over()
+    assert rewriter.replay_syns(now=10.4) == [syn]
+    assert rewriter.replay_syns(now=10.5) == []  # once
+    half_open(rewriter, now=10.6, dport=81)  # from the LAN now: its SYN-ACK reaches the client
+    assert rewriter.kept_syns == 0
+
+
+def test_the_replay_before_a_takeover_is_refused() -> None:
+    rewriter = SecondaryRewriter()
+    half_open(rewriter, now=1.0)
+    with pytest.raises(UsageError):
+        rewriter.replay_syns(now=1.1)
+
+
+def test_syns_of_connections_not_half_open_on_the_svm_are_not_replayed() -> None:
+    rewriter = SecondaryRewriter()
+    half_open(rewriter, now=1.0, dport=80)
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, dport=80), now=1.1)  # handshake done
+    half_open(rewriter, now=1.0, dport=81)
+    rewriter.to_guest(from_client("R", 0, tsecr=None, dport=81), now=1.1)  # the client gave up
+    rewriter.to_guest(from_client("S", 0, tsecr=None, dport=82), now=1.0)  # no SYN-ACK yet
+    assert rewriter.kept_syns == 1
+    rewriter.take_over()
+    assert rewriter.replay_syns(now=1.2) == []
+
+
+def test_only_recent_syns_are_replayed_and_a_resent_syn_is_recent() -> None:
+    rewriter = SecondaryRewriter(max_syn_age=5.0)
+    half_open(rewriter, now=1.0, dport=80)
+    half_open(rewriter, now=1.0, dport=81)
+    resent = from_client("S", 0, tsecr=None, dport=81)
+    rewriter.to_guest(resent, now=4.0)  # the client's second SYN, 3 s after its first
+    rewriter.from_guest(from_svm("SA", SVM_ISN, sport=81))  # the SVM answers it again
+    rewriter.take_over()
+    assert rewriter.replay_syns(now=7.5) == [resent]
+
+
+def test_a_checkpoint_forgets_the_kept_syns_until_a_takeover() -> None:
+    rewriter = SecondaryRewriter()
+    half_open(rewriter, now=1.0)
+    rewriter.checkpoint_applied()  # the SVM's half-open requests are the PVM's now
+    assert rewriter.kept_syns == 0
+    syn = half_open(rewriter, now=2.0)
+    rewriter.take_over()
+    rewriter.checkpoint_applied()  # the RESUME after x-colo-lost-heartbeat is no checkpoint
+    assert rewriter.replay_syns(now=2.1) == [syn]
+
+
+def test_kept_syns_are_bounded_oldest_first() -> None:
+    rewriter = SecondaryRewriter(max_kept_syns=2)
+    half_open(rewriter, now=1.0, dport=81)
+    newer = [half_open(rewriter, now=1.0, dport=port) for port in (82, 83)]
+    assert rewriter.kept_syns == 2 and rewriter.syns_evicted == 1
+    half_open(rewriter, now=1.1, dport=82)  # the same four-tuple again: replaced, not evicted
+    assert rewriter.syns_evicted == 1
+    rewriter.take_over()
+    assert rewriter.replay_syns(now=1.2) == [newer[1], newer[0]]
+
+
+def test_after_the_replay_a_client_in_syn_sent_learns_zero() -> None:
+    """It takes the SVM's SYN-ACK: its ACK acknowledges the SVM's ISN, nothing to shift."""
+    rewriter = SecondaryRewriter()
+    half_open(rewriter, now=1.0)
+    rewriter.take_over()
+    assert len(rewriter.replay_syns(now=1.3)) == 1
+    resent = from_svm("SA", SVM_ISN, tsval=SVM_TSVAL + 300)  # the SVM answers at once
+    assert rewriter.from_guest(resent).payload is None  # nothing learnt: passes unchanged
+    outcome = rewriter.to_guest(from_client("A", SVM_ISN + 1, tsecr=SVM_TSVAL + 300), now=1.31)
+    assert outcome.status is RewriteStatus.NO_OFFSET
+    assert len(rewriter) == 0 and rewriter.learnt == 1
+
+
+def test_after_the_replay_a_client_established_with_the_pvm_teaches_the_offset() -> None:
+    """It had the PVM's SYN-ACK (its handshake ACK died with host P): the SVM's SYN-ACK is out
+    of its window and it answers with an ACK of the PVM's ISN + 1 echoing the PVM's TSval."""
+    rewriter = SecondaryRewriter()
+    half_open(rewriter, now=1.0)
+    rewriter.take_over()
+    assert len(rewriter.replay_syns(now=1.3)) == 1
+    rewriter.from_guest(from_svm("SA", SVM_ISN, tsval=SVM_TSVAL + 300))
+    rewriter.to_guest(from_client("A", PVM_ISN + 1, tsecr=PVM_TSVAL), now=1.31)
+    offsets = rewriter.sequence_offsets(GUEST_B, 80, CLIENT_B, 40000)
+    # The TSval offset is the retransmission's: the SVM's TSvals reach the client lower than
+    # its clock by the time between the two SYN-ACKs, never below the PVM's echoed TSval (PAWS).
+    assert offsets == (-1500, SVM_TSVAL + 300 - PVM_TSVAL)
+    outcome = rewriter.from_guest(from_svm("A", (SVM_ISN + 1) % 2**32, tsval=SVM_TSVAL + 301))
+    assert outcome.payload is not None
+    got = fields(outcome.payload)
+    assert (got["seq"], got["tsval"]) == (PVM_ISN + 1, PVM_TSVAL + 1)

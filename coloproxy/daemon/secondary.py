@@ -42,7 +42,7 @@ class SecondaryProxy:
         self._from_guest = from_guest
 
     def on_to_guest(self, handle: object, payload: bytes, now: float) -> None:
-        outcome = self.rewriter.to_guest(payload)
+        outcome = self.rewriter.to_guest(payload, now=now)
         self.counters.rewrites[outcome.status] += 1
         self._to_guest.accept(handle, outcome.payload)
         self.counters.packets["secondary-in", "accept"] += 1

@@ -27,6 +27,20 @@ takeover there are no checkpoints any more: the table is kept for the rest of ea
 connection's life (bounded, oldest evicted first), and connections opened since learn 0.
 
 A new SYN from the client for the same four-tuple forgets the old connection (port reuse).
+
+SYN replay at a takeover. A client that sent its SYN shortly before the PVM died may get no
+SYN-ACK: the SVM answered the mirrored SYN, but while protected its SYN-ACK goes to host P
+and is dropped there (I3), and the client's next SYN comes only after its 1 s initial RTO
+(RFC 6298 section 2; the SVM's own SYN-ACK retransmission is as far away). So the client's
+SYN of each connection still half-open on the SVM (its SYN-ACK seen, no client ACK yet) is
+kept, with the time it arrived; right after the takeover moved the SVM's port into the LAN
+the shell hands these SYNs to the SVM once more (:meth:`replay_syns`). Linux answers a
+repeated SYN for a request in SYN-RECEIVED by sending its SYN-ACK again at once
+(``tcp_check_req``), now straight to the client: one in SYN-SENT completes the handshake
+with the SVM (its ACK then teaches offset 0), one already ESTABLISHED with the PVM's ISN
+answers with a duplicate or challenge ACK acknowledging the PVM's ISN + 1, which teaches the
+right offset. A kept SYN is forgotten at the client's next segment of that connection (its
+handshake ACK, data, RST), at a new SYN (replaced), at a checkpoint, and after the replay.
 """
 
 from __future__ import annotations
@@ -35,6 +49,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from coloproxy import seq
+from coloproxy.errors import UsageError
 from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, TCP_SYN, Malformed, Packet, parse_ip
@@ -44,6 +59,14 @@ from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteSt
 # A connection learnt and not yet closed costs one entry; 65 536 is far above what one guest
 # opens between two checkpoints, and the oldest go first.
 MAX_CONNECTIONS: Final = 65536
+# Client SYNs kept for the replay: a listener on a small Linux guest holds at most
+# tcp_max_syn_backlog (128 to 1024, by memory) half-open requests; the oldest go first.
+MAX_KEPT_SYNS: Final = 1024
+# Only SYNs this recent are replayed. The takeover follows the PVM's death within the
+# engine's failover timeout (300 ms by default) plus its takeover (40-150 ms measured), and a
+# client still trying resends its SYN after 1, 3 and 7 s (each copy that reaches host S
+# refreshes the kept one); an older half-open connection was not cut by this takeover.
+MAX_SYN_AGE: Final = 5.0
 
 _Key = tuple[bytes, int, bytes, int, int]  # guest, guest port, peer, peer port, vlan
 
@@ -60,13 +83,24 @@ class SecondaryRewriter:
     """Offsets per connection, learnt from both directions; rewrites for queue S-in and, after
     :meth:`take_over`, for the SVM's own output."""
 
-    def __init__(self, max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self,
+        max_connections: int = MAX_CONNECTIONS,
+        max_kept_syns: int = MAX_KEPT_SYNS,
+        max_syn_age: float = MAX_SYN_AGE,
+    ) -> None:
         self._connections: dict[_Key, _Connection] = {}
         self._max = max_connections
         self._ingress = IngressRewriter(self.sequence_offsets)
+        # The client's latest SYN per four-tuple, with its arrival time, oldest first.
+        self._syns: dict[_Key, tuple[float, bytes]] = {}
+        self._max_syns = max_kept_syns
+        self._max_syn_age = max_syn_age
+        self._syns_replayed = False  # replay_syns ran: keep no more SYNs
         self.taken_over = False
         self.evicted = 0
         self.learnt = 0
+        self.syns_evicted = 0
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -85,24 +119,62 @@ class SecondaryRewriter:
         """The SVM now holds the PVM's state: every connection's offsets are 0."""
         if not self.taken_over:
             self._connections.clear()
+            self._syns.clear()  # the SVM's half-open requests are the PVM's now
 
     def take_over(self) -> None:
         """The SVM serves the client from now on: rewrite its output too."""
         self.taken_over = True
 
-    def to_guest(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
-        """A client packet on its way to the SVM: learn from it, then shift its ACK side."""
+    @property
+    def kept_syns(self) -> int:
+        """Client SYNs kept for :meth:`replay_syns`."""
+        return len(self._syns)
+
+    def replay_syns(self, now: float) -> list[bytes]:
+        """The client SYNs to hand the SVM once more, right after the takeover moved its port
+        into the LAN: those of connections still half-open on the SVM (its SYN-ACK seen, no
+        client segment since), no older than ``max_syn_age``, oldest first. Runs once: no SYN
+        is kept afterwards (from then on the SVM's SYN-ACKs reach the client directly)."""
+        if not self.taken_over:
+            raise UsageError("replay_syns before take_over: the SYN-ACKs would go to host P")
+        syns = []
+        for key, (seen, data) in self._syns.items():
+            connection = self._connections.get(key)
+            half_open = connection is not None and connection.offset is None
+            if half_open and now - seen <= self._max_syn_age:
+                syns.append(data)
+        self._syns.clear()
+        self._syns_replayed = True
+        return syns
+
+    def to_guest(
+        self, data: bytes, checksum_partial: bool = False, *, now: float
+    ) -> RewriteOutcome:
+        """A client packet on its way to the SVM (arrived at ``now``): learn from it, keep it
+        if it is a SYN, then shift its ACK side."""
         packet = parse_ip(data)
         if isinstance(packet, Packet) and packet.proto == PROTO_TCP and not packet.fragment:
             key = (packet.dst, packet.dport, packet.src, packet.sport, packet.vlan)
             flags = packet.flags
             if flags & TCP_SYN and not flags & TCP_ACK:
                 self._connections.pop(key, None)  # a new connection on this four-tuple
-            elif flags & TCP_ACK:
-                connection = self._connections.get(key)
-                if connection is not None and connection.offset is None:
-                    self._learn(key, connection, packet)
+                self._keep_syn(key, data, now)
+            else:
+                # Any other segment: the client is past SYN-SENT (or gave up with an RST).
+                self._syns.pop(key, None)
+                if flags & TCP_ACK:
+                    connection = self._connections.get(key)
+                    if connection is not None and connection.offset is None:
+                        self._learn(key, connection, packet)
         return self._ingress.rewrite(data, checksum_partial)
+
+    def _keep_syn(self, key: _Key, data: bytes, now: float) -> None:
+        if self._syns_replayed:
+            return
+        if self._syns.pop(key, None) is None and len(self._syns) >= self._max_syns:
+            del self._syns[next(iter(self._syns))]
+            self.syns_evicted += 1
+        self._syns[key] = (now, data)
 
     def from_guest(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
         """A packet of the SVM's on its way out: learn from a SYN-ACK; after a takeover,
