@@ -19,6 +19,7 @@ from coloproxy.protocol import (
     KINDS,
     MAX_MESSAGE_BYTES,
     Ack,
+    AttachLan,
     CheckpointCompleted,
     CheckpointEvidence,
     CheckpointNow,
@@ -126,6 +127,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Failover: st.builds(
         Failover, role=st.sampled_from(ProxyRole), mode=st.sampled_from(Mode), detail=text, id=ids
     ),
+    AttachLan: st.builds(AttachLan, id=ids),
     Ack: st.builds(Ack, request=optional_ids, detail=text, re=optional_ids),
     ErrorReply: st.builds(
         ErrorReply, code=st.sampled_from(ErrorCode), message=text, re=optional_ids

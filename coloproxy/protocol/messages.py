@@ -346,6 +346,20 @@ class Failover:
 
 
 @dataclass(frozen=True, slots=True)
+class AttachLan:
+    """cli or engine -> proxy of role secondary that took over (``failover`` first): move the
+    guest port into the LAN bridge, then hand the SVM the client SYNs of connections still
+    half-open on it once more, so that its SYN-ACKs reach the client at once. The engine in
+    the daemon does the same through its ``attach_lan`` callable (docs/engine.md)."""
+
+    kind: ClassVar[str] = "attach-lan"
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_id("id", self.id)
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """proxy -> client: done. For ``checkpoint``, ``request`` is the checkpoint request it
     became or was merged into."""
@@ -384,12 +398,19 @@ Message = Union[  # noqa: UP007 (a runtime object: typing.get_args walks it belo
     SetPeriod,
     CheckpointNow,
     Failover,
+    AttachLan,
     Ack,
     ErrorReply,
 ]
 # What a client sends after its hello (the server's handler sees these).
 Request = (
-    CheckpointStarted | CheckpointCompleted | StatusRequest | SetPeriod | CheckpointNow | Failover
+    CheckpointStarted
+    | CheckpointCompleted
+    | StatusRequest
+    | SetPeriod
+    | CheckpointNow
+    | Failover
+    | AttachLan
 )
 # What answers a client message.
 Reply = Welcome | Ack | Status | ErrorReply
@@ -405,9 +426,11 @@ PUSH_KINDS: Final = frozenset({"checkpoint-request", "set-period"})
 # "forbidden"; kinds only the proxy sends are refused with "unexpected".
 CLIENT_MAY_SEND: Final[Mapping[ClientRole, frozenset[str]]] = {
     ClientRole.ENGINE: frozenset(
-        {"checkpoint-started", "checkpoint-completed", "status-request", "failover"}
+        {"checkpoint-started", "checkpoint-completed", "status-request", "failover", "attach-lan"}
     ),
-    ClientRole.CLI: frozenset({"status-request", "checkpoint", "set-period", "failover"}),
+    ClientRole.CLI: frozenset(
+        {"status-request", "checkpoint", "set-period", "failover", "attach-lan"}
+    ),
     ClientRole.MONITOR: frozenset({"status-request"}),
 }
 # Who receives each kind of push.
