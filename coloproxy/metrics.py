@@ -96,6 +96,9 @@ class PacketCounts(Protocol):
     def egress_rewrites(self) -> Mapping[str, int]: ...  # host S: SVM output by rewrite status
 
     @property
+    def syns_replayed(self) -> int: ...  # host S: client SYNs handed to the SVM at a takeover
+
+    @property
     def checkpoints_completed(self) -> int: ...
 
     @property
@@ -363,6 +366,13 @@ class _Collector(Collector):
         )
         egress.add_metric([], counts.egress_rewrites.get("shifted", 0))
         yield egress
+        replayed = CounterMetricFamily(
+            "coloproxy_syns_replayed",
+            "Host S at a takeover: client SYNs of connections half-open on the SVM handed to it"
+            " again, so that it resends its SYN-ACK to the LAN at once",
+        )
+        replayed.add_metric([], counts.syns_replayed)
+        yield replayed
         completed = CounterMetricFamily("coloproxy_checkpoints_completed", "Checkpoints completed")
         completed.add_metric([], counts.checkpoints_completed)
         yield completed

@@ -28,6 +28,7 @@ from coloproxy.control import ControlClient
 from coloproxy.control.client import ControlError
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6, Topology
 from coloproxy.protocol import (
+    AttachLan,
     CheckpointCompleted,
     CheckpointRequest,
     CheckpointStarted,
@@ -258,24 +259,32 @@ class PairWorld:
 
         return asyncio.run(ask())
 
+    def cut_off_primary(self) -> None:
+        """Host P dies: its daemon is killed and the PVM's port leaves the LAN (the client's
+        frames reach neither the PVM nor, through host P's mirror, the SVM)."""
+        self.kill_primary()
+        self.topology.exec("hp", ["ip", "link", "set", "guest0", "nomaster"])
+
     def take_over(self) -> None:
         """Host P dies and host S takes over, the way the engines do it (docs/engine.md)
         without QEMU: host P's daemon is killed and its PVM cut off the LAN; host S's
-        proxy is told first, then the SVM's port joins the LAN, then the SVM announces itself
-        (a datagram to the client stands in for QEMU's announce-self: the LAN bridge learns
-        where the guest's MAC is now)."""
-        self.kill_primary()
-        self.topology.exec("hp", ["ip", "link", "set", "guest0", "nomaster"])
+        proxy is told first, then its daemon moves the SVM's port into the LAN and replays
+        the client SYNs of connections half-open on the SVM (``attach-lan``: the same code
+        the engine runs as its ``attach_lan``), then the SVM announces itself (a datagram to
+        the client stands in for QEMU's announce-self: the LAN bridge learns where the
+        guest's MAC is now)."""
+        if "primary" in self.processes:
+            self.cut_off_primary()
 
         async def tell() -> None:
             client = await ControlClient.connect(self.secondary_socket, ClientRole.ENGINE)
             try:
                 await client.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "test"))
+                await client.request(AttachLan())
             finally:
                 await client.close()
 
         asyncio.run(tell())
-        self.topology.exec("hs", ["ip", "link", "set", "guest0", "master", "br-lan"])
 
         def announce() -> None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

@@ -103,3 +103,20 @@ def test_manual_request_is_coalesced_while_one_is_outstanding() -> None:
     request = proxy.request_manual(0.2)
     assert request is not None and request.reason == "manual"
     assert [r.reason for r in sink.requests] == ["restart", "manual"]
+
+
+def test_host_s_hands_the_svm_the_syns_of_half_open_connections_as_frames_to_its_mac() -> None:
+    to_guest, from_guest = FakeQueue(), FakeQueue()
+    proxy = SecondaryProxy(SecondaryRewriter(), to_guest, from_guest)
+    client_syn = tcp(
+        5000, b"", flags=SYN, ack=0, src="10.0.0.9", dst="10.0.0.1", sport=40000, dport=80
+    )
+    proxy.on_to_guest("c-syn", client_syn, 1.0)
+    proxy.on_from_guest("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)  # answered, to host P
+    proxy.take_over()
+    guest, port = bytes.fromhex("525400000001"), bytes.fromhex("020000000002")
+    assert proxy.syn_replay_frames(1.2, port, [guest]) == (
+        1,
+        [guest + port + b"\x08\x00" + client_syn],
+    )
+    assert proxy.syn_replay_frames(1.3, port, [guest]) == (0, [])  # once

@@ -119,6 +119,7 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
     counts.rewrites["not-tcp"] += 7
     counts.egress_rewrites["shifted"] += 3
     counts.egress_rewrites["no-offset"] += 9
+    counts.syns_replayed += 2
     found = await scrape(server)
     expected = {
         ("coloproxy_protected", ()): 1.0,
@@ -139,6 +140,7 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
         ("coloproxy_rewrite_failures_total", (("reason", "bad-tcp-options"),)): 1.0,
         ("coloproxy_rewrite_failures_total", (("reason", "no-offset"),)): 2.0,
         ("coloproxy_takeover_rewrites_total", ()): 3.0,
+        ("coloproxy_syns_replayed_total", ()): 2.0,
         ("coloproxy_checkpoints_completed_total", ()): 0.0,
     }  # fmt: skip
     for key, value in expected.items():

@@ -6,7 +6,10 @@ links, bridges with br_netfilter, a VXLAN tunnel, a tc mirror and three NFQUEUE 
 
 from __future__ import annotations
 
+import errno
+import select
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,6 +151,75 @@ def test_connections_survive_a_takeover_with_the_svms_sequence_numbers_shifted(
     assert host_s.counters["takeover_rewrites"] > 0, fresh.log("secondary")
     # A connection opened after the takeover is the SVM's own: nothing to shift.
     assert fresh.client(tcp_echo, b"new", socket.AF_INET) == b"new"
+
+
+def test_a_connection_half_open_at_the_takeover_is_answered_at_once(fresh: PairWorld) -> None:
+    """The PVM stops answering; the client's SYN still reaches the SVM through host P's
+    mirror, and the SVM's SYN-ACK goes to host P (dropped there, I3). Then host P dies, and
+    after the takeover host S hands the SVM that SYN once more: the SVM's SYN-ACK reaches the
+    client at once.
+
+    Without the replay the client waits for its next SYN retransmission: Linux resends a SYN
+    every second at first (``tcp_syn_linear_timeouts``); the takeover comes 1.2 s after the
+    first SYN (the one sent at 1 s died with host P), so the next is 0.8 s away, and the SVM's
+    own SYN-ACK timer (1 s, 3 s) is further.
+    """
+    fresh.topology.exec(
+        "pvm", ["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "7", "-j", "DROP"]
+    )
+    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with connection:
+        connection.setblocking(False)
+        started = time.monotonic()
+        assert connection.connect_ex((GUEST_IPV4, 7)) == errno.EINPROGRESS
+        time.sleep(0.5)
+        fresh.cut_off_primary()
+        time.sleep(max(0.0, started + 1.2 - time.monotonic()))
+        fresh.take_over()
+        taken_over = time.monotonic()
+        _, writable, _ = select.select([], [connection], [], 5.0)
+        connected = time.monotonic() - taken_over
+        assert writable and connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        assert connected < 0.5, f"connected {connected:.2f} s after the takeover"
+        connection.setblocking(True)
+        connection.settimeout(5.0)
+        connection.sendall(b"half-open at the takeover")
+        assert connection.recv(100) == b"half-open at the takeover"
+    host_s = fresh.status("secondary")
+    assert host_s.counters["syns_replayed"] == 1, fresh.log("secondary")
+
+
+def test_a_client_established_with_the_pvm_but_not_the_svm_teaches_the_offset_after_the_replay(
+    fresh: PairWorld,
+) -> None:
+    """The client had the PVM's SYN-ACK, its handshake ACK never reached host S (dropped there
+    before S-in, as if it died with host P). The replayed SYN makes the SVM send its SYN-ACK
+    to the client, which answers from ESTABLISHED with an ACK of the PVM's ISN + 1: host S
+    learns the offset from it before the client sends anything, and the connection goes on.
+
+    Without the replay the SVM resends its SYN-ACK 1 s, 3 s, 7 s after its first; the
+    takeover comes at 1.3 s, so the next is 1.7 s away.
+    """
+    drop_acks = ["FORWARD", "-p", "tcp", "--dport", "7", "!", "--syn", "-j", "DROP"]
+    fresh.topology.exec("hs", ["iptables", "-t", "mangle", "-I", *drop_acks])
+    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with connection:
+        connection.settimeout(5.0)
+        connection.connect((GUEST_IPV4, 7))  # with the PVM
+        time.sleep(1.3)
+        fresh.topology.exec("hs", ["iptables", "-t", "mangle", "-D", *drop_acks])
+        learnt = fresh.status("secondary").counters["offsets_learnt"]
+        fresh.take_over()
+        fresh.wait_until(
+            lambda: fresh.status("secondary").counters["offsets_learnt"] == learnt + 1,
+            timeout=0.5,
+            what="the offset learnt from the client's answer to the SVM's SYN-ACK",
+        )
+        assert fresh.status("secondary").counters["connections_shifted"] == 1  # not zero
+        connection.sendall(b"established before the takeover")
+        assert connection.recv(100) == b"established before the takeover"
+    host_s = fresh.status("secondary")
+    assert host_s.counters["syns_replayed"] == 1, fresh.log("secondary")
 
 
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import time
@@ -36,10 +35,12 @@ from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
+from coloproxy.net import NetError
 from coloproxy.net import host as hostnet
 from coloproxy.net.rules import QueueNumbers, Role
 from coloproxy.protocol import (
     Ack,
+    AttachLan,
     CheckpointCompleted,
     CheckpointEvidence,
     CheckpointNow,
@@ -259,11 +260,55 @@ class Daemon:
             return
         attach_lan = None
         if self.setup_net and self.config.net.lan_bridge is not None:
-            attach_lan = functools.partial(hostnet.attach_guest_to_lan, host_net(self.config))
+            attach_lan = self._attach_guest_to_lan
         self.engine = EngineRunner(settings, attach_lan=attach_lan)
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
+
+    def _attach_guest_to_lan(self) -> int:
+        """The takeover's step into the LAN (blocking: a worker thread runs it), then the SYN
+        replay; the number of SYNs replayed. The engine calls it as its ``attach_lan`` after
+        it told the proxy ``failover``; an ``attach-lan`` message runs it too (tests, external
+        engines), so both paths are this one."""
+        params = host_net(self.config)
+        addresses: tuple[bytes, list[bytes]] | None = None
+        if self.secondary is not None:
+            try:  # before the move, which flushes the port's learnt FDB entries
+                addresses = hostnet.guest_port_addresses(params)
+            except NetError as exc:
+                log.error("the guest's MAC address is unknown, no SYN replay: %s", exc)
+        hostnet.attach_guest_to_lan(params)
+        replay = self._replay_syns(params.guest_port, addresses)
+        return asyncio.run_coroutine_threadsafe(replay, self.loop).result()
+
+    async def _replay_syns(
+        self, guest_port: str, addresses: tuple[bytes, list[bytes]] | None
+    ) -> int:
+        """On the loop (the rewriter's home): hand the SVM the client SYNs of connections
+        still half-open on it, now that its SYN-ACKs go to the LAN (docs/data-path.md)."""
+        secondary = self.secondary
+        if secondary is None or addresses is None:
+            return 0
+        if not secondary.rewriter.taken_over:
+            log.error("guest port in the LAN without a failover before: no SYN replay")
+            return 0
+        source, guests = addresses
+        syns, frames = secondary.syn_replay_frames(self.loop.time(), source, guests)
+        if syns and not frames:
+            log.warning(
+                "no MAC learnt for the guest on %s: %d SYN(s) not replayed", guest_port, syns
+            )
+            return 0
+        if frames:
+            try:
+                hostnet.send_to_guest(guest_port, frames)
+            except NetError as exc:
+                log.error("SYN replay: %s", exc)
+                return 0
+            secondary.counters.syns_replayed += syns
+        log.info("replayed %d client SYN(s) of connections half-open on the SVM", syns)
+        return syns
 
     async def _stop_engine(self) -> None:
         task = self._engine_task
@@ -367,7 +412,25 @@ class Daemon:
                 return ErrorReply(ErrorCode.UNAVAILABLE, "no checkpoint engine connected")
             self.period_ms = message.period_ms
             return Ack(detail=f"sent to {sent} engine(s)")
+        if isinstance(message, AttachLan):
+            return await self._attach_lan_requested()
         return self._failover(message, now)
+
+    async def _attach_lan_requested(self) -> HandlerReply:
+        lan = self.config.net.lan_bridge
+        if self.secondary is None or self.mode is not Mode.UNPROTECTED:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE, "only a secondary that took over (failover) joins the LAN"
+            )
+        if not self.setup_net or lan is None:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE, "this daemon manages no LAN bridge (net.lan_bridge)"
+            )
+        try:
+            replayed = await asyncio.to_thread(self._attach_guest_to_lan)
+        except NetError as exc:
+            return ErrorReply(ErrorCode.INTERNAL, str(exc))
+        return Ack(detail=f"guest port in {lan}; {replayed} SYN(s) replayed")
 
     def _failover(self, message: Failover, now: float) -> HandlerReply:
         if message.mode is Mode.UNPROTECTED:
@@ -396,6 +459,7 @@ class Daemon:
                     "takeover_rewrites": host_s.egress_rewrites["shifted"],
                     "offsets_learnt": self.secondary.rewriter.learnt,
                     "connections_shifted": len(self.secondary.rewriter),
+                    "syns_replayed": host_s.syns_replayed,
                 }
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,

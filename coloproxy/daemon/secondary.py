@@ -12,12 +12,18 @@ Theory of operation
   kernel queues only SYN-ACKs here (coloproxy/net/rules.py); host P compares the rest.
 
 The daemon calls :meth:`checkpoint_applied` when host S's engine reports that the SVM loaded
-a checkpoint (the secondary QEMU's RESUME) and :meth:`take_over` before the SVM's port joins
-the LAN. Nothing here ever drops a packet: a packet it cannot read passes unchanged, counted
-by status (the SVM's own stack then judges it as the PVM's does).
+a checkpoint (the secondary QEMU's RESUME), :meth:`take_over` before the SVM's port joins
+the LAN, and :meth:`syn_replay_frames` right after it joined: the client SYNs of connections
+still half-open on the SVM, as Ethernet frames to the guest's MAC, which the daemon sends on
+the guest port (a packet socket) so that the SVM sends its SYN-ACKs again at once.
+
+Nothing here ever drops a packet: a packet it cannot read passes unchanged, counted by status
+(the SVM's own stack then judges it as the PVM's does).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from coloproxy.daemon.primary import ProxyCounters, Verdicts
 from coloproxy.rewrite import SecondaryRewriter
@@ -58,3 +64,22 @@ class SecondaryProxy:
 
     def take_over(self) -> None:
         self.rewriter.take_over()
+
+    def syn_replay_frames(
+        self, now: float, source: bytes, destinations: Sequence[bytes]
+    ) -> tuple[int, list[bytes]]:
+        """The SYNs to replay (:meth:`SecondaryRewriter.replay_syns`, once) and their Ethernet
+        frames from ``source`` to each of ``destinations`` (the guest's MACs): none without a
+        destination (a TCP stack drops frames not addressed to it). The caller counts the
+        SYNs in ``counters.syns_replayed`` once the frames are sent."""
+        syns = self.rewriter.replay_syns(now)
+        frames = [
+            destination + source + (ETHERTYPE_IPV6 if syn[0] >> 4 == 6 else ETHERTYPE_IPV4) + syn
+            for syn in syns
+            for destination in destinations
+        ]
+        return len(syns), frames
+
+
+ETHERTYPE_IPV4 = b"\x08\x00"
+ETHERTYPE_IPV6 = b"\x86\xdd"

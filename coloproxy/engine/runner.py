@@ -207,7 +207,7 @@ class EngineRunner:
         self,
         settings: EngineSettings,
         *,
-        attach_lan: Callable[[], None] | None = None,
+        attach_lan: Callable[[], object] | None = None,
         figures: EngineFigures | None = None,
     ) -> None:
         self.settings = settings

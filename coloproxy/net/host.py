@@ -47,7 +47,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,10 @@ VXLAN_PORT = 4789  # IANA's VXLAN port (RFC 7348 section 5)
 VXLAN_OVERHEAD = {4: 50, 6: 70}
 DEFAULT_VXLAN_MTU = 1500
 GUEST_FRAME_MTU = 1500  # what a guest sends by default; a tunnel below it drops frames
+
+# Neighbour states (include/uapi/linux/neighbour.h): bridge FDB entries the kernel did not learn.
+NUD_NOARP = 0x40  # static
+NUD_PERMANENT = 0x80  # the port's own address, or added as permanent
 
 # tc: the clsact qdisc's fixed handle and hook parents (include/uapi/linux/pkt_sched.h).
 CLSACT_HANDLE = 0xFFFF0000
@@ -188,6 +193,49 @@ def attach_guest_to_lan(params: HostNet) -> None:
         lan = _require_link(ipr, params.lan_bridge, "LAN bridge")
         with _failing_as(f"moving guest port {params.guest_port} into {params.lan_bridge}"):
             ipr.link("set", index=guest["index"], master=lan["index"], state="up")
+
+
+def guest_port_addresses(params: HostNet) -> tuple[bytes, list[bytes]]:
+    """Host S: the guest port's own MAC address and the guest's, as the port's bridge learnt
+    them from the guest's frames (unicast FDB entries of the port that are neither permanent
+    nor static; the guest's latest frames are its SYN-ACKs, so its MAC is there).
+
+    Read it *before* :func:`attach_guest_to_lan`: moving a port to another bridge flushes its
+    learnt entries, and the LAN bridge learns the guest's MAC only when the guest next sends.
+    A guest with several MACs on the port gives several (frames to the wrong one are dropped
+    by the guest as not its own).
+    """
+    with _ipr() as ipr:
+        guest = _require_link(ipr, params.guest_port, "guest port")
+        with _failing_as(f"reading the bridge FDB of {params.guest_port}"):
+            entries = list(ipr.fdb("dump", ifindex=guest["index"]))
+    own = _mac_bytes(guest.get_attr("IFLA_ADDRESS"))
+    learnt: list[bytes] = []
+    for entry in entries:
+        if entry.get("ifindex") != guest["index"] or entry.get_attr("NDA_MASTER") is None:
+            continue  # another port's, or the device's own (multicast) list
+        if entry.get("state", 0) & (NUD_PERMANENT | NUD_NOARP):
+            continue  # the port's own address, or one an operator added
+        mac = _mac_bytes(entry.get_attr("NDA_LLADDR"))
+        if len(mac) == 6 and not mac[0] & 1 and mac != own and mac not in learnt:
+            learnt.append(mac)
+    return own, learnt
+
+
+def send_to_guest(guest_port: str, frames: Sequence[bytes]) -> None:
+    """Transmit Ethernet frames on the host side of the guest port: a tap hands them to QEMU,
+    a veth to its peer, so the guest receives them. A packet socket bypasses the bridge and
+    netfilter: nothing queues or rewrites these frames on their way."""
+    what = f"sending {len(frames)} frame(s) to the guest on {guest_port}"
+    # Protocol 0: the socket receives nothing.
+    with _failing_as(what), socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0) as sock:
+        sock.bind((guest_port, 0))
+        for frame in frames:
+            sock.send(frame)
+
+
+def _mac_bytes(text: str | None) -> bytes:
+    return bytes.fromhex(text.replace(":", "")) if text else b""
 
 
 # --------------------------------------------------------------------------------------------
