@@ -25,9 +25,10 @@ primary QEMU, then ``failover`` (mode unprotected) to the proxy, which then rele
 comparing.
 
 Role secondary: watch the local QEMU and the primary's heartbeats. Primary lost:
-``x-colo-lost-heartbeat`` on the secondary QEMU, the guest port into the LAN bridge
-(``attach_lan``; skipped, with a warning, when the daemon has no network configured),
-``announce-self``, then ``failover`` (role primary, unprotected) to the proxy. Every step's
+``x-colo-lost-heartbeat`` on the secondary QEMU, ``failover`` (role primary, unprotected) to
+the proxy, the guest port into the LAN bridge (``attach_lan``, which in the daemon also
+replays the client SYNs of connections half-open on the SVM; skipped, with a warning, when
+the daemon has no network configured), then ``announce-self``. Every step's
 time after the decision is kept in the figures (the failover gap).
 
 Task discipline as in qemu.qmp: an explicit runstate, background tasks that log why they
