@@ -61,6 +61,10 @@ from coloproxy.rewrite import SecondaryRewriter
 
 log = logging.getLogger(__name__)
 
+# The replay runs on the loop, which the engine or the control server awaits meanwhile: a
+# few milliseconds. The bound only keeps a worker thread from outliving a stopping loop.
+REPLAY_TIMEOUT = 5.0
+
 
 def host_net(config: Config) -> hostnet.HostNet:
     """The net layer's parameters from a config."""
@@ -279,8 +283,15 @@ class Daemon:
             except NetError as exc:
                 log.error("the guest's MAC address is unknown, no SYN replay: %s", exc)
         hostnet.attach_guest_to_lan(params)
-        replay = self._replay_syns(params.guest_port, addresses)
-        return asyncio.run_coroutine_threadsafe(replay, self.loop).result()
+        replay = asyncio.run_coroutine_threadsafe(
+            self._replay_syns(params.guest_port, addresses), self.loop
+        )
+        try:
+            return replay.result(timeout=REPLAY_TIMEOUT)
+        except TimeoutError:
+            replay.cancel()
+            log.error("the SYN replay did not run within %.0f s", REPLAY_TIMEOUT)
+            return 0
 
     async def _replay_syns(
         self, guest_port: str, addresses: tuple[bytes, list[bytes]] | None

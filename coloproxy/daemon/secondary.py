@@ -28,6 +28,9 @@ from collections.abc import Sequence
 from coloproxy.daemon.primary import ProxyCounters, Verdicts
 from coloproxy.rewrite import SecondaryRewriter
 
+ETHERTYPE_IPV4 = b"\x08\x00"
+ETHERTYPE_IPV6 = b"\x86\xdd"
+
 
 class SecondaryProxy:
     def __init__(
@@ -79,7 +82,3 @@ class SecondaryProxy:
             for destination in destinations
         ]
         return len(syns), frames
-
-
-ETHERTYPE_IPV4 = b"\x08\x00"
-ETHERTYPE_IPV6 = b"\x86\xdd"

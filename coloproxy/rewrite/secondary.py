@@ -64,8 +64,9 @@ MAX_CONNECTIONS: Final = 65536
 MAX_KEPT_SYNS: Final = 1024
 # Only SYNs this recent are replayed. The takeover follows the PVM's death within the
 # engine's failover timeout (300 ms by default) plus its takeover (40-150 ms measured), and a
-# client still trying resends its SYN after 1, 3 and 7 s (each copy that reaches host S
-# refreshes the kept one); an older half-open connection was not cut by this takeover.
+# client still trying resends its SYN every second at first (RFC 6298's 1 s initial RTO;
+# Linux's tcp_syn_linear_timeouts), each copy that reaches host S refreshing the kept one: a
+# connection half-open for longer was not cut by this takeover.
 MAX_SYN_AGE: Final = 5.0
 
 _Key = tuple[bytes, int, bytes, int, int]  # guest, guest port, peer, peer port, vlan
