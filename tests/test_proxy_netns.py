@@ -6,6 +6,7 @@ links, bridges with br_netfilter, a VXLAN tunnel, a tc mirror and three NFQUEUE 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import select
 import socket
@@ -15,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from coloproxy.control import ControlClient, ControlRefusedError
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4
-from coloproxy.protocol import Mode, ProxyRole
+from coloproxy.protocol import AttachLan, ClientRole, Mode, ProxyRole
 from netfixtures import snapshot, topology_fixture
 from pairworld import BIG, PairWorld, http_get, http_post, sha256_line, tcp_echo, udp_echo
 
@@ -85,6 +87,22 @@ def test_udp_and_tcp_echo(world: PairWorld, family: int) -> None:
     status, body, _ = world.client(http_get, "/", family)
     assert status == 200 and body == b"hello from the guest\n" * 10
     assert world.engine.requests[before:] == [], world.diagnose()
+
+
+def test_host_s_refuses_to_join_the_lan_while_protected(world: PairWorld) -> None:
+    """``attach-lan`` before ``failover`` would put the SVM's output on the LAN (I3)."""
+
+    async def attach() -> None:
+        client = await ControlClient.connect(world.secondary_socket, ClientRole.ENGINE)
+        try:
+            await client.request(AttachLan())
+        finally:
+            await client.close()
+
+    with pytest.raises(ControlRefusedError, match="took over"):
+        asyncio.run(attach())
+    link = world.topology.exec("hs", ["ip", "-o", "link", "show", "guest0"]).stdout
+    assert "master br-lan" not in link
 
 
 def test_metrics_are_served(world: PairWorld) -> None:
