@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy.control import ControlClient, ControlRefusedError
-from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4
+from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6
 from coloproxy.protocol import AttachLan, ClientRole, Mode, ProxyRole
 from netfixtures import snapshot, topology_fixture
 from pairworld import BIG, PairWorld, http_get, http_post, sha256_line, tcp_echo, udp_echo
@@ -171,7 +171,10 @@ def test_connections_survive_a_takeover_with_the_svms_sequence_numbers_shifted(
     assert fresh.client(tcp_echo, b"new", socket.AF_INET) == b"new"
 
 
-def test_a_connection_half_open_at_the_takeover_is_answered_at_once(fresh: PairWorld) -> None:
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_a_connection_half_open_at_the_takeover_is_answered_at_once(
+    fresh: PairWorld, family: int
+) -> None:
     """The PVM stops answering; the client's SYN still reaches the SVM through host P's
     mirror, and the SVM's SYN-ACK goes to host P (dropped there, I3). Then host P dies, and
     after the takeover host S hands the SVM that SYN once more: the SVM's SYN-ACK reaches the
@@ -182,14 +185,15 @@ def test_a_connection_half_open_at_the_takeover_is_answered_at_once(fresh: PairW
     first SYN (the one sent at 1 s died with host P), so the next is 0.8 s away, and the SVM's
     own SYN-ACK timer (1 s, 3 s) is further.
     """
-    fresh.topology.exec(
-        "pvm", ["iptables", "-I", "INPUT", "-p", "tcp", "--dport", "7", "-j", "DROP"]
+    tables, guest = (
+        ("iptables", GUEST_IPV4) if family == socket.AF_INET else ("ip6tables", GUEST_IPV6)
     )
-    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    fresh.topology.exec("pvm", [tables, "-I", "INPUT", "-p", "tcp", "--dport", "7", "-j", "DROP"])
+    connection = fresh.topology.run_in("client", socket.socket, family)
     with connection:
         connection.setblocking(False)
         started = time.monotonic()
-        assert connection.connect_ex((GUEST_IPV4, 7)) == errno.EINPROGRESS
+        assert connection.connect_ex((guest, 7)) == errno.EINPROGRESS
         time.sleep(0.5)
         fresh.cut_off_primary()
         time.sleep(max(0.0, started + 1.2 - time.monotonic()))
