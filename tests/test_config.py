@@ -177,7 +177,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "zzz: 1\n",
             "t.yaml:9: key 'zzz': unknown key; allowed keys: pair, net, queues, compare,"
-            " control, metrics, engine, log",
+            " control, metrics, engine, log, chardev",
         ),
         (
             BASE + "metrics:\n  enable: false\n",
@@ -417,7 +417,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             "- pair\n",
             "t.yaml:1: expected a mapping (pair, net, queues, compare, control, metrics,"
-            " engine, log), got a list",
+            " engine, log, chardev), got a list",
         ),
         (
             BASE + "---\n" + BASE,
@@ -478,7 +478,7 @@ extra: 1
         "t.yaml:22: key 'log.level': expected one of debug, info, warning, error, critical,"
         " got 'verbose'",
         "t.yaml:23: key 'extra': unknown key; allowed keys: pair, net, queues, compare,"
-        " control, metrics, engine, log",
+        " control, metrics, engine, log, chardev",
     ]
 
 
