@@ -10,7 +10,9 @@ collector at scrape time, so the per-packet cost is a dict increment).
 - P-out (primary egress): ``comparator.feed(PRIMARY, ...)``; the packet is held in the kernel
   (no verdict) until a ``Release`` names it.
 - S-out (secondary egress): ``comparator.feed(SECONDARY, ...)``; every packet is dropped.
-- S-in (client -> secondary copies): the rewriter shifts ACK/SACK; always accepted.
+- S-in (client -> secondary copies): the rewriter shifts ACK/SACK; always accepted. With
+  the chardev transport there is no S-in and no rewriter (``rewriter=None``): QEMU's
+  filter-rewriter does that job on the secondary host.
 - ``CheckpointNeeded`` that is not coalesced becomes one request with a fresh id (I4);
   later ones while it is outstanding are counted as coalesced.
 - Checkpoint started/completed from the engine drive the comparator's epochs.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +47,7 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
+from coloproxy.errors import UsageError
 from coloproxy.rewrite import IngressRewriter
 
 log = logging.getLogger(__name__)
@@ -99,7 +103,7 @@ class PrimaryProxy:
     def __init__(
         self,
         comparator: Comparator,
-        rewriter: IngressRewriter,
+        rewriter: IngressRewriter | None,
         primary_out: Verdicts,
         secondary_out: Verdicts,
         secondary_in: Verdicts,
@@ -145,7 +149,31 @@ class PrimaryProxy:
             return
         self._act(self.comparator.feed(Side.SECONDARY, payload, now, handle), now)
 
+    def on_primary_many(
+        self, handles: Sequence[object], payloads: Sequence[bytes], now: float
+    ) -> None:
+        """``on_primary`` for a receive batch: one ``feed_many`` call (the chardev transport)."""
+        if self.unprotected:
+            for handle in handles:
+                self._primary_out.accept(handle)
+            self.counters.packets["primary-out", "accept-unprotected"] += len(handles)
+            return
+        self._act(self.comparator.feed_many(Side.PRIMARY, payloads, now, handles), now)
+
+    def on_secondary_many(
+        self, handles: Sequence[object], payloads: Sequence[bytes], now: float
+    ) -> None:
+        """``on_secondary`` for a receive batch."""
+        if self.unprotected:
+            for handle in handles:
+                self._secondary_out.drop(handle)
+            self.counters.packets["secondary-out", "drop-unprotected"] += len(handles)
+            return
+        self._act(self.comparator.feed_many(Side.SECONDARY, payloads, now, handles), now)
+
     def on_ingress(self, handle: object, payload: bytes, now: float) -> None:
+        if self.rewriter is None:
+            raise UsageError("on_ingress: this proxy has no S-in rewriter (chardev transport)")
         outcome = self.rewriter.rewrite(payload)
         self.counters.rewrites[outcome.status] += 1
         self._secondary_in.accept(handle, outcome.payload)

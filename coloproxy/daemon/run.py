@@ -21,14 +21,15 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from coloproxy import __version__
+from coloproxy.capture.chardev import ChardevTransport, NoIngress
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import Config
+from coloproxy.config import ChardevConfig, Config
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
@@ -100,6 +101,7 @@ class Daemon:
         self.proxy: PrimaryProxy | None = None
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
+        self.chardev: ChardevTransport | None = None  # the chardev transport, when configured
         self.control = ControlServer(
             config.control.socket,
             self,
@@ -120,7 +122,10 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
-        if self.setup_net:
+        # A primary on the chardev transport gets its packets from QEMU's filters: no
+        # netfilter, tc or tunnels (docs/chardev.md).
+        chardev_primary = config.chardev is not None and self.role is ProxyRole.PRIMARY
+        if self.setup_net and not chardev_primary:
             # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
             await asyncio.to_thread(hostnet.setup, host_net(config))
             log.info("host network set up for pair %s (%s)", config.pair.name, self.role.value)
@@ -133,7 +138,10 @@ class Daemon:
                 await self.metrics_server.start()
             self.metrics.control_clients = self._clients_by_role
             if self.role is ProxyRole.PRIMARY:
-                self._start_primary()
+                if config.chardev is not None:
+                    await self._start_primary_chardev(config.chardev)
+                else:
+                    self._start_primary()
             self._start_engine()
             self.metrics.protected = self.mode is Mode.PROTECTED
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,6 +158,8 @@ class Daemon:
             await self._stop_engine()
             for queue in self.queues:
                 queue.close()
+            if self.chardev is not None:
+                await self.chardev.close()
             if self._timer is not None:
                 self._timer.cancel()
             if self.metrics_server is not None:
@@ -236,6 +246,56 @@ class Daemon:
         proxy.bind(opened[0], opened[1], opened[2])
         self._rearm_soon()
 
+    async def _start_primary_chardev(self, chardev: ChardevConfig) -> None:
+        """The primary fed by QEMU's filters over colo-compare's sockets: the same proxy and
+        comparator (Ethernet framing), no S-in (QEMU's filter-rewriter shifts the secondary's
+        TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
+        comparator = Comparator(self.config.compare)
+        self.comparator = comparator
+        proxy = PrimaryProxy(
+            comparator, None, _Late(), _Late(), NoIngress(), self, self.loop.time()
+        )
+        self.proxy = proxy
+        self.metrics.counts = proxy.counters
+        self.metrics.compare_stats = comparator.stats
+        rearm = self._rearm_soon
+        recorder = self.recorder
+
+        def primary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+            if recorder is not None:
+                for packet in packets:
+                    recorder.write("primary", packet)
+            proxy.on_primary_many(tokens, packets, now)
+            rearm()
+
+        def secondary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+            if recorder is not None:
+                for packet in packets:
+                    recorder.write("secondary", packet)
+            proxy.on_secondary_many(tokens, packets, now)
+            rearm()
+
+        def damaged(reason: str, now: float) -> None:
+            # A frame was lost on an input: make the secondary equal to the primary again
+            # now rather than at the comparator's timeout.
+            proxy.request_manual(now, reason)
+
+        def xen_checkpoint_done(now: float) -> None:
+            # Xen's COLO frame checkpointed (COLO_CHECKPOINT): release and compare afresh,
+            # as colo-compare's colo_flush_packets does.
+            proxy.checkpoint_started(now)
+            proxy.checkpoint_completed(now)
+            rearm()
+
+        transport = ChardevTransport(chardev, primary, secondary, damaged, xen_checkpoint_done)
+        self.chardev = transport
+        proxy.bind(transport.primary_verdicts, transport.secondary_verdicts, NoIngress())
+        self.metrics.chardev = transport
+        await transport.start()
+        if proxy.outstanding is not None:  # the restart request (I6), for Xen too
+            transport.request_checkpoint()
+        self._rearm_soon()
+
     # -- the checkpoint engine -------------------------------------------------------------
 
     def _start_engine(self) -> None:
@@ -294,8 +354,11 @@ class Daemon:
     # -- requests to engines ---------------------------------------------------------------
 
     def checkpoint_requested(self, request: CheckpointRequest) -> None:
+        if self.chardev is not None:
+            self.chardev.request_checkpoint()  # Xen's notify channel, when configured
         sent = self.control.broadcast(_wire_request(request), to_roles={ClientRole.ENGINE})
-        if not sent:
+        xen = self.config.chardev is not None and self.config.chardev.notify is not None
+        if not sent and not xen:
             log.warning(
                 "checkpoint request %d (%s): no engine connected; holding output",
                 request.id,
