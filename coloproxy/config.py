@@ -37,7 +37,7 @@ from typing import Final
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule
+from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ProxyRole
 
@@ -726,7 +726,14 @@ class _Builder:
         if chardev is not None:
             queues = None  # the chardev transport replaces the queues
             if compare_config is not None:
-                compare_config = dataclasses.replace(compare_config, framing=Framing.ETHERNET)
+                compare_config = dataclasses.replace(
+                    compare_config,
+                    framing=Framing.ETHERNET,
+                    # QEMU's filter-rewriter is part of the QEMU-filters wiring.
+                    secondary_seq=compare_config.secondary_seq
+                    if compare is not None and "secondary_seq" in compare.lines
+                    else SecondarySeq.REWRITTEN,
+                )
         lan_heartbeat = self._engine(engine, role)
         if (
             self.reader.problems

@@ -59,12 +59,20 @@ def eth(ip_packet: bytes) -> bytes:
     return ETH + ip_packet
 
 
-def segments(isn: int, data: bytes, cuts: list[int]) -> list[bytes]:
-    """SYN-ACK then the data cut at ``cuts``, as Ethernet frames from the guest."""
+def segments(isn: int, data: bytes, cuts: list[int], data_isn: int | None = None) -> list[bytes]:
+    """SYN-ACK then the data cut at ``cuts``, as Ethernet frames from the guest. With
+    ``data_isn`` the data is numbered from it: QEMU's filter-rewriter moves the secondary's
+    segments into the primary's sequence space, all but the SYN-ACK."""
     bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
+    base = isn if data_isn is None else data_isn
     frames = [eth(tcp(isn, flags=SYN | ACK))]
-    frames += [eth(tcp(isn + 1 + low, data[low:high])) for low, high in itertools.pairwise(bounds)]
+    frames += [eth(tcp(base + 1 + low, data[low:high])) for low, high in itertools.pairwise(bounds)]
     return frames
+
+
+def rewritten(data: bytes, cuts: list[int]) -> list[bytes]:
+    """The secondary's output as the chardev transport gets it behind filter-rewriter."""
+    return segments(S_ISN, data, cuts, data_isn=P_ISN)
 
 
 @dataclass
@@ -161,9 +169,12 @@ async def world(
     notify: bool = False,
     delay: float = 0.0,
     buffer: int = 1 << 20,
+    secondary_seq: str | None = None,
 ) -> AsyncIterator[World]:
     directory = Path(tempfile.mkdtemp(prefix="c5-"))  # short: unix socket paths
     text = CONFIG.format(dir=directory, vnet=str(vnet).lower(), buffer=buffer)
+    if secondary_seq is not None:
+        text += f"compare: {{secondary_seq: {secondary_seq}}}\n"
     if notify:
         text += NOTIFY.format(dir=directory)
     daemon: Daemon | None = None
@@ -215,12 +226,15 @@ def metric(world: World, prefix: str) -> float:
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-async def test_matching_output_round_trips_byte_exact(vnet: bool) -> None:
+@pytest.mark.parametrize("space", ["rewritten", "own"])
+async def test_matching_output_round_trips_byte_exact(vnet: bool, space: str) -> None:
+    """Behind QEMU's filter-rewriter (the default) and without it (secondary_seq: own)."""
     data = random.Random(5).randbytes(20_000)
     cuts = list(range(1448, len(data), 1448))
     primary = [*segments(P_ISN, data, cuts), eth(udp(b"datagram"))]
-    secondary = [*segments(S_ISN, data, cuts), eth(udp(b"datagram"))]
-    async with world(vnet) as w:
+    own = segments(S_ISN, data, cuts) if space == "own" else rewritten(data, cuts)
+    secondary = [*own, eth(udp(b"datagram"))]
+    async with world(vnet, secondary_seq=space if space == "own" else None) as w:
         expected = w.qemu.frames(primary)
         await w.qemu.send(w.qemu.pin, expected)
         await w.qemu.nothing_out(0.1)  # held: the secondary has said nothing yet
@@ -245,7 +259,7 @@ async def test_resegmented_secondary_and_arbitrary_socket_cuts_match() -> None:
     while position < len(data):
         position += rng.randint(300, 1448)
         secondary_cuts.append(position)
-    secondary = segments(S_ISN, data, secondary_cuts)
+    secondary = rewritten(data, secondary_cuts)
     async with world() as w:
         primary_stream, secondary_stream = w.qemu.frames(primary), w.qemu.frames(secondary)
         # Both streams written in pieces cut anywhere, interleaved.
@@ -264,7 +278,7 @@ async def test_a_divergence_asks_the_engine_for_a_checkpoint_and_holds_until_it(
     async with world(delay=0.3) as w:
         assert w.engine is not None
         primary = segments(P_ISN, b"HTTP/1.0 200 OK\r\nDate: 1\r\n", [])
-        secondary = segments(S_ISN, b"HTTP/1.0 200 OK\r\nDate: 2\r\n", [])
+        secondary = rewritten(b"HTTP/1.0 200 OK\r\nDate: 2\r\n", [])
         expected = w.qemu.frames(primary)
         await w.qemu.send(w.qemu.pin, expected)
         await w.qemu.send(w.qemu.sin, w.qemu.frames(secondary))
@@ -285,7 +299,7 @@ async def test_reconnects_of_each_socket_are_survived() -> None:
     data = random.Random(9).randbytes(4 * 1448)
     cuts = [1448, 2896, 4344]
     primary = segments(P_ISN, data, cuts)
-    secondary = segments(S_ISN, data, cuts)
+    secondary = rewritten(data, cuts)
     async with world() as w:
         qemu = w.qemu
         first = qemu.frames(primary[:2])
@@ -340,7 +354,7 @@ async def test_a_full_outdev_buffer_holds_primary_in_and_loses_nothing() -> None
     data = random.Random(3).randbytes(payload * count)
     cuts = list(range(payload, len(data), payload))
     primary = segments(P_ISN, data, cuts)
-    secondary = segments(S_ISN, data, cuts)
+    secondary = rewritten(data, cuts)
     async with world(buffer=65536) as w:
         qemu = w.qemu
         assert qemu.out_writer is not None
@@ -365,7 +379,7 @@ async def test_an_oversized_frame_is_reported_skipped_and_the_stream_goes_on(vne
     async with world(vnet) as w:
         qemu = w.qemu
         primary = segments(P_ISN, b"after the big one", [])
-        secondary = segments(S_ISN, b"after the big one", [])
+        secondary = rewritten(b"after the big one", [])
         big = eth(b"\x00" * (MAX_FRAME + 100))
         stream = qemu.frames([big]) + qemu.frames(primary)
         for start in range(0, len(stream), 8192):  # as a socket would cut it
@@ -403,7 +417,7 @@ async def test_xen_notify_handshake_do_checkpoint_and_colo_checkpoint() -> None:
         writer.write(encode_frame(b"COLO_CHECKPOINT"))
         assert await qemu.read_out(len(held)) == held
         # Compared afresh: a divergence is a DO_CHECKPOINT, its end releases the frame.
-        await qemu.send(qemu.sin, qemu.frames(segments(S_ISN, b"same", [])))
+        await qemu.send(qemu.sin, qemu.frames(rewritten(b"same", [])))
         await qemu.send(qemu.pin, qemu.frames([eth(tcp(P_ISN + 5, b"abc"))]))
         await qemu.send(qemu.sin, qemu.frames([eth(tcp(S_ISN + 5, b"abd"))]))
         assert await word() == b"DO_CHECKPOINT"

@@ -73,9 +73,13 @@ def eth(ip_packet: bytes) -> bytes:
     return ETH + ip_packet
 
 
-def segments(isn: int, data: bytes, size: int) -> list[bytes]:
+def segments(isn: int, data: bytes, size: int, data_isn: int | None = None) -> list[bytes]:
+    """SYN-ACK, then ``data`` in segments of ``size``; numbered from ``data_isn`` if given
+    (the secondary behind QEMU's filter-rewriter: all but its SYN-ACK moved to the primary's
+    sequence space)."""
+    base = isn if data_isn is None else data_isn
     frames = [eth(tcp(isn, flags=SYN | ACK))]
-    frames += [eth(tcp(isn + 1 + at, data[at : at + size])) for at in range(0, len(data), size)]
+    frames += [eth(tcp(base + 1 + at, data[at : at + size])) for at in range(0, len(data), size)]
     return frames
 
 
@@ -283,7 +287,7 @@ async def test_qemu_filters_round_trip_through_coloproxy_byte_exact(vnet: bool) 
     data = random.Random(11).randbytes(40 * 1448)
     primary = [*segments(P_ISN, data, 1448), eth(udp(b"dns answer"))]
     # The secondary cuts the same bytes differently (a resegmented TCP stream).
-    secondary = [*segments(S_ISN, data, 1000), eth(udp(b"dns answer"))]
+    secondary = [*segments(S_ISN, data, 1000, P_ISN), eth(udp(b"dns answer"))]
     async with world(vnet) as w:
         w.primary(primary)
         await w.nothing_released()  # held until the secondary's output matches
@@ -303,7 +307,7 @@ async def test_qemu_filters_round_trip_through_coloproxy_byte_exact(vnet: bool) 
 async def test_a_divergence_through_qemu_asks_for_a_checkpoint_then_releases() -> None:
     async with world(False) as w:
         primary = segments(P_ISN, b"Date: Thu, 26 Nov 2026 03:00:01 GMT\r\n", 1448)
-        secondary = segments(S_ISN, b"Date: Thu, 26 Nov 2026 03:00:02 GMT\r\n", 1448)
+        secondary = segments(S_ISN, b"Date: Thu, 26 Nov 2026 03:00:02 GMT\r\n", 1448, P_ISN)
         w.primary(primary)
         w.secondary(secondary)
         assert await w.released(len(primary)) == primary  # the checkpoint released the data
@@ -316,7 +320,7 @@ async def test_a_restarted_coloproxy_reconnects_to_qemu_on_all_three_sockets() -
     async with world(False) as w:
         primary = segments(P_ISN, data, 1448)
         w.primary(primary[:5])
-        w.secondary(segments(S_ISN, data, 1448)[:5])
+        w.secondary(segments(S_ISN, data, 1448, P_ISN)[:5])
         assert await w.released(5) == primary[:5]
         # The daemon stops (its sockets close) and a new one starts: QEMU's servers accept
         # it on primary_in and outdev, QEMU's client reconnects to secondary_in (reconnect=1).
