@@ -16,7 +16,7 @@ reported (``truncated``) and forgotten.
 Per receive: one ``loop.time()``, the decoder cuts the frames, the primary's are stored under
 fresh integer tokens and handed to the proxy in one batch (``on_primary(tokens, packets,
 now)``), the secondary's likewise (token None: nothing of them is kept). The proxy answers
-through :attr:`ChardevTransport.primary_verdicts`: ``accept(token)`` queues that frame,
+through the transport itself (its P-out verdicts): ``accept(token)`` queues that frame,
 re-framed with its vnet header, for outdev; the queue is written once per event-loop
 iteration. The secondary's verdicts are all drops and cost nothing.
 
@@ -330,19 +330,6 @@ def _set_nodelay(transport: asyncio.Transport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _PrimaryOut:
-    """The proxy's verdicts on primary frames: accept sends the frame to outdev."""
-
-    def __init__(self, transport: ChardevTransport) -> None:
-        self.accept_token = transport.release
-
-    def accept(self, handle: object, payload: bytes | None = None) -> None:
-        self.accept_token(handle)
-
-    def drop(self, handle: object) -> None:
-        raise UsageError("the chardev transport never drops a primary frame (I2)")
-
-
 class _SecondaryOut:
     """Secondary frames are never kept: a drop costs nothing, an accept is a bug (I3)."""
 
@@ -433,12 +420,10 @@ class ChardevTransport:
         self._held_headers: dict[int, bytes] = {}
         self._next_token = 0
         # Released frames not yet written to outdev (bounded by outdev_buffer_bytes).
-        self._out: list[bytes] = []
-        self._out_bytes = 0
-        self._out_frames = 0
+        self._out: list[bytes] = []  # length field(s), [vnet header,] frame: per frame
         self._writable = True
         self._flush_pending = False
-        self.primary_verdicts = _PrimaryOut(self)
+        self.primary_verdicts = self
         self.secondary_verdicts = _SecondaryOut()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -469,7 +454,7 @@ class ChardevTransport:
                 "chardev: closing with %d primary frames held and %d released but not "
                 "written to outdev",
                 len(self._held),
-                self._out_frames,
+                len(self._out) // self._parts_per_frame,
             )
 
     def figures(self) -> list[LinkFigures]:
@@ -482,7 +467,7 @@ class ChardevTransport:
     @property
     def outdev_buffered(self) -> int:
         """Bytes released and not yet handed to the outdev connection."""
-        return self._out_bytes
+        return sum(map(len, self._out))
 
     @property
     def primary_paused(self) -> bool:
@@ -577,52 +562,63 @@ class ChardevTransport:
 
     # -- output ----------------------------------------------------------------------------
 
-    def release(self, token: object) -> None:
-        """The proxy released the primary frame ``token``: queue it for outdev."""
+    def accept(self, handle: object, payload: bytes | None = None) -> None:
+        """The proxy released the primary frame ``handle`` (a token): queue it for outdev.
+        (The transport is the proxy's P-out ``Verdicts``.)"""
         try:
-            packet = self._held.pop(token)  # type: ignore[call-overload]
+            packet = self._held.pop(handle)  # type: ignore[call-overload]
         except KeyError:
-            raise UsageError(f"chardev: release of frame {token!r}, which is not held") from None
+            raise UsageError(f"chardev: release of frame {handle!r}, which is not held") from None
         out = self._out
         if self._vnet:
-            header = self._held_headers.pop(token)  # type: ignore[call-overload]
+            header = self._held_headers.pop(handle)  # type: ignore[call-overload]
             out.append(_LENGTHS.pack(len(header) + len(packet), len(header)))
             out.append(header)
-            self._out_bytes += 8 + len(header) + len(packet)
         else:
             out.append(_LENGTH.pack(len(packet)))
-            self._out_bytes += 4 + len(packet)
         out.append(packet)
-        self._out_frames += 1
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
 
+    def drop(self, handle: object) -> None:
+        raise UsageError("the chardev transport never drops a primary frame (I2)")
+
+    @property
+    def _parts_per_frame(self) -> int:
+        return 3 if self._vnet else 2
+
     def flush(self) -> None:
         """Write what was released to outdev, if it can take it; else keep it (bounded)."""
         self._flush_pending = False
-        if self._out and self._writable and self.outdev.write(b"".join(self._out)):
-            figures = self.outdev.figures
-            figures.frames_out += self._out_frames
-            figures.bytes_out += self._out_bytes
-            self._out.clear()
-            self._out_bytes = self._out_frames = 0
+        out = self._out
+        if out and self._writable:
+            data = b"".join(out)
+            if self.outdev.write(data):
+                figures = self.outdev.figures
+                figures.frames_out += len(out) // self._parts_per_frame
+                figures.bytes_out += len(data)
+                out.clear()
         limit = self.config.outdev_buffer_bytes
-        if self._out_bytes > limit and not self.primary_in.reading_paused:
+        buffered = self.outdev_buffered if out else 0
+        if buffered > limit and not self.primary_in.reading_paused:
             log.warning(
                 "chardev: %d bytes released and waiting for outdev (%s): holding primary_in",
-                self._out_bytes,
+                buffered,
                 "disconnected" if not self.outdev.connected else "slow",
             )
             self.primary_in.pause_reading(True)
-        elif self._out_bytes <= limit // 2 and self.primary_in.reading_paused:
+        elif buffered <= limit // 2 and self.primary_in.reading_paused:
             log.info("chardev: outdev caught up; reading primary_in again")
             self.primary_in.pause_reading(False)
 
     def _outdev_connected(self) -> None:
         self._writable = True
         if self._out:
-            log.info("chardev outdev: writing %d frames kept while disconnected", self._out_frames)
+            log.info(
+                "chardev outdev: writing %d frames kept while disconnected",
+                len(self._out) // self._parts_per_frame,
+            )
         self.flush()
 
     def _outdev_writable(self, writable: bool) -> None:
