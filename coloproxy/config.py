@@ -139,6 +139,7 @@ class EngineConfig:
     checkpoint_timeout_ms: int = 10000
     bring_up: bool = True
     lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
+    failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,6 +447,7 @@ METRICS_KEYS: Final[Mapping[str, _Key]] = {
     "listen": _Key(_listen, ("127.0.0.1", 9477)),
     "enabled": _Key(_boolean, True),
 }
+_QEMU_ID: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MIGRATE_URI: Final = (
     "a QEMU migration URI (tcp:HOST:PORT, unix:PATH, rdma:, vsock:, exec:, fd: or file:)"
 )
@@ -463,6 +465,7 @@ ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "checkpoint_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 10000),
     "bring_up": _Key(_boolean, True),
     "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
+    "failover_object_del": _Key(None, None, allowed="a list of QEMU object ids"),
 }
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
 
@@ -735,6 +738,7 @@ class _Builder:
                     else SecondarySeq.REWRITTEN,
                 )
         lan_heartbeat = self._engine(engine, role)
+        object_ids = self._object_ids(engine)
         if (
             self.reader.problems
             or pair is None
@@ -761,7 +765,11 @@ class _Builder:
             compare=compare_config,
             control=ControlConfig(**control_values),  # type: ignore[arg-type]
             metrics=MetricsConfig(host=host, port=port, enabled=bool(metrics.values["enabled"])),
-            engine=EngineConfig(**engine.values, lan_heartbeat=lan_heartbeat),  # type: ignore[arg-type]
+            engine=EngineConfig(
+                **engine.values,  # type: ignore[arg-type]
+                lan_heartbeat=lan_heartbeat,
+                failover_object_del=object_ids,
+            ),
             log=LogConfig(**log.values),  # type: ignore[arg-type]
             chardev=chardev,
         )
@@ -918,6 +926,30 @@ class _Builder:
         if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
             return None
         return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
+
+    def _object_ids(self, engine: _Read | None) -> tuple[str, ...]:
+        """``engine.failover_object_del``: QEMU object ids (QEMU's id_wellformed: a letter,
+        then letters, digits, '-', '.', '_')."""
+        if engine is None or "failover_object_del" not in engine.nested:
+            return ()
+        key = "engine.failover_object_del"
+        line = engine.line_of("failover_object_del")
+        items = self.reader.sequence(engine.nested["failover_object_del"], key, line)
+        ids: list[str] = []
+        for index, item in enumerate(items or ()):
+            readable, value = self.reader.scalar(item, f"{key}[{index}]")
+            if not readable:
+                continue
+            if not isinstance(value, str) or not _QEMU_ID.fullmatch(value):
+                self.reader.problem(
+                    _line(item),
+                    f"{key}[{index}]",
+                    f"expected a QEMU object id (a letter, then letters, digits, '-', '.' or"
+                    f" '_'), got {_shown(value)}",
+                )
+                continue
+            ids.append(value)
+        return tuple(ids)
 
     def _passthrough(self, compare: _Read) -> tuple[PassthroughRule, ...] | None:
         if "passthrough" not in compare.nested:

@@ -153,3 +153,18 @@ def test_each_problem_names_file_line_key_and_what_is_allowed(
     text: str, expected: list[str]
 ) -> None:
     assert problems(text) == expected
+
+
+def test_engine_failover_object_del() -> None:
+    text = BASE + "engine:\n  failover_object_del: [f2, f1, rew0]\n"
+    assert parse_config(text, "t.yaml").engine.failover_object_del == ("f2", "f1", "rew0")
+    assert parse_config(BASE, "t.yaml").engine.failover_object_del == ()
+    assert problems(BASE + "engine:\n  failover_object_del: [f2, 2x, {a: b}]\n") == [
+        "t.yaml:10: key 'engine.failover_object_del[1]': expected a QEMU object id (a letter,"
+        " then letters, digits, '-', '.' or '_'), got '2x'",
+        "t.yaml:10: key 'engine.failover_object_del[2]': expected a QEMU object id (a letter,"
+        " then letters, digits, '-', '.' or '_'), got a mapping",
+    ]
+    assert problems(BASE + "engine:\n  failover_object_del: f2\n") == [
+        "t.yaml:10: key 'engine.failover_object_del': expected a list, got 'f2'"
+    ]

@@ -185,6 +185,7 @@ engine:
   heartbeat_port: {port}
   heartbeat_interval_ms: 20
   failover_timeout_ms: 1000
+  failover_object_del: [f2, f1]
 """
 
 
@@ -294,8 +295,13 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
-        acted = [c for c, _ in w.secondary_qemu.commands if not c.startswith("query-")]
-        assert acted[-2:] == ["x-colo-lost-heartbeat", "announce-self"]
+        acted = [(c, a) for c, a in w.secondary_qemu.commands if not c.startswith("query-")]
+        assert acted[-4:] == [
+            ("x-colo-lost-heartbeat", {}),
+            ("object-del", {"id": "f2"}),  # engine.failover_object_del, in order
+            ("object-del", {"id": "f1"}),
+            ("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+        ]
         assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
         assert w.daemon.metrics.engine is engine.figures
 

@@ -124,6 +124,9 @@ class EngineSettings:
     checkpoint_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 50
     failover_timeout_ms: int = 300
+    # QEMU objects deleted (object-del) when this host's QEMU leaves COLO to run alone: with
+    # QEMU's own network filters, the redirectors to the lost host (QEMU's COLO-FT.txt).
+    failover_object_del: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings | None:
@@ -161,6 +164,7 @@ class EngineSettings:
             checkpoint_timeout_ms=engine.checkpoint_timeout_ms,
             heartbeat_interval_ms=engine.heartbeat_interval_ms,
             failover_timeout_ms=engine.failover_timeout_ms,
+            failover_object_del=engine.failover_object_del,
         )
 
 
@@ -730,6 +734,8 @@ class EngineRunner:
             steps["lost-heartbeat"] = self._now() - started
         except QmpError as exc:
             log.error("x-colo-lost-heartbeat on the primary: %s", exc)
+        if await self._delete_filters():
+            steps["object-del"] = self._now() - started
         await self._tell_proxy(
             Failover(
                 ProxyRole.PRIMARY,
@@ -772,6 +778,19 @@ class EngineRunner:
             )
         self._decide(decider.set_ready(ready, self._now()))
 
+    async def _delete_filters(self) -> bool:
+        """``object-del`` each of ``failover_object_del``; False when there are none. A
+        failure is logged and the rest still go: a filter left in place is the operator's
+        to remove, the failover itself goes on."""
+        ids = self.settings.failover_object_del
+        for object_id in ids:
+            try:
+                await self.monitor.execute("object-del", {"id": object_id})
+                log.info("failover: object-del %s", object_id)
+            except QmpError as exc:
+                log.error("failover: object-del %s: %s", object_id, exc)
+        return bool(ids)
+
     async def _take_over(self, decision: PrimaryLost) -> None:
         """Primary lost: the SVM runs alone, on the LAN, and the proxy is told."""
         monitor = self.monitor
@@ -790,6 +809,8 @@ class EngineRunner:
             log.error("cannot take over: x-colo-lost-heartbeat: %s", exc)
             return
         steps["lost-heartbeat"] = self._now() - started
+        if await self._delete_filters():
+            steps["object-del"] = self._now() - started
         if self.attach_lan is None:
             log.warning(
                 "no network configured in this daemon: the guest port is not moved to the"
