@@ -440,3 +440,31 @@ async def test_xen_notify_handshake_do_checkpoint_and_colo_checkpoint() -> None:
 def test_frame_header_helper_matches_qemu() -> None:
     assert frame_header(3, 0) == b"\x00\x00\x00\x03\x00\x00\x00\x00"
     assert FrameDecoder(vnet_hdr=True).feed(frame_header(2, 0) + b"ab").packets == [b"ab"]
+
+
+@pytest.mark.asyncio
+async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup_net on, an engine configured: still no links, tc or rules, now or at failover."""
+    from coloproxy.net import host as hostnet
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the host network was touched")
+
+    monkeypatch.setattr(hostnet, "setup", refuse)
+    monkeypatch.setattr(hostnet, "attach_guest_to_lan", refuse)
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20)
+    text = text.replace(
+        "  guest_port: c5-guest\n", "  guest_port: c5-guest\n  lan_bridge: c5-lan\n"
+    )
+    text += f"engine: {{qmp: {directory}/absent-qmp.sock}}\n"
+    daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=True)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: daemon.chardev is not None and daemon.engine is not None, "start")
+        assert not task.done()
+        assert daemon.engine is not None and daemon.engine.attach_lan is None
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        shutil.rmtree(directory, ignore_errors=True)

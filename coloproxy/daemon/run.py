@@ -102,6 +102,9 @@ class Daemon:
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
         self.chardev: ChardevTransport | None = None  # the chardev transport, when configured
+        # A primary on the chardev transport gets its packets from QEMU's filters: no
+        # netfilter, tc or tunnels, nothing to attach at failover (docs/chardev.md).
+        self.chardev_primary = config.chardev is not None and self.role is ProxyRole.PRIMARY
         self.control = ControlServer(
             config.control.socket,
             self,
@@ -122,10 +125,7 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
-        # A primary on the chardev transport gets its packets from QEMU's filters: no
-        # netfilter, tc or tunnels (docs/chardev.md).
-        chardev_primary = config.chardev is not None and self.role is ProxyRole.PRIMARY
-        if self.setup_net and not chardev_primary:
+        if self.setup_net and not self.chardev_primary:
             # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
             await asyncio.to_thread(hostnet.setup, host_net(config))
             log.info("host network set up for pair %s (%s)", config.pair.name, self.role.value)
@@ -305,7 +305,7 @@ class Daemon:
         if settings is None:
             return
         attach_lan = None
-        if self.setup_net and self.config.net.lan_bridge is not None:
+        if self.setup_net and not self.chardev_primary and self.config.net.lan_bridge is not None:
             attach_lan = functools.partial(hostnet.attach_guest_to_lan, host_net(self.config))
         self.engine = EngineRunner(settings, attach_lan=attach_lan)
         self.metrics.engine = self.engine.figures
