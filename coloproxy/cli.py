@@ -364,6 +364,7 @@ def _lab(args: argparse.Namespace) -> int:
         args.prefix,
         Path(args.run_dir),
         qemu_filters=getattr(args, "qemu_filters", False),
+        chardev=getattr(args, "chardev", False),
     )
     try:
         if args.lab_command == "up":
@@ -408,6 +409,11 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="wire the pair with QEMU's colo-compare and filters instead of coloproxy",
     )
+    up.add_argument(
+        "--chardev",
+        action="store_true",
+        help="QEMU's filters, with coloproxy's chardev transport in place of colo-compare",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
     demo = actions.add_parser(
         "demo", help="up, client traffic, a divergence, SIGKILL of the primary, summary, down"
@@ -415,6 +421,11 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     demo.add_argument(
         "--qemu-filters", action="store_true", help="the same with QEMU's own colo-compare"
+    )
+    demo.add_argument(
+        "--chardev",
+        action="store_true",
+        help="the same with QEMU's filters and coloproxy's chardev transport",
     )
     demo.add_argument(
         "--traffic", type=_seconds, default=20.0, metavar="SECONDS",

@@ -207,6 +207,40 @@ def config_text(role: str, paths: LabPaths | None = None) -> str:
     )
 
 
+# The lab's --chardev mode (docs/chardev.md): host P's QEMU keeps its filters, coloproxy takes
+# colo-compare's place on the same sockets (coloproxy/lab/vms.py FILTER_PORTS).
+_PRIMARY_CHARDEV = """\
+# --chardev: QEMU's filters feed this daemon over colo-compare's sockets; no NFQUEUE, no tc.
+chardev:
+  primary_in: {{tcp: "127.0.0.1:{compare_primary}", server: false}} # QEMU's compare0
+  secondary_in: {{tcp: "{primary_address}:{compare_secondary}", server: true}} # host S's red1
+  outdev: {{tcp: "127.0.0.1:{out}", server: false}} # QEMU's compare_out (redire0's indev)
+  reconnect_ms: 100
+"""
+_SECONDARY_CHARDEV = """\
+  # --chardev: at failover, the redirectors to host P go (QEMU's COLO-FT.txt).
+  failover_object_del: [f2, f1]
+"""
+
+
+def chardev_config_text(role: str, paths: LabPaths | None = None) -> str:
+    """``config_text`` for the lab's ``--chardev`` mode: host P's daemon with a chardev
+    section (its queues left out), host S's engine removing its redirectors at failover."""
+    from coloproxy.lab.vms import FILTER_PORTS  # vms imports this module
+
+    text = config_text(role, paths)
+    marker = "\n\nlog:\n"  # the engine section ends right before it, in both texts
+    if role == "primary":
+        block = _PRIMARY_CHARDEV.format(
+            primary_address=REPLICATION_IPV4["hp"],
+            compare_primary=FILTER_PORTS["compare_primary"],
+            compare_secondary=FILTER_PORTS["compare_secondary"],
+            out=FILTER_PORTS["out"],
+        )
+        return text.replace(marker, "\n\n" + block + "\nlog:\n", 1)
+    return text.replace(marker, "\n" + _SECONDARY_CHARDEV + "\nlog:\n", 1)
+
+
 def write_examples(directory: Path) -> list[Path]:
     """Write configs/lab.yaml and configs/lab-secondary.yaml (the default run directory)."""
     written = []

@@ -58,6 +58,7 @@ from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
     PERIOD_MS,
     LabPaths,
+    chardev_config_text,
     config_text,
     migrate_uri,
 )
@@ -103,6 +104,7 @@ class LabState:
     pids: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    chardev: bool = False  # --chardev: QEMU's filters, coloproxy in place of colo-compare
 
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -288,12 +290,16 @@ class Lab:
         run_dir: Path = DEFAULT_RUN_DIR,
         *,
         qemu_filters: bool = False,
+        chardev: bool = False,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
         self.paths = LabPaths(Path(run_dir))
         self.topology = Topology(prefix, guests="tap")
         self.qemu_filters = qemu_filters
+        # QEMU's filters with coloproxy's chardev transport in place of colo-compare; the
+        # daemons and their engines run as in the default mode (docs/chardev.md).
+        self.chardev = chardev and not qemu_filters
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -337,8 +343,8 @@ class Lab:
             state = LabState.load(self.paths)
             if state is None:
                 raise LabError(f"{self.paths.state} went away while the lab was looked at")
-            if state.qemu_filters != self.qemu_filters:
-                wired = "QEMU's filters" if state.qemu_filters else "coloproxy"
+            if state.qemu_filters != self.qemu_filters or state.chardev != self.chardev:
+                wired = _wiring(state.qemu_filters, state.chardev)
                 raise LabError(
                     f"a lab wired with {wired} is up (namespaces {state.prefix}-*): "
                     "`coloproxy lab down` first"
@@ -360,7 +366,7 @@ class Lab:
         driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
-            started=time.time(),
+            started=time.time(), chardev=self.chardev,
         )  # fmt: skip
         self.state = state
         state.save(self.paths)
@@ -375,22 +381,29 @@ class Lab:
     def _up(self, state: LabState) -> None:
         paths = self.paths
         for role in ("primary", "secondary"):
-            paths.config(role).write_text(config_text(role, paths))
+            text = chardev_config_text(role, paths) if self.chardev else config_text(role, paths)
+            paths.config(role).write_text(text)
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
 
-        mode = "QEMU's own filters" if self.qemu_filters else "coloproxy"
+        mode = _wiring(self.qemu_filters, self.chardev)
         self.progress(
             f"starting the secondary QEMU in {self.topology.ns('hs')} (accel {state.accel}, "
             f"-incoming {migrate_uri()}, network by {mode})"
         )
         secondary = vms.vm_spec(
-            "secondary", paths, incoming=migrate_uri(), qemu_filters=self.qemu_filters
+            "secondary",
+            paths,
+            incoming=migrate_uri(),
+            qemu_filters=self.qemu_filters,
+            chardev=self.chardev,
         )
         state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
         state.save(paths)
         self.progress(f"starting the primary QEMU in {self.topology.ns('hp')}")
-        primary = vms.vm_spec("primary", paths, incoming=None, qemu_filters=self.qemu_filters)
+        primary = vms.vm_spec(
+            "primary", paths, incoming=None, qemu_filters=self.qemu_filters, chardev=self.chardev
+        )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
         state.save(paths)
         booted = vms.wait_ready(paths, "primary", state.pids["primary_qemu"], BOOT_TIMEOUT_S)
@@ -880,12 +893,20 @@ def _reasons(counts: dict[str, int]) -> str:
     return f"requested: {shown}; completed: {counts.get('completed', 0)}"
 
 
+def _wiring(qemu_filters: bool, chardev: bool) -> str:
+    if qemu_filters:
+        return "QEMU's own filters and colo-compare"
+    if chardev:
+        return "QEMU's filters and coloproxy's chardev transport"
+    return "coloproxy"
+
+
 def format_summary(result: DemoResult, lab: Lab) -> str:
     state = lab.state
     lines = ["", "== coloproxy lab demo: summary"]
     if state is not None:
         lines.append(
-            f"network by           {'QEMU colo-compare' if state.qemu_filters else 'coloproxy'}"
+            f"network by           {_wiring(state.qemu_filters, state.chardev)}"
             f" (COLO driven by {state.driver}), accel {state.accel}"
         )
         for name, value in state.timings.items():
