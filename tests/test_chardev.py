@@ -468,3 +468,24 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
         daemon.stop()
         await asyncio.wait_for(task, 10)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> None:
+    from coloproxy.control import ControlClient
+    from coloproxy.protocol import ClientRole, Failover, Mode, ProxyRole
+
+    async with world() as w:
+        qemu = w.qemu
+        held = qemu.frames(segments(P_ISN, b"waiting for a secondary that is gone", []))
+        await qemu.send(qemu.pin, held)
+        await qemu.nothing_out(0.2)
+        socket_path = w.directory / "ctl.sock"
+        async with await ControlClient.connect(socket_path, ClientRole.CLI) as cli:
+            await cli.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
+        assert await qemu.read_out(len(held)) == held  # what was held
+        later = qemu.frames([eth(tcp(P_ISN + 100, b"uncompared now"))])
+        await qemu.send(qemu.pin, later)
+        assert await qemu.read_out(len(later)) == later  # and what comes next, at once
+        await qemu.send(qemu.sin, qemu.frames(rewritten(b"late", [])))
+        await qemu.nothing_out(0.2)  # the secondary's output never leaves
