@@ -79,6 +79,9 @@ OUTDEV: Final = "outdev"
 NOTIFY: Final = "notify"
 # asyncio's write buffer of the outdev connection: above the high mark it calls
 # pause_writing and we keep frames in our own (bounded) buffer instead.
+# A TCP connect to an address that never answers would wait for the kernel's SYN retries
+# (about two minutes); give up sooner and try again.
+CONNECT_TIMEOUT: Final = 10.0
 WRITE_HIGH: Final = 1 << 20
 WRITE_LOW: Final = 256 << 10
 _LENGTH: Final = struct.Struct("!I")
@@ -173,6 +176,7 @@ class _Link:
         spec = self.spec
         if not spec.server:
             self._task = asyncio.create_task(self._connect_loop(), name=f"chardev-{self.name}")
+            self._task.add_done_callback(self._connect_loop_ended)
             return
         try:
             if spec.path is not None:
@@ -193,15 +197,23 @@ class _Link:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
+        current = self.current
+        if current is not None and current.transport is not None:
+            current.transport.abort()  # first: wait_closed may wait for open connections
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             if self.spec.path is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(self.spec.path)
-        current = self.current
-        if current is not None and current.transport is not None:
-            current.transport.abort()
+
+    def _connect_loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "chardev %s: the connecting loop stopped: %r; the socket stays down",
+                self.name,
+                task.exception(),
+            )
 
     async def _connect_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -209,20 +221,22 @@ class _Link:
         failures = 0
         while not self._closing:
             try:
-                if spec.path is not None:
-                    _, protocol = await loop.create_unix_connection(
-                        lambda: _LinkProtocol(self), str(spec.path)
-                    )
-                else:
-                    _, protocol = await loop.create_connection(
-                        lambda: _LinkProtocol(self), str(spec.host), spec.port
-                    )
-            except OSError as exc:
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    if spec.path is not None:
+                        _, protocol = await loop.create_unix_connection(
+                            lambda: _LinkProtocol(self), str(spec.path)
+                        )
+                    else:
+                        _, protocol = await loop.create_connection(
+                            lambda: _LinkProtocol(self), str(spec.host), spec.port
+                        )
+            except (OSError, TimeoutError) as exc:
                 self.figures.connect_failures += 1
                 # The first failure of a series is worth a warning; the rest would flood.
                 level = logging.WARNING if failures == 0 else logging.DEBUG
+                reason = str(exc) or f"no answer in {CONNECT_TIMEOUT:g} s"
                 log.log(level, "chardev %s: cannot connect to %s: %s; retrying every %g s",
-                        self.name, spec, exc, self.reconnect)  # fmt: skip
+                        self.name, spec, reason, self.reconnect)  # fmt: skip
                 failures += 1
                 await asyncio.sleep(self.reconnect)
                 continue
