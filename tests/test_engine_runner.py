@@ -26,6 +26,7 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
+from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine.logic import Role, Watch
@@ -36,6 +37,7 @@ from coloproxy.protocol import (
     ClientRole,
     Mode,
     ProxyRole,
+    Reprotect,
     SetPeriod,
     StatusRequest,
 )
@@ -290,6 +292,9 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             status = await cli.request(StatusRequest())
             assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
             assert status.engines == 1
+        async with await ControlClient.connect(w.secondary_socket, ClientRole.CLI) as cli:
+            with pytest.raises(ControlRefusedError, match="protected already"):
+                await cli.request(Reprotect(migrate_uri="tcp:127.0.0.1:1"))
         # The primary QEMU exits: the secondary daemon takes over.
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)

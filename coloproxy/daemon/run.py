@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -28,7 +29,7 @@ from coloproxy import __version__
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import Config
+from coloproxy.config import Config, QueuesConfig
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
@@ -50,6 +51,7 @@ from coloproxy.protocol import (
     Failover,
     Mode,
     ProxyRole,
+    Reprotect,
     Request,
     SetPeriod,
     Status,
@@ -119,6 +121,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
+        self._reprotecting = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -251,7 +254,7 @@ class Daemon:
 
     # -- the checkpoint engine -------------------------------------------------------------
 
-    def _start_engine(self) -> None:
+    def _start_engine(self, *, reprotect: bool = False) -> None:
         """With ``engine.qmp`` set, the engine runs in this daemon as a client of its own
         control socket (docs/engine.md); without, the proxy waits for an external engine."""
         settings = EngineSettings.from_config(self.config)
@@ -260,7 +263,7 @@ class Daemon:
         attach_lan = None
         if self.setup_net and self.config.net.lan_bridge is not None:
             attach_lan = functools.partial(hostnet.attach_guest_to_lan, host_net(self.config))
-        self.engine = EngineRunner(settings, attach_lan=attach_lan)
+        self.engine = EngineRunner(settings, attach_lan=attach_lan, reprotect=reprotect)
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
@@ -367,12 +370,61 @@ class Daemon:
                 return ErrorReply(ErrorCode.UNAVAILABLE, "no checkpoint engine connected")
             self.period_ms = message.period_ms
             return Ack(detail=f"sent to {sent} engine(s)")
+        if isinstance(message, Reprotect):
+            return await self._reprotect(message)
         return self._failover(message, now)
+
+    async def _reprotect(self, message: Reprotect) -> HandlerReply:
+        """After a failover: this host becomes (or stays) the primary and its engine brings a
+        new secondary into COLO (docs/control-protocol.md, "reprotect")."""
+        if self.engine is None:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE, "reprotect needs this daemon's engine (engine.qmp)"
+            )
+        if self.mode is Mode.PROTECTED:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "the pair is protected already")
+        if self._reprotecting:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "a reprotect is in progress")
+        self._reprotecting = True
+        try:
+            config = self.config
+            log.warning("reprotect: becoming the primary; new secondary at %s", message.migrate_uri)
+            # The engine's decisions belong to the old pair; its last heartbeat says "leaving".
+            await self._stop_engine()
+            for queue in self.queues:
+                queue.close()
+            self.queues = []
+            self.proxy = self.comparator = self.secondary = None
+            # Connections the takeover rewriter was shifting lose their shift here: host S's
+            # queues go with its role (docs/engine.md, "Re-protection").
+            config = dataclasses.replace(
+                config,
+                pair=dataclasses.replace(config.pair, role=ProxyRole.PRIMARY),
+                engine=dataclasses.replace(
+                    config.engine, migrate_uri=message.migrate_uri, bring_up=True
+                ),
+            )
+            if config.queues is None:
+                config = dataclasses.replace(config, queues=QueuesConfig())
+            self.config = config
+            if self.setup_net:
+                await asyncio.to_thread(hostnet.setup, host_net(config))
+                log.info("reprotect: host P's data path set up on this host")
+            self.role = ProxyRole.PRIMARY
+            self.mode = Mode.PROTECTED  # everything held until COLO's first checkpoint (I6)
+            self.metrics.role = self.role.value
+            self._start_primary()
+            self._start_engine(reprotect=True)
+            self.metrics.protected = True
+        finally:
+            self._reprotecting = False
+        return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
 
     def _failover(self, message: Failover, now: float) -> HandlerReply:
         if message.mode is Mode.UNPROTECTED:
             self.mode = Mode.UNPROTECTED
             self.role = message.role  # a secondary that took over is the primary now
+            self.metrics.role = self.role.value
             self.metrics.protected = False
             if self.proxy is not None:
                 self.proxy.set_unprotected(now)
@@ -380,7 +432,9 @@ class Daemon:
                 self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
             return Ack(detail="unprotected: output passes uncompared")
-        return ErrorReply(ErrorCode.UNAVAILABLE, "re-protection comes with the checkpoint engine")
+        return ErrorReply(
+            ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
+        )
 
     def _status(self, now: float) -> Status:
         config = self.config

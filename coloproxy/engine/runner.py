@@ -209,8 +209,12 @@ class EngineRunner:
         *,
         attach_lan: Callable[[], None] | None = None,
         figures: EngineFigures | None = None,
+        reprotect: bool = False,
     ) -> None:
         self.settings = settings
+        # Started by a reprotect: a primary QEMU that left COLO earlier is brought up again
+        # instead of being reported as running alone.
+        self.reprotect = reprotect
         self.attach_lan = attach_lan
         self.role = settings.role
         self.figures = figures or EngineFigures()
@@ -645,7 +649,7 @@ class EngineRunner:
         self._colo_seen(status)
         if status.mode == ColoMode.PRIMARY.value:
             return  # activated by _colo_seen: an engine (re)started while in COLO
-        if status.last_mode == ColoMode.PRIMARY.value:
+        if status.last_mode == ColoMode.PRIMARY.value and not self.reprotect:
             # This QEMU failed over before the engine started: it runs alone.
             log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
             await self._tell_proxy(

@@ -57,9 +57,12 @@ from coloproxy.lab import vms
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
     PERIOD_MS,
+    REPROTECT_FILE,
     LabPaths,
     config_text,
     migrate_uri,
+    reprotect_config_text,
+    reprotect_uri,
 )
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
@@ -485,8 +488,10 @@ class Lab:
             time.sleep(0.05)
         return time.monotonic() - started
 
-    def wait_colo(self, timeout: float) -> float:
-        """Poll query-colo-status on both lab monitors until primary/secondary."""
+    def wait_colo(self, timeout: float, *, reprotected: bool = False) -> float:
+        """Poll query-colo-status on both lab monitors until host P's QEMU is the COLO primary
+        and host S's the secondary (``reprotected``: the other way round)."""
+        wanted = ["secondary", "primary"] if reprotected else ["primary", "secondary"]
 
         async def poll() -> float:
             started = time.monotonic()
@@ -498,12 +503,12 @@ class Lab:
                 modes: list[str] = []
                 while True:
                     modes = [await vms.colo_mode(m) for m in monitors]
-                    if modes == ["primary", "secondary"]:
+                    if modes == wanted:
                         return time.monotonic() - started
                     if time.monotonic() - started > timeout:
                         raise LabError(
                             f"the pair did not reach COLO within {timeout:.0f} s "
-                            f"(modes primary={modes[0]}, secondary={modes[1]}); see "
+                            f"(modes host P={modes[0]}, host S={modes[1]}); see "
                             f"{self.paths.run_dir}/*-coloproxy.log (filters-driver.log)"
                         )
                     await asyncio.sleep(0.1)
@@ -527,6 +532,82 @@ class Lab:
             f"the client got no page from {GUEST_IPV4} within {timeout:.0f} s "
             f"(last try: {last.detail if last else 'none'})"
         )
+
+    # -- reprotect -----------------------------------------------------------------------
+
+    def reprotect(self) -> float:
+        """After host P's QEMU died and host S took over: protect the guest again, host S
+        the primary now. A new secondary QEMU (``-incoming``) and host P's daemon as the
+        secondary start on host P, then host S's daemon is told ``reprotect`` (its engine
+        migrates into the new QEMU: COLO again). Seconds until the client is served again
+        through host S's proxy."""
+        from coloproxy.control import ControlClient, ControlError
+        from coloproxy.protocol import ClientRole, Reprotect
+
+        state = self.state or LabState.load(self.paths)
+        if state is None:
+            raise LabError("the lab is not up (no state): `coloproxy lab up` first")
+        self.state = state
+        if state.qemu_filters:
+            raise LabError("reprotect is coloproxy's: this lab runs QEMU's own filters")
+        old = state.pids.get("primary_qemu")
+        if old is not None and vms.alive(old):
+            raise LabError("host P's QEMU still runs: reprotect follows a failover of host S")
+        started = time.monotonic()
+        daemon = state.pids.get("primary_daemon")
+        if daemon is not None and vms.alive(daemon) and _is_ours(daemon):
+            self.progress("stopping host P's old daemon")
+            vms.stop_process(daemon)
+        config = self.paths.run_dir / REPROTECT_FILE
+        config.write_text(reprotect_config_text(self.paths))
+        uri = reprotect_uri()
+        self.progress(
+            f"starting a new secondary QEMU in {self.topology.ns('hp')} (-incoming {uri})"
+        )
+        spec = vms.vm_spec("primary", self.paths, incoming=uri)  # host P's paths, see configs
+        state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
+        state.save(self.paths)
+        socket_path = self.paths.control_socket("primary")
+        socket_path.unlink(missing_ok=True)
+        log_path = self.paths.run_dir / "primary-reprotected-coloproxy.log"
+        self.progress(f"starting coloproxy run (secondary) in {self.topology.ns('hp')}")
+        pid = self._spawn(
+            "primary_daemon",
+            "hp",
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
+            log_path,
+        )
+        self._wait(
+            socket_path.exists,
+            DAEMON_TIMEOUT_S,
+            f"host P's daemon's control socket {socket_path}",
+            pid=pid,
+            log_path=log_path,
+        )
+
+        async def tell() -> str:
+            client = await ControlClient.connect(
+                self.paths.control_socket("secondary"), ClientRole.CLI, name="coloproxy-lab"
+            )
+            async with client:
+                ack = await client.request(Reprotect(migrate_uri=uri))
+            return ack.detail
+
+        try:
+            detail = asyncio.run(tell())
+        except ControlError as exc:
+            raise LabError(f"host S's daemon refused reprotect: {exc}") from exc
+        self.progress(f"host S's daemon: {detail}")
+        state.timings["reprotect_colo_s"] = self.wait_colo(COLO_TIMEOUT_S, reprotected=True)
+        self.progress(
+            f"COLO again, host S primary ({state.timings['reprotect_colo_s']:.1f} s after the"
+            " reprotect)"
+        )
+        self.wait_serving(SERVE_TIMEOUT_S)
+        state.timings["reprotect_s"] = time.monotonic() - started
+        state.save(self.paths)
+        self.progress("the client is served through host S's proxy: protected again")
+        return state.timings["reprotect_s"]
 
     # -- down ----------------------------------------------------------------------------
 
@@ -556,10 +637,11 @@ class Lab:
 
         return str(self.topology.run_in(vms.HOST_OF[role], fetch))
 
-    def checkpoints(self) -> dict[str, int]:
-        """Checkpoint requests by reason and checkpoints completed, from host P's metrics."""
+    def checkpoints(self, role: str = "primary") -> dict[str, int]:
+        """Checkpoint requests by reason and checkpoints completed, from host P's metrics
+        (``role="secondary"``: host S's, the primary after a reprotect)."""
         found: dict[str, int] = {}
-        for line in self.scrape().splitlines():
+        for line in self.scrape(role).splitlines():
             if line.startswith("coloproxy_checkpoint_requests_total{"):
                 match = re.search(r'reason="([^"]+)"', line)
                 if match:
@@ -582,14 +664,15 @@ class Lab:
                     found[match.group(1)] = found.get(match.group(1), 0) + value
         return found
 
-    def set_period(self, period_ms: int) -> None:
-        """The engine's periodic checkpoint interval, live (set-period to host P's proxy)."""
+    def set_period(self, period_ms: int, role: str = "primary") -> None:
+        """The engine's periodic checkpoint interval, live (set-period to host P's proxy, or
+        with ``role="secondary"`` host S's)."""
         from coloproxy.control import ControlClient, ControlError
         from coloproxy.protocol import ClientRole, SetPeriod
 
         async def send() -> None:
             client = await ControlClient.connect(
-                self.paths.control_socket("primary"), ClientRole.CLI, name="coloproxy-lab"
+                self.paths.control_socket(role), ClientRole.CLI, name="coloproxy-lab"
             )
             async with client:
                 await client.request(SetPeriod(period_ms=period_ms))
