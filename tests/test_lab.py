@@ -72,6 +72,22 @@ def test_the_lab_configs_load_as_one_pair(tmp_path: Path) -> None:
     assert secondary.engine.qmp == str(paths.qmp_socket("secondary"))
 
 
+def test_after_a_reprotect_host_p_is_the_secondary_of_host_s(tmp_path: Path) -> None:
+    from coloproxy.config import parse_config
+    from coloproxy.protocol import ProxyRole
+
+    paths = configs.LabPaths(tmp_path)
+    host_p = parse_config(configs.reprotect_config_text(paths))
+    host_s = parse_config(configs.config_text("secondary", paths))
+    assert host_p.pair.role is ProxyRole.SECONDARY
+    assert str(host_p.net.replication.local) == configs.REPLICATION_IPV4["hp"]
+    assert host_p.net.replication.remote == host_s.net.replication.local
+    assert host_p.control.socket == paths.control_socket("primary")  # host P's names stay
+    assert host_p.engine.qmp == str(paths.qmp_socket("primary"))
+    assert host_p.engine.migrate_uri is None
+    assert configs.reprotect_uri().startswith(f"tcp:{configs.REPLICATION_IPV4['hp']}:")
+
+
 def _spec(role: str, qemu_filters: bool = False) -> vms.VmSpec:
     paths = configs.LabPaths(Path("/run/x"))
     incoming = configs.migrate_uri() if role == "secondary" else None
