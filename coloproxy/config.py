@@ -99,6 +99,7 @@ class QueuesConfig:
     primary_out: int = 10
     secondary_out: int = 11
     secondary_in: int = 12
+    secondary_egress: int = 13
     max_len: int = 8192
     copy_range: int = 65535
     rcvbuf: int = 8 << 20
@@ -185,7 +186,7 @@ class Config:
     path: str  # the file it was read from, for messages
     pair: PairConfig
     net: NetConfig
-    queues: QueuesConfig | None  # None on a secondary: it has no queues
+    queues: QueuesConfig | None
     compare: CompareConfig
     control: ControlConfig
     metrics: MetricsConfig
@@ -419,10 +420,16 @@ NET_KEYS: Final[Mapping[str, _Key]] = {
     "vxlan_port": _Key(_integer(1, 65535), 4789),
     "underlay": _Key(_optional(_interface), None),
 }
+# The queues each role binds (the rest of the section is shared settings).
+QUEUE_ROLES: Final[Mapping[ProxyRole, tuple[str, ...]]] = {
+    ProxyRole.PRIMARY: ("primary_out", "secondary_out"),
+    ProxyRole.SECONDARY: ("secondary_in", "secondary_egress"),
+}
 QUEUES_KEYS: Final[Mapping[str, _Key]] = {
     "primary_out": _Key(_QUEUE, 10),
     "secondary_out": _Key(_QUEUE, 11),
     "secondary_in": _Key(_QUEUE, 12),
+    "secondary_egress": _Key(_QUEUE, 13),
     "max_len": _Key(_integer(1, 1 << 20), 8192),
     "copy_range": _Key(_integer(64, 65535), 65535),
     "rcvbuf": _Key(
@@ -775,22 +782,26 @@ class _Builder:
         )
 
     def _queues(self, role: object) -> QueuesConfig | None:
-        if role is ProxyRole.SECONDARY:
-            if "queues" in self.top.nested:
-                self.reader.problem(
-                    self.top.line_of("queues"),
-                    "queues",
-                    "only a primary has queues (role is secondary)",
-                )
-            return None
         read = self.section("queues")
         if read is None:
             return None
+        # Each role binds its own queues (docs/data-path.md); naming the other role's in a
+        # file is a mistake worth saying (host P's S-in queue moved to host S in 0.3).
+        own, other = QUEUE_ROLES[ProxyRole.PRIMARY], QUEUE_ROLES[ProxyRole.SECONDARY]
+        if role is ProxyRole.SECONDARY:
+            own, other = other, own
+        for name in other:
+            if name in read.lines:
+                self.reader.problem(
+                    read.line_of(name),
+                    f"queues.{name}",
+                    f"is a queue of the other role's host; role {role} uses {', '.join(own)}",
+                )
         numbers: dict[object, str] = {}
-        for name in ("primary_out", "secondary_out", "secondary_in"):
-            if name not in read.values:
+        for name in own:
+            number = read.values.get(name)
+            if number is None:
                 continue
-            number = read.values[name]
             if number in numbers:
                 self.reader.problem(
                     read.line_of(name),

@@ -93,6 +93,9 @@ class PacketCounts(Protocol):
     def rewrites(self) -> Mapping[str, int]: ...  # S-in packets by rewrite status
 
     @property
+    def egress_rewrites(self) -> Mapping[str, int]: ...  # host S: SVM output by rewrite status
+
+    @property
     def checkpoints_completed(self) -> int: ...
 
     @property
@@ -412,6 +415,12 @@ class _Collector(Collector):
             ["reason"],
             (((s,), count) for s, count in counts.rewrites.items() if s in REWRITE_FAILED),
         )
+        egress = CounterMetricFamily(
+            "coloproxy_takeover_rewrites",
+            "Host S after a takeover: SVM segments moved into the PVM's sequence space",
+        )
+        egress.add_metric([], counts.egress_rewrites.get("shifted", 0))
+        yield egress
         completed = CounterMetricFamily("coloproxy_checkpoints_completed", "Checkpoints completed")
         completed.add_metric([], counts.checkpoints_completed)
         yield completed

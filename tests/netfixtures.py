@@ -43,7 +43,9 @@ ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
 SYN, ACK = 0x02, 0x10
 
-QUEUES = QueueNumbers(primary_out=7710, secondary_out=7711, secondary_in=7712)
+QUEUES = QueueNumbers(
+    primary_out=7710, secondary_out=7711, secondary_in=7712, secondary_egress=7713
+)
 NET_PREFIX = "cp"
 PAIR = "t1"
 VXLAN_ID = 77
@@ -90,7 +92,7 @@ def host_params(role: Role, family: int = 4) -> HostNet:
         local_address=ipaddress.ip_address(local),
         remote_address=ipaddress.ip_address(remote),
         vxlan_id=VXLAN_ID,
-        queues=QUEUES if role is Role.PRIMARY else QueueNumbers(),
+        queues=QUEUES,
         lan_bridge="br-lan",
         underlay="repl",
     )
@@ -308,7 +310,7 @@ def client_socket(topology: Topology, family: int) -> socket.socket:
     )
 
 
-# The accept-all consumer, run as ``python3 -c CONSUMER <queue>...`` in host P's namespace. It
+# The accept-all consumer, run as ``python3 -c CONSUMER <queue>...`` in a host's namespace. It
 # prints "ready" once bound, then one JSON line per packet: the queue and the TCP fields.
 CONSUMER = r"""
 import json, select, struct, sys, ipaddress
@@ -346,28 +348,38 @@ while True:
 
 
 class Consumer:
-    """The accept-all NFQUEUE consumer as a subprocess in host P's namespace."""
+    """The accept-all NFQUEUE consumers as subprocesses: host P's queues in its namespace,
+    host S's in its own."""
 
     def __init__(self, topology: Topology, queues: QueueNumbers) -> None:
-        numbers = [queues.primary_out, queues.secondary_out, queues.secondary_in]
-        self._process = topology.popen(
-            "hp",
-            [sys.executable, "-c", CONSUMER, *map(str, numbers)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self._process.stdout is not None
-        first = self._process.stdout.readline()
-        if first.strip() != "ready":
-            self._process.kill()
-            _, errors = self._process.communicate()
-            raise RuntimeError(f"NFQUEUE consumer did not start: {first!r} {errors}")
+        self._processes: list[subprocess.Popen[str]] = []
+        for where, numbers in (
+            ("hp", [queues.primary_out, queues.secondary_out]),
+            ("hs", [queues.secondary_in, queues.secondary_egress]),
+        ):
+            process = topology.popen(
+                where,
+                [sys.executable, "-c", CONSUMER, *map(str, numbers)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            self._processes.append(process)
+            assert process.stdout is not None
+            first = process.stdout.readline()
+            if first.strip() != "ready":
+                for started in self._processes:
+                    started.kill()
+                _, errors = process.communicate()
+                raise RuntimeError(f"NFQUEUE consumer did not start in {where}: {first!r} {errors}")
 
     def stop(self) -> list[dict[str, Any]]:
-        self._process.terminate()
-        output, _ = self._process.communicate(timeout=5)
-        return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        records: list[dict[str, Any]] = []
+        for process in self._processes:
+            process.terminate()
+            output, _ = process.communicate(timeout=5)
+            records += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        return records
 
 
 def wait_for(predicate: Any, timeout: float = 2.0) -> bool:

@@ -26,12 +26,15 @@ from typing import Any
 
 from coloproxy.control import ControlClient
 from coloproxy.control.client import ControlError
-from coloproxy.lab.topology import GUEST_IPV4, GUEST_IPV6, Topology
+from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6, Topology
 from coloproxy.protocol import (
     CheckpointCompleted,
     CheckpointRequest,
     CheckpointStarted,
     ClientRole,
+    Failover,
+    Mode,
+    ProxyRole,
     SetPeriod,
     Status,
     StatusRequest,
@@ -49,7 +52,7 @@ net:
   lan_bridge: br-lan
   replication: {{local: 10.255.77.1, remote: 10.255.77.2}}
   underlay: repl
-queues: {{primary_out: 7710, secondary_out: 7711, secondary_in: 7712}}
+queues: {{primary_out: 7710, secondary_out: 7711}}
 compare:
   compare_timeout: {compare_timeout}
   max_held_packets: {max_held_packets}
@@ -70,6 +73,7 @@ net:
   lan_bridge: br-lan
   replication: {{local: 10.255.77.2, remote: 10.255.77.1}}
   underlay: repl
+queues: {{secondary_in: 7712, secondary_egress: 7713}}
 control: {{socket: {socket}}}
 metrics: {{enabled: false}}
 log: {{level: info}}
@@ -241,17 +245,43 @@ class PairWorld:
     def client(self, function: Any, *args: Any) -> Any:
         return self.topology.run_in("client", function, *args)
 
-    def status(self) -> Status:
+    def status(self, host: str = "primary") -> Status:
+        """The status of host P's daemon, or with ``host="secondary"`` host S's."""
+        socket = self.primary_socket if host == "primary" else self.secondary_socket
+
         async def ask() -> Status:
-            client = await ControlClient.connect(
-                self.primary_socket, ClientRole.MONITOR, name="test"
-            )
+            client = await ControlClient.connect(socket, ClientRole.MONITOR, name="test")
             try:
                 return await client.request(StatusRequest())
             finally:
                 await client.close()
 
         return asyncio.run(ask())
+
+    def take_over(self) -> None:
+        """Host P dies and host S takes over, the way the engines do it (docs/engine.md)
+        without QEMU: host P's daemon is killed and its PVM cut off the LAN; host S's
+        proxy is told first, then the SVM's port joins the LAN, then the SVM announces itself
+        (a datagram to the client stands in for QEMU's announce-self: the LAN bridge learns
+        where the guest's MAC is now)."""
+        self.kill_primary()
+        self.topology.exec("hp", ["ip", "link", "set", "guest0", "nomaster"])
+
+        async def tell() -> None:
+            client = await ControlClient.connect(self.secondary_socket, ClientRole.ENGINE)
+            try:
+                await client.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "test"))
+            finally:
+                await client.close()
+
+        asyncio.run(tell())
+        self.topology.exec("hs", ["ip", "link", "set", "guest0", "master", "br-lan"])
+
+        def announce() -> None:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"announce", (CLIENT_IPV4, 9))
+
+        self.topology.run_in("svm", announce)
 
     def diagnose(self) -> str:
         """What to print when a test fails: the kernel's queue counters and our drop counts."""

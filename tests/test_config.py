@@ -85,7 +85,7 @@ def test_a_minimal_primary_gets_every_default() -> None:
             vxlan_port=4789,
             underlay=None,
         ),
-        queues=QueuesConfig(10, 11, 12, 8192, 65535, 8 << 20, Transport.NETLINK),
+        queues=QueuesConfig(10, 11, 12, 13, 8192, 65535, 8 << 20, Transport.NETLINK),
         compare=CompareConfig(),
         control=ControlConfig(Path("/run/coloproxy/lab.sock"), None, 16, 256),
         metrics=MetricsConfig("127.0.0.1", 9477, True),
@@ -95,9 +95,10 @@ def test_a_minimal_primary_gets_every_default() -> None:
     assert config.metrics.listen == "127.0.0.1:9477"
 
 
-def test_a_secondary_has_no_queues() -> None:
+def test_a_secondary_has_its_own_queues() -> None:
     config = parse_config(BASE.replace("primary", "secondary"), "t.yaml")
-    assert config.queues is None
+    assert config.queues == QueuesConfig()
+    assert (config.queues.secondary_in, config.queues.secondary_egress) == (12, 13)
     assert config.pair.role is ProxyRole.SECONDARY
 
 
@@ -314,7 +315,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "queues: 5\n",
             "t.yaml:9: key 'queues': expected a mapping (primary_out, secondary_out,"
-            " secondary_in, max_len, copy_range, rcvbuf, transport), got 5",
+            " secondary_in, secondary_egress, max_len, copy_range, rcvbuf, transport), got 5",
         ),
         (
             BASE + "  prefix: cp\n  prefix: xy\n",
@@ -331,12 +332,18 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         ),
         # relations between keys
         (
-            BASE.replace("primary", "secondary") + "queues: {}\n",
-            "t.yaml:9: key 'queues': only a primary has queues (role is secondary)",
+            BASE.replace("primary", "secondary") + "queues: {secondary_out: 3}\n",
+            "t.yaml:9: key 'queues.secondary_out': is a queue of the other role's host; role"
+            " secondary uses secondary_in, secondary_egress",
         ),
         (
-            BASE + "queues:\n  primary_out: 5\n  secondary_in: 5\n",
-            "t.yaml:11: key 'queues.secondary_in': queue 5 is also queues.primary_out",
+            BASE + "queues:\n  secondary_in: 7\n",
+            "t.yaml:10: key 'queues.secondary_in': is a queue of the other role's host; role"
+            " primary uses primary_out, secondary_out",
+        ),
+        (
+            BASE + "queues:\n  primary_out: 5\n  secondary_out: 5\n",
+            "t.yaml:11: key 'queues.secondary_out': queue 5 is also queues.primary_out",
         ),
         (
             BASE.replace("10.255.77.2", "fd77:255::2"),
@@ -536,12 +543,17 @@ def test_the_example_pair_is_one_pair() -> None:
         secondary.net.vxlan_id,
         secondary.net.vxlan_port,
     )
-    assert secondary.queues is None
+    assert primary.queues is not None and secondary.queues is not None
+    used = {primary.queues.primary_out, primary.queues.secondary_out}
+    assert not used & {secondary.queues.secondary_in, secondary.queues.secondary_egress}
 
 
-def test_the_primary_example_shows_every_key() -> None:
-    """The commented primary example is the reference file: it sets every key."""
-    text = (ROOT / "configs" / "pair-primary.yaml").read_text()
+PAIR_FILES = ("pair-primary.yaml", "pair-secondary.yaml")
+
+
+def test_the_examples_show_every_key() -> None:
+    """The commented examples are the reference files: together they set every key."""
+    text = "".join((ROOT / "configs" / name).read_text() for name in PAIR_FILES)
     for section, keys in SECTIONS.items():
         for key in keys:
             assert re.search(rf"^\s+#?\s*{key}:", text, re.MULTILINE), f"{section}.{key}"

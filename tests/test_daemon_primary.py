@@ -1,10 +1,11 @@
-"""PrimaryProxy with fake queues: verdicts, requests, restart safety (I6)."""
+"""PrimaryProxy and SecondaryProxy with fake queues: verdicts, requests, restart safety (I6)."""
 
 from __future__ import annotations
 
 from coloproxy.compare import Comparator, CompareConfig
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
-from coloproxy.rewrite import IngressRewriter
+from coloproxy.daemon.secondary import SecondaryProxy
+from coloproxy.rewrite import SecondaryRewriter
 from craft import ACK, SYN, tcp
 
 P_ISN, S_ISN = 1000, 900_000
@@ -30,28 +31,15 @@ class FakeSink:
         self.requests.append(request)
 
 
-def make() -> tuple[PrimaryProxy, FakeQueue, FakeQueue, FakeQueue, FakeSink]:
+def make() -> tuple[PrimaryProxy, FakeQueue, FakeQueue, FakeSink]:
     comparator = Comparator(CompareConfig())
-    primary_out, secondary_out, secondary_in, sink = (
-        FakeQueue(),
-        FakeQueue(),
-        FakeQueue(),
-        FakeSink(),
-    )
-    proxy = PrimaryProxy(
-        comparator,
-        IngressRewriter(comparator.sequence_offsets),
-        primary_out,
-        secondary_out,
-        secondary_in,
-        sink,
-        now=0.0,
-    )
-    return proxy, primary_out, secondary_out, secondary_in, sink
+    primary_out, secondary_out, sink = FakeQueue(), FakeQueue(), FakeSink()
+    proxy = PrimaryProxy(comparator, primary_out, secondary_out, sink, now=0.0)
+    return proxy, primary_out, secondary_out, sink
 
 
 def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
-    proxy, primary_out, secondary_out, _, sink = make()
+    proxy, primary_out, secondary_out, sink = make()
     assert [(r.id, r.reason) for r in sink.requests] == [(1, "restart")]
     proxy.on_primary("p1", tcp(P_ISN + 1, b"stale?"), 0.1)
     proxy.on_secondary("s1", tcp(S_ISN + 1, b"stale?"), 0.1)
@@ -63,7 +51,7 @@ def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
 
 
 def test_matched_output_is_released_and_divergence_is_one_request() -> None:
-    proxy, primary_out, secondary_out, _, sink = make()
+    proxy, primary_out, secondary_out, sink = make()
     proxy.checkpoint_completed(0.0)
     proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)
     proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)
@@ -84,23 +72,32 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3"]
 
 
-def test_ingress_copies_get_the_acknowledgement_shifted() -> None:
-    proxy, _, _, secondary_in, _ = make()
-    proxy.checkpoint_completed(0.0)
-    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)
-    proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)
+def test_host_s_shifts_ingress_acks_and_after_a_takeover_the_svm_output() -> None:
+    to_guest, from_guest = FakeQueue(), FakeQueue()
+    proxy = SecondaryProxy(SecondaryRewriter(), to_guest, from_guest)
+    proxy.on_from_guest("s-syn", tcp(S_ISN, flags=SYN | ACK), 1.0)
     client_ack = tcp(
         5000, b"", flags=ACK, ack=P_ISN + 1, src="10.0.0.9", dst="10.0.0.1", sport=40000, dport=80
     )
-    proxy.on_ingress("c1", client_ack, 1.1)
-    ((handle, payload),) = secondary_in.accepted
+    proxy.on_to_guest("c1", client_ack, 1.1)
+    ((handle, payload),) = to_guest.accepted
     assert handle == "c1" and payload is not None
     assert int.from_bytes(payload[28:32], "big") == S_ISN + 1
+    assert from_guest.accepted == [("s-syn", None)]
+    proxy.on_from_guest("s1", tcp(S_ISN + 1, b"data", flags=ACK), 1.2)
+    assert from_guest.accepted[-1] == ("s1", None)  # protected: host P compares it unchanged
+    proxy.take_over()
+    proxy.on_from_guest("s2", tcp(S_ISN + 5, b"more", flags=ACK), 1.3)
+    handle, payload = from_guest.accepted[-1]
+    assert handle == "s2" and payload is not None
+    assert int.from_bytes(payload[24:28], "big") == P_ISN + 5
     assert proxy.counters.rewrites["shifted"] == 1
+    assert proxy.counters.egress_rewrites["shifted"] == 1
+    assert proxy.counters.packets["secondary-egress", "accept"] == 3
 
 
 def test_manual_request_is_coalesced_while_one_is_outstanding() -> None:
-    proxy, _, _, _, sink = make()
+    proxy, _, _, sink = make()
     assert proxy.request_manual(0.0) is None  # the restart request is outstanding
     proxy.checkpoint_completed(0.1)
     request = proxy.request_manual(0.2)

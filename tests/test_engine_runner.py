@@ -26,6 +26,7 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
+from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine.logic import Role, Watch
@@ -36,6 +37,7 @@ from coloproxy.protocol import (
     ClientRole,
     Mode,
     ProxyRole,
+    Reprotect,
     SetPeriod,
     StatusRequest,
 )
@@ -291,9 +293,12 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             status = await cli.request(StatusRequest())
             assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
             assert status.engines == 1
+        async with await ControlClient.connect(w.secondary_socket, ClientRole.CLI) as cli:
+            with pytest.raises(ControlRefusedError, match="protected already"):
+                await cli.request(Reprotect(migrate_uri="tcp:127.0.0.1:1"))
         # The primary QEMU exits: the secondary daemon takes over.
         await w.primary_qemu.die()
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
         acted = [(c, a) for c, a in w.secondary_qemu.commands if not c.startswith("query-")]
         assert acted[-4:] == [
@@ -356,7 +361,7 @@ async def test_a_primary_whose_secondary_took_over_pauses_its_guest(tmp_path: Pa
         w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
         engine = w.daemon.engine
         assert engine is not None
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
         await w.primary.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
         decider = w.primary.decider
@@ -376,7 +381,7 @@ async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -
         await asyncio.wait([w.primary_task])
         engine = w.daemon.engine
         assert engine is not None
-        await engine.wait_until(lambda: "proxy" in engine.figures.last_failover, 5)
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         triggers = sum(1 for c, _ in w.primary_qemu.commands if c == "migrate-set-parameters")
         again = EngineRunner(w.primary.settings)
         task = asyncio.create_task(again.run())

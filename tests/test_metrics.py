@@ -117,6 +117,8 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
     counts.rewrites["bad-tcp-options"] += 1
     counts.rewrites["no-offset"] += 2
     counts.rewrites["not-tcp"] += 7
+    counts.egress_rewrites["shifted"] += 3
+    counts.egress_rewrites["no-offset"] += 9
     found = await scrape(server)
     expected = {
         ("coloproxy_protected", ()): 1.0,
@@ -136,6 +138,7 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
         ("coloproxy_rewrites_total", ()): 6.0,
         ("coloproxy_rewrite_failures_total", (("reason", "bad-tcp-options"),)): 1.0,
         ("coloproxy_rewrite_failures_total", (("reason", "no-offset"),)): 2.0,
+        ("coloproxy_takeover_rewrites_total", ()): 3.0,
         ("coloproxy_checkpoints_completed_total", ()): 0.0,
     }  # fmt: skip
     for key, value in expected.items():

@@ -109,7 +109,6 @@ def test_primary_setup_creates_tunnel_mirror_bridge_sysctls_and_rules(topology: 
             "-N CP-T1",
             "-A CP-T1 -m physdev --physdev-in guest0 -j NFQUEUE --queue-num 7710",
             "-A CP-T1 -m physdev --physdev-in cp-vx -j NFQUEUE --queue-num 7711",
-            "-A CP-T1 -m physdev --physdev-in cp-mir1 -j NFQUEUE --queue-num 7712",
             "-A CP-T1 -i cp-mir0 -j DROP",
         ]
         forward = topology.exec("hp", [command, "-S", "FORWARD"]).stdout.splitlines()
@@ -131,7 +130,10 @@ def test_secondary_setup_bridges_the_guest_port_with_the_tunnel_only(topology: T
     details = topology.exec("hs", ["ip", "-d", "-o", "link", "show", "cp-vx"]).stdout
     assert re.search(r"vxlan id 77 remote 10\.255\.77\.1 local 10\.255\.77\.2 dev repl", details)
     assert state["filters"] == {}  # no tc on host S
-    assert state["iptables"] == state["ip6tables"] == ""  # and no queues
+    # Its two queues: TCP into the SVM, and the SVM's TCP output (SYN-ACKs towards the tunnel).
+    for listing in (state["iptables"], state["ip6tables"]):
+        assert "--physdev-out guest0 -j NFQUEUE --queue-num 7712" in listing
+        assert listing.count("--queue-num 7713") == 2
 
 
 @pytest.mark.root
@@ -248,10 +250,12 @@ def test_attach_guest_to_lan_moves_the_svm_port_into_the_lan_bridge(topology: To
     links = links_of(snapshot(topology, "hs"))
     assert links["guest0"]["master"] == "br-lan"
     assert links["cp-vx"]["master"] == "cp-brs"
-    # The SVM now answers the client directly, as the surviving VM after failover.
+    # The SVM now answers the client directly, as the surviving VM after failover, through
+    # host S's queues (an accept-all consumer here: without one they drop, fail closed).
     topology.run_in("hp", host.teardown, host_params(Role.PRIMARY))
     topology.exec("hp", ["ip", "link", "set", "guest0", "nomaster"])
     server = EchoServer(topology, "svm", 4, PORT, banner=b"svm:")
+    consumer = Consumer(topology, QUEUES)
     try:
         with client_socket(topology, 4) as client:
             client.settimeout(3.0)
@@ -259,7 +263,11 @@ def test_attach_guest_to_lan_moves_the_svm_port_into_the_lan_bridge(topology: To
             client.sendall(b"hi")
             assert client.recv(100) == b"svm:hi"
     finally:
+        records = consumer.stop()
         server.close()
+    # From the LAN, every TCP segment of the SVM's is queued (to be shifted after a takeover).
+    assert {r["queue"] for r in records} == {QUEUES.secondary_in, QUEUES.secondary_egress}
+    assert any(r["queue"] == QUEUES.secondary_egress and r["flags"] == ACK | 0x08 for r in records)
 
 
 def test_attach_guest_to_lan_needs_the_lan_bridge() -> None:
@@ -271,6 +279,7 @@ def test_attach_guest_to_lan_needs_the_lan_bridge() -> None:
         local_address=ipaddress.ip_address("10.0.0.2"),
         remote_address=ipaddress.ip_address("10.0.0.1"),
         vxlan_id=1,
+        queues=QUEUES,
     )
     with pytest.raises(UsageError, match="attach_guest_to_lan needs lan_bridge"):
         host.attach_guest_to_lan(params)
@@ -383,6 +392,10 @@ def test_with_an_accept_all_consumer_the_client_reaches_the_pvm_and_the_svm_gets
     pvm_syn_ack = seen(QUEUES.primary_out, SYN | ACK, towards_guest=False)
     svm_syn_ack = seen(QUEUES.secondary_out, SYN | ACK, towards_guest=False)
     client_syn_copies = seen(QUEUES.secondary_in, SYN, towards_guest=True)
+    svm_syn_ack_on_host_s = seen(QUEUES.secondary_egress, SYN | ACK, towards_guest=False)
+    assert svm_syn_ack_on_host_s, f"host S saw no SYN-ACK of the SVM: {records}"
+    # Towards the tunnel host S queues the SVM's SYN-ACKs only: host P compares the rest.
+    assert all(r["flags"] & (SYN | ACK) == SYN | ACK for r in records if r["queue"] == 7713)
     assert pvm_syn_ack, f"P-out saw no SYN-ACK of the PVM: {records}"
     assert client_syn_copies, f"S-in saw no copy of the client's SYN: {records}"
     assert svm_syn_ack, f"S-out saw no SYN-ACK of the SVM: {records}"

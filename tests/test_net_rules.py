@@ -17,7 +17,7 @@ from coloproxy.net.rules import (
 )
 from test_purity import ROOT, violations
 
-QUEUES = QueueNumbers(primary_out=10, secondary_out=11, secondary_in=12)
+QUEUES = QueueNumbers(primary_out=10, secondary_out=11, secondary_in=12, secondary_egress=13)
 
 
 def primary(pair: str = "web") -> RuleSet:
@@ -43,7 +43,6 @@ def save(*lines: str, table: str = "filter") -> str:
 PRIMARY_RULES = [
     "-A CP-WEB -m physdev --physdev-in tap0 -j NFQUEUE --queue-num 10",
     "-A CP-WEB -m physdev --physdev-in cp-vx -j NFQUEUE --queue-num 11",
-    "-A CP-WEB -m physdev --physdev-in cp-mir1 -j NFQUEUE --queue-num 12",
     "-A CP-WEB -i cp-mir0 -j DROP",
 ]
 
@@ -66,10 +65,9 @@ def test_the_queue_rules_have_no_bypass_and_name_each_stream_by_its_bridge_port(
     """Fail closed: without --queue-bypass the kernel drops what no proxy listens for."""
     rules = primary().rules()
     assert not any("bypass" in rule for rule in rules)
-    assert rules[:3] == (
+    assert rules[:2] == (
         "-m physdev --physdev-in tap0 -j NFQUEUE --queue-num 10",  # P-out
         "-m physdev --physdev-in cp-vx -j NFQUEUE --queue-num 11",  # S-out
-        "-m physdev --physdev-in cp-mir1 -j NFQUEUE --queue-num 12",  # S-in
     )
 
 
@@ -138,16 +136,29 @@ def test_teardown_of_an_absent_chain_is_nothing_to_do() -> None:
     assert primary().teardown_text(save("-A FORWARD -j ACCEPT")) == ""
 
 
-def test_the_secondary_installs_no_rules_and_removes_stale_ones() -> None:
-    assert secondary().rules() == ()
-    assert secondary().apply_text("") == ""
+def test_the_secondary_queues_tcp_into_the_svm_and_the_svms_tcp_output() -> None:
+    """Host S: S-in from the tunnel or the LAN alike; towards the tunnel only the SVM's
+    SYN-ACKs (to learn its ISNs), elsewhere (after a takeover) all of its TCP output."""
+    rules = secondary().rules()
+    assert rules == (
+        "-p tcp -m physdev --physdev-out tap0 -j NFQUEUE --queue-num 12",
+        "-p tcp -m physdev --physdev-in tap0 --physdev-out cp-vx -m tcp --tcp-flags SYN,ACK"
+        " SYN,ACK -j NFQUEUE --queue-num 13",
+        "-p tcp -m physdev --physdev-in tap0 ! --physdev-out cp-vx -j NFQUEUE --queue-num 13",
+    )
+    assert not any("bypass" in rule for rule in rules)
     stale = save(":CP-WEB - [0:0]", "-A FORWARD -j CP-WEB", *PRIMARY_RULES)
-    assert secondary().apply_text(stale) == secondary().teardown_text(stale) != ""
+    text = secondary().apply_text(stale)
+    assert ":CP-WEB - [0:0]" in text and "-A CP-WEB -i cp-mir0 -j DROP" not in text
 
 
-def test_the_secondary_needs_no_queue_numbers() -> None:
-    rule_set = RuleSet("cp", "web", Role.SECONDARY, "tap0", QueueNumbers())
-    assert rule_set.rules() == ()
+def test_the_secondary_needs_its_two_queue_numbers() -> None:
+    with pytest.raises(UsageError, match="needs queue numbers for secondary_in, secondary_egress"):
+        RuleSet("cp", "web", Role.SECONDARY, "tap0", QueueNumbers())
+    with pytest.raises(UsageError, match="must differ"):
+        RuleSet(
+            "cp", "web", Role.SECONDARY, "tap0", QueueNumbers(secondary_in=4, secondary_egress=4)
+        )
 
 
 def test_one_text_serves_both_families() -> None:
@@ -177,10 +188,10 @@ def test_link_names_fit_in_ifnamsiz() -> None:
 def test_bad_parameters_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="queue primary_out 65536 is not a queue number"):
         QueueNumbers(primary_out=65536)
-    with pytest.raises(UsageError, match="role primary needs queue numbers for secondary_in"):
-        RuleSet("cp", "web", Role.PRIMARY, "tap0", QueueNumbers(1, 2, None))
+    with pytest.raises(UsageError, match="role primary needs queue numbers for secondary_out"):
+        RuleSet("cp", "web", Role.PRIMARY, "tap0", QueueNumbers(1, None))
     with pytest.raises(UsageError, match="must differ"):
-        RuleSet("cp", "web", Role.PRIMARY, "tap0", QueueNumbers(1, 2, 1))
+        RuleSet("cp", "web", Role.PRIMARY, "tap0", QueueNumbers(1, 1))
     with pytest.raises(UsageError, match="guest port"):
         RuleSet("cp", "web", Role.PRIMARY, "a-very-long-tap-name", QUEUES)
     with pytest.raises(UsageError, match="net prefix"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4
+from coloproxy.protocol import Mode, ProxyRole
 from netfixtures import snapshot, topology_fixture
 from pairworld import BIG, PairWorld, http_get, http_post, sha256_line, tcp_echo, udp_echo
 
@@ -45,9 +46,10 @@ def test_download_and_upload_get_the_primary_bytes(world: PairWorld) -> None:
     # No divergence: in particular the SVM kept its connections (an RST from it would be a
     # fate divergence), because the client's ACKs reached it shifted by the ISN offset.
     assert world.engine.requests[before:] == [], world.diagnose()
-    status_reply = world.status()
-    assert status_reply.counters["rewrites"] > 0
-    assert status_reply.held_packets == 0
+    assert world.status().held_packets == 0
+    host_s = world.status("secondary")
+    assert host_s.counters["rewrites"] > 0  # shifted on host S, where the SVM runs
+    assert host_s.counters["offsets_learnt"] >= 2
 
 
 def test_an_injected_divergence_is_one_request_with_flow_and_evidence(world: PairWorld) -> None:
@@ -120,6 +122,32 @@ def test_killed_proxy_stops_output_and_a_restart_asks_for_a_checkpoint_first(
     assert fresh.engine.requests[seen].reason == "restart"
     status, body, _ = fresh.client(http_get, "/")
     assert status == 200 and body == b"hello from the guest\n" * 10
+
+
+def test_connections_survive_a_takeover_with_the_svms_sequence_numbers_shifted(
+    fresh: PairWorld,
+) -> None:
+    """The namespace guests never share state, so every connection keeps its ISN and TSval
+    offsets for good: after the takeover host S must shift the SVM's output into the numbers
+    the client knows (the PVM's), or the client drops it and the connection dies."""
+    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with connection:
+        connection.settimeout(5.0)
+        connection.connect((GUEST_IPV4, 7))
+        connection.sendall(b"before")
+        assert connection.recv(100) == b"before"  # the PVM's answer, released by host P
+        fresh.take_over()
+        connection.sendall(b"after the takeover")
+        assert connection.recv(100) == b"after the takeover"  # the SVM's, shifted on host S
+        connection.sendall(b"x" * 300_000)  # and a stream of it, acknowledged both ways
+        received = 0
+        while received < 300_000:
+            received += len(connection.recv(65536))
+    host_s = fresh.status("secondary")
+    assert (host_s.role, host_s.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+    assert host_s.counters["takeover_rewrites"] > 0, fresh.log("secondary")
+    # A connection opened after the takeover is the SVM's own: nothing to shift.
+    assert fresh.client(tcp_echo, b"new", socket.AF_INET) == b"new"
 
 
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:

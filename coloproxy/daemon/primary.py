@@ -1,4 +1,4 @@
-"""Role primary: the three queues of host P, the comparator and the checkpoint requests.
+"""Role primary: the two queues of host P, the comparator and the checkpoint requests.
 
 Theory of operation
 -------------------
@@ -10,9 +10,11 @@ collector at scrape time, so the per-packet cost is a dict increment).
 - P-out (primary egress): ``comparator.feed(PRIMARY, ...)``; the packet is held in the kernel
   (no verdict) until a ``Release`` names it.
 - S-out (secondary egress): ``comparator.feed(SECONDARY, ...)``; every packet is dropped.
-- S-in (client -> secondary copies): the rewriter shifts ACK/SACK; always accepted. With
-  the chardev transport there is no S-in and no rewriter (``rewriter=None``): QEMU's
-  filter-rewriter does that job on the secondary host.
+- S-in (client -> secondary copies) is host S's (``coloproxy/daemon/secondary.py``): the
+  offsets a takeover needs must live where the SVM runs. With the chardev transport there
+  is no S-in at all: QEMU's filter-rewriter does that job.
+- The chardev transport feeds whole receive batches (``on_primary_many``,
+  ``on_secondary_many``: one ``feed_many`` call each).
 - ``CheckpointNeeded`` that is not coalesced becomes one request with a fresh id (I4);
   later ones while it is outstanding are counted as coalesced.
 - Checkpoint started/completed from the engine drive the comparator's epochs.
@@ -47,8 +49,6 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
-from coloproxy.errors import UsageError
-from coloproxy.rewrite import IngressRewriter
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class ProxyCounters:
     requests: Counter[str] = field(default_factory=Counter)  # reason
     coalesced: Counter[str] = field(default_factory=Counter)  # reason
     malformed: Counter[tuple[str, str]] = field(default_factory=Counter)  # (side, reason)
-    rewrites: Counter[str] = field(default_factory=Counter)  # RewriteStatus
+    rewrites: Counter[str] = field(default_factory=Counter)  # host S, S-in: RewriteStatus
+    egress_rewrites: Counter[str] = field(default_factory=Counter)  # host S, SVM output
     checkpoints_completed: int = 0
     last_checkpoint: float | None = None  # loop time of the last completed checkpoint
 
@@ -103,19 +104,15 @@ class PrimaryProxy:
     def __init__(
         self,
         comparator: Comparator,
-        rewriter: IngressRewriter | None,
         primary_out: Verdicts,
         secondary_out: Verdicts,
-        secondary_in: Verdicts,
         requests: RequestSink,
         now: float,
         counters: ProxyCounters | None = None,
     ) -> None:
         self.comparator = comparator
-        self.rewriter = rewriter
         self._primary_out = primary_out
         self._secondary_out = secondary_out
-        self._secondary_in = secondary_in
         self._requests = requests
         self.counters = counters or ProxyCounters()
         self._ids = itertools.count(1)
@@ -127,11 +124,10 @@ class PrimaryProxy:
         self.checkpointing = True
         self._request(REASON_RESTART, "any", None, None, now)
 
-    def bind(self, primary_out: Verdicts, secondary_out: Verdicts, secondary_in: Verdicts) -> None:
+    def bind(self, primary_out: Verdicts, secondary_out: Verdicts) -> None:
         """Attach the queues (they are opened after the proxy exists: packets may come at once)."""
         self._primary_out = primary_out
         self._secondary_out = secondary_out
-        self._secondary_in = secondary_in
 
     # -- packets ---------------------------------------------------------------------------
 
@@ -170,14 +166,6 @@ class PrimaryProxy:
             self.counters.packets["secondary-out", "drop-unprotected"] += len(handles)
             return
         self._act(self.comparator.feed_many(Side.SECONDARY, payloads, now, handles), now)
-
-    def on_ingress(self, handle: object, payload: bytes, now: float) -> None:
-        if self.rewriter is None:
-            raise UsageError("on_ingress: this proxy has no S-in rewriter (chardev transport)")
-        outcome = self.rewriter.rewrite(payload)
-        self.counters.rewrites[outcome.status] += 1
-        self._secondary_in.accept(handle, outcome.payload)
-        self.counters.packets["secondary-in", "accept"] += 1
 
     def on_timer(self, now: float) -> None:
         self._act(self.comparator.handle_timer(now), now)

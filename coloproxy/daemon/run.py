@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -25,14 +26,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from coloproxy import __version__
-from coloproxy.capture.chardev import ChardevTransport, NoIngress
+from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import ChardevConfig, Config
+from coloproxy.config import ChardevConfig, Config, QueuesConfig
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
+from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
@@ -50,13 +52,14 @@ from coloproxy.protocol import (
     Failover,
     Mode,
     ProxyRole,
+    Reprotect,
     Request,
     SetPeriod,
     Status,
     StatusRequest,
 )
 from coloproxy.protocol import CheckpointRequest as WireRequest
-from coloproxy.rewrite import IngressRewriter
+from coloproxy.rewrite import SecondaryRewriter
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,9 @@ def host_net(config: Config) -> hostnet.HostNet:
     """The net layer's parameters from a config."""
     queues = config.queues
     numbers = (
-        QueueNumbers(queues.primary_out, queues.secondary_out, queues.secondary_in)
+        QueueNumbers(
+            queues.primary_out, queues.secondary_out, queues.secondary_in, queues.secondary_egress
+        )
         if queues is not None
         else QueueNumbers()
     )
@@ -99,6 +104,7 @@ class Daemon:
         self.mode = Mode.PROTECTED
         self.period_ms: int | None = config.engine.period_ms if config.engine.qmp else None
         self.proxy: PrimaryProxy | None = None
+        self.secondary: SecondaryProxy | None = None  # host S: the SVM's sequence spaces
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
         self.chardev: ChardevTransport | None = None  # the chardev transport, when configured
@@ -120,6 +126,7 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
+        self._reprotecting = False
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -142,6 +149,8 @@ class Daemon:
                     await self._start_primary_chardev(config.chardev)
                 else:
                     self._start_primary()
+            else:
+                self._start_secondary()
             self._start_engine()
             self.metrics.protected = self.mode is Mode.PROTECTED
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -178,27 +187,13 @@ class Daemon:
             raise ValueError("primary without queues")
         comparator = Comparator(config.compare)
         self.comparator = comparator
-        proxy = PrimaryProxy(
-            comparator,
-            IngressRewriter(comparator.sequence_offsets),
-            _Late(),
-            _Late(),
-            _Late(),
-            self,
-            self.loop.time(),
-        )
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
-        numbers = {
-            queues.primary_out: "primary-out",
-            queues.secondary_out: "secondary-out",
-            queues.secondary_in: "secondary-in",
-        }
-        self.metrics.queue_names = numbers
-        self.metrics.queue_stats = lambda: [
-            s for n, s in read_queue_stats().items() if n in numbers
-        ]
+        self._queue_metrics(
+            {queues.primary_out: "primary-out", queues.secondary_out: "secondary-out"}
+        )
         rearm = self._rearm_soon
         recorder = self.recorder
 
@@ -222,28 +217,10 @@ class Daemon:
                 proxy.on_secondary(handle, payload, now)
                 rearm()
 
-        def ingress(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_ingress(handle, payload, now)
-
-        netlink = queues.transport.value == Transport.NETLINK.value
-        opened: list[PacketQueue] = []
-        for number, callback in (
-            (queues.primary_out, primary),
-            (queues.secondary_out, secondary),
-            (queues.secondary_in, ingress),
-        ):
-            queue_config = QueueConfig(
-                number,
-                max_len=queues.max_len,
-                copy_range=queues.copy_range,
-                rcvbuf=queues.rcvbuf,
-                # Whole GSO packets where verdicts carry no new payload; never on S-in, whose
-                # rewritten packets need complete checksums (bench/nfqueue_README.md).
-                gso=netlink and number != queues.secondary_in,
-            )
-            opened.append(open_queue(queue_config, callback, queues.transport.value))
-        self.queues = opened
-        proxy.bind(opened[0], opened[1], opened[2])
+        # Whole GSO packets: these verdicts carry no new payload (bench/nfqueue_README.md).
+        primary_out = self._open_queue(queues.primary_out, primary, gso=True)
+        secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True)
+        proxy.bind(primary_out, secondary_out)
         self._rearm_soon()
 
     async def _start_primary_chardev(self, chardev: ChardevConfig) -> None:
@@ -252,9 +229,7 @@ class Daemon:
         TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
         comparator = Comparator(self.config.compare)
         self.comparator = comparator
-        proxy = PrimaryProxy(
-            comparator, None, _Late(), _Late(), NoIngress(), self, self.loop.time()
-        )
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
@@ -289,16 +264,55 @@ class Daemon:
 
         transport = ChardevTransport(chardev, primary, secondary, damaged, xen_checkpoint_done)
         self.chardev = transport
-        proxy.bind(transport.primary_verdicts, transport.secondary_verdicts, NoIngress())
+        proxy.bind(transport.primary_verdicts, transport.secondary_verdicts)
         self.metrics.chardev = transport
         await transport.start()
         if proxy.outstanding is not None:  # the restart request (I6), for Xen too
             transport.request_checkpoint()
         self._rearm_soon()
 
+    def _start_secondary(self) -> None:
+        """Host S: the rewriter of the SVM's TCP sequence spaces on its two queues."""
+        queues = self.config.queues
+        if queues is None:  # the config loader fills in the defaults on a secondary
+            raise ValueError("secondary without queues")
+        proxy = SecondaryProxy(SecondaryRewriter(), _Late(), _Late())
+        self.secondary = proxy
+        self.metrics.counts = proxy.counters
+        self._queue_metrics(
+            {queues.secondary_in: "secondary-in", queues.secondary_egress: "secondary-egress"}
+        )
+        # Never GSO here: rewritten packets go back with complete checksums.
+        to_guest = self._open_queue(queues.secondary_in, proxy.on_to_guest, gso=False)
+        from_guest = self._open_queue(queues.secondary_egress, proxy.on_from_guest, gso=False)
+        proxy.bind(to_guest, from_guest)
+
+    def _open_queue(
+        self, number: int, callback: Callable[[object, bytes, float], None], *, gso: bool
+    ) -> PacketQueue:
+        queues = self.config.queues
+        assert queues is not None
+        netlink = queues.transport.value == Transport.NETLINK.value
+        queue_config = QueueConfig(
+            number,
+            max_len=queues.max_len,
+            copy_range=queues.copy_range,
+            rcvbuf=queues.rcvbuf,
+            gso=netlink and gso,
+        )
+        queue = open_queue(queue_config, callback, queues.transport.value)
+        self.queues.append(queue)
+        return queue
+
+    def _queue_metrics(self, numbers: dict[int, str]) -> None:
+        self.metrics.queue_names = numbers
+        self.metrics.queue_stats = lambda: [
+            s for n, s in read_queue_stats().items() if n in numbers
+        ]
+
     # -- the checkpoint engine -------------------------------------------------------------
 
-    def _start_engine(self) -> None:
+    def _start_engine(self, *, reprotect: bool = False) -> None:
         """With ``engine.qmp`` set, the engine runs in this daemon as a client of its own
         control socket (docs/engine.md); without, the proxy waits for an external engine."""
         settings = EngineSettings.from_config(self.config)
@@ -307,7 +321,7 @@ class Daemon:
         attach_lan = None
         if self.setup_net and not self.chardev_primary and self.config.net.lan_bridge is not None:
             attach_lan = functools.partial(hostnet.attach_guest_to_lan, host_net(self.config))
-        self.engine = EngineRunner(settings, attach_lan=attach_lan)
+        self.engine = EngineRunner(settings, attach_lan=attach_lan, reprotect=reprotect)
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
@@ -389,6 +403,8 @@ class Daemon:
                 proxy.checkpoint_started(now)
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
+            if self.secondary is not None and message.synced:
+                self.secondary.checkpoint_applied()  # host S: the SVM loaded a checkpoint
             if proxy is not None:
                 # The guests resumed at the engine's RESUME stamp (wall clock, this host):
                 # on our loop's clock, so that packets sent since are compared, not released.
@@ -415,18 +431,71 @@ class Daemon:
                 return ErrorReply(ErrorCode.UNAVAILABLE, "no checkpoint engine connected")
             self.period_ms = message.period_ms
             return Ack(detail=f"sent to {sent} engine(s)")
+        if isinstance(message, Reprotect):
+            return await self._reprotect(message)
         return self._failover(message, now)
+
+    async def _reprotect(self, message: Reprotect) -> HandlerReply:
+        """After a failover: this host becomes (or stays) the primary and its engine brings a
+        new secondary into COLO (docs/control-protocol.md, "reprotect")."""
+        if self.engine is None:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE, "reprotect needs this daemon's engine (engine.qmp)"
+            )
+        if self.mode is Mode.PROTECTED:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "the pair is protected already")
+        if self._reprotecting:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "a reprotect is in progress")
+        self._reprotecting = True
+        try:
+            config = self.config
+            log.warning("reprotect: becoming the primary; new secondary at %s", message.migrate_uri)
+            # The engine's decisions belong to the old pair; its last heartbeat says "leaving".
+            await self._stop_engine()
+            for queue in self.queues:
+                queue.close()
+            self.queues = []
+            self.proxy = self.comparator = self.secondary = None
+            # Connections the takeover rewriter was shifting lose their shift here: host S's
+            # queues go with its role (docs/engine.md, "Re-protection").
+            config = dataclasses.replace(
+                config,
+                pair=dataclasses.replace(config.pair, role=ProxyRole.PRIMARY),
+                engine=dataclasses.replace(
+                    config.engine, migrate_uri=message.migrate_uri, bring_up=True
+                ),
+            )
+            if config.queues is None:
+                config = dataclasses.replace(config, queues=QueuesConfig())
+            self.config = config
+            if self.setup_net:
+                await asyncio.to_thread(hostnet.setup, host_net(config))
+                log.info("reprotect: host P's data path set up on this host")
+            self.role = ProxyRole.PRIMARY
+            self.mode = Mode.PROTECTED  # everything held until COLO's first checkpoint (I6)
+            self.metrics.role = self.role.value
+            self._start_primary()
+            self._start_engine(reprotect=True)
+            self.metrics.protected = True
+        finally:
+            self._reprotecting = False
+        return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
 
     def _failover(self, message: Failover, now: float) -> HandlerReply:
         if message.mode is Mode.UNPROTECTED:
             self.mode = Mode.UNPROTECTED
             self.role = message.role  # a secondary that took over is the primary now
+            self.metrics.role = self.role.value
             self.metrics.protected = False
             if self.proxy is not None:
                 self.proxy.set_unprotected(now)
+            if self.secondary is not None:
+                self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
             return Ack(detail="unprotected: output passes uncompared")
-        return ErrorReply(ErrorCode.UNAVAILABLE, "re-protection comes with the checkpoint engine")
+        return ErrorReply(
+            ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
+        )
 
     def _status(self, now: float) -> Status:
         config = self.config
@@ -434,9 +503,19 @@ class Daemon:
         engines = sum(1 for c in clients if c.role is ClientRole.ENGINE)
         proxy = self.proxy
         if proxy is None or self.comparator is None:
+            host_s_counts: dict[str, int] = {}
+            if self.secondary is not None:
+                host_s = self.secondary.counters
+                host_s_counts = {
+                    "rewrites": host_s.rewrites["shifted"],
+                    "takeover_rewrites": host_s.egress_rewrites["shifted"],
+                    "offsets_learnt": self.secondary.rewriter.learnt,
+                    "connections_shifted": len(self.secondary.rewriter),
+                }
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,
                 engines=engines, clients=len(clients), uptime=now - self.started,
+                counters=host_s_counts,
             )  # fmt: skip
         stats = self.comparator.stats()
         counters = proxy.counters

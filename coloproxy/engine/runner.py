@@ -213,8 +213,12 @@ class EngineRunner:
         *,
         attach_lan: Callable[[], None] | None = None,
         figures: EngineFigures | None = None,
+        reprotect: bool = False,
     ) -> None:
         self.settings = settings
+        # Started by a reprotect: a primary QEMU that left COLO earlier is brought up again
+        # instead of being reported as running alone.
+        self.reprotect = reprotect
         self.attach_lan = attach_lan
         self.role = settings.role
         self.figures = figures or EngineFigures()
@@ -420,6 +424,12 @@ class EngineRunner:
                     self._qmp_lane.put("confirm COLO entry", self._confirm_entry)
                 else:
                     self._schedule(scheduler.completed(now, event.wall))
+            elif self.failover_task is None:
+                # The SVM resumes after loading a checkpoint (or at COLO entry): it is a copy
+                # of the PVM now, and host S's proxy forgets its sequence offsets. The RESUME
+                # after a takeover is none of these: failover_task is set by then.
+                message = CheckpointCompleted(completed=event.wall, synced=True)
+                self._control_lane.put("svm-synced", lambda: self._notify(message))
         elif event.name == "COLO_EXIT":
             # The event's reason says "error" even for a requested failover (7.2): only a
             # hint; query-colo-status is asked for the truth.
@@ -643,7 +653,7 @@ class EngineRunner:
         self._colo_seen(status)
         if status.mode == ColoMode.PRIMARY.value:
             return  # activated by _colo_seen: an engine (re)started while in COLO
-        if status.last_mode == ColoMode.PRIMARY.value:
+        if status.last_mode == ColoMode.PRIMARY.value and not self.reprotect:
             # This QEMU failed over before the engine started: it runs alone.
             log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
             await self._tell_proxy(
@@ -811,6 +821,16 @@ class EngineRunner:
         steps["lost-heartbeat"] = self._now() - started
         if await self._delete_filters():
             steps["object-del"] = self._now() - started
+        # The proxy first: it must shift the SVM's output for the connections opened since
+        # the last checkpoint before that output can reach the LAN.
+        await self._tell_proxy(
+            Failover(
+                ProxyRole.PRIMARY,
+                Mode.UNPROTECTED,
+                f"primary lost ({decision.reason}); took over",
+            )
+        )
+        steps["proxy"] = self._now() - started
         if self.attach_lan is None:
             log.warning(
                 "no network configured in this daemon: the guest port is not moved to the"
@@ -839,17 +859,10 @@ class EngineRunner:
             log.error("no RESUME within %.0f s after x-colo-lost-heartbeat", RESUME_WAIT)
         with contextlib.suppress(QmpError):
             self._colo_seen(await monitor.colo_status())
-        await self._tell_proxy(
-            Failover(
-                ProxyRole.PRIMARY,
-                Mode.UNPROTECTED,
-                f"primary lost ({decision.reason}); took over",
-            )
-        )
-        steps["proxy"] = self._now() - started
+        steps["done"] = self._now() - started
         log.warning(
             "took over in %.1f ms (%s)",
-            steps["proxy"] * 1000,
+            steps["done"] * 1000,
             ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in steps.items()),
         )
         self._pulse()

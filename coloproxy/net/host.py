@@ -21,8 +21,10 @@ the kernel's default) and the guest port's master on host S (teardown does not k
 the operator wants it; after failover it is in the LAN bridge, where it must stay).
 
 **Fail closed.** On host P the rules go in before the tc mirror exists, and the mirror goes
-out before the rules: no moment in either order sends client copies past an S-in rule that
-is not there. The NFQUEUE rules themselves drop while no proxy listens (rules.py).
+out before the rules: no moment in either order sends SVM output past an S-out rule that is
+not there. On host S the rules go in before the SVM's port joins our bridge: no client copy
+reaches the SVM unrewritten, and no SYN-ACK of the SVM's goes unseen. The NFQUEUE rules
+themselves drop while no proxy listens (rules.py).
 
 **Why clsact and not a root prio qdisc.** The mirror is a u32 match-all filter with a
 ``mirred egress mirror`` action on the guest port's egress, attached to a ``clsact`` qdisc's
@@ -232,6 +234,10 @@ def _setup_secondary(ipr: Any, params: HostNet, guest: Any) -> None:
     for name in (links.secondary_bridge, links.vxlan):
         _disable_ipv6(name)
     _set_master(ipr, vxlan, links.vxlan, bridge, links.secondary_bridge)
+    for key in BRIDGE_NF_SYSCTLS:
+        if read_sysctl(key) != "1":
+            write_sysctl(key, 1)
+    _apply_rules(params)  # S-in and the SVM's SYN-ACKs queued before the SVM joins the bridge
     # One request moves the port out of any other bridge (the LAN's, if the operator left it
     # there) into ours: the SVM must never be on the LAN while the pair is protected (I3).
     _set_master(ipr, guest["index"], params.guest_port, bridge, links.secondary_bridge)
@@ -241,7 +247,6 @@ def _setup_secondary(ipr: Any, params: HostNet, guest: Any) -> None:
         (guest["index"], params.guest_port),
     ):
         _set_up(ipr, index, name)
-    _apply_rules(params)  # the secondary has no rules: this removes stale ones of the pair
 
 
 # --------------------------------------------------------------------------------------------

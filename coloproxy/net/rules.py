@@ -130,27 +130,44 @@ def chain_name(pair: str) -> str:
 class QueueNumbers:
     """NFQUEUE numbers of one pair; a role uses the ones it needs and ignores the rest."""
 
-    primary_out: int | None = None  # P-out: PVM egress, held until matched
-    secondary_out: int | None = None  # S-out: SVM egress over the tunnel, compared, dropped
-    secondary_in: int | None = None  # S-in: client->PVM copies on their way to the SVM
+    primary_out: int | None = None  # host P, P-out: PVM egress, held until matched
+    secondary_out: int | None = None  # host P, S-out: SVM egress over the tunnel, compared, dropped
+    secondary_in: int | None = None  # host S, S-in: client packets on their way to the SVM
+    secondary_egress: int | None = (
+        None  # host S: the SVM's TCP output (learn; after takeover shift)
+    )
 
     def __post_init__(self) -> None:
-        for name in ("primary_out", "secondary_out", "secondary_in"):
+        for name in QUEUE_FIELDS:
             number = getattr(self, name)
             if number is not None and not 0 <= number <= QUEUE_MAX:
                 raise UsageError(f"queue {name} {number} is not a queue number (0-{QUEUE_MAX})")
 
 
-# Which queues a role installs and the bridge port each one matches on, as data: a role that
-# later queues something more adds a row. Host S queues nothing: it only forwards between
-# the SVM and the tunnel, and host P sees all of the SVM's output there.
+QUEUE_FIELDS: tuple[str, ...] = ("primary_out", "secondary_out", "secondary_in", "secondary_egress")
+
+# Which queues a role installs and what each matches, as data (``{guest_port}``, ``{vxlan}``
+# are the links): a role that later queues something more adds a row.
+# Host P queues the PVM's output (P-out) and the SVM's output arriving over the tunnel
+# (S-out). Host S queues TCP on its way into the SVM (S-in: the client's ACKs are moved into
+# the SVM's space, whether they come mirrored over the tunnel or, after a takeover, from the
+# LAN) and the SVM's own TCP output: towards the tunnel only SYN-ACKs (the rewriter learns
+# the SVM's ISNs from them and host P compares the rest as it is), anywhere else every
+# segment (after a takeover the SVM's numbers are moved back into the PVM's space).
 _QUEUED_STREAMS: dict[Role, tuple[tuple[str, str], ...]] = {
     Role.PRIMARY: (
-        ("primary_out", "guest_port"),
-        ("secondary_out", "vxlan"),
-        ("secondary_in", "mirror_peer"),
+        ("primary_out", "-m physdev --physdev-in {guest_port}"),
+        ("secondary_out", "-m physdev --physdev-in {vxlan}"),
     ),
-    Role.SECONDARY: (),
+    Role.SECONDARY: (
+        ("secondary_in", "-p tcp -m physdev --physdev-out {guest_port}"),
+        (
+            "secondary_egress",
+            "-p tcp -m physdev --physdev-in {guest_port} --physdev-out {vxlan}"
+            " -m tcp --tcp-flags SYN,ACK SYN,ACK",
+        ),
+        ("secondary_egress", "-p tcp -m physdev --physdev-in {guest_port} ! --physdev-out {vxlan}"),
+    ),
 }
 # Links whose received packets are never forwarded. The mirror port receives whatever the
 # primary bridge sends towards it, the SVM's output included; it has no address, but a host
@@ -175,7 +192,7 @@ class RuleSet:
         LinkNames(self.prefix)  # validates the prefix
         chain_name(self.pair)  # validates the pair name
         check_interface_name("guest port", self.guest_port)
-        used = [name for name, _ in _QUEUED_STREAMS[Role(self.role)]]
+        used = list(dict.fromkeys(name for name, _ in _QUEUED_STREAMS[Role(self.role)]))
         numbers = [getattr(self.queues, name) for name in used]
         missing = [name for name, number in zip(used, numbers, strict=True) if number is None]
         if missing:
@@ -201,9 +218,8 @@ class RuleSet:
             "mirror": self.links.mirror,
         }
         queued = tuple(
-            f"-m physdev --physdev-in {ports[port]} -j NFQUEUE "
-            f"--queue-num {getattr(self.queues, queue)}"
-            for queue, port in _QUEUED_STREAMS[role]
+            f"{match.format(**ports)} -j NFQUEUE --queue-num {getattr(self.queues, queue)}"
+            for queue, match in _QUEUED_STREAMS[role]
         )
         return queued + tuple(f"-i {ports[link]} -j DROP" for link in _DROPPED_INPUTS[role])
 

@@ -188,9 +188,15 @@ def shift_tcp_ack(
 
 
 def shift_tcp_seq(
-    buf: bytearray, packet: Packet, delta: int, *, checksum: ChecksumForm | None = None
+    buf: bytearray,
+    packet: Packet,
+    delta: int,
+    *,
+    checksum: ChecksumForm | None = None,
+    tsval_delta: int = 0,
 ) -> ShiftResult:
-    """Add ``delta`` (mod 2**32) to the sequence number; SACK blocks are left alone.
+    """Add ``delta`` (mod 2**32) to the sequence number, and ``tsval_delta`` to the timestamp
+    value (TSval) when it is not 0; SACK blocks are left alone.
 
     The sequence number is meaningful in every segment, so it is always shifted. Same
     contract as :func:`shift_tcp_ack`; ``packet.seq`` is updated to match.
@@ -199,14 +205,30 @@ def shift_tcp_seq(
     if packet.fragment:
         return _FRAGMENT
     form = checksum if checksum is not None else classify_checksum(packet)
-    offset = packet.l4 + TCP_SEQ_OFFSET
+    l4 = packet.l4
+    offset = l4 + TCP_SEQ_OFFSET
     old = _U32.unpack_from(buf, offset)[0]
     new = seq.add(old, delta)
     _U32.pack_into(buf, offset, new)
     packet.seq = new
+    even_old, even_new, odd_old, odd_new, fields = old, new, 0, 0, 1
+    if tsval_delta and packet.payload - l4 > TCP_OPTIONS_OFFSET:
+        tsval_at = find_timestamps(buf, l4 + TCP_OPTIONS_OFFSET, packet.payload)
+        if tsval_at is not None:
+            old = _U32.unpack_from(buf, tsval_at)[0]
+            new = seq.add(old, tsval_delta)
+            _U32.pack_into(buf, tsval_at, new)
+            fields = 2
+            if (tsval_at - l4) & 1:
+                odd_old, odd_new = old, new
+            else:
+                even_old += old
+                even_new += new
     if form is ChecksumForm.FULL:
-        _update_checksum(buf, packet.l4, fold(old), fold(new))
-    return _SHIFTED[1]
+        old_sum = fold(even_old + (odd_old << 8))
+        new_sum = fold(even_new + (odd_new << 8))
+        _update_checksum(buf, l4, old_sum, new_sum)
+    return _SHIFTED[fields]
 
 
 def _check_usage(buf: bytearray, packet: Packet) -> None:

@@ -346,6 +346,24 @@ class Failover:
 
 
 @dataclass(frozen=True, slots=True)
+class Reprotect:
+    """cli -> proxy: protect again after a failover (the seed's "continuous FT"): this host
+    becomes (or stays) the primary and its engine brings a new secondary, whose QEMU waits on
+    ``migrate_uri``, into COLO."""
+
+    kind: ClassVar[str] = "reprotect"
+    migrate_uri: str
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_id("id", self.id)
+        if not self.migrate_uri or len(self.migrate_uri) > 256:
+            raise UsageError(
+                f"reprotect: migrate_uri must be 1-256 characters, got {self.migrate_uri!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """proxy -> client: done. For ``checkpoint``, ``request`` is the checkpoint request it
     became or was merged into."""
@@ -384,12 +402,19 @@ Message = Union[  # noqa: UP007 (a runtime object: typing.get_args walks it belo
     SetPeriod,
     CheckpointNow,
     Failover,
+    Reprotect,
     Ack,
     ErrorReply,
 ]
 # What a client sends after its hello (the server's handler sees these).
 Request = (
-    CheckpointStarted | CheckpointCompleted | StatusRequest | SetPeriod | CheckpointNow | Failover
+    CheckpointStarted
+    | CheckpointCompleted
+    | StatusRequest
+    | SetPeriod
+    | CheckpointNow
+    | Failover
+    | Reprotect
 )
 # What answers a client message.
 Reply = Welcome | Ack | Status | ErrorReply
@@ -407,7 +432,9 @@ CLIENT_MAY_SEND: Final[Mapping[ClientRole, frozenset[str]]] = {
     ClientRole.ENGINE: frozenset(
         {"checkpoint-started", "checkpoint-completed", "status-request", "failover"}
     ),
-    ClientRole.CLI: frozenset({"status-request", "checkpoint", "set-period", "failover"}),
+    ClientRole.CLI: frozenset(
+        {"status-request", "checkpoint", "set-period", "failover", "reprotect"}
+    ),
     ClientRole.MONITOR: frozenset({"status-request"}),
 }
 # Who receives each kind of push.
