@@ -354,16 +354,6 @@ class _SecondaryOut:
         pass
 
 
-class NoIngress:
-    """There is no S-in queue with the chardev transport (QEMU's filter-rewriter)."""
-
-    def accept(self, handle: object, payload: bytes | None = None) -> None:
-        raise UsageError("the chardev transport has no S-in")
-
-    def drop(self, handle: object) -> None:
-        raise UsageError("the chardev transport has no S-in")
-
-
 class ChardevTransport:
     """colo-compare's sockets in front of the proxy; see the module docstring.
 
@@ -705,5 +695,4 @@ __all__ = [
     "ChardevError",
     "ChardevTransport",
     "LinkFigures",
-    "NoIngress",
 ]
