@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import random
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -489,3 +490,28 @@ async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> 
         assert await qemu.read_out(len(later)) == later  # and what comes next, at once
         await qemu.send(qemu.sin, qemu.frames(rewritten(b"late", [])))
         await qemu.nothing_out(0.2)  # the secondary's output never leaves
+
+
+@pytest.mark.asyncio
+async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
+    from coloproxy.capture.chardev import ChardevError
+
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20).replace(
+            f"{{unix: {directory}/pin, server: true}}", f'{{tcp: "127.0.0.1:{port}", server: true}}'
+        )
+        daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=False)
+        with pytest.raises(ChardevError) as raised:
+            await asyncio.wait_for(daemon.run(), 10)
+        assert str(raised.value).startswith(
+            f"chardev primary_in: cannot listen on tcp:127.0.0.1:{port},server: "
+        )
+        assert "address already in use" in str(raised.value).lower()
+    finally:
+        busy.close()
+        shutil.rmtree(directory, ignore_errors=True)
