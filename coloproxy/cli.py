@@ -21,7 +21,15 @@ from coloproxy.config import ConfigError, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.errors import InputError
 from coloproxy.pcap import LINK_TYPE_NAMES, SUPPORTED_LINK_TYPES, compare_captures
-from coloproxy.protocol import Ack, CheckpointNow, ClientRole, Status, StatusRequest, Welcome
+from coloproxy.protocol import (
+    Ack,
+    CheckpointNow,
+    ClientRole,
+    Reprotect,
+    Status,
+    StatusRequest,
+    Welcome,
+)
 from coloproxy.protocol import to_json as message_json
 from coloproxy.protocol.messages import REASON_PATTERN
 from coloproxy.report import format_text, to_json
@@ -294,6 +302,40 @@ def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(handler=_checkpoint)
 
 
+def _reprotect(args: argparse.Namespace) -> int:
+    async def ask(path: str) -> Ack:
+        client = await ControlClient.connect(
+            path, ClientRole.CLI, name=f"coloproxy-cli {__version__}"
+        )
+        async with client:
+            return await client.request(Reprotect(migrate_uri=args.migrate_uri))
+
+    ack = _talk(args, ask)
+    if ack is None:
+        return EXIT_TROUBLE
+    print(ack.detail or "reprotecting")
+    return EXIT_EQUIVALENT
+
+
+def _add_reprotect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "reprotect",
+        help="protect again after a failover: this host becomes the primary",
+        description="Tell the daemon that runs the guest alone (after a failover) to protect"
+        " it again: it becomes the primary of its pair, sets up host P's data path on its"
+        " host and its engine migrates into the new secondary QEMU waiting on --migrate-uri"
+        " (start that QEMU with -incoming and its host's daemon, role secondary, first)."
+        " Exit 2 if the daemon cannot be reached or refuses. docs/operations.md.",
+    )
+    _add_socket_options(parser)
+    parser.add_argument(
+        "--migrate-uri",
+        required=True,
+        help="where the new secondary QEMU listens (its -incoming), e.g. tcp:10.0.0.1:7790",
+    )
+    parser.set_defaults(handler=_reprotect)
+
+
 # -- run, teardown -----------------------------------------------------------------------------
 
 
@@ -364,6 +406,7 @@ def _lab(args: argparse.Namespace) -> int:
         args.prefix,
         Path(args.run_dir),
         qemu_filters=getattr(args, "qemu_filters", False),
+        chardev=getattr(args, "chardev", False),
     )
     try:
         if args.lab_command == "up":
@@ -372,6 +415,9 @@ def _lab(args: argparse.Namespace) -> int:
         elif args.lab_command == "down":
             lab.down()
             print("lab down")
+        elif args.lab_command == "reprotect":
+            took = lab.reprotect()
+            print(f"lab protected again in {took:.1f} s: host S primary, host P secondary")
         else:
             with running_lab(lab, keep=args.keep):
                 result = demo(lab, traffic_s=args.traffic, after_failover_s=args.after)
@@ -408,13 +454,27 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="wire the pair with QEMU's colo-compare and filters instead of coloproxy",
     )
+    up.add_argument(
+        "--chardev",
+        action="store_true",
+        help="QEMU's filters, with coloproxy's chardev transport in place of colo-compare",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
+    actions.add_parser(
+        "reprotect",
+        help="after host P's QEMU died: a new secondary on host P, host S the primary, COLO",
+    )
     demo = actions.add_parser(
         "demo", help="up, client traffic, a divergence, SIGKILL of the primary, summary, down"
     )
     demo.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
     demo.add_argument(
         "--qemu-filters", action="store_true", help="the same with QEMU's own colo-compare"
+    )
+    demo.add_argument(
+        "--chardev",
+        action="store_true",
+        help="the same with QEMU's filters and coloproxy's chardev transport",
     )
     demo.add_argument(
         "--traffic", type=_seconds, default=20.0, metavar="SECONDS",
@@ -438,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_config(commands)
     _add_status(commands)
     _add_checkpoint(commands)
+    _add_reprotect(commands)
     _add_run(commands)
     _add_teardown(commands)
     _add_lab(commands)

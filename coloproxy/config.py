@@ -37,7 +37,7 @@ from typing import Final
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from coloproxy.compare.config import CompareConfig, PassthroughRule
+from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ProxyRole
 
@@ -140,11 +140,45 @@ class EngineConfig:
     checkpoint_timeout_ms: int = 10000
     bring_up: bool = True
     lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
+    failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: LogLevel = LogLevel.INFO
+
+
+@dataclass(frozen=True, slots=True)
+class ChardevSocket:
+    """One stream socket of the chardev transport: a unix path or a TCP address, and which
+    side listens (``server``: coloproxy listens and QEMU's chardev connects)."""
+
+    server: bool
+    path: Path | None = None  # unix
+    host: str | None = None  # tcp
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            where = f"unix:{self.path}"
+        else:
+            host = f"[{self.host}]" if self.host is not None and ":" in self.host else self.host
+            where = f"tcp:{host}:{self.port}"
+        return f"{where},{'server' if self.server else 'client'}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChardevConfig:
+    """The chardev transport (docs/chardev.md): QEMU's own filters feed coloproxy over
+    colo-compare's three sockets instead of NFQUEUE."""
+
+    primary_in: ChardevSocket
+    secondary_in: ChardevSocket
+    outdev: ChardevSocket
+    notify: ChardevSocket | None = None  # the Xen COLO frame's notify channel
+    vnet_hdr: bool = False  # the filters' vnet_hdr_support
+    reconnect_ms: int = 1000  # client sockets: time between connection attempts
+    outdev_buffer_bytes: int = 16 << 20  # released frames kept while outdev is down or slow
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +192,7 @@ class Config:
     metrics: MetricsConfig
     engine: EngineConfig
     log: LogConfig
+    chardev: ChardevConfig | None = None  # set: the primary's packets come over QEMU's chardevs
 
 
 # -- rules: YAML value in, typed value out, or _Bad saying what is allowed -------------------
@@ -419,6 +454,7 @@ METRICS_KEYS: Final[Mapping[str, _Key]] = {
     "listen": _Key(_listen, ("127.0.0.1", 9477)),
     "enabled": _Key(_boolean, True),
 }
+_QEMU_ID: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _MIGRATE_URI: Final = (
     "a QEMU migration URI (tcp:HOST:PORT, unix:PATH, rdma:, vsock:, exec:, fd: or file:)"
 )
@@ -436,8 +472,45 @@ ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "checkpoint_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 10000),
     "bring_up": _Key(_boolean, True),
     "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
+    "failover_object_del": _Key(None, None, allowed="a list of QEMU object ids"),
 }
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
+
+
+def _tcp_address(value: object) -> object:
+    """ "host:port" -> (host, port), port 1 to 65535 (QEMU's chardev needs a real port)."""
+    allowed = "HOST:PORT (an address or host name, IPv6 in brackets; port 1 to 65535)"
+    try:
+        host, port = typing.cast(tuple[str, int], _listen(value))
+    except _BadError:
+        raise _bad(allowed, value) from None
+    if port == 0:
+        raise _bad(allowed, value)
+    return (host, port)
+
+
+CHARDEV_SOCKET_KEYS: Final[Mapping[str, _Key]] = {
+    "unix": _Key(_optional(_socket_path), None),
+    "tcp": _Key(_optional(_tcp_address), None),
+    "server": _Key(
+        _boolean,
+        allowed="true (coloproxy listens, QEMU's chardev connects) or false (coloproxy connects)",
+    ),
+}
+_CHARDEV_SOCKET: Final = "a mapping with unix (a path) or tcp (HOST:PORT), and server"
+CHARDEV_KEYS: Final[Mapping[str, _Key]] = {
+    "primary_in": _Key(None, allowed=_CHARDEV_SOCKET),
+    "secondary_in": _Key(None, allowed=_CHARDEV_SOCKET),
+    "outdev": _Key(None, allowed=_CHARDEV_SOCKET),
+    "notify": _Key(None, None, allowed=_CHARDEV_SOCKET),
+    "vnet_hdr": _Key(_boolean, False),
+    "reconnect_ms": _Key(
+        _integer(1, 3600000, "a positive integer of milliseconds, at most 3600000"), 1000
+    ),
+    "outdev_buffer_bytes": _Key(
+        _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 16 << 20
+    ),
+}
 
 
 def _compare_keys() -> dict[str, _Key]:
@@ -475,6 +548,7 @@ SECTIONS: Final[Mapping[str, Mapping[str, _Key]]] = {
     "metrics": METRICS_KEYS,
     "engine": ENGINE_KEYS,
     "log": LOG_KEYS,
+    "chardev": CHARDEV_KEYS,
 }
 REQUIRED_SECTIONS: Final = frozenset({"pair", "net"})
 
@@ -658,7 +732,20 @@ class _Builder:
         queues = self._queues(role)
         replication = self._replication(net)
         compare_config = self._compare(compare)
+        chardev = self._chardev(role, compare)
+        if chardev is not None:
+            queues = None  # the chardev transport replaces the queues
+            if compare_config is not None:
+                compare_config = dataclasses.replace(
+                    compare_config,
+                    framing=Framing.ETHERNET,
+                    # QEMU's filter-rewriter is part of the QEMU-filters wiring.
+                    secondary_seq=compare_config.secondary_seq
+                    if compare is not None and "secondary_seq" in compare.lines
+                    else SecondarySeq.REWRITTEN,
+                )
         lan_heartbeat = self._engine(engine, role)
+        object_ids = self._object_ids(engine)
         if (
             self.reader.problems
             or pair is None
@@ -669,7 +756,7 @@ class _Builder:
             or log is None
             or replication is None
             or compare_config is None
-            or (queues is None and role is ProxyRole.PRIMARY)
+            or (queues is None and role is ProxyRole.PRIMARY and chardev is None)
         ):
             return None
         pair_config = PairConfig(**pair.values)  # type: ignore[arg-type]  # rules typed them
@@ -685,8 +772,13 @@ class _Builder:
             compare=compare_config,
             control=ControlConfig(**control_values),  # type: ignore[arg-type]
             metrics=MetricsConfig(host=host, port=port, enabled=bool(metrics.values["enabled"])),
-            engine=EngineConfig(**engine.values, lan_heartbeat=lan_heartbeat),  # type: ignore[arg-type]
+            engine=EngineConfig(
+                **engine.values,  # type: ignore[arg-type]
+                lan_heartbeat=lan_heartbeat,
+                failover_object_del=object_ids,
+            ),
             log=LogConfig(**log.values),  # type: ignore[arg-type]
+            chardev=chardev,
         )
 
     def _queues(self, role: object) -> QueuesConfig | None:
@@ -718,6 +810,90 @@ class _Builder:
                 )
             numbers[number] = name
         return QueuesConfig(**read.values)  # type: ignore[arg-type]
+
+    def _chardev(self, role: object, compare: _Read | None) -> ChardevConfig | None:
+        """The chardev transport's section, and its checks across sections."""
+        if "chardev" not in self.top.nested:
+            return None
+        line = self.top.line_of("chardev")
+        if role is ProxyRole.SECONDARY:
+            self.reader.problem(
+                line, "chardev", "only a primary has the chardev transport (role is secondary)"
+            )
+            return None
+        if "queues" in self.top.nested:
+            self.reader.problem(
+                self.top.line_of("queues"),
+                "queues",
+                "a primary with the chardev transport has no queues (give chardev or queues)",
+            )
+        if compare is not None and compare.values.get("framing") is Framing.IP:
+            if "framing" in compare.lines:
+                self.reader.problem(
+                    compare.line_of("framing"),
+                    "compare.framing",
+                    "must be ethernet with the chardev transport (QEMU's chardevs carry "
+                    "Ethernet frames), got 'ip'",
+                )
+        read = self.section("chardev")
+        if read is None:
+            return None
+        sockets: dict[str, ChardevSocket] = {}
+        seen: dict[object, str] = {}
+        for name in ("primary_in", "secondary_in", "outdev", "notify"):
+            node = read.nested.get(name)
+            if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
+                continue  # a missing required socket is reported by the mapping's read
+            key = f"chardev.{name}"
+            chardev_socket = self._chardev_socket(node, key, read.line_of(name))
+            if chardev_socket is None:
+                continue
+            address = (
+                chardev_socket.path
+                if chardev_socket.path is not None
+                else (chardev_socket.host, chardev_socket.port)
+            )
+            if address in seen:
+                self.reader.problem(
+                    read.line_of(name), key, f"same address as chardev.{seen[address]}"
+                )
+            seen[address] = name
+            sockets[name] = chardev_socket
+        if any(name not in sockets for name in ("primary_in", "secondary_in", "outdev")):
+            return None
+        return ChardevConfig(
+            primary_in=sockets["primary_in"],
+            secondary_in=sockets["secondary_in"],
+            outdev=sockets["outdev"],
+            notify=sockets.get("notify"),
+            **read.values,  # type: ignore[arg-type]  # the rules typed them
+        )
+
+    def _chardev_socket(self, node: Node, key: str, line: int) -> ChardevSocket | None:
+        read = self.reader.mapping(node, key, CHARDEV_SOCKET_KEYS, line)
+        if read is None:
+            return None
+        # Written and not null; a value that broke its rule is reported already.
+        written = [
+            name
+            for name in ("unix", "tcp")
+            if name in read.lines and (name not in read.values or read.values[name] is not None)
+        ]
+        given = [name for name in written if read.values.get(name) is not None]
+        if len(written) != 1:
+            shown = " and ".join(written) if written else "neither"
+            self.reader.problem(
+                line, key, f"give exactly one of unix (a path) or tcp (HOST:PORT), got {shown}"
+            )
+            return None
+        if len(given) != 1 or "server" not in read.values:
+            return None  # a bad or missing value, reported already
+        path, address = read.values.get("unix"), read.values.get("tcp")
+        server = bool(read.values["server"])
+        if address is not None:
+            host, port = typing.cast(tuple[str, int], address)
+            return ChardevSocket(server=server, host=host, port=port)
+        return ChardevSocket(server=server, path=typing.cast(Path, path))
 
     def _replication(self, net: _Read | None) -> ReplicationConfig | None:
         if net is None or "replication" not in net.nested:
@@ -761,6 +937,30 @@ class _Builder:
         if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
             return None
         return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
+
+    def _object_ids(self, engine: _Read | None) -> tuple[str, ...]:
+        """``engine.failover_object_del``: QEMU object ids (QEMU's id_wellformed: a letter,
+        then letters, digits, '-', '.', '_')."""
+        if engine is None or "failover_object_del" not in engine.nested:
+            return ()
+        key = "engine.failover_object_del"
+        line = engine.line_of("failover_object_del")
+        items = self.reader.sequence(engine.nested["failover_object_del"], key, line)
+        ids: list[str] = []
+        for index, item in enumerate(items or ()):
+            readable, value = self.reader.scalar(item, f"{key}[{index}]")
+            if not readable:
+                continue
+            if not isinstance(value, str) or not _QEMU_ID.fullmatch(value):
+                self.reader.problem(
+                    _line(item),
+                    f"{key}[{index}]",
+                    f"expected a QEMU object id (a letter, then letters, digits, '-', '.' or"
+                    f" '_'), got {_shown(value)}",
+                )
+                continue
+            ids.append(value)
+        return tuple(ids)
 
     def _passthrough(self, compare: _Read) -> tuple[PassthroughRule, ...] | None:
         if "passthrough" not in compare.nested:

@@ -121,6 +121,58 @@ class QueueCounters(Protocol):
     def user_dropped(self) -> int: ...
 
 
+class ChardevLink(Protocol):
+    """One socket of the chardev transport (``coloproxy.capture.chardev.LinkFigures``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def connections(self) -> int: ...
+
+    @property
+    def disconnections(self) -> int: ...
+
+    @property
+    def frames_in(self) -> int: ...
+
+    @property
+    def bytes_in(self) -> int: ...
+
+    @property
+    def frames_out(self) -> int: ...
+
+    @property
+    def bytes_out(self) -> int: ...
+
+    @property
+    def problems(self) -> Mapping[str, int]: ...
+
+    @property
+    def skipped_bytes(self) -> int: ...
+
+
+class ChardevFigures(Protocol):
+    """The chardev transport as a whole (``coloproxy.capture.chardev.ChardevTransport``)."""
+
+    def figures(self) -> Sequence[ChardevLink]: ...
+
+    @property
+    def held_frames(self) -> int: ...
+
+    @property
+    def outdev_buffered(self) -> int: ...
+
+    @property
+    def primary_paused(self) -> bool: ...
+
+    @property
+    def notify_counts(self) -> Mapping[tuple[str, str], int]: ...
+
+
 # Checkpoint pauses are 2-30 ms, request latencies below 10 ms, failovers tens of ms
 # (DESIGN.md sections 5 and 6): buckets from 0.5 ms to 10 s.
 ENGINE_BUCKETS: Final = (
@@ -227,6 +279,7 @@ class Metrics:
         self.queue_stats: Callable[[], Iterable[QueueCounters]] | None = None
         self.control_clients: Callable[[], Mapping[str, int]] | None = None
         self.engine: EngineFigures | None = None  # the checkpoint engine's, when it runs
+        self.chardev: ChardevFigures | None = None  # the chardev transport, when it runs
         self.scrape_errors: defaultdict[str, int] = defaultdict(int)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -288,6 +341,11 @@ class _Collector(Collector):
                 yield family
         if metrics.engine is not None:
             yield from self._engine(metrics.engine, now)
+        chardev = metrics.chardev
+        if chardev is not None:
+            families = metrics._read("chardev", lambda: list(self._chardev(chardev)))
+            if isinstance(families, list):
+                yield from families
         errors = CounterMetricFamily(
             "coloproxy_scrape_errors",
             "Metric sources that failed at scrape time",
@@ -457,6 +515,80 @@ class _Collector(Collector):
         yield waiting
         yield dropped
         yield user
+
+    def _chardev(self, chardev: ChardevFigures) -> Iterator[Metric]:
+        links = list(chardev.figures())
+        connected = GaugeMetricFamily(
+            "coloproxy_chardev_connected", "1 while the socket has a connection", labels=["socket"]
+        )
+        for link in links:
+            connected.add_metric([link.name], 1.0 if link.connected else 0.0)
+        yield connected
+        yield _counter(
+            "coloproxy_chardev_connections",
+            "Connections made or accepted on the socket (reconnects: this minus one)",
+            ["socket"],
+            (((link.name,), link.connections) for link in links),
+        )
+        yield _counter(
+            "coloproxy_chardev_disconnections",
+            "Connections of the socket that ended",
+            ["socket"],
+            (((link.name,), link.disconnections) for link in links),
+        )
+        yield _counter(
+            "coloproxy_chardev_frames",
+            "Frames received (in) and written (out) on the socket",
+            ["socket", "direction"],
+            [((link.name, "in"), link.frames_in) for link in links]
+            + [((link.name, "out"), link.frames_out) for link in links],
+        )
+        yield _counter(
+            "coloproxy_chardev_bytes",
+            "Bytes received (in) and written (out) on the socket, framing included",
+            ["socket", "direction"],
+            [((link.name, "in"), link.bytes_in) for link in links]
+            + [((link.name, "out"), link.bytes_out) for link in links],
+        )
+        yield _counter(
+            "coloproxy_chardev_frame_problems",
+            "Frames oversized (above 69632 bytes: skipped), with a vnet header longer than "
+            "the frame, or cut by a disconnection (truncated)",
+            ["socket", "problem"],
+            (
+                ((link.name, problem), count)
+                for link in links
+                for problem, count in link.problems.items()
+            ),
+        )
+        yield _counter(
+            "coloproxy_chardev_skipped_bytes",
+            "Bytes of oversized frames skipped to resynchronise",
+            ["socket"],
+            (((link.name,), link.skipped_bytes) for link in links),
+        )
+        yield _counter(
+            "coloproxy_chardev_notify_messages",
+            "Xen notify channel messages, by direction and word",
+            ["direction", "message"],
+            chardev.notify_counts.items(),
+        )
+        for name, text, value in (
+            ("coloproxy_chardev_held_frames", "Primary frames held", chardev.held_frames),
+            (
+                "coloproxy_chardev_outdev_buffered_bytes",
+                "Released frames waiting for outdev (disconnected or slow)",
+                chardev.outdev_buffered,
+            ),
+            (
+                "coloproxy_chardev_primary_in_paused",
+                "1 while primary_in is not read because outdev's buffer is full",
+                int(chardev.primary_paused),
+            ),
+        ):
+            gauge = GaugeMetricFamily(name, text)
+            gauge.add_metric([], float(value))
+            yield gauge
 
     def _engine(self, figures: EngineFigures, now: float) -> Iterator[Metric]:
         yield _counter(

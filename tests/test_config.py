@@ -12,7 +12,13 @@ import pytest
 
 from coloproxy import config as config_module
 from coloproxy.cli import main
-from coloproxy.compare import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.compare import (
+    CompareConfig,
+    Framing,
+    MalformedPolicy,
+    PassthroughRule,
+    SecondarySeq,
+)
 from coloproxy.config import (
     SECTIONS,
     Config,
@@ -49,7 +55,7 @@ net:
 COMPARE_KEYS = (
     "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
     " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
-    " flow_idle_timeout, malformed_policy, passthrough"
+    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq"
 )
 
 
@@ -118,6 +124,7 @@ def test_every_comparator_setting_can_be_set() -> None:
         "  max_fragment_bytes: 14\n"
         "  flow_idle_timeout: 15.5\n"
         "  malformed_policy: release\n"
+        "  secondary_seq: rewritten\n"
         "  passthrough:\n"
         "    - {protocol: udp, guest_port: 123}\n"
         "    - peer_network: 10.0.0.0/8\n"
@@ -140,6 +147,7 @@ def test_every_comparator_setting_can_be_set() -> None:
             PassthroughRule(protocol="udp", guest_port=123),
             PassthroughRule(peer_network="10.0.0.0/8", peer_port=0),
         ),
+        secondary_seq=SecondarySeq.REWRITTEN,
     )
     assert set(text.split("compare:\n")[1].split()) >= {
         f"{field.name}:" for field in dataclasses.fields(CompareConfig)
@@ -178,7 +186,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "zzz: 1\n",
             "t.yaml:9: key 'zzz': unknown key; allowed keys: pair, net, queues, compare,"
-            " control, metrics, engine, log",
+            " control, metrics, engine, log, chardev",
         ),
         (
             BASE + "metrics:\n  enable: false\n",
@@ -424,7 +432,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             "- pair\n",
             "t.yaml:1: expected a mapping (pair, net, queues, compare, control, metrics,"
-            " engine, log), got a list",
+            " engine, log, chardev), got a list",
         ),
         (
             BASE + "---\n" + BASE,
@@ -485,7 +493,7 @@ extra: 1
         "t.yaml:22: key 'log.level': expected one of debug, info, warning, error, critical,"
         " got 'verbose'",
         "t.yaml:23: key 'extra': unknown key; allowed keys: pair, net, queues, compare,"
-        " control, metrics, engine, log",
+        " control, metrics, engine, log, chardev",
     ]
 
 

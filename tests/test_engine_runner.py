@@ -26,6 +26,7 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
+from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine.logic import Role, Watch
@@ -36,6 +37,7 @@ from coloproxy.protocol import (
     ClientRole,
     Mode,
     ProxyRole,
+    Reprotect,
     SetPeriod,
     StatusRequest,
 )
@@ -185,6 +187,7 @@ engine:
   heartbeat_port: {port}
   heartbeat_interval_ms: 20
   failover_timeout_ms: 1000
+  failover_object_del: [f2, f1]
 """
 
 
@@ -290,12 +293,20 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             status = await cli.request(StatusRequest())
             assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
             assert status.engines == 1
+        async with await ControlClient.connect(w.secondary_socket, ClientRole.CLI) as cli:
+            with pytest.raises(ControlRefusedError, match="protected already"):
+                await cli.request(Reprotect(migrate_uri="tcp:127.0.0.1:1"))
         # The primary QEMU exits: the secondary daemon takes over.
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
-        acted = [c for c, _ in w.secondary_qemu.commands if not c.startswith("query-")]
-        assert acted[-2:] == ["x-colo-lost-heartbeat", "announce-self"]
+        acted = [(c, a) for c, a in w.secondary_qemu.commands if not c.startswith("query-")]
+        assert acted[-4:] == [
+            ("x-colo-lost-heartbeat", {}),
+            ("object-del", {"id": "f2"}),  # engine.failover_object_del, in order
+            ("object-del", {"id": "f1"}),
+            ("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
+        ]
         assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
         assert w.daemon.metrics.engine is engine.figures
 

@@ -72,6 +72,22 @@ def test_the_lab_configs_load_as_one_pair(tmp_path: Path) -> None:
     assert secondary.engine.qmp == str(paths.qmp_socket("secondary"))
 
 
+def test_after_a_reprotect_host_p_is_the_secondary_of_host_s(tmp_path: Path) -> None:
+    from coloproxy.config import parse_config
+    from coloproxy.protocol import ProxyRole
+
+    paths = configs.LabPaths(tmp_path)
+    host_p = parse_config(configs.reprotect_config_text(paths))
+    host_s = parse_config(configs.config_text("secondary", paths))
+    assert host_p.pair.role is ProxyRole.SECONDARY
+    assert str(host_p.net.replication.local) == configs.REPLICATION_IPV4["hp"]
+    assert host_p.net.replication.remote == host_s.net.replication.local
+    assert host_p.control.socket == paths.control_socket("primary")  # host P's names stay
+    assert host_p.engine.qmp == str(paths.qmp_socket("primary"))
+    assert host_p.engine.migrate_uri is None
+    assert configs.reprotect_uri().startswith(f"tcp:{configs.REPLICATION_IPV4['hp']}:")
+
+
 def _spec(role: str, qemu_filters: bool = False) -> vms.VmSpec:
     paths = configs.LabPaths(Path("/run/x"))
     incoming = configs.migrate_uri() if role == "secondary" else None
@@ -254,9 +270,13 @@ def test_the_nondeterministic_page_is_a_payload_checkpoint(
 
 def _wait_for_a_checkpoint(lab: Lab) -> None:
     """Until host P's proxy saw one more checkpoint complete (the period is 2 s)."""
-    before = lab.checkpoints().get("completed", 0)
+    _wait_for_a_checkpoint_on(lab, "primary")
+
+
+def _wait_for_a_checkpoint_on(lab: Lab, role: str) -> None:
+    before = lab.checkpoints(role).get("completed", 0)
     deadline = time.monotonic() + 10
-    while lab.checkpoints().get("completed", 0) <= before:
+    while lab.checkpoints(role).get("completed", 0) <= before:
         assert time.monotonic() < deadline, "no checkpoint completed within 10 s"
         time.sleep(0.1)
 
@@ -353,6 +373,61 @@ def test_sigkill_of_the_secondary_qemu_the_primary_keeps_serving(
         capsys,
         f"SIGKILL secondary: {len(attempts)} requests, 0 failed, longest gap "
         f"{1000 * (gap or 0):.0f} ms",
+    )
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_reprotect_after_a_failover_and_fail_over_again(
+    lab_factory: Callable[..., Lab], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """SIGKILL of the primary, host S takes over; reprotect: a new secondary on host P, host
+    S the primary, COLO again, host S's proxy compares (the clock page is a payload
+    checkpoint there); SIGKILL of host S's QEMU: host P takes over, the client is served."""
+    lab = lab_factory()
+    lab.kill_qemu("primary")
+    lab.wait_serving(30)  # the SVM alone, on the LAN
+    echo = EchoSession(lab.topology)
+    try:
+        echo.exchange(b"before the reprotect\n")
+        took = lab.reprotect()
+        assert lab.colo_status("primary")["mode"] == "secondary"  # host P
+        assert lab.colo_status("secondary")["mode"] == "primary"  # host S
+        assert _serve(lab, 3) == []
+        # A connection the SVM opened alone (offset 0) carries on through the reprotect.
+        assert echo.exchange(b"after the reprotect\n") < 5
+        # Host S's proxy compares now: a divergence asks host S's engine for a checkpoint.
+        lab.set_period(QUIET_PERIOD_MS, role="secondary")
+        before = lab.checkpoints("secondary")
+        try:
+            status, _ = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
+        finally:
+            lab.set_period(configs.PERIOD_MS, role="secondary")
+        assert status == 200
+        deadline = time.monotonic() + 5
+        after = lab.checkpoints("secondary")
+        while after.get("payload", 0) <= before.get("payload", 0):
+            assert time.monotonic() < deadline, (before, after)
+            time.sleep(0.1)
+            after = lab.checkpoints("secondary")
+        _wait_for_a_checkpoint_on(lab, "secondary")
+        echo2 = EchoSession(lab.topology)
+        try:
+            echo2.exchange(b"before the second kill\n")
+            lab.kill_qemu("secondary")
+            assert echo2.exchange(b"after the second kill\n") < 5
+        finally:
+            echo2.close()
+        assert lab.wait_serving(30) < 30
+        status_p = lab.colo_status("primary")
+        assert (status_p["mode"], status_p["last-mode"]) == ("none", "secondary"), status_p
+    finally:
+        echo.close()
+    payload = after.get("payload", 0)
+    report(
+        capsys,
+        f"reprotect: COLO again and served {took:.1f} s after it began; payload checkpoints"
+        f" on host S {payload}; host P took over",
     )
 
 

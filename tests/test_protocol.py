@@ -35,6 +35,7 @@ from coloproxy.protocol import (
     Mode,
     ProtocolError,
     ProxyRole,
+    Reprotect,
     SetPeriod,
     Status,
     StatusRequest,
@@ -128,6 +129,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         Failover, role=st.sampled_from(ProxyRole), mode=st.sampled_from(Mode), detail=text, id=ids
     ),
     AttachLan: st.builds(AttachLan, id=ids),
+    Reprotect: st.builds(Reprotect, migrate_uri=st.text(min_size=1, max_size=256), id=ids),
     Ack: st.builds(Ack, request=optional_ids, detail=text, re=optional_ids),
     ErrorReply: st.builds(
         ErrorReply, code=st.sampled_from(ErrorCode), message=text, re=optional_ids

@@ -26,6 +26,7 @@ PURE_PATHS = [
     "coloproxy/rewrite.py",
     "coloproxy/protocol",
     "coloproxy/protocol.py",
+    "coloproxy/protocol/colo_frames.py",
     "coloproxy/engine/logic*.py",
 ]
 

@@ -1,7 +1,13 @@
 """Compare layer (pure, sans-IO): align primary and secondary output and decide."""
 
 from coloproxy.compare.comparator import Comparator, CompareStats, flow_label
-from coloproxy.compare.config import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.compare.config import (
+    CompareConfig,
+    Framing,
+    MalformedPolicy,
+    PassthroughRule,
+    SecondarySeq,
+)
 from coloproxy.compare.events import (
     CheckpointNeeded,
     Drop,
@@ -33,6 +39,7 @@ __all__ = [
     "Reason",
     "Release",
     "ReleaseReason",
+    "SecondarySeq",
     "Side",
     "flow_label",
 ]

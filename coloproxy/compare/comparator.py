@@ -37,7 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from coloproxy.compare.config import CompareConfig, Framing, MalformedPolicy, PassthroughRule
+from coloproxy.compare.config import (
+    CompareConfig,
+    Framing,
+    MalformedPolicy,
+    PassthroughRule,
+    SecondarySeq,
+)
 from coloproxy.compare.datagram import DatagramFlow
 from coloproxy.compare.events import (
     EVIDENCE_BYTES,
@@ -165,6 +171,7 @@ class Comparator:
     def __init__(self, config: CompareConfig | None = None) -> None:
         self.config = config = config or CompareConfig()
         ethernet = config.framing is Framing.ETHERNET
+        self._rewritten = config.secondary_seq is SecondarySeq.REWRITTEN
         self._parse = parse_ethernet if ethernet else parse_ip
         # The lanes (see feed): where the IP header starts, the header reader (a bound method),
         # the shortest frame it reads, the ethertype it wants (none for raw IP), and the TCP and
@@ -584,7 +591,7 @@ class Comparator:
                 return None
         label = flow_label(packet)
         if packet.proto == PROTO_TCP:
-            flow = TcpConnection(key, label, now)
+            flow = TcpConnection(key, label, now, self._rewritten)
         else:
             flow = DatagramFlow(key, label, now)
         if self._rules:

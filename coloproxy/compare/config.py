@@ -22,6 +22,17 @@ class MalformedPolicy(StrEnum):
     RELEASE = "release"  # release at once, counted as unprotected
 
 
+class SecondarySeq(StrEnum):
+    """Which space the secondary's TCP sequence numbers are in when the comparator sees them."""
+
+    OWN = "own"  # the secondary guest's own (NFQUEUE: we align by each side's ISN)
+    # QEMU's filter-rewriter (on the secondary host, in front of the chardev transport) shifts
+    # every secondary segment into the primary's space except the SYN-ACK, which keeps the
+    # secondary's own ISN (handle_secondary_tcp_pkt rewrites only segments without SYN): the
+    # secondary's stream offsets are then counted from the primary's ISN.
+    REWRITTEN = "rewritten"
+
+
 @dataclass(frozen=True, slots=True)
 class PassthroughRule:
     """Traffic that can never match (the guest's clock, a nonce): released uncompared.
@@ -76,6 +87,7 @@ class CompareConfig:
     flow_idle_timeout: float = 120.0
     malformed_policy: MalformedPolicy = MalformedPolicy.CHECKPOINT
     passthrough: tuple[PassthroughRule, ...] = field(default=())
+    secondary_seq: SecondarySeq = SecondarySeq.OWN
 
     def __post_init__(self) -> None:
         positive = (

@@ -105,14 +105,19 @@ REBASE_AT: Final = 1 << 30
 
 
 class TcpConnection(FlowState):
-    __slots__ = ("primary", "rebase_asked", "secondary", "verified")
+    __slots__ = ("primary", "rebase_asked", "rewritten", "secondary", "verified")
 
-    def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
+    def __init__(
+        self, key: tuple[object, ...], label: Flow, now: float, rewritten: bool = False
+    ) -> None:
         super().__init__(key, label, now)
         self.primary = TcpSide()
         self.secondary = TcpSide()
         self.verified = RangeSet()
         self.rebase_asked = False
+        # The secondary's segments are in the primary's sequence space, all but its SYN
+        # (QEMU's filter-rewriter: CompareConfig.secondary_seq "rewritten").
+        self.rewritten = rewritten
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
@@ -182,6 +187,8 @@ class TcpConnection(FlowState):
     def _learn_isn(self, side: TcpSide, other: TcpSide, number: int, flags: int, book: Book) -> int:
         """The side's ISN, learned from this segment if it is not known yet."""
         isn = side.isn
+        if flags & TCP_SYN and self.rewritten:
+            return self._learn_rewritten_isn(side, other, number, book)
         if flags & TCP_SYN:
             if isn is None or not side.isn_from_syn:
                 side.isn = isn = number
@@ -203,6 +210,26 @@ class TcpConnection(FlowState):
                 other.isn = isn = seq.add(number, -1)
             side.isn = isn
         return isn
+
+    def _learn_rewritten_isn(self, side: TcpSide, other: TcpSide, number: int, book: Book) -> int:
+        """``_learn_isn`` for a SYN when the secondary's numbers were rewritten into the
+        primary's space except in its SYN: both sides count offsets from the primary's ISN.
+        Returns the base for this SYN's own position, which is its own ISN on either side
+        (the secondary's SYN names the secondary's ISN)."""
+        if side.isn_from_syn and number != side.syn_seq:
+            # A new connection on the same four-tuple, as in _learn_isn.
+            self._forget_alignment(book)
+            other.isn_from_syn = False
+        side.isn_from_syn = True
+        side.syn_seq = number
+        primary, secondary = self.primary, self.secondary
+        if side is primary:
+            primary.isn = secondary.isn = number
+        elif primary.isn_from_syn and primary.isn is not None:
+            secondary.isn = primary.isn
+        # else: the primary's SYN is still to come, and with it the base; secondary data
+        # before it (already in the primary's space) takes the shared mid-stream base.
+        return number
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True

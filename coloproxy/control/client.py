@@ -33,6 +33,7 @@ from coloproxy.protocol import (
     Message,
     ProtocolError,
     Push,
+    Reprotect,
     Request,
     SetPeriod,
     Status,
@@ -47,7 +48,7 @@ READ_CHUNK: Final = 64 * 1024
 
 
 # Every request but status-request: answered by an ack.
-Command = CheckpointStarted | CheckpointCompleted | SetPeriod | CheckpointNow | Failover
+Command = CheckpointStarted | CheckpointCompleted | SetPeriod | CheckpointNow | Failover | Reprotect
 
 
 class ControlConnectionError(ControlError):

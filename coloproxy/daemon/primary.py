@@ -11,7 +11,10 @@ collector at scrape time, so the per-packet cost is a dict increment).
   (no verdict) until a ``Release`` names it.
 - S-out (secondary egress): ``comparator.feed(SECONDARY, ...)``; every packet is dropped.
 - S-in (client -> secondary copies) is host S's (``coloproxy/daemon/secondary.py``): the
-  offsets a takeover needs must live where the SVM runs.
+  offsets a takeover needs must live where the SVM runs. With the chardev transport there
+  is no S-in at all: QEMU's filter-rewriter does that job.
+- The chardev transport feeds whole receive batches (``on_primary_many``,
+  ``on_secondary_many``: one ``feed_many`` call each).
 - ``CheckpointNeeded`` that is not coalesced becomes one request with a fresh id (I4);
   later ones while it is outstanding are counted as coalesced.
 - Checkpoint started/completed from the engine drive the comparator's epochs.
@@ -30,6 +33,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -141,6 +145,28 @@ class PrimaryProxy:
             self.counters.packets["secondary-out", "drop-unprotected"] += 1
             return
         self._act(self.comparator.feed(Side.SECONDARY, payload, now, handle), now)
+
+    def on_primary_many(
+        self, handles: Sequence[object], payloads: Sequence[bytes], now: float
+    ) -> None:
+        """``on_primary`` for a receive batch: one ``feed_many`` call (the chardev transport)."""
+        if self.unprotected:
+            for handle in handles:
+                self._primary_out.accept(handle)
+            self.counters.packets["primary-out", "accept-unprotected"] += len(handles)
+            return
+        self._act(self.comparator.feed_many(Side.PRIMARY, payloads, now, handles), now)
+
+    def on_secondary_many(
+        self, handles: Sequence[object], payloads: Sequence[bytes], now: float
+    ) -> None:
+        """``on_secondary`` for a receive batch."""
+        if self.unprotected:
+            for handle in handles:
+                self._secondary_out.drop(handle)
+            self.counters.packets["secondary-out", "drop-unprotected"] += len(handles)
+            return
+        self._act(self.comparator.feed_many(Side.SECONDARY, payloads, now, handles), now)
 
     def on_timer(self, now: float) -> None:
         self._act(self.comparator.handle_timer(now), now)

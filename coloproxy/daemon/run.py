@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from coloproxy import __version__
+from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import Config
+from coloproxy.config import ChardevConfig, Config, QueuesConfig
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
@@ -51,6 +53,7 @@ from coloproxy.protocol import (
     Failover,
     Mode,
     ProxyRole,
+    Reprotect,
     Request,
     SetPeriod,
     Status,
@@ -109,6 +112,10 @@ class Daemon:
         self.secondary: SecondaryProxy | None = None  # host S: the SVM's sequence spaces
         self.comparator: Comparator | None = None
         self.queues: list[PacketQueue] = []
+        self.chardev: ChardevTransport | None = None  # the chardev transport, when configured
+        # A primary on the chardev transport gets its packets from QEMU's filters: no
+        # netfilter, tc or tunnels, nothing to attach at failover (docs/chardev.md).
+        self.chardev_primary = config.chardev is not None and self.role is ProxyRole.PRIMARY
         self.control = ControlServer(
             config.control.socket,
             self,
@@ -124,12 +131,13 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
+        self._reprotecting = False
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def run(self) -> None:
         config = self.config
-        if self.setup_net:
+        if self.setup_net and not self.chardev_primary:
             # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
             await asyncio.to_thread(hostnet.setup, host_net(config))
             log.info("host network set up for pair %s (%s)", config.pair.name, self.role.value)
@@ -142,7 +150,10 @@ class Daemon:
                 await self.metrics_server.start()
             self.metrics.control_clients = self._clients_by_role
             if self.role is ProxyRole.PRIMARY:
-                self._start_primary()
+                if config.chardev is not None:
+                    await self._start_primary_chardev(config.chardev)
+                else:
+                    self._start_primary()
             else:
                 self._start_secondary()
             self._start_engine()
@@ -161,6 +172,8 @@ class Daemon:
             await self._stop_engine()
             for queue in self.queues:
                 queue.close()
+            if self.chardev is not None:
+                await self.chardev.close()
             if self._timer is not None:
                 self._timer.cancel()
             if self.metrics_server is not None:
@@ -215,6 +228,54 @@ class Daemon:
         proxy.bind(primary_out, secondary_out)
         self._rearm_soon()
 
+    async def _start_primary_chardev(self, chardev: ChardevConfig) -> None:
+        """The primary fed by QEMU's filters over colo-compare's sockets: the same proxy and
+        comparator (Ethernet framing), no S-in (QEMU's filter-rewriter shifts the secondary's
+        TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
+        comparator = Comparator(self.config.compare)
+        self.comparator = comparator
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
+        self.proxy = proxy
+        self.metrics.counts = proxy.counters
+        self.metrics.compare_stats = comparator.stats
+        rearm = self._rearm_soon
+        recorder = self.recorder
+
+        def primary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+            if recorder is not None:
+                for packet in packets:
+                    recorder.write("primary", packet)
+            proxy.on_primary_many(tokens, packets, now)
+            rearm()
+
+        def secondary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+            if recorder is not None:
+                for packet in packets:
+                    recorder.write("secondary", packet)
+            proxy.on_secondary_many(tokens, packets, now)
+            rearm()
+
+        def damaged(reason: str, now: float) -> None:
+            # A frame was lost on an input: make the secondary equal to the primary again
+            # now rather than at the comparator's timeout.
+            proxy.request_manual(now, reason)
+
+        def xen_checkpoint_done(now: float) -> None:
+            # Xen's COLO frame checkpointed (COLO_CHECKPOINT): release and compare afresh,
+            # as colo-compare's colo_flush_packets does.
+            proxy.checkpoint_started(now)
+            proxy.checkpoint_completed(now)
+            rearm()
+
+        transport = ChardevTransport(chardev, primary, secondary, damaged, xen_checkpoint_done)
+        self.chardev = transport
+        proxy.bind(transport.primary_verdicts, transport.secondary_verdicts)
+        self.metrics.chardev = transport
+        await transport.start()
+        if proxy.outstanding is not None:  # the restart request (I6), for Xen too
+            transport.request_checkpoint()
+        self._rearm_soon()
+
     def _start_secondary(self) -> None:
         """Host S: the rewriter of the SVM's TCP sequence spaces on its two queues."""
         queues = self.config.queues
@@ -256,16 +317,16 @@ class Daemon:
 
     # -- the checkpoint engine -------------------------------------------------------------
 
-    def _start_engine(self) -> None:
+    def _start_engine(self, *, reprotect: bool = False) -> None:
         """With ``engine.qmp`` set, the engine runs in this daemon as a client of its own
         control socket (docs/engine.md); without, the proxy waits for an external engine."""
         settings = EngineSettings.from_config(self.config)
         if settings is None:
             return
         attach_lan = None
-        if self.setup_net and self.config.net.lan_bridge is not None:
+        if self.setup_net and not self.chardev_primary and self.config.net.lan_bridge is not None:
             attach_lan = self._attach_guest_to_lan
-        self.engine = EngineRunner(settings, attach_lan=attach_lan)
+        self.engine = EngineRunner(settings, attach_lan=attach_lan, reprotect=reprotect)
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
@@ -363,8 +424,11 @@ class Daemon:
     # -- requests to engines ---------------------------------------------------------------
 
     def checkpoint_requested(self, request: CheckpointRequest) -> None:
+        if self.chardev is not None:
+            self.chardev.request_checkpoint()  # Xen's notify channel, when configured
         sent = self.control.broadcast(_wire_request(request), to_roles={ClientRole.ENGINE})
-        if not sent:
+        xen = self.config.chardev is not None and self.config.chardev.notify is not None
+        if not sent and not xen:
             log.warning(
                 "checkpoint request %d (%s): no engine connected; holding output",
                 request.id,
@@ -425,6 +489,8 @@ class Daemon:
             return Ack(detail=f"sent to {sent} engine(s)")
         if isinstance(message, AttachLan):
             return await self._attach_lan_requested()
+        if isinstance(message, Reprotect):
+            return await self._reprotect(message)
         return self._failover(message, now)
 
     async def _attach_lan_requested(self) -> HandlerReply:
@@ -443,10 +509,57 @@ class Daemon:
             return ErrorReply(ErrorCode.INTERNAL, str(exc))
         return Ack(detail=f"guest port in {lan}; {replayed} SYN(s) replayed")
 
+    async def _reprotect(self, message: Reprotect) -> HandlerReply:
+        """After a failover: this host becomes (or stays) the primary and its engine brings a
+        new secondary into COLO (docs/control-protocol.md, "reprotect")."""
+        if self.engine is None:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE, "reprotect needs this daemon's engine (engine.qmp)"
+            )
+        if self.mode is Mode.PROTECTED:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "the pair is protected already")
+        if self._reprotecting:
+            return ErrorReply(ErrorCode.UNAVAILABLE, "a reprotect is in progress")
+        self._reprotecting = True
+        try:
+            config = self.config
+            log.warning("reprotect: becoming the primary; new secondary at %s", message.migrate_uri)
+            # The engine's decisions belong to the old pair; its last heartbeat says "leaving".
+            await self._stop_engine()
+            for queue in self.queues:
+                queue.close()
+            self.queues = []
+            self.proxy = self.comparator = self.secondary = None
+            # Connections the takeover rewriter was shifting lose their shift here: host S's
+            # queues go with its role (docs/engine.md, "Re-protection").
+            config = dataclasses.replace(
+                config,
+                pair=dataclasses.replace(config.pair, role=ProxyRole.PRIMARY),
+                engine=dataclasses.replace(
+                    config.engine, migrate_uri=message.migrate_uri, bring_up=True
+                ),
+            )
+            if config.queues is None:
+                config = dataclasses.replace(config, queues=QueuesConfig())
+            self.config = config
+            if self.setup_net:
+                await asyncio.to_thread(hostnet.setup, host_net(config))
+                log.info("reprotect: host P's data path set up on this host")
+            self.role = ProxyRole.PRIMARY
+            self.mode = Mode.PROTECTED  # everything held until COLO's first checkpoint (I6)
+            self.metrics.role = self.role.value
+            self._start_primary()
+            self._start_engine(reprotect=True)
+            self.metrics.protected = True
+        finally:
+            self._reprotecting = False
+        return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
+
     def _failover(self, message: Failover, now: float) -> HandlerReply:
         if message.mode is Mode.UNPROTECTED:
             self.mode = Mode.UNPROTECTED
             self.role = message.role  # a secondary that took over is the primary now
+            self.metrics.role = self.role.value
             self.metrics.protected = False
             if self.proxy is not None:
                 self.proxy.set_unprotected(now)
@@ -454,7 +567,9 @@ class Daemon:
                 self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
             return Ack(detail="unprotected: output passes uncompared")
-        return ErrorReply(ErrorCode.UNAVAILABLE, "re-protection comes with the checkpoint engine")
+        return ErrorReply(
+            ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
+        )
 
     def _status(self, now: float) -> Status:
         config = self.config

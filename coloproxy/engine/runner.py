@@ -125,6 +125,9 @@ class EngineSettings:
     checkpoint_timeout_ms: int = 10000
     heartbeat_interval_ms: int = 50
     failover_timeout_ms: int = 300
+    # QEMU objects deleted (object-del) when this host's QEMU leaves COLO to run alone: with
+    # QEMU's own network filters, the redirectors to the lost host (QEMU's COLO-FT.txt).
+    failover_object_del: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings | None:
@@ -162,6 +165,7 @@ class EngineSettings:
             checkpoint_timeout_ms=engine.checkpoint_timeout_ms,
             heartbeat_interval_ms=engine.heartbeat_interval_ms,
             failover_timeout_ms=engine.failover_timeout_ms,
+            failover_object_del=engine.failover_object_del,
         )
 
 
@@ -210,8 +214,12 @@ class EngineRunner:
         *,
         attach_lan: Callable[[], object] | None = None,
         figures: EngineFigures | None = None,
+        reprotect: bool = False,
     ) -> None:
         self.settings = settings
+        # Started by a reprotect: a primary QEMU that left COLO earlier is brought up again
+        # instead of being reported as running alone.
+        self.reprotect = reprotect
         self.attach_lan = attach_lan
         self.role = settings.role
         self.figures = figures or EngineFigures()
@@ -646,7 +654,7 @@ class EngineRunner:
         self._colo_seen(status)
         if status.mode == ColoMode.PRIMARY.value:
             return  # activated by _colo_seen: an engine (re)started while in COLO
-        if status.last_mode == ColoMode.PRIMARY.value:
+        if status.last_mode == ColoMode.PRIMARY.value and not self.reprotect:
             # This QEMU failed over before the engine started: it runs alone.
             log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
             await self._tell_proxy(
@@ -737,6 +745,8 @@ class EngineRunner:
             steps["lost-heartbeat"] = self._now() - started
         except QmpError as exc:
             log.error("x-colo-lost-heartbeat on the primary: %s", exc)
+        if await self._delete_filters():
+            steps["object-del"] = self._now() - started
         await self._tell_proxy(
             Failover(
                 ProxyRole.PRIMARY,
@@ -779,6 +789,19 @@ class EngineRunner:
             )
         self._decide(decider.set_ready(ready, self._now()))
 
+    async def _delete_filters(self) -> bool:
+        """``object-del`` each of ``failover_object_del``; False when there are none. A
+        failure is logged and the rest still go: a filter left in place is the operator's
+        to remove, the failover itself goes on."""
+        ids = self.settings.failover_object_del
+        for object_id in ids:
+            try:
+                await self.monitor.execute("object-del", {"id": object_id})
+                log.info("failover: object-del %s", object_id)
+            except QmpError as exc:
+                log.error("failover: object-del %s: %s", object_id, exc)
+        return bool(ids)
+
     async def _take_over(self, decision: PrimaryLost) -> None:
         """Primary lost: the SVM runs alone, on the LAN, and the proxy is told."""
         monitor = self.monitor
@@ -797,6 +820,8 @@ class EngineRunner:
             log.error("cannot take over: x-colo-lost-heartbeat: %s", exc)
             return
         steps["lost-heartbeat"] = self._now() - started
+        if await self._delete_filters():
+            steps["object-del"] = self._now() - started
         # The proxy first: it must shift the SVM's output for the connections opened since
         # the last checkpoint before that output can reach the LAN.
         await self._tell_proxy(

@@ -57,9 +57,13 @@ from coloproxy.lab import vms
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
     PERIOD_MS,
+    REPROTECT_FILE,
     LabPaths,
+    chardev_config_text,
     config_text,
     migrate_uri,
+    reprotect_config_text,
+    reprotect_uri,
 )
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
@@ -103,6 +107,7 @@ class LabState:
     pids: dict[str, int] = field(default_factory=dict)
     started: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    chardev: bool = False  # --chardev: QEMU's filters, coloproxy in place of colo-compare
 
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -288,12 +293,16 @@ class Lab:
         run_dir: Path = DEFAULT_RUN_DIR,
         *,
         qemu_filters: bool = False,
+        chardev: bool = False,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
         self.paths = LabPaths(Path(run_dir))
         self.topology = Topology(prefix, guests="tap")
         self.qemu_filters = qemu_filters
+        # QEMU's filters with coloproxy's chardev transport in place of colo-compare; the
+        # daemons and their engines run as in the default mode (docs/chardev.md).
+        self.chardev = chardev and not qemu_filters
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -337,8 +346,8 @@ class Lab:
             state = LabState.load(self.paths)
             if state is None:
                 raise LabError(f"{self.paths.state} went away while the lab was looked at")
-            if state.qemu_filters != self.qemu_filters:
-                wired = "QEMU's filters" if state.qemu_filters else "coloproxy"
+            if state.qemu_filters != self.qemu_filters or state.chardev != self.chardev:
+                wired = _wiring(state.qemu_filters, state.chardev)
                 raise LabError(
                     f"a lab wired with {wired} is up (namespaces {state.prefix}-*): "
                     "`coloproxy lab down` first"
@@ -360,7 +369,7 @@ class Lab:
         driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
-            started=time.time(),
+            started=time.time(), chardev=self.chardev,
         )  # fmt: skip
         self.state = state
         state.save(self.paths)
@@ -375,22 +384,29 @@ class Lab:
     def _up(self, state: LabState) -> None:
         paths = self.paths
         for role in ("primary", "secondary"):
-            paths.config(role).write_text(config_text(role, paths))
+            text = chardev_config_text(role, paths) if self.chardev else config_text(role, paths)
+            paths.config(role).write_text(text)
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
 
-        mode = "QEMU's own filters" if self.qemu_filters else "coloproxy"
+        mode = _wiring(self.qemu_filters, self.chardev)
         self.progress(
             f"starting the secondary QEMU in {self.topology.ns('hs')} (accel {state.accel}, "
             f"-incoming {migrate_uri()}, network by {mode})"
         )
         secondary = vms.vm_spec(
-            "secondary", paths, incoming=migrate_uri(), qemu_filters=self.qemu_filters
+            "secondary",
+            paths,
+            incoming=migrate_uri(),
+            qemu_filters=self.qemu_filters,
+            chardev=self.chardev,
         )
         state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
         state.save(paths)
         self.progress(f"starting the primary QEMU in {self.topology.ns('hp')}")
-        primary = vms.vm_spec("primary", paths, incoming=None, qemu_filters=self.qemu_filters)
+        primary = vms.vm_spec(
+            "primary", paths, incoming=None, qemu_filters=self.qemu_filters, chardev=self.chardev
+        )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
         state.save(paths)
         booted = vms.wait_ready(paths, "primary", state.pids["primary_qemu"], BOOT_TIMEOUT_S)
@@ -485,8 +501,10 @@ class Lab:
             time.sleep(0.05)
         return time.monotonic() - started
 
-    def wait_colo(self, timeout: float) -> float:
-        """Poll query-colo-status on both lab monitors until primary/secondary."""
+    def wait_colo(self, timeout: float, *, reprotected: bool = False) -> float:
+        """Poll query-colo-status on both lab monitors until host P's QEMU is the COLO primary
+        and host S's the secondary (``reprotected``: the other way round)."""
+        wanted = ["secondary", "primary"] if reprotected else ["primary", "secondary"]
 
         async def poll() -> float:
             started = time.monotonic()
@@ -498,12 +516,12 @@ class Lab:
                 modes: list[str] = []
                 while True:
                     modes = [await vms.colo_mode(m) for m in monitors]
-                    if modes == ["primary", "secondary"]:
+                    if modes == wanted:
                         return time.monotonic() - started
                     if time.monotonic() - started > timeout:
                         raise LabError(
                             f"the pair did not reach COLO within {timeout:.0f} s "
-                            f"(modes primary={modes[0]}, secondary={modes[1]}); see "
+                            f"(modes host P={modes[0]}, host S={modes[1]}); see "
                             f"{self.paths.run_dir}/*-coloproxy.log (filters-driver.log)"
                         )
                     await asyncio.sleep(0.1)
@@ -527,6 +545,82 @@ class Lab:
             f"the client got no page from {GUEST_IPV4} within {timeout:.0f} s "
             f"(last try: {last.detail if last else 'none'})"
         )
+
+    # -- reprotect -----------------------------------------------------------------------
+
+    def reprotect(self) -> float:
+        """After host P's QEMU died and host S took over: protect the guest again, host S
+        the primary now. A new secondary QEMU (``-incoming``) and host P's daemon as the
+        secondary start on host P, then host S's daemon is told ``reprotect`` (its engine
+        migrates into the new QEMU: COLO again). Seconds until the client is served again
+        through host S's proxy."""
+        from coloproxy.control import ControlClient, ControlError
+        from coloproxy.protocol import ClientRole, Reprotect
+
+        state = self.state or LabState.load(self.paths)
+        if state is None:
+            raise LabError("the lab is not up (no state): `coloproxy lab up` first")
+        self.state = state
+        if state.qemu_filters:
+            raise LabError("reprotect is coloproxy's: this lab runs QEMU's own filters")
+        old = state.pids.get("primary_qemu")
+        if old is not None and vms.alive(old):
+            raise LabError("host P's QEMU still runs: reprotect follows a failover of host S")
+        started = time.monotonic()
+        daemon = state.pids.get("primary_daemon")
+        if daemon is not None and vms.alive(daemon) and _is_ours(daemon):
+            self.progress("stopping host P's old daemon")
+            vms.stop_process(daemon)
+        config = self.paths.run_dir / REPROTECT_FILE
+        config.write_text(reprotect_config_text(self.paths))
+        uri = reprotect_uri()
+        self.progress(
+            f"starting a new secondary QEMU in {self.topology.ns('hp')} (-incoming {uri})"
+        )
+        spec = vms.vm_spec("primary", self.paths, incoming=uri)  # host P's paths, see configs
+        state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
+        state.save(self.paths)
+        socket_path = self.paths.control_socket("primary")
+        socket_path.unlink(missing_ok=True)
+        log_path = self.paths.run_dir / "primary-reprotected-coloproxy.log"
+        self.progress(f"starting coloproxy run (secondary) in {self.topology.ns('hp')}")
+        pid = self._spawn(
+            "primary_daemon",
+            "hp",
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
+            log_path,
+        )
+        self._wait(
+            socket_path.exists,
+            DAEMON_TIMEOUT_S,
+            f"host P's daemon's control socket {socket_path}",
+            pid=pid,
+            log_path=log_path,
+        )
+
+        async def tell() -> str:
+            client = await ControlClient.connect(
+                self.paths.control_socket("secondary"), ClientRole.CLI, name="coloproxy-lab"
+            )
+            async with client:
+                ack = await client.request(Reprotect(migrate_uri=uri))
+            return ack.detail
+
+        try:
+            detail = asyncio.run(tell())
+        except ControlError as exc:
+            raise LabError(f"host S's daemon refused reprotect: {exc}") from exc
+        self.progress(f"host S's daemon: {detail}")
+        state.timings["reprotect_colo_s"] = self.wait_colo(COLO_TIMEOUT_S, reprotected=True)
+        self.progress(
+            f"COLO again, host S primary ({state.timings['reprotect_colo_s']:.1f} s after the"
+            " reprotect)"
+        )
+        self.wait_serving(SERVE_TIMEOUT_S)
+        state.timings["reprotect_s"] = time.monotonic() - started
+        state.save(self.paths)
+        self.progress("the client is served through host S's proxy: protected again")
+        return state.timings["reprotect_s"]
 
     # -- down ----------------------------------------------------------------------------
 
@@ -556,10 +650,11 @@ class Lab:
 
         return str(self.topology.run_in(vms.HOST_OF[role], fetch))
 
-    def checkpoints(self) -> dict[str, int]:
-        """Checkpoint requests by reason and checkpoints completed, from host P's metrics."""
+    def checkpoints(self, role: str = "primary") -> dict[str, int]:
+        """Checkpoint requests by reason and checkpoints completed, from host P's metrics
+        (``role="secondary"``: host S's, the primary after a reprotect)."""
         found: dict[str, int] = {}
-        for line in self.scrape().splitlines():
+        for line in self.scrape(role).splitlines():
             if line.startswith("coloproxy_checkpoint_requests_total{"):
                 match = re.search(r'reason="([^"]+)"', line)
                 if match:
@@ -582,14 +677,15 @@ class Lab:
                     found[match.group(1)] = found.get(match.group(1), 0) + value
         return found
 
-    def set_period(self, period_ms: int) -> None:
-        """The engine's periodic checkpoint interval, live (set-period to host P's proxy)."""
+    def set_period(self, period_ms: int, role: str = "primary") -> None:
+        """The engine's periodic checkpoint interval, live (set-period to host P's proxy, or
+        with ``role="secondary"`` host S's)."""
         from coloproxy.control import ControlClient, ControlError
         from coloproxy.protocol import ClientRole, SetPeriod
 
         async def send() -> None:
             client = await ControlClient.connect(
-                self.paths.control_socket("primary"), ClientRole.CLI, name="coloproxy-lab"
+                self.paths.control_socket(role), ClientRole.CLI, name="coloproxy-lab"
             )
             async with client:
                 await client.request(SetPeriod(period_ms=period_ms))
@@ -727,11 +823,14 @@ class DemoResult:
     worst_latency_s: float | None = None
     pauses_ms: list[float] = field(default_factory=list)
     echo: str = ""
+    echo_fresh: str = ""  # the echo connection opened after the last checkpoint
     memcheck: str = ""
 
     @property
     def ok(self) -> bool:
-        return self.failed == 0 and not self.echo.startswith("FAILED")
+        return self.failed == 0 and not any(
+            e.startswith("FAILED") for e in (self.echo, self.echo_fresh)
+        )
 
 
 def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -> DemoResult:
@@ -746,6 +845,7 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
         say(f"checkpoints so far (host P's metrics): {_reasons(result.checkpoints_before)}")
     watch = CheckpointWatch(lab.paths).start()
     echo: EchoSession | None = None
+    fresh: EchoSession | None = None
     loop: ClientLoop | None = None
     try:
         say("client: a TCP connection to the echo service, kept open across the failover")
@@ -794,23 +894,40 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
             f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
             f"(pause {_pause_figures(result.pauses_ms)})"
         )
+        if proxy:
+            completed = lab.checkpoints().get("completed", 0)
+            deadline = time.monotonic() + 10
+            while lab.checkpoints().get("completed", 0) <= completed:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         say(
-            "SIGKILL of the primary QEMU while the client goes on (between two of its requests:"
-            " a connection opened since the last checkpoint would not survive, docs/lab.md)"
+            "client: a second echo connection, opened after the last checkpoint (the SVM's"
+            " side has its own ISN: host S shifts it after a takeover)"
+        )
+        fresh = EchoSession(lab.topology)
+        fresh.exchange(b"just after a checkpoint\n")
+        say(
+            "SIGKILL of the primary QEMU while the client goes on (between two of its"
+            " requests, docs/lab.md)"
         )
         loop.hold()
         console_mark = len(vms.console(lab.paths, "secondary"))
         killed = lab.kill_qemu("primary")
         loop.resume()
-        try:
-            took = echo.exchange(b"after the failover\n")
-            result.echo = f"answered {took * 1000:.0f} ms after the kill"
-            say(f"  the echo connection opened before the kill carried on: {result.echo}")
-        except LabError as exc:
-            result.echo = f"FAILED: {exc}"
-            say(f"  the echo connection opened before the kill: {result.echo}")
-        finally:
-            echo.close()
+        for session, label in ((echo, "opened before the traffic"), (fresh, "opened last")):
+            try:
+                session.exchange(b"after the failover\n")
+                text = f"answered {(time.monotonic() - killed) * 1000:.0f} ms after the kill"
+            except LabError as exc:
+                text = f"FAILED: {exc}"
+            finally:
+                session.close()
+            if session is echo:
+                result.echo = text
+            else:
+                result.echo_fresh = text
+            say(f"  the echo connection {label}: {text}")
         _progress_while(lab, loop, after_failover_s)
         attempts = loop.stop()
         result.gap_s, result.worst_latency_s = failover_gap(attempts, killed)
@@ -825,8 +942,9 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
     finally:  # whatever failed: no thread or connection of ours outlives the demo
         if loop is not None:
             loop.stop()
-        if echo is not None:
-            echo.close()
+        for opened in (echo, fresh):
+            if opened is not None:
+                opened.close()
         watch.stop()
     if proxy:
         with contextlib.suppress(OSError, LabError):
@@ -880,12 +998,20 @@ def _reasons(counts: dict[str, int]) -> str:
     return f"requested: {shown}; completed: {counts.get('completed', 0)}"
 
 
+def _wiring(qemu_filters: bool, chardev: bool) -> str:
+    if qemu_filters:
+        return "QEMU's own filters and colo-compare"
+    if chardev:
+        return "QEMU's filters and coloproxy's chardev transport"
+    return "coloproxy"
+
+
 def format_summary(result: DemoResult, lab: Lab) -> str:
     state = lab.state
     lines = ["", "== coloproxy lab demo: summary"]
     if state is not None:
         lines.append(
-            f"network by           {'QEMU colo-compare' if state.qemu_filters else 'coloproxy'}"
+            f"network by           {_wiring(state.qemu_filters, state.chardev)}"
             f" (COLO driven by {state.driver}), accel {state.accel}"
         )
         for name, value in state.timings.items():
@@ -906,6 +1032,8 @@ def format_summary(result: DemoResult, lab: Lab) -> str:
     lines.append(f"failover gap         {gap} (last success before the kill -> first after)")
     if result.echo:
         lines.append(f"echo connection      {result.echo}")
+    if result.echo_fresh:
+        lines.append(f"echo, newest         {result.echo_fresh} (opened after the last checkpoint)")
     if result.memcheck:
         lines.append(f"SVM memory checker   {result.memcheck}")
     if result.worst_latency_s is not None:

@@ -85,6 +85,9 @@ class VmSpec:
     incoming: str | None = None
     qemu_filters: bool = False
     memcheck_mib: int = 32
+    # QEMU's filters as with qemu_filters, but host P's colo-compare replaced by coloproxy's
+    # chardev transport (docs/chardev.md): the lab's ``--chardev`` mode.
+    chardev: bool = False
 
 
 def guest_cmdline(memcheck_mib: int = 32) -> str:
@@ -104,7 +107,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     """The QEMU command line of one lab VM (without the ``ip netns exec`` in front)."""
     paths = spec.paths
     netdev = f"tap,id=hn0,ifname={GUEST_PORT},script=no,downscript=no,vhost=off"
-    if spec.qemu_filters:
+    if spec.qemu_filters or spec.chardev:
         netdev += ",vnet_hdr=off"
     argv = [
         str(spec.binary),
@@ -122,6 +125,8 @@ def qemu_argv(spec: VmSpec) -> list[str]:
     ]
     if spec.qemu_filters:
         argv += _filter_argv(spec.role)
+    elif spec.chardev:
+        argv += _chardev_filter_argv(spec.role)
     if spec.incoming is not None:
         argv += ["-incoming", spec.incoming]
     return argv
@@ -166,8 +171,41 @@ def _filter_argv(role: str) -> list[str]:
     return argv
 
 
+def _chardev_filter_argv(role: str) -> list[str]:
+    """QEMU's filters with coloproxy in place of colo-compare (docs/chardev.md): host P keeps
+    its mirror and its two redirectors, whose chardevs coloproxy connects to (compare0: the
+    PVM's output, compare_out: what coloproxy releases); colo-compare, its iothread and its
+    three chardevs go. Host S's filters are unchanged: its red1 reaches coloproxy, which
+    listens on host P's replication address."""
+    if role != "primary":
+        return _filter_argv(role)
+    host_p = REPLICATION_IPV4["hp"]
+    ports = FILTER_PORTS
+    chardevs = [
+        f"socket,id=mirror0,host={host_p},port={ports['mirror']},server=on,wait=off",
+        f"socket,id=compare0,host=127.0.0.1,port={ports['compare_primary']},server=on,wait=off",
+        f"socket,id=compare_out,host=127.0.0.1,port={ports['out']},server=on,wait=off",
+    ]
+    objects = [
+        "filter-mirror,id=m0,netdev=hn0,queue=tx,outdev=mirror0",
+        "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out",
+        "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0",
+    ]
+    argv: list[str] = []
+    for chardev in chardevs:
+        argv += ["-chardev", chardev]
+    for obj in objects:
+        argv += ["-object", obj]
+    return argv
+
+
 def vm_spec(
-    role: str, paths: LabPaths, *, incoming: str | None, qemu_filters: bool = False
+    role: str,
+    paths: LabPaths,
+    *,
+    incoming: str | None,
+    qemu_filters: bool = False,
+    chardev: bool = False,
 ) -> VmSpec:
     """A spec with the built QEMU and guest image (LabNotBuiltError when they are missing)."""
     return VmSpec(
@@ -180,6 +218,7 @@ def vm_spec(
         paths=paths,
         incoming=incoming,
         qemu_filters=qemu_filters,
+        chardev=chardev,
     )
 
 

@@ -360,6 +360,24 @@ class AttachLan:
 
 
 @dataclass(frozen=True, slots=True)
+class Reprotect:
+    """cli -> proxy: protect again after a failover (the seed's "continuous FT"): this host
+    becomes (or stays) the primary and its engine brings a new secondary, whose QEMU waits on
+    ``migrate_uri``, into COLO."""
+
+    kind: ClassVar[str] = "reprotect"
+    migrate_uri: str
+    id: int = 0
+
+    def __post_init__(self) -> None:
+        _check_id("id", self.id)
+        if not self.migrate_uri or len(self.migrate_uri) > 256:
+            raise UsageError(
+                f"reprotect: migrate_uri must be 1-256 characters, got {self.migrate_uri!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """proxy -> client: done. For ``checkpoint``, ``request`` is the checkpoint request it
     became or was merged into."""
@@ -399,6 +417,7 @@ Message = Union[  # noqa: UP007 (a runtime object: typing.get_args walks it belo
     CheckpointNow,
     Failover,
     AttachLan,
+    Reprotect,
     Ack,
     ErrorReply,
 ]
@@ -411,6 +430,7 @@ Request = (
     | CheckpointNow
     | Failover
     | AttachLan
+    | Reprotect
 )
 # What answers a client message.
 Reply = Welcome | Ack | Status | ErrorReply
@@ -429,7 +449,7 @@ CLIENT_MAY_SEND: Final[Mapping[ClientRole, frozenset[str]]] = {
         {"checkpoint-started", "checkpoint-completed", "status-request", "failover", "attach-lan"}
     ),
     ClientRole.CLI: frozenset(
-        {"status-request", "checkpoint", "set-period", "failover", "attach-lan"}
+        {"status-request", "checkpoint", "set-period", "failover", "attach-lan", "reprotect"}
     ),
     ClientRole.MONITOR: frozenset({"status-request"}),
 }

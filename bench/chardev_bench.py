@@ -1,0 +1,535 @@
+#!/usr/bin/env python3
+"""QEMU's colo-compare against coloproxy's chardev transport, side by side, in one run.
+
+    python3 bench/chardev_bench.py [--packets N] [--workload NAME ...] [--vnet off on]
+
+One feeder (bench/qemu_colo_compare.py's ``Feeder``), the same framed streams, two
+comparators behind the same three unix sockets:
+
+* qemu: colo-compare alone in ``qemu-system-x86_64 -machine none`` (as compare_bench.py),
+  with ``vnet_hdr_support=on`` in the vnet rows;
+* coloproxy: the real daemon, ``python3 -m coloproxy run -c FILE --no-setup`` in its own
+  process, with a ``chardev`` section (coloproxy listens on the three sockets, as QEMU's
+  server chardevs do here). Before timing, the harness completes the daemon's restart
+  checkpoint over its control socket (role engine): a new proxy holds everything until then
+  (I6).
+
+Both get the secondary already in the primary's sequence space (what QEMU's filter-rewriter
+does on the secondary host before either comparator sees it). With vnet on, every frame
+carries the 8-byte length pair and a 12-byte virtio-net header (all zero: no offloads).
+
+Before timing, each comparator is probed: an ARP frame on both inputs until one comes out of
+outdev (colo-compare passes the primary's uncompared and discards the secondary's; coloproxy
+compares the two). Then the clock runs from the feeder's first write to the last released
+frame. Figures: primary packets released per second, primary payload Gbit/s, the ratio
+coloproxy/qemu (above 1: coloproxy faster), and CPU time of each comparing process per
+released packet. Prints, asserts nothing; the exit status is 1 if a run failed outright.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import itertools
+import os
+import platform
+import select
+import shlex
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+BENCH_DIR: Final = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT: Final = os.path.dirname(BENCH_DIR)
+for _path in (BENCH_DIR, REPO_ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from compare_bench import best, comparator_variant, secondary_leads  # noqa: E402
+from qemu_colo_compare import (  # noqa: E402
+    CHUNK_ENTRIES,
+    IDLE_TIMEOUT,
+    PROBE_FRAME,
+    QEMU_BINARY,
+    RECV_SIZE,
+    STARTUP_TIMEOUT,
+    BenchError,
+    Feeder,
+    FramedStreams,
+    RunResult,
+    connect_unix,
+    process_cpu_seconds,
+    qemu_command,
+    qemu_version,
+    wait_for_paths,
+)
+from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
+
+DEFAULT_PACKETS: Final = 20_000
+VNET_HEADER: Final = bytes(12)  # struct virtio_net_hdr_mrg_rxbuf, no offload flags
+_LENGTH: Final = struct.Struct("!I")
+_LENGTHS: Final = struct.Struct("!II")
+
+OURS_CONFIG: Final = """\
+pair: {{name: bench, role: primary}}
+net:
+  guest_port: bench0
+  replication: {{local: 10.255.0.1, remote: 10.255.0.2}}
+control: {{socket: {dir}/ctl.sock}}
+metrics: {{enabled: false}}
+log: {{level: warning}}
+chardev:
+  primary_in: {{unix: {dir}/pin, server: true}}
+  secondary_in: {{unix: {dir}/sin, server: true}}
+  outdev: {{unix: {dir}/out, server: true}}
+  vnet_hdr: {vnet}
+"""
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+
+def frame(packet: bytes, vnet: bool) -> bytes:
+    if not vnet:
+        return _LENGTH.pack(len(packet)) + packet
+    return _LENGTHS.pack(len(VNET_HEADER) + len(packet), len(VNET_HEADER)) + VNET_HEADER + packet
+
+
+def frame_streams(workload: Workload, vnet: bool) -> FramedStreams:
+    """Both sides serialized once; chunks follow the workload's stream-position schedule
+    (as qemu_colo_compare.frame_streams, with or without vnet headers)."""
+
+    def serialize(frames: Sequence[bytes]) -> tuple[bytes, list[int]]:
+        framed = [frame(packet, vnet) for packet in frames]
+        return b"".join(framed), list(itertools.accumulate(len(part) for part in framed))
+
+    primary, primary_ends = serialize(workload.primary_frames)
+    secondary, secondary_ends = serialize(workload.secondary_frames)
+    boundaries: list[tuple[int, int]] = []
+    primary_count = secondary_count = 0
+    schedule = workload.schedule()
+    for position, (is_primary, _) in enumerate(schedule, 1):
+        if is_primary:
+            primary_count += 1
+        else:
+            secondary_count += 1
+        if position % CHUNK_ENTRIES == 0 or position == len(schedule):
+            boundaries.append(
+                (
+                    primary_ends[primary_count - 1] if primary_count else 0,
+                    secondary_ends[secondary_count - 1] if secondary_count else 0,
+                )
+            )
+    return FramedStreams(
+        primary, secondary, boundaries, len(workload.primary_frames), len(workload.secondary_frames)
+    )
+
+
+def count_frames(
+    sock: socket.socket, expected: int, feeder: Feeder, vnet: bool
+) -> tuple[int, float | None]:
+    """qemu_colo_compare.count_frames, for either framing: frames read off ``sock`` until
+    ``expected`` came or the output went quiet after the feeder ended."""
+    header = 8 if vnet else 4
+    sock.setblocking(True)
+    buffer = bytearray(RECV_SIZE)
+    view = memoryview(buffer)
+    carried = count = 0
+    last_frame_at: float | None = None
+    last_data_at = time.perf_counter()
+    unpack_length = _LENGTH.unpack_from
+    while count < expected:
+        readable, _, _ = select.select([sock], [], [], 0.2)
+        now = time.perf_counter()
+        if not readable:
+            if feeder.error is not None:
+                break
+            if not feeder.is_alive() and now - last_data_at > IDLE_TIMEOUT:
+                break
+            if now - last_data_at > 10 * IDLE_TIMEOUT:
+                break
+            continue
+        got = sock.recv_into(view[carried:])
+        if not got:
+            break
+        last_data_at = now
+        available = carried + got
+        position = 0
+        while position + header <= available:
+            end = position + header + unpack_length(buffer, position)[0]
+            if end > available:
+                break
+            position = end
+            count += 1
+        if position:
+            last_frame_at = now
+        carried = available - position
+        if carried and position:
+            buffer[:carried] = bytes(view[position:available])
+    return count, last_frame_at
+
+
+def timed_run(
+    sockets: tuple[socket.socket, socket.socket, socket.socket],
+    streams: FramedStreams,
+    workload: Workload,
+    vnet: bool,
+    pid: int,
+) -> RunResult:
+    primary, secondary, out = sockets
+    feeder = Feeder(primary, secondary, streams)
+    cpu_before = process_cpu_seconds(pid)
+    started = time.perf_counter()
+    feeder.start()
+    released, last_frame_at = count_frames(out, len(workload.primary_frames), feeder, vnet)
+    feeder.join(timeout=10.0)
+    if feeder.error is not None:
+        raise BenchError(f"feeder failed: {feeder.error!r}") from feeder.error
+    seconds = (last_frame_at - started) if last_frame_at is not None else 0.0
+    return RunResult(
+        len(workload.primary_frames),
+        released,
+        seconds,
+        workload.payload_bytes_total,
+        server_cpu=process_cpu_seconds(pid) - cpu_before,
+    )
+
+
+# -- the two comparators ---------------------------------------------------------------------
+
+
+def probe(sockets: tuple[socket.socket, socket.socket, socket.socket], vnet: bool) -> None:
+    """ARP on both inputs until one comes out of outdev; then drain outdev until quiet."""
+    primary, secondary, out = sockets
+    framed = frame(PROBE_FRAME, vnet)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        primary.sendall(framed)
+        secondary.sendall(framed)
+        readable, _, _ = select.select([out], [], [], 0.05)
+        if readable:
+            out.setblocking(False)
+            received = 0
+            quiet_until = time.monotonic() + 0.3
+            while time.monotonic() < quiet_until:
+                with contextlib.suppress(BlockingIOError):
+                    data = out.recv(RECV_SIZE)
+                    if not data:
+                        raise BenchError("outdev closed during the probe")
+                    received += len(data)
+                    quiet_until = time.monotonic() + 0.3
+                time.sleep(0.01)
+            out.setblocking(True)
+            if received % len(framed):
+                raise BenchError(f"probe: {received} bytes out is not whole probe frames")
+            return
+    raise BenchError(f"no probe came out of outdev in {STARTUP_TIMEOUT} s")
+
+
+def complete_restart_checkpoint(control: str) -> None:
+    """Play the checkpoint engine for the new daemon's restart request (I6)."""
+    from coloproxy.control import ControlClient
+    from coloproxy.protocol import (
+        CheckpointCompleted,
+        CheckpointRequest,
+        CheckpointStarted,
+        ClientRole,
+    )
+
+    async def engine() -> None:
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            client = await ControlClient.connect(control, ClientRole.ENGINE, name="bench")
+            async with client:
+                async for push in client:
+                    if isinstance(push, CheckpointRequest):
+                        now = time.time()
+                        await client.request(CheckpointStarted(request=push.id, time=now))
+                        await client.request(
+                            CheckpointCompleted(request=push.id, started=now, completed=time.time())
+                        )
+                        return
+
+    asyncio.run(engine())
+
+
+@contextlib.contextmanager
+def running(
+    command: Callable[[str], list[str]],
+    vnet: bool,
+    before_connect: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[tuple[socket.socket, socket.socket, socket.socket], int]]:
+    """Start a comparator listening on DIR/pin, DIR/sin, DIR/out; connect, probe; yield the
+    sockets and its pid. Killed and cleaned up whatever happens."""
+    directory = tempfile.mkdtemp(prefix="c5-bench-")
+    process: subprocess.Popen[bytes] | None = None
+    sockets: list[socket.socket] = []
+    stderr_path = os.path.join(directory, "stderr")
+    try:
+        with open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen(
+                command(directory),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+            )
+        paths = [os.path.join(directory, name) for name in ("pin", "sin", "out")]
+        try:
+            wait_for_paths(paths, process)
+            if before_connect is not None:
+                before_connect(directory)
+            sockets.extend(connect_unix(path) for path in paths)
+            connected = (sockets[0], sockets[1], sockets[2])
+            probe(connected, vnet)
+        except BaseException as exc:
+            with open(stderr_path, "rb") as stderr_file:
+                output = stderr_file.read().decode(errors="replace").strip()
+            if output:
+                raise BenchError(f"{exc} (it said: {output[-2000:]})") from exc
+            raise
+        yield connected, process.pid
+        if process.poll() is not None:
+            raise BenchError(f"exited with status {process.returncode} during the run")
+    finally:
+        for sock in sockets:
+            sock.close()
+        if process is not None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def qemu_vnet_command(binary: str, vnet: bool) -> Callable[[str], list[str]]:
+    def command(directory: str) -> list[str]:
+        argv = qemu_command(directory, binary)
+        if vnet:
+            argv[-1] += ",vnet_hdr_support=on"
+        return argv
+
+    return command
+
+
+def ours_command(vnet: bool) -> Callable[[str], list[str]]:
+    def command(directory: str) -> list[str]:
+        path = os.path.join(directory, "bench.yaml")
+        with open(path, "w") as config:
+            config.write(OURS_CONFIG.format(dir=directory, vnet=str(vnet).lower()))
+        return [sys.executable, "-m", "coloproxy", "run", "-c", path, "--no-setup"]
+
+    return command
+
+
+def ours_env() -> dict[str, str]:
+    """The daemon runs this checkout's coloproxy, installed or not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_ROOT, env.get("PYTHONPATH")]))
+    return env
+
+
+def run_qemu(
+    workload: Workload, streams: FramedStreams, vnet: bool, repeat: int, binary: str
+) -> list[RunResult]:
+    runs = []
+    for _ in range(repeat):
+        with running(qemu_vnet_command(binary, vnet), vnet) as (sockets, pid):
+            runs.append(timed_run(sockets, streams, workload, vnet, pid))
+    return runs
+
+
+def run_ours(
+    workload: Workload, streams: FramedStreams, vnet: bool, repeat: int
+) -> list[RunResult]:
+    runs = []
+    for _ in range(repeat):
+        with running(
+            ours_command(vnet),
+            vnet,
+            before_connect=lambda d: complete_restart_checkpoint(os.path.join(d, "ctl.sock")),
+            env=ours_env(),
+        ) as (sockets, pid):
+            runs.append(timed_run(sockets, streams, workload, vnet, pid))
+    return runs
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    vnet: bool
+    packets: int = 0
+    ours: RunResult | None = None
+    qemu: RunResult | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure(name: str, vnet: bool, args: argparse.Namespace) -> Row:
+    row = Row(name, vnet)
+    workload = make_workload(name, args.packets, secondary_in_primary_seq_space=True)
+    row.packets = len(workload.primary_frames)
+    streams = frame_streams(workload, vnet)
+    label = f"{name} vnet {'on' if vnet else 'off'}"
+    if not args.skip_ours:
+        row.ours = best(run_ours(workload, streams, vnet, args.repeat))
+        if not row.ours.complete:
+            row.notes.append(f"{label}: coloproxy released {row.ours.released} of {row.packets}")
+    if not args.skip_qemu:
+        runs = run_qemu(workload, streams, vnet, args.repeat, args.qemu_binary)
+        row.qemu = best(runs)
+        if not row.qemu.complete:
+            # colo-compare matches non-TCP newest-primary-first and drops at 1024 queued
+            # (bench/README.md): rerun with the secondary one chunk ahead.
+            lead = best(run_qemu(workload, secondary_leads(streams), vnet, args.repeat,
+                                 args.qemu_binary))  # fmt: skip
+            row.notes.append(
+                f"{label}: colo-compare released {row.qemu.released} of {row.packets} with the "
+                f"primary fed first; figure from a rerun with the secondary one chunk ahead "
+                f"({lead.released} released)"
+            )
+            row.qemu = lead
+    return row
+
+
+def _rate(result: RunResult | None) -> tuple[str, str, str]:
+    if result is None:
+        return "-", "-", "-"
+    mark = "" if result.complete else "!"
+    cpu = (
+        f"{result.server_cpu / result.released * 1e6:.2f}"
+        if result.server_cpu is not None and result.released
+        else "-"
+    )
+    return f"{result.packets_per_second:,.0f}{mark}", f"{result.gbit_per_second:.2f}{mark}", cpu
+
+
+def render(rows: list[Row]) -> str:
+    header = (
+        "workload", "vnet", "pkts", "coloproxy pkt/s", "Gb/s", "us cpu/pkt",
+        "qemu pkt/s", "Gb/s", "us cpu/pkt", "coloproxy/qemu", "cpu qemu/coloproxy",
+    )  # fmt: skip
+    lines: list[tuple[str, ...]] = [header]
+    for row in rows:
+        ratio = cpu_ratio = "-"
+        if row.ours is not None and row.qemu is not None and row.qemu.packets_per_second > 0:
+            ratio = f"{row.ours.packets_per_second / row.qemu.packets_per_second:.2f}"
+            if row.ours.server_cpu and row.qemu.server_cpu and row.ours.released:
+                ours_cpu = row.ours.server_cpu / row.ours.released
+                qemu_cpu = row.qemu.server_cpu / max(row.qemu.released, 1)
+                cpu_ratio = f"{qemu_cpu / ours_cpu:.2f}"
+        lines.append(
+            (
+                row.name,
+                "on" if row.vnet else "off",
+                f"{row.packets:,}",
+                *_rate(row.ours),
+                *_rate(row.qemu),
+                ratio,
+                cpu_ratio,
+            )
+        )
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    rendered = []
+    for number, line in enumerate(lines):
+        cells = [
+            cell.ljust(width) if column < 2 else cell.rjust(width)
+            for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ]
+        rendered.append("  ".join(cells))
+        if number == 0:
+            rendered.append("  ".join("-" * width for width in widths))
+    return "\n".join(rendered)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="QEMU's colo-compare against coloproxy's chardev transport.",
+        epilog="Workloads: " + "; ".join(f"{name}: {text}" for name, text in DESCRIPTIONS.items()),
+    )
+    parser.add_argument(
+        "--packets",
+        type=int,
+        default=DEFAULT_PACKETS,
+        help=f"primary data packets per workload (default {DEFAULT_PACKETS:,})",
+    )
+    parser.add_argument("--workload", nargs="+", choices=NAMES, default=list(NAMES),
+                        metavar="NAME", help=f"default all: {' '.join(NAMES)}")  # fmt: skip
+    parser.add_argument("--vnet", nargs="+", choices=("off", "on"), default=["off", "on"],
+                        help="vnet header framing (default both)")  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="runs per figure, best shown")
+    parser.add_argument("--skip-qemu", action="store_true")
+    parser.add_argument("--skip-ours", action="store_true")
+    parser.add_argument("--qemu-binary", default=QEMU_BINARY)
+    args = parser.parse_args(argv)
+    if args.packets <= 0 or args.repeat <= 0:
+        parser.error("--packets and --repeat must be positive")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    print(f"date      {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
+    print(f"command   {shlex.join([os.path.basename(sys.executable), *sys.argv])}")
+    print(f"python    {platform.python_implementation()} {platform.python_version()}")
+    variant, stale = comparator_variant()
+    print(f"coloproxy {variant}")
+    if stale:
+        print(f"error: stale compiled modules: {' '.join(stale)}")
+        return 2
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401
+
+        print("loop      uvloop")
+    print(f"qemu      {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
+    print(f"host      {os.cpu_count()} CPUs, {platform.platform()}")
+    print(
+        f"qemu cmd  {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}[,vnet_hdr_support=on]"
+    )
+    print("ours cmd  python3 -m coloproxy run -c <tmpdir>/bench.yaml --no-setup")
+    print(f"runs      best of {args.repeat}; {args.packets:,} primary data packets per workload")
+    print(flush=True)
+    rows: list[Row] = []
+    failed = False
+    for name in args.workload:
+        for vnet in (value == "on" for value in args.vnet):
+            step = time.monotonic()
+            try:
+                rows.append(measure(name, vnet, args))
+            except BenchError as exc:
+                failed = True
+                rows.append(Row(name, vnet, notes=[f"{name}: FAILED: {exc}"]))
+            print(f"  {name} vnet {'on' if vnet else 'off'}: {time.monotonic() - step:.1f} s",
+                  flush=True)  # fmt: skip
+    print()
+    print(render(rows))
+    print()
+    print(
+        "pkt/s: primary packets released per second, from the feeder's first write to the "
+        "last released frame; Gb/s: primary payload. us cpu/pkt: CPU time of the comparing "
+        "process per released packet. coloproxy/qemu: pkt/s ratio (above 1: coloproxy "
+        "faster). ! = not every packet came out."
+    )
+    for row in rows:
+        for note in row.notes:
+            print(f"note: {note}")
+    print(f"total {time.monotonic() - started:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""QEMU's socket-chardev packet framing and the Xen COLO notify messages (pure, sans-IO).
+
+Theory of operation
+-------------------
+QEMU's filter-mirror, filter-redirector and colo-compare pass packets over stream chardevs
+(unix or TCP sockets) as frames (QEMU net/net.c ``net_fill_rstate``, net/filter-mirror.c
+``filter_send``, net/colo-compare.c ``_compare_chr_send``)::
+
+    4 bytes  big-endian length L of the data (vnet header included)
+    4 bytes  big-endian vnet header length V        only with vnet_hdr_support=on
+    L bytes  data: V bytes of virtio-net header, then the Ethernet frame
+
+The receiver's buffer is ``NET_BUFSIZE`` (4096 + 65536 = 69 632 bytes, include/net/net.h).
+QEMU, given a larger L, prints "serious error: oversized packet received" and stops reading
+that chardev for good (colo-compare unregisters its handlers): every later packet on it is
+lost without a word. :class:`FrameDecoder` instead reports :class:`FrameOversized` as soon as
+the length is read, skips exactly L bytes without storing them and reports
+:class:`Resynchronised` when the next frame begins. If L was honest (a sender that built a
+frame too big) the stream is back in step; if L was garbage the stream had lost its framing
+anyway, and the skip ends at some point after which frames parse again or are reported
+again. A vnet header length larger than the frame is reported (:class:`VnetHeaderTooLong`)
+and the frame is still delivered, with an empty packet to compare, so that the shell can hold
+and release it unchanged (a primary frame is never dropped: I2).
+
+The decoder returns, per call, the packets to compare (vnet header stripped), the vnet
+headers (only with vnet on; kept for the outdev copy) and the problems, in arrival order
+among themselves. Frames are sliced from the received bytes once (one copy per frame); a
+frame cut by the stream's segmentation waits in a carry buffer for its remainder.
+
+The notify channel (colo-compare's ``notify_dev``, used by Xen's COLO frame) carries the same
+framing without vnet header lengths; each frame's data is an ASCII word without NUL:
+``COLO_USERSPACE_PROXY_INIT`` (Xen asks for the proxy) is answered
+``COLO_COMPARE_GET_XEN_INIT``; colo-compare sends ``DO_CHECKPOINT`` when it needs a
+checkpoint; Xen sends ``COLO_CHECKPOINT`` when one is done, on which colo-compare releases
+every held primary packet and forgets the secondary's (``colo_flush_packets``). Words are
+compared exactly, as QEMU's ``packet_matches_str`` does (length and bytes).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final, NamedTuple
+
+from coloproxy.errors import UsageError
+
+# include/net/net.h: #define NET_BUFSIZE (4096 + 65536): a 64 KiB GSO frame plus headers.
+MAX_FRAME: Final = 4096 + 65536
+HEADER: Final = 4
+VNET_HEADER: Final = 8
+
+NOTIFY_PROXY_INIT: Final = b"COLO_USERSPACE_PROXY_INIT"
+NOTIFY_PROXY_INIT_REPLY: Final = b"COLO_COMPARE_GET_XEN_INIT"
+NOTIFY_DO_CHECKPOINT: Final = b"DO_CHECKPOINT"
+NOTIFY_CHECKPOINT_DONE: Final = b"COLO_CHECKPOINT"
+
+_LENGTH: Final = struct.Struct("!I")
+_LENGTHS: Final = struct.Struct("!II")
+
+
+class FrameProblem(StrEnum):
+    """What can be wrong with a stream of frames; also the metric label."""
+
+    OVERSIZED = "oversized"
+    VNET_HEADER_TOO_LONG = "vnet-header-too-long"
+    TRUNCATED = "truncated"
+
+
+@dataclass(frozen=True, slots=True)
+class FrameOversized:
+    """A frame announced ``length`` bytes, above ``limit``: it is skipped, not stored."""
+
+    length: int
+    limit: int
+    offset: int  # stream offset of the frame's first length byte
+    problem: FrameProblem = FrameProblem.OVERSIZED
+
+
+@dataclass(frozen=True, slots=True)
+class Resynchronised:
+    """The skip after an oversized frame is over: the next frame starts at ``offset``."""
+
+    skipped: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class VnetHeaderTooLong:
+    """A frame's vnet header length exceeds its data: delivered with an empty packet."""
+
+    vnet_hdr_len: int
+    length: int
+    offset: int
+    problem: FrameProblem = FrameProblem.VNET_HEADER_TOO_LONG
+
+
+@dataclass(frozen=True, slots=True)
+class Truncated:
+    """The stream ended (the connection closed) inside a frame: ``pending`` bytes lost."""
+
+    pending: int
+    offset: int
+    skipping: bool  # inside the skip of an oversized frame
+    problem: FrameProblem = FrameProblem.TRUNCATED
+
+
+FrameEvent = FrameOversized | Resynchronised | VnetHeaderTooLong | Truncated
+
+
+class Decoded(NamedTuple):
+    """One ``feed``'s result."""
+
+    packets: list[bytes]  # what to compare: each frame's data after its vnet header
+    vnet_headers: list[bytes] | None  # the same frames' vnet headers; None with vnet off
+    events: list[FrameEvent]
+
+
+class FrameDecoder:
+    """Cut a byte stream into frames; one decoder per connection.
+
+    ``vnet_hdr`` must match the sender's ``vnet_hdr_support``: the framing carries no marker
+    that would tell. ``max_frame`` is the largest data length accepted (QEMU's limit by
+    default: a larger frame could not be passed on to QEMU anyway).
+    """
+
+    def __init__(self, vnet_hdr: bool = False, max_frame: int = MAX_FRAME) -> None:
+        if max_frame < 0:
+            raise UsageError(f"max_frame must be non-negative, got {max_frame}")
+        self.vnet_hdr = vnet_hdr
+        self.max_frame = max_frame
+        self._carried = b""
+        self._skip = 0  # bytes of an oversized frame still to skip
+        self._skipped = 0  # bytes skipped so far in the current skip
+        self.offset = 0  # stream bytes consumed before the carry buffer
+        self.frames = 0  # frames delivered
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole frame (or are being skipped)."""
+        return len(self._carried) + self._skip
+
+    def feed(self, data: bytes) -> Decoded:
+        """The frames ``data`` completes, with the problems found on the way."""
+        events: list[FrameEvent] = []
+        if self._skip:
+            if len(data) < self._skip:
+                self._skip -= len(data)
+                self._skipped += len(data)
+                self.offset += len(data)
+                return Decoded([], [] if self.vnet_hdr else None, events)
+            data = data[self._skip :]
+            self.offset += self._skip
+            events.append(Resynchronised(self._skipped + self._skip, self.offset))
+            self._skip = self._skipped = 0
+        if self._carried:
+            data = self._carried + data
+        if self.vnet_hdr:
+            packets, headers, position = self._vnet(data, events)
+        else:
+            packets, position = self._plain(data, events)
+            headers = None
+        self.offset += position
+        self._carried = data[position:] if position < len(data) else b""
+        self.frames += len(packets)
+        return Decoded(packets, headers, events)
+
+    def _plain(self, data: bytes, events: list[FrameEvent]) -> tuple[list[bytes], int]:
+        packets: list[bytes] = []
+        append = packets.append
+        unpack = _LENGTH.unpack_from
+        limit = self.max_frame
+        position = 0
+        available = len(data)
+        while position + HEADER <= available:
+            length = unpack(data, position)[0]
+            end = position + HEADER + length
+            if length > limit:
+                position = self._oversized(length, position, end, available, events)
+                continue
+            if end > available:
+                break
+            append(data[position + HEADER : end])
+            position = end
+        return packets, position
+
+    def _vnet(self, data: bytes, events: list[FrameEvent]) -> tuple[list[bytes], list[bytes], int]:
+        packets: list[bytes] = []
+        headers: list[bytes] = []
+        unpack = _LENGTHS.unpack_from
+        limit = self.max_frame
+        position = 0
+        available = len(data)
+        while position + VNET_HEADER <= available:
+            length, vnet_len = unpack(data, position)
+            start = position + VNET_HEADER
+            end = start + length
+            if length > limit:
+                # The skip starts after both lengths: they were read already.
+                position = self._oversized(length, position, end, available, events)
+                continue
+            if end > available:
+                break
+            if vnet_len > length:
+                events.append(VnetHeaderTooLong(vnet_len, length, self.offset + position))
+                headers.append(data[start:end])
+                packets.append(b"")
+            else:
+                headers.append(data[start : start + vnet_len])
+                packets.append(data[start + vnet_len : end])
+            position = end
+        return packets, headers, position
+
+    def _oversized(
+        self, length: int, position: int, end: int, available: int, events: list[FrameEvent]
+    ) -> int:
+        """Report a frame above the limit; skip it. Returns where parsing goes on."""
+        events.append(FrameOversized(length, self.max_frame, self.offset + position))
+        if end <= available:
+            events.append(Resynchronised(end - position, self.offset + end))
+            return end
+        # The rest of the frame has not come yet: skip it as it arrives.
+        self._skip = end - available
+        self._skipped = available - position
+        return available
+
+    def end(self) -> list[FrameEvent]:
+        """The stream ended (connection closed): report a cut frame, and start afresh (a new
+        connection starts with a length, whatever the old one left)."""
+        events: list[FrameEvent] = []
+        if self._carried or self._skip:
+            events.append(
+                Truncated(
+                    len(self._carried) or self._skipped, self.offset, skipping=bool(self._skip)
+                )
+            )
+        self._carried = b""
+        self._skip = self._skipped = 0
+        self.offset = 0
+        return events
+
+
+def frame_header(length: int, vnet_hdr_len: int | None = None) -> bytes:
+    """The length field(s) that precede ``length`` bytes of data (vnet header included);
+    ``vnet_hdr_len`` None means vnet_hdr_support off."""
+    if vnet_hdr_len is None:
+        return _LENGTH.pack(length)
+    return _LENGTHS.pack(length, vnet_hdr_len)
+
+
+def encode_frame(packet: bytes, vnet_header: bytes | None = None) -> bytes:
+    """One frame: ``packet`` (an Ethernet frame) after ``vnet_header`` when vnet is on."""
+    if vnet_header is None:
+        return _LENGTH.pack(len(packet)) + packet
+    return _LENGTHS.pack(len(vnet_header) + len(packet), len(vnet_header)) + vnet_header + packet
+
+
+def encode_frames(packets: list[bytes], vnet_headers: list[bytes] | None = None) -> bytes:
+    """Several frames, one bytes object (one write)."""
+    parts: list[bytes] = []
+    if vnet_headers is None:
+        pack = _LENGTH.pack
+        for packet in packets:
+            parts.append(pack(len(packet)))
+            parts.append(packet)
+    else:
+        pack_both = _LENGTHS.pack
+        for packet, header in zip(packets, vnet_headers, strict=True):
+            parts.append(pack_both(len(header) + len(packet), len(header)))
+            parts.append(header)
+            parts.append(packet)
+    return b"".join(parts)
+
+
+# -- the Xen notify channel ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyInitRequested:
+    """Xen's COLO frame asks whether the proxy is there (answer :func:`proxy_init_reply`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointDone:
+    """Xen finished a checkpoint: release every held primary packet, compare afresh."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownNotify:
+    """A notify message that is none of the known words (QEMU logs "unsupported
+    instruction"); ``data`` is its first bytes, for the log."""
+
+    data: bytes
+    length: int
+
+
+NOTIFY_SHOWN: Final = 64  # bytes of an unknown message kept for the log
+
+NotifyEvent = ProxyInitRequested | CheckpointDone | UnknownNotify | FrameEvent
+
+
+class NotifyDecoder:
+    """The notify channel's messages from a byte stream; one decoder per connection.
+
+    The words are short: a frame above ``max_frame`` is reported oversized and skipped
+    like any (QEMU would accept up to 69 632 bytes and then not recognise it).
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._frames = FrameDecoder(vnet_hdr=False, max_frame=max_frame)
+
+    def feed(self, data: bytes) -> list[NotifyEvent]:
+        decoded = self._frames.feed(data)
+        events: list[NotifyEvent] = list(decoded.events)
+        for message in decoded.packets:
+            if message == NOTIFY_PROXY_INIT:
+                events.append(ProxyInitRequested())
+            elif message == NOTIFY_CHECKPOINT_DONE:
+                events.append(CheckpointDone())
+            else:
+                events.append(UnknownNotify(message[:NOTIFY_SHOWN], len(message)))
+        return events
+
+    def end(self) -> list[NotifyEvent]:
+        return list(self._frames.end())
+
+
+def proxy_init_reply() -> bytes:
+    """The answer to ``COLO_USERSPACE_PROXY_INIT``, framed."""
+    return encode_frame(NOTIFY_PROXY_INIT_REPLY)
+
+
+def do_checkpoint() -> bytes:
+    """colo-compare's checkpoint request to Xen, framed."""
+    return encode_frame(NOTIFY_DO_CHECKPOINT)
+
+
+__all__ = [
+    "HEADER",
+    "MAX_FRAME",
+    "NOTIFY_CHECKPOINT_DONE",
+    "NOTIFY_DO_CHECKPOINT",
+    "NOTIFY_PROXY_INIT",
+    "NOTIFY_PROXY_INIT_REPLY",
+    "VNET_HEADER",
+    "CheckpointDone",
+    "Decoded",
+    "FrameDecoder",
+    "FrameEvent",
+    "FrameOversized",
+    "FrameProblem",
+    "NotifyDecoder",
+    "NotifyEvent",
+    "ProxyInitRequested",
+    "Resynchronised",
+    "Truncated",
+    "UnknownNotify",
+    "VnetHeaderTooLong",
+    "do_checkpoint",
+    "encode_frame",
+    "encode_frames",
+    "frame_header",
+    "proxy_init_reply",
+]

@@ -1,0 +1,517 @@
+"""The chardev transport in the real daemon, against real unix sockets playing QEMU's side.
+
+The test is QEMU: it connects to the sockets coloproxy listens on (``primary_in``,
+``outdev``) and listens where coloproxy connects (``secondary_in``, ``notify``), speaking
+colo-compare's framing. A control-socket client of role engine (tests/engine_double.py)
+answers checkpoint requests. Nothing is mocked between the socket and the comparator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from coloproxy.config import parse_config
+from coloproxy.daemon.run import Daemon
+from coloproxy.protocol.colo_frames import (
+    MAX_FRAME,
+    FrameDecoder,
+    encode_frame,
+    encode_frames,
+    frame_header,
+)
+from craft import ACK, SYN, tcp, udp
+from engine_double import FakeEngine
+
+P_ISN, S_ISN = 1000, 700_000
+ETH = bytes.fromhex("5254000000095254000000010800")  # peer <- guest, IPv4
+VNET = bytes(range(10, 22))  # 12 bytes, as virtio-net with mergeable buffers
+
+CONFIG = """\
+pair: {{name: c5test, role: primary}}
+net:
+  guest_port: c5-guest
+  replication: {{local: 10.255.5.1, remote: 10.255.5.2}}
+control: {{socket: {dir}/ctl.sock}}
+metrics: {{enabled: false}}
+log: {{level: debug}}
+chardev:
+  primary_in: {{unix: {dir}/pin, server: true}}
+  secondary_in: {{unix: {dir}/sin, server: false}}
+  outdev: {{unix: {dir}/out, server: true}}
+  vnet_hdr: {vnet}
+  reconnect_ms: 20
+  outdev_buffer_bytes: {buffer}
+"""
+NOTIFY = "  notify: {{unix: {dir}/notify, server: false}}\n"
+
+
+def eth(ip_packet: bytes) -> bytes:
+    return ETH + ip_packet
+
+
+def segments(isn: int, data: bytes, cuts: list[int], data_isn: int | None = None) -> list[bytes]:
+    """SYN-ACK then the data cut at ``cuts``, as Ethernet frames from the guest. With
+    ``data_isn`` the data is numbered from it: QEMU's filter-rewriter moves the secondary's
+    segments into the primary's sequence space, all but the SYN-ACK."""
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
+    base = isn if data_isn is None else data_isn
+    frames = [eth(tcp(isn, flags=SYN | ACK))]
+    frames += [eth(tcp(base + 1 + low, data[low:high])) for low, high in itertools.pairwise(bounds)]
+    return frames
+
+
+def rewritten(data: bytes, cuts: list[int]) -> list[bytes]:
+    """The secondary's output as the chardev transport gets it behind filter-rewriter."""
+    return segments(S_ISN, data, cuts, data_isn=P_ISN)
+
+
+@dataclass
+class Qemu:
+    """The QEMU side of the four sockets."""
+
+    directory: Path
+    vnet: bool
+    pin: asyncio.StreamWriter | None = None
+    out_reader: asyncio.StreamReader | None = None
+    out_writer: asyncio.StreamWriter | None = None
+    secondary: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(
+        default_factory=asyncio.Queue
+    )
+    notify: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(
+        default_factory=asyncio.Queue
+    )
+    sin: asyncio.StreamWriter | None = None
+    servers: list[asyncio.Server] = field(default_factory=list)
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    def frames(self, packets: list[bytes]) -> bytes:
+        return encode_frames(packets, [VNET] * len(packets) if self.vnet else None)
+
+    async def listen(self) -> None:
+        async def secondary(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.secondary.put((reader, writer))
+
+        async def notify(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self.notify.put((reader, writer))
+
+        self.servers.append(await asyncio.start_unix_server(secondary, self.directory / "sin"))
+        self.servers.append(await asyncio.start_unix_server(notify, self.directory / "notify"))
+
+    async def connect_primary(self) -> None:
+        _, self.pin = await connect(self.directory / "pin")
+        self.writers.append(self.pin)
+
+    async def connect_outdev(self) -> None:
+        self.out_reader, self.out_writer = await connect(self.directory / "out")
+        self.writers.append(self.out_writer)
+
+    async def accept_secondary(self) -> None:
+        _, self.sin = await asyncio.wait_for(self.secondary.get(), 5)
+        self.writers.append(self.sin)
+
+    async def send(self, writer: asyncio.StreamWriter | None, data: bytes) -> None:
+        assert writer is not None
+        writer.write(data)
+        await writer.drain()
+
+    async def read_out(self, size: int, timeout: float = 5.0) -> bytes:
+        assert self.out_reader is not None
+        return await asyncio.wait_for(self.out_reader.readexactly(size), timeout)
+
+    async def nothing_out(self, wait: float = 0.2) -> None:
+        assert self.out_reader is not None
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(self.out_reader.read(1), wait)
+
+    async def close(self) -> None:
+        for queue in (self.secondary, self.notify):
+            while not queue.empty():
+                self.writers.append(queue.get_nowait()[1])
+        for writer in self.writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        for server in self.servers:
+            server.close()
+
+
+async def connect(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    for _ in range(250):
+        with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+            return await asyncio.open_unix_connection(path)
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nobody listens on {path}")
+
+
+@dataclass
+class World:
+    daemon: Daemon
+    qemu: Qemu
+    engine: FakeEngine | None
+    directory: Path
+
+
+@contextlib.asynccontextmanager
+async def world(
+    vnet: bool = False,
+    *,
+    engine: bool = True,
+    notify: bool = False,
+    delay: float = 0.0,
+    buffer: int = 1 << 20,
+    secondary_seq: str | None = None,
+) -> AsyncIterator[World]:
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))  # short: unix socket paths
+    text = CONFIG.format(dir=directory, vnet=str(vnet).lower(), buffer=buffer)
+    if secondary_seq is not None:
+        text += f"compare: {{secondary_seq: {secondary_seq}}}\n"
+    if notify:
+        text += NOTIFY.format(dir=directory)
+    daemon: Daemon | None = None
+    task: asyncio.Task[None] | None = None
+    qemu = Qemu(directory, vnet)
+    fake: FakeEngine | None = None
+    try:
+        await qemu.listen()
+        daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=False)
+        task = asyncio.create_task(daemon.run())
+        _, probe = await connect(directory / "ctl.sock")  # the daemon is up
+        probe.close()
+        await probe.wait_closed()
+        await qemu.connect_primary()
+        await qemu.connect_outdev()
+        await qemu.accept_secondary()
+        if engine:
+            fake = FakeEngine(directory / "ctl.sock", delay=delay)
+            await fake.__aenter__()
+            await fake.wait_for(1)  # the restart request (I6)
+        yield World(daemon, qemu, fake, directory)
+    finally:
+        if fake is not None:
+            await fake.__aexit__(None, None, None)
+        await qemu.close()
+        if daemon is not None and task is not None:
+            daemon.stop()
+            await asyncio.wait_for(task, 10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def until(condition: object, what: str, timeout: float = 5.0) -> None:
+    assert callable(condition)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def metric(world: World, prefix: str) -> float:
+    """The value of the first exposition line starting with ``prefix`` (0 if none)."""
+    body, _ = world.daemon.metrics.exposition()
+    for line in body.decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+@pytest.mark.parametrize("space", ["rewritten", "own"])
+async def test_matching_output_round_trips_byte_exact(vnet: bool, space: str) -> None:
+    """Behind QEMU's filter-rewriter (the default) and without it (secondary_seq: own)."""
+    data = random.Random(5).randbytes(20_000)
+    cuts = list(range(1448, len(data), 1448))
+    primary = [*segments(P_ISN, data, cuts), eth(udp(b"datagram"))]
+    own = segments(S_ISN, data, cuts) if space == "own" else rewritten(data, cuts)
+    secondary = [*own, eth(udp(b"datagram"))]
+    async with world(vnet, secondary_seq=space if space == "own" else None) as w:
+        expected = w.qemu.frames(primary)
+        await w.qemu.send(w.qemu.pin, expected)
+        await w.qemu.nothing_out(0.1)  # held: the secondary has said nothing yet
+        await w.qemu.send(w.qemu.sin, w.qemu.frames(secondary))
+        assert await w.qemu.read_out(len(expected)) == expected
+        await w.qemu.nothing_out(0.1)
+        assert w.engine is not None and w.engine.count == 1  # only the restart request
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="primary_in"}') == (
+            len(primary)
+        )
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == (
+            len(primary)
+        )
+
+
+@pytest.mark.asyncio
+async def test_resegmented_secondary_and_arbitrary_socket_cuts_match() -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(50_000)
+    primary = segments(P_ISN, data, list(range(1448, len(data), 1448)))
+    secondary_cuts, position = [], 0
+    while position < len(data):
+        position += rng.randint(300, 1448)
+        secondary_cuts.append(position)
+    secondary = rewritten(data, secondary_cuts)
+    async with world() as w:
+        primary_stream, secondary_stream = w.qemu.frames(primary), w.qemu.frames(secondary)
+        # Both streams written in pieces cut anywhere, interleaved.
+        p = s = 0
+        while p < len(primary_stream) or s < len(secondary_stream):
+            step = rng.randint(1, 3000)
+            await w.qemu.send(w.qemu.pin, primary_stream[p : p + step])
+            await w.qemu.send(w.qemu.sin, secondary_stream[s : s + step])
+            p, s = p + step, s + step
+        assert await w.qemu.read_out(len(primary_stream)) == primary_stream
+        assert w.engine is not None and w.engine.count == 1
+
+
+@pytest.mark.asyncio
+async def test_a_divergence_asks_the_engine_for_a_checkpoint_and_holds_until_it() -> None:
+    async with world(delay=0.3) as w:
+        assert w.engine is not None
+        primary = segments(P_ISN, b"HTTP/1.0 200 OK\r\nDate: 1\r\n", [])
+        secondary = rewritten(b"HTTP/1.0 200 OK\r\nDate: 2\r\n", [])
+        expected = w.qemu.frames(primary)
+        await w.qemu.send(w.qemu.pin, expected)
+        await w.qemu.send(w.qemu.sin, w.qemu.frames(secondary))
+        # The SYN-ACKs match and come out; the data segment waits for the checkpoint.
+        syn_ack = w.qemu.frames(primary[:1])
+        assert await w.qemu.read_out(len(syn_ack)) == syn_ack
+        await until(lambda: w.engine is not None and w.engine.count == 2, "a request")
+        request = w.engine.requests[1]
+        assert request.reason == "payload" and request.protocol == "tcp"
+        assert request.evidence is not None and request.evidence.offset == 23
+        rest = w.qemu.frames(primary[1:])
+        assert await w.qemu.read_out(len(rest), timeout=5) == rest
+        await w.engine.wait_for(2)
+
+
+@pytest.mark.asyncio
+async def test_reconnects_of_each_socket_are_survived() -> None:
+    data = random.Random(9).randbytes(4 * 1448)
+    cuts = [1448, 2896, 4344]
+    primary = segments(P_ISN, data, cuts)
+    secondary = rewritten(data, cuts)
+    async with world() as w:
+        qemu = w.qemu
+        first = qemu.frames(primary[:2])
+        await qemu.send(qemu.pin, first)
+        await qemu.send(qemu.sin, qemu.frames(secondary[:2]))
+        assert await qemu.read_out(len(first)) == first
+        # secondary_in (coloproxy connects): QEMU's server drops it; coloproxy reconnects.
+        assert qemu.sin is not None
+        qemu.sin.close()
+        await qemu.accept_secondary()
+        # outdev (coloproxy listens) goes away: released frames are kept, then delivered.
+        assert qemu.out_writer is not None
+        qemu.out_writer.close()
+        await until(
+            lambda: metric(w, 'coloproxy_chardev_connected{socket="outdev"}') == 0,
+            "outdev seen disconnected",
+        )
+        await qemu.send(qemu.pin, qemu.frames(primary[2:3]))
+        await qemu.send(qemu.sin, qemu.frames(secondary[2:3]))
+        await until(
+            lambda: w.daemon.chardev is not None and w.daemon.chardev.outdev_buffered > 0,
+            "released frames kept for outdev",
+        )
+        await qemu.connect_outdev()
+        third = qemu.frames(primary[2:3])
+        assert await qemu.read_out(len(third)) == third
+        # primary_in (coloproxy listens): a connection ends inside a frame, QEMU reconnects.
+        assert w.engine is not None and w.engine.count == 1
+        await qemu.send(qemu.pin, qemu.frames(primary[3:4])[:30])
+        assert qemu.pin is not None
+        qemu.pin.close()
+        await until(
+            lambda: metric(w, 'coloproxy_chardev_frame_problems_total{problem="truncated"') == 1,
+            "the truncated frame counted",
+        )
+        await qemu.connect_primary()
+        await qemu.send(qemu.pin, qemu.frames(primary[3:]))
+        # After a checkpoint the secondary is a copy of the primary: its sequence numbers too.
+        await qemu.send(qemu.sin, qemu.frames(segments(P_ISN, data, cuts)[3:]))
+        rest = qemu.frames(primary[3:])
+        assert await qemu.read_out(len(rest)) == rest
+        # The truncated frame was lost: coloproxy asked for a checkpoint at once.
+        assert [r.reason for r in w.engine.requests] == ["restart", "truncated"]
+        for name in ("primary_in", "secondary_in", "outdev"):
+            assert metric(w, f'coloproxy_chardev_connections_total{{socket="{name}"}}') == 2
+
+
+@pytest.mark.asyncio
+async def test_a_full_outdev_buffer_holds_primary_in_and_loses_nothing() -> None:
+    payload = 1400
+    count = 200  # about 290 kB through a 64 KiB buffer
+    data = random.Random(3).randbytes(payload * count)
+    cuts = list(range(payload, len(data), payload))
+    primary = segments(P_ISN, data, cuts)
+    secondary = rewritten(data, cuts)
+    async with world(buffer=65536) as w:
+        qemu = w.qemu
+        assert qemu.out_writer is not None
+        qemu.out_writer.close()
+        await until(
+            lambda: metric(w, 'coloproxy_chardev_connected{socket="outdev"}') == 0, "outdev down"
+        )
+        expected = qemu.frames(primary)
+        sender = asyncio.create_task(qemu.send(qemu.pin, expected))
+        await qemu.send(qemu.sin, qemu.frames(secondary))
+        await until(lambda: metric(w, "coloproxy_chardev_primary_in_paused") == 1, "the hold")
+        assert not sender.done() or w.daemon.chardev is not None
+        await qemu.connect_outdev()
+        assert await qemu.read_out(len(expected), timeout=10) == expected
+        await sender
+        assert metric(w, "coloproxy_chardev_primary_in_paused") == 0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
+async def test_an_oversized_frame_is_reported_skipped_and_the_stream_goes_on(vnet: bool) -> None:
+    async with world(vnet) as w:
+        qemu = w.qemu
+        primary = segments(P_ISN, b"after the big one", [])
+        secondary = rewritten(b"after the big one", [])
+        big = eth(b"\x00" * (MAX_FRAME + 100))
+        stream = qemu.frames([big]) + qemu.frames(primary)
+        for start in range(0, len(stream), 8192):  # as a socket would cut it
+            await qemu.send(qemu.pin, stream[start : start + 8192])
+        await qemu.send(qemu.sin, qemu.frames(secondary))
+        expected = qemu.frames(primary)
+        assert await qemu.read_out(len(expected)) == expected
+        assert metric(w, 'coloproxy_chardev_frame_problems_total{problem="oversized"') == 1
+        skipped = len(qemu.frames([big]))
+        assert metric(w, 'coloproxy_chardev_skipped_bytes_total{socket="primary_in"}') == skipped
+        assert w.engine is not None
+        await until(lambda: w.engine is not None and w.engine.count == 2, "the request")
+        assert w.engine.requests[1].reason == "oversized"
+
+
+@pytest.mark.asyncio
+async def test_xen_notify_handshake_do_checkpoint_and_colo_checkpoint() -> None:
+    async with world(engine=False, notify=True) as w:
+        qemu = w.qemu
+        reader, writer = await asyncio.wait_for(qemu.notify.get(), 5)
+        qemu.writers.append(writer)
+
+        async def word() -> bytes:
+            length = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), 5), "big")
+            return await asyncio.wait_for(reader.readexactly(length), 5)
+
+        # The restart request (I6) goes to Xen too: nothing is released before a checkpoint.
+        assert await word() == b"DO_CHECKPOINT"
+        writer.write(encode_frame(b"COLO_USERSPACE_PROXY_INIT"))
+        assert await word() == b"COLO_COMPARE_GET_XEN_INIT"
+        primary = segments(P_ISN, b"same", [])
+        held = qemu.frames(primary)
+        await qemu.send(qemu.pin, held)
+        await qemu.nothing_out(0.2)
+        writer.write(encode_frame(b"COLO_CHECKPOINT"))
+        assert await qemu.read_out(len(held)) == held
+        # Compared afresh: a divergence is a DO_CHECKPOINT, its end releases the frame.
+        await qemu.send(qemu.sin, qemu.frames(rewritten(b"same", [])))
+        await qemu.send(qemu.pin, qemu.frames([eth(tcp(P_ISN + 5, b"abc"))]))
+        await qemu.send(qemu.sin, qemu.frames([eth(tcp(S_ISN + 5, b"abd"))]))
+        assert await word() == b"DO_CHECKPOINT"
+        writer.write(encode_frame(b"NONSENSE"))
+        writer.write(encode_frame(b"COLO_CHECKPOINT"))
+        diverged = qemu.frames([eth(tcp(P_ISN + 5, b"abc"))])
+        assert await qemu.read_out(len(diverged)) == diverged
+        await until(
+            lambda: (
+                metric(
+                    w, 'coloproxy_chardev_notify_messages_total{direction="in",message="unknown"}'
+                )
+                == 1
+            ),
+            "the unknown word counted",
+        )
+        writer.close()
+
+
+def test_frame_header_helper_matches_qemu() -> None:
+    assert frame_header(3, 0) == b"\x00\x00\x00\x03\x00\x00\x00\x00"
+    assert FrameDecoder(vnet_hdr=True).feed(frame_header(2, 0) + b"ab").packets == [b"ab"]
+
+
+@pytest.mark.asyncio
+async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """setup_net on, an engine configured: still no links, tc or rules, now or at failover."""
+    from coloproxy.net import host as hostnet
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the host network was touched")
+
+    monkeypatch.setattr(hostnet, "setup", refuse)
+    monkeypatch.setattr(hostnet, "attach_guest_to_lan", refuse)
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20)
+    text = text.replace(
+        "  guest_port: c5-guest\n", "  guest_port: c5-guest\n  lan_bridge: c5-lan\n"
+    )
+    text += f"engine: {{qmp: {directory}/absent-qmp.sock}}\n"
+    daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=True)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await until(lambda: daemon.chardev is not None and daemon.engine is not None, "start")
+        assert not task.done()
+        assert daemon.engine is not None and daemon.engine.attach_lan is None
+    finally:
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> None:
+    from coloproxy.control import ControlClient
+    from coloproxy.protocol import ClientRole, Failover, Mode, ProxyRole
+
+    async with world() as w:
+        qemu = w.qemu
+        held = qemu.frames(segments(P_ISN, b"waiting for a secondary that is gone", []))
+        await qemu.send(qemu.pin, held)
+        await qemu.nothing_out(0.2)
+        socket_path = w.directory / "ctl.sock"
+        async with await ControlClient.connect(socket_path, ClientRole.CLI) as cli:
+            await cli.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
+        assert await qemu.read_out(len(held)) == held  # what was held
+        later = qemu.frames([eth(tcp(P_ISN + 100, b"uncompared now"))])
+        await qemu.send(qemu.pin, later)
+        assert await qemu.read_out(len(later)) == later  # and what comes next, at once
+        await qemu.send(qemu.sin, qemu.frames(rewritten(b"late", [])))
+        await qemu.nothing_out(0.2)  # the secondary's output never leaves
+
+
+@pytest.mark.asyncio
+async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
+    from coloproxy.capture.chardev import ChardevError
+
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20).replace(
+            f"{{unix: {directory}/pin, server: true}}", f'{{tcp: "127.0.0.1:{port}", server: true}}'
+        )
+        daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=False)
+        with pytest.raises(ChardevError) as raised:
+            await asyncio.wait_for(daemon.run(), 10)
+        assert str(raised.value).startswith(
+            f"chardev primary_in: cannot listen on tcp:127.0.0.1:{port},server: "
+        )
+        assert "address already in use" in str(raised.value).lower()
+    finally:
+        busy.close()
+        shutil.rmtree(directory, ignore_errors=True)
