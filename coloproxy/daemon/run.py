@@ -518,6 +518,12 @@ class Daemon:
             )
         if self.mode is Mode.PROTECTED:
             return ErrorReply(ErrorCode.UNAVAILABLE, "the pair is protected already")
+        if self.config.chardev is not None:
+            return ErrorReply(
+                ErrorCode.UNAVAILABLE,
+                "reprotect drives the NFQUEUE data path; with the chardev transport QEMU's"
+                " filters carry the traffic: re-create them and restart (docs/chardev.md)",
+            )
         if self._reprotecting:
             return ErrorReply(ErrorCode.UNAVAILABLE, "a reprotect is in progress")
         self._reprotecting = True
