@@ -41,6 +41,25 @@ with the SVM (its ACK then teaches offset 0), one already ESTABLISHED with the P
 answers with a duplicate or challenge ACK acknowledging the PVM's ISN + 1, which teaches the
 right offset. A kept SYN is forgotten at the client's next segment of that connection (its
 handshake ACK, data, RST), at a new SYN (replaced), at a checkpoint, and after the replay.
+
+Backoff revert at a takeover. Whatever the SVM sent while protected went to host P and was
+dropped there (I3); the client only ever received the PVM's copy. Data the PVM had not
+released when it died (held for comparison, or produced after the kill) exists only in the
+SVM's retransmission queue, and the SVM resends it only at its retransmission timeout, which
+may have backed off already (in the lab, a download the comparator held for 1.4 s before the
+kill had the SVM at its third timeout, 0.87 s away). So the client's latest ACK of each
+connection is kept, with the time it arrived; right after the takeover the shell hands the SVM,
+for each connection heard from in the last ``max_ack_age`` seconds, ICMP "destination
+unreachable" messages quoting a segment of the SVM's at the client's latest ACK moved into the
+SVM's space (:meth:`backoff_reverts`). Linux takes each one whose quoted sequence number is
+its oldest unacknowledged byte, while a retransmission timer has fired, as RFC 6069's sign
+that the timeouts were due to a broken path, not congestion (``tcp_ld_RTO_revert``): it undoes
+one backoff step and, when the undone timeout has passed, retransmits at once, now straight to
+the client. A connection with nothing outstanding, or not in backoff, ignores them (an ICMP
+error on an established connection is a soft error: reported only if the connection later
+times out). ``REVERTS_PER_CONNECTION`` copies undo that many steps. Duplicate ACKs would not
+do: after a timeout Linux is in its Loss state with a congestion window of one segment,
+already taken by the lost retransmission.
 """
 
 from __future__ import annotations
@@ -50,9 +69,18 @@ from typing import Final
 
 from coloproxy import seq
 from coloproxy.errors import UsageError
+from coloproxy.packet.build import tcp_unreachable
 from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.options import timestamps
-from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, TCP_SYN, Malformed, Packet, parse_ip
+from coloproxy.packet.parse import (
+    PROTO_TCP,
+    TCP_ACK,
+    TCP_RST,
+    TCP_SYN,
+    Malformed,
+    Packet,
+    parse_ip,
+)
 from coloproxy.packet.rewrite import shift_tcp_seq
 from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteStatus
 
@@ -68,6 +96,17 @@ MAX_KEPT_SYNS: Final = 1024
 # Linux's tcp_syn_linear_timeouts), each copy that reaches host S refreshing the kept one: a
 # connection half-open for longer was not cut by this takeover.
 MAX_SYN_AGE: Final = 5.0
+
+# Connections whose client's latest ACK is kept for the backoff revert: the most recently
+# active ones, as many as MAX_CONNECTIONS offsets (a guest serving more at once is rare).
+MAX_ACKED_CONNECTIONS: Final = 4096
+# Only connections the client was heard on this recently get a revert: a sender in backoff
+# since t seconds has timed out about log2(t / 0.2 s + 1) times (Linux's 200 ms minimum RTO,
+# doubling), 7 times after 30 s; the client of a connection stalled longer is likely gone.
+MAX_ACK_AGE: Final = 30.0
+# ICMP messages per connection: each undoes one backoff step (tcp_ld_RTO_revert), enough for
+# a connection MAX_ACK_AGE into its backoff; surplus ones find no backoff and are ignored.
+REVERTS_PER_CONNECTION: Final = 8
 
 _Key = tuple[bytes, int, bytes, int, int]  # guest, guest port, peer, peer port, vlan
 
@@ -89,6 +128,8 @@ class SecondaryRewriter:
         max_connections: int = MAX_CONNECTIONS,
         max_kept_syns: int = MAX_KEPT_SYNS,
         max_syn_age: float = MAX_SYN_AGE,
+        max_acked: int = MAX_ACKED_CONNECTIONS,
+        max_ack_age: float = MAX_ACK_AGE,
     ) -> None:
         self._connections: dict[_Key, _Connection] = {}
         self._max = max_connections
@@ -98,6 +139,12 @@ class SecondaryRewriter:
         self._max_syns = max_kept_syns
         self._max_syn_age = max_syn_age
         self._syns_replayed = False  # replay_syns ran: keep no more SYNs
+        # The client's latest ACK per connection (its own space, the PVM's) with its arrival
+        # time, least recently heard first; the offsets are applied when the reverts are built.
+        self._acks: dict[_Key, tuple[float, int]] = {}
+        self._max_acked = max_acked
+        self._max_ack_age = max_ack_age
+        self._reverted = False  # backoff_reverts ran: keep no more ACKs
         self.taken_over = False
         self.evicted = 0
         self.learnt = 0
@@ -163,6 +210,10 @@ class SecondaryRewriter:
             else:
                 # Any other segment: the client is past SYN-SENT (or gave up with an RST).
                 self._syns.pop(key, None)
+                if flags & TCP_RST:
+                    self._acks.pop(key, None)
+                elif flags & TCP_ACK:
+                    self._keep_ack(key, packet.ack, now)
                 if flags & TCP_ACK:
                     connection = self._connections.get(key)
                     if connection is not None and connection.offset is None:
@@ -176,6 +227,36 @@ class SecondaryRewriter:
             del self._syns[next(iter(self._syns))]
             self.syns_evicted += 1
         self._syns[key] = (now, data)
+
+    def _keep_ack(self, key: _Key, ack: int, now: float) -> None:
+        if self._reverted:
+            return
+        if self._acks.pop(key, None) is None and len(self._acks) >= self._max_acked:
+            del self._acks[next(iter(self._acks))]
+        self._acks[key] = (now, ack)
+
+    def backoff_reverts(self, now: float, reverts: int = REVERTS_PER_CONNECTION) -> list[bytes]:
+        """The ICMP messages to hand the SVM right after the takeover moved its port into the
+        LAN: ``reverts`` per connection the client was heard on in the last ``max_ack_age``
+        seconds, each quoting a segment of the SVM's at the client's latest ACK in the SVM's
+        space, reported by the client's own address (an address on the guest's link, which
+        the guest's reverse-path check accepts). Runs once, like :meth:`replay_syns`."""
+        if not self.taken_over:
+            raise UsageError(
+                "backoff_reverts before take_over: the retransmissions would go to host P"
+            )
+        messages = []
+        for key, (seen, ack) in self._acks.items():
+            if now - seen > self._max_ack_age:
+                continue
+            guest, guest_port, peer, peer_port, _vlan = key
+            offsets = self.sequence_offsets(*key)
+            svm_ack = ack if offsets is None else seq.add(ack, offsets[0])
+            message = tcp_unreachable(peer, guest, peer, guest_port, peer_port, svm_ack)
+            messages.extend([message] * reverts)
+        self._acks.clear()
+        self._reverted = True
+        return messages
 
     def from_guest(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
         """A packet of the SVM's on its way out: learn from a SYN-ACK; after a takeover,
