@@ -46,10 +46,11 @@ Backoff revert at a takeover. Whatever the SVM sent while protected went to host
 dropped there (I3); the client only ever received the PVM's copy. Data the PVM had not
 released when it died (held for comparison, or produced after the kill) exists only in the
 SVM's retransmission queue, and the SVM resends it only at its retransmission timeout, which
-may have backed off already (in the lab, a download the comparator held for 1.4 s before the
-kill had the SVM at its third timeout, 0.87 s away). So the client's latest ACK of each
-connection is kept, with the time it arrived; right after the takeover the shell hands the SVM,
-for each connection heard from in the last ``max_ack_age`` seconds, ICMP "destination
+may have backed off already (in the lab, a download the comparator had held for 1.4 s before
+the kill had seen two timeouts of the SVM's, 0.21 and 0.42 s apart, the third 0.87 s later).
+So the client's latest ACK of each connection is kept, with the time it arrived; right after
+the takeover the shell hands the SVM, for each connection heard from in the last
+``max_ack_age`` seconds, ICMP "destination
 unreachable" messages quoting a segment of the SVM's at the client's latest ACK moved into the
 SVM's space (:meth:`backoff_reverts`). Linux takes each one whose quoted sequence number is
 its oldest unacknowledged byte, while a retransmission timer has fired, as RFC 6069's sign
