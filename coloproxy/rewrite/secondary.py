@@ -43,24 +43,23 @@ right offset. A kept SYN is forgotten at the client's next segment of that conne
 handshake ACK, data, RST), at a new SYN (replaced), at a checkpoint, and after the replay.
 
 Backoff revert at a takeover. Whatever the SVM sent while protected went to host P and was
-dropped there (I3); the client only ever received the PVM's copy. Data the PVM had not
-released when it died (held for comparison, or produced after the kill) exists only in the
-SVM's retransmission queue, and the SVM resends it only at its retransmission timeout, which
-may have backed off already (in the lab, a download the comparator had held for 1.4 s before
-the kill had seen two timeouts of the SVM's, 0.21 and 0.42 s apart, the third 0.87 s later).
-So the client's latest ACK of each connection is kept, with the time it arrived; right after
-the takeover the shell hands the SVM, for each connection heard from in the last
-``max_ack_age`` seconds, ICMP "destination
-unreachable" messages quoting a segment of the SVM's at the client's latest ACK moved into the
-SVM's space (:meth:`backoff_reverts`). Linux takes each one whose quoted sequence number is
-its oldest unacknowledged byte, while a retransmission timer has fired, as RFC 6069's sign
-that the timeouts were due to a broken path, not congestion (``tcp_ld_RTO_revert``): it undoes
-one backoff step and, when the undone timeout has passed, retransmits at once, now straight to
-the client. A connection with nothing outstanding, or not in backoff, ignores them (an ICMP
-error on an established connection is a soft error: reported only if the connection later
-times out). ``REVERTS_PER_CONNECTION`` copies undo that many steps. Duplicate ACKs would not
-do: after a timeout Linux is in its Loss state with a congestion window of one segment,
-already taken by the lost retransmission.
+dropped there (I3); the client only ever received the PVM's copy. Data the PVM had not released
+when it died (held for comparison, or produced after the kill) exists only in the SVM's
+retransmission queue, and the SVM resends it only at its retransmission timeout, which may have
+backed off already (in the lab, a download the comparator had held for 1.4 s before the kill
+had seen two timeouts of the SVM's, 0.21 and 0.42 s apart, the third 0.87 s later). So the
+client's latest ACK of each connection is kept, with the time it arrived; right after the
+takeover the shell hands the SVM, for each connection heard from in the last ``max_ack_age``
+seconds, ICMP "destination unreachable" messages quoting a segment of the SVM's at the client's
+latest ACK moved into the SVM's space (:meth:`backoff_reverts`). Linux takes each one whose
+quoted sequence number is its oldest unacknowledged byte, while a retransmission timer has
+fired, as RFC 6069's sign that the timeouts were due to a broken path, not congestion
+(``tcp_ld_RTO_revert``): it undoes one backoff step and, when the undone timeout has passed,
+retransmits at once, now straight to the client. A connection with nothing outstanding, or not
+in backoff, ignores them (an ICMP error on an established connection is a soft error: reported
+only if the connection later times out). ``REVERTS_PER_CONNECTION`` copies undo that many
+steps. Duplicate ACKs would not do: after a timeout Linux is in its Loss state with a
+congestion window of one segment, already taken by the lost retransmission.
 """
 
 from __future__ import annotations
