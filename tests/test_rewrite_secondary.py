@@ -313,15 +313,19 @@ def unreachable(message: bytes) -> tuple[int, int, str, str, str, int, int, int]
     )
 
 
-def test_the_svm_is_told_to_retransmit_at_the_clients_latest_ack_in_its_own_space() -> None:
+def test_the_svm_gets_the_clients_latest_segment_and_icmp_errors_at_its_ack() -> None:
     """A connection opened since the last checkpoint: the client acknowledges the PVM's
     numbers, the SVM's oldest unacknowledged byte is that ACK plus the ISN offset."""
     rewriter = SecondaryRewriter()
     handshake(rewriter)
     rewriter.to_guest(from_client("A", PVM_ISN + 1 + 700), now=1.0)
-    rewriter.to_guest(from_client("PA", PVM_ISN + 1 + 900, payload=b"more"), now=2.0)
+    latest = from_client("PA", PVM_ISN + 1 + 900, payload=b"more")
+    rewriter.to_guest(latest, now=2.0)
     rewriter.take_over()
-    messages = rewriter.backoff_reverts(now=3.0, reverts=3)
+    ((replayed, *messages),) = rewriter.backoff_reverts(now=3.0, reverts=3)
+    # the latest segment once more, its ACK shifted into the SVM's space as S-in does
+    assert IP(replayed)[TCP].ack == (SVM_ISN + 1 + 900) % 2**32
+    assert bytes(IP(replayed)[TCP].payload) == b"more"
     assert len(messages) == 3 and len(set(messages)) == 1  # three copies: three steps undone
     assert unreachable(messages[0]) == (
         3, 1, CLIENT, GUEST, CLIENT, 80, 40000, (SVM_ISN + 1 + 900) % 2**32
@@ -331,10 +335,23 @@ def test_the_svm_is_told_to_retransmit_at_the_clients_latest_ack_in_its_own_spac
 
 def test_a_connection_predating_the_last_checkpoint_is_named_by_the_clients_own_ack() -> None:
     rewriter = SecondaryRewriter()
-    rewriter.to_guest(from_client("A", 123456), now=1.0)  # no handshake seen: offset 0
+    latest = from_client("A", 123456)
+    rewriter.to_guest(latest, now=1.0)  # no handshake seen: offset 0
     rewriter.take_over()
-    (message,) = rewriter.backoff_reverts(now=1.5, reverts=1)
+    ((replayed, message),) = rewriter.backoff_reverts(now=1.5, reverts=1)
+    assert replayed == latest
     assert unreachable(message)[-1] == 123456
+
+
+def test_after_the_clients_fin_its_segments_are_not_replayed() -> None:
+    """Its last ACK may have closed the connection on the SVM, which would answer a copy with
+    a reset; the ICMP errors are ignored by a closed connection."""
+    rewriter = SecondaryRewriter()
+    rewriter.to_guest(from_client("FA", 500), now=1.0)
+    rewriter.to_guest(from_client("A", 501), now=1.1)
+    rewriter.take_over()
+    ((message,),) = rewriter.backoff_reverts(now=1.5, reverts=1)
+    assert unreachable(message)[-1] == 501
 
 
 def test_only_connections_heard_from_recently_get_a_revert_and_an_rst_forgets() -> None:
@@ -344,7 +361,8 @@ def test_only_connections_heard_from_recently_get_a_revert_and_an_rst_forgets() 
     rewriter.to_guest(from_client("A", 7, dport=82), now=20.0)
     rewriter.to_guest(from_client("R", 7, tsecr=None, dport=82), now=21.0)  # the client gave up
     rewriter.take_over()
-    assert [unreachable(m)[-1] for m in rewriter.backoff_reverts(now=41.0, reverts=1)] == [6]
+    reverts = rewriter.backoff_reverts(now=41.0, reverts=1)
+    assert [unreachable(c[-1])[-1] for c in reverts] == [6]
 
 
 def test_kept_acks_are_bounded_least_recently_heard_first() -> None:
@@ -352,7 +370,8 @@ def test_kept_acks_are_bounded_least_recently_heard_first() -> None:
     for port, ack in ((80, 1), (81, 2), (80, 3), (82, 4)):  # port 80 heard again before 82
         rewriter.to_guest(from_client("A", ack, dport=port), now=1.0)
     rewriter.take_over()
-    assert [unreachable(m)[-1] for m in rewriter.backoff_reverts(now=1.1, reverts=1)] == [3, 4]
+    reverts = rewriter.backoff_reverts(now=1.1, reverts=1)
+    assert [unreachable(c[-1])[-1] for c in reverts] == [3, 4]
 
 
 def test_the_revert_before_a_takeover_is_refused() -> None:
@@ -369,7 +388,8 @@ def test_a_connection_over_ipv6_gets_an_icmpv6_no_route() -> None:
     )
     rewriter.to_guest(client, now=1.0)
     rewriter.take_over()
-    (message,) = rewriter.backoff_reverts(now=1.1, reverts=1)
+    ((replayed, message),) = rewriter.backoff_reverts(now=1.1, reverts=1)
+    assert replayed == client
     outer = IPv6(message)
     error = outer[ICMPv6DestUnreach]
     assert (outer.src, outer.dst, error.code) == ("fd77::10", "fd77::100", 0)

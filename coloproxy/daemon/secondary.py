@@ -29,7 +29,6 @@ from collections.abc import Sequence
 
 from coloproxy.daemon.primary import ProxyCounters, Verdicts
 from coloproxy.rewrite import SecondaryRewriter
-from coloproxy.rewrite.secondary import REVERTS_PER_CONNECTION
 
 ETHERTYPE_IPV4 = b"\x08\x00"
 ETHERTYPE_IPV6 = b"\x86\xdd"
@@ -84,11 +83,12 @@ class SecondaryProxy:
     def backoff_revert_frames(
         self, now: float, source: bytes, destinations: Sequence[bytes]
     ) -> tuple[int, list[bytes]]:
-        """The ICMP messages that make the SVM retransmit at once
-        (:meth:`SecondaryRewriter.backoff_reverts`, once) as Ethernet frames, like
-        :meth:`syn_replay_frames`; the number of connections they name first."""
-        messages = self.rewriter.backoff_reverts(now, REVERTS_PER_CONNECTION)
-        return len(messages) // REVERTS_PER_CONNECTION, _frames(messages, source, destinations)
+        """The client's latest segments and the ICMP messages that make the SVM retransmit at
+        once (:meth:`SecondaryRewriter.backoff_reverts`, once) as Ethernet frames, like
+        :meth:`syn_replay_frames`; the number of connections they concern first."""
+        connections = self.rewriter.backoff_reverts(now)
+        packets = [packet for connection in connections for packet in connection]
+        return len(connections), _frames(packets, source, destinations)
 
 
 def _frames(packets: Sequence[bytes], source: bytes, destinations: Sequence[bytes]) -> list[bytes]:

@@ -75,6 +75,7 @@ from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import (
     PROTO_TCP,
     TCP_ACK,
+    TCP_FIN,
     TCP_RST,
     TCP_SYN,
     Malformed,
@@ -139,9 +140,10 @@ class SecondaryRewriter:
         self._max_syns = max_kept_syns
         self._max_syn_age = max_syn_age
         self._syns_replayed = False  # replay_syns ran: keep no more SYNs
-        # The client's latest ACK per connection (its own space, the PVM's) with its arrival
-        # time, least recently heard first; the offsets are applied when the reverts are built.
-        self._acks: dict[_Key, tuple[float, int]] = {}
+        # The client's latest ACK per connection (its own space, the PVM's), its arrival time
+        # and the segment that carried it (None once the client sent a FIN), least recently
+        # heard first; the offsets are applied when the reverts are built.
+        self._acks: dict[_Key, tuple[float, int, bytes | None]] = {}
         self._max_acked = max_acked
         self._max_ack_age = max_ack_age
         self._reverted = False  # backoff_reverts ran: keep no more ACKs
@@ -213,7 +215,7 @@ class SecondaryRewriter:
                 if flags & TCP_RST:
                     self._acks.pop(key, None)
                 elif flags & TCP_ACK:
-                    self._keep_ack(key, packet.ack, now)
+                    self._keep_ack(key, packet.ack, data, bool(flags & TCP_FIN), now)
                 if flags & TCP_ACK:
                     connection = self._connections.get(key)
                     if connection is not None and connection.offset is None:
@@ -228,35 +230,46 @@ class SecondaryRewriter:
             self.syns_evicted += 1
         self._syns[key] = (now, data)
 
-    def _keep_ack(self, key: _Key, ack: int, now: float) -> None:
+    def _keep_ack(self, key: _Key, ack: int, data: bytes, fin: bool, now: float) -> None:
         if self._reverted:
             return
-        if self._acks.pop(key, None) is None and len(self._acks) >= self._max_acked:
+        previous = self._acks.pop(key, None)
+        if previous is None and len(self._acks) >= self._max_acked:
             del self._acks[next(iter(self._acks))]
-        self._acks[key] = (now, ack)
+        # After its FIN the client's segments are not replayed: its last ACK may close the
+        # connection on the SVM, which would answer a copy with a reset.
+        closing = fin or (previous is not None and previous[2] is None)
+        self._acks[key] = (now, ack, None if closing else data)
 
-    def backoff_reverts(self, now: float, reverts: int = REVERTS_PER_CONNECTION) -> list[bytes]:
-        """The ICMP messages to hand the SVM right after the takeover moved its port into the
-        LAN: ``reverts`` per connection the client was heard on in the last ``max_ack_age``
-        seconds, each quoting a segment of the SVM's at the client's latest ACK in the SVM's
-        space, reported by the client's own address (an address on the guest's link, which
-        the guest's reverse-path check accepts). Runs once, like :meth:`replay_syns`."""
+    def backoff_reverts(
+        self, now: float, reverts: int = REVERTS_PER_CONNECTION
+    ) -> list[list[bytes]]:
+        """What to hand the SVM right after the takeover moved its port into the LAN, for each
+        connection the client was heard on in the last ``max_ack_age`` seconds: the client's
+        latest segment once more, shifted with the current offsets, unless the client had sent
+        a FIN (the SVM may have missed its ACK: one shifted with a stale offset across a
+        checkpoint is dropped by the SVM, and in a stall no later one comes; a duplicate is
+        harmless), then ``reverts`` ICMP
+        messages, each quoting a segment of the SVM's at that ACK in the SVM's space, reported
+        by the client's own address (an address on the guest's link, which the guest's
+        reverse-path check accepts). Runs once, like :meth:`replay_syns`."""
         if not self.taken_over:
             raise UsageError(
                 "backoff_reverts before take_over: the retransmissions would go to host P"
             )
-        messages = []
-        for key, (seen, ack) in self._acks.items():
+        connections = []
+        for key, (seen, ack, latest) in self._acks.items():
             if now - seen > self._max_ack_age:
                 continue
             guest, guest_port, peer, peer_port, _vlan = key
             offsets = self.sequence_offsets(*key)
             svm_ack = ack if offsets is None else seq.add(ack, offsets[0])
             message = tcp_unreachable(peer, guest, peer, guest_port, peer_port, svm_ack)
-            messages.extend([message] * reverts)
+            replayed = [] if latest is None else [self._ingress.rewrite(latest).payload or latest]
+            connections.append(replayed + [message] * reverts)
         self._acks.clear()
         self._reverted = True
-        return messages
+        return connections
 
     def from_guest(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
         """A packet of the SVM's on its way out: learn from a SYN-ACK; after a takeover,
