@@ -99,6 +99,9 @@ class PacketCounts(Protocol):
     def syns_replayed(self) -> int: ...  # host S: client SYNs handed to the SVM at a takeover
 
     @property
+    def backoff_reverts(self) -> int: ...  # host S: connections told to retransmit at a takeover
+
+    @property
     def checkpoints_completed(self) -> int: ...
 
     @property
@@ -431,6 +434,13 @@ class _Collector(Collector):
         )
         replayed.add_metric([], counts.syns_replayed)
         yield replayed
+        reverted = CounterMetricFamily(
+            "coloproxy_backoff_reverts",
+            "Host S at a takeover: connections whose SVM was sent ICMP unreachable messages"
+            " at the client's latest ACK, so that it retransmits at once (RFC 6069)",
+        )
+        reverted.add_metric([], counts.backoff_reverts)
+        yield reverted
         completed = CounterMetricFamily("coloproxy_checkpoints_completed", "Checkpoints completed")
         completed.add_metric([], counts.checkpoints_completed)
         yield completed

@@ -6,6 +6,7 @@ from coloproxy.compare import Comparator, CompareConfig
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.rewrite import SecondaryRewriter
+from coloproxy.rewrite.secondary import REVERTS_PER_CONNECTION
 from craft import ACK, SYN, tcp
 
 P_ISN, S_ISN = 1000, 900_000
@@ -120,3 +121,19 @@ def test_host_s_hands_the_svm_the_syns_of_half_open_connections_as_frames_to_its
         [guest + port + b"\x08\x00" + client_syn],
     )
     assert proxy.syn_replay_frames(1.3, port, [guest]) == (0, [])  # once
+
+
+def test_host_s_hands_the_svm_icmp_errors_for_connections_the_client_was_heard_on() -> None:
+    proxy = SecondaryProxy(SecondaryRewriter(), FakeQueue(), FakeQueue())
+    client_ack = tcp(
+        5000, b"", flags=ACK, ack=9000, src="10.0.0.9", dst="10.0.0.1", sport=40000, dport=80
+    )
+    proxy.on_to_guest("c-ack", client_ack, 1.0)
+    proxy.take_over()
+    guest, port = bytes.fromhex("525400000001"), bytes.fromhex("020000000002")
+    connections, frames = proxy.backoff_revert_frames(1.2, port, [guest])
+    assert connections == 1 and len(frames) == 1 + REVERTS_PER_CONNECTION
+    assert frames[0] == guest + port + b"\x08\x00" + client_ack  # its latest segment again
+    assert frames[1][:14] == guest + port + b"\x08\x00"
+    assert frames[1][14 + 20] == 3  # ICMP destination unreachable
+    assert proxy.backoff_revert_frames(1.3, port, [guest]) == (0, [])  # once

@@ -120,6 +120,7 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
     counts.egress_rewrites["shifted"] += 3
     counts.egress_rewrites["no-offset"] += 9
     counts.syns_replayed += 2
+    counts.backoff_reverts += 4
     found = await scrape(server)
     expected = {
         ("coloproxy_protected", ()): 1.0,
@@ -141,6 +142,7 @@ async def test_scrape_the_packet_counters(metrics: Metrics, server: MetricsServe
         ("coloproxy_rewrite_failures_total", (("reason", "no-offset"),)): 2.0,
         ("coloproxy_takeover_rewrites_total", ()): 3.0,
         ("coloproxy_syns_replayed_total", ()): 2.0,
+        ("coloproxy_backoff_reverts_total", ()): 4.0,
         ("coloproxy_checkpoints_completed_total", ()): 0.0,
     }  # fmt: skip
     for key, value in expected.items():

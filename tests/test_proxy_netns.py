@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import re
 import select
 import socket
 import time
@@ -242,6 +243,108 @@ def test_a_client_established_with_the_pvm_but_not_the_svm_teaches_the_offset_af
         assert connection.recv(100) == b"established before the takeover"
     host_s = fresh.status("secondary")
     assert host_s.counters["syns_replayed"] == 1, fresh.log("secondary")
+
+
+def _svm_backoff(world: PairWorld, port: int) -> int:
+    """The retransmission backoff of the SVM's socket of the client's ``port`` (``ss``)."""
+    listing = world.topology.exec(
+        "svm", ["ss", "-tnioH", "state", "established", f"( dport = :{port} )"]
+    ).stdout
+    found = re.search(r"backoff:(\d+)", listing)
+    return int(found.group(1)) if found else 0
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
+def test_data_the_svm_sent_towards_host_p_is_resent_at_once_after_the_takeover(
+    fresh: PairWorld, family: int
+) -> None:
+    """The PVM's answer never leaves it (as if held for comparison when host P died); the
+    SVM's went to host P and was dropped there (I3), and the SVM's retransmission timer has
+    backed off three times: its next retransmission is 1.6 s after its third. Right after the
+    takeover host S hands the SVM ICMP unreachable messages quoting the client's latest ACK
+    (RFC 6069): the SVM undoes its backoff and resends at once, now to the client.
+
+    Without them the client waits for that fourth timeout, more than a second after the
+    takeover.
+    """
+    tables, guest = (
+        ("iptables", GUEST_IPV4) if family == socket.AF_INET else ("ip6tables", GUEST_IPV6)
+    )
+    # The PVM's data segments only: its ACKs still reach the client, which then resends
+    # nothing of its own.
+    drop = ["OUTPUT", "-p", "tcp", "--sport", "7", "-m", "length", "!", "--length", "0:100"]
+    fresh.topology.exec("pvm", [tables, "-I", *drop, "-j", "DROP"])
+    message = b"in flight at the takeover " * 10
+    connection = fresh.topology.run_in("client", socket.socket, family)
+    with connection:
+        connection.settimeout(5.0)
+        connection.connect((guest, 7))
+        port = connection.getsockname()[1]
+        connection.sendall(message)
+        fresh.wait_until(
+            lambda: _svm_backoff(fresh, port) >= 3,
+            timeout=5.0,
+            what="the SVM's third retransmission timeout",
+        )
+        fresh.take_over()
+        taken_over = time.monotonic()
+        received = b""
+        while len(received) < len(message):
+            received += connection.recv(65536)
+        resent = time.monotonic() - taken_over
+        assert received == message
+        assert resent < 0.5, f"the SVM resent {resent:.2f} s after the takeover"
+    host_s = fresh.status("secondary")
+    assert host_s.counters["backoff_reverts"] >= 1, fresh.log("secondary")
+
+
+def _svm_unacked(world: PairWorld, port: int) -> bool:
+    """Whether the SVM's socket of the client's ``port`` has data not acknowledged (``ss``)."""
+    listing = world.topology.exec(
+        "svm", ["ss", "-tnioH", "state", "established", f"( dport = :{port} )"]
+    ).stdout
+    return "unacked:" in listing
+
+
+def test_an_ack_the_svm_missed_is_handed_to_it_again_after_the_takeover(fresh: PairWorld) -> None:
+    """The client acknowledged the PVM's echo; host S's S-in saw that ACK, but the SVM did not
+    take it (dropped in the SVM here; across a checkpoint, shifted with a stale offset), so
+    the SVM resends its echo towards host P, backing off. The ICMP errors quote the client's
+    ACK, which is not the SVM's oldest unacknowledged byte: only the client's latest segment,
+    handed to the SVM again at the takeover, settles it at once.
+
+    Without it the SVM waits for its fourth timeout, 1.6 s after its third, and only then
+    learns from the client's duplicate ACK.
+    """
+    drop = ["INPUT", "-p", "tcp", "--dport", "7", "--tcp-flags", "ALL", "ACK", "-j", "DROP"]
+    fresh.topology.exec("svm", ["iptables", "-I", *drop])
+    message = b"acknowledged by the client, not by the SVM " * 5
+    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with connection:
+        connection.settimeout(5.0)
+        connection.connect((GUEST_IPV4, 7))
+        port = connection.getsockname()[1]
+        connection.sendall(message)  # PSH+ACK: it passes, and completes the SVM's handshake
+        received = b""
+        while len(received) < len(message):
+            received += connection.recv(65536)  # the PVM's echo, released by host P
+        fresh.wait_until(
+            lambda: _svm_backoff(fresh, port) >= 3,
+            timeout=5.0,
+            what="the SVM's third retransmission timeout",
+        )
+        fresh.topology.exec("svm", ["iptables", "-D", *drop])
+        fresh.take_over()
+        taken_over = time.monotonic()
+        fresh.wait_until(
+            lambda: not _svm_unacked(fresh, port),
+            timeout=3.0,
+            what="the SVM's echo acknowledged",
+        )
+        settled = time.monotonic() - taken_over
+        assert settled < 0.5, f"the SVM learnt the client's ACK {settled:.2f} s after the takeover"
+        connection.sendall(b"after")
+        assert connection.recv(100) == b"after"
 
 
 def test_teardown_leaves_nothing(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
+
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import ICMP, IP, TCP
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 
 from coloproxy.errors import UsageError
 from coloproxy.rewrite import RewriteStatus, SecondaryRewriter
@@ -291,3 +293,110 @@ def test_after_the_replay_a_client_established_with_the_pvm_teaches_the_offset()
     assert outcome.payload is not None
     got = fields(outcome.payload)
     assert (got["seq"], got["tsval"]) == (PVM_ISN + 1, PVM_TSVAL + 1)
+
+
+def unreachable(message: bytes) -> tuple[int, int, str, str, str, int, int, int]:
+    """(type, code, reporter, quoted source, quoted destination, ports, seq) of an ICMP error."""
+    outer = IP(message)
+    quoted = IP(bytes(outer[ICMP].payload)[:20])
+    tcp = bytes(outer[ICMP].payload)[20:28]
+    sport, dport, number = struct.unpack("!HHI", tcp)
+    return (
+        outer[ICMP].type,
+        outer[ICMP].code,
+        outer.src,
+        quoted.src,
+        quoted.dst,
+        sport,
+        dport,
+        number,
+    )
+
+
+def test_the_svm_gets_the_clients_latest_segment_and_icmp_errors_at_its_ack() -> None:
+    """A connection opened since the last checkpoint: the client acknowledges the PVM's
+    numbers, the SVM's oldest unacknowledged byte is that ACK plus the ISN offset."""
+    rewriter = SecondaryRewriter()
+    handshake(rewriter)
+    rewriter.to_guest(from_client("A", PVM_ISN + 1 + 700), now=1.0)
+    latest = from_client("PA", PVM_ISN + 1 + 900, payload=b"more")
+    rewriter.to_guest(latest, now=2.0)
+    rewriter.take_over()
+    ((replayed, *messages),) = rewriter.backoff_reverts(now=3.0, reverts=3)
+    # the latest segment once more, its ACK shifted into the SVM's space as S-in does
+    assert IP(replayed)[TCP].ack == (SVM_ISN + 1 + 900) % 2**32
+    assert bytes(IP(replayed)[TCP].payload) == b"more"
+    assert len(messages) == 3 and len(set(messages)) == 1  # three copies: three steps undone
+    assert unreachable(messages[0]) == (
+        3, 1, CLIENT, GUEST, CLIENT, 80, 40000, (SVM_ISN + 1 + 900) % 2**32
+    )  # fmt: skip
+    assert rewriter.backoff_reverts(now=3.1) == []  # once
+
+
+def test_a_connection_predating_the_last_checkpoint_is_named_by_the_clients_own_ack() -> None:
+    rewriter = SecondaryRewriter()
+    latest = from_client("A", 123456)
+    rewriter.to_guest(latest, now=1.0)  # no handshake seen: offset 0
+    rewriter.take_over()
+    ((replayed, message),) = rewriter.backoff_reverts(now=1.5, reverts=1)
+    assert replayed == latest
+    assert unreachable(message)[-1] == 123456
+
+
+def test_after_the_clients_fin_its_segments_are_not_replayed() -> None:
+    """Its last ACK may have closed the connection on the SVM, which would answer a copy with
+    a reset; the ICMP errors are ignored by a closed connection."""
+    rewriter = SecondaryRewriter()
+    rewriter.to_guest(from_client("FA", 500), now=1.0)
+    rewriter.to_guest(from_client("A", 501), now=1.1)
+    rewriter.take_over()
+    ((message,),) = rewriter.backoff_reverts(now=1.5, reverts=1)
+    assert unreachable(message)[-1] == 501
+
+
+def test_only_connections_heard_from_recently_get_a_revert_and_an_rst_forgets() -> None:
+    rewriter = SecondaryRewriter(max_ack_age=30.0)
+    rewriter.to_guest(from_client("A", 5, dport=80), now=1.0)  # silent for 40 s at the takeover
+    rewriter.to_guest(from_client("A", 6, dport=81), now=20.0)
+    rewriter.to_guest(from_client("A", 7, dport=82), now=20.0)
+    rewriter.to_guest(from_client("R", 7, tsecr=None, dport=82), now=21.0)  # the client gave up
+    rewriter.take_over()
+    reverts = rewriter.backoff_reverts(now=41.0, reverts=1)
+    assert [unreachable(c[-1])[-1] for c in reverts] == [6]
+
+
+def test_kept_acks_are_bounded_least_recently_heard_first() -> None:
+    rewriter = SecondaryRewriter(max_acked=2)
+    for port, ack in ((80, 1), (81, 2), (80, 3), (82, 4)):  # port 80 heard again before 82
+        rewriter.to_guest(from_client("A", ack, dport=port), now=1.0)
+    rewriter.take_over()
+    reverts = rewriter.backoff_reverts(now=1.1, reverts=1)
+    assert [unreachable(c[-1])[-1] for c in reverts] == [3, 4]
+
+
+def test_the_revert_before_a_takeover_is_refused() -> None:
+    rewriter = SecondaryRewriter()
+    rewriter.to_guest(from_client("A", 5), now=1.0)
+    with pytest.raises(UsageError):
+        rewriter.backoff_reverts(now=1.1)
+
+
+def test_a_connection_over_ipv6_gets_an_icmpv6_no_route() -> None:
+    rewriter = SecondaryRewriter()
+    client = bytes(
+        IPv6(src="fd77::10", dst="fd77::100") / TCP(sport=40000, dport=80, ack=99, flags="A")
+    )
+    rewriter.to_guest(client, now=1.0)
+    rewriter.take_over()
+    ((replayed, message),) = rewriter.backoff_reverts(now=1.1, reverts=1)
+    assert replayed == client
+    outer = IPv6(message)
+    error = outer[ICMPv6DestUnreach]
+    assert (outer.src, outer.dst, error.code) == ("fd77::10", "fd77::100", 0)
+    quoted = bytes(error.payload)
+    assert IPv6(quoted[:40]).src == "fd77::100" and quoted[40:48] == struct.pack(
+        "!HHI", 80, 40000, 99
+    )
+    checked = IPv6(message)
+    del checked[ICMPv6DestUnreach].cksum
+    assert IPv6(bytes(checked))[ICMPv6DestUnreach].cksum == error.cksum

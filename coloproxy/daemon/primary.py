@@ -97,6 +97,7 @@ class ProxyCounters:
     rewrites: Counter[str] = field(default_factory=Counter)  # host S, S-in: RewriteStatus
     egress_rewrites: Counter[str] = field(default_factory=Counter)  # host S, SVM output
     syns_replayed: int = 0  # host S: client SYNs handed to the SVM again after a takeover
+    backoff_reverts: int = 0  # host S: connections whose SVM backoff was reverted at a takeover
     checkpoints_completed: int = 0
     last_checkpoint: float | None = None  # loop time of the last completed checkpoint
 

@@ -357,8 +357,10 @@ class Daemon:
     async def _replay_syns(
         self, guest_port: str, addresses: tuple[bytes, list[bytes]] | None
     ) -> int:
-        """On the loop (the rewriter's home): hand the SVM the client SYNs of connections
-        still half-open on it, now that its SYN-ACKs go to the LAN (docs/data-path.md)."""
+        """On the loop (the rewriter's home), now that the SVM's output goes to the LAN: hand
+        the SVM the client SYNs of connections still half-open on it, and the ICMP messages
+        that revert the retransmission backoff of the connections the client was heard on
+        (docs/data-path.md, "Host S"); the number of SYNs replayed."""
         secondary = self.secondary
         if secondary is None or addresses is None:
             return 0
@@ -366,20 +368,35 @@ class Daemon:
             log.error("guest port in the LAN without a failover before: no SYN replay")
             return 0
         source, guests = addresses
-        syns, frames = secondary.syn_replay_frames(self.loop.time(), source, guests)
-        if syns and not frames:
+        now = self.loop.time()
+        syns, syn_frames = secondary.syn_replay_frames(now, source, guests)
+        reverted, revert_frames = secondary.backoff_revert_frames(now, source, guests)
+        if (syns or reverted) and not guests:
             log.warning(
-                "no MAC learnt for the guest on %s: %d SYN(s) not replayed", guest_port, syns
+                "no MAC learnt for the guest on %s: %d SYN(s) not replayed, %d connection(s)"
+                " not told to retransmit",
+                guest_port,
+                syns,
+                reverted,
             )
             return 0
+        # The SYNs first: a half-open connection needs nothing else, and the ICMP messages
+        # concern established ones only.
+        frames = syn_frames + revert_frames
         if frames:
             try:
                 hostnet.send_to_guest(guest_port, frames)
             except NetError as exc:
-                log.error("SYN replay: %s", exc)
+                log.error("SYN replay and backoff revert: %s", exc)
                 return 0
             secondary.counters.syns_replayed += syns
-        log.info("replayed %d client SYN(s) of connections half-open on the SVM", syns)
+            secondary.counters.backoff_reverts += reverted
+        log.info(
+            "replayed %d client SYN(s) of connections half-open on the SVM; reverted the"
+            " retransmission backoff of %d connection(s)",
+            syns,
+            reverted,
+        )
         return syns
 
     async def _stop_engine(self) -> None:
@@ -592,6 +609,7 @@ class Daemon:
                     "offsets_learnt": self.secondary.rewriter.learnt,
                     "connections_shifted": len(self.secondary.rewriter),
                     "syns_replayed": host_s.syns_replayed,
+                    "backoff_reverts": host_s.backoff_reverts,
                 }
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,

@@ -15,7 +15,9 @@ The daemon calls :meth:`checkpoint_applied` when host S's engine reports that th
 a checkpoint (the secondary QEMU's RESUME), :meth:`take_over` before the SVM's port joins
 the LAN, and :meth:`syn_replay_frames` right after it joined: the client SYNs of connections
 still half-open on the SVM, as Ethernet frames to the guest's MAC, which the daemon sends on
-the guest port (a packet socket) so that the SVM sends its SYN-ACKs again at once.
+the guest port (a packet socket) so that the SVM sends its SYN-ACKs again at once; and
+:meth:`backoff_revert_frames`, ICMP messages that make the SVM retransmit at once what it
+sent towards host P before the takeover.
 
 Nothing here ever drops a packet: a packet it cannot read passes unchanged, counted by status
 (the SVM's own stack then judges it as the PVM's does).
@@ -76,9 +78,22 @@ class SecondaryProxy:
         destination (a TCP stack drops frames not addressed to it). The caller counts the
         SYNs in ``counters.syns_replayed`` once the frames are sent."""
         syns = self.rewriter.replay_syns(now)
-        frames = [
-            destination + source + (ETHERTYPE_IPV6 if syn[0] >> 4 == 6 else ETHERTYPE_IPV4) + syn
-            for syn in syns
-            for destination in destinations
-        ]
-        return len(syns), frames
+        return len(syns), _frames(syns, source, destinations)
+
+    def backoff_revert_frames(
+        self, now: float, source: bytes, destinations: Sequence[bytes]
+    ) -> tuple[int, list[bytes]]:
+        """The client's latest segments and the ICMP messages that make the SVM retransmit at
+        once (:meth:`SecondaryRewriter.backoff_reverts`, once) as Ethernet frames, like
+        :meth:`syn_replay_frames`; the number of connections they concern first."""
+        connections = self.rewriter.backoff_reverts(now)
+        packets = [packet for connection in connections for packet in connection]
+        return len(connections), _frames(packets, source, destinations)
+
+
+def _frames(packets: Sequence[bytes], source: bytes, destinations: Sequence[bytes]) -> list[bytes]:
+    return [
+        destination + source + (ETHERTYPE_IPV6 if packet[0] >> 4 == 6 else ETHERTYPE_IPV4) + packet
+        for packet in packets
+        for destination in destinations
+    ]

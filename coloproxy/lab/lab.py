@@ -190,8 +190,8 @@ class ClientLoop:
     """Requests the deterministic pages in a loop from the client namespace, in a thread.
 
     :meth:`hold` lets the request in flight finish and starts no other until :meth:`resume`:
-    the demo and the SIGKILL test kill a QEMU between two requests, so that the failover gap
-    they report is a new request's (docs/lab.md, "Known limits", for one in flight).
+    the demo kills a QEMU between two requests, so that the failover gap it reports is a new
+    request's; the SIGKILL test kills wherever the stream is (docs/lab.md, "Known limits").
     """
 
     def __init__(self, topology: Topology, pages: dict[str, bytes], pause: float = 0.05) -> None:

@@ -41,6 +41,25 @@ with the SVM (its ACK then teaches offset 0), one already ESTABLISHED with the P
 answers with a duplicate or challenge ACK acknowledging the PVM's ISN + 1, which teaches the
 right offset. A kept SYN is forgotten at the client's next segment of that connection (its
 handshake ACK, data, RST), at a new SYN (replaced), at a checkpoint, and after the replay.
+
+Backoff revert at a takeover. Whatever the SVM sent while protected went to host P and was
+dropped there (I3); the client only ever received the PVM's copy. Data the PVM had not released
+when it died (held for comparison, or produced after the kill) exists only in the SVM's
+retransmission queue, and the SVM resends it only at its retransmission timeout, which may have
+backed off already (in the lab, a download the comparator had held for 1.4 s before the kill
+had seen two timeouts of the SVM's, 0.21 and 0.42 s apart, the third 0.87 s later). So the
+client's latest ACK of each connection is kept, with the time it arrived; right after the
+takeover the shell hands the SVM, for each connection heard from in the last ``max_ack_age``
+seconds, ICMP "destination unreachable" messages quoting a segment of the SVM's at the client's
+latest ACK moved into the SVM's space (:meth:`backoff_reverts`). Linux takes each one whose
+quoted sequence number is its oldest unacknowledged byte, while a retransmission timer has
+fired, as RFC 6069's sign that the timeouts were due to a broken path, not congestion
+(``tcp_ld_RTO_revert``): it undoes one backoff step and, when the undone timeout has passed,
+retransmits at once, now straight to the client. A connection with nothing outstanding, or not
+in backoff, ignores them (an ICMP error on an established connection is a soft error: reported
+only if the connection later times out). ``REVERTS_PER_CONNECTION`` copies undo that many
+steps. Duplicate ACKs would not do: after a timeout Linux is in its Loss state with a
+congestion window of one segment, already taken by the lost retransmission.
 """
 
 from __future__ import annotations
@@ -50,9 +69,19 @@ from typing import Final
 
 from coloproxy import seq
 from coloproxy.errors import UsageError
+from coloproxy.packet.build import tcp_unreachable
 from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.options import timestamps
-from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, TCP_SYN, Malformed, Packet, parse_ip
+from coloproxy.packet.parse import (
+    PROTO_TCP,
+    TCP_ACK,
+    TCP_FIN,
+    TCP_RST,
+    TCP_SYN,
+    Malformed,
+    Packet,
+    parse_ip,
+)
 from coloproxy.packet.rewrite import shift_tcp_seq
 from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteStatus
 
@@ -68,6 +97,17 @@ MAX_KEPT_SYNS: Final = 1024
 # Linux's tcp_syn_linear_timeouts), each copy that reaches host S refreshing the kept one: a
 # connection half-open for longer was not cut by this takeover.
 MAX_SYN_AGE: Final = 5.0
+
+# Connections whose client's latest ACK is kept for the backoff revert: the most recently
+# active ones, as many as MAX_CONNECTIONS offsets (a guest serving more at once is rare).
+MAX_ACKED_CONNECTIONS: Final = 4096
+# Only connections the client was heard on this recently get a revert: a sender in backoff
+# since t seconds has timed out about log2(t / 0.2 s + 1) times (Linux's 200 ms minimum RTO,
+# doubling), 7 times after 30 s; the client of a connection stalled longer is likely gone.
+MAX_ACK_AGE: Final = 30.0
+# ICMP messages per connection: each undoes one backoff step (tcp_ld_RTO_revert), enough for
+# a connection MAX_ACK_AGE into its backoff; surplus ones find no backoff and are ignored.
+REVERTS_PER_CONNECTION: Final = 8
 
 _Key = tuple[bytes, int, bytes, int, int]  # guest, guest port, peer, peer port, vlan
 
@@ -89,6 +129,8 @@ class SecondaryRewriter:
         max_connections: int = MAX_CONNECTIONS,
         max_kept_syns: int = MAX_KEPT_SYNS,
         max_syn_age: float = MAX_SYN_AGE,
+        max_acked: int = MAX_ACKED_CONNECTIONS,
+        max_ack_age: float = MAX_ACK_AGE,
     ) -> None:
         self._connections: dict[_Key, _Connection] = {}
         self._max = max_connections
@@ -98,6 +140,13 @@ class SecondaryRewriter:
         self._max_syns = max_kept_syns
         self._max_syn_age = max_syn_age
         self._syns_replayed = False  # replay_syns ran: keep no more SYNs
+        # The client's latest ACK per connection (its own space, the PVM's), its arrival time
+        # and the segment that carried it (None once the client sent a FIN), least recently
+        # heard first; the offsets are applied when the reverts are built.
+        self._acks: dict[_Key, tuple[float, int, bytes | None]] = {}
+        self._max_acked = max_acked
+        self._max_ack_age = max_ack_age
+        self._reverted = False  # backoff_reverts ran: keep no more ACKs
         self.taken_over = False
         self.evicted = 0
         self.learnt = 0
@@ -163,6 +212,10 @@ class SecondaryRewriter:
             else:
                 # Any other segment: the client is past SYN-SENT (or gave up with an RST).
                 self._syns.pop(key, None)
+                if flags & TCP_RST:
+                    self._acks.pop(key, None)
+                elif flags & TCP_ACK:
+                    self._keep_ack(key, packet.ack, data, bool(flags & TCP_FIN), now)
                 if flags & TCP_ACK:
                     connection = self._connections.get(key)
                     if connection is not None and connection.offset is None:
@@ -176,6 +229,47 @@ class SecondaryRewriter:
             del self._syns[next(iter(self._syns))]
             self.syns_evicted += 1
         self._syns[key] = (now, data)
+
+    def _keep_ack(self, key: _Key, ack: int, data: bytes, fin: bool, now: float) -> None:
+        if self._reverted:
+            return
+        previous = self._acks.pop(key, None)
+        if previous is None and len(self._acks) >= self._max_acked:
+            del self._acks[next(iter(self._acks))]
+        # After its FIN the client's segments are not replayed: its last ACK may close the
+        # connection on the SVM, which would answer a copy with a reset.
+        closing = fin or (previous is not None and previous[2] is None)
+        self._acks[key] = (now, ack, None if closing else data)
+
+    def backoff_reverts(
+        self, now: float, reverts: int = REVERTS_PER_CONNECTION
+    ) -> list[list[bytes]]:
+        """What to hand the SVM right after the takeover moved its port into the LAN, for each
+        connection the client was heard on in the last ``max_ack_age`` seconds: the client's
+        latest segment once more, shifted with the current offsets, unless the client had sent
+        a FIN (the SVM may have missed its ACK: one shifted with a stale offset across a
+        checkpoint is dropped by the SVM, and in a stall no later one comes; a duplicate is
+        harmless), then ``reverts`` ICMP
+        messages, each quoting a segment of the SVM's at that ACK in the SVM's space, reported
+        by the client's own address (an address on the guest's link, which the guest's
+        reverse-path check accepts). Runs once, like :meth:`replay_syns`."""
+        if not self.taken_over:
+            raise UsageError(
+                "backoff_reverts before take_over: the retransmissions would go to host P"
+            )
+        connections = []
+        for key, (seen, ack, latest) in self._acks.items():
+            if now - seen > self._max_ack_age:
+                continue
+            guest, guest_port, peer, peer_port, _vlan = key
+            offsets = self.sequence_offsets(*key)
+            svm_ack = ack if offsets is None else seq.add(ack, offsets[0])
+            message = tcp_unreachable(peer, guest, peer, guest_port, peer_port, svm_ack)
+            replayed = [] if latest is None else [self._ingress.rewrite(latest).payload or latest]
+            connections.append(replayed + [message] * reverts)
+        self._acks.clear()
+        self._reverted = True
+        return connections
 
     def from_guest(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
         """A packet of the SVM's on its way out: learn from a SYN-ACK; after a takeover,
