@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Where the lab's CPU goes per HTTP request: both QEMUs and both coloproxy daemons.
+
+Brings up the lab (our proxy, engine-driven), runs ``--clients`` client loops requesting the
+guest's ``/index.html`` over new connections for ``--seconds``, and prints requests/s and,
+for each process the lab started, its CPU share and CPU milliseconds per request (utime +
+stime from /proc). It answers whether the proxy or the guests bound the lab's throughput
+(docs/benchmarks.md, section 4). It prints, it never asserts. Needs root (namespaces).
+Traffic only goes from the lab's client namespace to the lab's guest.
+
+    python3 bench/lab_cpu.py [--seconds 15] [--clients 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from coloproxy.lab.lab import ClientLoop, Lab, expected_pages
+
+PAGE = "/index.html"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--clients", type=int, default=4)
+    args = parser.parse_args()
+    print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {os.getloadavg()}")
+    print(f"command: python3 bench/lab_cpu.py --seconds {args.seconds} --clients {args.clients}")
+    lab = Lab("cpcpu", Path("/run/coloproxy-lab-cpu"), say=lambda _text: None)
+    try:
+        state = lab.up(build=False)
+        pids = dict(state.pids)
+        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        pages = {PAGE: expected_pages()[PAGE]}
+        loops = [ClientLoop(lab.topology, pages, pause=0).start() for _ in range(args.clients)]
+        started = time.monotonic()
+        time.sleep(args.seconds)
+        attempts = [a for loop in loops for a in loop.stop()]
+        elapsed = time.monotonic() - started
+        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    finally:
+        lab.down()
+    served = sum(1 for a in attempts if a.ok)
+    print(f"{served / elapsed:.1f} requests/s ({served} served, {len(attempts) - served} failed)")
+    total = 0.0
+    for name in pids:
+        used = after[name] - before[name]
+        total += used
+        print(
+            f"  {name:18} {used / elapsed * 100:5.1f}% CPU  {used / served * 1e3:5.2f} ms/request"
+        )
+    share, per_request = total / elapsed * 100, total / served * 1e3
+    print(f"  {'all of them':18} {share:5.1f}% CPU  {per_request:5.2f} ms/request")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
