@@ -32,7 +32,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import itertools
 import os
 import platform
 import select
@@ -44,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -56,7 +55,6 @@ for _path in (BENCH_DIR, REPO_ROOT):
 
 from compare_bench import best, comparator_variant, secondary_leads  # noqa: E402
 from qemu_colo_compare import (  # noqa: E402
-    CHUNK_ENTRIES,
     IDLE_TIMEOUT,
     PROBE_FRAME,
     QEMU_BINARY,
@@ -72,6 +70,7 @@ from qemu_colo_compare import (  # noqa: E402
     qemu_version,
     wait_for_paths,
 )
+from qemu_colo_compare import frame_streams as qemu_frame_streams  # noqa: E402
 from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
 
 DEFAULT_PACKETS: Final = 20_000
@@ -105,33 +104,9 @@ def frame(packet: bytes, vnet: bool) -> bytes:
 
 
 def frame_streams(workload: Workload, vnet: bool) -> FramedStreams:
-    """Both sides serialized once; chunks follow the workload's stream-position schedule
-    (as qemu_colo_compare.frame_streams, with or without vnet headers)."""
-
-    def serialize(frames: Sequence[bytes]) -> tuple[bytes, list[int]]:
-        framed = [frame(packet, vnet) for packet in frames]
-        return b"".join(framed), list(itertools.accumulate(len(part) for part in framed))
-
-    primary, primary_ends = serialize(workload.primary_frames)
-    secondary, secondary_ends = serialize(workload.secondary_frames)
-    boundaries: list[tuple[int, int]] = []
-    primary_count = secondary_count = 0
-    schedule = workload.schedule()
-    for position, (is_primary, _) in enumerate(schedule, 1):
-        if is_primary:
-            primary_count += 1
-        else:
-            secondary_count += 1
-        if position % CHUNK_ENTRIES == 0 or position == len(schedule):
-            boundaries.append(
-                (
-                    primary_ends[primary_count - 1] if primary_count else 0,
-                    secondary_ends[secondary_count - 1] if secondary_count else 0,
-                )
-            )
-    return FramedStreams(
-        primary, secondary, boundaries, len(workload.primary_frames), len(workload.secondary_frames)
-    )
+    """Both sides serialized once, with or without vnet headers (the same schedule as
+    qemu_colo_compare.frame_streams)."""
+    return qemu_frame_streams(workload, framing=lambda packet: frame(packet, vnet))
 
 
 def count_frames(

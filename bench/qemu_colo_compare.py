@@ -45,7 +45,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -91,16 +91,22 @@ class FramedStreams:
     secondary_frames: int
 
 
-def frame_streams(workload: Workload, chunk_entries: int = CHUNK_ENTRIES) -> FramedStreams:
-    """Serialize a workload once; chunks follow the workload's stream-position schedule."""
+def length_framed(frame: bytes) -> bytes:
+    """colo-compare's framing without vnet headers: a 4-byte big-endian length, the frame."""
+    return _LENGTH.pack(len(frame)) + frame
+
+
+def frame_streams(
+    workload: Workload,
+    chunk_entries: int = CHUNK_ENTRIES,
+    framing: Callable[[bytes], bytes] = length_framed,
+) -> FramedStreams:
+    """Serialize a workload once, each frame with ``framing``; chunks follow the workload's
+    stream-position schedule."""
 
     def serialize(frames: Sequence[bytes]) -> tuple[bytes, list[int]]:
-        parts: list[bytes] = []
-        for frame in frames:
-            parts.append(_LENGTH.pack(len(frame)))
-            parts.append(frame)
-        ends = list(itertools.accumulate(4 + len(frame) for frame in frames))
-        return b"".join(parts), ends
+        framed = [framing(packet) for packet in frames]
+        return b"".join(framed), list(itertools.accumulate(len(part) for part in framed))
 
     primary, primary_ends = serialize(workload.primary_frames)
     secondary, secondary_ends = serialize(workload.secondary_frames)
