@@ -30,7 +30,7 @@ from enum import StrEnum
 
 from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Malformed, Packet, parse_ip
-from coloproxy.packet.rewrite import ShiftStatus, shift_tcp_ack
+from coloproxy.packet.rewrite import ShiftResult, ShiftStatus, shift_tcp_ack
 
 # (guest address, guest port, peer address, peer port, vlan) -> (secondary ISN - primary ISN,
 # secondary TSval - primary TSval), or None while the connection's ISNs are not both known
@@ -78,18 +78,33 @@ class IngressRewriter:
         offset, ts_offset = offsets
         if offset == 0 and ts_offset == 0:
             return RewriteOutcome(RewriteStatus.ZERO_OFFSET)
-        buffer = bytearray(data)
-        mutable = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
-        if not isinstance(mutable, Packet):  # parsed once already: cannot differ
-            return RewriteOutcome(RewriteStatus.MALFORMED)
-        form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
-        result = shift_tcp_ack(buffer, mutable, offset, checksum=form, tsecr_delta=ts_offset)
-        if checksum_partial:
-            field = checksum_field_offset(mutable)
-            buffer[field : field + 2] = tcp_udp_checksum(mutable).to_bytes(2, "big")
-        status = (
-            RewriteStatus.BAD_TCP_OPTIONS
-            if result.status is ShiftStatus.BAD_TCP_OPTIONS
-            else RewriteStatus.SHIFTED
+        return shifted_copy(
+            data,
+            checksum_partial,
+            lambda buffer, packet, form: shift_tcp_ack(
+                buffer, packet, offset, checksum=form, tsecr_delta=ts_offset
+            ),
         )
-        return RewriteOutcome(status, bytes(buffer))
+
+
+# An in-place TCP shift of coloproxy.packet.rewrite, its offsets bound.
+Shift = Callable[[bytearray, Packet, ChecksumForm], ShiftResult]
+
+
+def shifted_copy(data: bytes, checksum_partial: bool, shift: Shift) -> RewriteOutcome:
+    """A copy of ``data`` changed by ``shift``, with a complete checksum either way."""
+    buffer = bytearray(data)
+    packet = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
+    if not isinstance(packet, Packet):  # the caller parsed it once already: cannot differ
+        return RewriteOutcome(RewriteStatus.MALFORMED)
+    form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
+    result = shift(buffer, packet, form)
+    if checksum_partial:
+        field = checksum_field_offset(packet)
+        buffer[field : field + 2] = tcp_udp_checksum(packet).to_bytes(2, "big")
+    status = (
+        RewriteStatus.BAD_TCP_OPTIONS
+        if result.status is ShiftStatus.BAD_TCP_OPTIONS
+        else RewriteStatus.SHIFTED
+    )
+    return RewriteOutcome(status, bytes(buffer))

@@ -70,7 +70,6 @@ from typing import Final
 from coloproxy import seq
 from coloproxy.errors import UsageError
 from coloproxy.packet.build import tcp_unreachable
-from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import (
     PROTO_TCP,
@@ -83,7 +82,7 @@ from coloproxy.packet.parse import (
     parse_ip,
 )
 from coloproxy.packet.rewrite import shift_tcp_seq
-from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteStatus
+from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteStatus, shifted_copy
 
 # A connection learnt and not yet closed costs one entry; 65 536 is far above what one guest
 # opens between two checkpoints, and the oldest go first.
@@ -292,16 +291,13 @@ class SecondaryRewriter:
         offset, ts_offset = offsets
         if offset == 0 and ts_offset == 0:
             return RewriteOutcome(RewriteStatus.ZERO_OFFSET)
-        buffer = bytearray(data)
-        mutable = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
-        if not isinstance(mutable, Packet):  # parsed once already: cannot differ
-            return RewriteOutcome(RewriteStatus.MALFORMED)
-        form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
-        shift_tcp_seq(buffer, mutable, -offset, checksum=form, tsval_delta=-ts_offset)
-        if checksum_partial:
-            field = checksum_field_offset(mutable)
-            buffer[field : field + 2] = tcp_udp_checksum(mutable).to_bytes(2, "big")
-        return RewriteOutcome(RewriteStatus.SHIFTED, bytes(buffer))
+        return shifted_copy(
+            data,
+            checksum_partial,
+            lambda buffer, mutable, form: shift_tcp_seq(
+                buffer, mutable, -offset, checksum=form, tsval_delta=-ts_offset
+            ),
+        )
 
     def _saw_syn_ack(self, key: _Key, packet: Packet) -> None:
         stamps = timestamps(packet)
