@@ -62,7 +62,12 @@ class IngressRewriter:
 
     def rewrite(self, data: bytes, checksum_partial: bool = False) -> RewriteOutcome:
         """Rewrite one client -> guest IP packet for the secondary."""
-        packet = parse_ip(data)
+        return self.rewrite_parsed(data, parse_ip(data), checksum_partial)
+
+    def rewrite_parsed(
+        self, data: bytes, packet: Packet | Malformed, checksum_partial: bool = False
+    ) -> RewriteOutcome:
+        """``rewrite`` for a caller that parsed ``data`` already (``parse_ip(data)``)."""
         if isinstance(packet, Malformed):
             return RewriteOutcome(RewriteStatus.MALFORMED)
         if packet.proto != PROTO_TCP:

@@ -219,7 +219,7 @@ class SecondaryRewriter:
                     connection = self._connections.get(key)
                     if connection is not None and connection.offset is None:
                         self._learn(key, connection, packet)
-        return self._ingress.rewrite(data, checksum_partial)
+        return self._ingress.rewrite_parsed(data, packet, checksum_partial)
 
     def _keep_syn(self, key: _Key, data: bytes, now: float) -> None:
         if self._syns_replayed:
