@@ -19,6 +19,7 @@ from typing import TypeVar
 from coloproxy import __version__
 from coloproxy.config import ConfigError, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
+from coloproxy.control.client import Command
 from coloproxy.errors import InputError
 from coloproxy.pcap import LINK_TYPE_NAMES, SUPPORTED_LINK_TYPES, compare_captures
 from coloproxy.protocol import (
@@ -269,15 +270,21 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser.set_defaults(handler=_status)
 
 
-def _checkpoint(args: argparse.Namespace) -> int:
+def _command(args: argparse.Namespace, message: Command) -> Ack | None:
+    """Send one command to the proxy as the CLI; its ack, or None (said on stderr)."""
+
     async def ask(path: str) -> Ack:
         client = await ControlClient.connect(
             path, ClientRole.CLI, name=f"coloproxy-cli {__version__}"
         )
         async with client:
-            return await client.request(CheckpointNow(reason=args.reason))
+            return await client.request(message)
 
-    ack = _talk(args, ask)
+    return _talk(args, ask)
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    ack = _command(args, CheckpointNow(reason=args.reason))
     if ack is None:
         return EXIT_TROUBLE
     which = f": request {ack.request}" if ack.request is not None else ""
@@ -303,14 +310,7 @@ def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser
 
 
 def _reprotect(args: argparse.Namespace) -> int:
-    async def ask(path: str) -> Ack:
-        client = await ControlClient.connect(
-            path, ClientRole.CLI, name=f"coloproxy-cli {__version__}"
-        )
-        async with client:
-            return await client.request(Reprotect(migrate_uri=args.migrate_uri))
-
-    ack = _talk(args, ask)
+    ack = _command(args, Reprotect(migrate_uri=args.migrate_uri))
     if ack is None:
         return EXIT_TROUBLE
     print(ack.detail or "reprotecting")
