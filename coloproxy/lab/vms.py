@@ -163,6 +163,10 @@ def _filter_argv(role: str) -> list[str]:
             "filter-redirector,id=f2,netdev=hn0,queue=rx,outdev=red1",
             "filter-rewriter,id=rew0,netdev=hn0,queue=all",
         ]
+    return _as_argv(chardevs, objects)
+
+
+def _as_argv(chardevs: list[str], objects: list[str]) -> list[str]:
     argv: list[str] = []
     for chardev in chardevs:
         argv += ["-chardev", chardev]
@@ -191,12 +195,7 @@ def _chardev_filter_argv(role: str) -> list[str]:
         "filter-redirector,id=redire0,netdev=hn0,queue=rx,indev=compare_out",
         "filter-redirector,id=redire1,netdev=hn0,queue=rx,outdev=compare0",
     ]
-    argv: list[str] = []
-    for chardev in chardevs:
-        argv += ["-chardev", chardev]
-    for obj in objects:
-        argv += ["-object", obj]
-    return argv
+    return _as_argv(chardevs, objects)
 
 
 def vm_spec(
