@@ -36,14 +36,11 @@ import os
 import platform
 import select
 import shlex
-import shutil
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -64,11 +61,10 @@ from qemu_colo_compare import (  # noqa: E402
     Feeder,
     FramedStreams,
     RunResult,
-    connect_unix,
     process_cpu_seconds,
     qemu_command,
     qemu_version,
-    wait_for_paths,
+    running_comparator,
 )
 from qemu_colo_compare import frame_streams as qemu_frame_streams  # noqa: E402
 from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
@@ -236,58 +232,6 @@ def complete_restart_checkpoint(control: str) -> None:
     asyncio.run(engine())
 
 
-@contextlib.contextmanager
-def running(
-    command: Callable[[str], list[str]],
-    vnet: bool,
-    before_connect: Callable[[str], None] | None = None,
-    env: dict[str, str] | None = None,
-) -> Iterator[tuple[tuple[socket.socket, socket.socket, socket.socket], int]]:
-    """Start a comparator listening on DIR/pin, DIR/sin, DIR/out; connect, probe; yield the
-    sockets and its pid. Killed and cleaned up whatever happens."""
-    directory = tempfile.mkdtemp(prefix="c5-bench-")
-    process: subprocess.Popen[bytes] | None = None
-    sockets: list[socket.socket] = []
-    stderr_path = os.path.join(directory, "stderr")
-    try:
-        with open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen(
-                command(directory),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                env=env,
-            )
-        paths = [os.path.join(directory, name) for name in ("pin", "sin", "out")]
-        try:
-            wait_for_paths(paths, process)
-            if before_connect is not None:
-                before_connect(directory)
-            sockets.extend(connect_unix(path) for path in paths)
-            connected = (sockets[0], sockets[1], sockets[2])
-            probe(connected, vnet)
-        except BaseException as exc:
-            with open(stderr_path, "rb") as stderr_file:
-                output = stderr_file.read().decode(errors="replace").strip()
-            if output:
-                raise BenchError(f"{exc} (it said: {output[-2000:]})") from exc
-            raise
-        yield connected, process.pid
-        if process.poll() is not None:
-            raise BenchError(f"exited with status {process.returncode} during the run")
-    finally:
-        for sock in sockets:
-            sock.close()
-        if process is not None:
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def qemu_vnet_command(binary: str, vnet: bool) -> Callable[[str], list[str]]:
     def command(directory: str) -> list[str]:
         argv = qemu_command(directory, binary)
@@ -320,7 +264,9 @@ def run_qemu(
 ) -> list[RunResult]:
     runs = []
     for _ in range(repeat):
-        with running(qemu_vnet_command(binary, vnet), vnet) as (sockets, pid):
+        with running_comparator(
+            qemu_vnet_command(binary, vnet), lambda sockets: probe(sockets, vnet)
+        ) as (sockets, pid):
             runs.append(timed_run(sockets, streams, workload, vnet, pid))
     return runs
 
@@ -330,9 +276,10 @@ def run_ours(
 ) -> list[RunResult]:
     runs = []
     for _ in range(repeat):
-        with running(
+        with running_comparator(
             ours_command(vnet),
-            vnet,
+            lambda sockets: probe(sockets, vnet),
+            name="coloproxy",
             before_connect=lambda d: complete_restart_checkpoint(os.path.join(d, "ctl.sock")),
             env=ours_env(),
         ) as (sockets, pid):

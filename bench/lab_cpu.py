@@ -22,14 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from qemu_colo_compare import process_cpu_seconds
+
 from coloproxy.lab.lab import ClientLoop, Lab, expected_pages
 
 PAGE = "/index.html"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -43,14 +40,14 @@ def main() -> int:
     try:
         state = lab.up(build=False)
         pids = dict(state.pids)
-        before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
         pages = {PAGE: expected_pages()[PAGE]}
         loops = [ClientLoop(lab.topology, pages, pause=0).start() for _ in range(args.clients)]
         started = time.monotonic()
         time.sleep(args.seconds)
         attempts = [a for loop in loops for a in loop.stop()]
         elapsed = time.monotonic() - started
-        after = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        after = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
     finally:
         lab.down()
     served = sum(1 for a in attempts if a.ok)

@@ -425,44 +425,54 @@ def probe_outdev(primary: socket.socket, out: socket.socket) -> int:
     raise BenchError(f"colo-compare released none of {sent} probes in {STARTUP_TIMEOUT} s")
 
 
-@contextlib.contextmanager
-def running_qemu(
-    binary: str = QEMU_BINARY,
-) -> Iterator[tuple[socket.socket, socket.socket, socket.socket, int]]:
-    """Start QEMU with colo-compare, connect (primary_in, secondary_in, outdev), probe; yield
-    the three sockets and QEMU's pid.
+Sockets = tuple[socket.socket, socket.socket, socket.socket]  # primary_in, secondary_in, outdev
 
-    QEMU is killed and the temporary directory removed whatever happens.
+
+@contextlib.contextmanager
+def running_comparator(
+    command: Callable[[str], list[str]],
+    probe: Callable[[Sockets], object],
+    *,
+    name: str = "QEMU",
+    before_connect: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[tuple[Sockets, int]]:
+    """Start ``command(DIR)``, a comparator listening on DIR/pin, DIR/sin and DIR/out; connect
+    (after ``before_connect(DIR)``), ``probe`` the sockets; yield them and its pid.
+
+    The process is killed and the temporary directory removed whatever happens.
     """
     directory = tempfile.mkdtemp(prefix="colo-compare-bench-")
     process: subprocess.Popen[bytes] | None = None
     sockets: list[socket.socket] = []
     stderr_path = os.path.join(directory, "stderr")
     try:
+        argv = command(directory)
         with open(stderr_path, "wb") as stderr:
             try:
                 process = subprocess.Popen(
-                    qemu_command(directory, binary),
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=stderr,
-                )
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                    env=env,
+                )  # fmt: skip
             except OSError as exc:
-                raise BenchError(f"cannot start {binary}: {exc}") from exc
-        paths = [os.path.join(directory, name) for name in ("pin", "sin", "out")]
+                raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
+        paths = [os.path.join(directory, part) for part in ("pin", "sin", "out")]
         try:
             wait_for_paths(paths, process)
+            if before_connect is not None:
+                before_connect(directory)
             sockets.extend(connect_unix(path) for path in paths)
-            probe_outdev(sockets[0], sockets[2])
+            connected = (sockets[0], sockets[1], sockets[2])
+            probe(connected)
         except BaseException as exc:
             with open(stderr_path, "rb") as stderr_file:
                 output = stderr_file.read().decode(errors="replace").strip()
             if output:
-                raise BenchError(f"{exc} (QEMU said: {output})") from exc
+                raise BenchError(f"{exc} ({name} said: {output[-2000:]})") from exc
             raise
-        yield sockets[0], sockets[1], sockets[2], process.pid
+        yield connected, process.pid
         if process.poll() is not None:
-            raise BenchError(f"QEMU exited with status {process.returncode} during the run")
+            raise BenchError(f"{name} exited with status {process.returncode} during the run")
     finally:
         for sock in sockets:
             sock.close()
@@ -474,6 +484,18 @@ def running_qemu(
                 process.kill()
                 process.wait(timeout=5)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_qemu(
+    binary: str = QEMU_BINARY,
+) -> Iterator[tuple[socket.socket, socket.socket, socket.socket, int]]:
+    """QEMU with colo-compare, connected and probed: (primary_in, secondary_in, outdev, pid)."""
+    with running_comparator(
+        lambda directory: qemu_command(directory, binary),
+        lambda sockets: probe_outdev(sockets[0], sockets[2]),
+    ) as ((primary, secondary, out), pid):
+        yield primary, secondary, out, pid
 
 
 def process_cpu_seconds(pid: int) -> float:
