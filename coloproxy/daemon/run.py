@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 # few milliseconds. The bound only keeps a worker thread from outliving a stopping loop.
 REPLAY_TIMEOUT = 5.0
 
+# A receive batch of one side of the chardev transport: (tokens, frames, now).
+_BatchFeed = Callable[[Sequence[object], list[bytes], float], None]
+
 
 def host_net(config: Config) -> hostnet.HostNet:
     """The net layer's parameters from a config."""
@@ -241,19 +244,18 @@ class Daemon:
         rearm = self._rearm_soon
         recorder = self.recorder
 
-        def primary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
-            if recorder is not None:
-                for packet in packets:
-                    recorder.write("primary", packet)
-            proxy.on_primary_many(tokens, packets, now)
-            rearm()
+        def batches(side: str, feed: _BatchFeed) -> _BatchFeed:
+            def callback(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+                if recorder is not None:
+                    for packet in packets:
+                        recorder.write(side, packet)
+                feed(tokens, packets, now)
+                rearm()
 
-        def secondary(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
-            if recorder is not None:
-                for packet in packets:
-                    recorder.write("secondary", packet)
-            proxy.on_secondary_many(tokens, packets, now)
-            rearm()
+            return callback
+
+        primary = batches("primary", proxy.on_primary_many)
+        secondary = batches("secondary", proxy.on_secondary_many)
 
         def damaged(reason: str, now: float) -> None:
             # A frame was lost on an input: make the secondary equal to the primary again
