@@ -489,32 +489,14 @@ def test_a_new_connection_on_the_same_ports_does_not_inherit_verified_bytes() ->
     assert pair.released() == ["p-syn", "old-p", "new-p-syn", "new-p"]
 
 
-def test_timestamp_offsets_are_learned_from_the_syns() -> None:
-    from scapy.layers.inet import IP, TCP
-
-    def syn_ack(isn: int, tsval: int) -> bytes:
-        return bytes(
-            IP(src="10.0.0.1", dst="10.0.0.9")
-            / TCP(
-                sport=80,
-                dport=40000,
-                seq=isn,
-                ack=1000,
-                flags="SA",
-                options=[("Timestamp", (tsval, 5))],
-            )
-        )
-
+def test_isn_offsets_are_learned_from_the_syns_and_zero_after_a_synced_checkpoint() -> None:
     pair = Pair()
-    pair.primary(syn_ack(P_ISN, 1_000), "p-syn")
-    pair.secondary(syn_ack(S_ISN, 998), "s-syn")
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
     guest, peer = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 9])
-    assert pair.comparator.sequence_offsets(guest, 80, peer, 40000) == (
-        (S_ISN - P_ISN) % 2**32,
-        2**32 - 2,
-    )
-    pair.comparator.checkpoint_completed(0)  # synced: the secondary now has the primary's clock
-    assert pair.comparator.sequence_offsets(guest, 80, peer, 40000) == (0, 0)
+    assert pair.comparator.isn_offset(guest, 80, peer, 40000) == (S_ISN - P_ISN) % 2**32
+    pair.comparator.checkpoint_completed(0)  # synced: the secondary now has the primary's ISN
+    assert pair.comparator.isn_offset(guest, 80, peer, 40000) == 0
 
 
 def test_packets_sent_after_the_checkpoint_ended_are_compared_not_released() -> None:

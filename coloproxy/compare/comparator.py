@@ -62,7 +62,6 @@ from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import Book, FlowState, Held
 from coloproxy.compare.tcp import TcpConnection
 from coloproxy.errors import UsageError
-from coloproxy.packet.options import timestamps
 from coloproxy.packet.parse import (
     ETH_P_IP,
     ETHERNET_HEADER_LEN,
@@ -241,7 +240,7 @@ class Comparator:
                         connection is not None
                         and offset >= 0x50  # a TCP data offset of at least 20 bytes
                         and start <= end
-                        and not flags & TCP_SYN  # SYNs name ISNs and timestamps: general path
+                        and not flags & TCP_SYN  # SYNs name ISNs: the general path
                         # not book.over_bounds(end - start), without the call
                         and book.held_packets < self._max_held_packets
                         and book.stored_bytes + (end - start) <= self._max_held_bytes
@@ -326,19 +325,12 @@ class Comparator:
         self, packet: Packet, primary_side: bool, now: float, out: list[Event]
     ) -> None:
         """During a checkpoint nothing is compared, but SYNs still name ISNs: without that a
-        connection opened across a checkpoint would have no ISN offset for queue S-in, and
-        with ``checkpoint_completed(synced=False)`` none ever after."""
+        connection opened across a checkpoint would have no alignment, and with
+        ``checkpoint_completed(synced=False)`` none ever after."""
         if packet.proto == PROTO_TCP and packet.flags & TCP_SYN and not packet.fragment:
             flow = self._flow(packet, now, out)
             if type(flow) is TcpConnection:
                 flow.learn(primary_side, packet.seq, packet.flags, self._book)
-                self._learn_tsval(flow, packet, primary_side)
-
-    @staticmethod
-    def _learn_tsval(flow: TcpConnection, packet: Packet, primary_side: bool) -> None:
-        found = timestamps(packet)
-        if found is not None:
-            flow.learn_tsval(primary_side, found[0])
 
     def _primary_packet(
         self,
@@ -366,8 +358,6 @@ class Comparator:
         held = book.new_held(token, now, flow)
         held.extra = extra
         if type(flow) is TcpConnection:
-            if packet.flags & TCP_SYN:
-                self._learn_tsval(flow, packet, True)
             flow.feed_primary(
                 packet.seq,
                 packet.ack,
@@ -430,8 +420,6 @@ class Comparator:
         if drop:
             out.append(Drop(token, _COMPARED))
         if type(flow) is TcpConnection:
-            if packet.flags & TCP_SYN:
-                self._learn_tsval(flow, packet, False)
             flow.feed_secondary(
                 packet.seq,
                 packet.ack,
@@ -848,17 +836,6 @@ class Comparator:
         """secondary ISN - primary ISN for a TCP connection, or None while unknown."""
         flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
         return flow.isn_offset() if type(flow) is TcpConnection else None
-
-    def sequence_offsets(
-        self, guest: bytes, guest_port: int, peer: bytes, peer_port: int, vlan: int = -1
-    ) -> tuple[int, int] | None:
-        """(ISN offset, TSval offset), secondary minus primary, for queue S-in; None while the
-        ISN offset is unknown. The TSval offset is 0 when either SYN had no timestamps."""
-        flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
-        if type(flow) is not TcpConnection:
-            return None
-        isn = flow.isn_offset()
-        return None if isn is None else (isn, flow.ts_offset())
 
 
 def _lane_key(key: tuple[object, ...]) -> bytes | None:

@@ -70,7 +70,6 @@ class TcpSide:
         "rst",
         "syn",
         "syn_seq",
-        "tsval",
     )
 
     def __init__(self) -> None:
@@ -79,7 +78,6 @@ class TcpSide:
         self.isn: int | None = None
         self.isn_from_syn = False
         self.syn_seq: int | None = None
-        self.tsval: int | None = None  # TSval of the side's SYN (RFC 7323), if it sent one
         self.max_ack: int | None = None
         self.chunks: list[Stored] = []
         self.syn = False  # a SYN was seen in this epoch
@@ -129,22 +127,8 @@ class TcpConnection(FlowState):
             and self.primary.isn == self.secondary.isn
         )
 
-    def ts_offset(self) -> int:
-        """secondary TSval - primary TSval at the SYNs (mod 2**32), 0 while unknown.
-
-        The client echoes the primary's timestamps; Linux (6.x) drops a handshake ACK whose
-        TSecr lies outside the TSvals its SYN-ACKs carried, so the S-in rewrite moves TSecr
-        into the secondary's timestamp space too (QEMU's filter-rewriter does not).
-        """
-        if self.primary.tsval is None or self.secondary.tsval is None:
-            return 0
-        return (self.secondary.tsval - self.primary.tsval) & 0xFFFFFFFF
-
-    def learn_tsval(self, primary_side: bool, tsval: int) -> None:
-        (self.primary if primary_side else self.secondary).tsval = tsval
-
     def isn_offset(self) -> int | None:
-        """secondary ISN - primary ISN (mod 2**32), what the S-in rewrite adds to ACKs."""
+        """secondary ISN - primary ISN (mod 2**32)."""
         if self.primary.isn is None or self.secondary.isn is None:
             return None
         return (self.secondary.isn - self.primary.isn) & 0xFFFFFFFF
@@ -177,7 +161,6 @@ class TcpConnection(FlowState):
                 secondary.isn_from_syn = primary.isn_from_syn
                 secondary.syn_seq = primary.syn_seq
             secondary.max_ack = primary.max_ack
-            secondary.tsval = primary.tsval
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False

@@ -1,9 +1,9 @@
 """TCP options: find the timestamps option (RFC 7323 section 3) without raising.
 
-The rewriter shifts the timestamp echo (TSecr) of client packets for the secondary, and the
-comparator learns each guest's first TSval from its SYN or SYN-ACK; both walk the options
-here, the way a receiver does (EOL ends them, NOP is one byte, every other kind carries a
-length of at least 2 that stays inside the header).
+Host S's rewriter learns the secondary's TSval from its SYN-ACK and the primary's from the
+client's echo (TSecr), and shifts both fields; it walks the options here, the way a receiver
+does (EOL ends them, NOP is one byte, every other kind carries a length of at least 2 that
+stays inside the header).
 """
 
 from __future__ import annotations

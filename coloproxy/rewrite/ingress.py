@@ -6,14 +6,13 @@ its own TCP connection started from its own ISN, so the client's ACK numbers and
 secondary sees them; otherwise it would answer with challenge ACKs or resets. The timestamp
 echo (TSecr) is moved by ``secondary TSval - primary TSval`` at the SYNs as well: Linux 6.x
 drops a handshake ACK whose TSecr is not one of the TSvals its SYN-ACKs carried, leaving the
-secondary's connection in SYN-RECEIVED (seen in tests/test_proxy_netns.py before this). QEMU's
-filter-rewriter does this on the secondary's host; we do it on host P on the way into the
-tunnel. The client's own sequence numbers are the same for both guests and stay untouched.
+secondary's connection in SYN-RECEIVED (seen in tests/test_proxy_netns.py before this). Like
+QEMU's filter-rewriter this runs on the secondary's host. The client's own sequence numbers
+are the same for both guests and stay untouched.
 
-Where the offsets come from: the comparator learns each connection's ISNs from the guests'
-SYN and SYN-ACK (``Comparator.isn_offset``). The comparator holds the primary's SYN-ACK until
-the secondary's arrived, so by the time the client can acknowledge it the offset is known.
-After a checkpoint both guests share ISNs and the offset is 0.
+Where the offsets come from: the ``OffsetLookup`` given, in the daemon
+``SecondaryRewriter.sequence_offsets`` (coloproxy/rewrite/secondary.py), which learns them on
+host S; after a checkpoint both guests share ISNs and the offset is 0.
 
 Checksums: a rewritten packet goes back to the kernel through an NFQUEUE verdict with a new
 payload, which marks it as needing no checksum completion, so the checksum must be complete.
