@@ -51,7 +51,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from coloproxy.lab import vms
 from coloproxy.lab.configs import (
@@ -68,6 +68,10 @@ from coloproxy.lab.configs import (
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
 from coloproxy.lab.vms import LabError, Monitor
+
+if TYPE_CHECKING:
+    from coloproxy.control.client import Command
+    from coloproxy.protocol import Ack
 
 log = logging.getLogger(__name__)
 
@@ -554,8 +558,7 @@ class Lab:
         secondary start on host P, then host S's daemon is told ``reprotect`` (its engine
         migrates into the new QEMU: COLO again). Seconds until the client is served again
         through host S's proxy."""
-        from coloproxy.control import ControlClient, ControlError
-        from coloproxy.protocol import ClientRole, Reprotect
+        from coloproxy.protocol import Reprotect
 
         state = self.state or LabState.load(self.paths)
         if state is None:
@@ -598,19 +601,8 @@ class Lab:
             log_path=log_path,
         )
 
-        async def tell() -> str:
-            client = await ControlClient.connect(
-                self.paths.control_socket("secondary"), ClientRole.CLI, name="coloproxy-lab"
-            )
-            async with client:
-                ack = await client.request(Reprotect(migrate_uri=uri))
-            return ack.detail
-
-        try:
-            detail = asyncio.run(tell())
-        except ControlError as exc:
-            raise LabError(f"host S's daemon refused reprotect: {exc}") from exc
-        self.progress(f"host S's daemon: {detail}")
+        ack = self._command("secondary", Reprotect(migrate_uri=uri), "host S's reprotect")
+        self.progress(f"host S's daemon: {ack.detail}")
         state.timings["reprotect_colo_s"] = self.wait_colo(COLO_TIMEOUT_S, reprotected=True)
         self.progress(
             f"COLO again, host S primary ({state.timings['reprotect_colo_s']:.1f} s after the"
@@ -680,20 +672,26 @@ class Lab:
     def set_period(self, period_ms: int, role: str = "primary") -> None:
         """The engine's periodic checkpoint interval, live (set-period to host P's proxy, or
         with ``role="secondary"`` host S's)."""
-        from coloproxy.control import ControlClient, ControlError
-        from coloproxy.protocol import ClientRole, SetPeriod
+        from coloproxy.protocol import SetPeriod
 
-        async def send() -> None:
+        self._command(role, SetPeriod(period_ms=period_ms), f"set-period {period_ms} ms")
+
+    def _command(self, role: str, message: Command, what: str) -> Ack:
+        """One command to the daemon on ``role``'s host (its first role's socket), as a CLI."""
+        from coloproxy.control import ControlClient, ControlError
+        from coloproxy.protocol import ClientRole
+
+        async def send() -> Ack:
             client = await ControlClient.connect(
                 self.paths.control_socket(role), ClientRole.CLI, name="coloproxy-lab"
             )
             async with client:
-                await client.request(SetPeriod(period_ms=period_ms))
+                return await client.request(message)
 
         try:
-            asyncio.run(send())
+            return asyncio.run(send())
         except ControlError as exc:
-            raise LabError(f"set-period {period_ms} ms: {exc}") from exc
+            raise LabError(f"{what}: {exc}") from exc
 
     def _require_state(self) -> LabState:
         if self.state is None:
