@@ -38,7 +38,15 @@ from bisect import bisect_right
 from typing import Final
 
 from coloproxy import seq
-from coloproxy.compare.events import Event, Evidence, Flow, Reason, Release, ReleaseReason
+from coloproxy.compare.events import (
+    Event,
+    Evidence,
+    Flow,
+    Reason,
+    Release,
+    ReleaseReason,
+    Split,
+)
 from coloproxy.compare.ranges import RangeSet
 from coloproxy.compare.state import (
     NEED_ACK,
@@ -283,13 +291,25 @@ class TcpConnection(FlowState):
         end = start + length
         held.start = start
         held.end = end
+        if length > book.gso_payload and book.split_after is not None:
+            book.split_fifo.append(held)
         if end > REBASE_AT and not self.rebase_asked:
             self._ask_rebase(end, book, out)
         if flags & TCP_FIN:
             held.need |= NEED_FIN
             primary.fin = end
             primary.ending = primary.ending or "FIN"
-        self.held.append(held)
+        queue = self.held
+        if queue and start < queue[-1].start:
+            # Earlier bytes than the newest held (a retransmission, or a segment of a split GSO
+            # packet): in stream order, so that a held packet behind it in the stream, still
+            # waiting for the secondary, does not hold it back (release goes in this order).
+            index = len(queue) - 1
+            while index > 0 and start < queue[index - 1].start:
+                index -= 1
+            queue.insert(index, held)
+        else:
+            queue.append(held)
         if self.diverged:
             return
         if length:
@@ -511,6 +531,15 @@ class TcpConnection(FlowState):
             )
 
     # -- release -------------------------------------------------------------------------
+
+    def split(self, held: Held, book: Book, out: list[Event]) -> None:
+        """Hand ``held`` back to be cut into segments: they come back as new primary packets
+        (their bytes are this packet's, already verified or waiting in ``chunks``)."""
+        self.held.remove(held)
+        held.released = True
+        book.held_packets -= 1
+        out.append(Split(held.token))
+        self.release_ready(book, out)
 
     def release_ready(self, book: Book, out: list[Event]) -> None:
         held = self.held
