@@ -100,6 +100,7 @@ class QueuesConfig:
     secondary_out: int = 11
     secondary_in: int = 12
     secondary_egress: int = 13
+    primary_split: int = 14
     max_len: int = 8192
     copy_range: int = 65535
     rcvbuf: int = 8 << 20
@@ -422,7 +423,7 @@ NET_KEYS: Final[Mapping[str, _Key]] = {
 }
 # The queues each role binds (the rest of the section is shared settings).
 QUEUE_ROLES: Final[Mapping[ProxyRole, tuple[str, ...]]] = {
-    ProxyRole.PRIMARY: ("primary_out", "secondary_out"),
+    ProxyRole.PRIMARY: ("primary_out", "secondary_out", "primary_split"),
     ProxyRole.SECONDARY: ("secondary_in", "secondary_egress"),
 }
 QUEUES_KEYS: Final[Mapping[str, _Key]] = {
@@ -430,6 +431,7 @@ QUEUES_KEYS: Final[Mapping[str, _Key]] = {
     "secondary_out": _Key(_QUEUE, 11),
     "secondary_in": _Key(_QUEUE, 12),
     "secondary_egress": _Key(_QUEUE, 13),
+    "primary_split": _Key(_QUEUE, 14),
     "max_len": _Key(_integer(1, 1 << 20), 8192),
     "copy_range": _Key(_integer(64, 65535), 65535),
     "rcvbuf": _Key(

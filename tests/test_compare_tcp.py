@@ -18,6 +18,7 @@ from coloproxy.compare import (
     Release,
     ReleaseReason,
     Side,
+    Split,
 )
 from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
 
@@ -550,3 +551,46 @@ def test_a_retransmitted_syn_after_a_rebase_is_not_a_new_connection() -> None:
     pair.secondary(tcp(S_ISN + 4, b"def"), "s2")
     assert pair.checkpoints() == []
     assert pair.released()[-2:] == ["p-syn-again", "p2"]
+
+
+# -- split: a held GSO packet cut into segments --------------------------------------------
+
+GSO_DATA = bytes(range(256)) * 40  # 10 240 bytes: longer than any 1500-byte MTU's segment
+
+
+def test_a_gso_packet_the_secondary_covers_only_in_part_is_split_then_released_in_order() -> None:
+    # The SVM sent 6000 of the PVM's 10 240 bytes and waits for the client's ACK of them,
+    # which comes only once the PVM's packet is released: the packet goes back to the kernel
+    # to be cut into segments, and the verified ones leave at once.
+    pair = Pair(split_after=0.02)
+    handshake(pair)
+    (gso,) = stream(P_ISN, GSO_DATA, [])
+    later = tcp(P_ISN + 1 + len(GSO_DATA), b"later", ack=1000)
+    assert pair.primary(gso, "gso") == []
+    assert pair.primary(later, "later") == []
+    for number, segment in enumerate(stream(S_ISN, GSO_DATA[:6000], [1448 * k for k in range(5)])):
+        pair.secondary(segment, f"s{number}")
+    assert pair.advance(0.019) == []
+    assert pair.advance(0.001) == [Split("gso")]
+    # The SVM catches up before the segments are back: "later" still waits for them (stream
+    # order; the client would see a hole and the PVM might retransmit into it).
+    pair.secondary(stream(S_ISN, GSO_DATA, [6000])[1], "rest")
+    pair.secondary(tcp(S_ISN + 1 + len(GSO_DATA), b"later", ack=1000), "s-later")
+    assert pair.released()[1:] == []
+    segments = stream(P_ISN, GSO_DATA, list(range(0, len(GSO_DATA), 1448)))
+    for number, segment in enumerate(segments[:3]):
+        pair.primary(segment, f"p{number}")
+    assert pair.released()[1:] == ["p0", "p1", "p2"]
+    for number, segment in enumerate(segments[3:], start=3):
+        pair.primary(segment, f"p{number}")
+    assert pair.released()[1:] == [f"p{number}" for number in range(len(segments))] + ["later"]
+    assert pair.checkpoints() == []
+
+
+def test_no_split_without_split_after_or_below_the_mtu() -> None:
+    for settings, data in (({"split_after": None}, GSO_DATA), ({}, GSO_DATA[:1400])):
+        pair = Pair(**settings)
+        handshake(pair)
+        pair.primary(stream(P_ISN, data, [])[0], "held")
+        pair.secondary(stream(S_ISN, data[:100], [])[0], "part")
+        assert not [e for e in pair.advance(0.5) if isinstance(e, Split)]

@@ -115,6 +115,7 @@ NFQA_SKB_GSO = 1 << 1
 # linux/netfilter.h
 NF_DROP = 0
 NF_ACCEPT = 1
+NF_QUEUE = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
 
 _TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
@@ -614,6 +615,20 @@ class NetlinkQueue:
         else:
             self._encode_run()
             self._out += build_verdict(self._config.queue_num, handle, NF_ACCEPT, payload)
+        if not self._in_reader and not self._flush_scheduled:
+            self._schedule_flush()
+
+    def requeue(self, handle: Any, queue_num: int) -> None:
+        """Send the packet on to queue ``queue_num`` at the same hook (an NF_QUEUE verdict):
+        a queue without the GSO flag gets a GSO packet cut into its segments, each a packet
+        of its own (nfqnl_enqueue_packet); accepted there, each goes on past this hook."""
+        try:
+            self._undecided.remove(handle)
+        except KeyError:
+            self._unknown(handle)
+            return
+        self._encode_run()
+        self._out += build_verdict(self._config.queue_num, handle, NF_QUEUE | queue_num << 16)
         if not self._in_reader and not self._flush_scheduled:
             self._schedule_flush()
 

@@ -20,6 +20,7 @@ from coloproxy.compare.events import (
     Release,
     ReleaseReason,
     Side,
+    Split,
 )
 
 __all__ = [
@@ -41,5 +42,6 @@ __all__ = [
     "ReleaseReason",
     "SecondarySeq",
     "Side",
+    "Split",
     "flow_label",
 ]

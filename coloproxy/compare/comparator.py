@@ -639,6 +639,15 @@ class Comparator:
                 candidate = stored[0].arrival + secondary_timeout
                 if deadline is None or candidate < deadline:
                     deadline = candidate
+        split_after = book.split_after
+        if split_after is not None:
+            splits = book.split_fifo
+            while splits and splits[0].released:
+                splits.popleft()
+            if splits:
+                candidate = splits[0].arrival + split_after
+                if deadline is None or candidate < deadline:
+                    deadline = candidate
         reorder = self._reorder
         while reorder and reorder[0][2].reorder_deadline != reorder[0][0]:
             heapq.heappop(reorder)
@@ -662,6 +671,17 @@ class Comparator:
             deadline, _, datagrams = heapq.heappop(reorder)
             if datagrams.reorder_deadline == deadline:
                 datagrams.reorder_expired(now, book, out)
+        split_after = book.split_after
+        if split_after is not None:
+            splits = book.split_fifo
+            while splits and (splits[0].released or splits[0].arrival + split_after <= now):
+                held = splits.popleft()
+                connection = held.flow
+                # Not while a checkpoint runs or is due: it releases everything anyway.
+                if held.released or self._checkpointing or book.requested:
+                    continue
+                if type(connection) is TcpConnection and not connection.diverged:
+                    connection.split(held, book, out)
         # Deadlines are compared as ``arrival + timeout <= now``, the same sum get_timer()
         # returns, so that handle_timer(get_timer()) always fires (no float round-off).
         fifo = book.primary_fifo
@@ -781,6 +801,7 @@ class Comparator:
         self._reorder = []
         book.primary_fifo.clear()
         book.secondary_fifo.clear()
+        book.split_fifo.clear()
         book.held_packets = 0
         book.stored_bytes = 0
         book.saturated = False

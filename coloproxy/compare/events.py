@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 
-from coloproxy.compare.verdicts import Drop, DropReason, Release, ReleaseReason
+from coloproxy.compare.verdicts import Drop, DropReason, Release, ReleaseReason, Split
 from coloproxy.packet.parse import MalformedReason
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Release",
     "ReleaseReason",
     "Side",
+    "Split",
 ]
 
 EVIDENCE_BYTES = 48
@@ -106,4 +107,4 @@ class MalformedPacket:
     detail: str
 
 
-Event = Release | Drop | CheckpointNeeded | MalformedPacket
+Event = Release | Drop | Split | CheckpointNeeded | MalformedPacket

@@ -110,6 +110,10 @@ class Book:
         self.saturated = False  # a bound was hit: hold and drop uncompared until checkpoint
         self.primary_fifo: deque[Held] = deque()  # arrival order, for compare_timeout
         self.secondary_fifo: deque[Stored] = deque()  # arrival order, for secondary_timeout
+        # Held GSO packets that may be split (CompareConfig.split_after), arrival order.
+        self.split_after = config.split_after
+        self.gso_payload = config.gso_above - 40  # a longer TCP payload is a GSO packet's
+        self.split_fifo: deque[Held] = deque()
 
     def new_held(self, token: object, now: float, flow: FlowState | None) -> Held:
         self.serial += 1

@@ -38,7 +38,15 @@ from bisect import bisect_right
 from typing import Final
 
 from coloproxy import seq
-from coloproxy.compare.events import Event, Evidence, Flow, Reason, Release, ReleaseReason
+from coloproxy.compare.events import (
+    Event,
+    Evidence,
+    Flow,
+    Reason,
+    Release,
+    ReleaseReason,
+    Split,
+)
 from coloproxy.compare.ranges import RangeSet
 from coloproxy.compare.state import (
     NEED_ACK,
@@ -103,7 +111,7 @@ REBASE_AT: Final = 1 << 30
 
 
 class TcpConnection(FlowState):
-    __slots__ = ("primary", "rebase_asked", "rewritten", "secondary", "verified")
+    __slots__ = ("primary", "rebase_asked", "rewritten", "secondary", "split_end", "verified")
 
     def __init__(
         self, key: tuple[object, ...], label: Flow, now: float, rewritten: bool = False
@@ -113,6 +121,10 @@ class TcpConnection(FlowState):
         self.secondary = TcpSide()
         self.verified = RangeSet()
         self.rebase_asked = False
+        # A split packet's segments are on their way back up to this stream offset (-1:
+        # none): nothing held past it is released before them, or the client would see the
+        # stream out of order and the PVM might retransmit (a SACK hole).
+        self.split_end = -1
         # The secondary's segments are in the primary's sequence space, all but its SYN
         # (QEMU's filter-rewriter: CompareConfig.secondary_seq "rewritten").
         self.rewritten = rewritten
@@ -137,6 +149,7 @@ class TcpConnection(FlowState):
 
     def reset_epoch(self, book: Book, synced: bool = True) -> None:
         """After a checkpoint: the secondary holds the primary's state (when ``synced``)."""
+        self.split_end = -1
         primary, secondary = self.primary, self.secondary
         for stored in primary.chunks:
             book.stored_bytes -= stored.end - stored.start
@@ -283,13 +296,28 @@ class TcpConnection(FlowState):
         end = start + length
         held.start = start
         held.end = end
+        if length > book.gso_payload and book.split_after is not None:
+            book.split_fifo.append(held)
         if end > REBASE_AT and not self.rebase_asked:
             self._ask_rebase(end, book, out)
         if flags & TCP_FIN:
             held.need |= NEED_FIN
             primary.fin = end
             primary.ending = primary.ending or "FIN"
-        self.held.append(held)
+        split_end = self.split_end
+        if split_end >= 0 and start < split_end <= end:
+            self.split_end = -1  # the last segment of the split packet is back
+        queue = self.held
+        if queue and start < queue[-1].start:
+            # Earlier bytes than the newest held (a retransmission, or a segment of a split GSO
+            # packet): in stream order, so that a held packet behind it in the stream, still
+            # waiting for the secondary, does not hold it back (release goes in this order).
+            index = len(queue) - 1
+            while index > 0 and start < queue[index - 1].start:
+                index -= 1
+            queue.insert(index, held)
+        else:
+            queue.append(held)
         if self.diverged:
             return
         if length:
@@ -512,6 +540,17 @@ class TcpConnection(FlowState):
 
     # -- release -------------------------------------------------------------------------
 
+    def split(self, held: Held, book: Book, out: list[Event]) -> None:
+        """Hand ``held`` back to be cut into segments: they come back as new primary packets
+        (their bytes are this packet's, already verified or waiting in ``chunks``)."""
+        self.held.remove(held)
+        if held.end > self.split_end:
+            self.split_end = held.end
+        held.released = True
+        book.held_packets -= 1
+        out.append(Split(held.token))
+        self.release_ready(book, out)
+
     def release_ready(self, book: Book, out: list[Event]) -> None:
         held = self.held
         secondary = self.secondary
@@ -532,6 +571,8 @@ class TcpConnection(FlowState):
                     if need & NEED_RST and secondary.rst is None:
                         return
             if segment.end > segment.start and not verified.contains(segment.start, segment.end):
+                return
+            if self.split_end >= 0 and segment.start >= self.split_end:
                 return
             held.popleft()
             # book.release(segment, out, ReleaseReason.MATCHED), without the call

@@ -77,6 +77,19 @@ class Release(_Verdict):
         return cast(ReleaseReason, self._reason)  # only ever set from a ReleaseReason
 
 
+class Split(_Verdict):
+    """Hand the held primary GSO packet ``token`` back to the kernel to be cut into segments,
+    each of which comes back as a primary packet of its own (NFQUEUE: an NF_QUEUE verdict to
+    a queue without the GSO flag). Nothing leaves: the segments are compared and released
+    like any packet. Only the NFQUEUE transport gets it (``CompareConfig.split_after``)."""
+
+    __slots__ = ()
+
+    def __init__(self, token: object, reason: ReleaseReason = ReleaseReason.MATCHED) -> None:
+        self._token = token
+        self._reason = reason
+
+
 class Drop(_Verdict):
     """Drop the packet ``token`` (always a secondary packet: a primary one is never dropped)."""
 

@@ -35,7 +35,7 @@ import logging
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from coloproxy.compare import (
     CheckpointNeeded,
@@ -48,6 +48,7 @@ from coloproxy.compare import (
     Release,
     ReleaseReason,
     Side,
+    Split,
 )
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,12 @@ class Verdicts(Protocol):
     def accept(self, handle: object, payload: bytes | None = None) -> None: ...
 
     def drop(self, handle: object) -> None: ...
+
+
+class Splitting(Protocol):
+    """P-out on the NFQUEUE transport: can hand a GSO packet back to be cut into segments."""
+
+    def split(self, handle: object) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +189,11 @@ class PrimaryProxy:
                 if event.token is not None:
                     self._secondary_out.drop(event.token)
                 packets["secondary-out", _DROP[event.reason]] += 1
+            elif type(event) is Split:
+                # Only a P-out that can split gets one (CompareConfig.split_after is None
+                # elsewhere).
+                cast(Splitting, self._primary_out).split(event.token)
+                packets["primary-out", "split"] += 1
             elif type(event) is CheckpointNeeded:
                 self.counters.divergences[event.protocol, event.reason] += 1
                 if event.coalesced or self.outstanding is not None:

@@ -23,9 +23,11 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import cast
 
 from coloproxy import __version__
 from coloproxy.capture.chardev import ChardevTransport
+from coloproxy.capture.netlink import NetlinkQueue
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
@@ -193,14 +195,25 @@ class Daemon:
         queues = config.queues
         if queues is None:  # the config loader requires queues on a primary
             raise ValueError("primary without queues")
-        comparator = Comparator(config.compare)
+        netlink = queues.transport.value == Transport.NETLINK.value
+        compare = config.compare
+        if not netlink:  # netfilterqueue cannot send an NF_QUEUE verdict
+            compare = dataclasses.replace(compare, split_after=None)
+        mtu = _guest_mtu(config.net.guest_port)
+        if mtu is not None and mtu > compare.gso_above:
+            compare = dataclasses.replace(compare, gso_above=mtu)
+        comparator = Comparator(compare)
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
         self._queue_metrics(
-            {queues.primary_out: "primary-out", queues.secondary_out: "secondary-out"}
+            {
+                queues.primary_out: "primary-out",
+                queues.secondary_out: "secondary-out",
+                queues.primary_split: "primary-split",
+            }
         )
         rearm = self._rearm_soon
         recorder = self.recorder
@@ -225,17 +238,27 @@ class Daemon:
                 proxy.on_secondary(handle, payload, now)
                 rearm()
 
+        def split_segment(handle: object, payload: bytes, now: float) -> None:
+            primary(_SplitSegment(handle), payload, now)
+
         # Whole GSO packets: these verdicts carry no new payload (bench/nfqueue_README.md).
         primary_out = self._open_queue(queues.primary_out, primary, gso=True)
         secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True)
-        proxy.bind(primary_out, secondary_out)
+        if netlink:
+            # No rule feeds this queue: only P-out's Split verdicts, whose GSO packets the
+            # kernel cuts into segments on the way in (no GSO flag here).
+            split = self._open_queue(queues.primary_split, split_segment, gso=False)
+            proxy.bind(_SplittingOut(primary_out, split), secondary_out)
+        else:
+            proxy.bind(primary_out, secondary_out)
         self._rearm_soon()
 
     async def _start_primary_chardev(self, chardev: ChardevConfig) -> None:
         """The primary fed by QEMU's filters over colo-compare's sockets: the same proxy and
         comparator (Ethernet framing), no S-in (QEMU's filter-rewriter shifts the secondary's
         TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
-        comparator = Comparator(self.config.compare)
+        # The chardev transport cannot hand a frame back to be cut up: no Split.
+        comparator = Comparator(dataclasses.replace(self.config.compare, split_after=None))
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         self.proxy = proxy
@@ -663,6 +686,49 @@ class Daemon:
 def _engine_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the checkpoint engine stopped: %r", task.exception())
+
+
+class _SplitSegment:
+    """The token of a packet from the split queue (a segment of a GSO packet that P-out
+    handed back): its verdict goes to that queue."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: object) -> None:
+        self.handle = handle
+
+
+class _SplittingOut:
+    """P-out's verdicts with the split queue beside it (``Split``, docs/data-path.md)."""
+
+    def __init__(self, primary_out: PacketQueue, split: PacketQueue) -> None:
+        self._primary_out = primary_out
+        self._split = split
+        self._split_number = split.config.queue_num
+
+    def accept(self, handle: object, payload: bytes | None = None) -> None:
+        if type(handle) is _SplitSegment:
+            self._split.accept(handle.handle, payload)
+        else:
+            self._primary_out.accept(handle, payload)
+
+    def drop(self, handle: object) -> None:  # never for a primary packet; here for Verdicts
+        if type(handle) is _SplitSegment:
+            self._split.drop(handle.handle)
+        else:
+            self._primary_out.drop(handle)
+
+    def split(self, handle: object) -> None:
+        # Only P-out's own packets are longer than the MTU: a segment is never split again.
+        cast(NetlinkQueue, self._primary_out).requeue(handle, self._split_number)
+
+
+def _guest_mtu(guest_port: str) -> int | None:
+    """The guest port's MTU in this namespace (sysfs), None when it cannot be read."""
+    try:
+        return int(Path(f"/sys/class/net/{guest_port}/mtu").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _Late:
