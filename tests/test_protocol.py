@@ -84,6 +84,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         role=st.sampled_from(ProxyRole),
         mode=st.sampled_from(Mode),
         software=text,
+        idle_timeout=seconds,
         re=optional_ids,
     ),
     CheckpointRequest: st.builds(
