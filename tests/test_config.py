@@ -532,8 +532,7 @@ def test_an_existing_group_is_accepted() -> None:
 
 def test_the_control_access_keys() -> None:
     control = parse_config(
-        BASE
-        + "control: {group: users, engine_group: staff, group_role: monitor,"
+        BASE + "control: {group: users, engine_group: staff, group_role: monitor,"
         " idle_timeout_ms: 0, max_clients: 2}\n",
         "t.yaml",
     ).control

@@ -35,12 +35,12 @@ from coloproxy.control.server import AccessPolicy, HandlerReply, PeerCredentials
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     Ack,
+    AttachLan,
     CheckpointCompleted,
     CheckpointEvidence,
     CheckpointNow,
     CheckpointRequest,
     CheckpointStarted,
-    AttachLan,
     ClientRole,
     ErrorCode,
     ErrorReply,
@@ -430,7 +430,9 @@ async def test_idle_clients_are_closed_and_a_keepalive_keeps_an_engine(
         assert engine.closed_reason is None
         status = await engine.request(StatusRequest())
         assert status.re is not None
-        reasons = [reason for info, reason in handler.disconnected if info.role is ClientRole.MONITOR]
+        reasons = [
+            reason for info, reason in handler.disconnected if info.role is ClientRole.MONITOR
+        ]
         assert reasons == ["idle for 0.3 s"] * 2
         await engine.close()
 
@@ -609,7 +611,7 @@ def test_credentials_decide_the_roles() -> None:
     read_only = AccessPolicy(own_uid=1000, group=100, group_role=ClientRole.MONITOR)
     assert read_only.roles(PeerCredentials(1, 2000, 2000, (100,))) == {ClientRole.MONITOR}
     assert read_only.roles(PeerCredentials(1, 2000, 2000, (50,))) == frozenset()
-    with pytest.raises(UsageError, match="control.group_role is cli or monitor"):
+    with pytest.raises(UsageError, match=r"control\.group_role is cli or monitor"):
         AccessPolicy(own_uid=0, group_role=ClientRole.ENGINE)
 
 

@@ -527,9 +527,7 @@ class ControlServer:
     def _slots_taken_by_others(self) -> int:
         """Slots held by connections that are not welcomed engines (the one asking included)."""
         return sum(
-            1
-            for c in self._live()
-            if c.info is None or c.info.role is not ClientRole.ENGINE
+            1 for c in self._live() if c.info is None or c.info.role is not ClientRole.ENGINE
         )
 
     def _disconnect(

@@ -77,9 +77,7 @@ REASON_ENGINE_LOST = "engine-lost"  # the engine went away inside a checkpoint
 REFUSED_UNKNOWN_REQUEST = "unknown-request"  # names a request this proxy never issued
 REFUSED_ALREADY_STARTED = "already-started"  # a checkpoint is open (its completion pending)
 REFUSED_NOT_STARTED = "not-started"  # no start from this engine since the last completion
-REFUSAL_REASONS = frozenset(
-    {REFUSED_UNKNOWN_REQUEST, REFUSED_ALREADY_STARTED, REFUSED_NOT_STARTED}
-)
+REFUSAL_REASONS = frozenset({REFUSED_UNKNOWN_REQUEST, REFUSED_ALREADY_STARTED, REFUSED_NOT_STARTED})
 
 
 class Verdicts(Protocol):

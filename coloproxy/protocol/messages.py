@@ -461,7 +461,14 @@ CLIENT_MAY_SEND: Final[Mapping[ClientRole, frozenset[str]]] = {
 # whatever role it claimed. A peer with engine credentials may claim any role; see
 # docs/control-protocol.md, "Who may send what".
 NEEDS_ENGINE_CREDENTIALS: Final = frozenset(
-    {"checkpoint-started", "checkpoint-completed", "set-period", "failover", "attach-lan", "reprotect"}
+    {
+        "checkpoint-started",
+        "checkpoint-completed",
+        "set-period",
+        "failover",
+        "attach-lan",
+        "reprotect",
+    }
 )
 # Who receives each kind of push.
 PUSH_TO: Final[Mapping[str, frozenset[ClientRole]]] = {
