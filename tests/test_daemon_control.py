@@ -135,13 +135,17 @@ class World:
     async def read_out(self, size: int) -> bytes:
         return await asyncio.wait_for(self.out.readexactly(size), 5)
 
-    def refused(self, report: str, reason: str) -> float:
+    def metric(self, prefix: str) -> float:
         body, _ = self.daemon.metrics.exposition()
-        prefix = f'coloproxy_checkpoint_reports_refused_total{{reason="{reason}",report="{report}"'
         for text in body.decode().splitlines():
             if text.startswith(prefix):
                 return float(text.rsplit(" ", 1)[1])
         return 0.0
+
+    def refused(self, report: str, reason: str) -> float:
+        return self.metric(
+            f'coloproxy_checkpoint_reports_refused_total{{reason="{reason}",report="{report}"}}'
+        )
 
 
 @contextlib.asynccontextmanager
@@ -300,6 +304,9 @@ async def test_a_member_of_the_control_group_can_release_nothing() -> None:
         assert isinstance(refusal, ErrorReply) and refusal.code is ErrorCode.FORBIDDEN
         await w.nothing_out()
         assert w.daemon.mode is Mode.PROTECTED
+        for kind in ("hello", "failover"):
+            refusals = f'coloproxy_control_refusals_total{{code="forbidden",kind="{kind}"}}'
+            assert w.metric(refusals) == 1
         later = frames([tcp(P_ISN + 100, b"and nothing after it goes out uncompared", sport=82)])
         await send(w.pin, later)
         await w.nothing_out()
