@@ -68,7 +68,9 @@ class ClientRole(StrEnum):
     """Who a client is; decides what it may send and what it is sent."""
 
     ENGINE = "engine"  # the checkpoint engine: gets checkpoint requests, reports checkpoints
-    CLI = "cli"  # an operator's command: status, manual checkpoint, period, failover
+    # An operator's command: status, manual checkpoint; with engine credentials also period,
+    # failover, attach-lan, reprotect (NEEDS_ENGINE_CREDENTIALS).
+    CLI = "cli"
     MONITOR = "monitor"  # read-only: status only
 
 
