@@ -165,9 +165,10 @@ class ControlHandler(Protocol):
     ``handle`` gets every message a client is allowed to send after its hello (roles and
     credentials are already checked: see ``CLIENT_MAY_SEND`` and
     ``NEEDS_ENGINE_CREDENTIALS``; what a checkpoint report may release is the handler's to
-    check) and returns the reply; the server sets the reply's ``re``. An exception becomes an ``internal`` error reply (and is logged); the
-    connection stays. ``client_connected``/``client_disconnected`` follow the welcome and the
-    end of a welcomed connection; they must not block.
+    check) and returns the reply; the server sets the reply's ``re``. An exception becomes an
+    ``internal`` error reply (and is logged); the connection stays.
+    ``client_connected``/``client_disconnected`` follow the welcome and the end of a welcomed
+    connection; they must not block.
     """
 
     def identity(self) -> ProxyIdentity: ...
