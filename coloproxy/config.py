@@ -39,7 +39,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
 from coloproxy.errors import InputError, UsageError
-from coloproxy.protocol import ProxyRole
+from coloproxy.protocol import ClientRole, ProxyRole
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -110,9 +110,12 @@ class QueuesConfig:
 @dataclass(frozen=True, slots=True)
 class ControlConfig:
     socket: Path
-    group: str | None = None
+    group: str | None = None  # may connect: status, manual checkpoints (group_role)
     max_clients: int = 16
     client_queue: int = 256
+    engine_group: str | None = None  # engine credentials: may be the engine, steer it
+    group_role: ClientRole = ClientRole.CLI  # the most a member of group may be
+    idle_timeout_ms: int = 60000  # 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,11 +268,13 @@ def _optional(rule: Rule) -> Rule:
     return optional
 
 
-def _choice(kind: type[StrEnum]) -> Rule:
-    allowed = "one of " + ", ".join(member.value for member in kind)
+def _choice(kind: type[StrEnum], only: Sequence[StrEnum] | None = None) -> Rule:
+    members = list(kind) if only is None else list(only)
+    allowed = "one of " + ", ".join(member.value for member in members)
+    values = {member.value for member in members}
 
     def rule(value: object) -> object:
-        if isinstance(value, str) and value in {member.value for member in kind}:
+        if isinstance(value, str) and value in values:
             return kind(value)
         raise _bad(allowed, value)
 
@@ -449,8 +454,14 @@ PASSTHROUGH_KEYS: Final[Mapping[str, _Key]] = {
 CONTROL_KEYS: Final[Mapping[str, _Key]] = {
     "socket": _Key(_socket_path, None),  # default: /run/coloproxy/<pair>.sock
     "group": _Key(_optional(_group), None),
-    "max_clients": _Key(_integer(1, 1024), 16),
+    "engine_group": _Key(_optional(_group), None),
+    "group_role": _Key(_choice(ClientRole, (ClientRole.CLI, ClientRole.MONITOR)), ClientRole.CLI),
+    # At least 2: the last slot is kept for an engine.
+    "max_clients": _Key(_integer(2, 1024), 16),
     "client_queue": _Key(_integer(1, 1 << 16), 256),
+    "idle_timeout_ms": _Key(
+        _integer(0, 2**32 - 1, "a non-negative integer of milliseconds (0: never)"), 60000
+    ),
 }
 METRICS_KEYS: Final[Mapping[str, _Key]] = {
     "listen": _Key(_listen, ("127.0.0.1", 9477)),

@@ -105,6 +105,9 @@ class PacketCounts(Protocol):
     def checkpoints_completed(self) -> int: ...
 
     @property
+    def reports_refused(self) -> Mapping[tuple[str, str], int]: ...  # (report, reason)
+
+    @property
     def last_checkpoint(self) -> float | None: ...  # on the metrics clock
 
 
@@ -281,6 +284,8 @@ class Metrics:
         self.compare_stats: Callable[[], CompareStats | None] | None = None
         self.queue_stats: Callable[[], Iterable[QueueCounters]] | None = None
         self.control_clients: Callable[[], Mapping[str, int]] | None = None
+        # Error replies the control socket sent, by (what they answered, code).
+        self.control_refusals: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.engine: EngineFigures | None = None  # the checkpoint engine's, when it runs
         self.chardev: ChardevFigures | None = None  # the chardev transport, when it runs
         self.scrape_errors: defaultdict[str, int] = defaultdict(int)
@@ -342,6 +347,17 @@ class _Collector(Collector):
                 for role, count in sorted(clients.items()):
                     family.add_metric([str(role)], float(count))
                 yield family
+        control_refusals = metrics.control_refusals
+        if control_refusals is not None:
+            refusals = metrics._read("control", lambda: dict(control_refusals()))
+            if isinstance(refusals, dict):
+                yield _counter(
+                    "coloproxy_control_refusals",
+                    "Error replies the control socket sent, by what they answered (a message"
+                    " kind, connect, hello, idle or line) and code",
+                    ["kind", "code"],
+                    refusals.items(),
+                )
         if metrics.engine is not None:
             yield from self._engine(metrics.engine, now)
         chardev = metrics.chardev
@@ -441,6 +457,13 @@ class _Collector(Collector):
         )
         reverted.add_metric([], counts.backoff_reverts)
         yield reverted
+        yield _counter(
+            "coloproxy_checkpoint_reports_refused",
+            "checkpoint-started/-completed reports refused (nothing released), by report and"
+            " reason",
+            ["report", "reason"],
+            counts.reports_refused.items(),
+        )
         completed = CounterMetricFamily("coloproxy_checkpoints_completed", "Checkpoints completed")
         completed.add_metric([], counts.checkpoints_completed)
         yield completed

@@ -37,7 +37,7 @@ from coloproxy.config import (
     parse_config,
 )
 from coloproxy.errors import InputError, UsageError
-from coloproxy.protocol import ProxyRole
+from coloproxy.protocol import ClientRole, ProxyRole
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,8 +289,22 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
             " 'libnfq'",
         ),
         (
+            BASE + "control: {group_role: engine}\n",
+            "t.yaml:9: key 'control.group_role': expected one of cli, monitor, got 'engine'",
+        ),
+        (
+            BASE + "control: {engine_group: no-such-group}\n",
+            "t.yaml:9: key 'control.engine_group': group 'no-such-group' does not exist on this"
+            " host",
+        ),
+        (
+            BASE + "control: {idle_timeout_ms: -1}\n",
+            "t.yaml:9: key 'control.idle_timeout_ms': expected a non-negative integer of"
+            " milliseconds (0: never), got -1",
+        ),
+        (
             BASE + "control: {max_clients: 0}\n",
-            "t.yaml:9: key 'control.max_clients': expected an integer from 1 to 1024, got 0",
+            "t.yaml:9: key 'control.max_clients': expected an integer from 2 to 1024, got 0",
         ),
         # missing required keys and sections
         (
@@ -514,6 +528,20 @@ def test_the_comparators_own_refusal_is_reported_with_the_section(
 
 def test_an_existing_group_is_accepted() -> None:
     assert parse_config(BASE + "control: {group: users}\n", "t.yaml").control.group == "users"
+
+
+def test_the_control_access_keys() -> None:
+    control = parse_config(
+        BASE + "control: {group: users, engine_group: staff, group_role: monitor,"
+        " idle_timeout_ms: 0, max_clients: 2}\n",
+        "t.yaml",
+    ).control
+    assert (control.group, control.engine_group, control.group_role) == (
+        "users",
+        "staff",
+        ClientRole.MONITOR,
+    )
+    assert (control.idle_timeout_ms, control.max_clients) == (0, 2)
 
 
 def test_a_missing_file(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ credential tests at the directory instead of at the check under test.
 from __future__ import annotations
 
 import asyncio
-import grp
 import json
 import os
 import shutil
@@ -32,9 +31,11 @@ from coloproxy.control import (
     ProxyIdentity,
     Runstate,
 )
-from coloproxy.control.server import HandlerReply
+from coloproxy.control.server import AccessPolicy, HandlerReply, PeerCredentials
+from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     Ack,
+    AttachLan,
     CheckpointCompleted,
     CheckpointEvidence,
     CheckpointNow,
@@ -49,6 +50,7 @@ from coloproxy.protocol import (
     Mode,
     ProtocolError,
     ProxyRole,
+    Reprotect,
     Request,
     SetPeriod,
     Status,
@@ -58,15 +60,15 @@ from coloproxy.protocol import (
     encode,
 )
 from engine_double import FakeEngine
+from peers import NOBODY, NOGROUP, STAFF_GID, USERS_GID, PeerResult, needs_root, talk_as
 
-NOBODY = 65534
-USERS_GID = grp.getgrnam("users").gr_gid
 WELCOME = Welcome(
     version=1,
     pair="lab",
     role=ProxyRole.PRIMARY,
     mode=Mode.PROTECTED,
     software="coloproxy 0.1.0",
+    idle_timeout=60.0,
     re=1,
 )
 
@@ -372,16 +374,87 @@ async def test_a_client_that_stops_reading_is_dropped_and_stalls_nobody(
 
 @pytest.mark.asyncio
 async def test_one_client_too_many_is_busy(socket_dir: Path, handler: RecordingHandler) -> None:
-    async with ControlServer(socket_dir / "s", handler, max_clients=2) as server:
+    async with ControlServer(socket_dir / "s", handler, max_clients=3) as server:
+        engine = await ControlClient.connect(server.path, ClientRole.ENGINE)
         first = await ControlClient.connect(server.path, ClientRole.CLI)
         second = await ControlClient.connect(server.path, ClientRole.CLI)
-        with pytest.raises(ControlRefusedError, match=r"refused \(busy\): 2 clients are"):
+        with pytest.raises(ControlRefusedError, match=r"refused \(busy\): 3 clients are"):
             await ControlClient.connect(server.path, ClientRole.CLI)
         await first.close()
-        await settle(lambda: len(server.clients()) == 1)
+        await settle(lambda: len(server.clients()) == 2)
         third = await ControlClient.connect(server.path, ClientRole.CLI)
-        await second.close()
-        await third.close()
+        for client in (engine, second, third):
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_the_last_slot_is_kept_for_an_engine(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    """Idle CLIs and monitors can never take every slot: an engine that (re)connects gets in."""
+    async with ControlServer(socket_dir / "s", handler, max_clients=3) as server:
+        others = [await ControlClient.connect(server.path, ClientRole.CLI) for _ in range(2)]
+        with pytest.raises(ControlRefusedError) as refused:
+            await ControlClient.connect(server.path, ClientRole.MONITOR)
+        assert refused.value.reply == ErrorReply(
+            ErrorCode.BUSY, "the last of 3 slots is kept for an engine", 1
+        )
+        engine = await ControlClient.connect(server.path, ClientRole.ENGINE)
+        assert engine.welcome is not None
+        with pytest.raises(ControlRefusedError, match=r"refused \(busy\): 3 clients are"):
+            await ControlClient.connect(server.path, ClientRole.ENGINE)
+        assert server.refusals["hello", "busy"] == 1
+        for client in [*others, engine]:
+            await client.close()
+
+
+@pytest.mark.asyncio
+async def test_idle_clients_are_closed_and_a_keepalive_keeps_an_engine(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "s", handler, idle_timeout=1.0) as server:
+        engine = await ControlClient.connect(server.path, ClientRole.ENGINE)
+        assert engine.welcome is not None and engine.welcome.idle_timeout == 1.0
+        for _ in range(2):  # two idle periods after another, the engine quiet but alive
+            idle = await RawClient.open(server.path)
+            await idle.send(Hello(ClientRole.MONITOR, id=1))
+            welcome = await idle.receive()
+            assert isinstance(welcome, Welcome) and welcome.idle_timeout == 1.0
+            assert await idle.receive() == ErrorReply(
+                ErrorCode.BUSY,
+                "nothing received for 1 s: closed to free the slot (an empty line keeps a"
+                " connection open)",
+            )
+            assert await idle.at_eof()
+            idle.close()
+        assert engine.closed_reason is None
+        status = await engine.request(StatusRequest())
+        assert status.re is not None
+        reasons = [
+            reason for info, reason in handler.disconnected if info.role is ClientRole.MONITOR
+        ]
+        assert reasons == ["idle for 1 s"] * 2
+        await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_pipelined_requests_are_all_answered_in_order_without_a_disconnect(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    """Far more requests in one write than the client's queue holds: each gets its reply."""
+    async with ControlServer(socket_dir / "s", handler, client_queue=16) as server:
+        raw = await RawClient.open(server.path)
+        await raw.hello(ClientRole.MONITOR)
+        await raw.send(b"".join(encode(StatusRequest(id=n)) for n in range(2, 1002)))
+        for n in range(2, 1002):
+            reply = await raw.receive()
+            assert isinstance(reply, Status) and reply.re == n
+        await raw.send(CheckpointNow(id=1002))
+        assert await raw.receive() == ErrorReply(
+            ErrorCode.FORBIDDEN, "a client of role monitor may not send checkpoint", 1002
+        )
+        assert handler.disconnected == []
+        raw.close()
 
 
 # -- the handler -----------------------------------------------------------------------------
@@ -523,81 +596,54 @@ async def test_close_ends_clients_and_removes_the_socket(
 # -- peer credentials ------------------------------------------------------------------------
 
 
-def _child(path: str, uid: int, gid: int, groups: list[int], out: int) -> None:
-    """In a forked child: drop to ``uid``, connect, say hello, report the first line and
-    whether the proxy then closed. No asyncio and no logging here (fork copied their state)."""
-    try:
-        os.setgroups(groups)
-        os.setgid(gid)
-        os.setuid(uid)
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(5)
-            sock.connect(path)
-            sock.sendall(encode(Hello(ClientRole.MONITOR, id=1)))  # the proxy lingers: no EPIPE
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            sock.settimeout(0.5)
-            try:
-                closed = sock.recv(1) == b""
-            except TimeoutError:
-                closed = False
-        os.write(out, json.dumps({"line": data.decode(), "closed": closed}).encode())
-    except OSError as exc:
-        os.write(out, json.dumps({"errno": exc.errno}).encode())
-    finally:
-        os._exit(0)
-
-
-async def connect_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, object]:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        _child(os.fspath(path), uid, gid, groups, write_end)
-    os.close(write_end)
-
-    def wait() -> bytes:
-        with os.fdopen(read_end, "rb") as pipe:
-            data = pipe.read()
-        os.waitpid(pid, 0)
-        return data
-
-    result: dict[str, object] = json.loads(await asyncio.to_thread(wait))
-    if "line" in result:
-        result["line"] = decode_line(str(result["line"]).encode().rstrip(b"\n"))
-    return result
-
-
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="changes uid in a child: needs root")
+def test_credentials_decide_the_roles() -> None:
+    """Who may claim which role: from SO_PEERCRED/SO_PEERGROUPS, never from the hello."""
+    everything = frozenset(ClientRole)
+    operator = frozenset({ClientRole.CLI, ClientRole.MONITOR})
+    policy = AccessPolicy(own_uid=1000, group=100, engine_group=50)
+    assert policy.roles(PeerCredentials(1, 0, 0, ())) == everything  # root
+    assert policy.roles(PeerCredentials(1, 1000, 1000, ())) == everything  # the proxy's user
+    assert policy.roles(PeerCredentials(1, 2000, 2000, (50,))) == everything  # engine group
+    assert policy.roles(PeerCredentials(1, 2000, 50, ())) == everything  # ... as primary group
+    assert policy.roles(PeerCredentials(1, 2000, 2000, (100,))) == operator  # control.group
+    assert policy.roles(PeerCredentials(1, 2000, 100, ())) == operator
+    assert policy.roles(PeerCredentials(1, 2000, 2000, (7, 8))) == frozenset()
+    read_only = AccessPolicy(own_uid=1000, group=100, group_role=ClientRole.MONITOR)
+    assert read_only.roles(PeerCredentials(1, 2000, 2000, (100,))) == {ClientRole.MONITOR}
+    assert read_only.roles(PeerCredentials(1, 2000, 2000, (50,))) == frozenset()
+    with pytest.raises(UsageError, match=r"control\.group_role is cli or monitor"):
+        AccessPolicy(own_uid=0, group_role=ClientRole.ENGINE)
 
 
 @needs_root
 @pytest.mark.asyncio
 async def test_root_is_accepted(server: ControlServer) -> None:
-    assert await connect_as(server.path, 0, 0, []) == {"line": WELCOME, "closed": False}
+    result = await talk_as(server.path, 0, 0, [], [Hello(ClientRole.ENGINE, id=1)])
+    assert result == PeerResult([WELCOME], closed=False)
 
 
 @needs_root
 @pytest.mark.asyncio
 async def test_the_file_mode_stops_others(server: ControlServer) -> None:
-    assert await connect_as(server.path, NOBODY, NOBODY, []) == {"errno": 13}  # EACCES
+    result = await talk_as(server.path, NOBODY, NOGROUP, [], [Hello(ClientRole.MONITOR, id=1)])
+    assert result.errno == 13  # EACCES
 
 
 @needs_root
 @pytest.mark.asyncio
 async def test_others_are_refused_even_with_a_loosened_mode(server: ControlServer) -> None:
     os.chmod(server.path, 0o666)  # an operator's mistake: the credential check still holds
-    assert await connect_as(server.path, NOBODY, NOBODY, []) == {
-        "line": ErrorReply(
-            ErrorCode.FORBIDDEN,
-            "not allowed: uid 65534 is not root (no control group is configured)",
-        ),
-        "closed": True,
-    }
+    result = await talk_as(server.path, NOBODY, NOGROUP, [], [Hello(ClientRole.MONITOR, id=1)])
+    assert result == PeerResult(
+        [
+            ErrorReply(
+                ErrorCode.FORBIDDEN,
+                "not allowed: uid 65534 is not root and in no control group",
+            )
+        ],
+        closed=True,
+    )
+    assert server.refusals["connect", "forbidden"] == 1
 
 
 @needs_root
@@ -606,23 +652,160 @@ async def test_members_of_the_group_are_accepted(
     socket_dir: Path, handler: RecordingHandler
 ) -> None:
     async with ControlServer(socket_dir / "s", handler, group="users") as server:
+        hello = [Hello(ClientRole.MONITOR, id=1)]
         # a supplementary group (SO_PEERGROUPS), then the primary group
-        assert await connect_as(server.path, NOBODY, NOBODY, [USERS_GID]) == {
-            "line": WELCOME,
-            "closed": False,
-        }
-        assert await connect_as(server.path, NOBODY, USERS_GID, []) == {
-            "line": WELCOME,
-            "closed": False,
-        }
+        for gid, groups in ((NOGROUP, [USERS_GID]), (USERS_GID, [])):
+            result = await talk_as(server.path, NOBODY, gid, groups, hello)
+            assert result == PeerResult([WELCOME], closed=False)
         os.chmod(server.path, 0o666)
-        assert await connect_as(server.path, NOBODY, NOBODY, []) == {
-            "line": ErrorReply(
+        assert await talk_as(server.path, NOBODY, NOGROUP, [], hello) == PeerResult(
+            [
+                ErrorReply(
+                    ErrorCode.FORBIDDEN,
+                    "not allowed: uid 65534 is not root and in no control group",
+                )
+            ],
+            closed=True,
+        )
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_a_group_member_cannot_claim_the_engine_role(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    """The attack: a member of control.group says hello as an engine and reports a
+    checkpoint that never happened. The hello is refused; the handler hears nothing."""
+    async with ControlServer(socket_dir / "s", handler, group="users") as server:
+        result = await talk_as(
+            server.path,
+            NOBODY,
+            NOGROUP,
+            [USERS_GID],
+            [Hello(ClientRole.ENGINE, id=1), CheckpointCompleted(request=987654, id=2)],
+            replies=1,
+        )
+        assert result == PeerResult(
+            [
+                ErrorReply(
+                    ErrorCode.FORBIDDEN,
+                    "uid 65534 may not claim role engine: it is for root, the proxy's own user"
+                    " (uid 0) and members of control.engine_group (none is configured); this"
+                    " peer may be cli or monitor",
+                    1,
+                )
+            ],
+            closed=True,
+        )
+        assert handler.messages == [] and handler.connected == []
+        assert server.refusals["hello", "forbidden"] == 1
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_a_group_member_cannot_lift_protection_or_steer_the_engine(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "s", handler, group="users") as server:
+        result = await talk_as(
+            server.path,
+            NOBODY,
+            NOGROUP,
+            [USERS_GID],
+            [
+                Hello(ClientRole.CLI, id=1),
+                Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, id=2),
+                SetPeriod(period_ms=1, id=3),
+                AttachLan(id=4),
+                Reprotect(migrate_uri="tcp:10.0.0.1:1", id=5),
+                CheckpointNow(id=6),
+                StatusRequest(id=7),
+            ],
+        )
+        welcome, *replies, ack, status = result.replies
+        assert welcome == WELCOME and not result.closed
+        assert replies == [
+            ErrorReply(
                 ErrorCode.FORBIDDEN,
-                f"not allowed: uid 65534 is not root and not in group {USERS_GID}",
-            ),
-            "closed": True,
-        }
+                f"{kind} needs engine credentials (root, the proxy's own user or a member of"
+                " control.engine_group); uid 65534 has none",
+                number,
+            )
+            for number, kind in enumerate(("failover", "set-period", "attach-lan", "reprotect"), 2)
+        ]
+        assert ack == Ack(request=77, re=6)
+        assert isinstance(status, Status) and status.re == 7
+        assert [message.kind for _, message in handler.messages] == ["checkpoint", "status-request"]
+        assert server.refusals["failover", "forbidden"] == 1
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_members_of_the_engine_group_may_be_the_engine(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(
+        socket_dir / "s", handler, group="users", engine_group="staff"
+    ) as server:
+        result = await talk_as(
+            server.path,
+            NOBODY,
+            NOGROUP,
+            [USERS_GID, STAFF_GID],
+            [
+                Hello(ClientRole.ENGINE, id=1),
+                CheckpointStarted(request=None, id=2),
+                Failover(ProxyRole.PRIMARY, id=3),
+            ],
+        )
+        assert result == PeerResult([WELCOME, Ack(re=2), Ack(re=3)], closed=False)
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_a_read_only_group_may_only_monitor(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(
+        socket_dir / "s", handler, group="users", group_role=ClientRole.MONITOR
+    ) as server:
+        result = await talk_as(
+            server.path, NOBODY, NOGROUP, [USERS_GID], [Hello(ClientRole.CLI, id=1)]
+        )
+        assert result == PeerResult(
+            [
+                ErrorReply(
+                    ErrorCode.FORBIDDEN,
+                    "uid 65534 may not claim role cli: it is for root, the proxy's own user"
+                    " (uid 0), members of control.engine_group (none is configured) and of"
+                    f" control.group ({USERS_GID}) when control.group_role is cli; this peer"
+                    " may be monitor",
+                    1,
+                )
+            ],
+            closed=True,
+        )
+        monitor = await talk_as(
+            server.path, NOBODY, NOGROUP, [USERS_GID], [Hello(ClientRole.MONITOR, id=1)]
+        )
+        assert monitor == PeerResult([WELCOME], closed=False)
+
+
+@needs_root
+@pytest.mark.asyncio
+async def test_a_non_engine_peer_cannot_take_the_last_slot_even_before_its_hello(
+    socket_dir: Path, handler: RecordingHandler
+) -> None:
+    async with ControlServer(socket_dir / "s", handler, group="users", max_clients=2) as server:
+        first = await ControlClient.connect(server.path, ClientRole.CLI)
+        result = await talk_as(
+            server.path, NOBODY, NOGROUP, [USERS_GID], [Hello(ClientRole.CLI, id=1)]
+        )
+        assert result == PeerResult(
+            [ErrorReply(ErrorCode.BUSY, "the last of 2 slots is kept for an engine")],
+            closed=True,
+        )
+        await first.close()
 
 
 # -- the command line ------------------------------------------------------------------------

@@ -137,3 +137,132 @@ def test_host_s_hands_the_svm_icmp_errors_for_connections_the_client_was_heard_o
     assert frames[1][:14] == guest + port + b"\x08\x00"
     assert frames[1][14 + 20] == 3  # ICMP destination unreachable
     assert proxy.backoff_revert_frames(1.3, port, [guest]) == (0, [])  # once
+
+
+# -- what an engine reports: only a checkpoint this proxy saw start releases -----------------
+
+
+ENGINE, OTHER_ENGINE = 1, 2  # control connections
+
+
+def diverged(proxy: PrimaryProxy, now: float) -> None:
+    """A connection whose second segment differs: its data is held, a request goes out."""
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), now)
+    proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), now)
+    proxy.on_primary("p-bad", tcp(P_ISN + 1, b"abc"), now)
+    proxy.on_secondary("s-bad", tcp(S_ISN + 1, b"abd"), now)
+
+
+def serve(proxy: PrimaryProxy, request: int | None, now: float, source: int = ENGINE) -> None:
+    assert proxy.report_started(now, request, source) is None
+    assert proxy.report_completed(now, request, source) is None
+
+
+def test_a_completion_nobody_started_releases_nothing() -> None:
+    """The attack: checkpoint-completed for request 987654, never issued, no start first."""
+    proxy, primary_out, _, sink = make()
+    serve(proxy, 1, 0.1)
+    diverged(proxy, 1.0)
+    assert [h for h, _ in primary_out.accepted] == ["p-syn"]
+    assert [r.reason for r in sink.requests] == ["restart", "payload"]
+    refusal = proxy.report_completed(1.1, 987654, ENGINE)
+    assert refusal is not None and refusal.reason == "not-started"
+    assert refusal.detail == (
+        "checkpoint-completed (request 987654) refused: this engine reported no"
+        " checkpoint-started since the last completion; nothing released"
+    )
+    assert [h for h, _ in primary_out.accepted] == ["p-syn"]
+    assert proxy.counters.reports_refused == {("completed", "not-started"): 1}
+    assert proxy.counters.checkpoints_completed == 1
+    assert proxy.outstanding is not None and proxy.outstanding.id == 2
+
+
+def test_the_restart_hold_is_lifted_only_by_a_checkpoint_that_started_after_it() -> None:
+    proxy, primary_out, _, _ = make()
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"held since the restart"), 0.1)
+    for request in (None, 1):
+        refusal = proxy.report_completed(0.2, request, ENGINE)
+        assert refusal is not None and refusal.reason == "not-started"
+    assert primary_out.accepted == []
+    assert proxy.outstanding is not None and proxy.outstanding.reason == "restart"
+    serve(proxy, 1, 0.3)
+    assert primary_out.accepted == [("p1", None)]
+    assert proxy.outstanding is None
+
+
+def test_a_second_completion_releases_nothing() -> None:
+    """The attack: a spurious second checkpoint-completed; a primary frame the secondary never
+    sent, and a diverged one, must stay held."""
+    proxy, primary_out, _, _ = make()
+    serve(proxy, 1, 0.1)
+    proxy.on_primary("p-alone", tcp(P_ISN + 1, b"never sent by the secondary", sport=81), 1.0)
+    diverged(proxy, 1.0)
+    released = list(primary_out.accepted)
+    for request in (1, 2, None):
+        refusal = proxy.report_completed(1.1, request, ENGINE)
+        assert refusal is not None and refusal.reason == "not-started"
+    assert primary_out.accepted == released
+    assert proxy.counters.reports_refused["completed", "not-started"] == 3
+
+
+def test_a_start_for_a_request_never_issued_is_refused() -> None:
+    proxy, primary_out, _, _ = make()
+    serve(proxy, 1, 0.1)
+    diverged(proxy, 1.0)
+    refusal = proxy.report_started(1.1, 987654, ENGINE)
+    assert refusal is not None and refusal.reason == "unknown-request"
+    assert refusal.detail == (
+        "checkpoint-started refused: request 987654 was never issued by this proxy (its"
+        " requests so far: 1 to 2)"
+    )
+    refusal = proxy.report_completed(1.2, 987654, ENGINE)
+    assert refusal is not None and refusal.reason == "not-started"
+    assert [h for h, _ in primary_out.accepted] == ["p-syn"]
+
+
+def test_a_completion_is_taken_only_from_the_engine_that_reported_the_start() -> None:
+    proxy, primary_out, _, _ = make()
+    serve(proxy, 1, 0.1)
+    diverged(proxy, 1.0)
+    assert proxy.report_started(1.1, 2, ENGINE) is None
+    refusal = proxy.report_started(1.1, 2, OTHER_ENGINE)
+    assert refusal is not None and refusal.reason == "already-started"
+    refusal = proxy.report_completed(1.2, 2, OTHER_ENGINE)
+    assert refusal is not None and refusal.reason == "not-started"
+    assert [h for h, _ in primary_out.accepted] == ["p-syn"]
+    assert proxy.report_completed(1.3, 2, ENGINE) is None
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p-bad"]
+
+
+def test_periodic_checkpoints_and_requests_joining_a_running_one_still_release() -> None:
+    """The engine starts periodic checkpoints with request null; a request that reached the
+    engine after the STOP but is older than it joins the running checkpoint, so the
+    completion may name a request the start did not."""
+    proxy, primary_out, _, _ = make()
+    serve(proxy, 1, 0.1)
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"x"), 1.0)
+    serve(proxy, None, 1.1)  # periodic
+    assert [h for h, _ in primary_out.accepted] == ["p1"]
+    assert proxy.report_started(2.0, None, ENGINE) is None
+    request = proxy.request_manual(2.0)
+    assert request is not None
+    proxy.on_primary("p2", tcp(P_ISN + 2, b"y"), 2.0)
+    assert proxy.report_completed(2.1, request.id, ENGINE) is None
+    assert [h for h, _ in primary_out.accepted] == ["p1", "p2"]
+    assert proxy.counters.reports_refused == {}
+
+
+def test_an_engine_lost_inside_a_checkpoint_gets_it_asked_for_again() -> None:
+    proxy, primary_out, _, sink = make()
+    serve(proxy, 1, 0.1)
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"x"), 1.0)
+    assert proxy.report_started(1.1, None, ENGINE) is None
+    proxy.engine_gone(ENGINE, 1.2)
+    assert [r.reason for r in sink.requests] == ["restart", "engine-lost"]
+    refusal = proxy.report_completed(1.3, None, ENGINE)
+    assert refusal is not None and refusal.reason == "not-started"
+    assert primary_out.accepted == []
+    serve(proxy, 2, 1.4, source=OTHER_ENGINE)  # the engine that came back
+    assert primary_out.accepted == [("p1", None)]
+    proxy.engine_gone(OTHER_ENGINE, 1.5)  # no checkpoint open: nothing to ask for
+    assert len(sink.requests) == 2

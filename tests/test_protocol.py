@@ -18,6 +18,7 @@ from coloproxy.protocol import (
     CLIENT_MAY_SEND,
     KINDS,
     MAX_MESSAGE_BYTES,
+    NEEDS_ENGINE_CREDENTIALS,
     Ack,
     AttachLan,
     CheckpointCompleted,
@@ -84,6 +85,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         role=st.sampled_from(ProxyRole),
         mode=st.sampled_from(Mode),
         software=text,
+        idle_timeout=seconds,
         re=optional_ids,
     ),
     CheckpointRequest: st.builds(
@@ -484,6 +486,19 @@ def test_clients_may_send_only_requests() -> None:
     for role, kinds in CLIENT_MAY_SEND.items():
         assert kinds <= request_kinds, role
     assert CLIENT_MAY_SEND[ClientRole.MONITOR] == {"status-request"}
+
+
+def test_what_lifts_protection_or_steers_the_engine_needs_engine_credentials() -> None:
+    """The per-kind table of docs/control-protocol.md: a CLI without engine credentials (a
+    member of control.group) may read the status and ask for a checkpoint, nothing else."""
+    request_kinds = {cls.kind for cls in Request.__args__}  # type: ignore[attr-defined]
+    assert request_kinds >= NEEDS_ENGINE_CREDENTIALS
+    assert CLIENT_MAY_SEND[ClientRole.CLI] - NEEDS_ENGINE_CREDENTIALS == {
+        "status-request",
+        "checkpoint",
+    }
+    assert CLIENT_MAY_SEND[ClientRole.ENGINE] <= NEEDS_ENGINE_CREDENTIALS | {"status-request"}
+    assert not CLIENT_MAY_SEND[ClientRole.MONITOR] & NEEDS_ENGINE_CREDENTIALS
 
 
 def test_status_protected_follows_the_mode() -> None:

@@ -544,8 +544,7 @@ class TcpConnection(FlowState):
         """Hand ``held`` back to be cut into segments: they come back as new primary packets
         (their bytes are this packet's, already verified or waiting in ``chunks``)."""
         self.held.remove(held)
-        if held.end > self.split_end:
-            self.split_end = held.end
+        self.split_end = max(self.split_end, held.end)
         held.released = True
         book.held_packets -= 1
         out.append(Split(held.token))

@@ -5,6 +5,11 @@ them (matched by ``re``), pushes (``checkpoint-request``, ``set-period``) to a b
 read by ``async for message in client``. :meth:`ControlClient.request` numbers the message,
 sends it and waits (bounded) for its reply; an ``error`` reply raises
 :class:`ControlRefusedError`.
+
+The proxy closes a connection it has heard nothing on for the ``idle_timeout`` its welcome
+names. With ``keepalive`` (the default for an engine, which must stay connected to be asked
+for checkpoints) the client writes an empty line, the protocol's keep-alive, whenever it has
+sent nothing for a third of that time.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ from coloproxy.protocol import (
 log = logging.getLogger(__name__)
 
 READ_CHUNK: Final = 64 * 1024
+# A keep-alive goes out after this fraction of the proxy's idle timeout without a write: two
+# more chances before the proxy gives up on us, should the loop be slow once.
+KEEPALIVE_FRACTION: Final = 1 / 3
 
 
 # Every request but status-request: answered by an ack.
@@ -84,6 +92,8 @@ class ControlClient:
         self._pushes: asyncio.Queue[Push | None] = asyncio.Queue()
         self._push_limit = push_queue
         self._task: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        self._last_write = 0.0  # loop time of the last line written
         self.closed_reason: str | None = None  # why the connection ended, once it did
         self.welcome: Welcome | None = None
 
@@ -96,9 +106,11 @@ class ControlClient:
         name: str = f"coloproxy {__version__}",
         timeout: float = 10.0,
         push_queue: int = 1024,
+        keepalive: bool | None = None,
     ) -> ControlClient:
         """Connect to the socket at ``path`` and say hello; raises
-        :class:`ControlConnectionError` or :class:`ControlRefusedError`."""
+        :class:`ControlConnectionError` or :class:`ControlRefusedError`. ``keepalive``
+        (default: for an engine) keeps an idle connection open (module docstring)."""
         try:
             async with asyncio.timeout(timeout):
                 reader, writer = await asyncio.open_unix_connection(os.fspath(path))
@@ -115,6 +127,13 @@ class ControlClient:
             await client.close()
             raise
         client.welcome = reply
+        if keepalive is None:
+            keepalive = role is ClientRole.ENGINE
+        if keepalive and reply.idle_timeout > 0:
+            client._keepalive = asyncio.create_task(
+                client._keep_alive(reply.idle_timeout * KEEPALIVE_FRACTION),
+                name="control-client-keepalive",
+            )
         return client
 
     async def __aenter__(self) -> ControlClient:
@@ -125,9 +144,10 @@ class ControlClient:
 
     async def close(self) -> None:
         self._end("closed by this client")
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        for task in (self._keepalive, self._task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait([task])
         self._writer.transport.abort()
 
     # -- requests --------------------------------------------------------------------------
@@ -155,6 +175,7 @@ class ControlClient:
         try:
             async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 try:
+                    self._last_write = asyncio.get_running_loop().time()
                     self._writer.write(encode(message))
                     await self._writer.drain()
                 except ConnectionError as exc:
@@ -169,6 +190,25 @@ class ControlClient:
         if isinstance(reply, ErrorReply):
             raise ControlRefusedError(reply, message.kind)
         return reply
+
+    async def _keep_alive(self, interval: float) -> None:
+        """An empty line whenever nothing was written for ``interval`` seconds."""
+        loop = asyncio.get_running_loop()
+        why = "cancelled"
+        try:
+            while self.closed_reason is None:
+                due = self._last_write + interval
+                if loop.time() < due:
+                    await asyncio.sleep(due - loop.time())
+                    continue
+                self._last_write = loop.time()
+                self._writer.write(b"\n")
+                await self._writer.drain()
+            why = "the connection ended"
+        except ConnectionError as exc:
+            why = f"connection error: {exc}"  # the reader sees the end and says why
+        finally:
+            log.debug("control client keep-alive ended: %s", why)
 
     # -- pushes ----------------------------------------------------------------------------
 

@@ -17,16 +17,29 @@ queue is full has stopped reading and is dropped on the spot, with the reason lo
 one stuck monitor can never stall the engine's requests or the packet path (the bound is
 ``client_queue`` lines plus the transport's 64 KiB write buffer).
 
-Who may connect: the socket file is created with mode 0660 (group: the configured one),
-before ``listen()``, so no connection can slip in with the umask's mode. Each peer's
-credentials (``SO_PEERCRED``, and ``SO_PEERGROUPS`` for its supplementary groups) are
-checked as well: root, the proxy's own user, or a member of the group. That second check
-still holds if someone loosens the file's mode. A refused peer gets one ``error`` line
-(``forbidden``) and is disconnected.
+Who may connect, and as what: the socket file is created with mode 0660 (group: the
+configured one), before ``listen()``, so no connection can slip in with the umask's mode.
+Each peer's credentials (``SO_PEERCRED``, and ``SO_PEERGROUPS`` for its supplementary
+groups) decide what it may be (:class:`AccessPolicy`): root, the proxy's own user and
+members of the engine group have *engine credentials* and may claim any role; members of the
+control group may claim ``cli`` and ``monitor`` (or ``monitor`` only); anyone else is refused
+``forbidden`` and disconnected, which still holds if someone loosens the file's mode. The
+role a hello names is only a claim: one the credentials do not allow is refused
+``forbidden`` and the connection closed. The kinds that lift protection or steer the engine
+(``NEEDS_ENGINE_CREDENTIALS``) also need engine credentials, whatever the role, so a member of
+the control group can read the status and ask for a checkpoint, never more.
 
-Bounds: ``max_clients`` connections (one more gets ``busy``), ``hello_timeout`` to say hello,
-``handler_timeout`` per handled message, ``MAX_MESSAGE_BYTES`` per line (longer ones are
-answered ``oversized`` and skipped; the connection stays).
+Bounds: ``max_clients`` connections (one more gets ``busy``), of which the last is kept for an
+engine (a peer without engine credentials is refused it at connect, a hello of another role
+at the hello), so that idle CLIs and monitors can never lock the engine out;
+``hello_timeout`` to say hello; ``idle_timeout`` without a byte from a welcomed client (it is
+told ``busy`` and closed: an engine keeps its connection with empty lines, see
+:class:`~coloproxy.control.client.ControlClient`); ``handler_timeout`` per handled message;
+``MAX_MESSAGE_BYTES`` per line (longer ones are answered ``oversized`` and skipped; the
+connection stays). A client that pipelines requests faster than it reads the replies is not
+read further while its replies fill half its queue (the other half stays free for pushes):
+every request gets its reply, in order, and a client that reads none of them for
+``idle_timeout`` is disconnected.
 
 Task discipline (qemu.qmp style): the runstate is explicit, every background loop logs why it
 ends, ``CancelledError`` is always re-raised, and child tasks are awaited with
@@ -46,6 +59,7 @@ import pwd
 import socket
 import stat
 import struct
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
@@ -56,6 +70,7 @@ from coloproxy import __version__
 from coloproxy.errors import ColoproxyError, UsageError
 from coloproxy.protocol import (
     CLIENT_MAY_SEND,
+    NEEDS_ENGINE_CREDENTIALS,
     PUSH_TO,
     Ack,
     ClientRole,
@@ -92,6 +107,14 @@ _GID: Final = struct.Struct("I")
 
 HandlerReply = Ack | Status | ErrorReply
 
+# What each class of credentials may claim in its hello.
+_EVERY_ROLE: Final = frozenset(ClientRole)
+MAY_CLAIM: Final = {
+    ClientRole.ENGINE: _EVERY_ROLE,
+    ClientRole.CLI: frozenset({ClientRole.CLI, ClientRole.MONITOR}),
+    ClientRole.MONITOR: frozenset({ClientRole.MONITOR}),
+}
+
 
 class ControlError(ColoproxyError):
     """The control socket cannot be served or used (path, group, connection, refusal)."""
@@ -117,9 +140,10 @@ class ClientInfo:
     """One connected client, as the handler sees it."""
 
     number: int  # connection number, unique for the server's life
-    role: ClientRole
+    role: ClientRole  # claimed in the hello, and allowed by the credentials
     name: str  # what the client called itself in its hello
     credentials: PeerCredentials
+    engine_credentials: bool = False  # root, the proxy's own user or the engine group
 
     def __str__(self) -> str:
         label = f" {self.name!r}" if self.name else ""
@@ -138,11 +162,13 @@ class ProxyIdentity:
 class ControlHandler(Protocol):
     """What the daemon implements. Every method runs on the event loop.
 
-    ``handle`` gets every message a client is allowed to send after its hello (roles are
-    already checked: see ``CLIENT_MAY_SEND``) and returns the reply; the server sets the
-    reply's ``re``. An exception becomes an ``internal`` error reply (and is logged); the
-    connection stays. ``client_connected``/``client_disconnected`` follow the welcome and the
-    end of a welcomed connection; they must not block.
+    ``handle`` gets every message a client is allowed to send after its hello (roles and
+    credentials are already checked: see ``CLIENT_MAY_SEND`` and
+    ``NEEDS_ENGINE_CREDENTIALS``; what a checkpoint report may release is the handler's to
+    check) and returns the reply; the server sets the reply's ``re``. An exception becomes an
+    ``internal`` error reply (and is logged); the connection stays.
+    ``client_connected``/``client_disconnected`` follow the welcome and the end of a welcomed
+    connection; they must not block.
     """
 
     def identity(self) -> ProxyIdentity: ...
@@ -174,24 +200,74 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid, groups)
 
 
-def refusal(credentials: PeerCredentials, gid: int | None, own_uid: int) -> str | None:
-    """Why a peer may not use the socket, or None when it may.
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Which roles a peer's credentials allow (docs/control-protocol.md, "Who may send what").
 
-    Root may; so may the proxy's own user (it owns the socket file anyway); so may a process
-    whose primary or supplementary group is the configured group.
+    Engine credentials: root, the proxy's own user (it owns the socket file anyway), a member
+    (primary or supplementary group) of ``engine_group``; they allow every role. A member of
+    ``group`` may claim ``group_role`` (``cli``: status and manual checkpoints, or
+    ``monitor``: status only) and the roles below it. Nobody else may connect.
     """
-    if credentials.uid in (0, own_uid):
-        return None
-    if gid is not None:
-        if credentials.gid == gid:
+
+    own_uid: int
+    group: int | None = None  # control.group
+    engine_group: int | None = None  # control.engine_group
+    group_role: ClientRole = ClientRole.CLI  # control.group_role
+
+    def __post_init__(self) -> None:
+        if self.group_role is ClientRole.ENGINE:
+            raise UsageError("control.group_role is cli or monitor, not engine")
+
+    def engine_credentials(self, credentials: PeerCredentials) -> bool:
+        return credentials.uid in (0, self.own_uid) or _in_group(credentials, self.engine_group)
+
+    def roles(self, credentials: PeerCredentials) -> frozenset[ClientRole]:
+        """Every role the peer may claim; empty: it may not connect at all."""
+        if self.engine_credentials(credentials):
+            return _EVERY_ROLE
+        if _in_group(credentials, self.group):
+            return MAY_CLAIM[self.group_role]
+        return frozenset()
+
+    def refusal(self, credentials: PeerCredentials) -> str | None:
+        """Why a peer may not use the socket at all, or None when it may."""
+        if self.roles(credentials):
             return None
-        if credentials.groups is not None:
-            if gid in credentials.groups:
-                return None
-        elif _member_by_name(credentials.uid, gid):
+        return f"uid {credentials.uid} is not root and in no control group"
+
+    def claim_refusal(self, credentials: PeerCredentials, role: ClientRole) -> str | None:
+        """Why the peer may not be ``role`` (what its hello claims), or None when it may."""
+        allowed = self.roles(credentials)
+        if role in allowed:
             return None
-        return f"uid {credentials.uid} is not root and not in group {gid}"
-    return f"uid {credentials.uid} is not root (no control group is configured)"
+        engine_group = "none is configured" if self.engine_group is None else self.engine_group
+        who = (
+            f"root, the proxy's own user (uid {self.own_uid}) and members of"
+            f" control.engine_group ({engine_group})"
+        )
+        if role is ClientRole.CLI:
+            group = "none is configured" if self.group is None else self.group
+            who = (
+                f"root, the proxy's own user (uid {self.own_uid}), members of"
+                f" control.engine_group ({engine_group}) and of control.group ({group}) when"
+                " control.group_role is cli"
+            )
+        may = " or ".join(sorted(allowed)) or "nothing"
+        return (
+            f"uid {credentials.uid} may not claim role {role}: it is for {who}; this peer may"
+            f" be {may}"
+        )
+
+
+def _in_group(credentials: PeerCredentials, gid: int | None) -> bool:
+    if gid is None:
+        return False
+    if credentials.gid == gid:
+        return True
+    if credentials.groups is not None:
+        return gid in credentials.groups
+    return _member_by_name(credentials.uid, gid)
 
 
 def _member_by_name(uid: int, gid: int) -> bool:
@@ -231,6 +307,7 @@ class _Connection:
         self.aborted = False  # closed at once, queued lines dropped
         self.reader_task: asyncio.Task[None] | None = None
         self.writer_task: asyncio.Task[None] | None = None
+        self.room = asyncio.Event()  # set whenever the writer took a line off the queue
 
     def closing(self) -> bool:
         # A method, not a property: mypy would otherwise keep a narrowed value across awaits.
@@ -251,36 +328,54 @@ class ControlServer:
         handler: ControlHandler,
         group: str | int | None = None,
         *,
+        engine_group: str | int | None = None,
+        group_role: ClientRole = ClientRole.CLI,
         max_clients: int = 16,
         client_queue: int = 256,
         hello_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
         handler_timeout: float = 30.0,
         software: str = f"coloproxy {__version__}",
     ) -> None:
-        if max_clients < 1 or client_queue < 1 or hello_timeout <= 0 or handler_timeout <= 0:
+        if client_queue < 1 or hello_timeout <= 0 or handler_timeout <= 0 or idle_timeout < 0:
             raise UsageError("control server bounds must be positive")
+        if max_clients < 2:
+            raise UsageError("max_clients must be at least 2: the last slot is an engine's")
+        if group_role is ClientRole.ENGINE:
+            raise UsageError("control.group_role is cli or monitor, not engine")
         self.path = Path(path)
         self.handler = handler
         self.group = group
+        self.engine_group = engine_group
+        self.group_role = group_role
         self.max_clients = max_clients
         self.client_queue = client_queue
         self.hello_timeout = hello_timeout
+        self.idle_timeout = idle_timeout  # 0: never
         self.handler_timeout = handler_timeout
         self.software = software
         self.runstate = Runstate.IDLE
+        # Every error reply sent, by (what it answered, code): "connect", "hello", "idle",
+        # "line" (not a readable message) or the kind refused. A metric source.
+        self.refusals: Counter[tuple[str, str]] = Counter()
         self._server: asyncio.Server | None = None
         self._socket_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
         self._connections: dict[int, _Connection] = {}
         self._numbers = 0
-        self._own_uid = os.geteuid()
-        self._gid: int | None = None
+        self._policy = AccessPolicy(os.geteuid(), group_role=group_role)
+        # Replies may fill half the queue; the rest is kept for pushes (checkpoint requests).
+        self._reply_room = max(1, client_queue // 2)
 
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         if self.runstate is not Runstate.IDLE:
             raise UsageError(f"control server cannot start in state {self.runstate.value}")
-        self._gid = resolve_group(self.group)
+        self._policy = dataclasses.replace(
+            self._policy,
+            group=resolve_group(self.group),
+            engine_group=resolve_group(self.engine_group),
+        )
         path = os.fsencode(self.path)
         if len(path) > MAX_SOCKET_PATH:
             raise ControlError(
@@ -310,8 +405,13 @@ class ControlServer:
             self._socket_inode = (info.st_dev, info.st_ino)
             # Mode and group before listen(): until then every connect() is refused.
             os.chmod(self.path, 0o660)
-            if self._gid is not None:
-                os.chown(self.path, -1, self._gid)
+            # Whoever is not root or us opens the file through its group: the control group,
+            # or the engine group when that is the only one (docs/configuration.md).
+            file_group = self._policy.group
+            if file_group is None:
+                file_group = self._policy.engine_group
+            if file_group is not None:
+                os.chown(self.path, -1, file_group)
             listener.listen(self.max_clients)
             listener.setblocking(False)
         except OSError as exc:
@@ -417,6 +517,21 @@ class ControlServer:
     def _reply(self, connection: _Connection, message: Message) -> None:
         self._enqueue(connection, encode(message, connection.version or 1))
 
+    def _refuse(self, connection: _Connection, what: str, error: ErrorReply) -> None:
+        """Send an error reply and count it (``what``: see ``refusals``)."""
+        self.refusals[what, error.code.value] += 1
+        self._reply(connection, error)
+
+    def _live(self) -> list[_Connection]:
+        """Connections that hold a slot: every one not being closed."""
+        return [c for c in self._connections.values() if c.close_reason is None]
+
+    def _slots_taken_by_others(self) -> int:
+        """Slots held by connections that are not welcomed engines (the one asking included)."""
+        return sum(
+            1 for c in self._live() if c.info is None or c.info.role is not ClientRole.ENGINE
+        )
+
     def _disconnect(
         self,
         connection: _Connection,
@@ -431,6 +546,7 @@ class ControlServer:
             return
         connection.close_reason = reason
         log.log(level, "control %s disconnected: %s", connection, reason)
+        connection.room.set()  # a reader waiting for room must see the end
         if abort:
             connection.aborted = True
             connection.writer.transport.abort()
@@ -478,30 +594,43 @@ class ControlServer:
             await self._finish(connection)
 
     async def _read_loop(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
-        refused = refusal(connection.credentials, self._gid, self._own_uid)
+        policy = self._policy
+        refused = policy.refusal(connection.credentials)
         if refused is not None:
-            self._reply(connection, ErrorReply(ErrorCode.FORBIDDEN, f"not allowed: {refused}"))
-            self._disconnect(connection, f"refused: {refused}")
+            self._refuse(
+                connection, "connect", ErrorReply(ErrorCode.FORBIDDEN, f"not allowed: {refused}")
+            )
+            self._disconnect(connection, f"refused: {refused}", level=logging.WARNING)
             return
-        if len(self._connections) > self.max_clients or self.runstate is not Runstate.RUNNING:
+        why = None
+        if self.runstate is not Runstate.RUNNING:
+            why = "the proxy is shutting down"
+        elif len(self._live()) > self.max_clients:
             why = f"{self.max_clients} clients are connected already"
-            if self.runstate is not Runstate.RUNNING:
-                why = "the proxy is shutting down"
-            self._reply(connection, ErrorReply(ErrorCode.BUSY, why))
+        elif (
+            not policy.engine_credentials(connection.credentials)
+            and self._slots_taken_by_others() >= self.max_clients
+        ):
+            # It can never be the engine: it may not take the engine's slot even for the
+            # time it has to say hello.
+            why = f"the last of {self.max_clients} slots is kept for an engine"
+        if why is not None:
+            self._refuse(connection, "connect", ErrorReply(ErrorCode.BUSY, why))
             self._disconnect(connection, f"refused: {why}")
             return
         decoder = Decoder()
-        deadline = asyncio.get_running_loop().time() + self.hello_timeout
+        loop = asyncio.get_running_loop()
+        hello_deadline = loop.time() + self.hello_timeout
         while not connection.closing():
+            if connection.info is None:
+                deadline: float | None = hello_deadline
+            else:
+                deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
             try:
-                async with asyncio.timeout_at(deadline if connection.info is None else None):
+                async with asyncio.timeout_at(deadline):
                     data = await reader.read(READ_CHUNK)
             except TimeoutError:
-                self._reply(
-                    connection,
-                    ErrorReply(ErrorCode.HELLO_REQUIRED, f"no hello within {self.hello_timeout} s"),
-                )
-                self._disconnect(connection, f"no hello within {self.hello_timeout} s")
+                self._timed_out(connection)
                 return
             if not data:
                 for error in decoder.close():
@@ -509,40 +638,95 @@ class ControlServer:
                 self._disconnect(connection, "it closed the connection")
                 return
             for item in decoder.feed(data):
+                if not await self._room_for_reply(connection, hello_deadline):
+                    return
                 await self._dispatch(connection, item)
                 if connection.closing():
                     return
 
+    def _timed_out(self, connection: _Connection) -> None:
+        if connection.info is None:
+            why = f"no hello within {self.hello_timeout} s"
+            self._refuse(connection, "hello", ErrorReply(ErrorCode.HELLO_REQUIRED, why))
+            self._disconnect(connection, why)
+            return
+        idle = f"{self.idle_timeout:g} s"
+        self._refuse(
+            connection,
+            "idle",
+            ErrorReply(
+                ErrorCode.BUSY,
+                f"nothing received for {idle}: closed to free the slot (an empty line keeps a"
+                " connection open)",
+            ),
+        )
+        self._disconnect(connection, f"idle for {idle}")
+
+    async def _room_for_reply(self, connection: _Connection, hello_deadline: float) -> bool:
+        """Wait (bounded) until the connection's queue has room for one more reply.
+
+        Backpressure instead of a disconnect for a client that pipelines: while its unsent
+        replies fill half its queue, nothing more is read from it. False when it read none of
+        them in time (it is disconnected) or the connection ended meanwhile.
+        """
+        queue, limit = connection.queue, self._reply_room
+        if queue.qsize() < limit:
+            return True
+        loop = asyncio.get_running_loop()
+        if connection.info is None:
+            deadline: float | None = hello_deadline
+        else:
+            deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
+        try:
+            async with asyncio.timeout_at(deadline):
+                while queue.qsize() >= limit and not connection.closing():
+                    connection.room.clear()
+                    await connection.room.wait()
+        except TimeoutError:
+            self._disconnect(
+                connection,
+                f"it read none of its {queue.qsize()} pending replies in time",
+                abort=True,
+                level=logging.WARNING,
+            )
+            return False
+        return not connection.closing()
+
     async def _dispatch(self, connection: _Connection, item: Message | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
             log.info("control %s sent a bad line: %s: %s", connection, item.code, item.detail)
-            self._reply(connection, ErrorReply(item.code, item.detail, item.re))
+            self._refuse(connection, "line", ErrorReply(item.code, item.detail, item.re))
             return
         info = connection.info
         if type(item) is Hello:
             if info is not None:
-                self._reply(connection, ErrorReply(ErrorCode.UNEXPECTED, "hello again", item.id))
+                self._refuse(
+                    connection, "hello", ErrorReply(ErrorCode.UNEXPECTED, "hello again", item.id)
+                )
             else:
                 self._welcome(connection, item)
             return
         message_id = item.id if isinstance(item, Request) else None
         if info is None:
-            self._reply(
+            self._refuse(
                 connection,
+                item.kind,
                 ErrorReply(ErrorCode.HELLO_REQUIRED, "say hello first", message_id),
             )
             return
         if not isinstance(item, Request):  # a reply or a checkpoint request: the proxy's kinds
-            self._reply(
+            self._refuse(
                 connection,
+                item.kind,
                 ErrorReply(
                     ErrorCode.UNEXPECTED, f"{item.kind} is sent by the proxy, not to it", None
                 ),
             )
             return
         if item.kind not in CLIENT_MAY_SEND[info.role]:
-            self._reply(
+            self._refuse(
                 connection,
+                item.kind,
                 ErrorReply(
                     ErrorCode.FORBIDDEN,
                     f"a client of role {info.role} may not send {item.kind}",
@@ -550,15 +734,47 @@ class ControlServer:
                 ),
             )
             return
+        if item.kind in NEEDS_ENGINE_CREDENTIALS and not info.engine_credentials:
+            log.warning(
+                "control %s sent %s without engine credentials: refused", connection, item.kind
+            )
+            self._refuse(
+                connection,
+                item.kind,
+                ErrorReply(
+                    ErrorCode.FORBIDDEN,
+                    f"{item.kind} needs engine credentials (root, the proxy's own user or a"
+                    f" member of control.engine_group); uid {info.credentials.uid} has none",
+                    message_id,
+                ),
+            )
+            return
         reply = await self._call_handler(info, item)
+        if isinstance(reply, ErrorReply):
+            self.refusals[item.kind, reply.code.value] += 1
         self._reply(connection, dataclasses.replace(reply, re=item.id))
 
     def _welcome(self, connection: _Connection, hello: Hello) -> None:
+        credentials = connection.credentials
+        claim = self._policy.claim_refusal(credentials, hello.role)
+        if claim is not None:
+            self._refuse(connection, "hello", ErrorReply(ErrorCode.FORBIDDEN, claim, hello.id))
+            self._disconnect(connection, f"refused: {claim}", level=logging.WARNING)
+            return
+        if (
+            hello.role is not ClientRole.ENGINE
+            and self._slots_taken_by_others() >= self.max_clients
+        ):
+            why = f"the last of {self.max_clients} slots is kept for an engine"
+            self._refuse(connection, "hello", ErrorReply(ErrorCode.BUSY, why, hello.id))
+            self._disconnect(connection, f"refused: {why}")
+            return
         version = choose_version(hello.versions)
         if version is None:
             offered = ", ".join(str(v) for v in hello.versions)
-            self._reply(
+            self._refuse(
                 connection,
+                "hello",
                 ErrorReply(
                     ErrorCode.UNSUPPORTED_VERSION,
                     f"no common version: client speaks {offered}, proxy speaks 1",
@@ -570,7 +786,11 @@ class ControlServer:
         identity = self.handler.identity()
         connection.version = version
         connection.info = ClientInfo(
-            connection.number, hello.role, hello.client[:80], connection.credentials
+            connection.number,
+            hello.role,
+            hello.client[:80],
+            credentials,
+            self._policy.engine_credentials(credentials),
         )
         self._reply(
             connection,
@@ -580,6 +800,7 @@ class ControlServer:
                 role=identity.role,
                 mode=identity.mode,
                 software=self.software,
+                idle_timeout=self.idle_timeout,
                 re=hello.id,
             ),
         )
@@ -615,6 +836,7 @@ class ControlServer:
         try:
             while True:
                 line = await connection.queue.get()
+                connection.room.set()
                 if line is None:
                     break
                 writer.write(line)

@@ -19,10 +19,22 @@ collector at scrape time, so the per-packet cost is a dict increment).
   later ones while it is outstanding are counted as coalesced.
 - Checkpoint started/completed from the engine drive the comparator's epochs.
 
+What an engine reports is checked (``report_started``/``report_completed``): a completion
+releases every held primary packet, so it is taken only for a checkpoint this proxy saw
+start. A ``checkpoint-started`` names no request (a periodic checkpoint) or one this proxy
+issued, and is taken when no other checkpoint is open; the ``checkpoint-completed`` after it
+must come from the same engine connection, once. Anything else is refused with a
+closed-vocabulary reason (``REFUSAL_REASONS``, counted in ``reports_refused``) and changes
+nothing. A completion may name a request its start did not: the engine's scheduler lets a
+request that is older than the primary's STOP join the running checkpoint. An engine that
+goes away inside a checkpoint leaves it open for nobody: the next engine must start its own,
+and a request (reason ``engine-lost``) asks it to at once.
+
 Restart safety (I6): a new ``PrimaryProxy`` starts *frozen*: it calls
 ``checkpoint_started`` on its comparator, so every PVM packet is held and every SVM packet
 dropped, and asks for a checkpoint with reason ``restart``. Nothing is released before an
-engine reports a completed checkpoint.
+engine reports a checkpoint that it started after this proxy was built: the freeze itself is
+no start an engine can complete.
 
 Timers: after any input the proxy asks the comparator for its next deadline (at most once
 per event-loop iteration) and keeps one loop timer armed at the earliest.
@@ -60,6 +72,13 @@ _DROP: dict[str, str] = {reason: "drop-" + reason for reason in DropReason}
 # Reasons the proxy itself adds to the comparator's vocabulary (coloproxy.compare.Reason).
 REASON_RESTART = "restart"
 REASON_MANUAL = "manual"
+REASON_ENGINE_LOST = "engine-lost"  # the engine went away inside a checkpoint
+
+# Why an engine's report was refused: metric labels.
+REFUSED_UNKNOWN_REQUEST = "unknown-request"  # names a request this proxy never issued
+REFUSED_ALREADY_STARTED = "already-started"  # a checkpoint is open (its completion pending)
+REFUSED_NOT_STARTED = "not-started"  # no start from this engine since the last completion
+REFUSAL_REASONS = frozenset({REFUSED_UNKNOWN_REQUEST, REFUSED_ALREADY_STARTED, REFUSED_NOT_STARTED})
 
 
 class Verdicts(Protocol):
@@ -86,6 +105,15 @@ class CheckpointRequest:
     time: float
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An engine's report the proxy did not take: ``reason`` (``REFUSAL_REASONS``) and a
+    sentence for the engine and the log."""
+
+    reason: str
+    detail: str
+
+
 class RequestSink(Protocol):
     """Where checkpoint requests go (the control server broadcasts them to engines)."""
 
@@ -107,6 +135,8 @@ class ProxyCounters:
     backoff_reverts: int = 0  # host S: connections whose SVM backoff was reverted at a takeover
     checkpoints_completed: int = 0
     last_checkpoint: float | None = None  # loop time of the last completed checkpoint
+    # Engine reports refused, by (report: started/completed, reason: REFUSAL_REASONS).
+    reports_refused: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 class PrimaryProxy:
@@ -125,6 +155,10 @@ class PrimaryProxy:
         self._requests = requests
         self.counters = counters or ProxyCounters()
         self._ids = itertools.count(1)
+        self.last_request_id = 0  # the highest request id issued (ids start at 1)
+        # The engine connection whose checkpoint-started opened the checkpoint in progress;
+        # None: no engine-reported checkpoint is open (the restart freeze is none).
+        self.started_by: object | None = None
         self.outstanding: CheckpointRequest | None = None
         self.checkpointing = False
         self.unprotected = False  # after the secondary was lost: release without comparing
@@ -231,11 +265,83 @@ class PrimaryProxy:
         self, reason: str, protocol: str, flow: str | None, evidence: Evidence | None, now: float
     ) -> CheckpointRequest:
         request = CheckpointRequest(next(self._ids), reason, protocol, flow, evidence, now)
+        self.last_request_id = request.id
         self.outstanding = request
         self.counters.requests[reason] += 1
         log.info("checkpoint request %d: %s %s %s", request.id, reason, protocol, flow or "")
         self._requests.checkpoint_requested(request)
         return request
+
+    # -- what an engine reports ------------------------------------------------------------
+
+    def report_started(self, now: float, request: int | None, source: object) -> Refusal | None:
+        """``checkpoint-started`` from the engine connection ``source``: taken (None), or why
+        not (nothing changed)."""
+        refusal = None
+        if request is not None and not 1 <= request <= self.last_request_id:
+            refusal = Refusal(
+                REFUSED_UNKNOWN_REQUEST,
+                f"checkpoint-started refused: request {request} was never issued by this proxy"
+                f" (its requests so far: 1 to {self.last_request_id})",
+            )
+        elif self.started_by is not None:
+            whose = "this engine's" if self.started_by == source else "another engine's"
+            refusal = Refusal(
+                REFUSED_ALREADY_STARTED,
+                f"checkpoint-started refused: {whose} checkpoint is open; its"
+                " checkpoint-completed comes first",
+            )
+        if refusal is not None:
+            return self._refused("started", refusal)
+        self.started_by = source
+        self.checkpoint_started(now)
+        return None
+
+    def report_completed(
+        self,
+        now: float,
+        request: int | None,
+        source: object,
+        synced: bool = True,
+        resumed: float | None = None,
+    ) -> Refusal | None:
+        """``checkpoint-completed`` from ``source``: released (None), or why not (nothing was
+        released and nothing changed)."""
+        named = "" if request is None else f" (request {request})"
+        refusal = None
+        if self.started_by is None or self.started_by != source:
+            refusal = Refusal(
+                REFUSED_NOT_STARTED,
+                f"checkpoint-completed{named} refused: this engine reported no"
+                " checkpoint-started since the last completion; nothing released",
+            )
+        elif request is not None and not 1 <= request <= self.last_request_id:
+            refusal = Refusal(
+                REFUSED_UNKNOWN_REQUEST,
+                f"checkpoint-completed refused: request {request} was never issued by this"
+                f" proxy (its requests so far: 1 to {self.last_request_id}); nothing released",
+            )
+        if refusal is not None:
+            return self._refused("completed", refusal)
+        self.checkpoint_completed(now, synced, resumed)
+        return None
+
+    def engine_gone(self, source: object, now: float) -> None:
+        """The engine connection ``source`` ended. Inside a checkpoint it opened, nobody can
+        complete that one now: the next engine is asked for a checkpoint of its own."""
+        if self.started_by is None or self.started_by != source:
+            return
+        self.started_by = None
+        log.warning("the engine went away inside a checkpoint: holding until another one")
+        if self.outstanding is None and not self.unprotected:
+            self._request(REASON_ENGINE_LOST, "any", None, None, now)
+
+    def _refused(self, report: str, refusal: Refusal) -> Refusal:
+        self.counters.reports_refused[report, refusal.reason] += 1
+        log.warning("%s", refusal.detail)
+        return refusal
+
+    # -- checkpoints, as they happen ---------------------------------------------------------
 
     def checkpoint_started(self, now: float) -> None:
         self.checkpointing = True
@@ -245,7 +351,9 @@ class PrimaryProxy:
         self, now: float, synced: bool = True, resumed: float | None = None
     ) -> None:
         """The engine saw the primary's RESUME (at ``resumed``, on our clock, when known):
-        the secondary holds the primary's state."""
+        the secondary holds the primary's state. Unchecked: ``report_completed`` is what an
+        engine's message goes through; Xen's COLO_CHECKPOINT and tests call this."""
+        self.started_by = None  # whatever was open is consumed
         self.checkpointing = False
         self.outstanding = None
         self.counters.checkpoints_completed += 1

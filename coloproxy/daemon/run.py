@@ -125,8 +125,11 @@ class Daemon:
             config.control.socket,
             self,
             config.control.group,
+            engine_group=config.control.engine_group,
+            group_role=config.control.group_role,
             max_clients=config.control.max_clients,
             client_queue=config.control.client_queue,
+            idle_timeout=config.control.idle_timeout_ms / 1000,
         )
         self.metrics = Metrics(pair=config.pair.name, role=self.role.value, clock=self.loop.time)
         self.metrics_server: MetricsServer | None = None
@@ -154,6 +157,7 @@ class Daemon:
                 )
                 await self.metrics_server.start()
             self.metrics.control_clients = self._clients_by_role
+            self.metrics.control_refusals = lambda: self.control.refusals
             if self.role is ProxyRole.PRIMARY:
                 if config.chardev is not None:
                     await self._start_primary_chardev(config.chardev)
@@ -490,6 +494,16 @@ class Daemon:
 
     def client_disconnected(self, client: ClientInfo, reason: str) -> None:
         log.info("%s disconnected: %s", client, reason)
+        proxy = self.proxy
+        if client.role is ClientRole.ENGINE and proxy is not None:
+            proxy.engine_gone(client.number, self.loop.time())
+
+    def _ask_again(self, client: ClientInfo) -> None:
+        """After a refused completion: the outstanding request once more to that engine, so
+        that an engine that believes it served it checkpoints again (after our reply)."""
+        proxy = self.proxy
+        if proxy is not None and proxy.outstanding is not None:
+            self.control.send(client, _wire_request(proxy.outstanding))
 
     async def handle(self, client: ClientInfo, message: Request) -> HandlerReply:
         now = self.loop.time()
@@ -497,8 +511,11 @@ class Daemon:
         if isinstance(message, StatusRequest):
             return self._status(now)
         if isinstance(message, CheckpointStarted):
+            # Only an engine (by its credentials) gets here: the control server checks.
             if proxy is not None:
-                proxy.checkpoint_started(now)
+                refused = proxy.report_started(now, message.request, client.number)
+                if refused is not None:
+                    return ErrorReply(ErrorCode.UNEXPECTED, refused.detail)
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
             if self.secondary is not None and message.synced:
@@ -509,7 +526,12 @@ class Daemon:
                 resumed = None
                 if message.completed > 0:
                     resumed = min(now, now - (time.time() - message.completed))
-                proxy.checkpoint_completed(now, message.synced, resumed)
+                refused = proxy.report_completed(
+                    now, message.request, client.number, message.synced, resumed
+                )
+                if refused is not None:
+                    self.loop.call_soon(self._ask_again, client)
+                    return ErrorReply(ErrorCode.UNEXPECTED, refused.detail)
                 self._rearm_soon()
             return Ack(request=message.request)
         if isinstance(message, CheckpointNow):
@@ -673,6 +695,7 @@ class Daemon:
                 ),
                 "rewrites": counters.rewrites["shifted"],
                 "checkpoints": counters.checkpoints_completed,
+                "reports_refused": sum(counters.reports_refused.values()),
             },
         )
 

@@ -68,7 +68,9 @@ class ClientRole(StrEnum):
     """Who a client is; decides what it may send and what it is sent."""
 
     ENGINE = "engine"  # the checkpoint engine: gets checkpoint requests, reports checkpoints
-    CLI = "cli"  # an operator's command: status, manual checkpoint, period, failover
+    # An operator's command: status, manual checkpoint; with engine credentials also period,
+    # failover, attach-lan, reprotect (NEEDS_ENGINE_CREDENTIALS).
+    CLI = "cli"
     MONITOR = "monitor"  # read-only: status only
 
 
@@ -178,6 +180,9 @@ class Welcome:
     role: ProxyRole
     mode: Mode
     software: str = ""  # e.g. "coloproxy 0.1.0"
+    # Seconds without a byte from the client after which the proxy closes the connection;
+    # 0: never. A client that stays connected sends something (an empty line) more often.
+    idle_timeout: float = 0.0
     re: int | None = None
 
     def __post_init__(self) -> None:
@@ -453,6 +458,20 @@ CLIENT_MAY_SEND: Final[Mapping[ClientRole, frozenset[str]]] = {
     ),
     ClientRole.MONITOR: frozenset({"status-request"}),
 }
+# Kinds that lift protection or change what the engine does: besides a role that may send
+# them, the peer needs engine credentials (root, the proxy's own user, control.engine_group),
+# whatever role it claimed. A peer with engine credentials may claim any role; see
+# docs/control-protocol.md, "Who may send what".
+NEEDS_ENGINE_CREDENTIALS: Final = frozenset(
+    {
+        "checkpoint-started",
+        "checkpoint-completed",
+        "set-period",
+        "failover",
+        "attach-lan",
+        "reprotect",
+    }
+)
 # Who receives each kind of push.
 PUSH_TO: Final[Mapping[str, frozenset[ClientRole]]] = {
     "checkpoint-request": frozenset({ClientRole.ENGINE}),
