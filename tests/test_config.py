@@ -728,7 +728,7 @@ def _nested_block(depth: int) -> str:
         ),
         (
             BASE + "engine: {heartbeat_port: !!binary 'abc'}\n",
-            "t.yaml:9: key 'engine.heartbeat_port': unreadable value: failed to convert base64"
+            "t.yaml:9: key 'engine.heartbeat_port': unreadable value: failed to decode base64"
             " data: Incorrect padding",
         ),
         (
@@ -835,7 +835,7 @@ def test_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         load_config(path)
     assert str(raised.value) == (
-        f"{path}:9: not UTF-8: byte 0xe9 at byte {len(BASE) + 14}: invalid continuation byte"
+        f"{path}:9: not UTF-8: byte 0xe9 at byte {len(BASE) + 13}: invalid continuation byte"
     )
 
 
