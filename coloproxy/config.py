@@ -54,6 +54,7 @@ from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ProxyRole
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_SOCKET_DIR: Final = Path("/run/coloproxy")
 MAX_SOCKET_PATH: Final = 107  # sun_path holds 108 bytes with the terminating NUL
@@ -68,6 +69,7 @@ MAX_VALUES: Final = 16384  # values of the whole file, an alias counted as its a
 MAX_SCALAR: Final = 4096  # characters of one value: PATH_MAX; also below Python's int limit
 MAX_PASSTHROUGH: Final = 256  # compare.passthrough rules: each is tried for every new flow
 MAX_OBJECT_IDS: Final = 64  # engine.failover_object_del
+MAX_ALLOW: Final = 64  # chardev.*.allow
 MAX_SHOWN: Final = 60  # characters of a value or key shown in a message
 
 
@@ -179,6 +181,7 @@ class ChardevSocket:
     path: Path | None = None  # unix
     host: str | None = None  # tcp
     port: int = 0
+    allow: tuple[IPNetwork, ...] = ()  # tcp, server: the peers it accepts; () any
 
     def __str__(self) -> str:
         if self.path is not None:
@@ -201,6 +204,7 @@ class ChardevConfig:
     vnet_hdr: bool = False  # the filters' vnet_hdr_support
     reconnect_ms: int = 1000  # client sockets: time between connection attempts
     outdev_buffer_bytes: int = 16 << 20  # released frames kept while outdev is down or slow
+    group: str | None = None  # unix sockets coloproxy listens on: mode 0660 and this group
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +399,14 @@ def _listen(value: object) -> object:
     return (host, int(port))
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _passthrough_protocol(value: object) -> object:
     if isinstance(value, str):
         if value in ("tcp", "udp", "icmp", "icmpv6"):
@@ -528,6 +540,7 @@ CHARDEV_SOCKET_KEYS: Final[Mapping[str, _Key]] = {
         _boolean,
         allowed="true (coloproxy listens, QEMU's chardev connects) or false (coloproxy connects)",
     ),
+    "allow": _Key(None, None, allowed="a list of addresses or networks"),
 }
 _CHARDEV_SOCKET: Final = "a mapping with unix (a path) or tcp (HOST:PORT), and server"
 CHARDEV_KEYS: Final[Mapping[str, _Key]] = {
@@ -542,6 +555,7 @@ CHARDEV_KEYS: Final[Mapping[str, _Key]] = {
     "outdev_buffer_bytes": _Key(
         _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 16 << 20
     ),
+    "group": _Key(_optional(_group), None),
 }
 
 
@@ -1074,10 +1088,60 @@ class _Builder:
             return None  # a bad or missing value, reported already
         path, address = read.values.get("unix"), read.values.get("tcp")
         server = bool(read.values["server"])
+        allow = self._allow(read, key, address is not None and server)
+        if allow is None:
+            return None
         if address is not None:
             host, port = typing.cast(tuple[str, int], address)
-            return ChardevSocket(server=server, host=host, port=port)
+            if server and not _is_ip(host):
+                # asyncio binds every address a name resolves to.
+                self.reader.problem(
+                    read.line_of("tcp"),
+                    f"{key}.tcp",
+                    f"a listening socket binds one address: give an IP address, not the host"
+                    f" name {host!r}",
+                )
+                return None
+            return ChardevSocket(server=server, host=host, port=port, allow=allow)
         return ChardevSocket(server=server, path=typing.cast(Path, path))
+
+    def _allow(self, read: _Read, key: str, listening_tcp: bool) -> tuple[IPNetwork, ...] | None:
+        """``allow``: the peers a listening TCP socket accepts (addresses or networks)."""
+        node = read.nested.get("allow")
+        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
+            return ()
+        key, line = f"{key}.allow", read.line_of("allow")
+        if not listening_tcp:
+            self.reader.problem(
+                line,
+                key,
+                "only a listening TCP socket (tcp, server: true) has an allow list; a unix"
+                " socket is kept to its owner (and chardev.group) by its mode",
+            )
+            return None
+        items = self.reader.sequence(node, key, line, MAX_ALLOW, "entries")
+        if items is None:
+            return None
+        networks: list[IPNetwork] = []
+        for index, item in enumerate(items):
+            readable, value = self.reader.scalar(item, f"{key}[{index}]")
+            if not readable:
+                return None
+            try:
+                if not isinstance(value, str):
+                    raise ValueError
+                networks.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                self.reader.problem(
+                    _line(item),
+                    f"{key}[{index}]",
+                    f"expected an IP address or a network (10.0.0.0/24), got {_shown(value)}",
+                )
+                return None
+        if not networks:
+            self.reader.problem(line, key, "an empty list would refuse every peer")
+            return None
+        return tuple(networks)
 
     def _replication(self, net: _Read | None) -> ReplicationConfig | None:
         if net is None or "replication" not in net.nested:
