@@ -163,7 +163,8 @@ def test_notify_and_explicit_ethernet() -> None:
         (
             BASE + SOCKETS + "  group: no-such-group-here\n",
             [
-                "t.yaml:13: key 'chardev.group': group 'no-such-group-here' does not exist on this host"
+                "t.yaml:13: key 'chardev.group': group 'no-such-group-here' does not exist on"
+                " this host"
             ],
         ),
         (

@@ -224,11 +224,10 @@ def test_notify_messages_at_every_cut() -> None:
 
 def test_notify_desync_and_truncated() -> None:
     decoder = NotifyDecoder(max_frame=32)
-    events = decoder.feed(
-        encode_frame(b"COLO_CHECKPOINT") + encode_frame(b"x" * 40) + encode_frame(b"COLO_CHECKPOINT")
-    )
+    done = encode_frame(b"COLO_CHECKPOINT")
+    events = decoder.feed(done + encode_frame(b"x" * 40) + done)
     assert events == [CheckpointDone(), Desynchronised(40, 32, 19, 44 + 19)]
-    assert decoder.feed(encode_frame(b"COLO_CHECKPOINT")) == []
+    assert decoder.feed(done) == []
     assert decoder.end() == []
     decoder.feed(b"\x00\x00")
     assert decoder.end() == [Truncated(2, 0)]
