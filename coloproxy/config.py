@@ -835,9 +835,7 @@ class _Loader(yaml.SafeLoader):
     def _count(self, values: int, line: int) -> None:
         self._values += values
         if self._values > MAX_VALUES:
-            raise _LimitError(
-                line, f"more than {MAX_VALUES} values (an alias counts as its anchor)"
-            )
+            raise _LimitError(line, f"more than {MAX_VALUES} values, aliases counted at each use")
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
