@@ -15,11 +15,22 @@ The ``compare`` section is derived from :class:`coloproxy.compare.CompareConfig`
 edit here; the comparator's own validation still runs and its complaints are reported
 with the section's line.
 
+Reading is bounded before the schema sees anything, so that no file can make the reader
+hang, trace back or take the host's memory: only a regular file is opened (never waiting on
+a FIFO or reading a device for ever), at most ``MAX_CONFIG_BYTES``; the composer refuses
+nesting deeper than ``MAX_DEPTH`` (it recurses once per level), lists or mappings of more
+than ``MAX_ENTRIES`` and more than ``MAX_VALUES`` values in all, an alias counting as every
+value of its anchor (so a few anchors cannot stand for millions); a value longer than
+``MAX_SCALAR`` characters is not converted, and a value YAML cannot convert (``!!int abc``)
+is a problem of its key like any other. Each of these is one line naming the file and,
+where known, the line and the key.
+
 docs/configuration.md describes every key; configs/ holds commented examples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import grp
@@ -27,6 +38,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,11 +54,23 @@ from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ClientRole, ProxyRole
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_SOCKET_DIR: Final = Path("/run/coloproxy")
 MAX_SOCKET_PATH: Final = 107  # sun_path holds 108 bytes with the terminating NUL
 MAX_SECONDS: Final = 86400.0  # no timeout of the comparator is sensibly longer than a day
 MAX_COUNT: Final = 2**40  # bounds: 1 Ti packets or bytes is beyond any host
+# Bounds of the reader (module docstring). A real configuration is a few KiB, nests five
+# levels and has a few hundred values.
+MAX_CONFIG_BYTES: Final = 1 << 20
+MAX_DEPTH: Final = 32  # lists and mappings inside one another
+MAX_ENTRIES: Final = 4096  # entries of one list or mapping
+MAX_VALUES: Final = 16384  # values of the whole file, an alias counted as its anchor's
+MAX_SCALAR: Final = 4096  # characters of one value: PATH_MAX; also below Python's int limit
+MAX_PASSTHROUGH: Final = 256  # compare.passthrough rules: each is tried for every new flow
+MAX_OBJECT_IDS: Final = 64  # engine.failover_object_del
+MAX_ALLOW: Final = 64  # chardev.*.allow
+MAX_SHOWN: Final = 60  # characters of a value or key shown in a message
 
 
 class ConfigError(InputError):
@@ -161,6 +185,7 @@ class ChardevSocket:
     path: Path | None = None  # unix
     host: str | None = None  # tcp
     port: int = 0
+    allow: tuple[IPNetwork, ...] = ()  # tcp, server: the peers it accepts; () any
 
     def __str__(self) -> str:
         if self.path is not None:
@@ -183,6 +208,7 @@ class ChardevConfig:
     vnet_hdr: bool = False  # the filters' vnet_hdr_support
     reconnect_ms: int = 1000  # client sockets: time between connection attempts
     outdev_buffer_bytes: int = 16 << 20  # released frames kept while outdev is down or slow
+    group: str | None = None  # unix sockets coloproxy listens on: mode 0660 and this group
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,14 +242,24 @@ def _shown(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return repr(value if len(value) <= 60 else value[:57] + "...")
+        return repr(_cut(value))
     if isinstance(value, list):
         return "a list"
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, int | float):
-        return f"{value:g}" if isinstance(value, float) else str(value)
+        return _cut(f"{value:g}" if isinstance(value, float) else str(value))
     return f"a {type(value).__name__}"
+
+
+def _cut(text: str) -> str:
+    """At most ``MAX_SHOWN`` characters of ``text`` for a message."""
+    return text if len(text) <= MAX_SHOWN else text[: MAX_SHOWN - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    """A message from a library as one line (PyYAML's span several)."""
+    return " ".join(text.split())
 
 
 def _bad(allowed: str, value: object) -> _BadError:
@@ -369,6 +405,14 @@ def _listen(value: object) -> object:
     return (host, int(port))
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _passthrough_protocol(value: object) -> object:
     if isinstance(value, str):
         if value in ("tcp", "udp", "icmp", "icmpv6"):
@@ -509,6 +553,7 @@ CHARDEV_SOCKET_KEYS: Final[Mapping[str, _Key]] = {
         _boolean,
         allowed="true (coloproxy listens, QEMU's chardev connects) or false (coloproxy connects)",
     ),
+    "allow": _Key(None, None, allowed="a list of addresses or networks"),
 }
 _CHARDEV_SOCKET: Final = "a mapping with unix (a path) or tcp (HOST:PORT), and server"
 CHARDEV_KEYS: Final[Mapping[str, _Key]] = {
@@ -523,6 +568,7 @@ CHARDEV_KEYS: Final[Mapping[str, _Key]] = {
     "outdev_buffer_bytes": _Key(
         _integer(1 << 16, 1 << 30, "a number of bytes from 65536 to 1073741824"), 16 << 20
     ),
+    "group": _Key(_optional(_group), None),
 }
 
 
@@ -602,10 +648,12 @@ class _Reader:
     def shown(self, node: Node) -> str:
         """A node for "got ...": its value if it is a readable scalar."""
         if isinstance(node, ScalarNode):
+            if len(node.value) > MAX_SCALAR:
+                return f"a value of {len(node.value)} characters"
             try:
                 return _shown(self._constructor.construct_object(node, deep=True))
-            except yaml.YAMLError:
-                return repr(node.value)
+            except (yaml.YAMLError, ValueError, ArithmeticError):
+                return _shown(str(node.value))
         return "a list" if isinstance(node, SequenceNode) else "a mapping"
 
     def scalar(self, node: Node, key: str) -> tuple[bool, object]:
@@ -615,11 +663,27 @@ class _Reader:
             return True, []
         if isinstance(node, MappingNode):
             return True, {}
+        if isinstance(node, ScalarNode) and len(node.value) > MAX_SCALAR:
+            self.problem(
+                _line(node), key, f"a value of {len(node.value)} characters; at most {MAX_SCALAR}"
+            )
+            return False, None
         try:
             return True, self._constructor.construct_object(node, deep=True)
         except yaml.YAMLError as exc:
             problem = exc.problem if isinstance(exc, yaml.MarkedYAMLError) else None
-            self.problem(_line(node), key, f"unreadable value: {problem or exc}")
+            self.problem(_line(node), key, f"unreadable value: {_one_line(problem or str(exc))}")
+            return False, None
+        except (ValueError, ArithmeticError) as exc:
+            # PyYAML's constructors raise these for an explicit tag on a value that does not
+            # fit it (!!int abc, !!timestamp 2020-99-99).
+            tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
+            self.problem(
+                _line(node),
+                key,
+                f"unreadable value: {_shown(str(node.value))} is not a valid {tag}"
+                f" ({_one_line(str(exc))})",
+            )
             return False, None
 
     def mapping(
@@ -641,7 +705,7 @@ class _Reader:
                 self.problem(key_line, key, "keys must be plain names")
                 continue
             name = str(key_node.value)
-            dotted = f"{key}.{name}" if key else name
+            dotted = f"{key}.{_cut(name)}" if key else _cut(name)
             if name in read.lines:
                 self.problem(key_line, dotted, f"duplicate key (first at line {read.lines[name]})")
                 continue
@@ -672,11 +736,17 @@ class _Reader:
                 read.values[name] = spec.default
         return read
 
-    def sequence(self, node: Node, key: str, line: int) -> list[Node] | None:
+    def sequence(
+        self, node: Node, key: str, line: int, most: int = MAX_ENTRIES, items: str = "items"
+    ) -> list[Node] | None:
+        """A list of at most ``most`` ``items``; None (and a problem) otherwise."""
         if isinstance(node, ScalarNode) and node.tag.endswith(":null"):
             return []
         if not isinstance(node, SequenceNode):
             self.problem(line, key, f"expected a list, got {self.shown(node)}")
+            return None
+        if len(node.value) > most:
+            self.problem(line, key, f"{len(node.value)} {items}; at most {most}")
             return None
         return list(node.value)
 
@@ -688,27 +758,153 @@ class _Reader:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and check a configuration file; :class:`ConfigError` lists every problem."""
     filename = os.fspath(path)
+    return parse_config(_read_file(filename), filename)
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _not_regular(filename: str, mode: int) -> ConfigError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a file")
+    return ConfigError([f"{filename}: not a regular file ({kind})"])
+
+
+def _read_file(filename: str) -> str:
+    """The text of a regular file of at most ``MAX_CONFIG_BYTES``. Opened without waiting
+    (O_NONBLOCK: a FIFO nobody writes to would block open() for ever) and refused unless
+    fstat says it is a regular file (a FIFO or /dev/zero would be read for ever)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError([f"{filename}: cannot read: {reason}"]) from exc
-    return parse_config(text, filename)
+        fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        # A socket cannot be opened at all (ENXIO): say what it is rather than why.
+        with contextlib.suppress(OSError):
+            mode = os.stat(filename).st_mode
+            if not stat.S_ISREG(mode):
+                raise _not_regular(filename, mode) from exc
+        raise ConfigError([f"{filename}: cannot read: {exc.strerror or exc}"]) from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _not_regular(filename, info.st_mode)
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                [f"{filename}: {info.st_size} bytes; a configuration file is at most"
+                 f" {MAX_CONFIG_BYTES}"]
+            )  # fmt: skip
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:  # the file may grow while it is read
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                [f"{filename}: more than {MAX_CONFIG_BYTES} bytes; a configuration file is at"
+                 f" most {MAX_CONFIG_BYTES}"]
+            )  # fmt: skip
+    except OSError as exc:
+        raise ConfigError([f"{filename}: cannot read: {exc.strerror or exc}"]) from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            [f"{filename}:{line}: not UTF-8: byte 0x{data[exc.start]:02x} at byte {exc.start}:"
+             f" {exc.reason}"]
+        ) from exc  # fmt: skip
+
+
+class _LimitError(Exception):
+    """The file passes a bound of the reader (module docstring) at ``line``."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _Loader(yaml.SafeLoader):
+    """The safe loader whose composer counts what it builds (module docstring). PyYAML's
+    scanner and parser keep their state in lists; only the composer recurses, once per
+    level, so bounding it here bounds the stack."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+        self._values = 0
+        self._weights: dict[int, int] = {}  # id(anchored node) -> values it stands for
+
+    def _count(self, values: int, line: int) -> None:
+        self._values += values
+        if self._values > MAX_VALUES:
+            raise _LimitError(line, f"more than {MAX_VALUES} values, aliases counted at each use")
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        event: yaml.Event = self.peek_event()  # type: ignore[no-untyped-call]
+        line = int(event.start_mark.line) + 1 if event.start_mark is not None else 1
+        if parent is not None and len(parent.value) >= MAX_ENTRIES:
+            raise _LimitError(line, f"a list or mapping of more than {MAX_ENTRIES} entries")
+        if isinstance(event, yaml.AliasEvent):
+            anchored = self.anchors.get(event.anchor)  # None: PyYAML reports it below
+            self._count(self._weights.get(id(anchored), 1), line)
+            return super().compose_node(parent, index)
+        collection = isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent)
+        if collection and self._depth >= MAX_DEPTH:
+            raise _LimitError(line, f"nested deeper than {MAX_DEPTH} levels")
+        before = self._values
+        self._count(1, line)
+        self._depth += collection
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= collection
+        if node is not None and getattr(event, "anchor", None) is not None:
+            self._weights[id(node)] = self._values - before
+        return node
+
+
+def _compose(text: str) -> Node | None:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
 
 
 def parse_config(text: str, filename: str = "<config>") -> Config:
     """Check a configuration given as text; ``filename`` is what messages call it."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [f"{filename}: {len(text)} characters; a configuration is at most {MAX_CONFIG_BYTES}"]
+        )
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = _compose(text)
+    except _LimitError as exc:
+        raise ConfigError([f"{filename}:{exc.line}: {exc.message}"]) from exc
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
         problem = exc.problem or exc.context or "unreadable"
         if exc.problem and exc.context and not exc.context.startswith("while"):
             problem = f"{exc.context}, {exc.problem}"  # "expected a single document, but..."
-        raise ConfigError([f"{filename}:{line}: not valid YAML: {problem}"]) from exc
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {_one_line(problem)}"]) from exc
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow (NUL, ...)
+        line = text.count("\n", 0, exc.position) + 1
+        problem = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        raise ConfigError([f"{filename}:{line}: not valid YAML: {_one_line(problem)}"]) from exc
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{filename}:1: not valid YAML: {exc}"]) from exc
+        raise ConfigError([f"{filename}:1: not valid YAML: {_one_line(str(exc))}"]) from exc
     reader = _Reader(filename)
     top = reader.mapping(root, "", {name: _Key(None, None) for name in SECTIONS}, 1)
     config = _Builder(reader, top).build() if top is not None else None
@@ -903,10 +1099,60 @@ class _Builder:
             return None  # a bad or missing value, reported already
         path, address = read.values.get("unix"), read.values.get("tcp")
         server = bool(read.values["server"])
+        allow = self._allow(read, key, address is not None and server)
+        if allow is None:
+            return None
         if address is not None:
             host, port = typing.cast(tuple[str, int], address)
-            return ChardevSocket(server=server, host=host, port=port)
+            if server and not _is_ip(host):
+                # asyncio binds every address a name resolves to.
+                self.reader.problem(
+                    read.line_of("tcp"),
+                    f"{key}.tcp",
+                    f"a listening socket binds one address: give an IP address, not the host"
+                    f" name {host!r}",
+                )
+                return None
+            return ChardevSocket(server=server, host=host, port=port, allow=allow)
         return ChardevSocket(server=server, path=typing.cast(Path, path))
+
+    def _allow(self, read: _Read, key: str, listening_tcp: bool) -> tuple[IPNetwork, ...] | None:
+        """``allow``: the peers a listening TCP socket accepts (addresses or networks)."""
+        node = read.nested.get("allow")
+        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
+            return ()
+        key, line = f"{key}.allow", read.line_of("allow")
+        if not listening_tcp:
+            self.reader.problem(
+                line,
+                key,
+                "only a listening TCP socket (tcp, server: true) has an allow list; a unix"
+                " socket is kept to its owner (and chardev.group) by its mode",
+            )
+            return None
+        items = self.reader.sequence(node, key, line, MAX_ALLOW, "entries")
+        if items is None:
+            return None
+        networks: list[IPNetwork] = []
+        for index, item in enumerate(items):
+            readable, value = self.reader.scalar(item, f"{key}[{index}]")
+            if not readable:
+                return None
+            try:
+                if not isinstance(value, str):
+                    raise ValueError
+                networks.append(ipaddress.ip_network(value, strict=False))
+            except ValueError:
+                self.reader.problem(
+                    _line(item),
+                    f"{key}[{index}]",
+                    f"expected an IP address or a network (10.0.0.0/24), got {_shown(value)}",
+                )
+                return None
+        if not networks:
+            self.reader.problem(line, key, "an empty list would refuse every peer")
+            return None
+        return tuple(networks)
 
     def _replication(self, net: _Read | None) -> ReplicationConfig | None:
         if net is None or "replication" not in net.nested:
@@ -958,7 +1204,9 @@ class _Builder:
             return ()
         key = "engine.failover_object_del"
         line = engine.line_of("failover_object_del")
-        items = self.reader.sequence(engine.nested["failover_object_del"], key, line)
+        items = self.reader.sequence(
+            engine.nested["failover_object_del"], key, line, MAX_OBJECT_IDS, "ids"
+        )
         ids: list[str] = []
         for index, item in enumerate(items or ()):
             readable, value = self.reader.scalar(item, f"{key}[{index}]")
@@ -979,7 +1227,9 @@ class _Builder:
         if "passthrough" not in compare.nested:
             return ()
         line = compare.line_of("passthrough")
-        items = self.reader.sequence(compare.nested["passthrough"], "compare.passthrough", line)
+        items = self.reader.sequence(
+            compare.nested["passthrough"], "compare.passthrough", line, MAX_PASSTHROUGH, "rules"
+        )
         if items is None:
             return None
         rules = []

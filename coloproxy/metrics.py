@@ -158,7 +158,10 @@ class ChardevLink(Protocol):
     def problems(self) -> Mapping[str, int]: ...
 
     @property
-    def skipped_bytes(self) -> int: ...
+    def discarded_bytes(self) -> int: ...
+
+    @property
+    def refused(self) -> Mapping[str, int]: ...
 
 
 class ChardevFigures(Protocol):
@@ -584,9 +587,20 @@ class _Collector(Collector):
             + [((link.name, "out"), link.bytes_out) for link in links],
         )
         yield _counter(
+            "coloproxy_chardev_refused_connections",
+            "Connections refused by a listening socket: another peer connected (busy) or the "
+            "peer not on the allow list (not-allowed)",
+            ["socket", "reason"],
+            (
+                ((link.name, reason), count)
+                for link in links
+                for reason, count in link.refused.items()
+            ),
+        )
+        yield _counter(
             "coloproxy_chardev_frame_problems",
-            "Frames oversized (above 69632 bytes: skipped), with a vnet header longer than "
-            "the frame, or cut by a disconnection (truncated)",
+            "A length above 69632 bytes (desync: the connection is dropped), a vnet header "
+            "longer than the frame, or a frame cut by a disconnection (truncated)",
             ["socket", "problem"],
             (
                 ((link.name, problem), count)
@@ -595,10 +609,10 @@ class _Collector(Collector):
             ),
         )
         yield _counter(
-            "coloproxy_chardev_skipped_bytes",
-            "Bytes of oversized frames skipped to resynchronise",
+            "coloproxy_chardev_discarded_bytes",
+            "Bytes received after a desync, not decoded (the connection is dropped)",
             ["socket"],
-            (((link.name,), link.skipped_bytes) for link in links),
+            (((link.name,), link.discarded_bytes) for link in links),
         )
         yield _counter(
             "coloproxy_chardev_notify_messages",

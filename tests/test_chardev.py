@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import itertools
+import os
 import random
 import shutil
 import socket
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,8 +24,11 @@ from pathlib import Path
 
 import pytest
 
+from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.config import parse_config
+from coloproxy.control import ControlClient
 from coloproxy.daemon.run import Daemon
+from coloproxy.protocol import CheckpointNow, ClientRole
 from coloproxy.protocol.colo_frames import (
     MAX_FRAME,
     FrameDecoder,
@@ -47,7 +53,7 @@ metrics: {{enabled: false}}
 log: {{level: debug}}
 chardev:
   primary_in: {{unix: {dir}/pin, server: true}}
-  secondary_in: {{unix: {dir}/sin, server: false}}
+  secondary_in: {{unix: {dir}/sin, server: {secondary_server}}}
   outdev: {{unix: {dir}/out, server: true}}
   vnet_hdr: {vnet}
   reconnect_ms: 20
@@ -82,6 +88,7 @@ class Qemu:
 
     directory: Path
     vnet: bool
+    secondary_server: bool = False  # coloproxy listens on secondary_in, host S connects
     pin: asyncio.StreamWriter | None = None
     out_reader: asyncio.StreamReader | None = None
     out_writer: asyncio.StreamWriter | None = None
@@ -105,7 +112,8 @@ class Qemu:
         async def notify(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self.notify.put((reader, writer))
 
-        self.servers.append(await asyncio.start_unix_server(secondary, self.directory / "sin"))
+        if not self.secondary_server:
+            self.servers.append(await asyncio.start_unix_server(secondary, self.directory / "sin"))
         self.servers.append(await asyncio.start_unix_server(notify, self.directory / "notify"))
 
     async def connect_primary(self) -> None:
@@ -117,7 +125,10 @@ class Qemu:
         self.writers.append(self.out_writer)
 
     async def accept_secondary(self) -> None:
-        _, self.sin = await asyncio.wait_for(self.secondary.get(), 5)
+        if self.secondary_server:
+            _, self.sin = await connect(self.directory / "sin")
+        else:
+            _, self.sin = await asyncio.wait_for(self.secondary.get(), 5)
         self.writers.append(self.sin)
 
     async def send(self, writer: asyncio.StreamWriter | None, data: bytes) -> None:
@@ -171,16 +182,24 @@ async def world(
     delay: float = 0.0,
     buffer: int = 1 << 20,
     secondary_seq: str | None = None,
+    secondary_server: bool = False,
+    chardev: str = "",
 ) -> AsyncIterator[World]:
     directory = Path(tempfile.mkdtemp(prefix="c5-"))  # short: unix socket paths
-    text = CONFIG.format(dir=directory, vnet=str(vnet).lower(), buffer=buffer)
+    text = CONFIG.format(
+        dir=directory,
+        vnet=str(vnet).lower(),
+        buffer=buffer,
+        secondary_server=str(secondary_server).lower(),
+    )
+    text += chardev  # more keys of the chardev section, indented
     if secondary_seq is not None:
         text += f"compare: {{secondary_seq: {secondary_seq}}}\n"
     if notify:
         text += NOTIFY.format(dir=directory)
     daemon: Daemon | None = None
     task: asyncio.Task[None] | None = None
-    qemu = Qemu(directory, vnet)
+    qemu = Qemu(directory, vnet, secondary_server)
     fake: FakeEngine | None = None
     try:
         await qemu.listen()
@@ -376,24 +395,32 @@ async def test_a_full_outdev_buffer_holds_primary_in_and_loses_nothing() -> None
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-async def test_an_oversized_frame_is_reported_skipped_and_the_stream_goes_on(vnet: bool) -> None:
+async def test_a_frame_above_qemus_limit_is_a_desync_and_the_next_connection_goes_on(
+    vnet: bool,
+) -> None:
     async with world(vnet) as w:
         qemu = w.qemu
         primary = segments(P_ISN, b"after the big one", [])
         secondary = rewritten(b"after the big one", [])
         big = eth(b"\x00" * (MAX_FRAME + 100))
-        stream = qemu.frames([big]) + qemu.frames(primary)
-        for start in range(0, len(stream), 8192):  # as a socket would cut it
-            await qemu.send(qemu.pin, stream[start : start + 8192])
+        with contextlib.suppress(ConnectionError):  # coloproxy may close before it all went
+            await qemu.send(qemu.pin, qemu.frames([big]) + qemu.frames(primary))
+        await until(
+            lambda: metric(w, 'coloproxy_chardev_connected{socket="primary_in"}') == 0,
+            "primary_in dropped",
+        )
+        assert metric(w, 'coloproxy_chardev_frame_problems_total{problem="desync"') == 1
+        assert metric(w, 'coloproxy_chardev_discarded_bytes_total{socket="primary_in"}') > 0
+        assert w.engine is not None
+        await until(lambda: w.engine is not None and w.engine.count == 2, "the request")
+        assert w.engine.requests[1].reason == "desync"
+        await w.engine.wait_for(2)
+        # QEMU's chardev reconnects (reconnect=) and starts a fresh stream.
+        await qemu.connect_primary()
+        await qemu.send(qemu.pin, qemu.frames(primary))
         await qemu.send(qemu.sin, qemu.frames(secondary))
         expected = qemu.frames(primary)
         assert await qemu.read_out(len(expected)) == expected
-        assert metric(w, 'coloproxy_chardev_frame_problems_total{problem="oversized"') == 1
-        skipped = len(qemu.frames([big]))
-        assert metric(w, 'coloproxy_chardev_skipped_bytes_total{socket="primary_in"}') == skipped
-        assert w.engine is not None
-        await until(lambda: w.engine is not None and w.engine.count == 2, "the request")
-        assert w.engine.requests[1].reason == "oversized"
 
 
 @pytest.mark.asyncio
@@ -454,7 +481,7 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
     monkeypatch.setattr(hostnet, "setup", refuse)
     monkeypatch.setattr(hostnet, "attach_guest_to_lan", refuse)
     directory = Path(tempfile.mkdtemp(prefix="c5-"))
-    text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20)
+    text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20, secondary_server="false")
     text = text.replace(
         "  guest_port: c5-guest\n", "  guest_port: c5-guest\n  lan_bridge: c5-lan\n"
     )
@@ -502,7 +529,9 @@ async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20).replace(
+        text = CONFIG.format(
+            dir=directory, vnet="false", buffer=1 << 20, secondary_server="false"
+        ).replace(
             f"{{unix: {directory}/pin, server: true}}", f'{{tcp: "127.0.0.1:{port}", server: true}}'
         )
         daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=False)
@@ -514,4 +543,280 @@ async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
         assert "address already in use" in str(raised.value).lower()
     finally:
         busy.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- who may feed the transport, and a stream that lost its framing ---------------------------
+
+REFUSED = "coloproxy_chardev_refused_connections_total"
+
+
+async def refused_at_once(reader: asyncio.StreamReader) -> None:
+    """The connection is closed by coloproxy without a word."""
+    with contextlib.suppress(ConnectionResetError):
+        assert await asyncio.wait_for(reader.read(1), 5) == b""
+
+
+def counted(w: World, name: str) -> int:
+    """A counter of the proxy (``ProxyCounters.packets``) by (queue, verdict)."""
+    assert w.daemon.proxy is not None
+    queue, verdict = name.split(":")
+    return w.daemon.proxy.counters.packets[queue, verdict]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("group", [False, True], ids=["private", "group"])
+async def test_unix_listeners_are_private_whatever_the_umask(group: bool) -> None:
+    """0600 (0660 and the group with chardev.group) although the umask would give 0777."""
+    own_group = grp.getgrgid(os.getgid()).gr_name
+    extra = f"  group: {own_group}\n" if group else ""
+    old = os.umask(0)
+    try:
+        async with world(secondary_server=True, chardev=extra) as w:
+            os.umask(old)
+            for name in ("pin", "sin", "out"):
+                info = (w.directory / name).stat()
+                assert stat.S_IMODE(info.st_mode) == (0o660 if group else 0o600), name
+                assert info.st_gid == os.getgid()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.asyncio
+async def test_a_second_client_on_primary_in_is_refused_and_its_frame_never_released() -> None:
+    async with world() as w:
+        qemu = w.qemu
+        assert w.engine is not None
+        reader, intruder = await connect(w.directory / "pin")
+        qemu.writers.append(intruder)
+        intruder.write(qemu.frames([eth(udp(b"forged: not the PVM's"))]))
+        await refused_at_once(reader)
+        await until(
+            lambda: metric(w, f'{REFUSED}{{reason="busy",socket="primary_in"}}') == 1, "counted"
+        )
+        # The PVM's own connection was not cut: its output is compared and released.
+        first = [eth(udp(b"the PVM's first"))]
+        await qemu.send(qemu.pin, qemu.frames(first))
+        await qemu.send(qemu.sin, qemu.frames(first))
+        assert await qemu.read_out(len(qemu.frames(first))) == qemu.frames(first)
+        # A checkpoint releases what is held: the forged frame would come out here.
+        socket_path = w.directory / "ctl.sock"
+        async with await ControlClient.connect(socket_path, ClientRole.CLI) as cli:
+            await cli.request(CheckpointNow("manual"))
+        await w.engine.wait_for(2)
+        second = [eth(udp(b"the PVM's second"))]
+        await qemu.send(qemu.pin, qemu.frames(second))
+        await qemu.send(qemu.sin, qemu.frames(second))
+        assert await qemu.read_out(len(qemu.frames(second))) == qemu.frames(second)
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="primary_in"}') == 2
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 2
+        assert counted(w, "primary-out:accept-matched") == 2
+        assert counted(w, "primary-out:accept-checkpoint") == 0
+        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 0
+        assert metric(w, 'coloproxy_chardev_connected{socket="primary_in"}') == 1
+
+
+@pytest.mark.asyncio
+async def test_a_second_client_on_secondary_in_is_refused_and_matches_nothing() -> None:
+    async with world(secondary_server=True) as w:
+        qemu = w.qemu
+        pvm = [eth(udp(b"the PVM's output"))]
+        reader, intruder = await connect(w.directory / "sin")
+        qemu.writers.append(intruder)
+        intruder.write(qemu.frames(pvm))  # a copy of what the PVM is about to send
+        await until(
+            lambda: (
+                metric(w, f'{REFUSED}{{reason="busy",socket="secondary_in"}}') == 1
+                or metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="secondary_in"}')
+                > 0
+            ),
+            "the intruder refused or read",
+        )
+        await refused_at_once(reader)
+        await qemu.send(qemu.pin, qemu.frames(pvm))
+        await until(
+            lambda: (
+                metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="primary_in"}') == 1
+            ),
+            "the PVM's frame read",
+        )
+        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1
+        assert counted(w, "primary-out:accept-matched") == 0
+        # The real secondary's feed was not cut: its copy releases the frame.
+        await qemu.send(qemu.sin, qemu.frames(pvm))
+        assert await qemu.read_out(len(qemu.frames(pvm))) == qemu.frames(pvm)
+        assert counted(w, "primary-out:accept-matched") == 1
+        assert metric(w, 'coloproxy_chardev_connected{socket="secondary_in"}') == 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.asyncio
+async def test_a_tcp_listener_accepts_only_the_peers_it_allows() -> None:
+    port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    text = CONFIG.format(
+        dir=directory, vnet="false", buffer=1 << 20, secondary_server="true"
+    ).replace(
+        f"{{unix: {directory}/sin, server: true}}",
+        f'{{tcp: "127.0.0.1:{port}", server: true, allow: [127.0.0.2, 10.0.0.0/8]}}',
+    )
+    daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=False)
+    task = asyncio.create_task(daemon.run())
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        await until(lambda: daemon.chardev is not None, "the transport")
+        deadline = asyncio.get_running_loop().time() + 5
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                break
+            except ConnectionRefusedError:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+        writers.append(writer)
+        await refused_at_once(reader)  # from 127.0.0.1: not on the list
+        _, allowed = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+        writers.append(allowed)
+        transport = daemon.chardev
+        assert transport is not None
+        await until(lambda: transport.secondary_in.connected, "the allowed peer")
+        body = daemon.metrics.exposition()[0].decode()
+        assert f'{REFUSED}{{reason="not-allowed",socket="secondary_in"}} 1.0' in body
+        current = transport.secondary_in.current
+        assert current is not None and current.transport is not None
+        sock = current.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    finally:
+        for writer in writers:
+            writer.close()
+        daemon.stop()
+        await asyncio.wait_for(task, 10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("cut", ["together", "split"])
+async def test_an_impossible_length_on_primary_in_drops_the_connection_and_loses_nothing(
+    cut: str,
+) -> None:
+    """2^31 bytes announced: the connection goes, a checkpoint is asked for (desync), the
+    frame received whole before it is held and released by that checkpoint."""
+    async with world(delay=0.05) as w:
+        qemu = w.qemu
+        assert w.engine is not None
+        before = [eth(udp(b"received whole before the bad length"))]
+        after = [eth(udp(b"behind the bad length: never read"))]
+        bad = frame_header(2**31, 0 if qemu.vnet else None)
+        stream = qemu.frames(before) + bad + b"\x00" * 64 + qemu.frames(after)
+        if cut == "together":
+            await qemu.send(qemu.pin, stream)
+        else:
+            split = len(qemu.frames(before)) + 2
+            await qemu.send(qemu.pin, stream[:split])
+            await until(
+                lambda: w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1,
+                "the whole frame held",
+            )
+            await qemu.send(qemu.pin, stream[split:])
+        await until(
+            lambda: metric(w, 'coloproxy_chardev_connected{socket="primary_in"}') == 0,
+            "primary_in dropped",
+        )
+        await until(lambda: w.engine is not None and w.engine.count == 2, "the request")
+        assert w.engine.requests[1].reason == "desync"
+        assert (
+            metric(
+                w, 'coloproxy_chardev_frame_problems_total{problem="desync",socket="primary_in"}'
+            )
+            == 1
+        )
+        # Held, not lost: the checkpoint it asked for releases it.
+        assert await qemu.read_out(len(qemu.frames(before))) == qemu.frames(before)
+        # QEMU reconnects; a fresh stream is compared as usual.
+        await qemu.connect_primary()
+        later = [eth(udp(b"after the reconnect"))]
+        await qemu.send(qemu.pin, qemu.frames(later))
+        await qemu.send(qemu.sin, qemu.frames(later))
+        assert await qemu.read_out(len(qemu.frames(later))) == qemu.frames(later)
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="primary_in"}') == 2
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 2
+        assert counted(w, "primary-out:accept-checkpoint") == 1
+        assert counted(w, "primary-out:accept-matched") == 1
+        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 0
+
+
+@pytest.mark.asyncio
+async def test_an_impossible_length_on_secondary_in_drops_the_connection() -> None:
+    async with world() as w:
+        qemu = w.qemu
+        assert w.engine is not None
+        pvm = [eth(udp(b"compared before the bad length"))]
+        await qemu.send(qemu.pin, qemu.frames(pvm))
+        await until(
+            lambda: w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1, "held"
+        )
+        bad = frame_header(2**31)
+        await qemu.send(qemu.sin, qemu.frames(pvm) + bad + qemu.frames(pvm))
+        # The frame before the bad length was compared; the connection goes and coloproxy
+        # (the client here) connects again.
+        assert await qemu.read_out(len(qemu.frames(pvm))) == qemu.frames(pvm)
+        assert counted(w, "primary-out:accept-matched") == 1
+        await qemu.accept_secondary()
+        await until(lambda: w.engine is not None and w.engine.count == 2, "the request")
+        assert w.engine.requests[1].reason == "desync"
+        assert (
+            metric(
+                w, 'coloproxy_chardev_frame_problems_total{problem="desync",socket="secondary_in"}'
+            )
+            == 1
+        )
+        assert (
+            metric(w, 'coloproxy_chardev_frames_total{direction="in",socket="secondary_in"}') == 1
+        )
+        await w.engine.wait_for(2)
+        later = [eth(udp(b"after the reconnect"))]
+        await qemu.send(qemu.pin, qemu.frames(later))
+        await qemu.send(qemu.sin, qemu.frames(later))
+        assert await qemu.read_out(len(qemu.frames(later))) == qemu.frames(later)
+        assert counted(w, "primary-out:accept-matched") == 2
+
+
+@pytest.mark.asyncio
+async def test_every_frame_reaches_the_comparator_as_sent() -> None:
+    """No de-duplication in the transport: a range sent twice, the second time with other
+    bytes, reaches the comparator twice, byte for byte (the comparator judges it)."""
+    directory = Path(tempfile.mkdtemp(prefix="c5-"))
+    text = CONFIG.format(dir=directory, vnet="false", buffer=1 << 20, secondary_server="true")
+    config = parse_config(text, "c5.yaml").chardev
+    assert config is not None
+    seen: dict[str, list[bytes]] = {"primary": [], "secondary": []}
+    transport = ChardevTransport(
+        config,
+        lambda tokens, packets, now: seen["primary"].extend(packets),
+        lambda tokens, packets, now: seen["secondary"].extend(packets),
+    )
+    await transport.start()
+    writers = []
+    try:
+        frames = [
+            eth(tcp(P_ISN + 1, b"verified")),
+            eth(tcp(P_ISN + 1, b"verified")),  # a retransmission
+            eth(tcp(P_ISN + 1, b"VERIFIED")),  # the same range, other bytes
+        ]
+        for name in ("pin", "sin"):
+            _, writer = await connect(directory / name)
+            writers.append(writer)
+            writer.write(encode_frames(frames))
+            await writer.drain()
+        await until(lambda: len(seen["primary"]) + len(seen["secondary"]) == 6, "the frames")
+        assert seen == {"primary": frames, "secondary": frames}
+    finally:
+        for writer in writers:
+            writer.close()
+        await transport.close()
         shutil.rmtree(directory, ignore_errors=True)

@@ -3,6 +3,7 @@ sections (no queues with it, Ethernet framing, primary only)."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,20 @@ def test_a_chardev_primary_has_no_queues_and_ethernet_framing() -> None:
     )
     assert str(config.chardev.outdev) == "tcp:[::1]:9005,client"
     assert str(config.chardev.primary_in) == "unix:/run/c5/pin.sock,client"
+
+
+def test_an_allow_list_and_a_group() -> None:
+    text = BASE + SOCKETS.replace(
+        "server: true}", "server: true, allow: [192.0.2.7, '2001:db8::/32', 10.1.2.3/24]}"
+    )
+    config = parse_config(text + "  group: users\n", "t.yaml").chardev
+    assert config is not None and config.group == "users"
+    assert config.secondary_in.allow == (
+        ipaddress.ip_network("192.0.2.7/32"),
+        ipaddress.ip_network("2001:db8::/32"),
+        ipaddress.ip_network("10.1.2.0/24"),
+    )
+    assert config.primary_in.allow == () and config.outdev.allow == ()
 
 
 def test_without_the_section_nothing_changes() -> None:
@@ -116,7 +131,40 @@ def test_notify_and_explicit_ethernet() -> None:
             [
                 "t.yaml:13: key 'chardev.vnet': unknown key; did you mean 'vnet_hdr'? allowed"
                 " keys: primary_in, secondary_in, outdev, notify, vnet_hdr, reconnect_ms,"
-                " outdev_buffer_bytes"
+                " outdev_buffer_bytes, group"
+            ],
+        ),
+        (
+            BASE + SOCKETS.replace('"0.0.0.0:9004"', '"localhost:9004"'),
+            [
+                "t.yaml:11: key 'chardev.secondary_in.tcp': a listening socket binds one"
+                " address: give an IP address, not the host name 'localhost'"
+            ],
+        ),
+        (
+            BASE + SOCKETS.replace("server: false}", "server: false, allow: [10.0.0.2]}", 1),
+            [
+                "t.yaml:10: key 'chardev.primary_in.allow': only a listening TCP socket (tcp,"
+                " server: true) has an allow list; a unix socket is kept to its owner (and"
+                " chardev.group) by its mode"
+            ],
+        ),
+        (
+            BASE + SOCKETS.replace("server: true}", "server: true, allow: [10.0.0.2, nobody]}"),
+            [
+                "t.yaml:11: key 'chardev.secondary_in.allow[1]': expected an IP address or a"
+                " network (10.0.0.0/24), got 'nobody'"
+            ],
+        ),
+        (
+            BASE + SOCKETS.replace("server: true}", "server: true, allow: []}"),
+            ["t.yaml:11: key 'chardev.secondary_in.allow': an empty list would refuse every peer"],
+        ),
+        (
+            BASE + SOCKETS + "  group: no-such-group-here\n",
+            [
+                "t.yaml:13: key 'chardev.group': group 'no-such-group-here' does not exist on"
+                " this host"
             ],
         ),
         (

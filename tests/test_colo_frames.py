@@ -1,5 +1,6 @@
 """QEMU's chardev framing and the Xen notify words: every cut point, vnet on and off, the
-69 632-byte limit with report and resynchronisation, and a decoder that never raises."""
+69 632-byte limit as a desynchronisation that keeps every frame received before it, and a
+decoder that never raises."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from coloproxy.errors import UsageError
 from coloproxy.protocol.colo_frames import (
     MAX_FRAME,
     CheckpointDone,
+    Desynchronised,
     FrameDecoder,
     FrameEvent,
-    FrameOversized,
     NotifyDecoder,
     ProxyInitRequested,
-    Resynchronised,
     Truncated,
     UnknownNotify,
     VnetHeaderTooLong,
@@ -94,49 +94,48 @@ def test_large_frames_round_trip(vnet: bool) -> None:
         assert events == []
 
 
-def test_the_largest_frame_passes_and_one_more_byte_is_oversized() -> None:
+def test_the_largest_frame_passes_and_one_more_byte_is_a_desync() -> None:
     largest = b"x" * MAX_FRAME
     packets, _, events = decode_all(FrameDecoder(), [encode_frame(largest)])
     assert packets == [largest] and events == []
     too_big = b"y" * (MAX_FRAME + 1)
-    stream = encode_frame(too_big) + encode_frame(b"next")
+    stream = encode_frame(b"first") + encode_frame(too_big) + encode_frame(b"next")
     packets, _, events = decode_all(FrameDecoder(), [stream])
-    assert packets == [b"next"]
-    assert events == [
-        FrameOversized(MAX_FRAME + 1, MAX_FRAME, 0),
-        Resynchronised(4 + MAX_FRAME + 1, 4 + MAX_FRAME + 1),
-    ]
+    assert packets == [b"first"]  # received whole before the bad length: delivered
+    assert events == [Desynchronised(MAX_FRAME + 1, MAX_FRAME, 9, len(stream) - 9)]
 
 
 @pytest.mark.parametrize("vnet", [False, True], ids=["plain", "vnet"])
-def test_oversized_is_reported_and_skipped_at_every_cut(vnet: bool) -> None:
+def test_a_desync_keeps_what_came_before_at_every_cut(vnet: bool) -> None:
     limit = 20
     headers = [VNET[:4]] * 3 if vnet else None
     before, big, after = b"a" * 5, b"B" * 30, b"c" * 7
     stream = encode_frames([before, big, after], headers)
     big_offset = len(encode_frames([before], headers[:1] if headers else None))
-    big_end = len(stream) - len(encode_frames([after], headers[:1] if headers else None))
     length = 30 + (4 if vnet else 0)
     for pieces in cuts(stream):
         decoder = FrameDecoder(vnet_hdr=vnet, max_frame=limit)
         packets, got_headers, events = decode_all(decoder, pieces)
-        assert packets == [before, after]
+        assert packets == [before], pieces
         if headers:
-            assert got_headers == headers[:2]
-        assert events == [
-            FrameOversized(length, limit, big_offset),
-            Resynchronised(big_end - big_offset, big_end),
+            assert got_headers == headers[:1]
+        assert [(e.length, e.limit, e.offset) for e in events] == [  # type: ignore[union-attr]
+            (length, limit, big_offset)
         ], pieces
-        assert decoder.pending == 0
+        assert isinstance(events[0], Desynchronised)
+        assert (8 if vnet else 4) <= events[0].discarded <= len(stream) - big_offset
+        assert decoder.desynchronised and decoder.pending == 0
 
 
-def test_an_oversized_frame_is_never_stored() -> None:
+def test_nothing_is_decoded_or_stored_after_a_desync_until_the_stream_ends() -> None:
     decoder = FrameDecoder(max_frame=10)
-    decoder.feed(frame_header(1 << 30))
+    decoded = decoder.feed(frame_header(1 << 31))
+    assert decoded.events == [Desynchronised(1 << 31, 10, 0, 4)]
     for _ in range(100):
-        assert decoder.feed(b"z" * 65536).packets == []
-    # Skipping, not buffering: the carry buffer stays empty.
-    assert decoder.pending == (1 << 30) - 100 * 65536
+        assert decoder.feed(encode_frame(b"later") * 1000) == ([], None, [])
+    assert decoder.pending == 0  # not buffered either
+    assert decoder.end() == []  # reported already: no truncation on top
+    assert decoder.feed(encode_frame(b"fresh")).packets == [b"fresh"]
 
 
 def test_vnet_header_longer_than_its_frame_is_reported_and_delivered() -> None:
@@ -151,13 +150,10 @@ def test_vnet_header_longer_than_its_frame_is_reported_and_delivered() -> None:
 def test_a_connection_ending_inside_a_frame_is_reported_and_forgotten() -> None:
     decoder = FrameDecoder()
     decoder.feed(encode_frame(b"whole") + encode_frame(b"cut short")[:6])
-    assert decoder.end() == [Truncated(6, 9, skipping=False)]
+    assert decoder.end() == [Truncated(6, 9)]
     assert decoder.end() == []
     # The next connection starts with a length, whatever the old one left.
     assert decoder.feed(encode_frame(b"fresh")).packets == [b"fresh"]
-    skipping = FrameDecoder(max_frame=4)
-    skipping.feed(encode_frame(b"too long")[:7])
-    assert skipping.end() == [Truncated(7, 7, skipping=True)]
 
 
 def test_misuse_raises() -> None:
@@ -226,9 +222,12 @@ def test_notify_messages_at_every_cut() -> None:
         assert decoder.end() == []
 
 
-def test_notify_oversized_and_truncated() -> None:
+def test_notify_desync_and_truncated() -> None:
     decoder = NotifyDecoder(max_frame=32)
-    events = decoder.feed(encode_frame(b"x" * 40) + encode_frame(b"COLO_CHECKPOINT"))
-    assert events == [FrameOversized(40, 32, 0), Resynchronised(44, 44), CheckpointDone()]
+    done = encode_frame(b"COLO_CHECKPOINT")
+    events = decoder.feed(done + encode_frame(b"x" * 40) + done)
+    assert events == [CheckpointDone(), Desynchronised(40, 32, 19, 44 + 19)]
+    assert decoder.feed(done) == []
+    assert decoder.end() == []
     decoder.feed(b"\x00\x00")
-    assert decoder.end() == [Truncated(2, 63, skipping=False)]
+    assert decoder.end() == [Truncated(2, 0)]

@@ -3,9 +3,14 @@ all problems at once, the example files, ``coloproxy check-config``."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
+import os
 import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -85,7 +90,7 @@ def test_a_minimal_primary_gets_every_default() -> None:
             vxlan_port=4789,
             underlay=None,
         ),
-        queues=QueuesConfig(10, 11, 12, 13, 8192, 65535, 8 << 20, Transport.NETLINK),
+        queues=QueuesConfig(10, 11, 12, 13, 14, 8192, 65535, 8 << 20, Transport.NETLINK),
         compare=CompareConfig(),
         control=ControlConfig(Path("/run/coloproxy/lab.sock"), None, 16, 256),
         metrics=MetricsConfig("127.0.0.1", 9477, True),
@@ -703,3 +708,214 @@ def test_check_config_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str
         f"{bad}:11: key 'log.level': expected one of debug, info, warning, error, critical,"
         " got 'loud'\n"
     )
+
+
+# -- unreadable files and values: one line, exit 2, never a traceback or a hang --------------
+
+
+def _int_digits(count: int) -> str:
+    return "9" * count
+
+
+def _nested_flow(depth: int) -> str:
+    return "pair: " + "[" * depth + "]" * depth + "\n"
+
+
+def _nested_block(depth: int) -> str:
+    return "pair:\n" + "".join(" " * level + f"k{level}:\n" for level in range(1, depth + 1))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE + "engine: {heartbeat_port: !!int abc}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': unreadable value: 'abc' is not a valid"
+            " !!int (invalid literal for int() with base 10: 'abc')",
+        ),
+        (
+            BASE + "engine: {heartbeat_port: !!float abc}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': unreadable value: 'abc' is not a valid"
+            " !!float (could not convert string to float: 'abc')",
+        ),
+        (
+            BASE + "engine: {qmp: !!timestamp 2020-99-99}\n",
+            "t.yaml:9: key 'engine.qmp': unreadable value: '2020-99-99' is not a valid"
+            " !!timestamp (month must be in 1..12)",
+        ),
+        (
+            BASE + f"engine: {{heartbeat_port: {_int_digits(5000)}}}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': a value of 5000 characters; at most 4096",
+        ),
+        (
+            # Below the value limit: shown cut short, not as 4000 digits.
+            BASE + f"engine: {{heartbeat_port: {_int_digits(4000)}}}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': expected a UDP port from 1 to 65535, got "
+            + "9" * 57
+            + "...",
+        ),
+        (
+            BASE + "engine: {heartbeat_port: !!binary 'abc'}\n",
+            "t.yaml:9: key 'engine.heartbeat_port': unreadable value: failed to decode base64"
+            " data: Incorrect padding",
+        ),
+        (
+            BASE + "x" * 1000 + ": 1\n",
+            "t.yaml:9: key '" + "x" * 57 + "...': unknown key; allowed keys: pair, net, queues,"
+            " compare, control, metrics, engine, log, chardev",
+        ),
+        (
+            "pair: {name: a\x00b}\n",
+            "t.yaml:1: not valid YAML: unacceptable character #x0000: special characters are"
+            " not allowed",
+        ),
+        (_nested_flow(5000), "t.yaml:1: nested deeper than 32 levels"),
+        (_nested_flow(20000), "t.yaml:1: nested deeper than 32 levels"),
+        (_nested_block(40), "t.yaml:33: nested deeper than 32 levels"),
+        (
+            BASE + "compare:\n  passthrough: [" + "{protocol: udp}, " * 257 + "]\n",
+            "t.yaml:10: key 'compare.passthrough': 257 rules; at most 256",
+        ),
+        (
+            BASE + "compare:\n  passthrough: [" + "{protocol: udp}, " * 5000 + "]\n",
+            "t.yaml:10: a list or mapping of more than 4096 entries",
+        ),
+        (
+            BASE + "engine:\n  failover_object_del: [" + "f1, " * 65 + "]\n",
+            "t.yaml:10: key 'engine.failover_object_del': 65 ids; at most 64",
+        ),
+    ],
+    ids=[
+        "int",
+        "float",
+        "timestamp",
+        "5000-digits",
+        "4000-digits",
+        "binary",
+        "long-key",
+        "nul",
+        "flow-5000",
+        "flow-20000",
+        "block-40",
+        "passthrough-257",
+        "passthrough-5000",
+        "object-del-65",
+    ],
+)
+def test_unreadable_values_are_one_clear_line(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_aliases_count_at_each_use() -> None:
+    """A few anchors can stand for millions of values ("billion laughs"): counted expanded."""
+    text = (
+        BASE
+        + "a: &a [" + "1, " * 100 + "]\n"
+        + "b: &b [" + "*a, " * 100 + "]\n"
+        + "c: &c [" + "*b, " * 100 + "]\n"
+        + "compare: {passthrough: *c}\n"
+    )  # fmt: skip
+    assert problems(text) == ["t.yaml:11: more than 16384 values, aliases counted at each use"]
+
+
+def test_a_config_longer_than_the_limit(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text(BASE + "# " + "x" * (1 << 20) + "\n")
+    size = big.stat().st_size
+    with pytest.raises(ConfigError) as raised:
+        load_config(big)
+    assert str(raised.value) == f"{big}: {size} bytes; a configuration file is at most 1048576"
+    with pytest.raises(ConfigError) as raised:
+        parse_config(big.read_text(), "t.yaml")
+    assert str(raised.value) == f"t.yaml: {size} characters; a configuration is at most 1048576"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_only_a_regular_file_is_read(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / kind
+    unblock = threading.Timer(10, _open_for_writing, [path])
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes: an ordinary open() would wait forever
+        what = "a FIFO"
+        unblock.start()  # so that a reader that waits fails this test instead of hanging it
+    elif kind == "directory":
+        path.mkdir()
+        what = "a directory"
+    else:
+        path = Path("/dev/null")  # /dev/zero would be read for ever
+        what = "a character device"
+    try:
+        with pytest.raises(ConfigError) as raised:
+            load_config(path)
+    finally:
+        unblock.cancel()
+    assert str(raised.value) == f"{path}: not a regular file ({what})"
+
+
+def _open_for_writing(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(BASE.encode() + b"log: {level: \xe9}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(path)
+    assert str(raised.value) == (
+        f"{path}:9: not UTF-8: byte 0xe9 at byte {len(BASE) + 13}: invalid continuation byte"
+    )
+
+
+def _cli_cases(directory: Path) -> dict[str, Path]:
+    """Files that broke check-config once, each named for how."""
+    texts = {
+        "int": BASE + "engine: {heartbeat_port: !!int abc}\n",
+        "float": BASE + "engine: {heartbeat_port: !!float abc}\n",
+        "timestamp": BASE + "engine: {qmp: !!timestamp 2020-99-99}\n",
+        "digits": BASE + f"engine: {{heartbeat_port: {_int_digits(5000)}}}\n",
+        "deep": _nested_flow(20000),
+        "nul": "pair: {name: a\x00b}\n",
+        "huge": BASE + "compare:\n  passthrough:\n" + "    - {protocol: udp}\n" * 300_000,
+    }
+    paths = {}
+    for name, text in texts.items():
+        paths[name] = directory / f"{name}.yaml"
+        paths[name].write_text(text)
+    paths["fifo"] = directory / "fifo.yaml"
+    os.mkfifo(paths["fifo"])
+    return paths
+
+
+@pytest.mark.parametrize(
+    "case", ["int", "float", "timestamp", "digits", "deep", "nul", "huge", "fifo"]
+)
+def test_check_config_in_a_process_says_one_line(tmp_path: Path, case: str) -> None:
+    path = _cli_cases(tmp_path)[case]
+    done = subprocess.run(
+        [sys.executable, "-m", "coloproxy", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,  # a hang (a FIFO nobody writes) fails here instead of forever
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr[-2000:]
+    assert done.stderr.startswith(f"{path}"), done.stderr[:200]
+    assert done.stdout == ""
+
+
+def test_run_reads_the_config_the_same_way(tmp_path: Path) -> None:
+    path = _cli_cases(tmp_path)["fifo"]
+    done = subprocess.run(
+        [sys.executable, "-m", "coloproxy", "run", "-c", str(path), "--no-setup"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 2
+    assert done.stderr == f"run: {path}: not a regular file (a FIFO)\n"

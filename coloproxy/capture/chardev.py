@@ -8,10 +8,24 @@ QEMU's filter-redirector (or filter-mirror) on the primary writes the PVM's outp
 which puts it back on the PVM's netdev. Every socket carries QEMU's frames
 (:mod:`coloproxy.protocol.colo_frames`: length, optional vnet header length, data). Each
 socket is unix or TCP, and we listen or connect, as the QEMU chardev on the other end is
-configured; a client socket reconnects every ``reconnect_ms`` while it is down, a listening
-one takes the newest connection (a QEMU that reconnected replaces a connection whose end we
-have not seen yet). Each connection gets a fresh decoder: a frame cut by a disconnection is
-reported (``truncated``) and forgotten.
+configured; a client socket reconnects every ``reconnect_ms`` while it is down.
+
+Who may feed the comparator: whatever reaches ``primary_in`` is held as the PVM's output and
+released at the next checkpoint, whatever reaches ``secondary_in`` vouches for it. So a
+listening socket has one peer at a time: a connection that comes while one is connected is
+refused (closed at once, logged, counted ``busy``), never allowed to replace it. QEMU's own
+client chardev closes its connection before it reconnects, so it is never refused for
+itself; a peer that vanished without closing (a crashed host) is found by TCP keepalive
+within about ``KEEPALIVE_IDLE + KEEPALIVE_COUNT * KEEPALIVE_INTERVAL`` seconds, and the
+next connection is then taken. Unix sockets are created with mode 0600 (0660 and the group
+with ``chardev.group``) before ``listen()``, whatever the umask; a TCP listener accepts only
+the peers of its ``allow`` list when it has one (counted ``not-allowed`` otherwise).
+
+Each connection gets a fresh decoder: a frame cut by a disconnection is reported
+(``truncated``) and forgotten. A length above QEMU's limit means the stream lost its framing
+(``desync``): every frame received whole before it is handed on as usual, the connection is
+dropped at once (the sender starts a fresh stream on its next one) and, on an input, a
+checkpoint is asked for.
 
 Per receive: one ``loop.time()``, the decoder cuts the frames, the primary's are stored under
 fresh integer tokens and handed to the proxy in one batch (``on_primary(tokens, packets,
@@ -28,10 +42,11 @@ half of it. QEMU's colo-compare instead discards what it releases while outdev i
 disconnected. Frames already written into a connection that then breaks are lost with it,
 as with any stream socket.
 
-Problems the decoder reports (oversized frames, vnet header longer than the frame,
-truncation) are logged and counted per socket; on ``primary_in`` and ``secondary_in`` they
-mean a frame is gone, and the transport asks for a checkpoint (``on_damage``) so that the
-secondary is made equal to the primary again instead of waiting for a timeout.
+Problems the decoder reports (desync, vnet header longer than the frame, truncation) are
+logged and counted per socket; on ``primary_in`` and ``secondary_in`` a desync or a
+truncation means frames are gone, and the transport asks for a checkpoint (``on_damage``,
+the problem as its reason) so that the secondary is made equal to the primary again instead
+of waiting for a timeout.
 
 The Xen notify channel (optional): ``COLO_USERSPACE_PROXY_INIT`` is answered
 ``COLO_COMPARE_GET_XEN_INIT``; ``request_checkpoint`` writes ``DO_CHECKPOINT`` (kept until
@@ -43,6 +58,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
+import ipaddress
 import logging
 import os
 import socket
@@ -58,12 +75,11 @@ from coloproxy.config import ChardevConfig, ChardevSocket
 from coloproxy.errors import ColoproxyError, UsageError
 from coloproxy.protocol.colo_frames import (
     CheckpointDone,
+    Desynchronised,
     FrameDecoder,
     FrameEvent,
-    FrameOversized,
     NotifyDecoder,
     ProxyInitRequested,
-    Resynchronised,
     Truncated,
     UnknownNotify,
     VnetHeaderTooLong,
@@ -84,6 +100,15 @@ NOTIFY: Final = "notify"
 CONNECT_TIMEOUT: Final = 10.0
 WRITE_HIGH: Final = 1 << 20
 WRITE_LOW: Final = 256 << 10
+# TCP keepalive on every connection: we never write to an input socket, so a peer host that
+# died without a FIN would otherwise hold a listening socket's one connection for ever.
+KEEPALIVE_IDLE: Final = 5
+KEEPALIVE_INTERVAL: Final = 1
+KEEPALIVE_COUNT: Final = 5
+BACKLOG: Final = 4  # connections waiting for accept(): one peer is expected
+# Why a connection to a listening socket was refused (metric label).
+REFUSED_BUSY: Final = "busy"  # another peer is connected
+REFUSED_NOT_ALLOWED: Final = "not-allowed"  # the peer is not on the allow list
 _LENGTH: Final = struct.Struct("!I")
 _LENGTHS: Final = struct.Struct("!II")
 
@@ -101,14 +126,14 @@ class LinkFigures:
     connected: bool = False
     connections: int = 0  # connections made or accepted
     disconnections: int = 0
-    replaced: int = 0  # listening: an older connection closed for a newer one
+    refused: Counter[str] = field(default_factory=Counter)  # listening: by REFUSED_* reason
     connect_failures: int = 0  # connecting: attempts that failed
     frames_in: int = 0
     bytes_in: int = 0
     frames_out: int = 0
     bytes_out: int = 0
     problems: Counter[str] = field(default_factory=Counter)  # FrameProblem values
-    skipped_bytes: int = 0  # bytes of oversized frames skipped
+    discarded_bytes: int = 0  # received after a desync, not decoded
 
 
 OnFrames = Callable[[Sequence[object], list[bytes], float], None]
@@ -154,9 +179,11 @@ class _Link:
         on_connected: Callable[[], None] = lambda: None,
         on_disconnected: Callable[[], None] = lambda: None,
         on_writable: Callable[[bool], None] = lambda writable: None,
+        gid: int | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
+        self.gid = gid  # a unix socket we listen on: its group (mode 0660), else mode 0600
         self.reconnect = reconnect
         self.on_data = on_data
         self._on_connected = on_connected
@@ -180,17 +207,34 @@ class _Link:
             return
         try:
             if spec.path is not None:
-                _remove_stale_socket(spec.path)
-                self._server = await loop.create_unix_server(
-                    lambda: _LinkProtocol(self), str(spec.path)
-                )
+                listener = _listen_unix(spec.path, self.gid)
+                try:
+                    self._server = await loop.create_unix_server(
+                        lambda: _LinkProtocol(self), sock=listener
+                    )
+                except BaseException:
+                    listener.close()
+                    with contextlib.suppress(OSError):
+                        os.unlink(spec.path)
+                    raise
             else:
                 self._server = await loop.create_server(
-                    lambda: _LinkProtocol(self), spec.host, spec.port, reuse_address=True
+                    lambda: _LinkProtocol(self),
+                    spec.host,
+                    spec.port,
+                    reuse_address=True,
+                    backlog=BACKLOG,
                 )
         except OSError as exc:
             raise ChardevError(f"chardev {self.name}: cannot listen on {spec}: {exc}") from exc
         log.info("chardev %s: listening on %s", self.name, spec)
+        if spec.host is not None and not spec.allow and _unspecified(spec.host):
+            log.warning(
+                "chardev %s: listening on every address of this host with no allow list:"
+                " any host that reaches port %d can feed the comparator (docs/chardev.md)",
+                self.name,
+                spec.port,
+            )
 
     async def close(self) -> None:
         self._closing = True
@@ -248,29 +292,62 @@ class _Link:
     # -- connections -----------------------------------------------------------------------
 
     def attach(self, protocol: _LinkProtocol) -> None:
-        old = self.current
-        if old is not None and old.transport is not None:
-            # A listening socket: QEMU reconnected before we saw its old connection end.
-            log.warning("chardev %s: a new connection replaces the current one", self.name)
-            self.figures.replaced += 1
-            self.current = None
-            old.transport.abort()  # its connection_lost finds it is not current any more
-            self._ended()
+        transport = protocol.transport
         if self._closing:
-            if protocol.transport is not None:
-                protocol.transport.abort()
+            if transport is not None:
+                transport.abort()
+            return
+        refusal = self._refusal(protocol)
+        if refusal is not None:
+            peer = transport.get_extra_info("peername") if transport is not None else None
+            log.warning(
+                "chardev %s: refused a connection%s: %s",
+                self.name,
+                f" from {_peer(peer)}" if peer else "",
+                "another peer is connected (one at a time)"
+                if refusal == REFUSED_BUSY
+                else "not on the allow list",
+            )
+            self.figures.refused[refusal] += 1
+            if transport is not None:
+                # Before its first byte is read: asyncio starts reading only after
+                # connection_made, and never on a closing transport.
+                transport.abort()
             return
         self.current = protocol
-        transport = protocol.transport
         if transport is not None:
             transport.set_write_buffer_limits(WRITE_HIGH, WRITE_LOW)
             if self.reading_paused:
                 transport.pause_reading()
-            _set_nodelay(transport)
+            _tune_tcp(transport)
         self.figures.connected = True
         self.figures.connections += 1
         log.info("chardev %s: connected (%s)", self.name, self.spec)
         self._on_connected()
+
+    def _refusal(self, protocol: _LinkProtocol) -> str | None:
+        """Why a new connection may not be this link's, or None when it may."""
+        allow = self.spec.allow
+        if allow and protocol.transport is not None:
+            peer = protocol.transport.get_extra_info("peername")
+            try:
+                address = ipaddress.ip_address(peer[0]) if peer else None
+            except (ValueError, TypeError):
+                address = None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+                address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+            if address is None or not any(address in network for network in allow):
+                return REFUSED_NOT_ALLOWED
+        if self.current is not None:
+            # One peer at a time; QEMU closes its old connection before it reconnects.
+            return REFUSED_BUSY
+        return None
+
+    def drop(self) -> None:
+        """Close the current connection at once (its stream is of no use any more)."""
+        current = self.current
+        if current is not None and current.transport is not None:
+            current.transport.abort()  # connection_lost -> detach, as for any end
 
     def detach(self, protocol: _LinkProtocol, exc: Exception | None) -> None:
         if self.current is not protocol:
@@ -337,11 +414,54 @@ def _remove_stale_socket(path: Path) -> None:
     raise ChardevError(f"{path}: another process listens there")
 
 
-def _set_nodelay(transport: asyncio.Transport) -> None:
+def _listen_unix(path: Path, gid: int | None) -> socket.socket:
+    """A listening unix socket at ``path``, mode 0600 (0660 and group ``gid``) whatever the
+    umask: the mode is set before ``listen()``, until which every connect() is refused."""
+    _remove_stale_socket(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        try:
+            os.chmod(path, 0o600 if gid is None else 0o660)
+            if gid is not None:
+                os.chown(path, -1, gid)
+            listener.listen(BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
+def _unspecified(host: str) -> bool:
+    """0.0.0.0 or ::, which bind every address of the host."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def _tune_tcp(transport: asyncio.Transport) -> None:
+    """No Nagle delay on released frames; keepalive to find a peer that died silently."""
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
 
 
 class _SecondaryOut:
@@ -378,6 +498,12 @@ class ChardevTransport:
         self._on_damage = on_damage
         self._on_checkpoint_done = on_checkpoint_done
         reconnect = config.reconnect_ms / 1000
+        gid: int | None = None
+        if config.group is not None:
+            try:
+                gid = grp.getgrnam(config.group).gr_gid
+            except KeyError:
+                raise ChardevError(f"chardev group {config.group!r} does not exist") from None
         vnet = config.vnet_hdr
         self._vnet = vnet
         self._primary_decoder = FrameDecoder(vnet_hdr=vnet)
@@ -388,6 +514,7 @@ class ChardevTransport:
             reconnect,
             self._primary_data,
             on_disconnected=lambda: self._input_ended(self.primary_in, self._primary_decoder),
+            gid=gid,
         )
         self.secondary_in = _Link(
             SECONDARY_IN,
@@ -395,6 +522,7 @@ class ChardevTransport:
             reconnect,
             self._secondary_data,
             on_disconnected=lambda: self._input_ended(self.secondary_in, self._secondary_decoder),
+            gid=gid,
         )
         self.outdev = _Link(
             OUTDEV,
@@ -403,6 +531,7 @@ class ChardevTransport:
             self._outdev_data,
             on_connected=self._outdev_connected,
             on_writable=self._outdev_writable,
+            gid=gid,
         )
         self.notify: _Link | None = None
         self._notify_decoder = NotifyDecoder()
@@ -418,6 +547,7 @@ class ChardevTransport:
                 self._notify_data,
                 on_connected=self._notify_connected,
                 on_disconnected=self._notify_ended,
+                gid=gid,
             )
         # Held primary frames by token; their vnet headers when vnet is on.
         self._held: dict[int, bytes] = {}
@@ -484,33 +614,33 @@ class ChardevTransport:
         figures = self.primary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
+        packets = decoded.packets
+        if packets:
+            count = len(packets)
+            start = self._next_token
+            tokens = range(start, start + count)
+            self._next_token = start + count
+            self._held.update(zip(tokens, packets, strict=True))
+            headers = decoded.vnet_headers
+            if headers is not None:
+                self._held_headers.update(zip(tokens, headers, strict=True))
+            figures.frames_in += count
+            self._on_primary(tokens, packets, now)
+        # After the frames: those that came whole before a desync are held like any.
         if decoded.events:
             self._problems(self.primary_in, decoded.events, now)
-        packets = decoded.packets
-        if not packets:
-            return
-        count = len(packets)
-        start = self._next_token
-        tokens = range(start, start + count)
-        self._next_token = start + count
-        self._held.update(zip(tokens, packets, strict=True))
-        headers = decoded.vnet_headers
-        if headers is not None:
-            self._held_headers.update(zip(tokens, headers, strict=True))
-        figures.frames_in += count
-        self._on_primary(tokens, packets, now)
 
     def _secondary_data(self, data: bytes) -> None:
         decoded = self._secondary_decoder.feed(data)
         figures = self.secondary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
-        if decoded.events:
-            self._problems(self.secondary_in, decoded.events, now)
         packets = decoded.packets
         if packets:
             figures.frames_in += len(packets)
             self._on_secondary([None] * len(packets), packets, now)
+        if decoded.events:
+            self._problems(self.secondary_in, decoded.events, now)
 
     def _input_ended(self, link: _Link, decoder: FrameDecoder) -> None:
         events = decoder.end()
@@ -521,26 +651,21 @@ class ChardevTransport:
         figures = link.figures
         damaged = ""
         for event in events:
-            if isinstance(event, Resynchronised):
-                figures.skipped_bytes += event.skipped
-                log.warning(
-                    "chardev %s: back in step at stream offset %d after skipping %d bytes",
-                    link.name,
-                    event.offset,
-                    event.skipped,
-                )
-                continue
             figures.problems[event.problem.value] += 1
-            if isinstance(event, FrameOversized):
+            if isinstance(event, Desynchronised):
+                figures.discarded_bytes += event.discarded
                 log.error(
-                    "chardev %s: frame of %d bytes at stream offset %d is above QEMU's limit "
-                    "of %d; skipping it (colo-compare would stop reading this socket)",
+                    "chardev %s: a frame length of %d at stream offset %d is above QEMU's "
+                    "limit of %d: the stream lost its framing; dropping the connection (%d "
+                    "bytes received after it discarded)",
                     link.name,
                     event.length,
                     event.offset,
                     event.limit,
+                    event.discarded,
                 )
-                damaged = "oversized"
+                link.drop()
+                damaged = event.problem.value
             elif isinstance(event, VnetHeaderTooLong):
                 log.error(
                     "chardev %s: frame at stream offset %d has a vnet header length of %d "
@@ -556,7 +681,7 @@ class ChardevTransport:
                     link.name,
                     event.pending,
                 )
-                damaged = "truncated"
+                damaged = damaged or event.problem.value
         if damaged and (link is self.primary_in or link is self.secondary_in):
             self._on_damage(damaged, now)
 

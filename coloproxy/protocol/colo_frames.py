@@ -13,12 +13,13 @@ QEMU's filter-mirror, filter-redirector and colo-compare pass packets over strea
 The receiver's buffer is ``NET_BUFSIZE`` (4096 + 65536 = 69 632 bytes, include/net/net.h).
 QEMU, given a larger L, prints "serious error: oversized packet received" and stops reading
 that chardev for good (colo-compare unregisters its handlers): every later packet on it is
-lost without a word. :class:`FrameDecoder` instead reports :class:`FrameOversized` as soon as
-the length is read, skips exactly L bytes without storing them and reports
-:class:`Resynchronised` when the next frame begins. If L was honest (a sender that built a
-frame too big) the stream is back in step; if L was garbage the stream had lost its framing
-anyway, and the skip ends at some point after which frames parse again or are reported
-again. A vnet header length larger than the frame is reported (:class:`VnetHeaderTooLong`)
+lost without a word. No QEMU filter can send such a frame to a QEMU receiver, so a larger L
+means the stream lost its framing (or someone else is writing it). :class:`FrameDecoder`
+reports :class:`Desynchronised` as soon as that length is read, after delivering every
+frame that came whole before it, and decodes nothing more until :meth:`FrameDecoder.end`:
+the shell drops the connection and the sender starts a fresh stream on its next one.
+Trusting L instead (skipping L bytes) would let a length of 2^31 swallow gigabytes of later
+frames. A vnet header length larger than the frame is reported (:class:`VnetHeaderTooLong`)
 and the frame is still delivered, with an empty packet to compare, so that the shell can hold
 and release it unchanged (a primary frame is never dropped: I2).
 
@@ -62,27 +63,22 @@ _LENGTHS: Final = struct.Struct("!II")
 class FrameProblem(StrEnum):
     """What can be wrong with a stream of frames; also the metric label."""
 
-    OVERSIZED = "oversized"
+    DESYNC = "desync"  # a length above QEMU's limit: the framing is lost
     VNET_HEADER_TOO_LONG = "vnet-header-too-long"
     TRUNCATED = "truncated"
 
 
 @dataclass(frozen=True, slots=True)
-class FrameOversized:
-    """A frame announced ``length`` bytes, above ``limit``: it is skipped, not stored."""
+class Desynchronised:
+    """A frame announced ``length`` bytes, above ``limit``: the stream lost its framing.
+    Nothing from ``offset`` on is decoded; ``discarded`` bytes received so far from there
+    (the bad length included) were not used. The connection must go."""
 
     length: int
     limit: int
-    offset: int  # stream offset of the frame's first length byte
-    problem: FrameProblem = FrameProblem.OVERSIZED
-
-
-@dataclass(frozen=True, slots=True)
-class Resynchronised:
-    """The skip after an oversized frame is over: the next frame starts at ``offset``."""
-
-    skipped: int
-    offset: int
+    offset: int  # stream offset of the bad length's first byte
+    discarded: int
+    problem: FrameProblem = FrameProblem.DESYNC
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,11 +97,10 @@ class Truncated:
 
     pending: int
     offset: int
-    skipping: bool  # inside the skip of an oversized frame
     problem: FrameProblem = FrameProblem.TRUNCATED
 
 
-FrameEvent = FrameOversized | Resynchronised | VnetHeaderTooLong | Truncated
+FrameEvent = Desynchronised | VnetHeaderTooLong | Truncated
 
 
 class Decoded(NamedTuple):
@@ -121,7 +116,7 @@ class FrameDecoder:
 
     ``vnet_hdr`` must match the sender's ``vnet_hdr_support``: the framing carries no marker
     that would tell. ``max_frame`` is the largest data length accepted (QEMU's limit by
-    default: a larger frame could not be passed on to QEMU anyway).
+    default: QEMU can neither receive nor pass on a larger frame).
     """
 
     def __init__(self, vnet_hdr: bool = False, max_frame: int = MAX_FRAME) -> None:
@@ -130,42 +125,45 @@ class FrameDecoder:
         self.vnet_hdr = vnet_hdr
         self.max_frame = max_frame
         self._carried = b""
-        self._skip = 0  # bytes of an oversized frame still to skip
-        self._skipped = 0  # bytes skipped so far in the current skip
+        self.desynchronised = False  # a bad length was read: nothing more until end()
         self.offset = 0  # stream bytes consumed before the carry buffer
         self.frames = 0  # frames delivered
 
     @property
     def pending(self) -> int:
-        """Bytes received that do not yet form a whole frame (or are being skipped)."""
-        return len(self._carried) + self._skip
+        """Bytes received that do not yet form a whole frame."""
+        return len(self._carried)
 
     def feed(self, data: bytes) -> Decoded:
-        """The frames ``data`` completes, with the problems found on the way."""
+        """The frames ``data`` completes, with the problems found on the way. After a
+        :class:`Desynchronised` the stream is not read any more: nothing is decoded."""
         events: list[FrameEvent] = []
-        if self._skip:
-            if len(data) < self._skip:
-                self._skip -= len(data)
-                self._skipped += len(data)
-                self.offset += len(data)
-                return Decoded([], [] if self.vnet_hdr else None, events)
-            data = data[self._skip :]
-            self.offset += self._skip
-            events.append(Resynchronised(self._skipped + self._skip, self.offset))
-            self._skip = self._skipped = 0
+        if self.desynchronised:
+            return Decoded([], [] if self.vnet_hdr else None, events)
         if self._carried:
             data = self._carried + data
         if self.vnet_hdr:
-            packets, headers, position = self._vnet(data, events)
+            packets, headers, position, bad = self._vnet(data, events)
         else:
-            packets, position = self._plain(data, events)
+            packets, position, bad = self._plain(data)
             headers = None
+        if bad is not None:
+            # Every frame before the bad length is delivered (a primary frame received
+            # whole is held, never lost); the rest of what came is of no use.
+            events.append(
+                Desynchronised(bad, self.max_frame, self.offset + position, len(data) - position)
+            )
+            self.desynchronised = True
+            self._carried = b""
+        else:
+            self._carried = data[position:] if position < len(data) else b""
         self.offset += position
-        self._carried = data[position:] if position < len(data) else b""
         self.frames += len(packets)
         return Decoded(packets, headers, events)
 
-    def _plain(self, data: bytes, events: list[FrameEvent]) -> tuple[list[bytes], int]:
+    def _plain(self, data: bytes) -> tuple[list[bytes], int, int | None]:
+        """Frames from ``data``: (packets, where the first incomplete frame starts, the bad
+        length found there or None)."""
         packets: list[bytes] = []
         append = packets.append
         unpack = _LENGTH.unpack_from
@@ -174,17 +172,18 @@ class FrameDecoder:
         available = len(data)
         while position + HEADER <= available:
             length = unpack(data, position)[0]
-            end = position + HEADER + length
             if length > limit:
-                position = self._oversized(length, position, end, available, events)
-                continue
+                return packets, position, length
+            end = position + HEADER + length
             if end > available:
                 break
             append(data[position + HEADER : end])
             position = end
-        return packets, position
+        return packets, position, None
 
-    def _vnet(self, data: bytes, events: list[FrameEvent]) -> tuple[list[bytes], list[bytes], int]:
+    def _vnet(
+        self, data: bytes, events: list[FrameEvent]
+    ) -> tuple[list[bytes], list[bytes], int, int | None]:
         packets: list[bytes] = []
         headers: list[bytes] = []
         unpack = _LENGTHS.unpack_from
@@ -193,12 +192,10 @@ class FrameDecoder:
         available = len(data)
         while position + VNET_HEADER <= available:
             length, vnet_len = unpack(data, position)
+            if length > limit:
+                return packets, headers, position, length
             start = position + VNET_HEADER
             end = start + length
-            if length > limit:
-                # The skip starts after both lengths: they were read already.
-                position = self._oversized(length, position, end, available, events)
-                continue
             if end > available:
                 break
             if vnet_len > length:
@@ -209,33 +206,17 @@ class FrameDecoder:
                 headers.append(data[start : start + vnet_len])
                 packets.append(data[start + vnet_len : end])
             position = end
-        return packets, headers, position
-
-    def _oversized(
-        self, length: int, position: int, end: int, available: int, events: list[FrameEvent]
-    ) -> int:
-        """Report a frame above the limit; skip it. Returns where parsing goes on."""
-        events.append(FrameOversized(length, self.max_frame, self.offset + position))
-        if end <= available:
-            events.append(Resynchronised(end - position, self.offset + end))
-            return end
-        # The rest of the frame has not come yet: skip it as it arrives.
-        self._skip = end - available
-        self._skipped = available - position
-        return available
+        return packets, headers, position, None
 
     def end(self) -> list[FrameEvent]:
         """The stream ended (connection closed): report a cut frame, and start afresh (a new
-        connection starts with a length, whatever the old one left)."""
+        connection starts with a length, whatever the old one left). A desynchronised
+        stream was reported already."""
         events: list[FrameEvent] = []
-        if self._carried or self._skip:
-            events.append(
-                Truncated(
-                    len(self._carried) or self._skipped, self.offset, skipping=bool(self._skip)
-                )
-            )
+        if self._carried:
+            events.append(Truncated(len(self._carried), self.offset))
         self._carried = b""
-        self._skip = self._skipped = 0
+        self.desynchronised = False
         self.offset = 0
         return events
 
@@ -302,8 +283,8 @@ NotifyEvent = ProxyInitRequested | CheckpointDone | UnknownNotify | FrameEvent
 class NotifyDecoder:
     """The notify channel's messages from a byte stream; one decoder per connection.
 
-    The words are short: a frame above ``max_frame`` is reported oversized and skipped
-    like any (QEMU would accept up to 69 632 bytes and then not recognise it).
+    The words are short; a frame above ``max_frame`` desynchronises the channel like any
+    stream (QEMU would accept up to 69 632 bytes and then not recognise it).
     """
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
@@ -311,7 +292,7 @@ class NotifyDecoder:
 
     def feed(self, data: bytes) -> list[NotifyEvent]:
         decoded = self._frames.feed(data)
-        events: list[NotifyEvent] = list(decoded.events)
+        events: list[NotifyEvent] = []
         for message in decoded.packets:
             if message == NOTIFY_PROXY_INIT:
                 events.append(ProxyInitRequested())
@@ -319,6 +300,7 @@ class NotifyDecoder:
                 events.append(CheckpointDone())
             else:
                 events.append(UnknownNotify(message[:NOTIFY_SHOWN], len(message)))
+        events += decoded.events  # a desync comes after every word received before it
         return events
 
     def end(self) -> list[NotifyEvent]:
@@ -345,14 +327,13 @@ __all__ = [
     "VNET_HEADER",
     "CheckpointDone",
     "Decoded",
+    "Desynchronised",
     "FrameDecoder",
     "FrameEvent",
-    "FrameOversized",
     "FrameProblem",
     "NotifyDecoder",
     "NotifyEvent",
     "ProxyInitRequested",
-    "Resynchronised",
     "Truncated",
     "UnknownNotify",
     "VnetHeaderTooLong",
