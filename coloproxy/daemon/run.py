@@ -136,6 +136,7 @@ class Daemon:
         self._timer: asyncio.Handle | None = None
         self._timer_due = 0.0
         self._rearm_pending = False
+        self._s_in_hold_timer: asyncio.TimerHandle | None = None
         self._stopped = asyncio.Event()
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
@@ -467,6 +468,24 @@ class Daemon:
             self.proxy.on_timer(self.loop.time())
         self._rearm()
 
+    # -- host S: S-in held across the SVM's checkpoint --------------------------------------
+
+    def _arm_s_in_hold(self) -> None:
+        if self._s_in_hold_timer is not None:
+            self._s_in_hold_timer.cancel()
+        self._s_in_hold_timer = self.loop.call_later(S_IN_HOLD_LIMIT, self._s_in_hold_expired)
+
+    def _s_in_hold_expired(self) -> None:
+        self._s_in_hold_timer = None
+        if self.secondary is not None and self.secondary.holding:
+            released = self.secondary.release_held()
+            log.warning(
+                "S-in: no RESUME %.0f s after the SVM stopped; %d held segment(s) let go with"
+                " the offsets they had (a checkpoint that did not load leaves them right)",
+                S_IN_HOLD_LIMIT,
+                released,
+            )
+
     # -- requests to engines ---------------------------------------------------------------
 
     def checkpoint_requested(self, request: CheckpointRequest) -> None:
@@ -511,6 +530,9 @@ class Daemon:
         if isinstance(message, StatusRequest):
             return self._status(now)
         if isinstance(message, CheckpointStarted):
+            if self.secondary is not None:
+                self.secondary.checkpoint_started()  # host S: the SVM stopped to load one
+                self._arm_s_in_hold()
             # Only an engine (by its credentials) gets here: the control server checks.
             if proxy is not None:
                 refused = proxy.report_started(now, message.request, client.number)
@@ -709,6 +731,11 @@ class Daemon:
 def _engine_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the checkpoint engine stopped: %r", task.exception())
+
+
+# Host S lets S-in's held segments go with the offsets they had when the SVM's RESUME has
+# not come this long after its STOP: a checkpoint pauses the guests for 10-60 ms in the lab.
+S_IN_HOLD_LIMIT = 2.0
 
 
 class _SplitSegment:

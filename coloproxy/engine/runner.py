@@ -419,6 +419,12 @@ class EngineRunner:
         if event.name == "STOP":
             if self.role is Role.PRIMARY:
                 self._schedule(scheduler.started(now, event.wall))
+            elif self.failover_task is None:
+                # The SVM stops to load a checkpoint: host S's proxy holds the client's
+                # segments until the RESUME, then shifts them with the offsets of the new
+                # state (docs/data-path.md, "Host S across a checkpoint").
+                stopped = CheckpointStarted(time=event.wall)
+                self._control_lane.put("svm-stopped", lambda: self._notify(stopped))
         elif event.name == "RESUME":
             if self.role is Role.PRIMARY:
                 if self._entry_checkpoint is not None and scheduler.phase is Phase.RUNNING:
