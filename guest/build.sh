@@ -153,6 +153,14 @@ cat >"$root/www/cgi-bin/memcheck" <<'EOF'
 printf 'Content-Type: text/plain\r\n\r\n'
 cat /run/memcheck.status 2>/dev/null || echo "memcheck not running"
 EOF
+cat >"$root/www/cgi-bin/upload" <<'EOF'
+#!/bin/sh
+# POST: reads the whole body and answers its length and MD5 (the same on both guests).
+n=${CONTENT_LENGTH:-0}
+sum=$(head -c "$n" | md5sum)
+printf 'Content-Type: text/plain\r\n\r\n'
+echo "bytes=$n md5=${sum%% *}"
+EOF
 chmod 0755 "$root/www/cgi-bin/"*
 
 mknod -m 0600 "$root/dev/console" c 5 1

@@ -60,7 +60,7 @@ net:
 COMPARE_KEYS = (
     "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
     " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
-    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq"
+    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq, split_after, gso_above"
 )
 
 
@@ -130,6 +130,8 @@ def test_every_comparator_setting_can_be_set() -> None:
         "  flow_idle_timeout: 15.5\n"
         "  malformed_policy: release\n"
         "  secondary_seq: rewritten\n"
+        "  split_after: null\n"
+        "  gso_above: 9000\n"
         "  passthrough:\n"
         "    - {protocol: udp, guest_port: 123}\n"
         "    - peer_network: 10.0.0.0/8\n"
@@ -153,6 +155,8 @@ def test_every_comparator_setting_can_be_set() -> None:
             PassthroughRule(peer_network="10.0.0.0/8", peer_port=0),
         ),
         secondary_seq=SecondarySeq.REWRITTEN,
+        split_after=None,
+        gso_above=9000,
     )
     assert set(text.split("compare:\n")[1].split()) >= {
         f"{field.name}:" for field in dataclasses.fields(CompareConfig)
@@ -334,7 +338,8 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "queues: 5\n",
             "t.yaml:9: key 'queues': expected a mapping (primary_out, secondary_out,"
-            " secondary_in, secondary_egress, max_len, copy_range, rcvbuf, transport), got 5",
+            " secondary_in, secondary_egress, primary_split, max_len, copy_range, rcvbuf,"
+            " transport), got 5",
         ),
         (
             BASE + "  prefix: cp\n  prefix: xy\n",
@@ -358,7 +363,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "queues:\n  secondary_in: 7\n",
             "t.yaml:10: key 'queues.secondary_in': is a queue of the other role's host; role"
-            " primary uses primary_out, secondary_out",
+            " primary uses primary_out, secondary_out, primary_split",
         ),
         (
             BASE + "queues:\n  primary_out: 5\n  secondary_out: 5\n",

@@ -953,6 +953,15 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
 _MEMCHECK = re.compile(rb"memcheck seq=(\d+) steps=\d+ writes=\d+ passes=(\d+) errors=(\d+)")
 
 
+_TCPSTAT = re.compile(rb"tcpstat retrans=(\d+)")
+
+
+def guest_retransmissions(paths: LabPaths, role: str) -> int | None:
+    """The guest's TCP RetransSegs as it last printed it (once a second, guest/init), or None."""
+    found = _TCPSTAT.findall(vms.console(paths, role))
+    return int(found[-1]) if found else None
+
+
 def memcheck_lines(console: bytes) -> list[tuple[int, int, int]]:
     """The memory checker's status lines (guest/README.md): (seq, passes, errors) each."""
     return [(int(m[1]), int(m[2]), int(m[3])) for m in _MEMCHECK.finditer(console)]
