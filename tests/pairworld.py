@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import http.client
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -284,6 +285,39 @@ def http_post(path: str, body: bytes, timeout: float = 10.0) -> bytes:
         connection.close()
 
 
+def arriving(sock: socket.socket, seconds: float) -> bytes:
+    """Whatever reaches ``sock`` in the next ``seconds`` (watched the whole time, to its end
+    or until the peer closes): a test that output is held reads b"" here."""
+    deadline = time.monotonic() + seconds
+    chunks = []
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def receive_exactly(sock: socket.socket, size: int, timeout: float = 10.0) -> bytes:
+    """``size`` bytes from ``sock`` (bounded); fewer only if the peer closes first."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    received = 0
+    while received < size and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data = sock.recv(size - received)
+        if not data:
+            break
+        chunks.append(data)
+        received += len(data)
+    return b"".join(chunks)
+
+
 def sha256_line(data: bytes) -> bytes:
     return hashlib.sha256(data).hexdigest().encode() + b"\n"
 
@@ -311,9 +345,11 @@ __all__ = [
     "BIG",
     "Engine",
     "PairWorld",
+    "arriving",
     "http_get",
     "http_post",
     "os",
+    "receive_exactly",
     "sha256_line",
     "tcp_echo",
     "udp_echo",

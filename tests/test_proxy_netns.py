@@ -16,14 +16,34 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from coloproxy.capture import read_queue_stats
 from coloproxy.control import ControlClient, ControlRefusedError
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6
 from coloproxy.protocol import AttachLan, ClientRole, Mode, ProxyRole
-from netfixtures import snapshot, topology_fixture
-from pairworld import BIG, PairWorld, http_get, http_post, sha256_line, tcp_echo, udp_echo
+from netfixtures import QUEUES, snapshot, topology_fixture
+from pairworld import (
+    BIG,
+    PairWorld,
+    arriving,
+    http_get,
+    http_post,
+    receive_exactly,
+    sha256_line,
+    tcp_echo,
+    udp_echo,
+)
 
 pytestmark = pytest.mark.root
+
+
+# guestd's answer to GET /diverge from the PVM: the SVM's differs from "primary" on.
+DIVERGE_HEADERS = (
+    b"HTTP/1.1 200 OK\r\nServer: guestd \r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 26\r\n\r\n"
+)
+DIVERGE_BODY = b"variant: primary.........\n"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +83,7 @@ def test_an_injected_divergence_is_one_request_with_flow_and_evidence(world: Pai
     before = len(world.engine.requests)
     status, body, port = world.client(http_get, "/diverge")
     assert status == 200
-    assert body == b"variant: primary.........\n"  # the primary's bytes, after the checkpoint
+    assert body == DIVERGE_BODY  # the primary's bytes, after the checkpoint
     requests = world.engine.requests[before:]
     assert [r.reason for r in requests] == ["payload"], world.diagnose()
     (request,) = requests
@@ -72,11 +92,38 @@ def test_an_injected_divergence_is_one_request_with_flow_and_evidence(world: Pai
     assert request.evidence.primary[request.evidence.before :].startswith(b"primary")
     assert request.evidence.secondary[request.evidence.before :].startswith(b"secondary")
     # the differing byte's stream offset: the response headers, then "variant: "
-    headers = (
-        b"HTTP/1.1 200 OK\r\nServer: guestd \r\nDate: Thu, 01 Jan 1970 00:00:00 GMT\r\n"
-        b"Content-Type: application/octet-stream\r\nContent-Length: 26\r\n\r\n"
-    )
-    assert request.evidence.offset == len(headers) + len(b"variant: ")
+    assert request.evidence.offset == len(DIVERGE_HEADERS) + len(b"variant: ")
+
+
+def test_diverged_output_reaches_the_client_only_after_the_checkpoint(world: PairWorld) -> None:
+    """Output commit on the NFQUEUE path (I1): the engine double holds the checkpoint open;
+    from the divergence to ``checkpoint-completed`` the client gets nothing of the diverged
+    bytes (the headers before them match, and may come), neither while the request waits
+    nor while the checkpoint runs; after it, all of the primary's response."""
+    engine = world.engine
+    assert engine is not None
+    before = len(engine.requests)
+    connection = world.topology.run_in("client", socket.create_connection, (GUEST_IPV4, 80), 5)
+    with connection, engine.holding():
+        connection.sendall(b"GET /diverge HTTP/1.1\r\nHost: guest\r\n\r\n")
+        engine.wait_for_requests(before + 1)
+        assert [r.reason for r in engine.pending] == ["payload"], world.diagnose()
+        # The request names a segment compared with the PVM's, which is held by then.
+        early = arriving(connection, 1.0)
+        assert DIVERGE_HEADERS.startswith(early), f"unverified output reached the client: {early!r}"
+        asked = world.status()
+        assert (asked.checkpoint_requested, asked.checkpointing) == (True, False)
+        assert asked.held_packets > 0
+        engine.start()
+        early += arriving(connection, 0.5)
+        running = world.status()
+        assert (running.checkpoint_requested, running.checkpointing) == (True, True)
+        assert running.held_packets > 0
+        assert DIVERGE_HEADERS.startswith(early), f"unverified output reached the client: {early!r}"
+        engine.complete()
+        response = DIVERGE_HEADERS + DIVERGE_BODY
+        rest = receive_exactly(connection, len(response) - len(early))
+    assert early + rest == response
 
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
@@ -125,23 +172,89 @@ def fresh(tmp_path: Path) -> Iterator[PairWorld]:
 
 
 def test_overflow_is_a_checkpoint_not_a_drop(fresh: PairWorld) -> None:
+    """At the stored-bytes bound the proxy asks for a checkpoint and drops nothing: the
+    kernel queued every P-out packet once and we accepted each (TCP retransmission would
+    repair drops, so the body arriving whole would prove nothing)."""
     assert fresh.engine is not None
     status, body, _ = fresh.client(http_get, "/big")
     assert (status, body == BIG) == (200, True)
     assert "overflow" in fresh.engine.reasons()
+    queues = {QUEUES.primary_out: "primary-out", QUEUES.secondary_out: "secondary-out"}
+
+    def settled() -> bool:  # every packet queued on P-out has its verdict
+        stats = read_queue_stats(netns=fresh.topology.ns("hp"))[QUEUES.primary_out]
+        return stats.queue_total == 0 and fresh.status().counters["released"] == stats.id_sequence
+
+    fresh.wait_until(settled, what="a verdict for every P-out packet the kernel queued")
+    kernel = read_queue_stats(netns=fresh.topology.ns("hp"))
+    assert {
+        name: (kernel[number].queue_dropped, kernel[number].user_dropped)
+        for number, name in queues.items()
+    } == {name: (0, 0) for name in queues.values()}
+    samples = [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(fresh.scrape())
+        for sample in family.samples
+    ]
+    families = ("coloproxy_nfqueue_queue_dropped_total", "coloproxy_nfqueue_user_dropped_total")
+    dropped = {(name, labels["name"]): value for name, labels, value in samples if name in families}
+    assert sorted(dropped) == sorted(
+        (name, queue) for name in families for queue in queues.values()
+    )
+    assert set(dropped.values()) == {0.0}, dropped
+    # The proxy itself never drops a PVM packet: every P-out verdict was an accept.
+    verdicts = {
+        labels["verdict"]
+        for name, labels, _ in samples
+        if name == "coloproxy_packets_total" and labels["queue"] == "primary-out"
+    }
+    assert verdicts == {"accept"}
+    held = fresh.status()
+    assert held.held_packets == 0 and held.counters["released"] > len(BIG) // 65536
 
 
-def test_killed_proxy_stops_output_and_a_restart_asks_for_a_checkpoint_first(
+def test_killed_proxy_stops_output_and_a_restart_holds_everything_until_a_checkpoint(
     fresh: PairWorld,
 ) -> None:
-    assert fresh.engine is not None
+    """Fail closed while no proxy runs; a restarted proxy asks for a checkpoint first and
+    releases nothing, not even output the SVM matches, until it completed (I6)."""
+    engine = fresh.engine
+    assert engine is not None
     fresh.kill_primary()
-    with pytest.raises(OSError):
-        fresh.client(http_get, "/", socket.AF_INET, 2.0)  # fail closed: nothing gets through
-    seen = len(fresh.engine.requests)
-    fresh.start_primary()
-    fresh.wait_until(lambda: len(fresh.engine.requests) > seen, what="a request after the restart")
-    assert fresh.engine.requests[seen].reason == "restart"
+    dead = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with dead:
+        dead.setblocking(False)
+        assert dead.connect_ex((GUEST_IPV4, 80)) == errno.EINPROGRESS
+        _, connected, _ = select.select([], [dead], [], 1.5)  # the SYN and one retransmission
+        assert not connected, "the PVM's answer passed while no proxy runs"
+    seen = len(engine.requests)
+    connection = fresh.topology.run_in("client", socket.socket, socket.AF_INET)
+    with connection:
+        with engine.holding():
+            fresh.start_primary()
+            engine.wait_for_requests(seen + 1, timeout=20)
+            assert [r.reason for r in engine.pending] == ["restart"]
+            connection.setblocking(False)
+            assert connection.connect_ex((GUEST_IPV4, 80)) == errno.EINPROGRESS
+            fresh.wait_until(
+                lambda: fresh.status().held_packets > 0, timeout=10, what="the PVM's SYN-ACK held"
+            )
+            _, connected, _ = select.select([], [connection], [], 1.0)
+            assert not connected, "the PVM's SYN-ACK reached the client before the checkpoint"
+            frozen = fresh.status()
+            assert (frozen.checkpoint_requested, frozen.checkpointing, frozen.epoch) == (
+                True,
+                True,
+                0,
+            )
+            assert frozen.held_packets > 0 and frozen.counters["released"] == 0
+            engine.complete()
+            _, connected, _ = select.select([], [connection], [], 5.0)
+            assert connected and connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        connection.setblocking(True)
+        connection.sendall(b"GET / HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n")
+        response = receive_exactly(connection, 1 << 16)
+    assert response.endswith(b"\r\n\r\n" + b"hello from the guest\n" * 10)
     status, body, _ = fresh.client(http_get, "/")
     assert status == 200 and body == b"hello from the guest\n" * 10
 
