@@ -57,6 +57,7 @@ from coloproxy.capture.netlink import (
 )
 from coloproxy.capture.nfqueue import in_netns
 from coloproxy.errors import InputError, UsageError
+from netfixtures import require_root_and_netns, setup_step
 
 CLIENT = "10.204.1.1"
 SERVER = "10.204.2.1"
@@ -69,8 +70,7 @@ SILENCE = 0.25  # how long "nothing arrives" is watched
 TRANSPORTS = [Transport.NETFILTERQUEUE, Transport.NETLINK]
 
 
-def sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True)
+sh = setup_step  # a kernel without a feature skips the test; any other set-up error fails it
 
 
 class Lab:
@@ -125,14 +125,13 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces and NFQUEUE rules")
+    require_root_and_netns()
     lab = Lab()
     try:
         lab.up()
-    except (OSError, subprocess.CalledProcessError) as exc:
+    except BaseException:  # a skip (feature missing) or a set-up error: leave nothing behind
         lab.down()
-        pytest.skip(f"cannot build namespaces here: {exc}")
+        raise
     try:
         yield lab
     finally:

@@ -16,6 +16,7 @@ from coloproxy.capture import QueueConfig, QueueStats, Transport, open_queue
 from coloproxy.capture.nfqueue import in_netns
 from coloproxy.capture.stats import parse_queue_stats, read_queue_stats
 from coloproxy.errors import InputError
+from netfixtures import require_root_and_netns, setup_step
 
 # Two queues as the kernel prints them ("%5u %6u %5u %1u %5u %5u %5u %8u %2d\n").
 SAMPLE = """\
@@ -62,21 +63,16 @@ def test_read_a_file(tmp_path: Path) -> None:
 
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    """One namespace of our own whose OUTPUT to UDP port 9499 on loopback goes to queue 49."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates a network namespace")
+    """One namespace of our own whose OUTPUT to UDP port 9499 on loopback goes to queue 49.
+    Skipped only when not root or a kernel feature is missing; a set-up error fails."""
+    require_root_and_netns()
     name = f"cqs{os.getpid() % 100000}"
+    setup_step("ip", "netns", "add", name)
     try:
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc}")
-    try:
-        for cmd in (
-            ["ip", "-n", name, "link", "set", "lo", "up"],
-            ["ip", "netns", "exec", name, "iptables", "-A", "OUTPUT", "-o", "lo", "-p", "udp",
-             "--dport", "9499", "-j", "NFQUEUE", "--queue-num", "49"],
-        ):  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True)
+        setup_step("ip", "-n", name, "link", "set", "lo", "up")
+        rule = ["OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9499"]
+        setup_step("ip", "netns", "exec", name, "iptables", "-A", *rule,
+                   "-j", "NFQUEUE", "--queue-num", "49")  # fmt: skip
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
