@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,13 @@ def namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
+async def settle(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Until ``condition()`` holds (bounded), letting the loop run meanwhile."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
 @pytest.mark.root
 @pytest.mark.asyncio
 @pytest.mark.parametrize("transport", [Transport.NETFILTERQUEUE, Transport.NETLINK])
@@ -95,10 +102,10 @@ async def test_live_file_while_a_queue_is_bound(namespace: str, transport: Trans
         with sender:
             for _ in range(4):
                 sender.sendto(b"x", ("127.0.0.1", 9499))
-        async with asyncio.timeout(2):
-            while len(held) < 3:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        # The kernel has decided on all four once the fourth is counted dropped.
+        await settle(
+            lambda: len(held) >= 3 and read_queue_stats(netns=namespace)[49].queue_dropped >= 1
+        )
         assert len(held) == 3
         stats = read_queue_stats(netns=namespace)[49]
         # Held packets count in queue_total until their verdict; the fourth found the queue
@@ -108,8 +115,8 @@ async def test_live_file_while_a_queue_is_bound(namespace: str, transport: Trans
         assert (stats.queue_dropped, stats.user_dropped) == (1, 0)
         for handle in held:
             queue.accept(handle)
-        await asyncio.sleep(0.05)  # the netlink transport sends verdicts one iteration later
-        assert read_queue_stats(netns=namespace)[49].queue_total == 0
+        # The netlink transport sends verdicts one loop iteration later.
+        await settle(lambda: read_queue_stats(netns=namespace)[49].queue_total == 0)
     finally:
         queue.close()
     assert 49 not in read_queue_stats(netns=namespace)
