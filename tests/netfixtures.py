@@ -289,6 +289,10 @@ class Sniffer:
             if address[2] != PACKET_OUTGOING:
                 self._received.append(frame)
 
+    def frames(self) -> list[bytes]:
+        """The frames received so far."""
+        return list(self._received)
+
     def stop(self) -> list[bytes]:
         self._stop.set()
         self._thread.join()
@@ -387,10 +391,12 @@ while True:
 
 class Consumer:
     """The accept-all NFQUEUE consumers as subprocesses: host P's queues in its namespace,
-    host S's in its own."""
+    host S's in its own. What they saw is readable while they run (``records``)."""
 
     def __init__(self, topology: Topology, queues: QueueNumbers) -> None:
         self._processes: list[subprocess.Popen[str]] = []
+        self._records: list[dict[str, Any]] = []
+        self._readers: list[threading.Thread] = []
         for where, numbers in (
             ("hp", [queues.primary_out, queues.secondary_out]),
             ("hs", [queues.secondary_in, queues.secondary_egress]),
@@ -410,14 +416,33 @@ class Consumer:
                     started.kill()
                 _, errors = process.communicate()
                 raise RuntimeError(f"NFQUEUE consumer did not start in {where}: {first!r} {errors}")
+        for process in self._processes:
+            reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("{"):
+                self._records.append(json.loads(line))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The packets accepted so far, as the consumers printed them."""
+        return list(self._records)
 
     def stop(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
         for process in self._processes:
             process.terminate()
-            output, _ = process.communicate(timeout=5)
-            records += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-        return records
+        for process in self._processes:
+            process.wait(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=5)  # the consumer's stdout ended with it
+        for process in self._processes:
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        return self.records()
 
 
 def wait_for(predicate: Any, timeout: float = 2.0) -> bool:
