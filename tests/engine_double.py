@@ -33,8 +33,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import TypeVar
 
-from coloproxy.control import ControlClient
-from coloproxy.control.client import ControlError
+from coloproxy.control import ControlClient, ControlError
 from coloproxy.protocol import (
     CheckpointCompleted,
     CheckpointRequest,
@@ -289,12 +288,14 @@ class EngineThread:
         engine = self.engine
         assert engine is not None
 
+        done = threading.Event()
+
         def set_hold() -> None:
             engine.hold = value
+            done.set()
 
         # On the engine's loop, so that no request is half-way through the old setting.
-        done = threading.Event()
-        self._loop.call_soon_threadsafe(lambda: (set_hold(), done.set()))
+        self._loop.call_soon_threadsafe(set_hold)
         if not done.wait(5):
             raise RuntimeError("the engine double's loop does not run")
 
