@@ -55,15 +55,53 @@ _counter = itertools.count()
 
 def require_root_and_kernel() -> None:
     """Skip, saying why, when the machine cannot run namespace tests at all."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates network namespaces")
+    require_root_and_netns()
     if not Path("/proc/sys/net/bridge").is_dir():
         pytest.skip("kernel without br_netfilter (/proc/sys/net/bridge is missing)")
 
 
+def require_root_and_netns() -> None:
+    """Skip, saying why, when not root or the kernel has no network namespaces."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces")
+    if not Path("/proc/self/ns/net").exists():
+        pytest.skip("kernel without network namespaces (/proc/self/ns/net is missing)")
+
+
+# What iproute2 and iptables print when the kernel lacks what a command needs (a link type,
+# an xtables target or match): then the machine cannot run the test. Any other failure of a
+# set-up step is the set-up's own error, and fails the test.
+MISSING_KERNEL_FEATURE = (
+    "Unknown device type",  # ip link add ... type veth|bridge|vxlan
+    "No chain/target/match by that name",  # iptables (legacy)
+    "Couldn't load target",  # iptables-nft: NFQUEUE
+    "Couldn't load match",  # iptables-nft: physdev, multiport
+    "missing kernel module",  # iptables-nft: "Extension ... not supported, missing kernel module?"
+    "Address family not supported by protocol",
+)
+
+
+def setup_step(*argv: str) -> None:
+    """Run one set-up command (as root). A kernel feature it needs is missing: skip, saying
+    which; it fails otherwise: raise with its command and output, so that a broken set-up is
+    a failed test, never a silent skip."""
+    try:
+        subprocess.run(argv, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        output = f"{exc.stderr or ''}{exc.stdout or ''}".strip()
+        command = " ".join(argv)
+        if any(sign in output for sign in MISSING_KERNEL_FEATURE):
+            pytest.skip(f"the kernel lacks a feature `{command}` needs: {output}")
+        raise RuntimeError(
+            f"set-up failed: `{command}` exited {exc.returncode}: {output}"
+        ) from None
+
+
 def unique_prefix() -> str:
-    """A topology prefix no other test run uses: "cpt" + pid + a counter (<= 10 characters)."""
-    return f"cpt{os.getpid() % 100000}{next(_counter) % 100}"
+    """A topology prefix no other test run uses: "cpt" + pid + a counter, fixed widths (10
+    characters: pid 1234 counter 56 and pid 12345 counter 6 must not both be "cpt123456").
+    `coloproxy lab` uses "cplab" (coloproxy/lab/lab.py), which this never is."""
+    return f"cpt{os.getpid() % 100000:05d}{next(_counter) % 100:02d}"
 
 
 @contextlib.contextmanager
@@ -251,6 +289,10 @@ class Sniffer:
             if address[2] != PACKET_OUTGOING:
                 self._received.append(frame)
 
+    def frames(self) -> list[bytes]:
+        """The frames received so far."""
+        return list(self._received)
+
     def stop(self) -> list[bytes]:
         self._stop.set()
         self._thread.join()
@@ -349,10 +391,12 @@ while True:
 
 class Consumer:
     """The accept-all NFQUEUE consumers as subprocesses: host P's queues in its namespace,
-    host S's in its own."""
+    host S's in its own. What they saw is readable while they run (``records``)."""
 
     def __init__(self, topology: Topology, queues: QueueNumbers) -> None:
         self._processes: list[subprocess.Popen[str]] = []
+        self._records: list[dict[str, Any]] = []
+        self._readers: list[threading.Thread] = []
         for where, numbers in (
             ("hp", [queues.primary_out, queues.secondary_out]),
             ("hs", [queues.secondary_in, queues.secondary_egress]),
@@ -372,14 +416,33 @@ class Consumer:
                     started.kill()
                 _, errors = process.communicate()
                 raise RuntimeError(f"NFQUEUE consumer did not start in {where}: {first!r} {errors}")
+        for process in self._processes:
+            reader = threading.Thread(target=self._read, args=(process,), daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _read(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("{"):
+                self._records.append(json.loads(line))
+
+    def records(self) -> list[dict[str, Any]]:
+        """The packets accepted so far, as the consumers printed them."""
+        return list(self._records)
 
     def stop(self) -> list[dict[str, Any]]:
-        records: list[dict[str, Any]] = []
         for process in self._processes:
             process.terminate()
-            output, _ = process.communicate(timeout=5)
-            records += [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-        return records
+        for process in self._processes:
+            process.wait(timeout=5)
+        for reader in self._readers:
+            reader.join(timeout=5)  # the consumer's stdout ended with it
+        for process in self._processes:
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.close()
+        return self.records()
 
 
 def wait_for(predicate: Any, timeout: float = 2.0) -> bool:

@@ -2,9 +2,11 @@
 
 Used by the proxy's namespace tests. Each ``PairWorld`` gets its own topology prefix, its own
 control sockets in a temporary directory and cleans up everything it started, whatever the
-test did. The checkpoint engine is the test double (namespaces cannot be checkpointed), run
-on an event loop of its own in a thread and reconnecting when the proxy restarts; it reports
-``synced: false`` so the proxy keeps each connection's ISN offset (see docs/control-protocol.md).
+test did. The checkpoint engine is the test double (namespaces cannot be checkpointed):
+tests/engine_double.py's ``EngineThread``, on an event loop of its own in a thread and
+reconnecting when the proxy restarts; it reports ``synced: false`` so the proxy keeps each
+connection's ISN offset (see docs/control-protocol.md). A test that needs a checkpoint held
+open uses ``world.engine.holding()``.
 """
 
 from __future__ import annotations
@@ -14,32 +16,31 @@ import contextlib
 import hashlib
 import http.client
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from coloproxy.control import ControlClient
-from coloproxy.control.client import ControlError
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6, Topology
 from coloproxy.protocol import (
     AttachLan,
-    CheckpointCompleted,
-    CheckpointRequest,
-    CheckpointStarted,
     ClientRole,
     Failover,
     Mode,
     ProxyRole,
-    SetPeriod,
     Status,
     StatusRequest,
 )
+from engine_double import EngineThread
+
+# The engine double of the namespace tests (bench/proxy_bench.py imports it by this name).
+Engine = EngineThread
 
 ROOT = Path(__file__).resolve().parent.parent
 GUESTD = ROOT / "tests" / "guestd.py"
@@ -81,64 +82,6 @@ log: {{level: info}}
 """
 
 
-class Engine:
-    """The engine double on a thread: answers every request, reconnects after a restart."""
-
-    def __init__(self, path: Path, delay: float = 0.002) -> None:
-        self.path = path
-        self.delay = delay
-        self.requests: list[CheckpointRequest] = []
-        self.completed = 0
-        self._loop = asyncio.new_event_loop()
-        self._task = self._loop.create_task(self._main())
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._loop.close()
-
-    async def _main(self) -> None:
-        while True:
-            try:
-                client = await ControlClient.connect(
-                    self.path, ClientRole.ENGINE, name="test-engine", timeout=1
-                )
-            except (ControlError, OSError):
-                await asyncio.sleep(0.05)
-                continue
-            try:
-                async for push in client:
-                    if isinstance(push, SetPeriod):
-                        continue
-                    self.requests.append(push)
-                    started = time.time()
-                    await client.request(CheckpointStarted(request=push.id, time=started))
-                    await asyncio.sleep(self.delay)
-                    await client.request(
-                        CheckpointCompleted(
-                            request=push.id, started=started, completed=time.time(), synced=False
-                        )
-                    )
-                    self.completed += 1
-            except (ControlError, OSError):
-                pass
-            finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
-
-    def reasons(self) -> list[str]:
-        return [request.reason for request in self.requests]
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(timeout=5)
-
-
 class PairWorld:
     def __init__(self, topology: Topology, directory: Path, **compare: Any) -> None:
         self.topology = topology
@@ -157,7 +100,7 @@ class PairWorld:
         self.secondary_config = directory / "secondary.yaml"
         self.secondary_config.write_text(SECONDARY_CONFIG.format(socket=self.secondary_socket))
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
-        self.engine: Engine | None = None
+        self.engine: EngineThread | None = None
 
     # -- processes -------------------------------------------------------------------------
 
@@ -187,7 +130,7 @@ class PairWorld:
         )
         self.wait_for_socket(self.secondary_socket)
         self.start_primary()
-        self.engine = Engine(self.primary_socket)
+        self.engine = EngineThread(self.primary_socket)
         self.wait_until(
             lambda: self.engine is not None and self.engine.completed >= 1,
             what="the restart checkpoint",
@@ -342,6 +285,39 @@ def http_post(path: str, body: bytes, timeout: float = 10.0) -> bytes:
         connection.close()
 
 
+def arriving(sock: socket.socket, seconds: float) -> bytes:
+    """Whatever reaches ``sock`` in the next ``seconds`` (watched the whole time, to its end
+    or until the peer closes): a test that output is held reads b"" here."""
+    deadline = time.monotonic() + seconds
+    chunks = []
+    while (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def receive_exactly(sock: socket.socket, size: int, timeout: float = 10.0) -> bytes:
+    """``size`` bytes from ``sock`` (bounded); fewer only if the peer closes first."""
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
+    received = 0
+    while received < size and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([sock], [], [], left)
+        if not readable:
+            break
+        data = sock.recv(size - received)
+        if not data:
+            break
+        chunks.append(data)
+        received += len(data)
+    return b"".join(chunks)
+
+
 def sha256_line(data: bytes) -> bytes:
     return hashlib.sha256(data).hexdigest().encode() + b"\n"
 
@@ -369,9 +345,11 @@ __all__ = [
     "BIG",
     "Engine",
     "PairWorld",
+    "arriving",
     "http_get",
     "http_post",
     "os",
+    "receive_exactly",
     "sha256_line",
     "tcp_echo",
     "udp_echo",

@@ -6,7 +6,7 @@ import asyncio
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from coloproxy.capture import QueueConfig, QueueStats, Transport, open_queue
 from coloproxy.capture.nfqueue import in_netns
 from coloproxy.capture.stats import parse_queue_stats, read_queue_stats
 from coloproxy.errors import InputError
+from netfixtures import require_root_and_netns, setup_step
 
 # Two queues as the kernel prints them ("%5u %6u %5u %1u %5u %5u %5u %8u %2d\n").
 SAMPLE = """\
@@ -62,24 +63,26 @@ def test_read_a_file(tmp_path: Path) -> None:
 
 @pytest.fixture
 def namespace() -> Iterator[str]:
-    """One namespace of our own whose OUTPUT to UDP port 9499 on loopback goes to queue 49."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root: creates a network namespace")
+    """One namespace of our own whose OUTPUT to UDP port 9499 on loopback goes to queue 49.
+    Skipped only when not root or a kernel feature is missing; a set-up error fails."""
+    require_root_and_netns()
     name = f"cqs{os.getpid() % 100000}"
+    setup_step("ip", "netns", "add", name)
     try:
-        subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot create a network namespace here: {exc}")
-    try:
-        for cmd in (
-            ["ip", "-n", name, "link", "set", "lo", "up"],
-            ["ip", "netns", "exec", name, "iptables", "-A", "OUTPUT", "-o", "lo", "-p", "udp",
-             "--dport", "9499", "-j", "NFQUEUE", "--queue-num", "49"],
-        ):  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True)
+        setup_step("ip", "-n", name, "link", "set", "lo", "up")
+        rule = ["OUTPUT", "-o", "lo", "-p", "udp", "--dport", "9499"]
+        setup_step("ip", "netns", "exec", name, "iptables", "-A", *rule,
+                   "-j", "NFQUEUE", "--queue-num", "49")  # fmt: skip
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+async def settle(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    """Until ``condition()`` holds (bounded), letting the loop run meanwhile."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 @pytest.mark.root
@@ -99,10 +102,10 @@ async def test_live_file_while_a_queue_is_bound(namespace: str, transport: Trans
         with sender:
             for _ in range(4):
                 sender.sendto(b"x", ("127.0.0.1", 9499))
-        async with asyncio.timeout(2):
-            while len(held) < 3:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.05)
+        # The kernel has decided on all four once the fourth is counted dropped.
+        await settle(
+            lambda: len(held) >= 3 and read_queue_stats(netns=namespace)[49].queue_dropped >= 1
+        )
         assert len(held) == 3
         stats = read_queue_stats(netns=namespace)[49]
         # Held packets count in queue_total until their verdict; the fourth found the queue
@@ -112,8 +115,8 @@ async def test_live_file_while_a_queue_is_bound(namespace: str, transport: Trans
         assert (stats.queue_dropped, stats.user_dropped) == (1, 0)
         for handle in held:
             queue.accept(handle)
-        await asyncio.sleep(0.05)  # the netlink transport sends verdicts one iteration later
-        assert read_queue_stats(netns=namespace)[49].queue_total == 0
+        # The netlink transport sends verdicts one loop iteration later.
+        await settle(lambda: read_queue_stats(netns=namespace)[49].queue_total == 0)
     finally:
         queue.close()
     assert 49 not in read_queue_stats(netns=namespace)

@@ -28,7 +28,7 @@ from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
 from coloproxy.daemon.run import Daemon
-from coloproxy.protocol import CheckpointNow, ClientRole
+from coloproxy.protocol import CheckpointNow, ClientRole, Status, StatusRequest
 from coloproxy.protocol.colo_frames import (
     MAX_FRAME,
     FrameDecoder,
@@ -141,9 +141,13 @@ class Qemu:
         return await asyncio.wait_for(self.out_reader.readexactly(size), timeout)
 
     async def nothing_out(self, wait: float = 0.2) -> None:
+        """Watch outdev for ``wait`` seconds: nothing may arrive (output held)."""
         assert self.out_reader is not None
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(self.out_reader.read(1), wait)
+        try:
+            data = await asyncio.wait_for(self.out_reader.read(65536), wait)
+        except TimeoutError:
+            return
+        raise AssertionError(f"output reached outdev while it must be held: {data[:64]!r}")
 
     async def close(self) -> None:
         for queue in (self.secondary, self.notify):
@@ -180,11 +184,15 @@ async def world(
     engine: bool = True,
     notify: bool = False,
     delay: float = 0.0,
+    hold: bool = False,
     buffer: int = 1 << 20,
     secondary_seq: str | None = None,
     secondary_server: bool = False,
     chardev: str = "",
 ) -> AsyncIterator[World]:
+    """The daemon, QEMU's sockets and (``engine``) the engine double, which has completed the
+    restart checkpoint when this yields; with ``hold`` it holds that one open, and every later
+    one, until the test completes them (tests/engine_double.py)."""
     directory = Path(tempfile.mkdtemp(prefix="c5-"))  # short: unix socket paths
     text = CONFIG.format(
         dir=directory,
@@ -212,9 +220,12 @@ async def world(
         await qemu.connect_outdev()
         await qemu.accept_secondary()
         if engine:
-            fake = FakeEngine(directory / "ctl.sock", delay=delay)
+            fake = FakeEngine(directory / "ctl.sock", delay=delay, hold=hold)
             await fake.__aenter__()
-            await fake.wait_for(1)  # the restart request (I6)
+            if hold:
+                await fake.wait_for_requests(1)  # the restart request (I6), held open
+            else:
+                await fake.wait_for(1)  # the restart request (I6), completed
         yield World(daemon, qemu, fake, directory)
     finally:
         if fake is not None:
@@ -242,6 +253,28 @@ def metric(world: World, prefix: str) -> float:
         if line.startswith(prefix):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+async def status(world: World) -> Status:
+    """The proxy's status as an operator reads it: over the control socket."""
+    async with await ControlClient.connect(
+        world.directory / "ctl.sock", ClientRole.MONITOR, name="test"
+    ) as monitor:
+        return await monitor.request(StatusRequest())
+
+
+async def holding(world: World, held: int) -> Status:
+    """Until the proxy holds ``held`` primary frames; then its status."""
+    chardev = world.daemon.chardev
+    assert chardev is not None
+    try:
+        await until(lambda: chardev.held_frames == held, f"{held} held")
+    except AssertionError as exc:
+        out = metric(world, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}')
+        raise AssertionError(
+            f"{exc}: {chardev.held_frames} held, {out:.0f} frames written to outdev"
+        ) from None
+    return await status(world)
 
 
 @pytest.mark.asyncio
@@ -295,23 +328,73 @@ async def test_resegmented_secondary_and_arbitrary_socket_cuts_match() -> None:
 
 @pytest.mark.asyncio
 async def test_a_divergence_asks_the_engine_for_a_checkpoint_and_holds_until_it() -> None:
-    async with world(delay=0.3) as w:
-        assert w.engine is not None
+    """Output commit: from the divergence to ``checkpoint-completed`` nothing reaches outdev,
+    neither while the request waits for the engine nor while the checkpoint runs."""
+    async with world(hold=True) as w:
+        engine = w.engine
+        assert engine is not None
+        await engine.complete()  # the restart checkpoint
         primary = segments(P_ISN, b"HTTP/1.0 200 OK\r\nDate: 1\r\n", [])
         secondary = rewritten(b"HTTP/1.0 200 OK\r\nDate: 2\r\n", [])
-        expected = w.qemu.frames(primary)
-        await w.qemu.send(w.qemu.pin, expected)
+        await w.qemu.send(w.qemu.pin, w.qemu.frames(primary))
         await w.qemu.send(w.qemu.sin, w.qemu.frames(secondary))
         # The SYN-ACKs match and come out; the data segment waits for the checkpoint.
         syn_ack = w.qemu.frames(primary[:1])
         assert await w.qemu.read_out(len(syn_ack)) == syn_ack
-        await until(lambda: w.engine is not None and w.engine.count == 2, "a request")
-        request = w.engine.requests[1]
+        await engine.wait_for_requests(2)
+        request = engine.requests[1]
         assert request.reason == "payload" and request.protocol == "tcp"
         assert request.evidence is not None and request.evidence.offset == 23
-        rest = w.qemu.frames(primary[1:])
-        assert await w.qemu.read_out(len(rest), timeout=5) == rest
-        await w.engine.wait_for(2)
+        # Later output of the diverged connection is held too.
+        later = [eth(tcp(P_ISN + 1 + 26, b"Server: x\r\n"))]
+        await w.qemu.send(w.qemu.pin, w.qemu.frames(later))
+        asked = await holding(w, 2)
+        assert (asked.checkpoint_requested, asked.checkpointing) == (True, False)
+        await w.qemu.nothing_out(0.5)
+        await engine.start()
+        running = await holding(w, 2)
+        assert (running.checkpoint_requested, running.checkpointing) == (True, True)
+        await w.qemu.nothing_out(0.3)
+        assert (await status(w)).held_packets == 2
+        await engine.complete()
+        rest = w.qemu.frames(primary[1:] + later)
+        assert await w.qemu.read_out(len(rest)) == rest
+        done = await status(w)
+        assert (done.held_packets, done.checkpoint_requested, done.epoch) == (0, False, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_restarted_proxy_releases_nothing_before_a_checkpoint() -> None:
+    """I6: a new proxy holds everything, even output the secondary matches exactly, until the
+    engine completes the checkpoint it asked for at start."""
+    data = random.Random(11).randbytes(3000)
+    cuts = [1448, 2896]
+    primary = segments(P_ISN, data, cuts)
+    async with world(hold=True) as w:
+        engine = w.engine
+        assert engine is not None
+        assert [(r.id, r.reason) for r in engine.pending] == [(1, "restart")]
+        expected = w.qemu.frames(primary)
+        await w.qemu.send(w.qemu.pin, expected)
+        await w.qemu.send(w.qemu.sin, w.qemu.frames(rewritten(data, cuts)))
+        frozen = await holding(w, len(primary))
+        assert (frozen.checkpoint_requested, frozen.checkpointing, frozen.epoch) == (
+            True,
+            True,
+            0,
+        )
+        await w.qemu.nothing_out(0.5)
+        assert (await status(w)).held_packets == len(primary)
+        await engine.complete()
+        assert await w.qemu.read_out(len(expected)) == expected
+        # Compared afresh from now on: matching output leaves without another request.
+        more = [eth(tcp(P_ISN + 1 + len(data), b"after the checkpoint"))]
+        await w.qemu.send(w.qemu.pin, w.qemu.frames(more))
+        await w.qemu.send(
+            w.qemu.sin, w.qemu.frames([eth(tcp(P_ISN + 1 + len(data), b"after the checkpoint"))])
+        )
+        assert await w.qemu.read_out(len(w.qemu.frames(more))) == w.qemu.frames(more)
+        assert engine.count == 1
 
 
 @pytest.mark.asyncio
@@ -386,7 +469,9 @@ async def test_a_full_outdev_buffer_holds_primary_in_and_loses_nothing() -> None
         sender = asyncio.create_task(qemu.send(qemu.pin, expected))
         await qemu.send(qemu.sin, qemu.frames(secondary))
         await until(lambda: metric(w, "coloproxy_chardev_primary_in_paused") == 1, "the hold")
-        assert not sender.done() or w.daemon.chardev is not None
+        # Held back because the released frames kept for outdev passed the bound: none lost.
+        assert w.daemon.chardev is not None and w.daemon.chardev.outdev_buffered > 65536
+        assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 0
         await qemu.connect_outdev()
         assert await qemu.read_out(len(expected), timeout=10) == expected
         await sender
@@ -449,6 +534,7 @@ async def test_xen_notify_handshake_do_checkpoint_and_colo_checkpoint() -> None:
         await qemu.send(qemu.pin, qemu.frames([eth(tcp(P_ISN + 5, b"abc"))]))
         await qemu.send(qemu.sin, qemu.frames([eth(tcp(S_ISN + 5, b"abd"))]))
         assert await word() == b"DO_CHECKPOINT"
+        await qemu.nothing_out(0.3)  # held until Xen's checkpoint, not released on the request
         writer.write(encode_frame(b"NONSENSE"))
         writer.write(encode_frame(b"COLO_CHECKPOINT"))
         diverged = qemu.frames([eth(tcp(P_ISN + 5, b"abc"))])
@@ -500,8 +586,7 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
 
 @pytest.mark.asyncio
 async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> None:
-    from coloproxy.control import ControlClient
-    from coloproxy.protocol import ClientRole, Failover, Mode, ProxyRole
+    from coloproxy.protocol import Failover, Mode, ProxyRole
 
     async with world() as w:
         qemu = w.qemu

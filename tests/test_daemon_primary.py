@@ -42,12 +42,20 @@ def make() -> tuple[PrimaryProxy, FakeQueue, FakeQueue, FakeSink]:
 def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
     proxy, primary_out, secondary_out, sink = make()
     assert [(r.id, r.reason) for r in sink.requests] == [(1, "restart")]
-    proxy.on_primary("p1", tcp(P_ISN + 1, b"stale?"), 0.1)
-    proxy.on_secondary("s1", tcp(S_ISN + 1, b"stale?"), 0.1)
+    # Output the secondary matches exactly: a comparing proxy would release it at once.
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 0.1)
+    proxy.on_secondary("s-syn", tcp(S_ISN, flags=SYN | ACK), 0.1)
+    proxy.on_primary("p1", tcp(P_ISN + 1, b"same"), 0.1)
+    proxy.on_secondary("s1", tcp(S_ISN + 1, b"same"), 0.1)
     assert primary_out.accepted == []
-    assert secondary_out.dropped == ["s1"]
-    proxy.checkpoint_completed(0.2)
-    assert primary_out.accepted == [("p1", None)]
+    assert secondary_out.dropped == ["s-syn", "s1"]
+    proxy.on_timer(50.0)  # long past every timeout: still nothing before a checkpoint
+    proxy.checkpoint_started(50.1)
+    proxy.on_primary("p2", tcp(P_ISN + 5, b"more"), 50.2)
+    assert primary_out.accepted == []
+    assert proxy.comparator.stats().held_packets == 3
+    proxy.checkpoint_completed(50.3)
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2"]
     assert proxy.outstanding is None
 
 
@@ -68,9 +76,15 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     ]
     assert proxy.counters.coalesced["timeout"] == 1
     assert secondary_out.dropped == ["s-syn", "s1", "s2"]
+    # Output commit: from the divergence to the checkpoint's completion nothing leaves, the
+    # diverged segment and those behind it included.
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1"]
     proxy.checkpoint_started(10.1)
+    proxy.on_primary("p4", tcp(P_ISN + 8, b"def"), 10.15)
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1"]
+    assert proxy.comparator.stats().held_packets == 3
     proxy.checkpoint_completed(10.2)
-    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3"]
+    assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3", "p4"]
 
 
 def test_host_s_shifts_ingress_acks_and_after_a_takeover_the_svm_output() -> None:

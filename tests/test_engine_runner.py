@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -254,6 +254,26 @@ async def world(tmp: Path) -> AsyncIterator[World]:
         await secondary_qemu.close()
 
 
+async def until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Until ``condition()`` holds (bounded): for conditions on clocks, not on messages."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        pytest.fail(f"no {what} within {timeout:.0f} s")
+
+
+async def holds(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """``condition()`` holds all along the next ``seconds`` (watched, failing at once)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        assert condition(), f"{what}: no longer true"
+        await asyncio.sleep(0.01)
+    assert condition(), f"{what}: no longer true"
+
+
 async def in_colo(w: World) -> None:
     await w.proxy.wait(lambda: w.proxy.completed_for(1) is not None, 5, "the restart request")
     engine = w.daemon.engine
@@ -330,10 +350,9 @@ async def test_set_period_and_the_primary_going_unprotected(tmp_path: Path) -> N
         assert failover.mode is Mode.UNPROTECTED
         assert failover.detail == "secondary lost (qemu-exited); running unprotected"
         assert ("x-colo-lost-heartbeat", {}) in w.primary_qemu.commands
-        # Nothing more is triggered.
+        # Nothing more is triggered: watched for four periods.
         triggers = w.primary.figures.triggers["first"]
-        await asyncio.sleep(0.2)
-        assert w.primary.figures.triggers["first"] == triggers
+        await holds(lambda: w.primary.figures.triggers["first"] == triggers, 0.2, "no trigger")
 
 
 @pytest.mark.asyncio
@@ -343,9 +362,17 @@ async def test_a_planned_daemon_restart_is_no_failover(tmp_path: Path) -> None:
     async with asyncio.timeout(30), world(tmp_path) as w:
         await in_colo(w)
         w.daemon.stop()
-        await asyncio.sleep(1.5)  # five times the failover timeout
         decider = w.primary.decider
-        assert decider is not None and decider.state is Watch.WATCHING
+        assert decider is not None
+        loop = asyncio.get_running_loop()
+        timeout = decider.config.timeout
+
+        def silent_past_the_timeout() -> bool:
+            heard = decider.heard()
+            return heard is not None and loop.time() - heard > 1.5 * timeout
+
+        await until(silent_past_the_timeout, 10, "silence past the failover timeout")
+        assert decider.state is Watch.WATCHING
         assert decider.peer_leaving
         assert not w.proxy.failovers
         request = w.proxy.request()

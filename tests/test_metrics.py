@@ -335,7 +335,9 @@ async def test_head_has_no_body(server: MetricsServer) -> None:
 async def test_connections_are_bounded(metrics: Metrics) -> None:
     async with MetricsServer(metrics, "127.0.0.1", 0, max_connections=1, request_timeout=0.5) as s:
         idle_reader, idle_writer = await asyncio.open_connection(*s.address)  # sends nothing
-        await asyncio.sleep(0.05)
+        async with asyncio.timeout(5):
+            while s._active < 1:  # until the server took the idle connection
+                await asyncio.sleep(0.005)
         assert (await http(s.address, get()))[0] == 503
         async with asyncio.timeout(5):
             late = await idle_reader.read()
