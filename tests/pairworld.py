@@ -45,6 +45,7 @@ Engine = EngineThread
 ROOT = Path(__file__).resolve().parent.parent
 GUESTD = ROOT / "tests" / "guestd.py"
 BIG = bytes((i * 131 + 7) % 251 for i in range(1 << 20))  # tests/guestd.py's /big
+SPLIT_QUEUE = 7714  # host P's queues.primary_split in PRIMARY_CONFIG
 
 PRIMARY_CONFIG = """\
 pair: {{name: t1, role: primary}}
@@ -54,7 +55,7 @@ net:
   lan_bridge: br-lan
   replication: {{local: 10.255.77.1, remote: 10.255.77.2}}
   underlay: repl
-queues: {{primary_out: 7710, secondary_out: 7711}}
+queues: {{primary_out: 7710, secondary_out: 7711, primary_split: 7714}}
 compare:
   compare_timeout: {compare_timeout}
   max_held_packets: {max_held_packets}
@@ -343,6 +344,7 @@ def tcp_echo(message: bytes, family: int, timeout: float = 5.0) -> bytes:
 
 __all__ = [
     "BIG",
+    "SPLIT_QUEUE",
     "Engine",
     "PairWorld",
     "arriving",

@@ -14,7 +14,9 @@ against the side's own chunks (a retransmission of bytes still waiting), and wha
 compared with the other side's chunks where they overlap; the overlap becomes verified and is
 removed from both, the rest is stored. Bytes that differ are a divergence at the exact offset.
 
-A held primary segment is released when, in arrival order per connection:
+A held primary segment is released when, in stream order per connection (a segment carrying
+earlier bytes than held ones, a retransmission or a piece of a split GSO packet, goes before
+them; bytes after a split packet wait until its pieces are back: ``split_end``):
 - its data range is verified,
 - its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST), and
 - its ACK is covered by the secondary's highest ACK (ACK gating: releasing an ACK the

@@ -711,7 +711,11 @@ class Daemon:
             counters={
                 "requests": sum(counters.requests.values()),
                 "coalesced": sum(counters.coalesced.values()),
-                "released": sum(v for (q, _), v in counters.packets.items() if q == "primary-out"),
+                "released": sum(
+                    v
+                    for (q, verdict), v in counters.packets.items()
+                    if q == "primary-out" and verdict != "split"
+                ),
                 "secondary_dropped": sum(
                     v for (q, _), v in counters.packets.items() if q == "secondary-out"
                 ),
