@@ -593,3 +593,35 @@ def test_no_split_without_split_after_or_below_the_mtu() -> None:
         pair.primary(stream(P_ISN, data, [])[0], "held")
         pair.secondary(stream(S_ISN, data[:100], [])[0], "part")
         assert not [e for e in pair.advance(0.5) if isinstance(e, Split)]
+
+
+# -- ack-lag: a verified segment held for the secondary's ACK ------------------------------
+
+
+def test_a_verified_segment_whose_ack_the_secondary_lacks_asks_for_a_checkpoint() -> None:
+    # The SVM dropped client data the PVM took (its window had closed): the PVM's ACK of it
+    # is held by ACK gating, and the client resends only at its RTO. A checkpoint repairs it.
+    pair = Pair(ack_lag_timeout=0.1)
+    handshake(pair)
+    assert pair.primary(tcp(P_ISN + 1, b"ok", ack=5000), "p-ack") == []
+    assert pair.secondary(tcp(S_ISN + 1, b"ok", ack=1000), "s-ack") == [
+        Drop("s-ack", DropReason.COMPARED)
+    ]
+    assert pair.advance(0.099) == []
+    (needed,) = pair.advance(0.001)
+    assert isinstance(needed, CheckpointNeeded) and needed.reason is Reason.ACK_LAG
+    assert pair.released()[1:] == []  # still held: the checkpoint releases it
+    assert pair.advance(1.0) == []  # one request per flow and epoch
+
+
+def test_no_ack_lag_when_the_secondarys_ack_comes_in_time_or_the_bytes_wait() -> None:
+    pair = Pair(ack_lag_timeout=0.1)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"ok", ack=5000), "p-ack")
+    pair.secondary(tcp(S_ISN + 1, b"ok", ack=1000), "s-data")
+    pair.advance(0.05)
+    pair.secondary(tcp(S_ISN + 3, b"", ack=5000), "s-ack")
+    assert pair.released()[1:] == ["p-ack"]
+    # Bytes the secondary has not sent yet are compare_timeout's, not ack-lag's.
+    pair.primary(tcp(P_ISN + 3, b"more", ack=6000), "p-more")
+    assert [e for e in pair.advance(0.5) if isinstance(e, CheckpointNeeded)] == []

@@ -60,7 +60,8 @@ net:
 COMPARE_KEYS = (
     "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
     " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
-    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq, split_after, gso_above"
+    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq, split_after,"
+    " ack_lag_timeout, gso_above"
 )
 
 
@@ -131,6 +132,7 @@ def test_every_comparator_setting_can_be_set() -> None:
         "  malformed_policy: release\n"
         "  secondary_seq: rewritten\n"
         "  split_after: null\n"
+        "  ack_lag_timeout: 0.2\n"
         "  gso_above: 9000\n"
         "  passthrough:\n"
         "    - {protocol: udp, guest_port: 123}\n"
@@ -156,6 +158,7 @@ def test_every_comparator_setting_can_be_set() -> None:
         ),
         secondary_seq=SecondarySeq.REWRITTEN,
         split_after=None,
+        ack_lag_timeout=0.2,
         gso_above=9000,
     )
     assert set(text.split("compare:\n")[1].split()) >= {

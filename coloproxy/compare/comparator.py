@@ -202,6 +202,7 @@ class Comparator:
     def feed(self, side: Side, data: bytes, now: float, token: object = None) -> list[Event]:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
+        self._book.now = now
         # The lanes: a TCP segment or UDP datagram of a known IPv4 flow, untagged, no IP
         # options, not a fragment, while comparing normally. One unpack reads every field
         # needed and the packet goes straight to its flow, with no Packet built; what the
@@ -639,6 +640,15 @@ class Comparator:
                 candidate = stored[0].arrival + secondary_timeout
                 if deadline is None or candidate < deadline:
                     deadline = candidate
+        ack_lag = book.ack_lag
+        if ack_lag is not None:
+            gated = book.gated_fifo
+            while gated and gated[0][1].released:
+                gated.popleft()
+            if gated:
+                candidate = gated[0][0] + ack_lag
+                if deadline is None or candidate < deadline:
+                    deadline = candidate
         split_after = book.split_after
         if split_after is not None:
             splits = book.split_fifo
@@ -663,6 +673,7 @@ class Comparator:
     def handle_timer(self, now: float) -> list[Event]:
         out: list[Event] = []
         book = self._book
+        book.now = now
         config = self.config
         # Datagram mismatches first: the reorder window is the shortest deadline, and a
         # mismatch found there is a better reason (with evidence) than a later timeout.
@@ -671,6 +682,33 @@ class Comparator:
             deadline, _, datagrams = heapq.heappop(reorder)
             if datagrams.reorder_deadline == deadline:
                 datagrams.reorder_expired(now, book, out)
+        ack_lag = book.ack_lag
+        if ack_lag is not None:
+            gated = book.gated_fifo
+            while gated and (gated[0][1].released or gated[0][0] + ack_lag <= now):
+                _, held = gated.popleft()
+                flow = held.flow
+                if held.released or flow is None or flow.diverged or flow.timed_out:
+                    continue
+                flow.timed_out = True  # one request per flow and epoch, like a timeout
+                book.request(
+                    out,
+                    Reason.ACK_LAG,
+                    flow.label.protocol,
+                    flow.label,
+                    Evidence(
+                        offset=held.start,
+                        primary=b"",
+                        secondary=b"",
+                        primary_length=held.end - held.start,
+                        secondary_length=0,
+                        before=0,
+                        detail=(
+                            f"primary segment [{held.start}, {held.end}) verified, its ACK not"
+                            f" covered by the secondary's for {ack_lag:g} s"
+                        ),
+                    ),
+                )
         split_after = book.split_after
         if split_after is not None:
             splits = book.split_fifo
@@ -802,6 +840,7 @@ class Comparator:
         book.primary_fifo.clear()
         book.secondary_fifo.clear()
         book.split_fifo.clear()
+        book.gated_fifo.clear()
         book.held_packets = 0
         book.stored_bytes = 0
         book.saturated = False

@@ -97,6 +97,13 @@ class CompareConfig:
     # SVM's next burst after an ACK is out by then (16 ms under TCG in the lab), and it is
     # a tenth of Linux's minimum RTO.
     split_after: float | None = 0.02
+    # A primary segment that is verified (or carries no data) but still held because the
+    # secondary's ACK does not cover its ACK (ACK gating) asks for a checkpoint after this
+    # long (reason ``ack-lag``). The secondary lags when it dropped client data the PVM took
+    # (its receive window closed first, docs/data-path.md): the client will resend that data
+    # only at its retransmission timeout (200 ms or more), so the bound is half of that. None:
+    # wait for compare_timeout.
+    ack_lag_timeout: float | None = 0.1
     gso_above: int = 1500
 
     def __post_init__(self) -> None:
@@ -113,6 +120,8 @@ class CompareConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"compare setting {name} must be positive")
+        if self.ack_lag_timeout is not None and self.ack_lag_timeout <= 0:
+            raise UsageError("compare setting ack_lag_timeout must be positive or None")
         if self.split_after is not None and self.split_after <= 0:
             raise UsageError("compare setting split_after must be positive or None")
         if self.gso_above < 68:

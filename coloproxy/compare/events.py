@@ -47,6 +47,8 @@ class Reason(StrEnum):
     PAYLOAD = "payload"  # bytes differ at the same stream offset, or datagrams differ
     FATE = "fate"  # the connection ends differently: FIN vs RST, FIN offsets, SYN vs RST
     TIMEOUT = "timeout"  # a primary packet stayed unmatched for compare_timeout
+    # a verified primary segment waited ack_lag_timeout for the secondary's ACK to cover it
+    ACK_LAG = "ack-lag"
     SECONDARY_ONLY = "secondary-only"  # secondary output with no primary counterpart in time
     OVERFLOW = "overflow"  # a configured bound (packets, bytes, flows, fragments) was reached
     MALFORMED = "malformed"  # a primary packet could not be parsed (policy "checkpoint")

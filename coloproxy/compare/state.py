@@ -57,6 +57,7 @@ class Held:
         "end",
         "extra",
         "flow",
+        "gated",
         "need",
         "payload",
         "released",
@@ -72,6 +73,7 @@ class Held:
         self.arrival = arrival
         self.flow = flow
         self.released = False
+        self.gated = False  # waits only for the secondary's ACK (in Book.gated_fifo)
         self.start = 0
         self.end = 0
         self.need = 0
@@ -114,6 +116,11 @@ class Book:
         self.split_after = config.split_after
         self.gso_payload = config.gso_above - 40  # a longer TCP payload is a GSO packet's
         self.split_fifo: deque[Held] = deque()
+        # Held segments that wait only for the secondary's ACK (ack_lag_timeout), in the order
+        # they came to wait (arrival order within a connection).
+        self.ack_lag = config.ack_lag_timeout
+        self.gated_fifo: deque[tuple[float, Held]] = deque()  # (since, segment)
+        self.now = 0.0  # the time of the call being handled (feed or handle_timer)
 
     def new_held(self, token: object, now: float, flow: FlowState | None) -> Held:
         self.serial += 1

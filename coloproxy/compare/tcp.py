@@ -563,6 +563,17 @@ class TcpConnection(FlowState):
                 if need & NEED_ACK:
                     max_ack = secondary.max_ack
                     if max_ack is None or (max_ack != segment.ack and seq.lt(max_ack, segment.ack)):
+                        if (
+                            not segment.gated
+                            and book.ack_lag is not None
+                            and need == NEED_ACK
+                            and (
+                                segment.end == segment.start
+                                or verified.contains(segment.start, segment.end)
+                            )
+                        ):
+                            segment.gated = True
+                            book.gated_fifo.append((book.now, segment))
                         return
                 if need != NEED_ACK:  # a SYN, FIN or RST waits for the secondary's too
                     if need & NEED_SYN and not secondary.syn:
