@@ -867,7 +867,8 @@ class Bench:
         argv = self.daemon_argv(variant, config)
         self.note_command(variant, host, argv)
         log = self.workdir / f"{role}.log"
-        log.write_bytes(b"")
+        with log.open("a") as stream:  # every start in one file (--keep), marked
+            stream.write(f"==== {now_utc()} {variant.name}: {shlex.join(argv)}\n")
         daemon = self.spawn(host, argv, log=log.name)
         wait_until(socket_path.exists, daemon, f"the {role}'s control socket", log)
         return daemon
@@ -1256,7 +1257,7 @@ def report(args: argparse.Namespace, bench: Bench, variants: list[Variant], head
                     continue
                 result = f"p50 {s.p50 * 1e6:.0f} us, p99 {s.p99 * 1e6:.0f} us"
                 vs_direct = (
-                    f"+{(s.p50 - direct.p50) * 1e6:.0f}/+{(s.p99 - direct.p99) * 1e6:.0f} us"
+                    f"{(s.p50 - direct.p50) * 1e6:+.0f}/{(s.p99 - direct.p99) * 1e6:+.0f} us"
                     if direct and variant.kind != "direct"
                     else "-"
                 )
