@@ -477,6 +477,7 @@ class Measurement:
     drops: dict[str, int] = field(default_factory=dict)  # kernel drops by queue and cause
     tcp: dict[str, int] = field(default_factory=dict)  # TCP_COUNTERS deltas, "where counter"
     requests: Counter[str] = field(default_factory=Counter)  # checkpoint requests by reason
+    evidence: list[str] = field(default_factory=list)  # the first requests' evidence details
     retransmits: int | None = None
     error: str | None = None
 
@@ -751,6 +752,11 @@ class Bench:
             result.requests = Counter(
                 f"{r.reason}{guest_port(r.flow)}" for r in engine.requests[requests0:]
             )
+            # What the comparator said about each (an overflow names the bound it hit).
+            for request in engine.requests[requests0:]:
+                detail = request.evidence.detail if request.evidence is not None else ""
+                if detail and len(result.evidence) < 3:
+                    result.evidence.append(f"{request.reason}: {detail}")
         for host in workers:
             result.cpu_user[host] = cpu1[host][0] - cpu0[host][0]
             result.cpu[host] = result.cpu_user[host] + cpu1[host][1] - cpu0[host][1]
@@ -806,6 +812,7 @@ class Bench:
                 extra += f", P-split +{m.packets['P-split']}"
             extra += "".join(f", {k} +{v}" for k, v in m.tcp.items() if v)
             extra += "".join(f", dropped ({k}) {v}" for k, v in m.drops.items())
+            extra += "".join(f"\n      {detail}" for detail in m.evidence)
             print(f"  {m.date}  round {round_}  {variant.name:34s} {workload:11s} {shown}"
                   f"  load {loadavg()}{extra}", flush=True)  # fmt: skip
 
