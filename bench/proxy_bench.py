@@ -8,11 +8,15 @@ each path variant, in interleaved rounds:
 * **direct**: no coloproxy rules at all; the client reaches the PVM through the bridges and
   the SVM gets nothing;
 * **accept-only**: host P and host S set up by ``coloproxy.net.host.setup`` (the rules,
-  mirror and tunnel ``coloproxy run`` installs) and a consumer of this script in host P's
-  namespace that accepts everything on P-out and S-in and drops S-out -- the capture
-  layer's ceiling for the same packets;
-* **proxy**: ``coloproxy run`` for host P and host S as in ``tests/pairworld.py``, with the
-  engine double of that module answering every checkpoint request after 2 ms.
+  mirror and tunnel ``coloproxy run`` installs) and a consumer of this script in each host's
+  namespace that binds the queues that host's daemon binds: in host P it accepts everything
+  on P-out (and the split queue, which no rule feeds) and drops S-out, in host S it accepts
+  everything on S-in and the secondary egress queue -- the capture layer's ceiling for the
+  same packets;
+* **proxy**: ``coloproxy run`` for host S (role secondary: S-in and the egress queue) and
+  then host P (P-out, S-out and the split queue), as ``tests/pairworld.py`` starts them and
+  with its configs plus the variant's queue settings, and the engine double of that module
+  answering every checkpoint request after 2 ms.
 
 Workloads, all from the client namespace, all deterministic (both guests send the same bytes,
 so a correct proxy asks for no checkpoint):
@@ -26,10 +30,11 @@ so a correct proxy asks for no checkpoint):
   cookies, so through the proxy it diverges all the time: not a protected measurement.
 
 Prints the date, the command, the machine's load, every measurement with its command, and
-one table at the end; asserts nothing. Needs root, iperf3, iptables (nft backend is fine).
-Traffic stays in the namespaces it creates, which are deleted at the end, whatever happens.
+tables at the end (the median of the rounds, with each round's figure); asserts nothing.
+Needs root, iperf3, iptables (nft backend is fine). Traffic stays in the namespaces it
+creates, which are deleted at the end, whatever happens.
 
-    python3 bench/proxy_bench.py [--seconds 3] [--rounds 2] [--levers] [--profile]
+    python3 bench/proxy_bench.py [--seconds 3] [--rounds 3] [--levers] [--profile]
 
 The script is also its own helper: ``_guest-bulk``, ``_client``, ``_consumer`` and
 ``_daemon`` are the processes it starts inside the namespaces (see bench/proxy_README.md).
@@ -50,6 +55,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -80,8 +86,33 @@ IPERF_PORT = 5201
 CHUNK = 16 << 20  # bytes per bulk request
 REQUEST_SIZE = 64  # bytes per request/response exchange
 WARMUP_REQUESTS = 100  # first round trips of each latency run, dropped
-QUEUES = (7710, 7711, 7712)  # P-out, S-out, S-in: tests/netfixtures.QUEUES
-QUEUE_NAMES = ("P-out", "S-out", "S-in")
+
+
+@dataclass(frozen=True)
+class Queue:
+    """One NFQUEUE queue of the pair: where it is bound and what the accept-only consumer
+    does with it (the real daemons' roles, docs/data-path.md)."""
+
+    name: str
+    number: int
+    host: Literal["hp", "hs"]  # the namespace of the host whose daemon binds it
+    accept: bool  # accept-only consumer: accept (True) or drop
+    gso: bool  # the daemon asks for whole GSO packets here (netlink transport only)
+
+
+# Numbers as in tests/netfixtures.QUEUES (host_params sets up the rules with them) plus the
+# split queue, which no rule names: host P's P-out verdicts send packets there. Queue numbers
+# are per namespace; the split queue gets its own number all the same, so that no config
+# default (14) and no rule of host P ever meets it.
+QUEUES = (
+    Queue("P-out", 7710, "hp", accept=True, gso=True),
+    Queue("S-out", 7711, "hp", accept=False, gso=True),
+    Queue("P-split", 7714, "hp", accept=True, gso=False),
+    Queue("S-in", 7712, "hs", accept=True, gso=False),  # its verdicts rewrite: never GSO
+    Queue("S-egress", 7713, "hs", accept=True, gso=False),
+)
+QUEUE_NAMES = tuple(queue.name for queue in QUEUES)
+HOSTS = {"hp": "host P", "hs": "host S"}
 ENGINE_DELAY = 0.002  # the engine double's checkpoint pause, as in tests/pairworld.py
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # A real-time priority for the worker: wake-ups then do not wait for the other processes
@@ -96,6 +127,8 @@ BULK_STALL = 5.0  # seconds without progress that fail a bulk measurement
 TCP_COUNTERS = (
     ("client", "TcpRetransSegs"),
     ("client", "TcpExtTCPTimeouts"),
+    ("pvm", "TcpRetransSegs"),
+    ("svm", "TcpRetransSegs"),
     ("svm", "TcpExtBeyondWindow"),
 )
 
@@ -248,15 +281,17 @@ def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 
 
 def consumer_main(args: argparse.Namespace) -> None:
-    """The accept-only consumer on P-out, S-out (drop) and S-in, in host P's namespace."""
+    """The accept-only consumer of one host: the queues its daemon binds, in its namespace
+    (host P: P-out, S-out dropped, P-split; host S: S-in, S-egress)."""
     from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
 
     async def consume() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
+        mine = [queue for queue in QUEUES if queue.host == args.host]
         queues: list[PacketQueue] = []
-        for number, verdict in zip(QUEUES, ("accept", "drop", "accept"), strict=True):
+        for spec in mine:
             # Verdict function of the queue once open; packets delivered during the bind
             # (the netlink transport reads them while it waits for the ack) wait in pending.
             cell: list[Callable[[Any], None] | None] = [None]
@@ -276,15 +311,15 @@ def consumer_main(args: argparse.Namespace) -> None:
                     decide(handle)
 
             config = QueueConfig(
-                number,
+                spec.number,
                 max_len=args.max_len,
                 copy_range=args.copy_range,
                 rcvbuf=args.rcvbuf,
                 batch=args.batch,
-                gso=args.gso and number != QUEUES[2],  # never on S-in (its verdicts rewrite)
+                gso=args.gso and spec.gso,  # where the daemon asks for it: P-out and S-out
             )
             queue = open_queue(config, on_packet, args.transport)
-            decide = queue.accept if verdict == "accept" else queue.drop
+            decide = queue.accept if spec.accept else queue.drop
             if args.flush_each:
                 flush = getattr(queue, "flush", lambda: None)
                 base = decide
@@ -302,7 +337,7 @@ def consumer_main(args: argparse.Namespace) -> None:
             queues.append(queue)
         print("ready", flush=True)
         await stop.wait()
-        counters = {name: queue.counters() for name, queue in zip(QUEUE_NAMES, queues, strict=True)}
+        counters = {spec.name: queue.counters() for spec, queue in zip(mine, queues, strict=True)}
         for queue in queues:
             queue.close()
         print(json.dumps({name: dataclasses.asdict(c) for name, c in counters.items()}),
@@ -316,19 +351,20 @@ def daemon_main(args: argparse.Namespace) -> int:
     """``coloproxy run`` with the levers that need a code change, patched in at run time.
 
     The patch is the change the report proposes for coloproxy/daemon/run.py: the queue
-    configs get ``gso`` (P-out and S-out, never S-in) and ``batch`` from settings.
+    configs get ``gso`` and ``batch`` from settings. ``--gso off`` turns GSO off where the
+    daemon asks for it (P-out and S-out); ``on`` and ``config`` leave the daemon's own
+    choice, which is never GSO on the split queue (the kernel must cut what comes there) or
+    on host S's queues (S-in's verdicts rewrite payloads). The same launcher runs either role.
     """
     import coloproxy.daemon.run as daemon_run
     from coloproxy.capture.nfqueue import QueueConfig
     from coloproxy.config import load_config
 
     config = load_config(args.config)
-    queues = config.queues
-    secondary_in = queues.secondary_in if queues is not None else -1
 
     def patched_queue_config(number: int, **settings: Any) -> QueueConfig:
-        if args.gso != "config":  # never on S-in: its verdicts rewrite payloads
-            settings["gso"] = args.gso == "on" and number != secondary_in
+        if args.gso == "off":
+            settings["gso"] = False
         return QueueConfig(number, batch=args.batch, **settings)
 
     daemon_run.QueueConfig = patched_queue_config  # type: ignore[attr-defined,assignment]
@@ -352,7 +388,7 @@ class Variant:
     gso: bool = True
     batch: int = 256  # QueueConfig's default; not in the config file
     rcvbuf: int = 8 << 20  # config default
-    max_len: int = 4096  # config default (QueueConfig's own is 8192)
+    max_len: int = 8192  # config default (and QueueConfig's)
     copy_range: int = 65535
     loop: str = "uvloop"  # what `coloproxy run` picks when uvloop is installed
     flush_each: bool = False  # accept-only: one send() per verdict (no verdict batching)
@@ -408,7 +444,7 @@ LEVER_VARIANTS = [
     Variant("proxy batch 1024*", "proxy", batch=1024, ceiling=CEILING),
     Variant("proxy rcvbuf 1M", "proxy", rcvbuf=1 << 20, ceiling=CEILING),
     Variant("proxy rcvbuf 32M", "proxy", rcvbuf=32 << 20, ceiling=CEILING),
-    Variant("proxy max_len 8192", "proxy", max_len=8192, ceiling=CEILING),
+    Variant("proxy max_len 4096", "proxy", max_len=4096, ceiling=CEILING),
     Variant("proxy asyncio*", "proxy", loop="asyncio", ceiling="accept netlink+GSO asyncio"),
     Variant("accept netlink+GSO fifo", "accept", fifo=True),
     Variant("proxy fifo", "proxy", fifo=True, ceiling="accept netlink+GSO fifo"),
@@ -430,15 +466,18 @@ class Measurement:
     command: str
     gbits: float | None = None
     samples: list[float] = field(default_factory=list)
-    packets: tuple[int, int, int] = (0, 0, 0)  # queued on P-out, S-out, S-in
+    packets: dict[str, int] = field(default_factory=dict)  # queued, by queue name (QUEUES)
     payload_bytes: int = 0
     seconds: float = 0.0
-    cpu: float = 0.0  # CPU seconds of the consumer or primary daemon
-    cpu_user: float = 0.0  # of which in user space (the rest: kernel work in its syscalls)
+    # CPU seconds of each host's consumer or daemon ("hp", "hs"), and of it in user space
+    # (the rest: kernel work in its syscalls, which includes forwarding what it accepts).
+    cpu: dict[str, float] = field(default_factory=dict)
+    cpu_user: dict[str, float] = field(default_factory=dict)
     machine_busy: float = 0.0  # share of all CPUs busy during the workload, everything counted
     drops: dict[str, int] = field(default_factory=dict)  # kernel drops by queue and cause
     tcp: dict[str, int] = field(default_factory=dict)  # TCP_COUNTERS deltas, "where counter"
     requests: Counter[str] = field(default_factory=Counter)  # checkpoint requests by reason
+    evidence: list[str] = field(default_factory=list)  # the first requests' evidence details
     retransmits: int | None = None
     error: str | None = None
 
@@ -499,30 +538,41 @@ def busy_fraction(seconds: float) -> float:
 # The bench
 
 
-PRIMARY_CONFIG = """\
-pair: {{name: t1, role: primary}}
-net:
-  prefix: cp
-  guest_port: guest0
-  lan_bridge: br-lan
-  replication: {{local: 10.255.77.1, remote: 10.255.77.2}}
-  underlay: repl
-queues:
-  primary_out: {queues[0]}
-  secondary_out: {queues[1]}
-  secondary_in: {queues[2]}
-  transport: {transport}
-  max_len: {max_len}
-  rcvbuf: {rcvbuf}
-  copy_range: {copy_range}
-compare:
-  compare_timeout: 1.0
-  max_held_packets: 4096
-  passthrough: [{{protocol: icmpv6, peer_network: "ff00::/8"}}]
-control: {{socket: {socket}}}
-metrics: {{listen: "127.0.0.1:9477"}}
-log: {{level: info}}
-"""
+def queue_number(name: str) -> int:
+    return next(queue.number for queue in QUEUES if queue.name == name)
+
+
+def daemon_config(role: Literal["primary", "secondary"], variant: Variant, socket: Path) -> str:
+    """The config of host P's (``primary``) or host S's daemon: tests/pairworld.py's, so that
+    the bench runs the pair the namespace tests run, with this bench's queue numbers and the
+    variant's queue settings added to each host's ``queues`` section."""
+    import yaml
+
+    from pairworld import PRIMARY_CONFIG, SECONDARY_CONFIG
+
+    if role == "primary":
+        text = PRIMARY_CONFIG.format(
+            socket=socket, compare_timeout=1.0, max_held_packets=4096, max_held_bytes=64 << 20
+        )
+        numbers = {
+            "primary_out": queue_number("P-out"),
+            "secondary_out": queue_number("S-out"),
+            "primary_split": queue_number("P-split"),
+        }
+    else:
+        text = SECONDARY_CONFIG.format(socket=socket)
+        numbers = {
+            "secondary_in": queue_number("S-in"),
+            "secondary_egress": queue_number("S-egress"),
+        }
+    config = yaml.safe_load(text)
+    config["queues"] = numbers | {
+        "transport": variant.transport,
+        "max_len": variant.max_len,
+        "rcvbuf": variant.rcvbuf,
+        "copy_range": variant.copy_range,
+    }
+    return str(yaml.safe_dump(config, sort_keys=False))
 
 
 class Bench:
@@ -614,27 +664,43 @@ class Bench:
     def host_setup(self, up: bool) -> None:
         from coloproxy.net import host as hostnet
         from coloproxy.net.rules import Role
+        from netfixtures import QUEUES as RULE_QUEUES
         from netfixtures import host_params
 
+        # The rules name the queues by tests/netfixtures' numbers; the consumers bind ours.
+        for name, field_name in (
+            ("P-out", "primary_out"),
+            ("S-out", "secondary_out"),
+            ("S-in", "secondary_in"),
+            ("S-egress", "secondary_egress"),
+        ):
+            if getattr(RULE_QUEUES, field_name) != queue_number(name):
+                raise RuntimeError(
+                    f"tests/netfixtures.QUEUES.{field_name} is not {name}'s "
+                    f"{queue_number(name)}: update QUEUES in {SCRIPT.name}"
+                )
         for role, where in ((Role.PRIMARY, "hp"), (Role.SECONDARY, "hs")):
             action = hostnet.setup if up else hostnet.teardown
             self.topology.run_in(where, action, host_params(role))
 
     # -- one workload ----------------------------------------------------------------------
 
-    def queue_ids(self) -> tuple[tuple[int, int, int], dict[str, int]]:
-        """Packets queued so far (the last id) per queue, and the kernel's drop counters by
-        "queue full" (max_len) and "receive buffer full" (rcvbuf) per queue."""
+    def queue_ids(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Packets queued so far (the last id) per queue, each read in its host's namespace,
+        and the kernel's drop counters by "queue full" (max_len) and "receive buffer full"
+        (rcvbuf) per queue."""
         from coloproxy.capture.stats import read_queue_stats
 
-        stats = read_queue_stats(netns=self.topology.ns("hp"))
-        ids = tuple(stats[n].id_sequence if n in stats else 0 for n in QUEUES)
+        stats = {host: read_queue_stats(netns=self.topology.ns(host)) for host in HOSTS}
+        ids: dict[str, int] = {}
         drops: dict[str, int] = {}
-        for number, name in zip(QUEUES, QUEUE_NAMES, strict=True):
-            if number in stats:
-                drops[f"{name} queue full"] = stats[number].queue_dropped
-                drops[f"{name} rcvbuf full"] = stats[number].user_dropped
-        return (ids[0], ids[1], ids[2]), drops
+        for queue in QUEUES:
+            found = stats[queue.host].get(queue.number)
+            ids[queue.name] = found.id_sequence if found else 0
+            if found:
+                drops[f"{queue.name} queue full"] = found.queue_dropped
+                drops[f"{queue.name} rcvbuf full"] = found.user_dropped
+        return ids, drops
 
     def tcp_counters(self) -> dict[str, int]:
         found: dict[str, int] = {}
@@ -651,7 +717,7 @@ class Bench:
         variant: Variant,
         workload: str,
         round_: int,
-        worker: subprocess.Popen[Any] | None,
+        workers: dict[str, subprocess.Popen[Any]],
         engine: Engine | None,
     ) -> Measurement:
         from coloproxy.lab.topology import GUEST_IPV4
@@ -670,29 +736,32 @@ class Bench:
         result = Measurement(workload, variant.name, round_, now_utc(), command)
         ids0, drops0 = self.queue_ids()
         tcp0 = self.tcp_counters()
-        cpu0 = process_cpu(worker.pid) if worker else (0.0, 0.0)
+        cpu0 = {host: process_cpu(worker.pid) for host, worker in workers.items()}
         requests0 = len(engine.requests) if engine else 0
-        profiler = self.start_profile(variant, workload, worker, round_)
+        profilers = self.start_profiles(variant, workload, workers, round_)
         wall0 = time.monotonic()
         machine0 = cpu_sample()
         timeout = args.seconds + args.requests / args.rate + 60
         done = self.topology.exec("client", argv, check=False, timeout=timeout)
         result.seconds = time.monotonic() - wall0
         result.machine_busy = busy_between(machine0, cpu_sample())
-        self.finish_profile(profiler, variant)
-        cpu1 = process_cpu(worker.pid) if worker else (0.0, 0.0)
+        self.finish_profiles(profilers)
+        cpu1 = {host: process_cpu(worker.pid) for host, worker in workers.items()}
         ids1, drops1 = self.queue_ids()
         if engine is not None:
             result.requests = Counter(
                 f"{r.reason}{guest_port(r.flow)}" for r in engine.requests[requests0:]
             )
-        result.cpu_user = cpu1[0] - cpu0[0]
-        result.cpu = result.cpu_user + cpu1[1] - cpu0[1]
-        result.packets = (
-            (ids1[0] - ids0[0]) % (1 << 32),
-            (ids1[1] - ids0[1]) % (1 << 32),
-            (ids1[2] - ids0[2]) % (1 << 32),
-        )
+            # What the comparator said about each (an overflow names the bound it hit).
+            for request in engine.requests[requests0:]:
+                detail = request.evidence.detail if request.evidence is not None else ""
+                if detail and len(result.evidence) < 3:
+                    result.evidence.append(f"{request.reason}: {detail}")
+        for host in workers:
+            result.cpu_user[host] = cpu1[host][0] - cpu0[host][0]
+            result.cpu[host] = result.cpu_user[host] + cpu1[host][1] - cpu0[host][1]
+        # A queue bound anew starts its ids at 0 again (wrap-around: 32 bits).
+        result.packets = {name: (ids1[name] - ids0[name]) % (1 << 32) for name in ids1}
         result.drops = {k: v - drops0.get(k, 0) for k, v in drops1.items() if v - drops0.get(k, 0)}
         tcp1 = self.tcp_counters()
         result.tcp = {key: tcp1[key] - tcp0[key] for key in tcp1}
@@ -722,11 +791,11 @@ class Bench:
         return chosen
 
     def run_variant(
-        self, variant: Variant, round_: int, worker: subprocess.Popen[Any] | None,
+        self, variant: Variant, round_: int, workers: dict[str, subprocess.Popen[Any]],
         engine: Engine | None,
     ) -> None:  # fmt: skip
         for workload in self.workloads(variant):
-            m = self.measure(variant, workload, round_, worker, engine)
+            m = self.measure(variant, workload, round_, workers, engine)
             self.results.append(m)
             if m.error:
                 shown = f"FAILED: {m.error}"
@@ -736,66 +805,52 @@ class Bench:
                 shown = f"{m.gbits or 0:6.2f} Gbit/s"
             checkpoints = sum(m.requests.values())
             extra = f"  checkpoints {checkpoints} {dict(m.requests)}" if engine else ""
+            extra += "".join(
+                f", {HOSTS[host]} CPU {cpu_share(m, host)}" for host in HOSTS if host in m.cpu
+            )
+            if variant.kind == "proxy" and m.packets.get("P-split"):
+                extra += f", P-split +{m.packets['P-split']}"
             extra += "".join(f", {k} +{v}" for k, v in m.tcp.items() if v)
             extra += "".join(f", dropped ({k}) {v}" for k, v in m.drops.items())
+            extra += "".join(f"\n      {detail}" for detail in m.evidence)
             print(f"  {m.date}  round {round_}  {variant.name:34s} {workload:11s} {shown}"
                   f"  load {loadavg()}{extra}", flush=True)  # fmt: skip
 
     # -- accept-only -----------------------------------------------------------------------
 
     def run_accept(self, variant: Variant, round_: int) -> None:
-        argv = [sys.executable, str(SCRIPT), "_consumer", "--transport", variant.transport,
-                "--batch", str(variant.batch), "--rcvbuf", str(variant.rcvbuf),
-                "--max-len", str(variant.max_len), "--copy-range", str(variant.copy_range),
-                "--loop", variant.loop]  # fmt: skip
-        if variant.gso:
-            argv.append("--gso")
-        if variant.flush_each:
-            argv.append("--flush-each")
-        if variant.fifo:
-            argv[:0] = FIFO
-        self.note_command(variant, "hp", argv)
-        consumer = self.spawn("hp", argv, ready=True)
+        """One consumer per host, in its namespace, on the queues that host's daemon binds:
+        two processes, as the two daemons are."""
+        consumers: dict[str, subprocess.Popen[Any]] = {}
         try:
-            self.run_variant(variant, round_, consumer, None)
+            for host in HOSTS:
+                argv = [sys.executable, str(SCRIPT), "_consumer", "--host", host,
+                        "--transport", variant.transport, "--batch", str(variant.batch),
+                        "--rcvbuf", str(variant.rcvbuf), "--max-len", str(variant.max_len),
+                        "--copy-range", str(variant.copy_range),
+                        "--loop", variant.loop]  # fmt: skip
+                if variant.gso:
+                    argv.append("--gso")
+                if variant.flush_each:
+                    argv.append("--flush-each")
+                if variant.fifo:
+                    argv[:0] = FIFO
+                self.note_command(variant, host, argv)
+                consumers[host] = self.spawn(host, argv, ready=True)
+            self.run_variant(variant, round_, consumers, None)
         finally:
-            out = self.stop(consumer)
-            for line in out.decode(errors="replace").splitlines():
-                if line.startswith("{"):
-                    self.consumer_counters.setdefault(variant.name, []).append(json.loads(line))
+            counters: dict[str, Any] = {}
+            for consumer in consumers.values():
+                out = self.stop(consumer)
+                for line in out.decode(errors="replace").splitlines():
+                    if line.startswith("{"):
+                        counters |= json.loads(line)
+            if counters:
+                self.consumer_counters.setdefault(variant.name, []).append(counters)
 
     # -- proxy -----------------------------------------------------------------------------
 
-    def start_secondary(self) -> subprocess.Popen[Any]:
-        socket_path = self.workdir / "secondary.sock"
-        config = self.workdir / "secondary.yaml"
-        from pairworld import SECONDARY_CONFIG  # the same host S as the namespace tests
-
-        config.write_text(SECONDARY_CONFIG.format(socket=socket_path))
-        argv = [sys.executable, "-m", "coloproxy", "run", "-c", str(config)]
-        process = self.spawn("hs", argv, log="secondary.log")
-        wait_until(
-            socket_path.exists,
-            process,
-            "the secondary's control socket",
-            self.workdir / "secondary.log",
-        )
-        return process
-
-    def run_proxy(self, variant: Variant, round_: int) -> None:
-        from pairworld import Engine
-
-        self.restart_bulk_servers()
-        socket_path = self.workdir / "primary.sock"
-        with contextlib.suppress(FileNotFoundError):
-            socket_path.unlink()
-        config = self.workdir / "primary.yaml"
-        config.write_text(
-            PRIMARY_CONFIG.format(
-                queues=QUEUES, transport=variant.transport, max_len=variant.max_len,
-                rcvbuf=variant.rcvbuf, copy_range=variant.copy_range, socket=socket_path,
-            )
-        )  # fmt: skip
+    def daemon_argv(self, variant: Variant, config: Path) -> list[str]:
         if variant.patched:
             argv = [sys.executable, str(SCRIPT), "_daemon", "-c", str(config),
                     "--batch", str(variant.batch), "--loop", variant.loop,
@@ -804,21 +859,49 @@ class Bench:
             argv = [sys.executable, "-m", "coloproxy", "run", "-c", str(config)]
         if variant.fifo:
             argv[:0] = FIFO
-        self.note_command(variant, "hp", argv)
-        log = self.workdir / "primary.log"
-        log.write_bytes(b"")
-        daemon = self.spawn("hp", argv, log=log.name)
+        return argv
+
+    def start_daemon(
+        self, variant: Variant, host: str, role: Literal["primary", "secondary"]
+    ) -> subprocess.Popen[Any]:
+        """``coloproxy run`` (or the ``_daemon`` launcher) for one host, with its config
+        written for this variant; back once its control socket is there."""
+        socket_path = self.workdir / f"{role}.sock"
+        with contextlib.suppress(FileNotFoundError):
+            socket_path.unlink()
+        config = self.workdir / f"{role}.yaml"
+        config.write_text(daemon_config(role, variant, socket_path))
+        argv = self.daemon_argv(variant, config)
+        self.note_command(variant, host, argv)
+        log = self.workdir / f"{role}.log"
+        with log.open("a") as stream:  # every start in one file (--keep), marked
+            stream.write(f"==== {now_utc()} {variant.name}: {shlex.join(argv)}\n")
+        daemon = self.spawn(host, argv, log=log.name)
+        wait_until(socket_path.exists, daemon, f"the {role}'s control socket", log)
+        return daemon
+
+    def run_proxy(self, variant: Variant, round_: int) -> None:
+        """Both daemons, as tests/pairworld.py starts them: host S's first (its S-in must
+        be bound before host P's restart checkpoint lets client traffic through), then host
+        P's, then the engine double on host P's control socket."""
+        from pairworld import Engine
+
+        self.restart_bulk_servers()
+        daemons: dict[str, subprocess.Popen[Any]] = {}
         engine: Engine | None = None
         try:
-            wait_until(socket_path.exists, daemon, "the primary's control socket", log)
-            engine = Engine(socket_path, delay=ENGINE_DELAY)
+            daemons["hs"] = self.start_daemon(variant, "hs", "secondary")
+            daemons["hp"] = primary = self.start_daemon(variant, "hp", "primary")
+            engine = Engine(self.workdir / "primary.sock", delay=ENGINE_DELAY)
             running = engine
-            wait_until(lambda: running.completed >= 1, daemon, "the restart checkpoint", log)
-            self.run_variant(variant, round_, daemon, engine)
+            log = self.workdir / "primary.log"
+            wait_until(lambda: running.completed >= 1, primary, "the restart checkpoint", log)
+            self.run_variant(variant, round_, daemons, engine)
         finally:
             if engine is not None:
                 engine.close()
-            self.stop(daemon)
+            for daemon in reversed(daemons.values()):
+                self.stop(daemon)
 
     def note_command(self, variant: Variant, where: str, argv: list[str]) -> None:
         command = shlex.join(["ip", "netns", "exec", self.topology.ns(where), *argv])
@@ -826,52 +909,56 @@ class Bench:
 
     # -- profile ---------------------------------------------------------------------------
 
-    def start_profile(
-        self, variant: Variant, workload: str, worker: subprocess.Popen[Any] | None, round_: int
-    ) -> tuple[subprocess.Popen[Any], Path] | None:
-        if not (self.args.profile and worker and round_ == 1 and variant.kind != "direct"):
-            return None
+    def start_profiles(
+        self,
+        variant: Variant,
+        workload: str,
+        workers: dict[str, subprocess.Popen[Any]],
+        round_: int,
+    ) -> list[tuple[subprocess.Popen[Any], Path, str]]:
+        """py-spy on each host's consumer or daemon (round 1 only)."""
+        if not (self.args.profile and workers and round_ == 1 and variant.kind != "direct"):
+            return []
         if workload not in ("bulk-down", "bulk-up", "rr"):
-            return None
+            return []
         py_spy = shutil.which("py-spy")
         if py_spy is None:
-            return None
-        output = self.workdir / f"profile-{len(self.profiles)}-{workload}.txt"
-        argv = [py_spy, "record", "--pid", str(worker.pid), "--rate", "250", "--format", "raw",
-                "--output", str(output), "--nonblocking", "--function", "--duration",
-                str(int(self.args.seconds + self.args.requests / self.args.rate + 3))]  # fmt: skip
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.2)
-        return process, output.with_name(output.name + f"|{variant.name} {workload}")
+            return []
+        profilers = []
+        for host, worker in workers.items():
+            output = self.workdir / f"profile-{len(self.profiles)}-{workload}-{host}.txt"
+            duration = int(self.args.seconds + self.args.requests / self.args.rate + 3)
+            argv = [py_spy, "record", "--pid", str(worker.pid), "--rate", "250",
+                    "--format", "raw", "--output", str(output), "--nonblocking", "--function",
+                    "--duration", str(duration)]  # fmt: skip
+            process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            profilers.append((process, output, f"{variant.name} {workload}, {HOSTS[host]}"))
+        time.sleep(0.2)  # py-spy attached
+        return profilers
 
-    def finish_profile(
-        self, profiler: tuple[subprocess.Popen[Any], Path] | None, variant: Variant
-    ) -> None:
-        if profiler is None:
-            return
-        process, tagged = profiler
-        process.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        path_text, label = str(tagged).split("|", 1)
-        path = Path(path_text)
-        if not path.exists():
-            return
-        self_time: Counter[str] = Counter()
-        total = 0
-        for line in path.read_text(errors="replace").splitlines():
-            stack, _, count_text = line.rpartition(" ")
-            if not stack or not count_text.isdigit():
+    def finish_profiles(self, profilers: list[tuple[subprocess.Popen[Any], Path, str]]) -> None:
+        for process, _, _ in profilers:
+            process.send_signal(signal.SIGINT)  # py-spy writes what it has on SIGINT
+        for process, path, label in profilers:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if not path.exists():
                 continue
-            count = int(count_text)
-            total += count
-            leaf = stack.split(";")[-1]
-            self_time[leaf] += count
-        self.profiles[label] = self_time
-        self.profile_totals[label] = total
+            self_time: Counter[str] = Counter()
+            total = 0
+            for line in path.read_text(errors="replace").splitlines():
+                stack, _, count_text = line.rpartition(" ")
+                if not stack or not count_text.isdigit():
+                    continue
+                count = int(count_text)
+                total += count
+                leaf = stack.split(";")[-1]
+                self_time[leaf] += count
+            self.profiles[label] = self_time
+            self.profile_totals[label] = total
 
     # -- rounds ----------------------------------------------------------------------------
 
@@ -883,19 +970,14 @@ class Bench:
             print(f"round {round_}: {now_utc()}, load average {loadavg()}", flush=True)
             for variant in direct:
                 print(f"  {now_utc()}  {variant.name}: {variant.settings()}", flush=True)
-                self.run_variant(variant, round_, None, None)
+                self.run_variant(variant, round_, {}, None)
             if not accept and not proxy:
                 continue
             self.host_setup(True)
             for variant in accept:
                 self.run_accept(variant, round_)
-            if proxy:
-                secondary = self.start_secondary()
-                try:
-                    for variant in proxy:
-                        self.run_proxy(variant, round_)
-                finally:
-                    self.stop(secondary)
+            for variant in proxy:
+                self.run_proxy(variant, round_)
             if round_ < self.args.rounds and direct:
                 self.host_setup(False)
 
@@ -921,34 +1003,58 @@ def wait_until(
 # Report
 
 
-def best(results: list[Measurement], variant: str, workload: str) -> Measurement | None:
-    """Bulk: the best round (least disturbed by the rest of the machine); latency: all rounds
-    pooled into one measurement. Never the stored measurement itself (it is called often)."""
-    every = [m for m in results if m.variant == variant and m.workload == workload]
-    found = [m for m in every if not m.error]
-    if not found:
-        return None
-    # Checkpoints and TCP counters: every round, failed ones too (a bad round must show).
-    requests: Counter[str] = Counter()
-    tcp: Counter[str] = Counter()
-    for m in every:
-        requests.update(m.requests)
-        tcp.update(m.tcp)
-    if workload == "rr":
-        pooled = Measurement(workload, variant, 0, found[0].date, found[0].command)
-        pooled.requests = requests
-        pooled.tcp = dict(tcp)
-        for m in found:
-            pooled.samples.extend(m.samples)
-            pooled.cpu += m.cpu
-            pooled.cpu_user += m.cpu_user
-            pooled.seconds += m.seconds
-            pooled.packets = tuple(  # type: ignore[assignment]
-                a + b for a, b in zip(pooled.packets, m.packets, strict=True)
+@dataclass
+class Summary:
+    """One workload on one variant over all its rounds: the median round's figures."""
+
+    variant: str
+    workload: str
+    rounds: list[Measurement]  # every round, failed ones too, in order
+    median: Measurement | None  # the median round (lower middle of an even count); None: all failed
+    gbits: float | None = None  # bulk: median Gbit/s, a failed round counted as 0
+    p50: float = float("nan")  # rr: median of the rounds' p50 and p99
+    p99: float = float("nan")
+    worst: float = float("nan")  # rr: the largest sample of all rounds
+    requests: Counter[str] = field(default_factory=Counter)  # every round, failed ones too
+    tcp: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def failed(self) -> list[Measurement]:
+        return [m for m in self.rounds if m.error]
+
+    def per_round(self) -> str:
+        """Each round's figure, in round order: Gbit/s, or p50/p99 us; "x" for a failure."""
+        if self.workload == "rr":
+            return ", ".join(
+                "x" if m.error else f"{m.p50 * 1e6:.0f}/{m.p99 * 1e6:.0f}" for m in self.rounds
             )
-        return pooled
-    chosen = max(found, key=lambda m: m.gbits or 0.0)
-    return dataclasses.replace(chosen, requests=requests, tcp=dict(tcp))
+        return ", ".join("x" if m.error else f"{m.gbits or 0:.2f}" for m in self.rounds)
+
+
+def summarize(results: list[Measurement], variant: str, workload: str) -> Summary | None:
+    """The median of the rounds (bench discipline: at least 3 rounds, alternated). A failed
+    bulk round (a stall) counts as 0 Gbit/s: a stream that stops is what the user gets."""
+    rounds = [m for m in results if m.variant == variant and m.workload == workload]
+    if not rounds:
+        return None
+    found = [m for m in rounds if not m.error]
+    summary = Summary(variant, workload, rounds, None)
+    for m in rounds:
+        summary.requests.update(m.requests)
+        summary.tcp.update(m.tcp)
+    if workload == "rr":
+        if found:
+            summary.p50 = statistics.median(m.p50 for m in found)
+            summary.p99 = statistics.median(m.p99 for m in found)
+            summary.worst = max(max(m.samples) for m in found)
+            ordered = sorted(found, key=lambda m: m.p50)
+            summary.median = ordered[(len(ordered) - 1) // 2]
+        return summary
+    summary.gbits = statistics.median((m.gbits or 0.0) if not m.error else 0.0 for m in rounds)
+    if found:
+        ordered = sorted(found, key=lambda m: m.gbits or 0.0)
+        summary.median = ordered[(len(ordered) - 1) // 2]
+    return summary
 
 
 def frame_file(frame: str) -> str:
@@ -961,11 +1067,13 @@ def frame_file(frame: str) -> str:
     return "loop and other"
 
 
-def cpu_text(m: Measurement) -> str:
-    """Worker CPU as a share of one core over the workload, and the user-space part of it."""
-    if not m.cpu or not m.seconds:
+def cpu_share(m: Measurement | None, host: str) -> str:
+    """One host's consumer or daemon CPU as a share of one core over the workload, and the
+    user-space part of it."""
+    if m is None or not m.cpu.get(host) or not m.seconds:
         return "-"
-    return f"{m.cpu / m.seconds * 100:.0f}% ({m.cpu_user / m.cpu * 100:.0f}% user)"
+    cpu = m.cpu[host]
+    return f"{cpu / m.seconds * 100:.0f}% ({m.cpu_user[host] / cpu * 100:.0f}% user)"
 
 
 def fmt_ratio(value: float | None, reference: float | None) -> str:
@@ -974,93 +1082,135 @@ def fmt_ratio(value: float | None, reference: float | None) -> str:
     return f"{value / reference:.2f}"
 
 
+def round_ratios(proxy: Summary, ceiling: Summary | None) -> str:
+    """proxy / accept-only round by round (the two ran minutes apart in the same round)."""
+    if ceiling is None:
+        return "-"
+    accept = {m.round: m for m in ceiling.rounds}
+    ratios = []
+    for m in proxy.rounds:
+        other = accept.get(m.round)
+        if other is None or other.error or not other.gbits:
+            ratios.append("-")
+        else:
+            ratios.append(f"{(0.0 if m.error else m.gbits or 0.0) / other.gbits:.2f}")
+    return ", ".join(ratios)
+
+
 def report(args: argparse.Namespace, bench: Bench, variants: list[Variant], header: str) -> None:
     results = bench.results
-    by_name = {v.name: v for v in variants}
-    accept_best = {}
+    summaries: dict[tuple[str, str], Summary] = {}
+    for measured in results:
+        key = (measured.variant, measured.workload)
+        if key not in summaries and (made := summarize(results, *key)) is not None:
+            summaries[key] = made
+
+    def get(variant: str, workload: str) -> Summary | None:
+        return summaries.get((variant, workload))
+
+    accept_best: dict[str, Summary] = {}
     for workload in ("bulk-down", "bulk-up", "iperf3-down", "iperf3-up"):
-        candidates = [best(results, v.name, workload) for v in variants if v.kind == "accept"]
-        found = [m for m in candidates if m is not None]
+        found = [s for v in variants if v.kind == "accept" and (s := get(v.name, workload))]
         if found:
-            accept_best[workload] = max(found, key=lambda m: m.gbits or 0.0)
+            accept_best[workload] = max(found, key=lambda s: s.gbits or 0.0)
+
+    def ceiling_of(variant: Variant, workload: str) -> Summary | None:
+        if variant.kind == "proxy" and variant.ceiling:
+            return get(variant.ceiling, workload)
+        if variant.kind == "accept":
+            return accept_best.get(workload)
+        return None
+
+    rounds = args.rounds
     print()
     print(header)
     print(f"load average at the end: {loadavg()}")
     print()
-    print("## Bulk (payload Gbit/s, best round) and what went through the queues")
+    print(f"## Bulk: payload Gbit/s, median of {rounds} rounds (each round in order), and what "
+          "went through the queues in the median round")  # fmt: skip
     print()
-    print("| workload | path | Gbit/s | vs direct | vs accept-only | P-out pkts "
-          "| payload B / P-out pkt | S-out pkts | S-in pkts | machine busy | worker CPU "
-          "| us CPU/pkt | CPU s/GB | kernel drops | checkpoints "
-          "| client retrans/RTOs | SVM beyond-window | date |")  # fmt: skip
-    print(
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
-    )
+    print("| workload | path | Gbit/s | rounds | vs direct | vs accept-only | P-out pkts "
+          "| payload B / P-out pkt | S-out pkts | P-split pkts | S-in pkts | machine busy "
+          "| host P CPU | host S CPU | us CPU/pkt | CPU s/GB | kernel drops | checkpoints "
+          "| client retrans/RTOs | PVM/SVM retrans | SVM beyond-window | date |")  # fmt: skip
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+          "|---:|---:|---:|---:|---:|---|")  # fmt: skip
     for workload in ("bulk-down", "bulk-up", "iperf3-down", "iperf3-up"):
-        direct = best(results, "direct", workload)
+        direct = get("direct", workload)
         for variant in variants:
-            m = best(results, variant.name, workload)
-            if m is None:
+            s = get(variant.name, workload)
+            if s is None:
                 continue
-            ceiling = ceiling_of(results, variant, workload, accept_best)
-            packets = sum(m.packets)
-            tcp = Counter(m.tcp)
+            m = s.median
+            ceiling = ceiling_of(variant, workload)
+            queued = variant.kind != "direct" and m is not None
+
+            def count(name: str, m: Measurement | None = m, queued: bool = queued) -> str:
+                return str(m.packets.get(name, 0)) if queued and m is not None else "-"
+
+            packets = sum(m.packets.values()) if m else 0
+            cpu = sum(m.cpu.values()) if m else 0.0
+            p_out = m.packets.get("P-out", 0) if m else 0
+            tcp = s.tcp
             print(
-                f"| {workload} | {variant.name} | {m.gbits or 0:.2f} "
-                f"| {fmt_ratio(m.gbits, direct.gbits if direct else None)} "
-                f"| {fmt_ratio(m.gbits, ceiling.gbits if ceiling else None)} "
-                f"| {m.packets[0] if variant.kind != 'direct' else '-'} "
-                f"| {m.payload_bytes // m.packets[0] if m.packets[0] else '-'} "
-                f"| {m.packets[1] if variant.kind != 'direct' else '-'} "
-                f"| {m.packets[2] if variant.kind != 'direct' else '-'} "
-                f"| {m.machine_busy * 100:.0f}% | {cpu_text(m)} "
-                f"| {m.cpu / packets * 1e6 if packets else 0:.1f} "
-                f"| {m.cpu / m.payload_bytes * 1e9 if m.payload_bytes and m.cpu else 0:.2f} "
-                f"| {sum(m.drops.values())} "
-                f"| {sum(m.requests.values()) if variant.kind == 'proxy' else '-'} "
+                f"| {workload} | {variant.name} | {s.gbits or 0:.2f} | {s.per_round()} "
+                f"| {fmt_ratio(s.gbits, direct.gbits if direct else None)} "
+                f"| {fmt_ratio(s.gbits, ceiling.gbits if ceiling else None)} "
+                f"| {count('P-out')} "
+                f"| {m.payload_bytes // p_out if m and p_out else '-'} "
+                f"| {count('S-out')} | {count('P-split')} | {count('S-in')} "
+                f"| {m.machine_busy * 100 if m else 0:.0f}% "
+                f"| {cpu_share(m, 'hp')} | {cpu_share(m, 'hs')} "
+                f"| {cpu / packets * 1e6 if packets else 0:.1f} "
+                f"| {cpu / m.payload_bytes * 1e9 if m and m.payload_bytes and cpu else 0:.2f} "
+                f"| {sum(m.drops.values()) if m else '-'} "
+                f"| {sum(s.requests.values()) if variant.kind == 'proxy' else '-'} "
                 f"| {tcp['client TcpRetransSegs']}/{tcp['client TcpExtTCPTimeouts']} "
-                f"| {tcp['svm TcpExtBeyondWindow']} | {m.date} |"
+                f"| {tcp['pvm TcpRetransSegs']}/{tcp['svm TcpRetransSegs']} "
+                f"| {tcp['svm TcpExtBeyondWindow']} | {m.date if m else '-'} |"
             )
     print()
-    print(f"## Request/response latency: {REQUEST_SIZE} B at {args.rate:g}/s, one TCP connection "
-          f"to the echo service, {args.requests} per round, rounds pooled")  # fmt: skip
+    print("Retransmissions, RTOs, beyond-window and checkpoints: all rounds added up.")
     print()
-    print("| path | p50 us | p99 us | max us | added p50 us | added p99 us | p50 vs direct "
-          "| worker CPU | us CPU/pkt | checkpoints | samples |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    direct_rr = best(results, "direct", "rr")
+    print(f"## Request/response latency: {REQUEST_SIZE} B at {args.rate:g}/s, one TCP connection "
+          f"to the echo service, {args.requests} per round; median of the rounds' p50 and p99 "
+          "(each round p50/p99 in order)")  # fmt: skip
+    print()
+    print("| path | p50 us | p99 us | rounds p50/p99 us | max us | added p50 us | added p99 us "
+          "| host P CPU | host S CPU | us CPU/pkt | checkpoints | samples |")  # fmt: skip
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    direct_rr = get("direct", "rr")
     for variant in variants:
-        m = best(results, variant.name, "rr")
-        if m is None:
+        s = get(variant.name, "rr")
+        if s is None or s.median is None:
             continue
-        packets = sum(m.packets)
-        added50 = (m.p50 - direct_rr.p50) * 1e6 if direct_rr else float("nan")
-        added99 = (m.p99 - direct_rr.p99) * 1e6 if direct_rr else float("nan")
-        ratio = fmt_ratio(m.p50, direct_rr.p50 if direct_rr else None)
-        per_packet = m.cpu / packets * 1e6 if packets else 0.0
-        checkpoints = sum(m.requests.values()) if variant.kind == "proxy" else "-"
+        m = s.median
+        packets = sum(m.packets.values())
+        added50 = (s.p50 - direct_rr.p50) * 1e6 if direct_rr else float("nan")
+        added99 = (s.p99 - direct_rr.p99) * 1e6 if direct_rr else float("nan")
+        per_packet = sum(m.cpu.values()) / packets * 1e6 if packets else 0.0
+        checkpoints = sum(s.requests.values()) if variant.kind == "proxy" else "-"
         print(
-            f"| {variant.name} | {m.p50 * 1e6:.0f} | {m.p99 * 1e6:.0f} "
-            f"| {max(m.samples) * 1e6:.0f} | {added50:.0f} | {added99:.0f} | {ratio} "
-            f"| {cpu_text(m)} | {per_packet:.1f} | {checkpoints} "
-            f"| {len(m.samples)} |"
+            f"| {variant.name} | {s.p50 * 1e6:.0f} | {s.p99 * 1e6:.0f} | {s.per_round()} "
+            f"| {s.worst * 1e6:.0f} | {added50:.0f} | {added99:.0f} "
+            f"| {cpu_share(m, 'hp')} | {cpu_share(m, 'hs')} | {per_packet:.1f} "
+            f"| {checkpoints} | {sum(len(r.samples) for r in s.rounds)} |"
         )
     if bench.consumer_counters:
         print()
-        print("## Accept-only consumer: packets per wake-up and verdict sends (whole variant)")
+        print("## Accept-only consumers: packets per wake-up and verdict sends (whole variant)")
         print()
-        print("| path | queue | packets | pkt/wakeup | verdict sends | batch verdicts | enobufs |")
-        print("|---|---|---:|---:|---:|---:|---:|")
+        print("| path | queue | packets | pkt/wakeup | verdict sends | batch verdicts |")
+        print("|---|---|---:|---:|---:|---:|")
         for name, runs in bench.consumer_counters.items():
             for queue in QUEUE_NAMES:
-                received = sum(r[queue]["received"] for r in runs)
-                wakeups = sum(r[queue]["wakeups"] for r in runs)
-                sends = sum(r[queue]["verdict_sends"] for r in runs)
-                batches = sum(r[queue]["batch_verdicts"] for r in runs)
-                enobufs = sum(r[queue]["enobufs"] for r in runs)
+                mine = [r[queue] for r in runs if queue in r]
+                received = sum(c["received"] for c in mine)
+                wakeups = sum(c["wakeups"] for c in mine)
+                sends = sum(c["verdict_sends"] for c in mine)
+                batches = sum(c["batch_verdicts"] for c in mine)
                 per = f"{received / wakeups:.1f}" if wakeups else "-"
-                print(f"| {name} | {queue} | {received} | {per} | {sends} | {batches} "
-                      f"| {enobufs} |")  # fmt: skip
+                print(f"| {name} | {queue} | {received} | {per} | {sends} | {batches} |")
     for label, self_time in bench.profiles.items():
         total = bench.profile_totals.get(label, 0)
         if not total:
@@ -1070,14 +1220,14 @@ def report(args: argparse.Namespace, bench: Bench, variants: list[Variant], head
               "excluded)")  # fmt: skip
         print()
         by_file: Counter[str] = Counter()
-        for frame, count in self_time.items():
-            by_file[frame_file(frame)] += count
+        for frame, number in self_time.items():
+            by_file[frame_file(frame)] += number
         print("    by file: " + ", ".join(
-            f"{name} {count / total * 100:.0f}%" for name, count in by_file.most_common()
+            f"{name} {number / total * 100:.0f}%" for name, number in by_file.most_common()
         ))  # fmt: skip
         print()
-        for frame, count in self_time.most_common(args.profile_top):
-            print(f"    {count / total * 100:5.1f}%  {frame}")
+        for frame, number in self_time.most_common(args.profile_top):
+            print(f"    {number / total * 100:5.1f}%  {frame}")
     failures = [m for m in results if m.error]
     if failures:
         print()
@@ -1090,76 +1240,66 @@ def report(args: argparse.Namespace, bench: Bench, variants: list[Variant], head
     print("## Summary")
     print()
     print(f"Targets: proxy bulk >= {TARGET_BULK_VS_ACCEPT:.0%} of its accept-only ceiling (same "
-          f"capture settings); added latency p50 <= {TARGET_ADDED_P50 * 1e6:.0f} us, p99 <= "
-          f"{TARGET_ADDED_P99 * 1e6:.0f} us.")  # fmt: skip
+          f"capture settings, same run; medians of {rounds} rounds, a failed round counted as "
+          f"0); added latency vs direct p50 <= {TARGET_ADDED_P50 * 1e6:.0f} us, p99 <= "
+          f"{TARGET_ADDED_P99 * 1e6:.0f} us (medians of the rounds).")  # fmt: skip
     print()
-    print("| workload | path | result | vs direct | vs accept-only | checkpoints | target |")
-    print("|---|---|---|---:|---:|---:|---|")
+    print("| workload | path | median | rounds | vs direct | vs accept-only | per round "
+          "| checkpoints | target |")  # fmt: skip
+    print("|---|---|---|---|---:|---:|---|---:|---|")
     for workload in ("bulk-down", "bulk-up", "rr", "iperf3-down", "iperf3-up"):
-        direct = best(results, "direct", workload)
+        direct = get("direct", workload)
         for variant in variants:
-            m = best(results, variant.name, workload)
-            failed = [f for f in results if f.variant == variant.name and f.workload == workload
-                      and f.error]  # fmt: skip
-            if m is None:
-                if failed:
-                    requests = sum((f.requests for f in failed), Counter[str]())
-                    print(f"| {workload} | {variant.name} | FAILED in {len(failed)} of "
-                          f"{len(failed)} rounds: {failed[0].error} | - | - "
-                          f"| {sum(requests.values())} | NOT met |")  # fmt: skip
+            s = get(variant.name, workload)
+            if s is None:
                 continue
-            ceiling = ceiling_of(results, by_name[variant.name], workload, accept_best)
-            checkpoints = str(sum(m.requests.values())) if variant.kind == "proxy" else "-"
+            ceiling = ceiling_of(variant, workload)
+            checkpoints = str(sum(s.requests.values())) if variant.kind == "proxy" else "-"
+            failed = len(s.failed)
+            per_round = "-"
             if workload == "rr":
-                result = f"p50 {m.p50 * 1e6:.0f} us, p99 {m.p99 * 1e6:.0f} us"
+                if s.median is None:
+                    print(f"| rr | {variant.name} | FAILED in every round: {s.failed[0].error} "
+                          f"| - | - | - | - | {checkpoints} | NOT met |")  # fmt: skip
+                    continue
+                result = f"p50 {s.p50 * 1e6:.0f} us, p99 {s.p99 * 1e6:.0f} us"
                 vs_direct = (
-                    f"+{(m.p50 - direct.p50) * 1e6:.0f}/+{(m.p99 - direct.p99) * 1e6:.0f} us"
+                    f"{(s.p50 - direct.p50) * 1e6:+.0f}/{(s.p99 - direct.p99) * 1e6:+.0f} us"
                     if direct and variant.kind != "direct"
                     else "-"
                 )
                 vs_accept = (
-                    f"{(m.p50 - ceiling.p50) * 1e6:+.0f}/{(m.p99 - ceiling.p99) * 1e6:+.0f} us"
+                    f"{(s.p50 - ceiling.p50) * 1e6:+.0f}/{(s.p99 - ceiling.p99) * 1e6:+.0f} us"
                     if ceiling and variant.kind == "proxy"
                     else "-"
                 )
                 target = "-"
                 if variant.kind == "proxy" and direct:
-                    ok50 = m.p50 - direct.p50 <= TARGET_ADDED_P50
-                    ok99 = m.p99 - direct.p99 <= TARGET_ADDED_P99
+                    ok50 = s.p50 - direct.p50 <= TARGET_ADDED_P50 and not failed
+                    ok99 = s.p99 - direct.p99 <= TARGET_ADDED_P99 and not failed
                     target = (
                         f"p50 {'met' if ok50 else 'NOT met'}, p99 {'met' if ok99 else 'NOT met'}"
                     )
             else:
-                result = f"{m.gbits or 0:.2f} Gbit/s"
-                vs_direct = fmt_ratio(m.gbits, direct.gbits if direct else None)
-                vs_accept = fmt_ratio(m.gbits, ceiling.gbits if ceiling else None)
+                result = f"{s.gbits or 0:.2f} Gbit/s"
+                vs_direct = fmt_ratio(s.gbits, direct.gbits if direct else None)
+                vs_accept = fmt_ratio(s.gbits, ceiling.gbits if ceiling else None)
                 target = "-"
-                if variant.kind == "proxy" and workload.startswith("bulk") and ceiling:
-                    ok = (m.gbits or 0) >= TARGET_BULK_VS_ACCEPT * (ceiling.gbits or 0)
-                    target = "met" if ok else "NOT met"
+                if variant.kind == "proxy":
+                    per_round = round_ratios(s, ceiling)
+                    if workload.startswith("bulk") and ceiling:
+                        ok = (s.gbits or 0) >= TARGET_BULK_VS_ACCEPT * (ceiling.gbits or 0)
+                        target = "met" if ok else "NOT met"
             if failed:
-                result += f" (best of the rounds; {len(failed)} round(s) FAILED)"
-                target = "NOT met" if variant.kind == "proxy" else target
-            print(f"| {workload} | {variant.name} | {result} | {vs_direct} | {vs_accept} "
-                  f"| {checkpoints} | {target} |")  # fmt: skip
+                result += f" ({failed} of {len(s.rounds)} rounds FAILED)"
+            print(f"| {workload} | {variant.name} | {result} | {s.per_round()} | {vs_direct} "
+                  f"| {vs_accept} | {per_round} | {checkpoints} | {target} |")  # fmt: skip
     print()
-    print("vs accept-only: bulk, the ratio to the accept-only variant with the same capture "
-          "settings (proxy rows) or to the best accept-only (accept rows); latency, proxy minus "
-          "that accept-only (p50/p99). '*': GSO or other settings coloproxy run cannot take from "
-          "its config yet, patched in at run time (see bench/proxy_README.md).")  # fmt: skip
-
-
-def ceiling_of(
-    results: list[Measurement],
-    variant: Variant,
-    workload: str,
-    accept_best: dict[str, Measurement],
-) -> Measurement | None:
-    if variant.kind == "proxy" and variant.ceiling:
-        return best(results, variant.ceiling, workload)
-    if variant.kind == "accept":
-        return accept_best.get(workload)
-    return None
+    print("vs accept-only: bulk, the ratio of the medians to the accept-only variant with the "
+          "same capture settings (proxy rows) or to the best accept-only (accept rows); per "
+          "round: proxy / accept-only within each round; latency, proxy minus that accept-only "
+          "(p50/p99). '*': GSO or other settings coloproxy run cannot take from its config "
+          "yet, patched in at run time (see bench/proxy_README.md).")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1177,12 +1317,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     client.add_argument("--seconds", type=float, default=3.0)
     client.add_argument("--rate", type=float, default=1000.0)
     client.add_argument("--count", type=int, default=2000)
-    consumer = sub.add_parser("_consumer", help="(internal) the accept-only consumer")
+    consumer = sub.add_parser("_consumer", help="(internal) one host's accept-only consumer")
+    consumer.add_argument("--host", choices=tuple(HOSTS), required=True)
     consumer.add_argument("--transport", default="netlink")
     consumer.add_argument("--gso", action="store_true")
     consumer.add_argument("--batch", type=int, default=256)
     consumer.add_argument("--rcvbuf", type=int, default=8 << 20)
-    consumer.add_argument("--max-len", type=int, default=4096)
+    consumer.add_argument("--max-len", type=int, default=8192)
     consumer.add_argument("--copy-range", type=int, default=65535)
     consumer.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
     consumer.add_argument("--flush-each", action="store_true")
@@ -1195,7 +1336,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="per bulk measurement")
     parser.add_argument("--rate", type=float, default=1000.0, help="requests per second")
     parser.add_argument("--requests", type=int, default=2000, help="per latency measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--levers", action="store_true", help="also the lever variants")
     parser.add_argument("--only", nargs="*", help="variant names to run (direct always runs)")
     parser.add_argument(

@@ -24,8 +24,12 @@ What this buys over netfilterqueue, measured in ``bench/nfqueue_bench.py``:
   packet is still undecided, the run becomes one NFQNL_MSG_VERDICT_BATCH, which decides
   every queued id up to the last -- hence the "nothing else undecided" rule, which keeps a
   batch from releasing a held packet.
-* **Counted overruns.** A full receive buffer makes recv() fail with ENOBUFS (the kernel
-  dropped packets); we count it. Error replies to verdicts are counted too.
+* **Overruns do not stop the reader.** A full receive buffer makes the kernel drop packets
+  (counted in its ``user_dropped``, /proc/net/netfilter/nfnetlink_queue). Without
+  ``NETLINK_NO_ENOBUFS`` it would also set a socket error, which epoll reports as EPOLLERR,
+  and libuv (uvloop) answers EPOLLERR by closing the fd's poll handle: the queue was never
+  read again and dropped everything after its first overrun. So the option is set on every
+  queue socket (``no_enobufs``). Error replies to verdicts are counted.
 
 The handle given to ``on_packet`` is the packet id (an int). The set of ids delivered and
 not yet decided is what makes a batch verdict safe and a double verdict an error.
@@ -54,6 +58,7 @@ from coloproxy.capture.nfqueue import (
     Transport,
     bind_error,
     netlink_socket,
+    no_enobufs,
 )
 from coloproxy.errors import UsageError
 
@@ -389,7 +394,6 @@ class NetlinkQueue:
         self._prefix = {verdict: prefix + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
         self._received = 0
         self._wakeups = 0
-        self._enobufs = 0
         self._truncated = 0
         self._kernel_errors = 0
         self._verdict_sends = 0
@@ -422,6 +426,7 @@ class NetlinkQueue:
                 sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, config.rcvbuf)
             except PermissionError:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, config.rcvbuf)
+            no_enobufs(sock.fileno())
             self._sock = sock
             flags = NFQA_CFG_F_GSO if config.gso else 0
             self._request(
@@ -474,8 +479,7 @@ class NetlinkQueue:
                 except TimeoutError as exc:
                     raise OSError(errno.ETIMEDOUT, "no answer from nfnetlink_queue") from exc
                 except OSError as exc:
-                    if exc.errno == errno.ENOBUFS:
-                        self._enobufs += 1
+                    if exc.errno == errno.ENOBUFS:  # not with NETLINK_NO_ENOBUFS; harmless
                         continue
                     raise
                 self._dispatch_slow(self._view[:size], self._loop.time())
@@ -549,8 +553,7 @@ class NetlinkQueue:
                     err = ctypes.get_errno()
                     if err == errno.EAGAIN:
                         break
-                    if err == errno.ENOBUFS:
-                        self._enobufs += 1  # the kernel dropped packets (user_dropped)
+                    if err == errno.ENOBUFS:  # not with NETLINK_NO_ENOBUFS; harmless
                         continue
                     raise QueueError(
                         f"queue {self._config.queue_num}: receive failed: {os.strerror(err)}",
@@ -755,7 +758,6 @@ class NetlinkQueue:
         return QueueCounters(
             received=self._received,
             wakeups=self._wakeups,
-            enobufs=self._enobufs,
             truncated=self._truncated,
             kernel_errors=self._kernel_errors,
             verdict_sends=self._verdict_sends,

@@ -80,6 +80,8 @@ log = logging.getLogger(__name__)
 
 # linux/netlink.h
 NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_NO_ENOBUFS = 5
 # asm-generic/socket.h: like SO_RCVBUF but may exceed net.core.rmem_max (needs CAP_NET_ADMIN)
 SO_RCVBUFFORCE = 33
 # linux/sched.h
@@ -161,7 +163,6 @@ class QueueCounters:
 
     received: int  # packets delivered to on_packet
     wakeups: int  # reader calls that delivered at least one packet
-    enobufs: int  # receive-buffer overruns the kernel reported (packets it dropped)
     truncated: int  # packets longer than copy_range (delivered cut short)
     kernel_errors: int  # error replies to our verdicts (unknown id, ...)
     verdict_sends: int  # send() calls that carried verdicts
@@ -249,6 +250,22 @@ def netlink_socket(netns: str | None = None) -> socket.socket:
         return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
 
 
+def no_enobufs(fd: int) -> None:
+    """Tell the kernel not to report a full receive buffer as a socket error (ENOBUFS).
+
+    It still drops what does not fit (``user_dropped`` in /proc/net/netfilter/
+    nfnetlink_queue counts it). The error itself would be a hazard: epoll reports it as
+    EPOLLERR, and libuv answers EPOLLERR by closing the poll handle, so under uvloop the
+    queue's reader was gone after its first overrun and the kernel dropped everything that
+    came after (fail closed, but an outage until a restart)."""
+    # socket(fileno=) wraps the fd without a dup; detach() leaves it open for its owner.
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+    finally:
+        sock.detach()
+
+
 def _holder(config: QueueConfig) -> int | None:
     """The portid bound to the queue now, from /proc; None if unbound or unreadable."""
     from coloproxy.capture.stats import read_queue_stats
@@ -308,7 +325,7 @@ class NfQueue:
 
     Limits of the library (1.1.0): it reads into a 4 KiB buffer, so the copy range is capped
     at 4016 bytes and longer packets reach us truncated without a sign; it cannot set the GSO
-    flag; its receive loop silently skips ENOBUFS.
+    flag; its receive loop silently skips ENOBUFS (which ``no_enobufs`` turns off anyway).
     """
 
     transport = Transport.NETFILTERQUEUE
@@ -382,6 +399,7 @@ class NfQueue:
         self._nfq = nfq
         self._loop = loop
         self._fd = nfq.get_fd()
+        no_enobufs(self._fd)
         loop.add_reader(self._fd, self._on_readable)
         self._state = QueueState.OPEN
 
@@ -442,7 +460,6 @@ class NfQueue:
         return QueueCounters(
             received=self._received,
             wakeups=self._wakeups,
-            enobufs=0,
             truncated=0,
             kernel_errors=0,
             verdict_sends=0,
