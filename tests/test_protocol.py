@@ -534,3 +534,17 @@ def test_the_document_examples_decode_and_are_canonical(line: str) -> None:
     message = decode_line(line.encode())
     assert not isinstance(message, ProtocolError), message
     assert encode(message) == line.encode() + b"\n"
+
+
+@pytest.mark.parametrize("offset", [-1, -2_435_536, 0, 1460])
+def test_an_evidence_offset_before_the_epoch_base_reaches_the_engine(offset: int) -> None:
+    # The SYN sits at stream offset -1, and a resend of bytes released before the last
+    # checkpoint is below 0: an engine that refused such a request never checkpointed, and
+    # the proxy held the flow (seen in bench/proxy_bench.py, after an overflow checkpoint).
+    evidence = Evidence(offset, b"", b"", 1448, 0, detail="primary segment unmatched")
+    request = CheckpointRequest(
+        id=3, reason="timeout", protocol="tcp", evidence=CheckpointEvidence.from_compare(evidence)
+    )
+    decoder = Decoder()
+    (decoded,) = decoder.feed(encode(request))
+    assert decoded == request

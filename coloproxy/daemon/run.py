@@ -797,17 +797,7 @@ class _Late:
 
 def _wire_request(request: CheckpointRequest) -> WireRequest:
     evidence = request.evidence
-    wire_evidence = None
-    if evidence is not None:
-        wire_evidence = CheckpointEvidence(
-            offset=evidence.offset,
-            before=evidence.before,
-            primary=evidence.primary,
-            secondary=evidence.secondary,
-            primary_length=evidence.primary_length,
-            secondary_length=evidence.secondary_length,
-            detail=evidence.detail,
-        )
+    wire_evidence = None if evidence is None else CheckpointEvidence.from_compare(evidence)
     return WireRequest(
         id=request.id,
         reason=request.reason,

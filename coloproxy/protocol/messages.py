@@ -37,7 +37,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar, Final, Union
+from typing import Any, ClassVar, Final, NewType, Union
 
 from coloproxy.compare.events import Evidence
 from coloproxy.errors import UsageError
@@ -114,6 +114,12 @@ def _check_reason(reason: str) -> None:
         raise UsageError(f"reason {reason!r} is not a token ([a-z0-9-], 1-32 characters)")
 
 
+# A TCP stream offset: bytes after the SYN in the comparator's epoch, so the SYN is at -1 and a
+# resend of bytes released before the last checkpoint is below 0 (the only signed integer on
+# the wire).
+StreamOffset = NewType("StreamOffset", int)
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointEvidence:
     """The wire form of :class:`coloproxy.compare.Evidence`: where the outputs differ.
@@ -123,7 +129,7 @@ class CheckpointEvidence:
     segments or datagrams compared.
     """
 
-    offset: int | None
+    offset: StreamOffset | None
     before: int
     primary: bytes
     secondary: bytes
@@ -139,7 +145,7 @@ class CheckpointEvidence:
     @classmethod
     def from_compare(cls, evidence: Evidence) -> CheckpointEvidence:
         return cls(
-            offset=evidence.offset,
+            offset=None if evidence.offset is None else StreamOffset(evidence.offset),
             before=evidence.before,
             primary=evidence.primary[:MAX_EVIDENCE_BYTES],
             secondary=evidence.secondary[:MAX_EVIDENCE_BYTES],
@@ -572,6 +578,14 @@ def _integer(value: object) -> object:
     return value
 
 
+def _signed_integer(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _InvalidError(f"expected an integer, got {_describe(value)}")
+    if not -MAX_INTEGER <= value <= MAX_INTEGER:
+        raise _InvalidError(f"expected an integer from -(2**53-1) to 2**53-1, got {value}")
+    return value
+
+
 def _number(value: object) -> object:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _InvalidError(f"expected a number, got {_describe(value)}")
@@ -645,6 +659,7 @@ def _record(cls: type[Any]) -> Converter:
 
 _SCALARS: Final[Mapping[object, Converter]] = {
     int: _integer,
+    StreamOffset: _signed_integer,
     float: _number,
     str: _string,
     bool: _boolean,
