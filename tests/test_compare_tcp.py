@@ -19,7 +19,7 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
-from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
+from craft import ACK, FIN, PSH, RST, SYN, URG, stream, tcp
 
 P_ISN = 1_000_000
 S_ISN = 3_000_000_000
@@ -550,3 +550,317 @@ def test_a_retransmitted_syn_after_a_rebase_is_not_a_new_connection() -> None:
     pair.secondary(tcp(S_ISN + 4, b"def"), "s2")
     assert pair.checkpoints() == []
     assert pair.released()[-2:] == ["p-syn-again", "p2"]
+
+
+# -- retransmissions of compared bytes ---------------------------------------------------------
+
+
+def _verified_pair(**settings: object) -> Pair:
+    """[0, 100) sent and matched on both sides, p1 released."""
+    pair = Pair(**settings)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:100]), "p1")
+    pair.secondary(tcp(S_ISN + 1, DATA[:100]), "s1")
+    assert pair.released() == ["p-syn", "p1"]
+    return pair
+
+
+def _changed(data: bytes, index: int) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0xFF
+    return bytes(out)
+
+
+def test_a_primary_resend_of_verified_bytes_with_other_bytes_is_a_divergence() -> None:
+    """sendfile or zero-copy pages can change under a retransmission: the resend is output
+    the secondary never produced, so it is compared, not released."""
+    pair = _verified_pair()
+    assert pair.primary(tcp(P_ISN + 1 + 10, _changed(DATA[10:30], 5)), "p-resend") != []
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert needed.evidence is not None and needed.evidence.offset == 15
+    assert pair.released() == ["p-syn", "p1"]
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release("p-resend", ReleaseReason.CHECKPOINT)
+    ]
+
+
+def test_an_equal_primary_resend_of_verified_bytes_is_released() -> None:
+    pair = _verified_pair()
+    assert pair.primary(tcp(P_ISN + 1 + 10, DATA[10:30]), "p-resend") == [
+        Release("p-resend", ReleaseReason.MATCHED)
+    ]
+    assert pair.checkpoints() == []
+
+
+def test_a_secondary_resend_of_verified_bytes_with_other_bytes_is_a_divergence() -> None:
+    pair = _verified_pair()
+    pair.secondary(tcp(S_ISN + 1 + 90, _changed(DATA[90:100], 0)), "s-resend")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert needed.evidence is not None and needed.evidence.offset == 90
+
+
+def test_primary_a_then_b_at_the_same_range_is_a_divergence_whatever_the_secondary_sends() -> None:
+    """Both versions would be released against the secondary's A before: the client gets
+    whichever arrives first."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p-a")
+    pair.primary(tcp(P_ISN + 1, _changed(DATA[:50], 7)), "p-b")
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-a")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert pair.released() == ["p-syn"]
+    released = pair.comparator.checkpoint_completed(pair.now)
+    assert [e.token for e in released] == ["p-a", "p-b"]
+
+
+def test_secondary_a_then_b_before_the_primary_is_a_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-a")
+    pair.secondary(tcp(S_ISN + 1 + 20, _changed(DATA[20:50], 0)), "s-b")
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert pair.released() == ["p-syn"]
+
+
+def test_a_primary_resend_of_verified_bytes_no_longer_kept_is_held_for_a_checkpoint() -> None:
+    """Past retransmit_window the verified bytes are forgotten: a resend of them cannot be
+    compared, so it is not released; it waits for the checkpoint it asks for."""
+    pair = Pair(retransmit_window=100)
+    handshake(pair)
+    for index in range(4):  # four segments of 100: only the last is kept
+        low = index * 100
+        pair.primary(tcp(P_ISN + 1 + low, DATA[low : low + 100]), f"p{index}")
+        pair.secondary(tcp(S_ISN + 1 + low, DATA[low : low + 100]), f"s{index}")
+    assert pair.released() == ["p-syn", "p0", "p1", "p2", "p3"]
+    assert pair.comparator.stats().kept_bytes == 100
+    assert pair.primary(tcp(P_ISN + 1 + 350, DATA[350:400]), "p-kept") == [
+        Release("p-kept", ReleaseReason.MATCHED)
+    ]
+    pair.secondary(tcp(S_ISN + 1 + 10, _changed(DATA[10:20], 0)), "s-unkept")  # not compared
+    assert pair.checkpoints() == []
+    pair.primary(tcp(P_ISN + 1 + 10, DATA[10:20]), "p-unkept")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION_UNKEPT
+    assert needed.evidence is not None and needed.evidence.offset == 10
+    assert pair.released() == ["p-syn", "p0", "p1", "p2", "p3", "p-kept"]
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release("p-unkept", ReleaseReason.CHECKPOINT)
+    ]
+
+
+def test_the_global_bound_on_kept_bytes_forgets_the_oldest_first() -> None:
+    pair = Pair(max_retransmit_bytes=150)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:100]), "p1")
+    pair.secondary(tcp(S_ISN + 1, DATA[:100]), "s1")
+    other = {"dport": 40001}
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, **other), "q-syn")  # type: ignore[arg-type]
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, **other), "r-syn")  # type: ignore[arg-type]
+    pair.primary(tcp(P_ISN + 1, DATA[:100], **other), "q1")  # type: ignore[arg-type]
+    pair.secondary(tcp(S_ISN + 1, DATA[:100], **other), "r1")  # type: ignore[arg-type]
+    assert pair.comparator.stats().kept_bytes == 100  # the first connection's were forgotten
+    pair.primary(tcp(P_ISN + 1, DATA[:10], **other), "q-resend")  # type: ignore[arg-type]
+    assert pair.checkpoints() == []
+    pair.primary(tcp(P_ISN + 1, DATA[:10]), "p-resend")
+    assert [c.reason for c in pair.checkpoints()] == [Reason.RETRANSMISSION_UNKEPT]
+    assert pair.released()[-1] == "q-resend"
+
+
+def test_kept_bytes_are_forgotten_at_a_checkpoint_and_with_their_connection() -> None:
+    pair = _verified_pair(flow_idle_timeout=10.0)
+    assert pair.comparator.stats().kept_bytes == 100
+    pair.comparator.checkpoint_completed(pair.now)
+    assert pair.comparator.stats().kept_bytes == 0
+    pair.primary(tcp(P_ISN + 101, DATA[100:200]), "p2")
+    pair.secondary(tcp(P_ISN + 101, DATA[100:200]), "s2")  # synced: the primary's numbers
+    assert pair.released()[-1] == "p2"
+    assert pair.comparator.stats().kept_bytes == 100
+    pair.advance(100.0)
+    assert pair.comparator.stats().flows == 0
+    assert pair.comparator.stats().kept_bytes == 0
+
+
+# -- a RST after a FIN ---------------------------------------------------------------------
+
+
+def _closed_pair(**settings: object) -> Pair:
+    """Equal bytes and equal FINs on both sides, all released."""
+    pair = Pair(**settings)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"bye", flags=FIN | ACK), "p-fin")
+    pair.secondary(tcp(S_ISN + 1, b"bye", flags=FIN | ACK), "s-fin")
+    assert pair.released() == ["p-syn", "p-fin"]
+    return pair
+
+
+def test_a_secondary_rst_after_its_fin_without_one_from_the_primary_is_a_fate_divergence() -> None:
+    """The secondary's client would see the connection aborted, the primary's a clean close."""
+    pair = _closed_pair()
+    pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+    assert pair.advance(1.0) == []  # the primary may still reset: it runs behind at times
+    pair.advance(3.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+    assert needed.evidence is not None and needed.evidence.offset == 4
+    assert "RST" in needed.evidence.detail
+
+
+def test_a_primary_rst_after_its_fin_waits_for_the_secondary_rst() -> None:
+    pair = _closed_pair()
+    assert pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst") == []
+    pair.advance(3.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.TIMEOUT
+    assert pair.released() == ["p-syn", "p-fin"]
+
+
+def test_rsts_after_fins_on_both_sides_are_released() -> None:
+    for secondary_first in (False, True):
+        pair = _closed_pair()
+        if secondary_first:
+            pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+            pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst")
+        else:
+            pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst")
+            pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+        pair.advance(10.0)
+        assert pair.checkpoints() == []
+        assert pair.released() == ["p-syn", "p-fin", "p-rst"]
+
+
+def test_a_secondary_fin_the_primary_never_sends_is_a_fate_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"abc", flags=FIN | ACK), "s1")
+    assert pair.released() == ["p-syn", "p1"]
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+
+
+# -- urgent data ---------------------------------------------------------------------------
+
+
+def test_urgent_data_on_the_primary_only_is_not_released() -> None:
+    """A client without SO_OOBINLINE reads a different stream and gets SIGURG."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"abc!"), "s")
+    assert pair.released() == ["p-syn"]
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.TIMEOUT
+    assert needed.evidence is not None and "urgent" in needed.evidence.detail
+
+
+def test_urgent_data_on_the_secondary_only_is_a_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "s-urg")
+    pair.primary(tcp(P_ISN + 1, b"abc!"), "p")
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.URGENT
+    assert needed.evidence is not None and needed.evidence.offset == 4
+
+
+def test_the_same_urgent_offset_in_other_segments_is_released() -> None:
+    """The pointer is relative to each segment's sequence number: what is compared is the
+    stream offset it names (4 here), whatever the segmentation."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"ab", flags=ACK | URG, urgent=4), "s1")
+    pair.secondary(tcp(S_ISN + 3, b"c!", flags=PSH | ACK | URG, urgent=2), "s2")
+    pair.primary(tcp(P_ISN + 5, b"more"), "p-after")
+    pair.secondary(tcp(S_ISN + 5, b"more"), "s3")
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert pair.released() == ["p-syn", "p-urg", "p-after"]
+
+
+def test_urgent_offsets_that_differ_do_not_match() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=3), "s-urg")
+    assert pair.released() == ["p-syn"]
+
+
+# -- a four-tuple reused ------------------------------------------------------------------
+
+
+NEW_P_ISN, NEW_S_ISN = 2_000_000, 4_000_000_000
+OLD = DATA[:300]
+NEW = b"the new connection's bytes"
+
+
+def _old_then_new(pair: Pair, lagging: str) -> None:
+    """The old connection sends OLD and closes; the four-tuple is reused with new ISNs. The
+    ``lagging`` side sends the end of the old connection after the other side's new SYN-ACK."""
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, OLD[:200]), "old-p1")
+    pair.secondary(tcp(S_ISN + 1, OLD[:200]), "old-s1")
+    primary_old = [
+        (tcp(P_ISN + 201, OLD[200:], flags=FIN | PSH | ACK), "old-p2"),
+        (tcp(P_ISN + 302, flags=ACK, ack=1001), "old-p-last-ack"),
+    ]
+    secondary_old = [
+        (tcp(S_ISN + 201, OLD[200:], flags=FIN | PSH | ACK), "old-s2"),
+        (tcp(S_ISN + 302, flags=ACK, ack=1001), "old-s-last-ack"),
+    ]
+    primary_new = [
+        (tcp(NEW_P_ISN, flags=SYN | ACK, ack=5000), "new-p-syn"),
+        (tcp(NEW_P_ISN + 1, NEW, flags=FIN | PSH | ACK, ack=5001), "new-p1"),
+    ]
+    secondary_new = [
+        (tcp(NEW_S_ISN, flags=SYN | ACK, ack=5000), "new-s-syn"),
+        (tcp(NEW_S_ISN + 1, NEW, flags=FIN | PSH | ACK, ack=5001), "new-s1"),
+    ]
+    if lagging == "secondary":
+        steps = [("p", *primary_old[0]), ("p", *primary_old[1]), ("p", *primary_new[0])]
+        steps += [("s", *secondary_old[0]), ("s", *secondary_old[1]), ("s", *secondary_new[0])]
+    else:
+        steps = [("s", *secondary_old[0]), ("s", *secondary_old[1]), ("s", *secondary_new[0])]
+        steps += [("p", *primary_old[0]), ("p", *primary_old[1]), ("p", *primary_new[0])]
+    steps += [("p", *primary_new[1]), ("s", *secondary_new[1])]
+    for side, packet, token in steps:
+        if side == "p":
+            pair.primary(packet, token)
+        else:
+            pair.secondary(packet, token)
+
+
+@pytest.mark.parametrize("lagging", ["secondary", "primary"])
+def test_the_end_of_an_old_connection_after_the_new_syn_ack_stays_with_the_old(
+    lagging: str,
+) -> None:
+    pair = Pair()
+    _old_then_new(pair, lagging)
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert sorted(pair.released()) == sorted(
+        ["p-syn", "old-p1", "old-p2", "old-p-last-ack", "new-p-syn", "new-p1"]
+    )
+
+
+def test_a_new_connection_that_differs_still_diverges_while_the_old_one_lingers() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, OLD), "old-p")
+    pair.primary(tcp(NEW_P_ISN, flags=SYN | ACK), "new-p-syn")
+    pair.primary(tcp(NEW_P_ISN + 1, NEW), "new-p1")
+    pair.secondary(tcp(S_ISN + 1, OLD), "old-s")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK), "new-s-syn")
+    pair.secondary(tcp(NEW_S_ISN + 1, _changed(NEW, 3)), "new-s1")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.PAYLOAD
+    assert needed.evidence is not None and needed.evidence.offset == 3
+    assert pair.released() == ["p-syn", "old-p", "new-p-syn"]

@@ -35,25 +35,48 @@ primary's position, so that offsets of an epoch stay far below 2**31 (``REBASE_A
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from typing import Final
 
 from coloproxy import seq
-from coloproxy.compare.events import Event, Evidence, Flow, Reason, Release, ReleaseReason
+from coloproxy.compare.events import (
+    EVIDENCE_BYTES,
+    Event,
+    Evidence,
+    Flow,
+    Reason,
+    Release,
+    ReleaseReason,
+)
+from coloproxy.compare.kept import KeptBudget, KeptBytes
 from coloproxy.compare.ranges import RangeSet
 from coloproxy.compare.state import (
     NEED_ACK,
+    NEED_CHECKPOINT,
     NEED_FIN,
     NEED_RST,
     NEED_SYN,
+    NEED_URG,
     Book,
     FlowState,
     Held,
+    Signal,
     Stored,
     difference,
 )
 from coloproxy.packet.parse import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 PROTOCOL: Final = "tcp"
+TCP_URG: Final = 0x20
+# An urgent pointer of 0xFFFF says "beyond what this segment's 16 bits can reach" (Linux sends
+# it while the real pointer is more than 64 KiB ahead): no stream offset, so not compared.
+URGENT_BEYOND: Final = 0xFFFF
+# Urgent offsets remembered per side and epoch: a retransmission names a recent one again.
+URGENT_MARKS: Final = 64
+# Signal kinds (Signal.kind).
+FIN: Final = "FIN"
+RST: Final = "RST"
+URG: Final = "URG"
 # Read once: an enum member is an attribute lookup through the enum's metaclass (about 85 ns).
 _MATCHED: Final = ReleaseReason.MATCHED
 
@@ -68,8 +91,10 @@ class TcpSide:
         "isn_from_syn",
         "max_ack",
         "rst",
+        "signals",
         "syn",
         "syn_seq",
+        "urgent",
     )
 
     def __init__(self) -> None:
@@ -85,6 +110,8 @@ class TcpSide:
         self.rst: int | None = None  # stream offset of the RST, in this epoch
         self.high: int | None = None  # end of the highest data sent, in this epoch
         self.ending: str | None = None  # "FIN" or "RST", whichever came first in this epoch
+        self.urgent: list[int] = []  # stream offsets urgent pointers named, in this epoch
+        self.signals: list[Signal] = []  # the secondary's: FIN/RST/URG awaiting the primary's
 
     def reset(self) -> None:
         self.chunks = []
@@ -93,6 +120,10 @@ class TcpSide:
         self.fin = None
         self.rst = None
         self.high = None
+        self.urgent = []
+        for signal in self.signals:
+            signal.live = False
+        self.signals = []
 
 
 # Stream offsets are signed 32-bit distances from the base (RFC 1982 arithmetic holds within
@@ -103,28 +134,57 @@ REBASE_AT: Final = 1 << 30
 
 
 class TcpConnection(FlowState):
-    __slots__ = ("primary", "rebase_asked", "rewritten", "secondary", "verified")
+    __slots__ = (
+        "kept",
+        "old",
+        "primary",
+        "rebase_asked",
+        "rewritten",
+        "secondary",
+        "span",
+        "stranded",
+        "verified",
+    )
 
     def __init__(
-        self, key: tuple[object, ...], label: Flow, now: float, rewritten: bool = False
+        self,
+        key: tuple[object, ...],
+        label: Flow,
+        now: float,
+        budget: KeptBudget,
+        rewritten: bool = False,
     ) -> None:
         super().__init__(key, label, now)
         self.primary = TcpSide()
         self.secondary = TcpSide()
         self.verified = RangeSet()
+        self.kept = KeptBytes(budget)
         self.rebase_asked = False
         # The secondary's segments are in the primary's sequence space, all but its SYN
         # (QEMU's filter-rewriter: CompareConfig.secondary_seq "rewritten").
         self.rewritten = rewritten
+        # The previous connection on the same four-tuple while its last packets may still
+        # come (see "Incarnations" in the module doc), and, on that old incarnation, the
+        # sequence numbers it used: [primary low, primary high, secondary low, secondary high]
+        # (absolute; -1 where unknown).
+        self.old: TcpConnection | None = None
+        self.span: list[int] = [-1, -1, -1, -1]
+        # Held primary packets of an incarnation before the old one: only a checkpoint can
+        # release them now.
+        self.stranded: list[Held] = []
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
         # segments compare at wrong offsets; keep it until a checkpoint equalises them.
+        old = self.old
         return (
             not self.held
             and not self.primary.chunks
             and not self.secondary.chunks
+            and not self.secondary.signals
             and self.primary.isn == self.secondary.isn
+            and not self.stranded
+            and (old is None or old.idle())
         )
 
     def isn_offset(self) -> int | None:
@@ -132,6 +192,23 @@ class TcpConnection(FlowState):
         if self.primary.isn is None or self.secondary.isn is None:
             return None
         return (self.secondary.isn - self.primary.isn) & 0xFFFFFFFF
+
+    def take_held(self) -> list[Held]:
+        """Every held primary packet of every incarnation, taken away (for a checkpoint)."""
+        held = [*self.held, *self.stranded]
+        self.held.clear()
+        self.stranded = []
+        old = self.old
+        if old is not None:
+            held.extend(old.held)
+            old.held.clear()
+        return held
+
+    def forget(self, book: Book) -> None:
+        """The connection leaves the flow table: give back what it keeps."""
+        self.kept.clear()
+        if self.old is not None:
+            self.old.kept.clear()
 
     # -- epoch ---------------------------------------------------------------------------
 
@@ -155,6 +232,9 @@ class TcpConnection(FlowState):
         primary.reset()
         secondary.reset()
         self.verified.clear()
+        # Retransmissions of bytes sent before the checkpoint come from both guests alike
+        # (the secondary is a copy of the primary now): they are compared with each other.
+        self.kept.clear()
         if synced:
             if primary.isn is not None:
                 secondary.isn = primary.isn
@@ -164,29 +244,35 @@ class TcpConnection(FlowState):
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False
+        if self.old is not None:
+            self.old.reset_epoch(book, synced)
 
     # -- input ---------------------------------------------------------------------------
 
-    def _learn_isn(self, side: TcpSide, other: TcpSide, number: int, flags: int, book: Book) -> int:
-        """The side's ISN, learned from this segment if it is not known yet."""
+    def _learn_isn(self, primary_side: bool, number: int, flags: int, book: Book) -> int:
+        """The side's ISN, learned from this segment if it is not known yet. A SYN naming
+        another ISN than the side's SYN did starts a new incarnation (``_renew``)."""
+        side = self.primary if primary_side else self.secondary
         isn = side.isn
         if flags & TCP_SYN and self.rewritten:
-            return self._learn_rewritten_isn(side, other, number, book)
+            return self._learn_rewritten_isn(primary_side, number, book)
         if flags & TCP_SYN:
             if isn is None or not side.isn_from_syn:
                 side.isn = isn = number
                 side.isn_from_syn = True
                 side.syn_seq = number
             elif number != side.syn_seq:
-                # A new connection on the same four-tuple (the old one is gone): nothing of
-                # the old alignment may carry over, or bytes verified for the old connection
-                # would release the new one's unchecked (I1).
-                self._forget_alignment(book)
-                other.isn_from_syn = False  # its next SYN names its new ISN
+                # A new connection on the same four-tuple: nothing of the old alignment may
+                # carry over, or bytes verified for the old connection would release the new
+                # one's unchecked (I1).
+                self._renew(book)
+                side = self.primary if primary_side else self.secondary
                 side.isn = isn = number
+                side.isn_from_syn = True
                 side.syn_seq = number
             return isn
         if isn is None:
+            other = self.secondary if primary_side else self.primary
             isn = other.isn
             if isn is None:
                 # First seen mid-stream: one shared base for both sides (see module doc).
@@ -194,25 +280,86 @@ class TcpConnection(FlowState):
             side.isn = isn
         return isn
 
-    def _learn_rewritten_isn(self, side: TcpSide, other: TcpSide, number: int, book: Book) -> int:
+    def _learn_rewritten_isn(self, primary_side: bool, number: int, book: Book) -> int:
         """``_learn_isn`` for a SYN when the secondary's numbers were rewritten into the
         primary's space except in its SYN: both sides count offsets from the primary's ISN.
         Returns the base for this SYN's own position, which is its own ISN on either side
         (the secondary's SYN names the secondary's ISN)."""
+        side = self.primary if primary_side else self.secondary
         if side.isn_from_syn and number != side.syn_seq:
             # A new connection on the same four-tuple, as in _learn_isn.
-            self._forget_alignment(book)
-            other.isn_from_syn = False
+            self._renew(book)
+            side = self.primary if primary_side else self.secondary
         side.isn_from_syn = True
         side.syn_seq = number
         primary, secondary = self.primary, self.secondary
-        if side is primary:
+        if primary_side:
             primary.isn = secondary.isn = number
         elif primary.isn_from_syn and primary.isn is not None:
             secondary.isn = primary.isn
         # else: the primary's SYN is still to come, and with it the base; secondary data
         # before it (already in the primary's space) takes the shared mid-stream base.
         return number
+
+    def _renew(self, book: Book) -> None:
+        """A new incarnation of the four-tuple: what was compared so far becomes ``old``,
+        which takes the old connection's late packets (``_is_old``); this one starts afresh."""
+        previous = self.old
+        if previous is not None:
+            # A third incarnation while the first still had packets held: nothing can match
+            # them any more; they time out and a checkpoint releases them.
+            self.stranded.extend(previous.held)
+            previous.held.clear()
+            previous._forget_alignment(book)
+        old = TcpConnection(self.key, self.label, self.last_active, self.kept.budget)
+        old.rewritten = self.rewritten
+        old.primary, old.secondary = self.primary, self.secondary
+        old.verified, old.kept, old.held = self.verified, self.kept, self.held
+        old.diverged, old.timed_out = self.diverged, self.timed_out
+        old.rebase_asked = self.rebase_asked
+        for held in old.held:
+            held.flow = old
+        for side in (old.primary, old.secondary):
+            for stored in side.chunks:
+                stored.flow = old
+            for signal in side.signals:
+                signal.flow = old
+        span = old.span
+        for index, side in enumerate((old.primary, old.secondary)):
+            if side.isn is not None:
+                span[2 * index] = side.syn_seq if side.syn_seq is not None else side.isn
+                top = max(side.high or 0, (side.fin or 0) + 1, side.rst or 0)
+                span[2 * index + 1] = seq.add(side.isn, top + 1)
+        self.old = old
+        self.primary = TcpSide()
+        self.secondary = TcpSide()
+        self.verified = RangeSet()
+        self.kept = KeptBytes(old.kept.budget)
+        self.held = deque()
+        self.diverged = False
+        self.timed_out = False
+        self.rebase_asked = False
+
+    def _is_old(self, primary_side: bool, number: int, flags: int, length: int) -> bool:
+        """Whether a segment belongs to the old incarnation (``old`` is set)."""
+        old = self.old
+        assert old is not None
+        mine = self.primary if primary_side else self.secondary
+        then = old.primary if primary_side else old.secondary
+        if flags & TCP_SYN:
+            return then.syn_seq is not None and number == then.syn_seq
+        index = 0 if primary_side else 2
+        span = old.span
+        if mine.syn_seq is None:
+            # Before its own new SYN a side can only send the old connection's segments.
+            end = seq.add(number, length + (1 if flags & TCP_FIN else 0))
+            if span[index] < 0:
+                span[index] = number
+            if span[index + 1] < 0 or seq.gt(end, span[index + 1]):
+                span[index + 1] = end
+            return True
+        low, high = span[index], span[index + 1]
+        return low >= 0 and seq.leq(low, number) and seq.leq(number, high)
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True
@@ -234,18 +381,19 @@ class TcpConnection(FlowState):
                 book.stored_bytes -= stored.end - stored.start
             side.reset()
         self.verified.clear()
+        self.kept.clear()
 
     def learn(self, primary_side: bool, number: int, flags: int, book: Book) -> None:
         """Learn an ISN from a SYN that is not compared (it came during a checkpoint)."""
         if flags & TCP_SYN:
-            mine, other = (
-                (self.primary, self.secondary) if primary_side else (self.secondary, self.primary)
-            )
-            self._learn_isn(mine, other, number, flags, book)
+            if self.old is not None and self._is_old(primary_side, number, flags, 0):
+                return
+            self._learn_isn(primary_side, number, flags, book)
 
     # Both feeds take the header fields the comparator read (``number`` is the sequence
-    # number) and the payload bytes, not a parsed Packet: the comparator's TCP lane reads
-    # those fields with one unpack and never builds a Packet.
+    # number, ``urgent`` the urgent pointer, read only with URG) and the payload bytes, not
+    # a parsed Packet: the comparator's TCP lane reads those fields with one unpack and never
+    # builds a Packet (it leaves SYN and URG segments to the general path).
 
     def feed_primary(
         self,
@@ -257,11 +405,18 @@ class TcpConnection(FlowState):
         now: float,
         book: Book,
         out: list[Event],
+        urgent: int = 0,
     ) -> None:
+        old = self.old
+        if old is not None and self._is_old(True, number, flags, len(payload)):
+            held.flow = old
+            old.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
+            return
         primary = self.primary
         isn = primary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(primary, self.secondary, number, flags, book)
+            isn = self._learn_isn(True, number, flags, book)
+            primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
             held.ack = ack
@@ -280,6 +435,8 @@ class TcpConnection(FlowState):
             primary.rst = start
             primary.ending = primary.ending or "RST"
             length = 0  # data on a RST is diagnostic text (RFC 9293 3.5.3), not stream data
+            if self.secondary.signals:
+                self._answer(RST, start)
         end = start + length
         held.start = start
         held.end = end
@@ -289,6 +446,15 @@ class TcpConnection(FlowState):
             held.need |= NEED_FIN
             primary.fin = end
             primary.ending = primary.ending or "FIN"
+            if self.secondary.signals:
+                self._answer(FIN, end)
+        if flags & TCP_URG and urgent != URGENT_BEYOND:
+            mark = start + urgent
+            held.need |= NEED_URG
+            held.urgent = mark
+            _note_urgent(primary, mark)
+            if self.secondary.signals:
+                self._answer(URG, mark)
         self.held.append(held)
         if self.diverged:
             return
@@ -305,6 +471,11 @@ class TcpConnection(FlowState):
             or primary.syn is not secondary.syn
         ) and not self.diverged:
             self._check_fate(book, out)
+        state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
+        if state.diverged:
+            # Diverged by this very packet (its bytes may lie in a verified range, say a
+            # resend with other bytes): only the checkpoint just asked for may release it.
+            held.need |= NEED_CHECKPOINT
         self.release_ready(book, out)
 
     def feed_secondary(
@@ -316,11 +487,17 @@ class TcpConnection(FlowState):
         now: float,
         book: Book,
         out: list[Event],
+        urgent: int = 0,
     ) -> None:
+        old = self.old
+        if old is not None and self._is_old(False, number, flags, len(payload)):
+            old.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
+            return
         secondary = self.secondary
         isn = secondary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(secondary, self.primary, number, flags, book)
+            isn = self._learn_isn(False, number, flags, book)
+            secondary = self.secondary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             max_ack = secondary.max_ack
             if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
@@ -332,19 +509,29 @@ class TcpConnection(FlowState):
             start += 1
             secondary.syn = True
         length = len(payload)
+        primary = self.primary
         if flags & TCP_RST:
             secondary.rst = start
             secondary.ending = secondary.ending or "RST"
             length = 0
+            if primary.rst is None:
+                self._signal(RST, start, now, book)
         end = start + length
         if flags & TCP_FIN:
             secondary.fin = end
             secondary.ending = secondary.ending or "FIN"
+            if primary.fin != end:
+                self._signal(FIN, end, now, book)
+        if flags & TCP_URG and urgent != URGENT_BEYOND:
+            mark = start + urgent
+            if mark not in secondary.urgent:
+                _note_urgent(secondary, mark)
+                if mark not in primary.urgent:
+                    self._signal(URG, mark, now, book)
         if length:
             if secondary.high is None or end > secondary.high:
                 secondary.high = end
             self._absorb(False, start, payload, now, book, out)
-        primary = self.primary
         if (
             primary.ending is not None
             or secondary.ending is not None
@@ -353,6 +540,28 @@ class TcpConnection(FlowState):
             self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
+
+    def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
+        """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
+        like its bytes, it waits for the primary's for secondary_timeout."""
+        if book.secondary_timeout is None:
+            return
+        signals = self.secondary.signals
+        for signal in signals:
+            if signal.kind == kind and signal.start == offset:
+                return
+        signal = Signal(kind, offset, now, self)
+        signals.append(signal)
+        book.store_secondary(signal)
+
+    def _answer(self, kind: str, offset: int) -> None:
+        """The primary sent a FIN, RST or urgent pointer: the secondary's waits no more."""
+        signals = self.secondary.signals
+        for index, signal in enumerate(signals):
+            if signal.kind == kind and (kind == RST or signal.start == offset):
+                signal.live = False
+                del signals[index]
+                return
 
     # -- comparison ----------------------------------------------------------------------
 
@@ -377,20 +586,86 @@ class TcpConnection(FlowState):
                 first.live = False
                 del chunks[0]
                 verified.add(start, end)
+                self.kept.add(start, data)
                 book.bytes_compared += end - start
                 book.stored_bytes -= end - start
                 return
             self._match(primary_side, start, data, now, book, out)
             return
-        for low, high in verified.subtract(start, end):
-            for new_low, new_high in _uncovered(mine.chunks, low, high):
-                piece = (
-                    data
-                    if (new_low == start and new_high == end)
-                    else data[new_low - start : new_high - start]
-                )
-                if not self._match(primary_side, new_low, piece, now, book, out):
+        # Bytes at offsets already seen: a retransmission, an overlap, or out of order. Bytes
+        # in the verified ranges are compared with the kept copy, bytes this side sent before
+        # with what it sent, the rest with the other side's.
+        for low, high, done in verified.pieces(start, end):
+            piece = data if (low == start and high == end) else data[low - start : high - start]
+            if done:
+                if not self._recompare(primary_side, low, piece, book, out):
                     return
+                continue
+            for new_low, new_high, chunk in _own(mine.chunks, low, high):
+                part = (
+                    piece
+                    if (new_low == low and new_high == high)
+                    else piece[new_low - low : new_high - low]
+                )
+                if chunk is not None:
+                    first_sent = chunk.data[new_low - chunk.start : new_high - chunk.start]
+                    if part != first_sent:
+                        self._resent_differently(primary_side, new_low, part, first_sent, book, out)
+                        return
+                elif not self._match(primary_side, new_low, part, now, book, out):
+                    return
+
+    def _recompare(
+        self, primary_side: bool, start: int, piece: bytes, book: Book, out: list[Event]
+    ) -> bool:
+        """A resend of verified bytes: compare it with the kept copy (both sides sent those)."""
+        name = "primary" if primary_side else "secondary"
+        for low, high, kept in self.kept.lookup(start, start + len(piece)):
+            ours = piece[low - start : high - start]
+            if kept is None:
+                if not primary_side:
+                    continue  # never released: not comparing it risks no output (module doc)
+                evidence = Evidence(
+                    offset=low,
+                    primary=ours[:EVIDENCE_BYTES],
+                    secondary=b"",
+                    primary_length=len(piece),
+                    secondary_length=0,
+                    detail=f"the primary resent compared bytes [{low}, {high}) no longer kept"
+                    " (compare.retransmit_window, compare.max_retransmit_bytes)",
+                )
+                self._diverge(Reason.RETRANSMISSION_UNKEPT, evidence, book, out)
+                return False
+            if ours != kept:
+                detail = f"the {name} resent compared bytes with other bytes"
+                if primary_side:
+                    evidence = difference(ours, kept, low, len(piece), len(kept), detail)
+                else:
+                    evidence = difference(kept, ours, low, len(kept), len(piece), detail)
+                self._diverge(Reason.RETRANSMISSION, evidence, book, out)
+                return False
+        return True
+
+    def _resent_differently(
+        self,
+        primary_side: bool,
+        start: int,
+        resent: bytes,
+        first_sent: bytes,
+        book: Book,
+        out: list[Event],
+    ) -> None:
+        """A side resent bytes still waiting for the other side with other bytes: at most one
+        of its versions can match, and the client may get either."""
+        name = "primary" if primary_side else "secondary"
+        # Evidence shows the side's two versions, the first sent in the other side's place.
+        other = "secondary" if primary_side else "primary"
+        detail = f"the {name} resent bytes with other bytes; {other} shows its first send"
+        if primary_side:
+            evidence = difference(resent, first_sent, start, len(resent), len(first_sent), detail)
+        else:
+            evidence = difference(first_sent, resent, start, len(first_sent), len(resent), detail)
+        self._diverge(Reason.RETRANSMISSION, evidence, book, out)
 
     def _match(
         self, primary_side: bool, start: int, piece: bytes, now: float, book: Book, out: list[Event]
@@ -425,6 +700,7 @@ class TcpConnection(FlowState):
                     self._diverge(Reason.PAYLOAD, evidence, book, out)
                     return False
                 self.verified.add(pos, stop)
+                self.kept.add(pos, ours)
                 book.bytes_compared += stop - pos
                 book.stored_bytes -= stop - pos
                 # remove [pos, stop) from the other side's chunk
@@ -482,6 +758,10 @@ class TcpConnection(FlowState):
                 stored.live = False
                 book.stored_bytes -= stored.end - stored.start
             side.chunks = []
+            for signal in side.signals:
+                signal.live = False
+            side.signals = []
+        self.kept.clear()  # nothing is compared until the checkpoint, which forgets them
         book.request(out, reason, PROTOCOL, self.label, evidence)
 
     def _check_fate(self, book: Book, out: list[Event]) -> None:
@@ -524,12 +804,16 @@ class TcpConnection(FlowState):
                     max_ack = secondary.max_ack
                     if max_ack is None or (max_ack != segment.ack and seq.lt(max_ack, segment.ack)):
                         return
-                if need != NEED_ACK:  # a SYN, FIN or RST waits for the secondary's too
+                if need != NEED_ACK:  # a SYN, FIN, RST or URG waits for the secondary's too
                     if need & NEED_SYN and not secondary.syn:
                         return
                     if need & NEED_FIN and secondary.fin != segment.end:
                         return
                     if need & NEED_RST and secondary.rst is None:
+                        return
+                    if need & NEED_URG and segment.urgent not in secondary.urgent:
+                        return
+                    if need & NEED_CHECKPOINT:
                         return
             if segment.end > segment.start and not verified.contains(segment.start, segment.end):
                 return
@@ -575,20 +859,32 @@ def _first_ending_after(chunks: list[Stored], pos: int) -> int:
     return low
 
 
-def _uncovered(chunks: list[Stored], start: int, end: int) -> list[tuple[int, int]]:
-    """Parts of [start, end) not already stored by the same side (retransmissions)."""
+def _own(chunks: list[Stored], start: int, end: int) -> list[tuple[int, int, Stored | None]]:
+    """[start, end) cut into (low, high, the same side's chunk holding [low, high) or None)."""
     if not chunks or start >= chunks[-1].end or end <= chunks[0].start:
-        return [(start, end)]
-    out: list[tuple[int, int]] = []
+        return [(start, end, None)]
+    out: list[tuple[int, int, Stored | None]] = []
     pos = start
     for chunk in chunks[_first_ending_after(chunks, start) :]:
         if chunk.start >= end:
             break
         if chunk.start > pos:
-            out.append((pos, chunk.start))
-        pos = max(pos, chunk.end)
+            out.append((pos, chunk.start, None))
+            pos = chunk.start
+        stop = min(end, chunk.end)
+        out.append((pos, stop, chunk))
+        pos = stop
         if pos >= end:
             break
     if pos < end:
-        out.append((pos, end))
+        out.append((pos, end, None))
     return out
+
+
+def _note_urgent(side: TcpSide, mark: int) -> None:
+    """Remember an urgent pointer's stream offset (the last URGENT_MARKS of them)."""
+    urgent = side.urgent
+    if mark not in urgent:
+        urgent.append(mark)
+        if len(urgent) > URGENT_MARKS:
+            del urgent[0]
