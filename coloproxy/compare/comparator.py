@@ -359,7 +359,7 @@ class Comparator:
         if packet.proto == PROTO_TCP and packet.flags & TCP_SYN and not packet.fragment:
             flow = self._flow(packet, now, out)
             if type(flow) is TcpConnection:
-                flow.learn(primary_side, packet.seq, packet.flags, self._book)
+                flow.learn(primary_side, packet.seq, packet.flags, packet.ack, self._book)
 
     def _primary_packet(
         self,

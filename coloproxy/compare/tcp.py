@@ -73,6 +73,8 @@ TCP_URG: Final = 0x20
 URGENT_BEYOND: Final = 0xFFFF
 # Urgent offsets remembered per side and epoch: a retransmission names a recent one again.
 URGENT_MARKS: Final = 64
+# Incarnations of one four-tuple kept apart, the newest included (``_route``).
+MAX_INCARNATIONS: Final = 4
 # Signal kinds (Signal.kind).
 FIN: Final = "FIN"
 RST: Final = "RST"
@@ -93,6 +95,7 @@ class TcpSide:
         "rst",
         "signals",
         "syn",
+        "syn_ack",
         "syn_seq",
         "urgent",
     )
@@ -103,6 +106,9 @@ class TcpSide:
         self.isn: int | None = None
         self.isn_from_syn = False
         self.syn_seq: int | None = None
+        # The acknowledgement number of that SYN-ACK (-1: none): the peer's ISN + 1, the same
+        # on both sides for one incarnation, so it tells incarnations apart (``_route``).
+        self.syn_ack = -1
         self.max_ack: int | None = None
         self.chunks: list[Stored] = []
         self.syn = False  # a SYN was seen in this epoch
@@ -135,8 +141,10 @@ REBASE_AT: Final = 1 << 30
 
 class TcpConnection(FlowState):
     __slots__ = (
+        "at_primary",
+        "at_secondary",
         "kept",
-        "old",
+        "older",
         "primary",
         "rebase_asked",
         "rewritten",
@@ -163,20 +171,22 @@ class TcpConnection(FlowState):
         # The secondary's segments are in the primary's sequence space, all but its SYN
         # (QEMU's filter-rewriter: CompareConfig.secondary_seq "rewritten").
         self.rewritten = rewritten
-        # The previous connection on the same four-tuple while its last packets may still
-        # come (see "Incarnations" in the module doc), and, on that old incarnation, the
-        # sequence numbers it used: [primary low, primary high, secondary low, secondary high]
-        # (absolute; -1 where unknown).
-        self.old: TcpConnection | None = None
+        # Earlier connections on the same four-tuple, oldest first, while their last packets
+        # may still come (see "Incarnations" in the module doc); ``self`` is the newest. The
+        # incarnation each side is in (its last SYN's): an earlier one for a side that runs
+        # behind, None for a side in one no longer kept (its packets cannot be compared).
+        self.older: list[TcpConnection] = []
+        self.at_primary: TcpConnection | None = self
+        self.at_secondary: TcpConnection | None = self
+        # On an earlier incarnation: the sequence numbers each side used, [primary low,
+        # primary high, secondary low, secondary high] (absolute; -1 where unknown).
         self.span: list[int] = [-1, -1, -1, -1]
-        # Held primary packets of an incarnation before the old one: only a checkpoint can
-        # release them now.
+        # Held primary packets that no incarnation kept can match: a checkpoint releases them.
         self.stranded: list[Held] = []
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
         # segments compare at wrong offsets; keep it until a checkpoint equalises them.
-        old = self.old
         return (
             not self.held
             and not self.primary.chunks
@@ -184,7 +194,7 @@ class TcpConnection(FlowState):
             and not self.secondary.signals
             and self.primary.isn == self.secondary.isn
             and not self.stranded
-            and (old is None or old.idle())
+            and all(earlier.idle() for earlier in self.older)
         )
 
     def isn_offset(self) -> int | None:
@@ -198,17 +208,16 @@ class TcpConnection(FlowState):
         held = [*self.held, *self.stranded]
         self.held.clear()
         self.stranded = []
-        old = self.old
-        if old is not None:
-            held.extend(old.held)
-            old.held.clear()
+        for earlier in self.older:
+            held.extend(earlier.held)
+            earlier.held.clear()
         return held
 
     def forget(self, book: Book) -> None:
         """The connection leaves the flow table: give back what it keeps."""
         self.kept.clear()
-        if self.old is not None:
-            self.old.kept.clear()
+        for earlier in self.older:
+            earlier.kept.clear()
 
     # -- epoch ---------------------------------------------------------------------------
 
@@ -244,32 +253,38 @@ class TcpConnection(FlowState):
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False
-        if self.old is not None:
-            self.old.reset_epoch(book, synced)
+        for earlier in self.older:
+            earlier.reset_epoch(book, synced)
+        if synced:  # the secondary is where the primary is now, in the same incarnation
+            self.at_secondary = self.at_primary
 
     # -- input ---------------------------------------------------------------------------
 
-    def _learn_isn(self, primary_side: bool, number: int, flags: int, book: Book) -> int:
-        """The side's ISN, learned from this segment if it is not known yet. A SYN naming
-        another ISN than the side's SYN did starts a new incarnation (``_renew``)."""
+    def _learn_isn(
+        self, primary_side: bool, number: int, flags: int, ack: int, book: Book
+    ) -> int:
+        """The side's ISN, learned from this segment if it is not known yet. A SYN of
+        another connection on the same four-tuple starts a new incarnation (``_renew``)."""
         side = self.primary if primary_side else self.secondary
         isn = side.isn
+        if flags & TCP_SYN and self._opens_another(primary_side, number, flags, ack):
+            # A new connection on the same four-tuple: nothing of the old alignment may carry
+            # over, or bytes verified for the old connection would release the new one's
+            # unchecked (I1).
+            self._renew(primary_side, book)
+            side = self.primary if primary_side else self.secondary
+            isn = None
         if flags & TCP_SYN and self.rewritten:
-            return self._learn_rewritten_isn(primary_side, number, book)
+            isn = self._learn_rewritten_isn(primary_side, number)
+            side.syn_ack = ack if flags & TCP_ACK else -1
+            return isn
         if flags & TCP_SYN:
             if isn is None or not side.isn_from_syn:
                 side.isn = isn = number
                 side.isn_from_syn = True
                 side.syn_seq = number
-            elif number != side.syn_seq:
-                # A new connection on the same four-tuple: nothing of the old alignment may
-                # carry over, or bytes verified for the old connection would release the new
-                # one's unchecked (I1).
-                self._renew(book)
                 side = self.primary if primary_side else self.secondary
-                side.isn = isn = number
-                side.isn_from_syn = True
-                side.syn_seq = number
+            side.syn_ack = ack if flags & TCP_ACK else -1
             return isn
         if isn is None:
             other = self.secondary if primary_side else self.primary
@@ -280,16 +295,23 @@ class TcpConnection(FlowState):
             side.isn = isn
         return isn
 
-    def _learn_rewritten_isn(self, primary_side: bool, number: int, book: Book) -> int:
+    def _opens_another(self, primary_side: bool, number: int, flags: int, ack: int) -> bool:
+        """Whether a SYN belongs to another connection than this incarnation's: the side's
+        SYN named another ISN, or (the side's first) it is a SYN-ACK answering another SYN of
+        the peer than the other side's SYN-ACK did."""
+        side, other = (
+            (self.primary, self.secondary) if primary_side else (self.secondary, self.primary)
+        )
+        if side.isn_from_syn:
+            return number != side.syn_seq
+        return bool(flags & TCP_ACK) and other.syn_ack >= 0 and ack != other.syn_ack
+
+    def _learn_rewritten_isn(self, primary_side: bool, number: int) -> int:
         """``_learn_isn`` for a SYN when the secondary's numbers were rewritten into the
         primary's space except in its SYN: both sides count offsets from the primary's ISN.
         Returns the base for this SYN's own position, which is its own ISN on either side
         (the secondary's SYN names the secondary's ISN)."""
         side = self.primary if primary_side else self.secondary
-        if side.isn_from_syn and number != side.syn_seq:
-            # A new connection on the same four-tuple, as in _learn_isn.
-            self._renew(book)
-            side = self.primary if primary_side else self.secondary
         side.isn_from_syn = True
         side.syn_seq = number
         primary, secondary = self.primary, self.secondary
@@ -301,65 +323,120 @@ class TcpConnection(FlowState):
         # before it (already in the primary's space) takes the shared mid-stream base.
         return number
 
-    def _renew(self, book: Book) -> None:
-        """A new incarnation of the four-tuple: what was compared so far becomes ``old``,
-        which takes the old connection's late packets (``_is_old``); this one starts afresh."""
-        previous = self.old
-        if previous is not None:
-            # A third incarnation while the first still had packets held: nothing can match
-            # them any more; they time out and a checkpoint releases them.
-            self.stranded.extend(previous.held)
-            previous.held.clear()
-            previous._forget_alignment(book)
-        old = TcpConnection(self.key, self.label, self.last_active, self.kept.budget)
-        old.rewritten = self.rewritten
-        old.primary, old.secondary = self.primary, self.secondary
-        old.verified, old.kept, old.held = self.verified, self.kept, self.held
-        old.diverged, old.timed_out = self.diverged, self.timed_out
-        old.rebase_asked = self.rebase_asked
-        for held in old.held:
-            held.flow = old
-        for side in (old.primary, old.secondary):
+    def _renew(self, primary_side: bool, book: Book) -> None:
+        """A new incarnation of the four-tuple, opened by one side's SYN: what was compared so
+        far moves into an earlier incarnation, which takes the old connection's late packets
+        (``_route``); this one starts afresh."""
+        if len(self.older) >= MAX_INCARNATIONS - 1:
+            # The oldest is forgotten: nothing can match its held packets any more; they time
+            # out and a checkpoint releases them. A side still in it is in none now.
+            oldest = self.older.pop(0)
+            self.stranded.extend(oldest.held)
+            oldest.held.clear()
+            oldest._forget_alignment(book)
+            if self.at_primary is oldest:
+                self.at_primary = None
+            if self.at_secondary is oldest:
+                self.at_secondary = None
+        moved = TcpConnection(self.key, self.label, self.last_active, self.kept.budget)
+        moved.rewritten = self.rewritten
+        moved.primary, moved.secondary = self.primary, self.secondary
+        moved.verified, moved.kept, moved.held = self.verified, self.kept, self.held
+        moved.diverged, moved.timed_out = self.diverged, self.timed_out
+        moved.rebase_asked = self.rebase_asked
+        for held in moved.held:
+            held.flow = moved
+        for side in (moved.primary, moved.secondary):
             for stored in side.chunks:
-                stored.flow = old
+                stored.flow = moved
             for signal in side.signals:
-                signal.flow = old
-        span = old.span
-        for index, side in enumerate((old.primary, old.secondary)):
+                signal.flow = moved
+        span = moved.span
+        for index, side in enumerate((moved.primary, moved.secondary)):
             if side.isn is not None:
                 span[2 * index] = side.syn_seq if side.syn_seq is not None else side.isn
                 top = max(side.high or 0, (side.fin or 0) + 1, side.rst or 0)
                 span[2 * index + 1] = seq.add(side.isn, top + 1)
-        self.old = old
+        self.older.append(moved)
+        if self.at_primary is self:
+            self.at_primary = moved
+        if self.at_secondary is self:
+            self.at_secondary = moved
+        if primary_side:
+            self.at_primary = self
+        else:
+            self.at_secondary = self
         self.primary = TcpSide()
         self.secondary = TcpSide()
         self.verified = RangeSet()
-        self.kept = KeptBytes(old.kept.budget)
+        self.kept = KeptBytes(moved.kept.budget)
         self.held = deque()
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False
 
-    def _is_old(self, primary_side: bool, number: int, flags: int, length: int) -> bool:
-        """Whether a segment belongs to the old incarnation (``old`` is set)."""
-        old = self.old
-        assert old is not None
-        mine = self.primary if primary_side else self.secondary
-        then = old.primary if primary_side else old.secondary
+    def _route(
+        self, primary_side: bool, number: int, flags: int, ack: int, length: int
+    ) -> TcpConnection | None:
+        """The incarnation a segment belongs to (``older`` is not empty): ``self``, an earlier
+        one, or None for one no longer kept. Each side goes through the incarnations in order;
+        a SYN names its incarnation (by its own ISN if seen before, else by the peer's ISN
+        that a SYN-ACK acknowledges), and any other segment belongs to its side's current
+        incarnation, unless its sequence number lies where the side's segments of an earlier
+        incarnation lay (a late retransmission, an ACK from TIME-WAIT)."""
+        chain = [*self.older, self]
+        at = self.at_primary if primary_side else self.at_secondary
         if flags & TCP_SYN:
-            return then.syn_seq is not None and number == then.syn_seq
+            target: TcpConnection | None = None
+            for incarnation in chain:
+                mine = incarnation.primary if primary_side else incarnation.secondary
+                if mine.syn_seq is not None and mine.syn_seq == number:
+                    target = incarnation
+                    break
+            if target is None and flags & TCP_ACK:
+                for incarnation in chain:
+                    mine = incarnation.primary if primary_side else incarnation.secondary
+                    other = incarnation.secondary if primary_side else incarnation.primary
+                    if mine.syn_seq is None and other.syn_ack == ack:
+                        target = incarnation
+                        break
+            if target is None:
+                # The next incarnation this side has not opened, whose peer ISN (if known)
+                # this SYN does not contradict; past the newest, a new incarnation (``self``
+                # renews when it learns the ISN).
+                start = chain.index(at) + 1 if at is not None else len(chain)
+                for incarnation in chain[start:]:
+                    mine = incarnation.primary if primary_side else incarnation.secondary
+                    other = incarnation.secondary if primary_side else incarnation.primary
+                    if mine.syn_seq is None and not (flags & TCP_ACK and other.syn_ack >= 0):
+                        target = incarnation
+                        break
+                if target is None and at is self:
+                    target = self
+            if primary_side:
+                self.at_primary = target
+            else:
+                self.at_secondary = target
+            return target
+        if at is None:
+            return None
         index = 0 if primary_side else 2
-        span = old.span
-        if mine.syn_seq is None:
-            # Before its own new SYN a side can only send the old connection's segments.
+        for incarnation in chain:
+            if incarnation is at:
+                break
+            span = incarnation.span
+            low, high = span[index], span[index + 1]
+            if low >= 0 and seq.leq(low, number) and seq.leq(number, high):
+                return incarnation
+        if at is not self:
+            # the side runs behind: what it sends widens its span in that incarnation
+            span = at.span
             end = seq.add(number, length + (1 if flags & TCP_FIN else 0))
-            if span[index] < 0:
+            if span[index] < 0 or seq.lt(number, span[index]):
                 span[index] = number
             if span[index + 1] < 0 or seq.gt(end, span[index + 1]):
                 span[index + 1] = end
-            return True
-        low, high = span[index], span[index + 1]
-        return low >= 0 and seq.leq(low, number) and seq.leq(number, high)
+        return at
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True
@@ -383,12 +460,14 @@ class TcpConnection(FlowState):
         self.verified.clear()
         self.kept.clear()
 
-    def learn(self, primary_side: bool, number: int, flags: int, book: Book) -> None:
+    def learn(self, primary_side: bool, number: int, flags: int, ack: int, book: Book) -> None:
         """Learn an ISN from a SYN that is not compared (it came during a checkpoint)."""
         if flags & TCP_SYN:
-            if self.old is not None and self._is_old(primary_side, number, flags, 0):
-                return
-            self._learn_isn(primary_side, number, flags, book)
+            target = self._route(primary_side, number, flags, ack, 0) if self.older else self
+            if target is self:
+                self._learn_isn(primary_side, number, flags, ack, book)
+            elif target is not None:
+                target.learn(primary_side, number, flags, ack, book)
 
     # Both feeds take the header fields the comparator read (``number`` is the sequence
     # number, ``urgent`` the urgent pointer, read only with URG) and the payload bytes, not
@@ -407,15 +486,20 @@ class TcpConnection(FlowState):
         out: list[Event],
         urgent: int = 0,
     ) -> None:
-        old = self.old
-        if old is not None and self._is_old(True, number, flags, len(payload)):
-            held.flow = old
-            old.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
-            return
+        if self.older:
+            target = self._route(True, number, flags, ack, len(payload))
+            if target is not self:
+                if target is None:  # no incarnation kept can match it
+                    held.need |= NEED_CHECKPOINT
+                    self.stranded.append(held)
+                    return
+                held.flow = target
+                target.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
+                return
         primary = self.primary
         isn = primary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(True, number, flags, book)
+            isn = self._learn_isn(True, number, flags, ack, book)
             primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
@@ -489,14 +573,16 @@ class TcpConnection(FlowState):
         out: list[Event],
         urgent: int = 0,
     ) -> None:
-        old = self.old
-        if old is not None and self._is_old(False, number, flags, len(payload)):
-            old.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
-            return
+        if self.older:
+            target = self._route(False, number, flags, ack, len(payload))
+            if target is not self:
+                if target is not None:  # else: never released, so nothing lost uncompared
+                    target.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
+                return
         secondary = self.secondary
         isn = secondary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(False, number, flags, book)
+            isn = self._learn_isn(False, number, flags, ack, book)
             secondary = self.secondary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             max_ack = secondary.max_ack
