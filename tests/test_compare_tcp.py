@@ -864,3 +864,33 @@ def test_a_new_connection_that_differs_still_diverges_while_the_old_one_lingers(
     assert needed.reason is Reason.PAYLOAD
     assert needed.evidence is not None and needed.evidence.offset == 3
     assert pair.released() == ["p-syn", "old-p", "new-p-syn"]
+
+
+def test_a_side_two_incarnations_behind_is_compared_with_each_in_turn() -> None:
+    """The primary opens and closes three connections on one four-tuple before the secondary
+    sends anything: each of the secondary's connections is compared with the primary's
+    same one, told apart by the peer ISN each SYN-ACK acknowledges."""
+    pair = Pair()
+    isns = [(P_ISN, S_ISN), (NEW_P_ISN, NEW_S_ISN), (7_000_000, 9_000_000)]
+    streams = [OLD, NEW, b"third"]
+    for side in ("p", "s"):
+        for index, ((p_isn, s_isn), data) in enumerate(zip(isns, streams, strict=True)):
+            isn = p_isn if side == "p" else s_isn
+            peer = 5000 * (index + 1)  # the client's ISN in this connection
+            feed = pair.primary if side == "p" else pair.secondary
+            feed(tcp(isn, flags=SYN | ACK, ack=peer + 1), f"{side}{index}-syn")
+            feed(tcp(isn + 1, data, flags=FIN | PSH | ACK, ack=peer + 1), f"{side}{index}-fin")
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert pair.released() == [f"p{index}-{what}" for index in range(3) for what in ("syn", "fin")]
+
+
+def test_a_syn_ack_answering_another_peer_syn_is_another_connection() -> None:
+    """The secondary's first SYN-ACK seen acknowledges another SYN of the client than the
+    primary's did: it is not the secondary's side of the primary's connection."""
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=5001), "p-syn")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK, ack=9001), "s-other-syn")
+    assert pair.released() == []
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s-syn")
+    assert pair.released() == ["p-syn"]

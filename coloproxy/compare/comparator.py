@@ -340,8 +340,8 @@ class Comparator:
         assert type(packet) is Packet
         if self._checkpointing or book.saturated:
             self._freeze(token, now)
+            self._learn_uncompared(packet, True, now, out)
             if self._checkpointing:
-                self._learn_uncompared(packet, True, now, out)
                 if len(self._late_primary) < self._max_held_packets:
                     self._late_primary.append((self._frozen[-1], data))
             return
@@ -353,8 +353,9 @@ class Comparator:
     def _learn_uncompared(
         self, packet: Packet, primary_side: bool, now: float, out: list[Event]
     ) -> None:
-        """During a checkpoint nothing is compared, but SYNs still name ISNs: without that a
-        connection opened across a checkpoint would have no alignment, and with
+        """During a checkpoint, or at a bound until the checkpoint it asked for, nothing is
+        compared, but SYNs still name ISNs: without that a connection opened meanwhile would
+        have no alignment (a base taken mid-stream), and with
         ``checkpoint_completed(synced=False)`` none ever after."""
         if packet.proto == PROTO_TCP and packet.flags & TCP_SYN and not packet.fragment:
             flow = self._flow(packet, now, out)
@@ -419,6 +420,7 @@ class Comparator:
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
         if book.saturated:
+            self._learn_uncompared(packet, False, now, out)
             out.append(Drop(token, DropReason.OVERFLOW))
             return
         if packet.fragment:

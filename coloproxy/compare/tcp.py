@@ -92,6 +92,7 @@ class TcpSide:
         "isn",
         "isn_from_syn",
         "max_ack",
+        "provisional",
         "rst",
         "signals",
         "syn",
@@ -104,6 +105,7 @@ class TcpSide:
         # ``isn`` is the base of stream offsets: the ISN at first, moved forward at each
         # checkpoint (see ``reset_epoch``); ``syn_seq`` is the ISN the side's SYN named.
         self.isn: int | None = None
+        self.provisional = False  # ``isn`` is a guess taken mid-stream (see ``_base``)
         self.isn_from_syn = False
         self.syn_seq: int | None = None
         # The acknowledgement number of that SYN-ACK (-1: none): the peer's ISN + 1, the same
@@ -143,6 +145,7 @@ class TcpConnection(FlowState):
     __slots__ = (
         "at_primary",
         "at_secondary",
+        "earlier",
         "kept",
         "older",
         "primary",
@@ -176,6 +179,7 @@ class TcpConnection(FlowState):
         # incarnation each side is in (its last SYN's): an earlier one for a side that runs
         # behind, None for a side in one no longer kept (its packets cannot be compared).
         self.older: list[TcpConnection] = []
+        self.earlier = False  # this is one of another connection's ``older``
         self.at_primary: TcpConnection | None = self
         self.at_secondary: TcpConnection | None = self
         # On an earlier incarnation: the sequence numbers each side used, [primary low,
@@ -247,6 +251,7 @@ class TcpConnection(FlowState):
         if synced:
             if primary.isn is not None:
                 secondary.isn = primary.isn
+                secondary.provisional = primary.provisional
                 secondary.isn_from_syn = primary.isn_from_syn
                 secondary.syn_seq = primary.syn_seq
             secondary.max_ack = primary.max_ack
@@ -261,39 +266,88 @@ class TcpConnection(FlowState):
     # -- input ---------------------------------------------------------------------------
 
     def _learn_isn(
-        self, primary_side: bool, number: int, flags: int, ack: int, book: Book
+        self,
+        primary_side: bool,
+        number: int,
+        flags: int,
+        ack: int,
+        book: Book,
+        out: list[Event] | None = None,
     ) -> int:
-        """The side's ISN, learned from this segment if it is not known yet. A SYN of
-        another connection on the same four-tuple starts a new incarnation (``_renew``)."""
+        """The base of the side's offsets, learned from this segment if it is not known yet.
+        A SYN of another connection on the same four-tuple starts a new incarnation
+        (``_renew``). Returns the base for this segment's own position (for a SYN, its own
+        ISN: the secondary's SYN names the secondary's even when its other segments were
+        rewritten into the primary's space)."""
         side = self.primary if primary_side else self.secondary
-        isn = side.isn
-        if flags & TCP_SYN and self._opens_another(primary_side, number, flags, ack):
+        if not flags & TCP_SYN:
+            isn = side.isn
+            if isn is None:
+                other = self.secondary if primary_side else self.primary
+                isn = other.isn
+                if isn is None:
+                    # First seen mid-stream: one shared base for both sides (see module doc).
+                    other.isn = isn = seq.add(number, -1)
+                    other.provisional = True
+                side.isn = isn
+                # a guess, but for a rewritten secondary taking the primary's SYN's ISN
+                side.provisional = (
+                    not (self.rewritten and not primary_side and other.isn_from_syn)
+                    or other.provisional
+                )
+            return isn
+        if not self.earlier and self._opens_another(primary_side, number, flags, ack):
             # A new connection on the same four-tuple: nothing of the old alignment may carry
             # over, or bytes verified for the old connection would release the new one's
-            # unchecked (I1).
+            # unchecked (I1). (``_route`` gives an earlier incarnation only its own SYNs.)
             self._renew(primary_side, book)
             side = self.primary if primary_side else self.secondary
-            isn = None
-        if flags & TCP_SYN and self.rewritten:
-            isn = self._learn_rewritten_isn(primary_side, number)
-            side.syn_ack = ack if flags & TCP_ACK else -1
-            return isn
-        if flags & TCP_SYN:
-            if isn is None or not side.isn_from_syn:
-                side.isn = isn = number
-                side.isn_from_syn = True
-                side.syn_seq = number
-                side = self.primary if primary_side else self.secondary
-            side.syn_ack = ack if flags & TCP_ACK else -1
-            return isn
-        if isn is None:
-            other = self.secondary if primary_side else self.primary
-            isn = other.isn
-            if isn is None:
-                # First seen mid-stream: one shared base for both sides (see module doc).
-                other.isn = isn = seq.add(number, -1)
-            side.isn = isn
-        return isn
+        side.syn_ack = ack if flags & TCP_ACK else -1
+        if side.isn_from_syn and side.isn is not None:
+            return number if self.rewritten else side.isn  # its SYN again
+        side.isn_from_syn = True
+        side.syn_seq = number
+        if not self.rewritten:
+            self._base(side, primary_side, number, book, out)
+            return number
+        # Rewritten: both sides count offsets from the primary's ISN.
+        primary, secondary = self.primary, self.secondary
+        if primary_side:
+            self._base(primary, True, number, book, out)
+            self._base(secondary, False, number, book, out)
+        elif primary.isn_from_syn and primary.isn is not None:
+            self._base(secondary, False, primary.isn, book, out)
+        # else: the primary's SYN is still to come, and with it the base; secondary data
+        # before it (already in the primary's space) takes the shared mid-stream base.
+        return number
+
+    def _base(
+        self, side: TcpSide, primary_side: bool, base: int, book: Book, out: list[Event] | None
+    ) -> None:
+        """Set a side's base of offsets from a SYN. If the side had placed data, a FIN or a RST
+        by a base guessed mid-stream (its SYN came late, reordered) and this one differs,
+        those were compared at offsets that are not theirs: nothing of that comparison may
+        release anything, so the connection diverges (the checkpoint releases it)."""
+        if (
+            out is not None
+            and side.provisional
+            and side.isn is not None
+            and side.isn != base
+            and (side.high is not None or side.ending is not None)
+            and not self.diverged
+        ):
+            evidence = Evidence(
+                offset=-1,
+                primary=b"",
+                secondary=b"",
+                primary_length=0,
+                secondary_length=0,
+                detail=f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
+                " segments placed by a base it contradicts",
+            )
+            self._diverge(Reason.FATE, evidence, book, out)
+        side.isn = base
+        side.provisional = False
 
     def _opens_another(self, primary_side: bool, number: int, flags: int, ack: int) -> bool:
         """Whether a SYN belongs to another connection than this incarnation's: the side's
@@ -305,23 +359,6 @@ class TcpConnection(FlowState):
         if side.isn_from_syn:
             return number != side.syn_seq
         return bool(flags & TCP_ACK) and other.syn_ack >= 0 and ack != other.syn_ack
-
-    def _learn_rewritten_isn(self, primary_side: bool, number: int) -> int:
-        """``_learn_isn`` for a SYN when the secondary's numbers were rewritten into the
-        primary's space except in its SYN: both sides count offsets from the primary's ISN.
-        Returns the base for this SYN's own position, which is its own ISN on either side
-        (the secondary's SYN names the secondary's ISN)."""
-        side = self.primary if primary_side else self.secondary
-        side.isn_from_syn = True
-        side.syn_seq = number
-        primary, secondary = self.primary, self.secondary
-        if primary_side:
-            primary.isn = secondary.isn = number
-        elif primary.isn_from_syn and primary.isn is not None:
-            secondary.isn = primary.isn
-        # else: the primary's SYN is still to come, and with it the base; secondary data
-        # before it (already in the primary's space) takes the shared mid-stream base.
-        return number
 
     def _renew(self, primary_side: bool, book: Book) -> None:
         """A new incarnation of the four-tuple, opened by one side's SYN: what was compared so
@@ -339,6 +376,7 @@ class TcpConnection(FlowState):
             if self.at_secondary is oldest:
                 self.at_secondary = None
         moved = TcpConnection(self.key, self.label, self.last_active, self.kept.budget)
+        moved.earlier = True
         moved.rewritten = self.rewritten
         moved.primary, moved.secondary = self.primary, self.secondary
         moved.verified, moved.kept, moved.held = self.verified, self.kept, self.held
@@ -353,10 +391,14 @@ class TcpConnection(FlowState):
                 signal.flow = moved
         span = moved.span
         for index, side in enumerate((moved.primary, moved.secondary)):
-            if side.isn is not None:
-                span[2 * index] = side.syn_seq if side.syn_seq is not None else side.isn
+            # Only a side whose offsets count from its SYN's ISN (moved up by checkpoints) has
+            # a span to tell: a base taken mid-stream may lie anywhere.
+            if side.isn is not None and side.syn_seq is not None and side.isn_from_syn:
                 top = max(side.high or 0, (side.fin or 0) + 1, side.rst or 0)
-                span[2 * index + 1] = seq.add(side.isn, top + 1)
+                high = seq.add(side.isn, top + 1)
+                if 0 <= seq.diff(high, side.syn_seq) <= REBASE_AT:
+                    span[2 * index] = side.syn_seq
+                    span[2 * index + 1] = high
         self.older.append(moved)
         if self.at_primary is self:
             self.at_primary = moved
@@ -499,7 +541,7 @@ class TcpConnection(FlowState):
         primary = self.primary
         isn = primary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(True, number, flags, ack, book)
+            isn = self._learn_isn(True, number, flags, ack, book, out)
             primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
@@ -582,7 +624,7 @@ class TcpConnection(FlowState):
         secondary = self.secondary
         isn = secondary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(False, number, flags, ack, book)
+            isn = self._learn_isn(False, number, flags, ack, book, out)
             secondary = self.secondary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             max_ack = secondary.max_ack
