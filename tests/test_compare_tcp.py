@@ -20,6 +20,7 @@ from coloproxy.compare import (
     Side,
 )
 from craft import ACK, FIN, PSH, RST, SYN, URG, stream, tcp
+from craft import udp as udp_datagram
 
 P_ISN = 1_000_000
 S_ISN = 3_000_000_000
@@ -894,3 +895,59 @@ def test_a_syn_ack_answering_another_peer_syn_is_another_connection() -> None:
     assert pair.released() == []
     pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s-syn")
     assert pair.released() == ["p-syn"]
+
+
+# -- found by bench/fuzz_compare.py ----------------------------------------------------------
+
+
+def test_segments_before_the_syn_ack_of_an_earlier_incarnation_lose_no_primary_packet() -> None:
+    """The secondary's data of the first connection comes before its own SYN-ACK, after the
+    primary opened a second connection: the SYN-ACK then contradicts the base the data was
+    placed by. (That once renewed the earlier incarnation inside itself, and the primary
+    packets held there were never released.)"""
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=5001), "p0-syn")
+    pair.primary(tcp(P_ISN + 1, OLD[:100], ack=5001), "p0-data")
+    pair.primary(tcp(NEW_P_ISN, flags=SYN | ACK, ack=9001), "p1-syn")
+    pair.secondary(tcp(S_ISN + 51, OLD[50:100], ack=5001), "s0-late-data")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s0-syn")
+    pair.secondary(tcp(S_ISN + 1, OLD[:100], ack=5001), "s0-data")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK, ack=9001), "s1-syn")
+    pair.advance(10.0)
+    released = pair.released(ReleaseReason.MATCHED)
+    released += [
+        e.token for e in pair.comparator.checkpoint_completed(pair.now) if isinstance(e, Release)
+    ]
+    assert sorted(released) == ["p0-data", "p0-syn", "p1-syn"]
+    assert "p1-syn" in pair.released(ReleaseReason.MATCHED)
+
+
+def test_a_syn_contradicting_where_earlier_data_was_placed_releases_none_of_it() -> None:
+    """A segment that came before its side's SYN was placed by a base guessed from its own
+    sequence number; the SYN names another: the segment's bytes were compared at offsets
+    that are not theirs, so a match there proves nothing."""
+    pair = Pair()
+    pair.primary(tcp(P_ISN + 1 + 16, DATA[:20]), "p-early")  # its number says offset 16
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
+    pair.secondary(tcp(S_ISN + 1, DATA[:40]), "s-data")
+    assert "p-early" not in pair.released()
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+
+
+def test_syns_during_an_overflow_still_name_the_isns() -> None:
+    """At a bound nothing is compared until the checkpoint, but a connection opened meanwhile
+    must still be aligned by its SYNs afterwards (here the secondary keeps its own ISN:
+    synced=False)."""
+    pair = Pair(max_held_packets=2)
+    pair.primary(udp_datagram(b"unanswered"), "p-udp")
+    pair.primary(udp_datagram(b"unanswered too"), "p-udp2")
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")  # past the bound: overflow
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
+    assert [c.reason for c in pair.checkpoints()] == [Reason.OVERFLOW]
+    pair.comparator.checkpoint_completed(pair.now, synced=False)
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p-data")
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-data")
+    assert pair.released(ReleaseReason.MATCHED) == ["p-data"]
+    assert len(pair.checkpoints()) == 1

@@ -384,6 +384,7 @@ class Comparator:
         if book.over_bounds(packet.end - packet.payload):
             self._saturate(flow, out)
             self._freeze(token, now, extra)
+            self._learn_uncompared(packet, True, now, out)
             return
         held = book.new_held(token, now, flow)
         held.extra = extra
@@ -446,6 +447,7 @@ class Comparator:
             return
         if book.over_bounds(packet.end - packet.payload):
             self._saturate(flow, out)
+            self._learn_uncompared(packet, False, now, out)
             if drop:
                 out.append(Drop(token, DropReason.OVERFLOW))
             return
