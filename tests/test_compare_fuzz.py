@@ -47,8 +47,11 @@ def test_the_fuzz_finds_a_comparator_that_releases_resends_unchecked(
     fuzz: ModuleType, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The reference model catches a comparator that releases a resend with other bytes."""
+    from coloproxy.compare import tcp
     from coloproxy.compare.tcp import TcpConnection
 
+    if tcp.__file__ is not None and tcp.__file__.endswith(".so"):
+        pytest.skip("compiled by scripts/build-fast: its methods cannot be replaced")
     monkeypatch.setattr(TcpConnection, "_recompare", lambda *args: True)
     result = fuzz.run(30_000, SEED)
     assert any("the secondary never sent" in line for line in result.violations)

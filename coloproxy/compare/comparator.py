@@ -5,8 +5,9 @@ Theory of operation
 Every packet fed is guest egress: the primary's (to be released or held) or the
 secondary's (always dropped; its bytes are kept only as long as needed to compare). Packets
 are parsed in place, IP fragments reassembled, and each one goes to its flow, keyed in the
-guest's egress direction: TCP connections align byte streams (``tcp.py``), everything else
-compares whole datagrams (``datagram.py``).
+guest's egress direction (ICMP and ICMPv6 echo requests and replies by their identifier too:
+two ping sessions are two flows, each compared in its own order): TCP connections align byte
+streams (``tcp.py``), everything else compares whole datagrams (``datagram.py``).
 
 Output commit (I1): a primary packet is released only when the secondary matched it, or by
 ``checkpoint_completed`` (every held primary packet, in arrival order). Nothing is ever
@@ -231,10 +232,10 @@ class Comparator:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
         self._book.now = now
-        # The lanes: a TCP segment or UDP datagram of a known IPv4 flow, untagged, no IP
-        # options, not a fragment, while comparing normally. One unpack reads every field
-        # needed and the packet goes straight to its flow, with no Packet built; what the
-        # lanes do is what the general path below does for such a packet
+        # The lanes: a TCP segment (not SYN, not URG) or UDP datagram of a known IPv4 flow,
+        # untagged, no IP options, not a fragment, while comparing normally. One unpack reads
+        # every field needed and the packet goes straight to its flow, with no Packet built;
+        # what the lanes do is what the general path below does for such a packet
         # (tests/test_compare_lane.py checks both give the same events). Anything else takes
         # the general path, which parses from scratch.
         book = self._book

@@ -12,7 +12,8 @@ acknowledgements, so it keeps, per connection, the last ``window`` bytes by stre
 (``CompareConfig.retransmit_window``; the oldest are cut off in batches, once a quarter more
 has come, so between ``window`` and 1.25 ``window`` bytes plus a segment), and over all
 connections at most ``limit`` bytes (``max_retransmit_bytes``): past it the connection that
-kept bytes longest ago gives up its oldest first. A resend of verified bytes no longer kept
+kept bytes longest ago (to within 64 KiB of its bytes) gives up its oldest first, down to a
+sixteenth below the limit. A resend of verified bytes no longer kept
 cannot be compared: the connection decides what that means (tcp.py: the primary's is held
 for a checkpoint, the secondary's is not compared).
 
@@ -28,39 +29,48 @@ from typing import Final
 # Cut the front off the lists once this many entries before ``head`` are dead and they are
 # the majority (a slice delete moves the rest).
 _COMPACT_AT: Final = 256
+# A connection moves to the end of the order it last kept in after this many bytes (a dict
+# operation per segment costs more than the rest of the bookkeeping together).
+_TOUCH_EVERY: Final = 64 << 10
 
 
 class KeptBudget:
     """The bound over every connection, and the connections in the order they last kept
     something (a dict keeps insertion order: the first is the one that kept longest ago)."""
 
-    __slots__ = ("last", "limit", "owners", "total", "window")
+    __slots__ = ("limit", "owners", "total", "trim_at", "trim_to", "window")
 
     def __init__(self, window: int, limit: int) -> None:
         self.window = window  # per connection
+        self.trim_at = window + (window >> 2)  # cut down to ``window`` past this
         self.limit = limit  # all connections
+        self.trim_to = limit - (limit >> 4)  # past the limit, cut down to this
         self.total = 0
         self.owners: dict[KeptBytes, None] = {}
-        self.last: KeptBytes | None = None  # the newest in ``owners``, tested per piece
+
+    def touch(self, owner: KeptBytes) -> None:
+        """``owner`` kept something last."""
+        owners = self.owners
+        owners.pop(owner, None)
+        owners[owner] = None
+        owner.untouched = 0
 
     def forget_oldest(self) -> None:
-        """Cut the oldest bytes of the connections that kept longest ago until the total is
-        within the limit."""
+        """Past the limit: cut the oldest bytes of the connections that kept longest ago, down
+        to a sixteenth below the limit (so that this runs once in many segments)."""
         owners = self.owners
-        while self.total > self.limit and owners:
+        while self.total > self.trim_to and owners:
             owner = next(iter(owners))
-            owner.cut(owner.size - (self.total - self.limit), False)
-            if not owner.size:
+            owner.cut(owner.size - (self.total - self.trim_to), False)
+            if not owner.size or not owner.starts:  # (both, always: never loop forever)
                 del owners[owner]
-                if self.last is owner:
-                    self.last = None
 
 
 class KeptBytes:
     """One connection's kept pieces: ``starts[i]`` is where ``datas[i]`` starts; the live ones
     are from ``head`` on, sorted by offset and disjoint."""
 
-    __slots__ = ("budget", "datas", "head", "size", "starts")
+    __slots__ = ("budget", "datas", "head", "size", "starts", "untouched")
 
     def __init__(self, budget: KeptBudget) -> None:
         self.budget = budget
@@ -68,30 +78,32 @@ class KeptBytes:
         self.datas: list[bytes] = []
         self.head = 0
         self.size = 0  # bytes of the live pieces
+        self.untouched = _TOUCH_EVERY  # bytes kept since it last moved in budget.owners
 
     def add(self, start: int, data: bytes) -> None:
+        # Called for every segment compared: as few steps as the bookkeeping allows.
         starts = self.starts
-        if not starts or starts[-1] < start:
+        if starts and starts[-1] >= start:
+            self._insert(start, data)
+        else:
             starts.append(start)  # in order, the common case
             self.datas.append(data)
-        else:
-            index = bisect_right(starts, start, self.head)
-            starts.insert(index, start)
-            self.datas.insert(index, data)
         length = len(data)
         self.size += length
         budget = self.budget
         budget.total += length
-        if budget.last is not self:
-            owners = budget.owners
-            owners.pop(self, None)
-            owners[self] = None
-            budget.last = self
-        window = budget.window
-        if self.size > window + (window >> 2):
-            self.cut(window, True)
+        self.untouched += length
+        if self.untouched >= _TOUCH_EVERY:
+            budget.touch(self)
+        if self.size > budget.trim_at:
+            self.cut(budget.window, True)
         if budget.total > budget.limit:
             budget.forget_oldest()
+
+    def _insert(self, start: int, data: bytes) -> None:
+        index = bisect_right(self.starts, start, self.head)
+        self.starts.insert(index, start)
+        self.datas.insert(index, data)
 
     def cut(self, target: int, keep: bool) -> None:
         """Forget the lowest offsets, whole pieces: with ``keep``, while ``target`` bytes or
@@ -127,9 +139,8 @@ class KeptBytes:
         self.datas = []
         self.head = 0
         self.size = 0
+        self.untouched = _TOUCH_EVERY
         budget.owners.pop(self, None)
-        if budget.last is self:
-            budget.last = None
 
     def lookup(self, start: int, end: int) -> list[tuple[int, int, bytes | None]]:
         """[start, end) cut into (low, high, kept bytes of [low, high) or None if not kept)."""

@@ -8,30 +8,73 @@ sits at -1). Segmentation, retransmissions, overlaps and reordering then vanish:
 compared is bytes at offsets, not segments.
 
 Each side keeps the bytes it sent that the other side has not sent yet (``chunks``, sorted
-and disjoint). When new bytes arrive they are cut against the *verified* range set (both
-sides sent them and they were equal: retransmissions are released without storing), then
-against the side's own chunks (a retransmission of bytes still waiting), and what is left is
-compared with the other side's chunks where they overlap; the overlap becomes verified and is
-removed from both, the rest is stored. Bytes that differ are a divergence at the exact offset.
+and disjoint). New bytes are cut against the *verified* range set (both sides sent them and
+they were equal), then against the side's own chunks, and what is left is compared with the
+other side's chunks where they overlap; the overlap becomes verified and is removed from
+both, the rest is stored. Bytes that differ are a divergence at the exact offset (reason
+``payload``).
+
+Retransmissions are compared too: a resend normally carries the same bytes, but a page given
+to sendfile or a zero-copy send can change before the resend reads it. Bytes at verified
+offsets are compared with a copy of the verified bytes kept for that (``kept.py``: the last
+``retransmit_window`` bytes per connection, ``max_retransmit_bytes`` in all), bytes this side
+sent before and that still wait with what it sent then; other bytes are a divergence of its
+own, ``retransmission-differs``, whichever side resent them. Verified bytes no longer kept
+cannot be compared: a primary resend of them is held for the checkpoint it asks for
+(``retransmission-unkept``), never released; a secondary resend of them is not compared (the
+secondary's output is never released, so nothing leaves unchecked; only a difference in it
+would go unseen).
 
 A held primary segment is released when, in stream order per connection (a segment carrying
 earlier bytes than held ones, a retransmission or a piece of a split GSO packet, goes before
 them; bytes after a split packet wait until its pieces are back: ``split_end``):
 - its data range is verified,
-- its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST), and
+- its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST),
+- its urgent pointer (URG) names a stream offset the secondary's named too, and
 - its ACK is covered by the secondary's highest ACK (ACK gating: releasing an ACK the
   secondary has not sent would let the client discard bytes the secondary never received;
   pure ACKs obey the same rule).
 The connection's fate is compared too: FIN against RST, FINs at different offsets, data sent
-past the other side's FIN or RST, SYN against RST. QEMU's colo-compare releases every
-zero-payload segment uncompared and so misses all of these.
+past the other side's FIN or RST, SYN against RST. And the secondary's FIN, RST (a RST after
+its FIN too: one client would see a clean close, the other an abort) and urgent pointers
+wait for the primary's as its bytes do (``Signal``, ``secondary_timeout``): one the primary
+does not send in that time is a divergence (``fate``, ``urgent``). QEMU's colo-compare
+releases every zero-payload segment uncompared and compares no urgent pointer, so it misses
+all of these.
+
+Urgent data: a client without SO_OOBINLINE reads the byte before the urgent pointer out of
+band and gets SIGURG, so URG and its pointer are output. The pointer is compared as the stream
+offset it names (segment offset + pointer), which is the same whatever the segmentation;
+0xFFFF (Linux: "more than 64 KiB ahead") names none and is not compared. The comparator's
+lane leaves URG segments to the general path, which reads the pointer.
 
 ISNs: a side's ISN is learned from its SYN (guest as client) or SYN-ACK (guest as server).
 A connection first seen without a SYN uses one shared base for both sides: after a checkpoint
 both guests hold the same TCP state, ISNs included, so equal sequence numbers mean equal
-positions. ``reset_epoch`` (after a checkpoint) makes the secondary's ISN and highest ACK
-equal to the primary's for the same reason, and moves both sides' base of offsets up to the
-primary's position, so that offsets of an epoch stay far below 2**31 (``REBASE_AT``).
+positions. Such a base is a guess (``provisional``): if the side's SYN comes after all (it
+was reordered) and names another ISN while data, a FIN or a RST was placed by the guess,
+those were compared at offsets not theirs, and the connection diverges (``fate``) rather
+than release anything on that comparison. ``reset_epoch`` (after a checkpoint) makes the
+secondary's ISN and highest ACK equal to the primary's, and moves both sides' base of offsets
+up to the primary's position, so that offsets of an epoch stay far below 2**31
+(``REBASE_AT``).
+
+Incarnations: a four-tuple is reused with new ISNs, and the side that runs behind still sends
+the end of the old connection after the other side's new SYN-ACK. A SYN that names another
+ISN than the side's SYN did, or a SYN-ACK that acknowledges another peer ISN than the other
+side's SYN-ACK did (the peer's SYN reaches both guests, so both SYN-ACKs of one connection
+acknowledge the same number), opens a new incarnation: what was compared so far moves into
+an earlier one (``older``, at most ``MAX_INCARNATIONS`` kept), with its held packets,
+chunks, verified and kept bytes, and the new one starts afresh. Each side has its place in
+that chain (``at_primary``, ``at_secondary``): the incarnation its last SYN opened. A SYN is
+placed by the ISN it names if the side's SYN named it before, else by the peer ISN it
+acknowledges, else in the next incarnation the side has not opened (past the newest: a new
+one). Any other segment belongs to its side's place, unless its sequence number lies where
+that side's segments of an earlier incarnation lay (``span``: a late retransmission, an ACK
+from TIME-WAIT). A side placed in an incarnation no longer kept cannot be compared: its
+primary packets are held until a checkpoint releases them (their timeout asks for one), its
+secondary packets are ignored. After a synced checkpoint the secondary is where the primary
+is.
 """
 
 from __future__ import annotations
