@@ -63,7 +63,8 @@ from qemu_colo_compare import (  # noqa: E402
     running_qemu,
     timed_run,
 )
-from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
+from workloads import DESCRIPTIONS as BASE_DESCRIPTIONS  # noqa: E402
+from workloads import Workload, make_workload  # noqa: E402
 
 DEFAULT_PACKETS: Final = 100_000
 DEFAULT_REPEAT: Final = 3
@@ -73,6 +74,66 @@ CLOCK_BATCH: Final = 64
 RECV_SIZE: Final = 1 << 20
 CHILD_TIMEOUT: Final = 30.0
 _LENGTH: Final = struct.Struct("!I")
+
+# A workload with retransmissions of bytes already compared: tcp-1, and after every
+# RESEND_EVERY-th data segment each side sends the segment RESEND_LAG before it again (same
+# bytes, as a retransmission after a lost ACK would). The comparator keeps compared bytes to
+# compare such resends with (CompareConfig.retransmit_window); this shows what that costs.
+RESEND_WORKLOAD: Final = "tcp-1-resend"
+RESEND_EVERY: Final = 10
+RESEND_LAG: Final = 8
+DESCRIPTIONS: Final = {
+    **BASE_DESCRIPTIONS,
+    RESEND_WORKLOAD: (
+        f"tcp-1, and after every {RESEND_EVERY}th segment both sides resend the segment "
+        f"{RESEND_LAG} before it (compared already: a retransmission)"
+    ),
+}
+NAMES: Final = tuple(DESCRIPTIONS)
+
+
+def bench_workload(
+    name: str, packets: int, *, secondary_in_primary_seq_space: bool = False
+) -> Workload:
+    """``workloads.make_workload``, plus the resend workload built on tcp-1."""
+    if name != RESEND_WORKLOAD:
+        return make_workload(
+            name, packets, secondary_in_primary_seq_space=secondary_in_primary_seq_space
+        )
+    base = make_workload(
+        "tcp-1", packets, secondary_in_primary_seq_space=secondary_in_primary_seq_space
+    )
+    primary, primary_lengths, resent = _with_resends(
+        base.primary_frames, base.primary_payload_lengths
+    )
+    secondary, secondary_lengths, _ = _with_resends(
+        base.secondary_frames, base.secondary_payload_lengths
+    )
+    return Workload(
+        name,
+        DESCRIPTIONS[name],
+        primary,
+        secondary,
+        primary_lengths,
+        secondary_lengths,
+        base.payload_bytes_total + resent,
+    )
+
+
+def _with_resends(frames: list[bytes], lengths: list[int]) -> tuple[list[bytes], list[int], int]:
+    """The frames with resends inserted; a resend counts 0 bytes for the schedule, so each
+    side's comes right after the segment it follows (frame 0 is the SYN-ACK)."""
+    out_frames: list[bytes] = []
+    out_lengths: list[int] = []
+    resent = 0
+    for index, (frame, length) in enumerate(zip(frames, lengths, strict=True)):
+        out_frames.append(frame)
+        out_lengths.append(length)
+        if index > RESEND_LAG and index % RESEND_EVERY == 0:
+            out_frames.append(frames[index - RESEND_LAG])
+            out_lengths.append(0)
+            resent += lengths[index - RESEND_LAG]
+    return out_frames, out_lengths, resent
 
 
 # -- ours, in-process ------------------------------------------------------------------------
@@ -183,6 +244,7 @@ def run_ours_in_process(workload: Workload) -> RunResult:
     feed = comparator.feed
     get_timer = comparator.get_timer
     monotonic = time.monotonic
+    cpu_started = time.process_time()
     started = time.perf_counter()
     for start in range(0, len(feed_list), CLOCK_BATCH):
         now = monotonic()
@@ -192,8 +254,11 @@ def run_ours_in_process(workload: Workload) -> RunResult:
         if deadline is not None and deadline <= now:
             count(comparator.handle_timer(now))
     seconds = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     verdicts.check(workload.name)
-    return RunResult(primary_count, verdicts.released, seconds, workload.payload_bytes_total)
+    return RunResult(
+        primary_count, verdicts.released, seconds, workload.payload_bytes_total, server_cpu=cpu
+    )
 
 
 # -- ours, over sockets ----------------------------------------------------------------------
@@ -408,10 +473,15 @@ def run_qemu_repeated(
 def measure(name: str, args: argparse.Namespace) -> Row:
     row = Row(name)
     if not args.skip_ours:
-        workload = make_workload(name, args.packets)
+        workload = bench_workload(name, args.packets)
         row.ours_packets = len(workload.primary_frames)
         streams = frame_streams(workload)
-        row.in_process = best([run_ours_in_process(workload) for _ in range(args.repeat)])
+        in_process = [run_ours_in_process(workload) for _ in range(args.repeat)]
+        row.in_process = best(in_process)
+        # CPU time, unlike the wall clock, leaves out the time spent waiting for a CPU: on a
+        # busy machine it is the steadier figure of what the comparator costs.
+        cpu = min((run.server_cpu or 0.0) / max(1, run.released) for run in in_process)
+        row.notes.append(f"{name}: in-proc CPU {cpu * 1e6:.2f} us per primary packet (least)")
         row.sockets = best(
             [run_ours_sockets(workload, streams, args.batch) for _ in range(args.repeat)]
         )
@@ -425,7 +495,7 @@ def measure(name: str, args: argparse.Namespace) -> Row:
     if not args.skip_qemu:
         # What colo-compare receives in COLO: the secondary's sequence numbers already
         # shifted into the primary's space by filter-rewriter.
-        workload = make_workload(name, args.qemu_packets, secondary_in_primary_seq_space=True)
+        workload = bench_workload(name, args.qemu_packets, secondary_in_primary_seq_space=True)
         row.qemu_packets = len(workload.primary_frames)
         streams = frame_streams(workload)
         row.feeder = best(
@@ -565,6 +635,13 @@ def comparator_variant() -> tuple[str, list[str]]:
     return f"compiled with mypyc by scripts/build-fast: {' '.join(compiled)}", stale
 
 
+def _load() -> str:
+    """The load average: on a shared machine throughput figures are only as good as it is
+    low (each figure is still the best of --repeat runs)."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Compare coloproxy's comparator with QEMU's colo-compare.",
@@ -623,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
+    print(f"load     {_load()} at the start")
     if not args.skip_qemu:
         print(f"qemu cmd {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}")
     print(
@@ -654,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         for note in row.notes:
             print(f"note: {note}")
+    print(f"load     {_load()} at the end")
     print(f"total {time.monotonic() - started:.1f} s")
     return 1 if failures else 0
 

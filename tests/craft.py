@@ -15,7 +15,7 @@ PEER = "10.0.0.9"
 GUEST6 = "fd00::1"
 PEER6 = "fd00::9"
 
-FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 
 
 def _ip(src: str, dst: str, proto: int, body: bytes, ident: int = 0, frag: int = 0) -> bytes:
@@ -45,11 +45,12 @@ def tcp(
     dport: int = 40000,
     window: int = 65535,
     options: bytes = b"",
+    urgent: int = 0,
 ) -> bytes:
     options += b"\x00" * (-len(options) % 4)
     offset = (20 + len(options)) // 4
     header = struct.pack(
-        "!HHIIBBHHH", sport, dport, seq % 2**32, ack % 2**32, offset << 4, flags, window, 0, 0
+        "!HHIIBBHHH", sport, dport, seq % 2**32, ack % 2**32, offset << 4, flags, window, 0, urgent
     )
     return _ip(src, dst, 6, header + options + payload)
 
@@ -64,6 +65,18 @@ def icmp_echo_reply(
     ident: int, sequence: int, payload: bytes, *, src: str = GUEST, dst: str = PEER
 ) -> bytes:
     return _ip(src, dst, 1, struct.pack("!BBHHH", 0, 0, 0, ident, sequence) + payload)
+
+
+def icmp_echo_request(
+    ident: int, sequence: int, payload: bytes, *, src: str = GUEST, dst: str = PEER
+) -> bytes:
+    return _ip(src, dst, 1, struct.pack("!BBHHH", 8, 0, 0, ident, sequence) + payload)
+
+
+def icmpv6_echo_reply(
+    ident: int, sequence: int, payload: bytes, *, src: str = GUEST6, dst: str = PEER6
+) -> bytes:
+    return _ip(src, dst, 58, struct.pack("!BBHHH", 129, 0, 0, ident, sequence) + payload)
 
 
 def raw_ip(proto: int, payload: bytes, *, src: str = GUEST, dst: str = PEER) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from coloproxy.compare import (
     CheckpointNeeded,
     CompareConfig,
@@ -15,7 +17,17 @@ from coloproxy.compare import (
     ReleaseReason,
 )
 from coloproxy.packet import MalformedReason
-from craft import GUEST6, PEER6, fragments, icmp_echo_reply, raw_ip, tcp, udp
+from craft import (
+    GUEST6,
+    PEER6,
+    fragments,
+    icmp_echo_reply,
+    icmp_echo_request,
+    icmpv6_echo_reply,
+    raw_ip,
+    tcp,
+    udp,
+)
 from test_compare_tcp import Pair
 
 
@@ -73,7 +85,33 @@ def test_icmp_echo_replies() -> None:
     (needed,) = pair.checkpoints()
     assert pair.released() == ["p1"]
     assert needed.protocol == "icmp"
-    assert str(needed.flow) == "icmp 10.0.0.1 -> 10.0.0.9"
+    assert str(needed.flow) == "icmp 10.0.0.1 -> 10.0.0.9 echo id 7"
+
+
+@pytest.mark.parametrize("make", [icmp_echo_reply, icmp_echo_request, icmpv6_echo_reply])
+def test_two_ping_sessions_interleaved_differently_are_not_a_divergence(make: object) -> None:
+    """Echo flows are keyed by their identifier: session 8 running ahead of session 7 on the
+    secondary is two flows each waiting for the other side, not one flow whose datagrams
+    differ for longer than the reorder window."""
+    assert callable(make)
+    pair = Pair()
+    pair.primary(make(7, 1, b"seven"), "p7")
+    pair.secondary(make(8, 1, b"eight"), "s8")
+    assert pair.advance(0.5) == []
+    pair.primary(make(8, 1, b"eight"), "p8")
+    pair.secondary(make(7, 1, b"seven"), "s7")
+    assert pair.advance(10) == []
+    assert pair.checkpoints() == []
+    assert sorted(pair.released()) == ["p7", "p8"]
+
+
+def test_an_echo_request_and_a_reply_with_one_identifier_are_two_flows() -> None:
+    pair = Pair()
+    pair.primary(icmp_echo_request(7, 1, b"same"), "p-request")
+    pair.secondary(icmp_echo_reply(7, 1, b"same"), "s-reply")
+    pair.advance(10)
+    assert pair.released() == []
+    assert {c.reason for c in pair.checkpoints()} == {Reason.TIMEOUT, Reason.SECONDARY_ONLY}
 
 
 def test_other_ip_protocol_is_compared_as_opaque_payload() -> None:

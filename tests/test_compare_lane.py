@@ -4,8 +4,9 @@
 them straight to the flow (the lanes); everything else is parsed in full (the general path).
 The lane is only an optimisation: here the same random inputs (TCP and UDP on several flows,
 both framings, VLAN tags, IP options, fragments, truncation, corruption, bounds, passthrough,
-timers and checkpoints) go to a comparator with the lane and to one with the lane turned off,
-and every event list, timer and statistic must be equal.
+timers and checkpoints; resends with other bytes, URG with its pointer, FIN then RST, a
+four-tuple reused with new ISNs, ICMP echo sessions) go to a comparator with the lane and to
+one with the lane turned off, and every event list, timer and statistic must be equal.
 """
 
 from __future__ import annotations
@@ -30,12 +31,27 @@ from coloproxy.compare import (
     ReleaseReason,
     Side,
 )
-from craft import ACK, FIN, GUEST6, PEER6, PSH, RST, SYN, tcp, udp
+from craft import (
+    ACK,
+    FIN,
+    GUEST6,
+    PEER6,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    icmp_echo_reply,
+    icmp_echo_request,
+    icmpv6_echo_reply,
+    tcp,
+    udp,
+)
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 STREAM = bytes((i * 13 + 5) % 251 for i in range(400))
 ISNS = {Side.PRIMARY: 4_294_967_000, Side.SECONDARY: 77}
+NEW_ISNS = {Side.PRIMARY: 5_000, Side.SECONDARY: 3_000_000_000}
 MACS = bytes.fromhex("525400000002525400000001")
 
 
@@ -91,21 +107,42 @@ def tcp_segment(draw: st.DrawFn, side: Side) -> bytes:
     low = draw(st.integers(0, len(STREAM)))
     high = draw(st.integers(low, min(len(STREAM), low + 60)))
     payload = bytearray(STREAM[low:high])
-    if payload and side is Side.SECONDARY and draw(st.integers(0, 15)) == 0:
-        payload[draw(st.integers(0, len(payload) - 1))] ^= 0x40  # a difference
-    number = ISNS[side] + 1 + low
+    if payload and draw(st.integers(0, 15)) == 0:
+        # a difference, or on a resend a retransmission with other bytes
+        payload[draw(st.integers(0, len(payload) - 1))] ^= 0x40
+    # Mostly the first connection on the four-tuple; sometimes a later one (a new ISN), whose
+    # SYN starts a new incarnation while the old one's segments may still come.
+    isn = draw(st.sampled_from([ISNS[side]] * 4 + [NEW_ISNS[side]]))
+    number = isn + 1 + low
     if draw(st.integers(0, 20)) == 0:
         number = draw(st.integers(0, 2**32 - 1))
     flags = draw(
-        st.sampled_from([PSH | ACK, PSH | ACK, ACK, 0, SYN | ACK, SYN, FIN | ACK, RST, RST | ACK])
+        st.sampled_from(
+            [PSH | ACK, PSH | ACK, ACK, 0, SYN | ACK, SYN, FIN | ACK, RST, RST | ACK, URG | ACK]
+        )
     )
     if flags & SYN:
-        number = ISNS[side]
+        number = isn
+    urgent = 0
+    if draw(st.integers(0, 8)) == 0:
+        flags |= URG
+    if flags & URG:  # mostly a pointer to offset 40 of the stream, as both sides would send
+        urgent = draw(st.sampled_from([max(0, 40 - low)] * 3 + [0, 0xFFFF, 7]))
     ack = 1000 + draw(st.integers(0, 3)) * 100
     options = draw(st.sampled_from([b"", b"", b"\x01\x01\x08\x0a" + bytes(8)]))
     if draw(st.integers(0, 10)) == 0:
-        return tcp(number, bytes(payload), flags, ack, src=GUEST6, dst=PEER6, dport=port)
-    return _mangle(tcp(number, bytes(payload), flags, ack, dport=port, options=options), draw)
+        return tcp(
+            number, bytes(payload), flags, ack, src=GUEST6, dst=PEER6, dport=port, urgent=urgent
+        )
+    packet = tcp(number, bytes(payload), flags, ack, dport=port, options=options, urgent=urgent)
+    return _mangle(packet, draw)
+
+
+@st.composite
+def echo_datagram(draw: st.DrawFn) -> bytes:
+    """An ICMP or ICMPv6 echo request or reply of one of two sessions (general path only)."""
+    make = draw(st.sampled_from([icmp_echo_reply, icmp_echo_request, icmpv6_echo_reply]))
+    return make(draw(st.sampled_from([7, 8])), draw(st.integers(1, 3)), b"ping")
 
 
 @st.composite
@@ -128,6 +165,8 @@ def scenario(draw: st.DrawFn) -> tuple[CompareConfig, list[tuple[str, Side, byte
         max_flows=draw(st.sampled_from([1, 2, 16384, 16384, 16384])),
         max_held_packets=draw(st.sampled_from([3, 4096, 4096, 4096])),
         max_held_bytes=draw(st.sampled_from([40, 90, 64 << 20, 64 << 20, 64 << 20])),
+        retransmit_window=draw(st.sampled_from([10, 4 << 20, 4 << 20])),
+        max_retransmit_bytes=draw(st.sampled_from([30, 64 << 20, 64 << 20])),
         flow_idle_timeout=draw(st.sampled_from([0.05, 120.0])),
         passthrough=draw(st.sampled_from([(), (PassthroughRule(peer_port=40001),)])),
     )
@@ -135,18 +174,20 @@ def scenario(draw: st.DrawFn) -> tuple[CompareConfig, list[tuple[str, Side, byte
     for _ in range(draw(st.integers(0, 40))):
         side = draw(st.sampled_from(Side))
         action = draw(
-            st.sampled_from(["tcp"] * 9 + ["udp"] * 4 + ["timer", "started", "completed"])
+            st.sampled_from(["tcp"] * 9 + ["udp"] * 4 + ["echo", "timer", "started", "completed"])
         )
         packet = b""
         if action == "tcp":
             packet = draw(tcp_segment(side))
         elif action == "udp":
             packet = draw(udp_datagram())
+        elif action == "echo":
+            packet = draw(echo_datagram())
         if draw(st.integers(0, 15)) == 0:
             packet = packet[: draw(st.integers(0, len(packet)))]
         if draw(st.integers(0, 10)) == 0:
             packet += b"\x00" * draw(st.integers(1, 12))  # Ethernet padding
-        if action in ("tcp", "udp") and config.framing is Framing.ETHERNET:
+        if action in ("tcp", "udp", "echo") and config.framing is Framing.ETHERNET:
             packet = _ethernet(packet, draw)
         steps.append((action, side, packet))
     return config, steps

@@ -51,7 +51,7 @@ TCP_CLIENT_FLOW = f"tcp {GUEST}:40000 -> {PEER}:80"
 TCP6_FLOW = f"tcp [{GUEST6}]:80 -> [2001:db8::1]:40000"
 UDP_FLOW = f"udp {GUEST}:53 -> {PEER}:5353"
 UDP6_FLOW = f"udp [{GUEST6}]:53 -> [2001:db8::1]:5353"
-ICMP_FLOW = f"icmp {GUEST} -> {PEER}"
+ICMP_FLOW = f"icmp {GUEST} -> {PEER} echo id {0x1234}"  # the default identifier of pcaps.echo_reply
 
 STREAM = (
     b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 200\r\n\r\n"

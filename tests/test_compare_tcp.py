@@ -20,7 +20,8 @@ from coloproxy.compare import (
     Side,
     Split,
 )
-from craft import ACK, FIN, PSH, RST, SYN, stream, tcp
+from craft import ACK, FIN, PSH, RST, SYN, URG, stream, tcp
+from craft import udp as udp_datagram
 
 P_ISN = 1_000_000
 S_ISN = 3_000_000_000
@@ -625,3 +626,403 @@ def test_no_ack_lag_when_the_secondarys_ack_comes_in_time_or_the_bytes_wait() ->
     # Bytes the secondary has not sent yet are compare_timeout's, not ack-lag's.
     pair.primary(tcp(P_ISN + 3, b"more", ack=6000), "p-more")
     assert [e for e in pair.advance(0.5) if isinstance(e, CheckpointNeeded)] == []
+
+
+# -- retransmissions of compared bytes ---------------------------------------------------------
+
+
+def _verified_pair(**settings: object) -> Pair:
+    """[0, 100) sent and matched on both sides, p1 released."""
+    pair = Pair(**settings)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:100]), "p1")
+    pair.secondary(tcp(S_ISN + 1, DATA[:100]), "s1")
+    assert pair.released() == ["p-syn", "p1"]
+    return pair
+
+
+def _changed(data: bytes, index: int) -> bytes:
+    out = bytearray(data)
+    out[index] ^= 0xFF
+    return bytes(out)
+
+
+def test_a_primary_resend_of_verified_bytes_with_other_bytes_is_a_divergence() -> None:
+    """sendfile or zero-copy pages can change under a retransmission: the resend is output
+    the secondary never produced, so it is compared, not released."""
+    pair = _verified_pair()
+    assert pair.primary(tcp(P_ISN + 1 + 10, _changed(DATA[10:30], 5)), "p-resend") != []
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert needed.evidence is not None and needed.evidence.offset == 15
+    assert pair.released() == ["p-syn", "p1"]
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release("p-resend", ReleaseReason.CHECKPOINT)
+    ]
+
+
+def test_an_equal_primary_resend_of_verified_bytes_is_released() -> None:
+    pair = _verified_pair()
+    assert pair.primary(tcp(P_ISN + 1 + 10, DATA[10:30]), "p-resend") == [
+        Release("p-resend", ReleaseReason.MATCHED)
+    ]
+    assert pair.checkpoints() == []
+
+
+def test_a_secondary_resend_of_verified_bytes_with_other_bytes_is_a_divergence() -> None:
+    pair = _verified_pair()
+    pair.secondary(tcp(S_ISN + 1 + 90, _changed(DATA[90:100], 0)), "s-resend")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert needed.evidence is not None and needed.evidence.offset == 90
+
+
+def test_primary_a_then_b_at_the_same_range_is_a_divergence_whatever_the_secondary_sends() -> None:
+    """Both versions would be released against the secondary's A before: the client gets
+    whichever arrives first."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p-a")
+    pair.primary(tcp(P_ISN + 1, _changed(DATA[:50], 7)), "p-b")
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-a")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert pair.released() == ["p-syn"]
+    released = pair.comparator.checkpoint_completed(pair.now)
+    assert [e.token for e in released] == ["p-a", "p-b"]
+
+
+def test_secondary_a_then_b_before_the_primary_is_a_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-a")
+    pair.secondary(tcp(S_ISN + 1 + 20, _changed(DATA[20:50], 0)), "s-b")
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION
+    assert pair.released() == ["p-syn"]
+
+
+def test_a_primary_resend_of_verified_bytes_no_longer_kept_is_held_for_a_checkpoint() -> None:
+    """Past retransmit_window the verified bytes are forgotten: a resend of them cannot be
+    compared, so it is not released; it waits for the checkpoint it asks for."""
+    pair = Pair(retransmit_window=100)
+    handshake(pair)
+    for index in range(4):  # four segments of 100: only the last is kept
+        low = index * 100
+        pair.primary(tcp(P_ISN + 1 + low, DATA[low : low + 100]), f"p{index}")
+        pair.secondary(tcp(S_ISN + 1 + low, DATA[low : low + 100]), f"s{index}")
+    assert pair.released() == ["p-syn", "p0", "p1", "p2", "p3"]
+    assert pair.comparator.stats().kept_bytes == 100
+    assert pair.primary(tcp(P_ISN + 1 + 350, DATA[350:400]), "p-kept") == [
+        Release("p-kept", ReleaseReason.MATCHED)
+    ]
+    pair.secondary(tcp(S_ISN + 1 + 10, _changed(DATA[10:20], 0)), "s-unkept")  # not compared
+    assert pair.checkpoints() == []
+    pair.primary(tcp(P_ISN + 1 + 10, DATA[10:20]), "p-unkept")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.RETRANSMISSION_UNKEPT
+    assert needed.evidence is not None and needed.evidence.offset == 10
+    assert pair.released() == ["p-syn", "p0", "p1", "p2", "p3", "p-kept"]
+    assert pair.comparator.checkpoint_completed(pair.now) == [
+        Release("p-unkept", ReleaseReason.CHECKPOINT)
+    ]
+
+
+def test_the_global_bound_on_kept_bytes_forgets_the_oldest_first() -> None:
+    pair = Pair(max_retransmit_bytes=150)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, DATA[:100]), "p1")
+    pair.secondary(tcp(S_ISN + 1, DATA[:100]), "s1")
+    other = {"dport": 40001}
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, **other), "q-syn")  # type: ignore[arg-type]
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, **other), "r-syn")  # type: ignore[arg-type]
+    pair.primary(tcp(P_ISN + 1, DATA[:100], **other), "q1")  # type: ignore[arg-type]
+    pair.secondary(tcp(S_ISN + 1, DATA[:100], **other), "r1")  # type: ignore[arg-type]
+    assert pair.comparator.stats().kept_bytes == 100  # the first connection's were forgotten
+    pair.primary(tcp(P_ISN + 1, DATA[:10], **other), "q-resend")  # type: ignore[arg-type]
+    assert pair.checkpoints() == []
+    pair.primary(tcp(P_ISN + 1, DATA[:10]), "p-resend")
+    assert [c.reason for c in pair.checkpoints()] == [Reason.RETRANSMISSION_UNKEPT]
+    assert pair.released()[-1] == "q-resend"
+
+
+def test_kept_bytes_are_forgotten_at_a_checkpoint_and_with_their_connection() -> None:
+    pair = _verified_pair(flow_idle_timeout=10.0)
+    assert pair.comparator.stats().kept_bytes == 100
+    pair.comparator.checkpoint_completed(pair.now)
+    assert pair.comparator.stats().kept_bytes == 0
+    pair.primary(tcp(P_ISN + 101, DATA[100:200]), "p2")
+    pair.secondary(tcp(P_ISN + 101, DATA[100:200]), "s2")  # synced: the primary's numbers
+    assert pair.released()[-1] == "p2"
+    assert pair.comparator.stats().kept_bytes == 100
+    pair.advance(100.0)
+    assert pair.comparator.stats().flows == 0
+    assert pair.comparator.stats().kept_bytes == 0
+
+
+# -- a RST after a FIN ---------------------------------------------------------------------
+
+
+def _closed_pair(**settings: object) -> Pair:
+    """Equal bytes and equal FINs on both sides, all released."""
+    pair = Pair(**settings)
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"bye", flags=FIN | ACK), "p-fin")
+    pair.secondary(tcp(S_ISN + 1, b"bye", flags=FIN | ACK), "s-fin")
+    assert pair.released() == ["p-syn", "p-fin"]
+    return pair
+
+
+def test_a_secondary_rst_after_its_fin_without_one_from_the_primary_is_a_fate_divergence() -> None:
+    """The secondary's client would see the connection aborted, the primary's a clean close."""
+    pair = _closed_pair()
+    pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+    assert pair.advance(1.0) == []  # the primary may still reset: it runs behind at times
+    pair.advance(3.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+    assert needed.evidence is not None and needed.evidence.offset == 4
+    assert "RST" in needed.evidence.detail
+
+
+def test_a_primary_rst_after_its_fin_waits_for_the_secondary_rst() -> None:
+    pair = _closed_pair()
+    assert pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst") == []
+    pair.advance(3.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.TIMEOUT
+    assert pair.released() == ["p-syn", "p-fin"]
+
+
+def test_rsts_after_fins_on_both_sides_are_released() -> None:
+    for secondary_first in (False, True):
+        pair = _closed_pair()
+        if secondary_first:
+            pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+            pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst")
+        else:
+            pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst")
+            pair.secondary(tcp(S_ISN + 5, flags=RST), "s-rst")
+        pair.advance(10.0)
+        assert pair.checkpoints() == []
+        assert pair.released() == ["p-syn", "p-fin", "p-rst"]
+
+
+def test_a_secondary_fin_the_primary_never_sends_is_a_fate_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc"), "p1")
+    pair.secondary(tcp(S_ISN + 1, b"abc", flags=FIN | ACK), "s1")
+    assert pair.released() == ["p-syn", "p1"]
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+
+
+# -- urgent data ---------------------------------------------------------------------------
+
+
+def test_urgent_data_on_the_primary_only_is_not_released() -> None:
+    """A client without SO_OOBINLINE reads a different stream and gets SIGURG."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"abc!"), "s")
+    assert pair.released() == ["p-syn"]
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.TIMEOUT
+    assert needed.evidence is not None and "urgent" in needed.evidence.detail
+
+
+def test_urgent_data_on_the_secondary_only_is_a_divergence() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.secondary(tcp(S_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "s-urg")
+    pair.primary(tcp(P_ISN + 1, b"abc!"), "p")
+    pair.advance(5.0)
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.URGENT
+    assert needed.evidence is not None and needed.evidence.offset == 4
+
+
+def test_the_same_urgent_offset_in_other_segments_is_released() -> None:
+    """The pointer is relative to each segment's sequence number: what is compared is the
+    stream offset it names (4 here), whatever the segmentation."""
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"ab", flags=ACK | URG, urgent=4), "s1")
+    pair.secondary(tcp(S_ISN + 3, b"c!", flags=PSH | ACK | URG, urgent=2), "s2")
+    pair.primary(tcp(P_ISN + 5, b"more"), "p-after")
+    pair.secondary(tcp(S_ISN + 5, b"more"), "s3")
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert pair.released() == ["p-syn", "p-urg", "p-after"]
+
+
+def test_urgent_offsets_that_differ_do_not_match() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=4), "p-urg")
+    pair.secondary(tcp(S_ISN + 1, b"abc!", flags=PSH | ACK | URG, urgent=3), "s-urg")
+    assert pair.released() == ["p-syn"]
+
+
+# -- a four-tuple reused ------------------------------------------------------------------
+
+
+NEW_P_ISN, NEW_S_ISN = 2_000_000, 4_000_000_000
+OLD = DATA[:300]
+NEW = b"the new connection's bytes"
+
+
+def _old_then_new(pair: Pair, lagging: str) -> None:
+    """The old connection sends OLD and closes; the four-tuple is reused with new ISNs. The
+    ``lagging`` side sends the end of the old connection after the other side's new SYN-ACK."""
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, OLD[:200]), "old-p1")
+    pair.secondary(tcp(S_ISN + 1, OLD[:200]), "old-s1")
+    primary_old = [
+        (tcp(P_ISN + 201, OLD[200:], flags=FIN | PSH | ACK), "old-p2"),
+        (tcp(P_ISN + 302, flags=ACK, ack=1001), "old-p-last-ack"),
+    ]
+    secondary_old = [
+        (tcp(S_ISN + 201, OLD[200:], flags=FIN | PSH | ACK), "old-s2"),
+        (tcp(S_ISN + 302, flags=ACK, ack=1001), "old-s-last-ack"),
+    ]
+    primary_new = [
+        (tcp(NEW_P_ISN, flags=SYN | ACK, ack=5000), "new-p-syn"),
+        (tcp(NEW_P_ISN + 1, NEW, flags=FIN | PSH | ACK, ack=5001), "new-p1"),
+    ]
+    secondary_new = [
+        (tcp(NEW_S_ISN, flags=SYN | ACK, ack=5000), "new-s-syn"),
+        (tcp(NEW_S_ISN + 1, NEW, flags=FIN | PSH | ACK, ack=5001), "new-s1"),
+    ]
+    if lagging == "secondary":
+        steps = [("p", *primary_old[0]), ("p", *primary_old[1]), ("p", *primary_new[0])]
+        steps += [("s", *secondary_old[0]), ("s", *secondary_old[1]), ("s", *secondary_new[0])]
+    else:
+        steps = [("s", *secondary_old[0]), ("s", *secondary_old[1]), ("s", *secondary_new[0])]
+        steps += [("p", *primary_old[0]), ("p", *primary_old[1]), ("p", *primary_new[0])]
+    steps += [("p", *primary_new[1]), ("s", *secondary_new[1])]
+    for side, packet, token in steps:
+        if side == "p":
+            pair.primary(packet, token)
+        else:
+            pair.secondary(packet, token)
+
+
+@pytest.mark.parametrize("lagging", ["secondary", "primary"])
+def test_the_end_of_an_old_connection_after_the_new_syn_ack_stays_with_the_old(
+    lagging: str,
+) -> None:
+    pair = Pair()
+    _old_then_new(pair, lagging)
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert sorted(pair.released()) == sorted(
+        ["p-syn", "old-p1", "old-p2", "old-p-last-ack", "new-p-syn", "new-p1"]
+    )
+
+
+def test_a_new_connection_that_differs_still_diverges_while_the_old_one_lingers() -> None:
+    pair = Pair()
+    handshake(pair)
+    pair.primary(tcp(P_ISN + 1, OLD), "old-p")
+    pair.primary(tcp(NEW_P_ISN, flags=SYN | ACK), "new-p-syn")
+    pair.primary(tcp(NEW_P_ISN + 1, NEW), "new-p1")
+    pair.secondary(tcp(S_ISN + 1, OLD), "old-s")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK), "new-s-syn")
+    pair.secondary(tcp(NEW_S_ISN + 1, _changed(NEW, 3)), "new-s1")
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.PAYLOAD
+    assert needed.evidence is not None and needed.evidence.offset == 3
+    assert pair.released() == ["p-syn", "old-p", "new-p-syn"]
+
+
+def test_a_side_two_incarnations_behind_is_compared_with_each_in_turn() -> None:
+    """The primary opens and closes three connections on one four-tuple before the secondary
+    sends anything: each of the secondary's connections is compared with the primary's
+    same one, told apart by the peer ISN each SYN-ACK acknowledges."""
+    pair = Pair()
+    isns = [(P_ISN, S_ISN), (NEW_P_ISN, NEW_S_ISN), (7_000_000, 9_000_000)]
+    streams = [OLD, NEW, b"third"]
+    for side in ("p", "s"):
+        for index, ((p_isn, s_isn), data) in enumerate(zip(isns, streams, strict=True)):
+            isn = p_isn if side == "p" else s_isn
+            peer = 5000 * (index + 1)  # the client's ISN in this connection
+            feed = pair.primary if side == "p" else pair.secondary
+            feed(tcp(isn, flags=SYN | ACK, ack=peer + 1), f"{side}{index}-syn")
+            feed(tcp(isn + 1, data, flags=FIN | PSH | ACK, ack=peer + 1), f"{side}{index}-fin")
+    pair.advance(10.0)
+    assert pair.checkpoints() == []
+    assert pair.released() == [f"p{index}-{what}" for index in range(3) for what in ("syn", "fin")]
+
+
+def test_a_syn_ack_answering_another_peer_syn_is_another_connection() -> None:
+    """The secondary's first SYN-ACK seen acknowledges another SYN of the client than the
+    primary's did: it is not the secondary's side of the primary's connection."""
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=5001), "p-syn")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK, ack=9001), "s-other-syn")
+    assert pair.released() == []
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s-syn")
+    assert pair.released() == ["p-syn"]
+
+
+# -- found by bench/fuzz_compare.py ----------------------------------------------------------
+
+
+def test_segments_before_the_syn_ack_of_an_earlier_incarnation_lose_no_primary_packet() -> None:
+    """The secondary's data of the first connection comes before its own SYN-ACK, after the
+    primary opened a second connection: the SYN-ACK then contradicts the base the data was
+    placed by. (That once renewed the earlier incarnation inside itself, and the primary
+    packets held there were never released.)"""
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=5001), "p0-syn")
+    pair.primary(tcp(P_ISN + 1, OLD[:100], ack=5001), "p0-data")
+    pair.primary(tcp(NEW_P_ISN, flags=SYN | ACK, ack=9001), "p1-syn")
+    pair.secondary(tcp(S_ISN + 51, OLD[50:100], ack=5001), "s0-late-data")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s0-syn")
+    pair.secondary(tcp(S_ISN + 1, OLD[:100], ack=5001), "s0-data")
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK, ack=9001), "s1-syn")
+    pair.advance(10.0)
+    released = pair.released(ReleaseReason.MATCHED)
+    released += [
+        e.token for e in pair.comparator.checkpoint_completed(pair.now) if isinstance(e, Release)
+    ]
+    assert sorted(released) == ["p0-data", "p0-syn", "p1-syn"]
+    assert "p1-syn" in pair.released(ReleaseReason.MATCHED)
+
+
+def test_a_syn_contradicting_where_earlier_data_was_placed_releases_none_of_it() -> None:
+    """A segment that came before its side's SYN was placed by a base guessed from its own
+    sequence number; the SYN names another: the segment's bytes were compared at offsets
+    that are not theirs, so a match there proves nothing."""
+    pair = Pair()
+    pair.primary(tcp(P_ISN + 1 + 16, DATA[:20]), "p-early")  # its number says offset 16
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
+    pair.secondary(tcp(S_ISN + 1, DATA[:40]), "s-data")
+    assert "p-early" not in pair.released()
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+
+
+def test_syns_during_an_overflow_still_name_the_isns() -> None:
+    """At a bound nothing is compared until the checkpoint, but a connection opened meanwhile
+    must still be aligned by its SYNs afterwards (here the secondary keeps its own ISN:
+    synced=False)."""
+    pair = Pair(max_held_packets=2)
+    pair.primary(udp_datagram(b"unanswered"), "p-udp")
+    pair.primary(udp_datagram(b"unanswered too"), "p-udp2")
+    pair.primary(tcp(P_ISN, flags=SYN | ACK), "p-syn")  # past the bound: overflow
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK), "s-syn")
+    assert [c.reason for c in pair.checkpoints()] == [Reason.OVERFLOW]
+    pair.comparator.checkpoint_completed(pair.now, synced=False)
+    pair.primary(tcp(P_ISN + 1, DATA[:50]), "p-data")
+    pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-data")
+    assert pair.released(ReleaseReason.MATCHED) == ["p-data"]
+    assert len(pair.checkpoints()) == 1

@@ -59,7 +59,8 @@ net:
 """
 COMPARE_KEYS = (
     "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
-    " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
+    " max_held_packets, max_held_bytes, retransmit_window, max_retransmit_bytes,"
+    " max_fragment_datagrams, max_fragment_bytes,"
     " flow_idle_timeout, malformed_policy, passthrough, secondary_seq, split_after,"
     " ack_lag_timeout, gso_above"
 )
@@ -126,6 +127,8 @@ def test_every_comparator_setting_can_be_set() -> None:
         "  max_flows: 10\n"
         "  max_held_packets: 11\n"
         "  max_held_bytes: 12\n"
+        "  retransmit_window: 16\n"
+        "  max_retransmit_bytes: 17\n"
         "  max_fragment_datagrams: 13\n"
         "  max_fragment_bytes: 14\n"
         "  flow_idle_timeout: 15.5\n"
@@ -148,6 +151,8 @@ def test_every_comparator_setting_can_be_set() -> None:
         max_flows=10,
         max_held_packets=11,
         max_held_bytes=12,
+        retransmit_window=16,
+        max_retransmit_bytes=17,
         max_fragment_datagrams=13,
         max_fragment_bytes=14,
         flow_idle_timeout=15.5,

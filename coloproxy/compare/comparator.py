@@ -5,8 +5,9 @@ Theory of operation
 Every packet fed is guest egress: the primary's (to be released or held) or the
 secondary's (always dropped; its bytes are kept only as long as needed to compare). Packets
 are parsed in place, IP fragments reassembled, and each one goes to its flow, keyed in the
-guest's egress direction: TCP connections align byte streams (``tcp.py``), everything else
-compares whole datagrams (``datagram.py``).
+guest's egress direction (ICMP and ICMPv6 echo requests and replies by their identifier too:
+two ping sessions are two flows, each compared in its own order): TCP connections align byte
+streams (``tcp.py``), everything else compares whole datagrams (``datagram.py``).
 
 Output commit (I1): a primary packet is released only when the secondary matched it, or by
 ``checkpoint_completed`` (every held primary packet, in arrival order). Nothing is ever
@@ -59,8 +60,8 @@ from coloproxy.compare.events import (
     Side,
 )
 from coloproxy.compare.reassembly import Partial, Reassembler
-from coloproxy.compare.state import Book, FlowState, Held
-from coloproxy.compare.tcp import TcpConnection
+from coloproxy.compare.state import NEED_URG, Book, FlowState, Held, Signal
+from coloproxy.compare.tcp import TCP_URG, TcpConnection
 from coloproxy.errors import UsageError
 from coloproxy.packet.parse import (
     ETH_P_IP,
@@ -88,6 +89,13 @@ _LANE_IP: Final = struct.Struct("!0sBxH2xHxB2x12sIIBB")
 _LANE_PORTS: Final = struct.Struct("!HH")
 _ETHERTYPE_IPV4: Final = ETH_P_IP.to_bytes(2, "big")
 
+# TCP segments the lane leaves to the general path: a SYN (it names an ISN) and URG (the urgent
+# pointer is not among the fields the lane reads).
+_LANE_TCP_FLAGS_OUT: Final = TCP_SYN | TCP_URG
+# ICMP and ICMPv6 echo request and reply types: such a flow is keyed by its identifier too.
+_ECHO_TYPES: Final = {PROTO_ICMP: (0, 8), PROTO_ICMPV6: (128, 129)}
+_ECHO: Final = 0x100  # set in the key's second port field for an echo flow (its ICMP type)
+
 _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
 _PRIMARY: Final = Side.PRIMARY
 # Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
@@ -111,6 +119,7 @@ class CompareStats:
     checkpointing: bool
     saturated: bool
     isn_offsets_learned: int
+    kept_bytes: int = 0  # compared TCP bytes kept to compare retransmissions (retransmit_window)
 
 
 def protocol_name(packet: Packet) -> str:
@@ -130,7 +139,27 @@ def flow_label(packet: Packet) -> Flow:
             guest, peer = f"[{guest}]", f"[{peer}]"
         guest = f"{guest}:{packet.sport}"
         peer = f"{peer}:{packet.dport}"
-    return Flow(protocol, guest, peer, packet.vlan)
+    echo = echo_identifier(packet)
+    return Flow(protocol, guest, peer, packet.vlan, -1 if echo is None else echo[1])
+
+
+def echo_identifier(packet: Packet) -> tuple[int, int] | None:
+    """(ICMP type, identifier) of an ICMP or ICMPv6 echo request or reply, else None.
+
+    Two ping sessions between the same hosts are two flows: each compares in its own order,
+    and one session running ahead on one side is not a difference of the other."""
+    types = _ECHO_TYPES.get(packet.proto)
+    if types is None or packet.fragment or packet.l4 + 8 > packet.end:
+        return None
+    kind = packet.data[packet.l4]
+    if kind not in types:
+        return None
+    return kind, int.from_bytes(packet.data[packet.l4 + 4 : packet.l4 + 6], "big")
+
+
+def _urgent_pointer(packet: Packet) -> int:
+    """The TCP urgent pointer (the general path reads it only for URG segments)."""
+    return int.from_bytes(packet.data[packet.l4 + 18 : packet.l4 + 20], "big")
 
 
 class _Rule:
@@ -203,10 +232,10 @@ class Comparator:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
         self._book.now = now
-        # The lanes: a TCP segment or UDP datagram of a known IPv4 flow, untagged, no IP
-        # options, not a fragment, while comparing normally. One unpack reads every field
-        # needed and the packet goes straight to its flow, with no Packet built; what the
-        # lanes do is what the general path below does for such a packet
+        # The lanes: a TCP segment (not SYN, not URG) or UDP datagram of a known IPv4 flow,
+        # untagged, no IP options, not a fragment, while comparing normally. One unpack reads
+        # every field needed and the packet goes straight to its flow, with no Packet built;
+        # what the lanes do is what the general path below does for such a packet
         # (tests/test_compare_lane.py checks both give the same events). Anything else takes
         # the general path, which parses from scratch.
         book = self._book
@@ -241,7 +270,8 @@ class Comparator:
                         connection is not None
                         and offset >= 0x50  # a TCP data offset of at least 20 bytes
                         and start <= end
-                        and not flags & TCP_SYN  # SYNs name ISNs: the general path
+                        # SYNs name ISNs, URG needs the urgent pointer: the general path
+                        and not flags & _LANE_TCP_FLAGS_OUT
                         # not book.over_bounds(end - start), without the call
                         and book.held_packets < self._max_held_packets
                         and book.stored_bytes + (end - start) <= self._max_held_bytes
@@ -312,8 +342,8 @@ class Comparator:
         assert type(packet) is Packet
         if self._checkpointing or book.saturated:
             self._freeze(token, now)
+            self._learn_uncompared(packet, True, now, out)
             if self._checkpointing:
-                self._learn_uncompared(packet, True, now, out)
                 if len(self._late_primary) < self._max_held_packets:
                     self._late_primary.append((self._frozen[-1], data))
             return
@@ -325,13 +355,14 @@ class Comparator:
     def _learn_uncompared(
         self, packet: Packet, primary_side: bool, now: float, out: list[Event]
     ) -> None:
-        """During a checkpoint nothing is compared, but SYNs still name ISNs: without that a
-        connection opened across a checkpoint would have no alignment, and with
+        """During a checkpoint, or at a bound until the checkpoint it asked for, nothing is
+        compared, but SYNs still name ISNs: without that a connection opened meanwhile would
+        have no alignment (a base taken mid-stream), and with
         ``checkpoint_completed(synced=False)`` none ever after."""
         if packet.proto == PROTO_TCP and packet.flags & TCP_SYN and not packet.fragment:
             flow = self._flow(packet, now, out)
             if type(flow) is TcpConnection:
-                flow.learn(primary_side, packet.seq, packet.flags, self._book)
+                flow.learn(primary_side, packet.seq, packet.flags, packet.ack, self._book)
 
     def _primary_packet(
         self,
@@ -355,6 +386,7 @@ class Comparator:
         if book.over_bounds(packet.end - packet.payload):
             self._saturate(flow, out)
             self._freeze(token, now, extra)
+            self._learn_uncompared(packet, True, now, out)
             return
         held = book.new_held(token, now, flow)
         held.extra = extra
@@ -368,6 +400,7 @@ class Comparator:
                 now,
                 book,
                 out,
+                _urgent_pointer(packet) if packet.flags & TCP_URG else 0,
             )
         elif type(flow) is DatagramFlow and flow.feed_primary(
             bytes(packet.data[packet.payload : packet.end]), held, now, book, out
@@ -390,6 +423,7 @@ class Comparator:
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
         if book.saturated:
+            self._learn_uncompared(packet, False, now, out)
             out.append(Drop(token, DropReason.OVERFLOW))
             return
         if packet.fragment:
@@ -415,6 +449,7 @@ class Comparator:
             return
         if book.over_bounds(packet.end - packet.payload):
             self._saturate(flow, out)
+            self._learn_uncompared(packet, False, now, out)
             if drop:
                 out.append(Drop(token, DropReason.OVERFLOW))
             return
@@ -429,6 +464,7 @@ class Comparator:
                 now,
                 book,
                 out,
+                _urgent_pointer(packet) if packet.flags & TCP_URG else 0,
             )
         elif type(flow) is DatagramFlow and flow.feed_secondary(
             bytes(packet.data[packet.payload : packet.end]), now, book, out
@@ -570,6 +606,10 @@ class Comparator:
             )
         else:
             key = (packet.proto, packet.src, packet.dst, packet.sport, packet.dport, packet.vlan)
+            echo = echo_identifier(packet)
+            if echo is not None:
+                kind, ident = echo
+                key = (packet.proto, packet.src, packet.dst, ident, _ECHO | kind, packet.vlan)
         flow = self._flows.get(key)
         if flow is not None:
             return flow
@@ -580,7 +620,7 @@ class Comparator:
                 return None
         label = flow_label(packet)
         if packet.proto == PROTO_TCP:
-            flow = TcpConnection(key, label, now, self._rewritten)
+            flow = TcpConnection(key, label, now, self._book.kept, self._rewritten)
         else:
             flow = DatagramFlow(key, label, now)
         if self._rules:
@@ -605,7 +645,9 @@ class Comparator:
             if flow.idle() and (all_idle or flow.last_active <= limit)
         ]
         for key in stale:
-            del self._flows[key]
+            flow = self._flows.pop(key)
+            if type(flow) is TcpConnection:
+                flow.forget(self._book)
             lane_key = _lane_key(key)
             if lane_key is not None:
                 lane = self._lane_tcp if key[0] == PROTO_TCP else self._lane_udp
@@ -748,15 +790,24 @@ class Comparator:
                 if not stored.live or flow.diverged or flow.timed_out:
                     continue
                 flow.timed_out = True
+                reason = Reason.SECONDARY_ONLY
+                detail = f"secondary output unmatched for {config.secondary_timeout:g} s"
+                if type(stored) is Signal:
+                    reason = Reason.URGENT if stored.kind == "URG" else Reason.FATE
+                    what = "urgent pointer" if stored.kind == "URG" else stored.kind
+                    detail = (
+                        f"secondary {what} at stream offset {stored.start}, none from the primary"
+                        f" within {config.secondary_timeout:g} s"
+                    )
                 evidence = Evidence(
                     offset=stored.start if type(flow) is TcpConnection else None,
                     primary=b"",
                     secondary=stored.data[:EVIDENCE_BYTES],
                     primary_length=0,
                     secondary_length=len(stored.data),
-                    detail=f"secondary output unmatched for {config.secondary_timeout:g} s",
+                    detail=detail,
                 )
-                book.request(out, Reason.SECONDARY_ONLY, flow.label.protocol, flow.label, evidence)
+                book.request(out, reason, flow.label.protocol, flow.label, evidence)
         for partial in self._reassembly.expire(now, config.compare_timeout):
             self._expired_fragments(partial, out)
         if self._next_sweep is not None and self._next_sweep <= now:
@@ -819,11 +870,13 @@ class Comparator:
         self._late_secondary = []
         held = self._frozen
         for flow in self._flows.values():
+            if type(flow) is TcpConnection:
+                held.extend(flow.take_held())
+                flow.reset_epoch(book, synced)
+                continue
             held.extend(flow.held)
             flow.held.clear()
-            if type(flow) is TcpConnection:
-                flow.reset_epoch(book, synced)
-            elif type(flow) is DatagramFlow:
+            if type(flow) is DatagramFlow:
                 flow.reset_epoch(book)
         held.sort(key=lambda entry: entry.serial)
         for entry in held:
@@ -888,6 +941,7 @@ class Comparator:
             checkpointing=self._checkpointing,
             saturated=book.saturated,
             isn_offsets_learned=sum(1 for flow in tcp if flow.isn_offset() is not None),
+            kept_bytes=book.kept.total,
         )
 
     def isn_offset(
@@ -919,11 +973,14 @@ def _timeout_evidence(held: Held, timeout: float) -> Evidence:
             secondary_length=0,
             detail=f"primary datagram unmatched for {timeout:g} s",
         )
+    detail = f"primary segment [{held.start}, {held.end}) unmatched for {timeout:g} s"
+    if held.need & NEED_URG:
+        detail += f" (its urgent pointer names stream offset {held.urgent})"
     return Evidence(
         offset=held.start,
         primary=b"",
         secondary=b"",
         primary_length=held.end - held.start,
         secondary_length=0,
-        detail=f"primary segment [{held.start}, {held.end}) unmatched for {timeout:g} s",
+        detail=detail,
     )

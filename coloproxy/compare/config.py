@@ -81,6 +81,15 @@ class CompareConfig:
     max_held_packets: int = 4096
     # Payload bytes kept for comparison (both sides): 64 MiB is about 45k full-size segments.
     max_held_bytes: int = 64 << 20
+    # Compared TCP bytes kept to compare retransmissions of them (compare/kept.py). A guest
+    # resends only bytes its peer has not acknowledged, at most its send buffer: Linux caps
+    # that at net.ipv4.tcp_wmem's maximum, 4 MiB by default. Per connection, the last this many
+    # bytes by stream offset; a resend of older compared bytes from the primary is held and
+    # asks for a checkpoint (reason retransmission-unkept).
+    retransmit_window: int = 4 << 20
+    # The same bytes over all connections (as much as max_held_bytes): the longest-kept are
+    # forgotten first.
+    max_retransmit_bytes: int = 64 << 20
     max_fragment_datagrams: int = 256
     max_fragment_bytes: int = 4 << 20
     # A flow with nothing held or pending is forgotten after this long.
@@ -113,6 +122,8 @@ class CompareConfig:
             "max_flows",
             "max_held_packets",
             "max_held_bytes",
+            "retransmit_window",
+            "max_retransmit_bytes",
             "max_fragment_datagrams",
             "max_fragment_bytes",
             "flow_idle_timeout",

@@ -45,7 +45,14 @@ class Reason(StrEnum):
     """Why a checkpoint is needed; the closed vocabulary that is also the metric label."""
 
     PAYLOAD = "payload"  # bytes differ at the same stream offset, or datagrams differ
-    FATE = "fate"  # the connection ends differently: FIN vs RST, FIN offsets, SYN vs RST
+    # a side resent TCP bytes with other bytes than it sent there before (compared or not)
+    RETRANSMISSION = "retransmission-differs"
+    # the primary resent compared bytes no longer kept (retransmit_window): not comparable
+    RETRANSMISSION_UNKEPT = "retransmission-unkept"
+    URGENT = "urgent"  # TCP urgent data (URG and its pointer) at different stream offsets
+    # the connection ends differently: FIN vs RST, FIN offsets, SYN vs RST, a FIN or a RST
+    # (a RST after a FIN too) the primary does not send
+    FATE = "fate"
     TIMEOUT = "timeout"  # a primary packet stayed unmatched for compare_timeout
     # a verified primary segment waited ack_lag_timeout for the secondary's ACK to cover it
     ACK_LAG = "ack-lag"
@@ -62,10 +69,12 @@ class Flow:
     guest: str  # address, with ":port" for TCP and UDP
     peer: str
     vlan: int = -1
+    echo_id: int = -1  # ICMP/ICMPv6 echo request or reply: the identifier (a flow each)
 
     def __str__(self) -> str:
         vlan = f" vlan {self.vlan}" if self.vlan >= 0 else ""
-        return f"{self.protocol} {self.guest} -> {self.peer}{vlan}"
+        echo = f" echo id {self.echo_id}" if self.echo_id >= 0 else ""
+        return f"{self.protocol} {self.guest} -> {self.peer}{echo}{vlan}"
 
 
 @dataclass(frozen=True, slots=True)

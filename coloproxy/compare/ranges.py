@@ -91,3 +91,16 @@ class RangeSet:
         if pos < end:
             out.append((pos, end))
         return out
+
+    def pieces(self, start: int, end: int) -> list[tuple[int, int, bool]]:
+        """[start, end) cut at the set's boundaries: (low, high, inside the set), in order."""
+        out: list[tuple[int, int, bool]] = []
+        pos = start
+        for low, high in self.subtract(start, end):
+            if low > pos:
+                out.append((pos, low, True))
+            out.append((low, high, False))
+            pos = high
+        if pos < end:
+            out.append((pos, end, True))
+        return out

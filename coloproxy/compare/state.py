@@ -21,12 +21,15 @@ from coloproxy.compare.events import (
     Release,
     ReleaseReason,
 )
+from coloproxy.compare.kept import KeptBudget
 
 # What a held TCP segment waits for besides its data being verified.
 NEED_SYN: Final = 1  # the secondary sent its SYN too
 NEED_FIN: Final = 2  # the secondary's FIN sits at the same stream offset
 NEED_RST: Final = 4  # the secondary reset the connection too
 NEED_ACK: Final = 8  # the secondary acknowledged at least ``ack`` (ACK gating)
+NEED_URG: Final = 16  # the secondary's urgent pointer named the stream offset ``urgent`` too
+NEED_CHECKPOINT: Final = 32  # nothing the secondary sends can match it: a checkpoint only
 
 
 class FlowState:
@@ -64,6 +67,7 @@ class Held:
         "serial",
         "start",
         "token",
+        "urgent",
     )
 
     def __init__(self, token: object, serial: int, arrival: float, flow: FlowState | None) -> None:
@@ -78,6 +82,7 @@ class Held:
         self.end = 0
         self.need = 0
         self.ack = 0
+        self.urgent = 0  # the stream offset the urgent pointer names, with NEED_URG
         self.payload = b""  # datagrams only: the bytes to match
 
 
@@ -93,6 +98,18 @@ class Stored:
         self.arrival = arrival
         self.flow = flow
         self.live = True
+
+
+class Signal(Stored):
+    """A TCP FIN, RST or urgent pointer of the secondary that waits for the primary's: no
+    bytes, ``start`` is the stream offset, ``kind`` one of "FIN", "RST", "URG"; it times out
+    with the secondary's bytes (secondary_timeout)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str, offset: int, arrival: float, flow: FlowState) -> None:
+        super().__init__(offset, b"", arrival, flow)
+        self.kind = kind
 
 
 class Book:
@@ -121,6 +138,7 @@ class Book:
         self.ack_lag = config.ack_lag_timeout
         self.gated_fifo: deque[tuple[float, Held]] = deque()  # (since, segment)
         self.now = 0.0  # the time of the call being handled (feed or handle_timer)
+        self.kept = KeptBudget(config.retransmit_window, config.max_retransmit_bytes)
 
     def new_held(self, token: object, now: float, flow: FlowState | None) -> Held:
         self.serial += 1

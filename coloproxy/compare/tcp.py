@@ -8,39 +8,84 @@ sits at -1). Segmentation, retransmissions, overlaps and reordering then vanish:
 compared is bytes at offsets, not segments.
 
 Each side keeps the bytes it sent that the other side has not sent yet (``chunks``, sorted
-and disjoint). When new bytes arrive they are cut against the *verified* range set (both
-sides sent them and they were equal: retransmissions are released without storing), then
-against the side's own chunks (a retransmission of bytes still waiting), and what is left is
-compared with the other side's chunks where they overlap; the overlap becomes verified and is
-removed from both, the rest is stored. Bytes that differ are a divergence at the exact offset.
+and disjoint). New bytes are cut against the *verified* range set (both sides sent them and
+they were equal), then against the side's own chunks, and what is left is compared with the
+other side's chunks where they overlap; the overlap becomes verified and is removed from
+both, the rest is stored. Bytes that differ are a divergence at the exact offset (reason
+``payload``).
+
+Retransmissions are compared too: a resend normally carries the same bytes, but a page given
+to sendfile or a zero-copy send can change before the resend reads it. Bytes at verified
+offsets are compared with a copy of the verified bytes kept for that (``kept.py``: the last
+``retransmit_window`` bytes per connection, ``max_retransmit_bytes`` in all), bytes this side
+sent before and that still wait with what it sent then; other bytes are a divergence of its
+own, ``retransmission-differs``, whichever side resent them. Verified bytes no longer kept
+cannot be compared: a primary resend of them is held for the checkpoint it asks for
+(``retransmission-unkept``), never released; a secondary resend of them is not compared (the
+secondary's output is never released, so nothing leaves unchecked; only a difference in it
+would go unseen).
 
 A held primary segment is released when, in stream order per connection (a segment carrying
 earlier bytes than held ones, a retransmission or a piece of a split GSO packet, goes before
 them; bytes after a split packet wait until its pieces are back: ``split_end``):
 - its data range is verified,
-- its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST), and
+- its SYN/FIN/RST is matched by the secondary (same FIN offset; a RST against a RST),
+- its urgent pointer (URG) names a stream offset the secondary's named too, and
 - its ACK is covered by the secondary's highest ACK (ACK gating: releasing an ACK the
   secondary has not sent would let the client discard bytes the secondary never received;
   pure ACKs obey the same rule).
 The connection's fate is compared too: FIN against RST, FINs at different offsets, data sent
-past the other side's FIN or RST, SYN against RST. QEMU's colo-compare releases every
-zero-payload segment uncompared and so misses all of these.
+past the other side's FIN or RST, SYN against RST. And the secondary's FIN, RST (a RST after
+its FIN too: one client would see a clean close, the other an abort) and urgent pointers
+wait for the primary's as its bytes do (``Signal``, ``secondary_timeout``): one the primary
+does not send in that time is a divergence (``fate``, ``urgent``). QEMU's colo-compare
+releases every zero-payload segment uncompared and compares no urgent pointer, so it misses
+all of these.
+
+Urgent data: a client without SO_OOBINLINE reads the byte before the urgent pointer out of
+band and gets SIGURG, so URG and its pointer are output. The pointer is compared as the stream
+offset it names (segment offset + pointer), which is the same whatever the segmentation;
+0xFFFF (Linux: "more than 64 KiB ahead") names none and is not compared. The comparator's
+lane leaves URG segments to the general path, which reads the pointer.
 
 ISNs: a side's ISN is learned from its SYN (guest as client) or SYN-ACK (guest as server).
 A connection first seen without a SYN uses one shared base for both sides: after a checkpoint
 both guests hold the same TCP state, ISNs included, so equal sequence numbers mean equal
-positions. ``reset_epoch`` (after a checkpoint) makes the secondary's ISN and highest ACK
-equal to the primary's for the same reason, and moves both sides' base of offsets up to the
-primary's position, so that offsets of an epoch stay far below 2**31 (``REBASE_AT``).
+positions. Such a base is a guess (``provisional``): if the side's SYN comes after all (it
+was reordered) and names another ISN while data, a FIN or a RST was placed by the guess,
+those were compared at offsets not theirs, and the connection diverges (``fate``) rather
+than release anything on that comparison. ``reset_epoch`` (after a checkpoint) makes the
+secondary's ISN and highest ACK equal to the primary's, and moves both sides' base of offsets
+up to the primary's position, so that offsets of an epoch stay far below 2**31
+(``REBASE_AT``).
+
+Incarnations: a four-tuple is reused with new ISNs, and the side that runs behind still sends
+the end of the old connection after the other side's new SYN-ACK. A SYN that names another
+ISN than the side's SYN did, or a SYN-ACK that acknowledges another peer ISN than the other
+side's SYN-ACK did (the peer's SYN reaches both guests, so both SYN-ACKs of one connection
+acknowledge the same number), opens a new incarnation: what was compared so far moves into
+an earlier one (``older``, at most ``MAX_INCARNATIONS`` kept), with its held packets,
+chunks, verified and kept bytes, and the new one starts afresh. Each side has its place in
+that chain (``at_primary``, ``at_secondary``): the incarnation its last SYN opened. A SYN is
+placed by the ISN it names if the side's SYN named it before, else by the peer ISN it
+acknowledges, else in the next incarnation the side has not opened (past the newest: a new
+one). Any other segment belongs to its side's place, unless its sequence number lies where
+that side's segments of an earlier incarnation lay (``span``: a late retransmission, an ACK
+from TIME-WAIT). A side placed in an incarnation no longer kept cannot be compared: its
+primary packets are held until a checkpoint releases them (their timeout asks for one), its
+secondary packets are ignored. After a synced checkpoint the secondary is where the primary
+is.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections import deque
 from typing import Final
 
 from coloproxy import seq
 from coloproxy.compare.events import (
+    EVIDENCE_BYTES,
     Event,
     Evidence,
     Flow,
@@ -49,21 +94,37 @@ from coloproxy.compare.events import (
     ReleaseReason,
     Split,
 )
+from coloproxy.compare.kept import KeptBudget, KeptBytes
 from coloproxy.compare.ranges import RangeSet
 from coloproxy.compare.state import (
     NEED_ACK,
+    NEED_CHECKPOINT,
     NEED_FIN,
     NEED_RST,
     NEED_SYN,
+    NEED_URG,
     Book,
     FlowState,
     Held,
+    Signal,
     Stored,
     difference,
 )
 from coloproxy.packet.parse import TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN
 
 PROTOCOL: Final = "tcp"
+TCP_URG: Final = 0x20
+# An urgent pointer of 0xFFFF says "beyond what this segment's 16 bits can reach" (Linux sends
+# it while the real pointer is more than 64 KiB ahead): no stream offset, so not compared.
+URGENT_BEYOND: Final = 0xFFFF
+# Urgent offsets remembered per side and epoch: a retransmission names a recent one again.
+URGENT_MARKS: Final = 64
+# Incarnations of one four-tuple kept apart, the newest included (``_route``).
+MAX_INCARNATIONS: Final = 4
+# Signal kinds (Signal.kind).
+FIN: Final = "FIN"
+RST: Final = "RST"
+URG: Final = "URG"
 # Read once: an enum member is an attribute lookup through the enum's metaclass (about 85 ns).
 _MATCHED: Final = ReleaseReason.MATCHED
 
@@ -77,17 +138,25 @@ class TcpSide:
         "isn",
         "isn_from_syn",
         "max_ack",
+        "provisional",
         "rst",
+        "signals",
         "syn",
+        "syn_ack",
         "syn_seq",
+        "urgent",
     )
 
     def __init__(self) -> None:
         # ``isn`` is the base of stream offsets: the ISN at first, moved forward at each
         # checkpoint (see ``reset_epoch``); ``syn_seq`` is the ISN the side's SYN named.
         self.isn: int | None = None
+        self.provisional = False  # ``isn`` is a guess taken mid-stream (see ``_base``)
         self.isn_from_syn = False
         self.syn_seq: int | None = None
+        # The acknowledgement number of that SYN-ACK (-1: none): the peer's ISN + 1, the same
+        # on both sides for one incarnation, so it tells incarnations apart (``_route``).
+        self.syn_ack = -1
         self.max_ack: int | None = None
         self.chunks: list[Stored] = []
         self.syn = False  # a SYN was seen in this epoch
@@ -95,6 +164,8 @@ class TcpSide:
         self.rst: int | None = None  # stream offset of the RST, in this epoch
         self.high: int | None = None  # end of the highest data sent, in this epoch
         self.ending: str | None = None  # "FIN" or "RST", whichever came first in this epoch
+        self.urgent: list[int] = []  # stream offsets urgent pointers named, in this epoch
+        self.signals: list[Signal] = []  # the secondary's: FIN/RST/URG awaiting the primary's
 
     def reset(self) -> None:
         self.chunks = []
@@ -103,6 +174,10 @@ class TcpSide:
         self.fin = None
         self.rst = None
         self.high = None
+        self.urgent = []
+        for signal in self.signals:
+            signal.live = False
+        self.signals = []
 
 
 # Stream offsets are signed 32-bit distances from the base (RFC 1982 arithmetic holds within
@@ -113,15 +188,35 @@ REBASE_AT: Final = 1 << 30
 
 
 class TcpConnection(FlowState):
-    __slots__ = ("primary", "rebase_asked", "rewritten", "secondary", "split_end", "verified")
+    __slots__ = (
+        "at_primary",
+        "at_secondary",
+        "earlier",
+        "kept",
+        "older",
+        "primary",
+        "rebase_asked",
+        "rewritten",
+        "secondary",
+        "span",
+        "split_end",
+        "stranded",
+        "verified",
+    )
 
     def __init__(
-        self, key: tuple[object, ...], label: Flow, now: float, rewritten: bool = False
+        self,
+        key: tuple[object, ...],
+        label: Flow,
+        now: float,
+        budget: KeptBudget,
+        rewritten: bool = False,
     ) -> None:
         super().__init__(key, label, now)
         self.primary = TcpSide()
         self.secondary = TcpSide()
         self.verified = RangeSet()
+        self.kept = KeptBytes(budget)
         self.rebase_asked = False
         # A split packet's segments are on their way back up to this stream offset (-1:
         # none): nothing held past it is released before them, or the client would see the
@@ -130,6 +225,19 @@ class TcpConnection(FlowState):
         # The secondary's segments are in the primary's sequence space, all but its SYN
         # (QEMU's filter-rewriter: CompareConfig.secondary_seq "rewritten").
         self.rewritten = rewritten
+        # Earlier connections on the same four-tuple, oldest first, while their last packets
+        # may still come (see "Incarnations" in the module doc); ``self`` is the newest. The
+        # incarnation each side is in (its last SYN's): an earlier one for a side that runs
+        # behind, None for a side in one no longer kept (its packets cannot be compared).
+        self.older: list[TcpConnection] = []
+        self.earlier = False  # this is one of another connection's ``older``
+        self.at_primary: TcpConnection | None = self
+        self.at_secondary: TcpConnection | None = self
+        # On an earlier incarnation: the sequence numbers each side used, [primary low,
+        # primary high, secondary low, secondary high] (absolute; -1 where unknown).
+        self.span: list[int] = [-1, -1, -1, -1]
+        # Held primary packets that no incarnation kept can match: a checkpoint releases them.
+        self.stranded: list[Held] = []
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
@@ -138,7 +246,10 @@ class TcpConnection(FlowState):
             not self.held
             and not self.primary.chunks
             and not self.secondary.chunks
+            and not self.secondary.signals
             and self.primary.isn == self.secondary.isn
+            and not self.stranded
+            and all(earlier.idle() for earlier in self.older)
         )
 
     def isn_offset(self) -> int | None:
@@ -146,6 +257,22 @@ class TcpConnection(FlowState):
         if self.primary.isn is None or self.secondary.isn is None:
             return None
         return (self.secondary.isn - self.primary.isn) & 0xFFFFFFFF
+
+    def take_held(self) -> list[Held]:
+        """Every held primary packet of every incarnation, taken away (for a checkpoint)."""
+        held = [*self.held, *self.stranded]
+        self.held.clear()
+        self.stranded = []
+        for earlier in self.older:
+            held.extend(earlier.held)
+            earlier.held.clear()
+        return held
+
+    def forget(self, book: Book) -> None:
+        """The connection leaves the flow table: give back what it keeps."""
+        self.kept.clear()
+        for earlier in self.older:
+            earlier.kept.clear()
 
     # -- epoch ---------------------------------------------------------------------------
 
@@ -170,64 +297,240 @@ class TcpConnection(FlowState):
         primary.reset()
         secondary.reset()
         self.verified.clear()
+        # Retransmissions of bytes sent before the checkpoint come from both guests alike
+        # (the secondary is a copy of the primary now): they are compared with each other.
+        self.kept.clear()
         if synced:
             if primary.isn is not None:
                 secondary.isn = primary.isn
+                secondary.provisional = primary.provisional
                 secondary.isn_from_syn = primary.isn_from_syn
                 secondary.syn_seq = primary.syn_seq
             secondary.max_ack = primary.max_ack
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False
+        for earlier in self.older:
+            earlier.reset_epoch(book, synced)
+        if synced:  # the secondary is where the primary is now, in the same incarnation
+            self.at_secondary = self.at_primary
 
     # -- input ---------------------------------------------------------------------------
 
-    def _learn_isn(self, side: TcpSide, other: TcpSide, number: int, flags: int, book: Book) -> int:
-        """The side's ISN, learned from this segment if it is not known yet."""
-        isn = side.isn
-        if flags & TCP_SYN and self.rewritten:
-            return self._learn_rewritten_isn(side, other, number, book)
-        if flags & TCP_SYN:
-            if isn is None or not side.isn_from_syn:
-                side.isn = isn = number
-                side.isn_from_syn = True
-                side.syn_seq = number
-            elif number != side.syn_seq:
-                # A new connection on the same four-tuple (the old one is gone): nothing of
-                # the old alignment may carry over, or bytes verified for the old connection
-                # would release the new one's unchecked (I1).
-                self._forget_alignment(book)
-                other.isn_from_syn = False  # its next SYN names its new ISN
-                side.isn = isn = number
-                side.syn_seq = number
-            return isn
-        if isn is None:
-            isn = other.isn
+    def _learn_isn(
+        self,
+        primary_side: bool,
+        number: int,
+        flags: int,
+        ack: int,
+        book: Book,
+        out: list[Event] | None = None,
+    ) -> int:
+        """The base of the side's offsets, learned from this segment if it is not known yet.
+        A SYN of another connection on the same four-tuple starts a new incarnation
+        (``_renew``). Returns the base for this segment's own position (for a SYN, its own
+        ISN: the secondary's SYN names the secondary's even when its other segments were
+        rewritten into the primary's space)."""
+        side = self.primary if primary_side else self.secondary
+        if not flags & TCP_SYN:
+            isn = side.isn
             if isn is None:
-                # First seen mid-stream: one shared base for both sides (see module doc).
-                other.isn = isn = seq.add(number, -1)
-            side.isn = isn
-        return isn
-
-    def _learn_rewritten_isn(self, side: TcpSide, other: TcpSide, number: int, book: Book) -> int:
-        """``_learn_isn`` for a SYN when the secondary's numbers were rewritten into the
-        primary's space except in its SYN: both sides count offsets from the primary's ISN.
-        Returns the base for this SYN's own position, which is its own ISN on either side
-        (the secondary's SYN names the secondary's ISN)."""
-        if side.isn_from_syn and number != side.syn_seq:
-            # A new connection on the same four-tuple, as in _learn_isn.
-            self._forget_alignment(book)
-            other.isn_from_syn = False
+                other = self.secondary if primary_side else self.primary
+                isn = other.isn
+                if isn is None:
+                    # First seen mid-stream: one shared base for both sides (see module doc).
+                    other.isn = isn = seq.add(number, -1)
+                    other.provisional = True
+                side.isn = isn
+                # a guess, but for a rewritten secondary taking the primary's SYN's ISN
+                side.provisional = (
+                    not (self.rewritten and not primary_side and other.isn_from_syn)
+                    or other.provisional
+                )
+            return isn
+        if not self.earlier and self._opens_another(primary_side, number, flags, ack):
+            # A new connection on the same four-tuple: nothing of the old alignment may carry
+            # over, or bytes verified for the old connection would release the new one's
+            # unchecked (I1). (``_route`` gives an earlier incarnation only its own SYNs.)
+            self._renew(primary_side, book)
+            side = self.primary if primary_side else self.secondary
+        side.syn_ack = ack if flags & TCP_ACK else -1
+        if side.isn_from_syn and side.isn is not None:
+            return number if self.rewritten else side.isn  # its SYN again
         side.isn_from_syn = True
         side.syn_seq = number
+        if not self.rewritten:
+            self._base(side, primary_side, number, book, out)
+            return number
+        # Rewritten: both sides count offsets from the primary's ISN.
         primary, secondary = self.primary, self.secondary
-        if side is primary:
-            primary.isn = secondary.isn = number
+        if primary_side:
+            self._base(primary, True, number, book, out)
+            self._base(secondary, False, number, book, out)
         elif primary.isn_from_syn and primary.isn is not None:
-            secondary.isn = primary.isn
+            self._base(secondary, False, primary.isn, book, out)
         # else: the primary's SYN is still to come, and with it the base; secondary data
         # before it (already in the primary's space) takes the shared mid-stream base.
         return number
+
+    def _base(
+        self, side: TcpSide, primary_side: bool, base: int, book: Book, out: list[Event] | None
+    ) -> None:
+        """Set a side's base of offsets from a SYN. If the side had placed data, a FIN or a RST
+        by a base guessed mid-stream (its SYN came late, reordered) and this one differs,
+        those were compared at offsets that are not theirs: nothing of that comparison may
+        release anything, so the connection diverges (the checkpoint releases it)."""
+        if (
+            out is not None
+            and side.provisional
+            and side.isn is not None
+            and side.isn != base
+            and (side.high is not None or side.ending is not None)
+            and not self.diverged
+        ):
+            evidence = Evidence(
+                offset=-1,
+                primary=b"",
+                secondary=b"",
+                primary_length=0,
+                secondary_length=0,
+                detail=f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
+                " segments placed by a base it contradicts",
+            )
+            self._diverge(Reason.FATE, evidence, book, out)
+        side.isn = base
+        side.provisional = False
+
+    def _opens_another(self, primary_side: bool, number: int, flags: int, ack: int) -> bool:
+        """Whether a SYN belongs to another connection than this incarnation's: the side's
+        SYN named another ISN, or (the side's first) it is a SYN-ACK answering another SYN of
+        the peer than the other side's SYN-ACK did."""
+        side, other = (
+            (self.primary, self.secondary) if primary_side else (self.secondary, self.primary)
+        )
+        if side.isn_from_syn:
+            return number != side.syn_seq
+        return bool(flags & TCP_ACK) and other.syn_ack >= 0 and ack != other.syn_ack
+
+    def _renew(self, primary_side: bool, book: Book) -> None:
+        """A new incarnation of the four-tuple, opened by one side's SYN: what was compared so
+        far moves into an earlier incarnation, which takes the old connection's late packets
+        (``_route``); this one starts afresh."""
+        if len(self.older) >= MAX_INCARNATIONS - 1:
+            # The oldest is forgotten: nothing can match its held packets any more; they time
+            # out and a checkpoint releases them. A side still in it is in none now.
+            oldest = self.older.pop(0)
+            self.stranded.extend(oldest.held)
+            oldest.held.clear()
+            oldest._forget_alignment(book)
+            if self.at_primary is oldest:
+                self.at_primary = None
+            if self.at_secondary is oldest:
+                self.at_secondary = None
+        moved = TcpConnection(self.key, self.label, self.last_active, self.kept.budget)
+        moved.earlier = True
+        moved.rewritten = self.rewritten
+        moved.primary, moved.secondary = self.primary, self.secondary
+        moved.verified, moved.kept, moved.held = self.verified, self.kept, self.held
+        moved.diverged, moved.timed_out = self.diverged, self.timed_out
+        moved.rebase_asked = self.rebase_asked
+        for held in moved.held:
+            held.flow = moved
+        for side in (moved.primary, moved.secondary):
+            for stored in side.chunks:
+                stored.flow = moved
+            for signal in side.signals:
+                signal.flow = moved
+        span = moved.span
+        for index, side in enumerate((moved.primary, moved.secondary)):
+            # Only a side whose offsets count from its SYN's ISN (moved up by checkpoints) has
+            # a span to tell: a base taken mid-stream may lie anywhere.
+            if side.isn is not None and side.syn_seq is not None and side.isn_from_syn:
+                top = max(side.high or 0, (side.fin or 0) + 1, side.rst or 0)
+                high = seq.add(side.isn, top + 1)
+                if 0 <= seq.diff(high, side.syn_seq) <= REBASE_AT:
+                    span[2 * index] = side.syn_seq
+                    span[2 * index + 1] = high
+        self.older.append(moved)
+        if self.at_primary is self:
+            self.at_primary = moved
+        if self.at_secondary is self:
+            self.at_secondary = moved
+        if primary_side:
+            self.at_primary = self
+        else:
+            self.at_secondary = self
+        self.primary = TcpSide()
+        self.secondary = TcpSide()
+        self.verified = RangeSet()
+        self.kept = KeptBytes(moved.kept.budget)
+        self.held = deque()
+        self.diverged = False
+        self.timed_out = False
+        self.rebase_asked = False
+
+    def _route(
+        self, primary_side: bool, number: int, flags: int, ack: int, length: int
+    ) -> TcpConnection | None:
+        """The incarnation a segment belongs to (``older`` is not empty): ``self``, an earlier
+        one, or None for one no longer kept. Each side goes through the incarnations in order;
+        a SYN names its incarnation (by its own ISN if seen before, else by the peer's ISN
+        that a SYN-ACK acknowledges), and any other segment belongs to its side's current
+        incarnation, unless its sequence number lies where the side's segments of an earlier
+        incarnation lay (a late retransmission, an ACK from TIME-WAIT)."""
+        chain = [*self.older, self]
+        at = self.at_primary if primary_side else self.at_secondary
+        if flags & TCP_SYN:
+            target: TcpConnection | None = None
+            for incarnation in chain:
+                mine = incarnation.primary if primary_side else incarnation.secondary
+                if mine.syn_seq is not None and mine.syn_seq == number:
+                    target = incarnation
+                    break
+            if target is None and flags & TCP_ACK:
+                for incarnation in chain:
+                    mine = incarnation.primary if primary_side else incarnation.secondary
+                    other = incarnation.secondary if primary_side else incarnation.primary
+                    if mine.syn_seq is None and other.syn_ack == ack:
+                        target = incarnation
+                        break
+            if target is None:
+                # The next incarnation this side has not opened, whose peer ISN (if known)
+                # this SYN does not contradict; past the newest, a new incarnation (``self``
+                # renews when it learns the ISN).
+                start = chain.index(at) + 1 if at is not None else len(chain)
+                for incarnation in chain[start:]:
+                    mine = incarnation.primary if primary_side else incarnation.secondary
+                    other = incarnation.secondary if primary_side else incarnation.primary
+                    if mine.syn_seq is None and not (flags & TCP_ACK and other.syn_ack >= 0):
+                        target = incarnation
+                        break
+                if target is None and at is self:
+                    target = self
+            if primary_side:
+                self.at_primary = target
+            else:
+                self.at_secondary = target
+            return target
+        if at is None:
+            return None
+        index = 0 if primary_side else 2
+        for incarnation in chain:
+            if incarnation is at:
+                break
+            span = incarnation.span
+            low, high = span[index], span[index + 1]
+            if low >= 0 and seq.leq(low, number) and seq.leq(number, high):
+                return incarnation
+        if at is not self:
+            # the side runs behind: what it sends widens its span in that incarnation
+            span = at.span
+            end = seq.add(number, length + (1 if flags & TCP_FIN else 0))
+            if span[index] < 0 or seq.lt(number, span[index]):
+                span[index] = number
+            if span[index + 1] < 0 or seq.gt(end, span[index + 1]):
+                span[index + 1] = end
+        return at
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True
@@ -249,18 +552,21 @@ class TcpConnection(FlowState):
                 book.stored_bytes -= stored.end - stored.start
             side.reset()
         self.verified.clear()
+        self.kept.clear()
 
-    def learn(self, primary_side: bool, number: int, flags: int, book: Book) -> None:
+    def learn(self, primary_side: bool, number: int, flags: int, ack: int, book: Book) -> None:
         """Learn an ISN from a SYN that is not compared (it came during a checkpoint)."""
         if flags & TCP_SYN:
-            mine, other = (
-                (self.primary, self.secondary) if primary_side else (self.secondary, self.primary)
-            )
-            self._learn_isn(mine, other, number, flags, book)
+            target = self._route(primary_side, number, flags, ack, 0) if self.older else self
+            if target is self:
+                self._learn_isn(primary_side, number, flags, ack, book)
+            elif target is not None:
+                target.learn(primary_side, number, flags, ack, book)
 
     # Both feeds take the header fields the comparator read (``number`` is the sequence
-    # number) and the payload bytes, not a parsed Packet: the comparator's TCP lane reads
-    # those fields with one unpack and never builds a Packet.
+    # number, ``urgent`` the urgent pointer, read only with URG) and the payload bytes, not
+    # a parsed Packet: the comparator's TCP lane reads those fields with one unpack and never
+    # builds a Packet (it leaves SYN and URG segments to the general path).
 
     def feed_primary(
         self,
@@ -272,11 +578,23 @@ class TcpConnection(FlowState):
         now: float,
         book: Book,
         out: list[Event],
+        urgent: int = 0,
     ) -> None:
+        if self.older:
+            target = self._route(True, number, flags, ack, len(payload))
+            if target is not self:
+                if target is None:  # no incarnation kept can match it
+                    held.need |= NEED_CHECKPOINT
+                    self.stranded.append(held)
+                    return
+                held.flow = target
+                target.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
+                return
         primary = self.primary
         isn = primary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(primary, self.secondary, number, flags, book)
+            isn = self._learn_isn(True, number, flags, ack, book, out)
+            primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
             held.ack = ack
@@ -295,6 +613,8 @@ class TcpConnection(FlowState):
             primary.rst = start
             primary.ending = primary.ending or "RST"
             length = 0  # data on a RST is diagnostic text (RFC 9293 3.5.3), not stream data
+            if self.secondary.signals:
+                self._answer(RST, start)
         end = start + length
         held.start = start
         held.end = end
@@ -306,6 +626,15 @@ class TcpConnection(FlowState):
             held.need |= NEED_FIN
             primary.fin = end
             primary.ending = primary.ending or "FIN"
+            if self.secondary.signals:
+                self._answer(FIN, end)
+        if flags & TCP_URG and urgent != URGENT_BEYOND:
+            mark = start + urgent
+            held.need |= NEED_URG
+            held.urgent = mark
+            _note_urgent(primary, mark)
+            if self.secondary.signals:
+                self._answer(URG, mark)
         split_end = self.split_end
         if split_end >= 0 and start < split_end <= end:
             self.split_end = -1  # the last segment of the split packet is back
@@ -335,6 +664,11 @@ class TcpConnection(FlowState):
             or primary.syn is not secondary.syn
         ) and not self.diverged:
             self._check_fate(book, out)
+        state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
+        if state.diverged:
+            # Diverged by this very packet (its bytes may lie in a verified range, say a
+            # resend with other bytes): only the checkpoint just asked for may release it.
+            held.need |= NEED_CHECKPOINT
         self.release_ready(book, out)
 
     def feed_secondary(
@@ -346,11 +680,19 @@ class TcpConnection(FlowState):
         now: float,
         book: Book,
         out: list[Event],
+        urgent: int = 0,
     ) -> None:
+        if self.older:
+            target = self._route(False, number, flags, ack, len(payload))
+            if target is not self:
+                if target is not None:  # else: never released, so nothing lost uncompared
+                    target.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
+                return
         secondary = self.secondary
         isn = secondary.isn
         if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(secondary, self.primary, number, flags, book)
+            isn = self._learn_isn(False, number, flags, ack, book, out)
+            secondary = self.secondary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             max_ack = secondary.max_ack
             if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
@@ -362,19 +704,29 @@ class TcpConnection(FlowState):
             start += 1
             secondary.syn = True
         length = len(payload)
+        primary = self.primary
         if flags & TCP_RST:
             secondary.rst = start
             secondary.ending = secondary.ending or "RST"
             length = 0
+            if primary.rst is None:
+                self._signal(RST, start, now, book)
         end = start + length
         if flags & TCP_FIN:
             secondary.fin = end
             secondary.ending = secondary.ending or "FIN"
+            if primary.fin != end:
+                self._signal(FIN, end, now, book)
+        if flags & TCP_URG and urgent != URGENT_BEYOND:
+            mark = start + urgent
+            if mark not in secondary.urgent:
+                _note_urgent(secondary, mark)
+                if mark not in primary.urgent:
+                    self._signal(URG, mark, now, book)
         if length:
             if secondary.high is None or end > secondary.high:
                 secondary.high = end
             self._absorb(False, start, payload, now, book, out)
-        primary = self.primary
         if (
             primary.ending is not None
             or secondary.ending is not None
@@ -383,6 +735,28 @@ class TcpConnection(FlowState):
             self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
+
+    def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
+        """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
+        like its bytes, it waits for the primary's for secondary_timeout."""
+        if book.secondary_timeout is None:
+            return
+        signals = self.secondary.signals
+        for signal in signals:
+            if signal.kind == kind and signal.start == offset:
+                return
+        signal = Signal(kind, offset, now, self)
+        signals.append(signal)
+        book.store_secondary(signal)
+
+    def _answer(self, kind: str, offset: int) -> None:
+        """The primary sent a FIN, RST or urgent pointer: the secondary's waits no more."""
+        signals = self.secondary.signals
+        for index, signal in enumerate(signals):
+            if signal.kind == kind and (kind == RST or signal.start == offset):
+                signal.live = False
+                del signals[index]
+                return
 
     # -- comparison ----------------------------------------------------------------------
 
@@ -407,20 +781,86 @@ class TcpConnection(FlowState):
                 first.live = False
                 del chunks[0]
                 verified.add(start, end)
+                self.kept.add(start, data)
                 book.bytes_compared += end - start
                 book.stored_bytes -= end - start
                 return
             self._match(primary_side, start, data, now, book, out)
             return
-        for low, high in verified.subtract(start, end):
-            for new_low, new_high in _uncovered(mine.chunks, low, high):
-                piece = (
-                    data
-                    if (new_low == start and new_high == end)
-                    else data[new_low - start : new_high - start]
-                )
-                if not self._match(primary_side, new_low, piece, now, book, out):
+        # Bytes at offsets already seen: a retransmission, an overlap, or out of order. Bytes
+        # in the verified ranges are compared with the kept copy, bytes this side sent before
+        # with what it sent, the rest with the other side's.
+        for low, high, done in verified.pieces(start, end):
+            piece = data if (low == start and high == end) else data[low - start : high - start]
+            if done:
+                if not self._recompare(primary_side, low, piece, book, out):
                     return
+                continue
+            for new_low, new_high, chunk in _own(mine.chunks, low, high):
+                part = (
+                    piece
+                    if (new_low == low and new_high == high)
+                    else piece[new_low - low : new_high - low]
+                )
+                if chunk is not None:
+                    first_sent = chunk.data[new_low - chunk.start : new_high - chunk.start]
+                    if part != first_sent:
+                        self._resent_differently(primary_side, new_low, part, first_sent, book, out)
+                        return
+                elif not self._match(primary_side, new_low, part, now, book, out):
+                    return
+
+    def _recompare(
+        self, primary_side: bool, start: int, piece: bytes, book: Book, out: list[Event]
+    ) -> bool:
+        """A resend of verified bytes: compare it with the kept copy (both sides sent those)."""
+        name = "primary" if primary_side else "secondary"
+        for low, high, kept in self.kept.lookup(start, start + len(piece)):
+            ours = piece[low - start : high - start]
+            if kept is None:
+                if not primary_side:
+                    continue  # never released: not comparing it risks no output (module doc)
+                evidence = Evidence(
+                    offset=low,
+                    primary=ours[:EVIDENCE_BYTES],
+                    secondary=b"",
+                    primary_length=len(piece),
+                    secondary_length=0,
+                    detail=f"the primary resent compared bytes [{low}, {high}) no longer kept"
+                    " (compare.retransmit_window, compare.max_retransmit_bytes)",
+                )
+                self._diverge(Reason.RETRANSMISSION_UNKEPT, evidence, book, out)
+                return False
+            if ours != kept:
+                detail = f"the {name} resent compared bytes with other bytes"
+                if primary_side:
+                    evidence = difference(ours, kept, low, len(piece), len(kept), detail)
+                else:
+                    evidence = difference(kept, ours, low, len(kept), len(piece), detail)
+                self._diverge(Reason.RETRANSMISSION, evidence, book, out)
+                return False
+        return True
+
+    def _resent_differently(
+        self,
+        primary_side: bool,
+        start: int,
+        resent: bytes,
+        first_sent: bytes,
+        book: Book,
+        out: list[Event],
+    ) -> None:
+        """A side resent bytes still waiting for the other side with other bytes: at most one
+        of its versions can match, and the client may get either."""
+        name = "primary" if primary_side else "secondary"
+        # Evidence shows the side's two versions, the first sent in the other side's place.
+        other = "secondary" if primary_side else "primary"
+        detail = f"the {name} resent bytes with other bytes; {other} shows its first send"
+        if primary_side:
+            evidence = difference(resent, first_sent, start, len(resent), len(first_sent), detail)
+        else:
+            evidence = difference(first_sent, resent, start, len(first_sent), len(resent), detail)
+        self._diverge(Reason.RETRANSMISSION, evidence, book, out)
 
     def _match(
         self, primary_side: bool, start: int, piece: bytes, now: float, book: Book, out: list[Event]
@@ -455,6 +895,7 @@ class TcpConnection(FlowState):
                     self._diverge(Reason.PAYLOAD, evidence, book, out)
                     return False
                 self.verified.add(pos, stop)
+                self.kept.add(pos, ours)
                 book.bytes_compared += stop - pos
                 book.stored_bytes -= stop - pos
                 # remove [pos, stop) from the other side's chunk
@@ -512,6 +953,10 @@ class TcpConnection(FlowState):
                 stored.live = False
                 book.stored_bytes -= stored.end - stored.start
             side.chunks = []
+            for signal in side.signals:
+                signal.live = False
+            side.signals = []
+        self.kept.clear()  # nothing is compared until the checkpoint, which forgets them
         book.request(out, reason, PROTOCOL, self.label, evidence)
 
     def _check_fate(self, book: Book, out: list[Event]) -> None:
@@ -575,12 +1020,16 @@ class TcpConnection(FlowState):
                             segment.gated = True
                             book.gated_fifo.append((book.now, segment))
                         return
-                if need != NEED_ACK:  # a SYN, FIN or RST waits for the secondary's too
+                if need != NEED_ACK:  # a SYN, FIN, RST or URG waits for the secondary's too
                     if need & NEED_SYN and not secondary.syn:
                         return
                     if need & NEED_FIN and secondary.fin != segment.end:
                         return
                     if need & NEED_RST and secondary.rst is None:
+                        return
+                    if need & NEED_URG and segment.urgent not in secondary.urgent:
+                        return
+                    if need & NEED_CHECKPOINT:
                         return
             if segment.end > segment.start and not verified.contains(segment.start, segment.end):
                 return
@@ -628,20 +1077,32 @@ def _first_ending_after(chunks: list[Stored], pos: int) -> int:
     return low
 
 
-def _uncovered(chunks: list[Stored], start: int, end: int) -> list[tuple[int, int]]:
-    """Parts of [start, end) not already stored by the same side (retransmissions)."""
+def _own(chunks: list[Stored], start: int, end: int) -> list[tuple[int, int, Stored | None]]:
+    """[start, end) cut into (low, high, the same side's chunk holding [low, high) or None)."""
     if not chunks or start >= chunks[-1].end or end <= chunks[0].start:
-        return [(start, end)]
-    out: list[tuple[int, int]] = []
+        return [(start, end, None)]
+    out: list[tuple[int, int, Stored | None]] = []
     pos = start
     for chunk in chunks[_first_ending_after(chunks, start) :]:
         if chunk.start >= end:
             break
         if chunk.start > pos:
-            out.append((pos, chunk.start))
-        pos = max(pos, chunk.end)
+            out.append((pos, chunk.start, None))
+            pos = chunk.start
+        stop = min(end, chunk.end)
+        out.append((pos, stop, chunk))
+        pos = stop
         if pos >= end:
             break
     if pos < end:
-        out.append((pos, end))
+        out.append((pos, end, None))
     return out
+
+
+def _note_urgent(side: TcpSide, mark: int) -> None:
+    """Remember an urgent pointer's stream offset (the last URGENT_MARKS of them)."""
+    urgent = side.urgent
+    if mark not in urgent:
+        urgent.append(mark)
+        if len(urgent) > URGENT_MARKS:
+            del urgent[0]
