@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from coloproxy import __version__
-from coloproxy.config import ConfigError, describe, load_config
+from coloproxy.config import ConfigError, check_files, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.control.client import Command
 from coloproxy.errors import InputError
@@ -134,10 +134,17 @@ def _check_config(args: argparse.Namespace) -> int:
     status = EXIT_EQUIVALENT
     for path in args.files:
         try:
-            print(describe(load_config(path)))
+            config = load_config(path)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             status = EXIT_TROUBLE
+            continue
+        problems = check_files(config)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            status = EXIT_TROUBLE
+        else:
+            print(describe(config))
     return status
 
 
@@ -147,7 +154,8 @@ def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="check configuration files",
         description=(
             "Read each file as the proxy would and print 'FILE: ok (pair NAME, role ROLE)',"
-            " or every problem as FILE:LINE: key 'KEY': what is wrong. Exit 2 on a problem."
+            " or every problem as FILE:LINE: key 'KEY': what is wrong; the key files it names"
+            " must exist and be private (mode 0600). Exit 2 on a problem."
         ),
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="a configuration file")

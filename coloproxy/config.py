@@ -50,6 +50,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
+from coloproxy.engine.logic import MIN_HEARTBEAT_KEY_BYTES
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ClientRole, ProxyRole
 
@@ -168,6 +169,7 @@ class EngineConfig:
     checkpoint_timeout_ms: int = 10000
     bring_up: bool = True
     lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
+    heartbeat_key: str | None = None  # the heartbeats' HMAC key file (required with qmp)
     failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
@@ -529,6 +531,7 @@ ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "checkpoint_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 10000),
     "bring_up": _Key(_boolean, True),
     "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
+    "heartbeat_key": _Key(_optional(_absolute_path), None),
     "failover_object_del": _Key(None, None, allowed="a list of QEMU object ids"),
 }
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
@@ -1185,6 +1188,13 @@ class _Builder:
                 "engine.migrate_uri",
                 "only a primary migrates (role is secondary)",
             )
+        if values.get("qmp") is not None and values.get("heartbeat_key") is None:
+            self.reader.problem(
+                engine.line_of("qmp"),
+                "engine.heartbeat_key",
+                "missing; an engine (engine.qmp) needs the file of the key that"
+                " authenticates its heartbeats (docs/engine.md)",
+            )
         interval, timeout = values.get("heartbeat_interval_ms"), values.get("failover_timeout_ms")
         if isinstance(interval, int) and isinstance(timeout, int) and timeout <= interval:
             self.reader.problem(
@@ -1256,6 +1266,60 @@ class _Builder:
             # Our rules mirror the comparator's; if it still refuses, blame the section.
             self.reader.problem(compare.line, "compare", str(exc))
             return None
+
+
+# A key file holds a secret, not a document: bound what is read.
+MAX_KEY_BYTES: Final = 4096
+
+
+def read_key_file(path: str, key: str) -> bytes:
+    """The secret in ``path`` (config key ``key``): its bytes, a final newline stripped.
+    Refused (:class:`ConfigError`, one line saying why) unless it is a regular file that no
+    group or other user may read or write (mode 0600 or 0400), and of at least
+    ``MIN_HEARTBEAT_KEY_BYTES`` bytes."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError([f"{path} ({key}): {why}"])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise bad("not a regular file")
+        if info.st_mode & 0o077:
+            raise bad(
+                f"mode {stat.S_IMODE(info.st_mode):04o} lets other users read or change the"
+                f" key; chmod 600 {path}"
+            )
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_BYTES:
+        raise bad(f"more than {MAX_KEY_BYTES} bytes; a key file holds one secret")
+    secret = data[:-1] if data.endswith(b"\n") else data
+    if len(secret) < MIN_HEARTBEAT_KEY_BYTES:
+        raise bad(
+            f"{len(secret)} bytes; at least {MIN_HEARTBEAT_KEY_BYTES} (e.g. head -c 32"
+            f" /dev/urandom | base64 > {path})"
+        )
+    return secret
+
+
+def check_files(config: Config) -> list[str]:
+    """What ``check-config`` checks beyond the text: the files the config names that the
+    daemon reads at start (key files: present, private, long enough)."""
+    problems: list[str] = []
+    if config.engine.heartbeat_key is not None:
+        try:
+            read_key_file(config.engine.heartbeat_key, "engine.heartbeat_key")
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
 
 
 def describe(config: Config) -> str:

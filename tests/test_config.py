@@ -616,10 +616,12 @@ def test_engine_defaults_and_every_key() -> None:
         checkpoint_timeout_ms=10000,
         bring_up=True,
         lan_heartbeat=None,
+        heartbeat_key=None,
     )
     engine = parse_config(
         BASE + "engine:\n"
         "  qmp: /run/qmp.sock\n"
+        "  heartbeat_key: /etc/hb.key\n"
         "  migrate_uri: tcp:10.255.77.2:8888\n"
         "  period_ms: 2000\n"
         "  min_gap_ms: 0\n"
@@ -642,6 +644,7 @@ def test_engine_defaults_and_every_key() -> None:
         5000,
         False,
         ReplicationConfig(ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")),
+        "/etc/hb.key",
     )
 
 
@@ -680,6 +683,15 @@ def test_engine_defaults_and_every_key() -> None:
             "t.yaml:10: key 'engine.lan_heartbeat.remote': missing; expected an IPv4 or IPv6"
             " address (the peer host on the link)",
         ),
+        (
+            BASE + "engine: {qmp: /run/qmp.sock}\n",
+            "t.yaml:9: key 'engine.heartbeat_key': missing; an engine (engine.qmp) needs the"
+            " file of the key that authenticates its heartbeats (docs/engine.md)",
+        ),
+        (
+            BASE + "engine: {heartbeat_key: hb.key}\n",
+            "t.yaml:9: key 'engine.heartbeat_key': expected an absolute path, got 'hb.key'",
+        ),
     ],
 )
 def test_engine_problems(text: str, expected: str) -> None:
@@ -689,19 +701,61 @@ def test_engine_problems(text: str, expected: str) -> None:
 # -- coloproxy check-config ------------------------------------------------------------------
 
 
-def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    path = ROOT / "configs" / "pair-secondary.yaml"
+def _with_key(tmp_path: Path, name: str, mode: int = 0o600, secret: bytes = b"s" * 32) -> Path:
+    """The example config ``name`` with its heartbeat key file in ``tmp_path``."""
+    key = tmp_path / "hb.key"
+    key.write_bytes(secret)
+    key.chmod(mode)
+    text = (ROOT / "configs" / name).read_text()
+    path = tmp_path / name
+    path.write_text(text.replace("/etc/coloproxy/web1-heartbeat.key", str(key)))
+    return path
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _with_key(tmp_path, "pair-secondary.yaml")
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: ok (pair web1, role secondary)\n"
+
+
+@pytest.mark.parametrize(
+    ("mode", "secret", "why"),
+    [
+        (0o640, b"s" * 32, "mode 0640 lets other users read or change the key; chmod 600"),
+        (0o604, b"s" * 32, "mode 0604 lets other users read or change the key; chmod 600"),
+        (0o600, b"short\n", "5 bytes; at least 16"),
+        (0o600, b"s" * 5000, "more than 4096 bytes"),
+    ],
+)
+def test_check_config_checks_the_heartbeat_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, secret: bytes, why: str
+) -> None:
+    path = _with_key(tmp_path, "pair-primary.yaml", mode, secret)
+    assert main(["check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"{tmp_path / 'hb.key'} (engine.heartbeat_key): {why}")
+    assert captured.err.count("\n") == 1
+
+
+def test_check_config_needs_the_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _with_key(tmp_path, "pair-primary.yaml")
+    (tmp_path / "hb.key").unlink()
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"{tmp_path / 'hb.key'} (engine.heartbeat_key): cannot read: No such file or directory\n"
+    )
 
 
 def test_check_config_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BASE + "compare:\n  compare_timeout: -1\nlog: {level: loud}\n")
-    good = ROOT / "configs" / "lab.yaml"
+    good = _with_key(tmp_path, "pair-primary.yaml")
     assert main(["check-config", str(good), str(bad)]) == 2
     captured = capsys.readouterr()
-    assert captured.out == f"{good}: ok (pair lab, role primary)\n"
+    assert captured.out == f"{good}: ok (pair web1, role primary)\n"
     assert captured.err == (
         f"{bad}:10: key 'compare.compare_timeout': expected a positive number of seconds,"
         " got -1\n"

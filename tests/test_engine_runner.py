@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -188,7 +189,9 @@ engine:
   heartbeat_interval_ms: 20
   failover_timeout_ms: 1000
   failover_object_del: [f2, f1]
+  heartbeat_key: {key}
 """
+KEY = b"engine-test-heartbeat-key-0123456789"
 
 
 @dataclass
@@ -216,8 +219,11 @@ async def world(tmp: Path) -> AsyncIterator[World]:
     proxy.outstanding = CheckpointRequest(id=1, reason="restart", protocol="any", time=time.time())
     proxy.next_id = 2
     await server.start()
+    key = tmp / "hb.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
     config = parse_config(
-        SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port)
+        SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port, key=key)
     )
     daemon = Daemon(config, setup_net=False)
     daemon_task = asyncio.create_task(daemon.run())
@@ -232,6 +238,7 @@ async def world(tmp: Path) -> AsyncIterator[World]:
                     "replication", ip_address("127.0.0.1"), ip_address("127.0.0.2"), port
                 ),
             ),
+            heartbeat_key=KEY,
             migrate_uri="tcp:127.0.0.2:1",
             period_ms=60000,
             min_gap_ms=0,
@@ -395,3 +402,50 @@ async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -
         finally:
             task.cancel()
             await asyncio.wait([task])
+
+
+def _spoof(source: tuple[str, int], destination: tuple[str, int], data: bytes) -> None:
+    """One datagram from ``source`` (the peer's own address and port, as a host on the link
+    could forge it) to ``destination``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(source)
+        sock.sendto(data, destination)
+    finally:
+        sock.close()
+
+
+@pytest.mark.asyncio
+async def test_forged_and_replayed_heartbeats_are_counted_and_ignored(tmp_path: Path) -> None:
+    """A datagram from the primary's address saying its QEMU exited (issue 10: it made host S
+    take over while host P lived), and a real heartbeat of the primary's sent again: both
+    counted by reason, neither heard."""
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        engine = w.daemon.engine
+        assert engine is not None
+        path = w.primary.settings.heartbeat_paths[0]
+        source, destination = (str(path.local), path.port), (str(path.remote), path.port)
+        captured: list[bytes] = []
+        transport: Any = w.primary.peer._endpoints[0].transport
+        sendto = transport.sendto
+
+        def record(data: bytes, *args: Any) -> None:
+            captured.append(bytes(data))
+            sendto(data, *args)
+
+        transport.sendto = record
+        await engine.wait_until(lambda: len(captured) >= 2, 5)
+        forged = {
+            "v": 1, "pair": "engine-test", "role": "primary", "boot": 1, "seq": 1 << 40,
+            "qemu": "exited", "colo": "primary",
+        }  # fmt: skip
+        _spoof(source, destination, json.dumps(forged).encode())
+        _spoof(source, destination, captured[0])  # heard already: a replay
+        counters = engine.peer.counters
+        await engine.wait_until(lambda: counters["bad-forged"] >= 1, 5)
+        await engine.wait_until(lambda: counters["bad-replayed"] >= 1, 5)
+        await asyncio.sleep(0.3)  # a takeover would have begun by now
+        assert engine.figures.failovers["primary-lost"] == 0
+        assert engine.decider is not None and engine.decider.state is Watch.WATCHING

@@ -57,10 +57,16 @@ primary's checkpoint, the primary fails over alone and tells the secondary over 
 which stands down); a third-party witness would be needed against a cut LAN as well.
 When both sides serve and hear each other again, :class:`SplitBrain` is reported.
 docs/engine.md has the whole argument.
+
+Heartbeats are sealed (:func:`seal_heartbeat`: HMAC-SHA256 with a key both daemons read from
+a file) and each path keeps a :class:`ReplayWindow` over ``boot`` and ``seq``: a forged or
+replayed datagram is counted and never reaches the decider.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 from collections.abc import Mapping
@@ -80,8 +86,13 @@ DEFAULT_TRIGGER_RETRIES: Final = 3
 # Measured pauses are 2-30 ms with a 256 MiB guest (DESIGN.md section 6); a checkpoint that
 # has not ended after 10 s is stuck (the secondary is gone), not slow.
 DEFAULT_CHECKPOINT_TIMEOUT: Final = 10.0
-HEARTBEAT_VERSION: Final = 1
+HEARTBEAT_VERSION: Final = 2  # 2: sealed with an HMAC (seal_heartbeat)
 MAX_HEARTBEAT_BYTES: Final = 1024
+# A sealed heartbeat: this magic, HMAC-SHA256 over magic and body, the JSON body.
+HEARTBEAT_MAGIC: Final = b"CPH2"
+HEARTBEAT_TAG_BYTES: Final = 32
+# A shorter shared secret is guessable offline from one captured datagram.
+MIN_HEARTBEAT_KEY_BYTES: Final = 16
 
 
 def backstop_ms(period_ms: int) -> int:
@@ -530,7 +541,7 @@ class Heartbeat:
 
     pair: str
     role: Role
-    boot: int  # random per daemon start: a restart shows as a new value
+    boot: int  # the sender's start time (microseconds): a restart shows as a larger value
     sequence: int
     qemu: QemuState
     colo: ColoMode  # the sender's last query-colo-status mode
@@ -564,11 +575,62 @@ class Heartbeat:
 class BadHeartbeat:
     """A datagram that is not a heartbeat; ``reason`` is a metric label."""
 
-    reason: str  # not-json, not-object, version, field
+    reason: str  # oversized, forged, replayed, not-json, not-object, version, field
+
+
+def _tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def seal_heartbeat(heartbeat: Heartbeat, key: bytes) -> bytes:
+    """The datagram: magic, HMAC-SHA256 (``key``) over magic and JSON body, the body."""
+    if len(key) < MIN_HEARTBEAT_KEY_BYTES:
+        raise UsageError(f"a heartbeat key has at least {MIN_HEARTBEAT_KEY_BYTES} bytes")
+    body = heartbeat.encode()
+    return HEARTBEAT_MAGIC + _tag(key, HEARTBEAT_MAGIC + body) + body
+
+
+def open_heartbeat(data: bytes, key: bytes) -> Heartbeat | BadHeartbeat:
+    """A sealed datagram's heartbeat, or why not (``forged``: no magic or a wrong tag, the
+    body is not even read). Never raises."""
+    if len(data) > MAX_HEARTBEAT_BYTES:
+        return BadHeartbeat("oversized")
+    head = len(HEARTBEAT_MAGIC) + HEARTBEAT_TAG_BYTES
+    if len(data) < head or not data.startswith(HEARTBEAT_MAGIC):
+        return BadHeartbeat("forged")
+    body = data[head:]
+    if not hmac.compare_digest(
+        data[len(HEARTBEAT_MAGIC) : head], _tag(key, HEARTBEAT_MAGIC + body)
+    ):
+        return BadHeartbeat("forged")
+    return decode_heartbeat(body)
+
+
+class ReplayWindow:
+    """Which authentic heartbeats are new, per path: a later ``boot`` (the sender restarted:
+    boots grow, they are its start time) or, within the same boot, a higher ``seq``. Anything
+    else was heard before (or is older than what was) and is a replay: a recorded datagram
+    sent again keeps its tag, so the tag alone proves only who wrote it, not when.
+
+    A receiver that starts afresh knows no boot yet and takes the first authentic one; a
+    replay of an older boot is then refused as soon as the real sender is heard. The same
+    heartbeat arrives once on each path, so each path has its own window."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+
+    def fresh(self, path: str, boot: int, sequence: int) -> bool:
+        """True (and remembered) when new; False for a replay."""
+        last = self._last.get(path)
+        if last is not None and (boot, sequence) <= last:
+            return False
+        self._last[path] = (boot, sequence)
+        return True
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
-    """Never raises: bad input is data."""
+    """The JSON body of a heartbeat (``open_heartbeat`` checked its tag). Never raises: bad
+    input is data."""
     if len(data) > MAX_HEARTBEAT_BYTES:
         return BadHeartbeat("oversized")
     try:
@@ -941,6 +1003,7 @@ __all__ = [
     "Phase",
     "PrimaryLost",
     "QemuState",
+    "ReplayWindow",
     "Request",
     "RequestsAbandoned",
     "Role",
@@ -955,4 +1018,6 @@ __all__ = [
     "Watch",
     "backstop_ms",
     "decode_heartbeat",
+    "open_heartbeat",
+    "seal_heartbeat",
 ]

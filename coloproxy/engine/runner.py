@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from coloproxy import __version__
-from coloproxy.config import Config
+from coloproxy.config import Config, ConfigError, read_key_file
 from coloproxy.control.client import ControlClient, ControlConnectionError
 from coloproxy.control.server import ControlError
 from coloproxy.engine.logic import (
@@ -118,6 +117,7 @@ class EngineSettings:
     qmp: str
     control_socket: Path
     heartbeat_paths: tuple[HeartbeatPath, ...]
+    heartbeat_key: bytes  # HMAC-SHA256 key of the heartbeats (engine.heartbeat_key's file)
     migrate_uri: str | None = None
     bring_up: bool = True
     period_ms: int = 20000
@@ -135,6 +135,9 @@ class EngineSettings:
         engine = config.engine
         if engine.qmp is None:
             return None
+        if engine.heartbeat_key is None:  # the config reader requires it with qmp
+            raise ConfigError([f"{config.path}: engine.heartbeat_key is not set"])
+        key = read_key_file(engine.heartbeat_key, "engine.heartbeat_key")
         paths = [
             HeartbeatPath(
                 "replication",
@@ -158,6 +161,7 @@ class EngineSettings:
             qmp=engine.qmp,
             control_socket=config.control.socket,
             heartbeat_paths=tuple(paths),
+            heartbeat_key=key,
             migrate_uri=engine.migrate_uri,
             bring_up=engine.bring_up,
             period_ms=engine.period_ms,
@@ -229,7 +233,9 @@ class EngineRunner:
         self.monitor = QemuMonitor(
             settings.qmp, f"{settings.role.value}-qemu", self._on_event, self._on_gone
         )
-        self.peer = HeartbeatPeer(list(settings.heartbeat_paths), self._on_heartbeat)
+        self.peer = HeartbeatPeer(
+            list(settings.heartbeat_paths), self._on_heartbeat, settings.heartbeat_key
+        )
         self.scheduler: CheckpointScheduler | None = None
         self.decider: FailoverDecider | None = None
         self.failover_task: asyncio.Task[None] | None = None
@@ -269,7 +275,7 @@ class EngineRunner:
             DeciderConfig(
                 pair=settings.pair,
                 role=settings.role,
-                boot=random.getrandbits(48),
+                boot=time.time_ns() // 1000,  # grows across restarts: ReplayWindow
                 interval=settings.heartbeat_interval_ms / 1000,
                 timeout=settings.failover_timeout_ms / 1000,
             ),

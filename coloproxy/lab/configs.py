@@ -76,6 +76,11 @@ class LabPaths:
     def state(self) -> Path:
         return self.run_dir / "state.json"
 
+    @property
+    def heartbeat_key(self) -> Path:
+        """The heartbeats' HMAC key, shared by the two daemons (written by ``lab up``)."""
+        return self.run_dir / "heartbeat.key"
+
 
 def migrate_uri() -> str:
     return f"tcp:{REPLICATION_IPV4['hs']}:{MIGRATION_PORT}"
@@ -139,6 +144,7 @@ engine:
   min_gap_ms: {min_gap_ms}
   heartbeat_port: {heartbeat_port} # UDP, on the replication addresses
   heartbeat_interval_ms: {heartbeat_interval_ms}
+  heartbeat_key: {heartbeat_key} # HMAC key, mode 0600, written by `lab up`
   failover_timeout_ms: {failover_timeout_ms}
 
 log:
@@ -182,6 +188,7 @@ engine:
   min_gap_ms: {min_gap_ms}
   heartbeat_port: {heartbeat_port}
   heartbeat_interval_ms: {heartbeat_interval_ms}
+  heartbeat_key: {heartbeat_key} # the same file as host P's
   # Host P's heartbeats silent this long: host S takes over (x-colo-lost-heartbeat, the
   # SVM's port into the LAN bridge, announce-self).
   failover_timeout_ms: {failover_timeout_ms}
@@ -212,6 +219,7 @@ def _fields(paths: LabPaths) -> dict[str, object]:
         "heartbeat_port": HEARTBEAT_PORT,
         "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
         "failover_timeout_ms": FAILOVER_TIMEOUT_MS,
+        "heartbeat_key": paths.heartbeat_key,
     }
 
 

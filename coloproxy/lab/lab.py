@@ -34,6 +34,7 @@ no retry; a request succeeds only with status 200 and exactly the page's bytes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -41,6 +42,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -387,6 +389,7 @@ class Lab:
 
     def _up(self, state: LabState) -> None:
         paths = self.paths
+        _write_key(paths.heartbeat_key)
         for role in ("primary", "secondary"):
             text = chardev_config_text(role, paths) if self.chardev else config_text(role, paths)
             paths.config(role).write_text(text)
@@ -1146,3 +1149,11 @@ if __name__ == "__main__":  # python3 -m coloproxy.lab.lab filters-driver RUN_DI
         sys.exit(run_qemu_filters_driver(Path(sys.argv[2])))
     print("usage: python3 -m coloproxy.lab.lab filters-driver RUN_DIR")
     sys.exit(2)
+
+
+def _write_key(path: Path) -> None:
+    """A fresh random heartbeat key, created private (0600) before a byte is written."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")
