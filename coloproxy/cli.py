@@ -238,8 +238,11 @@ def format_status(welcome: Welcome, status: Status) -> str:
         ("uptime", f"{status.uptime:.0f} s"),
         *((name, str(value)) for name, value in sorted(status.counters.items())),
     ]
+    if status.quorum is not None:
+        rows.insert(0, ("quorum", status.quorum))
     head = (
         f"pair {status.pair}: {status.role}, {status.mode}"
+        f"{', FENCED (holding everything)' if status.fenced else ''}"
         f" ({welcome.software}, protocol v{welcome.version})"
     )
     return "\n".join([head, *(f"{label:<20} {value}" for label, value in rows)]) + "\n"

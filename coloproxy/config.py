@@ -155,6 +155,30 @@ class MetricsConfig:
         return f"{host}:{self.port}"
 
 
+class QuorumService(StrEnum):
+    ETCD = "etcd"
+    TWO_HOST = "two-host"  # no quorum service: for labs (docs/engine.md, split brain)
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumConfig:
+    """Where the leader key lives (docs/engine.md, "Failover by quorum")."""
+
+    service: QuorumService
+    endpoints: tuple[tuple[str, int], ...] = ()  # etcd client endpoints, tried in turn
+    prefix: str = "/coloproxy"  # keys under <prefix>/<pair>/
+    ttl_ms: int = 1000
+    renew_ms: int = 100
+    margin_ms: int = 250
+    retry_ms: int = 50
+    timeout_ms: int = 250
+    ca_file: str | None = None  # TLS when set
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None  # etcd's own authentication
+    password_file: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """The checkpoint engine (docs/engine.md). No ``qmp``: no engine runs in the daemon."""
@@ -170,6 +194,7 @@ class EngineConfig:
     bring_up: bool = True
     lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
     heartbeat_key: str | None = None  # the heartbeats' HMAC key file (required with qmp)
+    quorum: QuorumConfig | None = None  # None: the two-host mode (labs only)
     failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
@@ -532,8 +557,27 @@ ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "bring_up": _Key(_boolean, True),
     "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
     "heartbeat_key": _Key(_optional(_absolute_path), None),
+    "quorum": _Key(None, None, allowed="a mapping with service (etcd or two-host)"),
     "failover_object_del": _Key(None, None, allowed="a list of QEMU object ids"),
 }
+QUORUM_KEYS: Final[Mapping[str, _Key]] = {
+    "service": _Key(_choice(QuorumService), allowed="one of etcd, two-host"),
+    "endpoints": _Key(None, None, allowed="a list of HOST:PORT"),
+    "prefix": _Key(
+        _pattern(r"/[A-Za-z0-9/_.-]{0,200}", "a key prefix starting with '/'"), "/coloproxy"
+    ),
+    "ttl_ms": _Key(_integer(1000, 3600000, "whole seconds of milliseconds, 1000 to 3600000"), 1000),
+    "renew_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 100),
+    "margin_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
+    "retry_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 50),
+    "timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
+    "ca_file": _Key(_optional(_absolute_path), None),
+    "cert_file": _Key(_optional(_absolute_path), None),
+    "key_file": _Key(_optional(_absolute_path), None),
+    "user": _Key(_optional(_pattern(r"[^\s:]{1,64}", "an etcd user name")), None),
+    "password_file": _Key(_optional(_absolute_path), None),
+}
+MAX_ENDPOINTS: Final = 16
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
 
 
@@ -958,6 +1002,7 @@ class _Builder:
                 )
         lan_heartbeat = self._engine(engine, role)
         object_ids = self._object_ids(engine)
+        quorum = self._quorum(engine)
         if (
             self.reader.problems
             or pair is None
@@ -988,6 +1033,7 @@ class _Builder:
                 **engine.values,  # type: ignore[arg-type]
                 lan_heartbeat=lan_heartbeat,
                 failover_object_del=object_ids,
+                quorum=quorum,
             ),
             log=LogConfig(**log.values),  # type: ignore[arg-type]
             chardev=chardev,
@@ -1207,6 +1253,48 @@ class _Builder:
             return None
         return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
 
+    def _quorum(self, engine: _Read | None) -> QuorumConfig | None:
+        """``engine.quorum``: None (and no problem) when absent, the two-host mode."""
+        if engine is None or "quorum" not in engine.nested:
+            return None
+        key, line = "engine.quorum", engine.line_of("quorum")
+        read = self.reader.mapping(engine.nested["quorum"], key, QUORUM_KEYS, line)
+        if read is None or "service" not in read.values:
+            return None
+        values = dict(read.values)
+        endpoints: list[tuple[str, int]] = []
+        if "endpoints" in read.nested:
+            at = read.line_of("endpoints")
+            items = self.reader.sequence(
+                read.nested["endpoints"], f"{key}.endpoints", at, MAX_ENDPOINTS, "endpoints"
+            )
+            for index, item in enumerate(items or ()):
+                readable, value = self.reader.scalar(item, f"{key}.endpoints[{index}]")
+                if not readable:
+                    continue
+                try:
+                    endpoints.append(typing.cast(tuple[str, int], _tcp_address(value)))
+                except _BadError as exc:
+                    self.reader.problem(_line(item), f"{key}.endpoints[{index}]", str(exc))
+        values.pop("endpoints", None)
+        service = values["service"]
+        if service is QuorumService.ETCD and not endpoints and "endpoints" not in read.nested:
+            self.reader.problem(line, f"{key}.endpoints", "missing; etcd needs its endpoints")
+        ttl, renew, margin = values["ttl_ms"], values["renew_ms"], values["margin_ms"]
+        if isinstance(ttl, int) and isinstance(renew, int) and isinstance(margin, int):
+            if margin >= ttl or renew >= ttl - margin:
+                self.reader.problem(
+                    read.line_of("margin_ms"),
+                    key,
+                    f"renew_ms ({renew}) must be shorter than ttl_ms ({ttl}) less margin_ms"
+                    f" ({margin})",
+                )
+        if (values["cert_file"] is None) != (values["key_file"] is None):
+            self.reader.problem(line, key, "cert_file and key_file go together")
+        if (values["user"] is None) != (values["password_file"] is None):
+            self.reader.problem(line, key, "user and password_file go together")
+        return QuorumConfig(endpoints=tuple(endpoints), **values)  # type: ignore[arg-type]
+
     def _object_ids(self, engine: _Read | None) -> tuple[str, ...]:
         """``engine.failover_object_del``: QEMU object ids (QEMU's id_wellformed: a letter,
         then letters, digits, '-', '.', '_')."""
@@ -1272,11 +1360,11 @@ class _Builder:
 MAX_KEY_BYTES: Final = 4096
 
 
-def read_key_file(path: str, key: str) -> bytes:
+def read_key_file(path: str, key: str, least: int = MIN_HEARTBEAT_KEY_BYTES) -> bytes:
     """The secret in ``path`` (config key ``key``): its bytes, a final newline stripped.
     Refused (:class:`ConfigError`, one line saying why) unless it is a regular file that no
     group or other user may read or write (mode 0600 or 0400), and of at least
-    ``MIN_HEARTBEAT_KEY_BYTES`` bytes."""
+    ``least`` bytes."""
 
     def bad(why: str) -> ConfigError:
         return ConfigError([f"{path} ({key}): {why}"])
@@ -1302,21 +1390,33 @@ def read_key_file(path: str, key: str) -> bytes:
     if len(data) > MAX_KEY_BYTES:
         raise bad(f"more than {MAX_KEY_BYTES} bytes; a key file holds one secret")
     secret = data[:-1] if data.endswith(b"\n") else data
-    if len(secret) < MIN_HEARTBEAT_KEY_BYTES:
+    if len(secret) < least:
         raise bad(
-            f"{len(secret)} bytes; at least {MIN_HEARTBEAT_KEY_BYTES} (e.g. head -c 32"
-            f" /dev/urandom | base64 > {path})"
+            f"{len(secret)} bytes; at least {least} (e.g. head -c 32 /dev/urandom | base64 >"
+            f" {path})"
         )
     return secret
 
 
 def check_files(config: Config) -> list[str]:
     """What ``check-config`` checks beyond the text: the files the config names that the
-    daemon reads at start (key files: present, private, long enough)."""
+    daemon reads at start (secrets: present, private, long enough; certificates: present)."""
     problems: list[str] = []
-    if config.engine.heartbeat_key is not None:
+    secrets = [(config.engine.heartbeat_key, "engine.heartbeat_key", MIN_HEARTBEAT_KEY_BYTES)]
+    quorum = config.engine.quorum
+    if quorum is not None:
+        secrets += [
+            (quorum.key_file, "engine.quorum.key_file", 1),
+            (quorum.password_file, "engine.quorum.password_file", 1),
+        ]
+        for path, name in ((quorum.ca_file, "ca_file"), (quorum.cert_file, "cert_file")):
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{path} (engine.quorum.{name}): not a readable file")
+    for path, name, least in secrets:
+        if path is None:
+            continue
         try:
-            read_key_file(config.engine.heartbeat_key, "engine.heartbeat_key")
+            read_key_file(path, name, least)
         except ConfigError as exc:
             problems.extend(exc.problems)
     return problems

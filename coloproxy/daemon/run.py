@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -141,6 +142,8 @@ class Daemon:
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
         self._reprotecting = False
+        # The leader key's deadline (quorum; +inf without): the primary proxy's gate.
+        self.release_until = math.inf
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -210,6 +213,7 @@ class Daemon:
         comparator = Comparator(compare)
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
+        proxy.release_until = self.release_until
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
@@ -266,6 +270,7 @@ class Daemon:
         comparator = Comparator(dataclasses.replace(self.config.compare, split_after=None))
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
+        proxy.release_until = self.release_until
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
@@ -356,10 +361,40 @@ class Daemon:
         attach_lan = None
         if self.setup_net and not self.chardev_primary and self.config.net.lan_bridge is not None:
             attach_lan = self._attach_guest_to_lan
-        self.engine = EngineRunner(settings, attach_lan=attach_lan, reprotect=reprotect)
+        self.engine = EngineRunner(
+            settings, attach_lan=attach_lan, reprotect=reprotect, fence=self._set_release_until
+        )
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
+
+    def _set_release_until(self, deadline: float) -> None:
+        """The engine's leader key deadline (quorum): the primary proxy releases only before
+        it (docs/engine.md, "Failover by quorum")."""
+        self.release_until = deadline
+        if self.proxy is not None:
+            self.proxy.set_release_until(deadline, self.loop.time())
+
+    def _quorum_status(self, now: float) -> tuple[str | None, bool]:
+        engine = self.engine
+        if engine is None:
+            return None, False
+        leader = engine.leader
+        if leader is None:
+            return (
+                "two-host (labs only: no quorum service; a cut link can make both hosts serve)",
+                False,
+            )
+        left = leader.left(now)
+        if left is None:
+            return f"etcd: leader key {leader.phase.value}", False
+        if left <= 0:
+            return (
+                f"etcd: FENCED, the leader key's deadline passed {-left:.2f} s ago: holding"
+                " everything",
+                True,
+            )
+        return f"etcd: holding the leader key ({left:.2f} s left)", False
 
     def _attach_guest_to_lan(self) -> int:
         """The takeover's step into the LAN (blocking: a worker thread runs it), then the SYN
@@ -680,15 +715,19 @@ class Daemon:
                     "syns_replayed": host_s.syns_replayed,
                     "backoff_reverts": host_s.backoff_reverts,
                 }
+            quorum, fenced = self._quorum_status(now)
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,
                 engines=engines, clients=len(clients), uptime=now - self.started,
-                counters=host_s_counts,
+                counters=host_s_counts, quorum=quorum, fenced=fenced,
             )  # fmt: skip
         stats = self.comparator.stats()
         counters = proxy.counters
         last = counters.last_checkpoint
+        quorum, fenced = self._quorum_status(now)
         return Status(
+            quorum=quorum,
+            fenced=fenced or now >= proxy.release_until,
             pair=config.pair.name,
             role=self.role,
             mode=self.mode,
@@ -718,6 +757,7 @@ class Daemon:
                 "rewrites": counters.rewrites["shifted"],
                 "checkpoints": counters.checkpoints_completed,
                 "reports_refused": sum(counters.reports_refused.values()),
+                "fenced_packets": proxy.fenced_packets,
             },
         )
 

@@ -550,6 +550,7 @@ class Heartbeat:
     colo_exit: bool = False  # the sender's QEMU reported COLO_EXIT (its COLO stream broke)
     serving: bool = False  # the sender's guest serves the LAN
     leaving: bool = False  # the sender's engine stops on purpose (daemon restart): not a death
+    fenced: bool = False  # quorum: the sender (a primary) is past its leader key's deadline
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -566,6 +567,7 @@ class Heartbeat:
                 "colo_exit": self.colo_exit,
                 "serving": self.serving,
                 "leaving": self.leaving,
+                "fenced": self.fenced,
             },
             separators=(",", ":"),
         ).encode("ascii")
@@ -645,7 +647,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
         pair, boot, sequence = wire["pair"], wire["boot"], wire["seq"]
         if not isinstance(pair, str) or not isinstance(boot, int) or not isinstance(sequence, int):
             return BadHeartbeat("field")
-        names = ("ready", "failed_over", "colo_exit", "serving", "leaving")
+        names = ("ready", "failed_over", "colo_exit", "serving", "leaving", "fenced")
         flags = [wire.get(name, False) for name in names]
         if not all(isinstance(flag, bool) for flag in flags):
             return BadHeartbeat("field")
@@ -661,6 +663,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
             colo_exit=flags[2],
             serving=flags[3],
             leaving=flags[4],
+            fenced=flags[5],
         )
     except (KeyError, ValueError, TypeError):
         return BadHeartbeat("field")
@@ -669,6 +672,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
 class Watch(Enum):
     STANDBY = "standby"  # not protected yet: the local QEMU is not in COLO
     WATCHING = "watching"  # protected: the peer and the local QEMU are watched
+    CONTESTING = "contesting"  # quorum, secondary: the primary looks lost; wants the key
     FAILED_OVER = "failed-over"  # decided: primary runs alone / secondary took over
     STOOD_DOWN = "stood-down"  # secondary: the primary runs alone; never take over
     LOCAL_LOST = "local-lost"  # the local QEMU is gone: nothing left to decide
@@ -680,6 +684,9 @@ class Evidence(Enum):
     PEER_ALONE = "peer-alone"  # secondary: the primary failed over or shut down
     LOCAL_GONE = "local-gone"
     LEFT_COLO = "left-colo"  # secondary: the local QEMU is no longer a COLO secondary
+    CONTEST = "contest"  # quorum, secondary: the primary looks lost; the key decides
+    WON = "won"  # quorum, secondary: the key is ours
+    KEY_LOST = "key-lost"  # quorum: another host holds (or may hold) the key
 
 
 _WATCH_TRANSITIONS: Final[Mapping[tuple[Watch, Evidence], Watch]] = {
@@ -692,6 +699,14 @@ _WATCH_TRANSITIONS: Final[Mapping[tuple[Watch, Evidence], Watch]] = {
     (Watch.WATCHING, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
     (Watch.FAILED_OVER, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
     (Watch.STOOD_DOWN, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
+    (Watch.WATCHING, Evidence.CONTEST): Watch.CONTESTING,
+    (Watch.CONTESTING, Evidence.WON): Watch.FAILED_OVER,
+    (Watch.CONTESTING, Evidence.PEER_ALONE): Watch.STOOD_DOWN,
+    (Watch.CONTESTING, Evidence.LEFT_COLO): Watch.STOOD_DOWN,
+    (Watch.CONTESTING, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
+    (Watch.STANDBY, Evidence.KEY_LOST): Watch.STOOD_DOWN,
+    (Watch.WATCHING, Evidence.KEY_LOST): Watch.STOOD_DOWN,
+    (Watch.FAILED_OVER, Evidence.KEY_LOST): Watch.STOOD_DOWN,
 }
 
 
@@ -702,6 +717,9 @@ class DeciderConfig:
     boot: int
     interval: float = 0.05  # seconds between heartbeats
     timeout: float = 0.3  # peer silent this long on every path = lost
+    # A quorum service holds the leader key: a lost primary only starts the contest for it
+    # (PrimaryLost, state CONTESTING); the takeover waits for won().
+    quorum: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.interval < self.timeout:
@@ -785,6 +803,7 @@ class FailoverDecider:
         self.peer: Heartbeat | None = None
         self._split_reported = False
         self._leaving = False  # this engine is stopping on purpose
+        self.fenced = False  # quorum, primary: past the leader key's deadline (heartbeats say so)
 
     @property
     def expected_mode(self) -> ColoMode:
@@ -864,6 +883,35 @@ class FailoverDecider:
         self._leaving = True
         return [self._heartbeat(now)]
 
+    def set_fenced(self, fenced: bool, now: float) -> list[DecideAction]:
+        """Quorum, primary: past the leader key's deadline (or back before it). The
+        secondary hears it at once and contests the key: the primary may be cut off from the
+        quorum while its heartbeats still reach host S."""
+        if fenced is self.fenced:
+            return []
+        self.fenced = fenced
+        return [self._heartbeat(now)]
+
+    def won(self, now: float) -> list[DecideAction]:
+        """Quorum, secondary: the leader key is ours; True state FAILED_OVER. Outside a
+        contest (stood down meanwhile) nothing changes: the shell gives the key back."""
+        if not self._to(Evidence.WON):
+            return []
+        return [self._heartbeat(now)]
+
+    def refused(self, reason: str, now: float) -> list[DecideAction]:
+        """Quorum, secondary: the key can never be ours (the primary runs alone): stand
+        down, as when the primary says so itself."""
+        if not self._to(Evidence.PEER_ALONE):
+            return []
+        return [StoodDown(reason), self._heartbeat(now)]
+
+    def key_lost(self, reason: str, now: float) -> list[DecideAction]:
+        """Quorum: the key is another host's (or may be): a primary stops serving for good."""
+        if not self._to(Evidence.KEY_LOST):
+            return []
+        return [StoodDown(reason), self._heartbeat(now)]
+
     def checkpoint_stalled(self, now: float) -> list[DecideAction]:
         if self.config.role is Role.PRIMARY and self.state is Watch.WATCHING:
             return [*self._lose_peer("checkpoint-stalled", now), self._heartbeat(now)]
@@ -879,7 +927,10 @@ class FailoverDecider:
         self.last_heard[path] = now
         self.peer = heartbeat
         actions: list[DecideAction] = []
-        if self.state is Watch.WATCHING:
+        if self.state is Watch.WATCHING or (
+            self.state is Watch.CONTESTING
+            and (heartbeat.failed_over or heartbeat.qemu is QemuState.SHUTDOWN)
+        ):
             actions.extend(self._judge(heartbeat, now))
         elif (
             self.state is Watch.STANDBY
@@ -896,6 +947,8 @@ class FailoverDecider:
 
     def _judge(self, peer: Heartbeat, now: float) -> list[DecideAction]:
         if self.config.role is Role.SECONDARY:
+            if self.config.quorum and peer.fenced:
+                return self._lose_peer("primary-fenced", now)
             if peer.failed_over:
                 self._to(Evidence.PEER_ALONE)
                 return [StoodDown("primary-failed-over"), self._heartbeat(now)]
@@ -930,7 +983,7 @@ class FailoverDecider:
             # nothing consistent to take over with.
             if self.colo is not ColoMode.SECONDARY:
                 return []
-            self._to(Evidence.PEER_LOST)
+            self._to(Evidence.CONTEST if self.config.quorum else Evidence.PEER_LOST)
             return [PrimaryLost(reason, silent_for), self._heartbeat(now)]
         self._to(Evidence.PEER_LOST)
         return [SecondaryLost(reason, silent_for), self._heartbeat(now)]
@@ -972,6 +1025,7 @@ class FailoverDecider:
                 colo_exit=self.colo_exit,
                 serving=self.serving,
                 leaving=self._leaving,
+                fenced=self.fenced,
             )
         )
 
