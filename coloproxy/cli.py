@@ -418,11 +418,16 @@ def _lab(args: argparse.Namespace) -> int:
         Path(args.run_dir),
         qemu_filters=getattr(args, "qemu_filters", False),
         chardev=getattr(args, "chardev", False),
+        two_host=getattr(args, "two_host", False),
     )
     try:
         if args.lab_command == "up":
             lab.up()
             print(f"lab up; `coloproxy lab down` ends it (state in {lab.paths.state})")
+        elif args.lab_command == "partition":
+            print(lab.partition(args.name, freeze=args.freeze))
+        elif args.lab_command == "heal":
+            print(lab.heal())
         elif args.lab_command == "down":
             lab.down()
             print("lab down")
@@ -470,7 +475,23 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="QEMU's filters, with coloproxy's chardev transport in place of colo-compare",
     )
+    up.add_argument(
+        "--two-host",
+        action="store_true",
+        help="no witness and no etcd: the two-host mode, for labs only (split brain possible)",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
+    from coloproxy.lab.partition import CUTS
+
+    cut = actions.add_parser(
+        "partition",
+        help="cut a link silently: " + ", ".join(CUTS) + " (docs/lab.md, partitions)",
+    )
+    cut.add_argument("name", choices=sorted(CUTS), help="what to cut")
+    cut.add_argument(
+        "--freeze", action="store_true", help="also stop (SIGSTOP) every process of that host"
+    )
+    actions.add_parser("heal", help="remove every cut, resume every frozen process")
     actions.add_parser(
         "reprotect",
         help="after host P's QEMU died: a new secondary on host P, host S the primary, COLO",
@@ -486,6 +507,9 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--chardev",
         action="store_true",
         help="the same with QEMU's filters and coloproxy's chardev transport",
+    )
+    demo.add_argument(
+        "--two-host", action="store_true", help="the same without the quorum (labs only)"
     )
     demo.add_argument(
         "--traffic", type=_seconds, default=20.0, metavar="SECONDS",
