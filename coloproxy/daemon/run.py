@@ -32,7 +32,7 @@ from coloproxy.capture.netlink import NetlinkQueue
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import ChardevConfig, Config, QueuesConfig
+from coloproxy.config import ChardevConfig, Config, QueuesConfig, QuorumService
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
@@ -42,6 +42,7 @@ from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import NetError
 from coloproxy.net import host as hostnet
+from coloproxy.net.leasegate import LeaseGate
 from coloproxy.net.rules import QueueNumbers, Role
 from coloproxy.protocol import (
     Ack,
@@ -142,8 +143,10 @@ class Daemon:
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
         self._reprotecting = False
-        # The leader key's deadline (quorum; +inf without): the primary proxy's gate.
+        # The leader key's deadline (quorum; +inf without): the primary proxy's gate, and
+        # the kernel's for the PVM's non-IP frames (host P, quorum mode).
         self.release_until = math.inf
+        self.lease_gate: LeaseGate | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -215,6 +218,17 @@ class Daemon:
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
         proxy.release_until = self.release_until
         self.proxy = proxy
+        quorum = config.engine.quorum
+        if (
+            self.setup_net
+            and config.engine.qmp is not None
+            and quorum is not None
+            and quorum.service is QuorumService.ETCD
+        ):
+            # The PVM's non-IP frames bypass P-out: a kernel-side gate with the same deadline
+            # (coloproxy/net/leasegate.py), closed until the key is won.
+            self.lease_gate = LeaseGate(config.net.prefix, config.net.guest_port)
+            self.lease_gate.install()
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
         self._queue_metrics(
@@ -372,8 +386,15 @@ class Daemon:
         """The engine's leader key deadline (quorum): the primary proxy releases only before
         it (docs/engine.md, "Failover by quorum")."""
         self.release_until = deadline
+        now = self.loop.time()
         if self.proxy is not None:
-            self.proxy.set_release_until(deadline, self.loop.time())
+            self.proxy.set_release_until(deadline, now)
+        gate = self.lease_gate
+        if gate is not None:
+            try:
+                gate.open_for(deadline - now)
+            except NetError as exc:  # the gate stays as it was: closed at its last deadline
+                log.error("the leader key's frame gate: %s", exc)
 
     def _quorum_status(self, now: float) -> tuple[str | None, bool]:
         engine = self.engine
@@ -891,6 +912,7 @@ def run(
 def teardown(config: Config) -> None:
     """Remove this host's set-up: links, tc, rules. PVM output then flows uncompared."""
     hostnet.teardown(host_net(config))
+    LeaseGate(config.net.prefix, config.net.guest_port).remove()
 
 
 __all__ = ["Daemon", "host_net", "run", "teardown"]

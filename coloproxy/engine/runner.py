@@ -784,7 +784,10 @@ class EngineRunner:
 
     def _fence(self, deadline: float) -> None:
         if self.fence is not None:
-            self.fence(deadline)
+            try:
+                self.fence(deadline)
+            except Exception:  # the proxy's gate checks its own clock; the engine goes on
+                log.exception("telling the proxy the leader key's deadline failed")
 
     def _lead(self, actions: list[LeaderAction], *, rearm: bool = True) -> None:
         """Carry out the leader key's actions (quorum mode)."""

@@ -765,6 +765,8 @@ class Lab:
 
     def _require_state(self) -> LabState:
         if self.state is None:
+            self.state = LabState.load(self.paths)  # a command run after `lab up`
+        if self.state is None:
             raise LabError("the lab is not up (no state): `coloproxy lab up` first")
         return self.state
 
