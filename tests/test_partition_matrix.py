@@ -17,6 +17,7 @@ lab built; `python3 -m pytest -s tests/test_partition_matrix.py`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import json
 import os
@@ -194,6 +195,16 @@ def fresh_lab() -> Iterator[Lab]:
         lab.down()
 
 
+def _logged(path: Path, text: str) -> float | None:
+    """The wall-clock time of the first log line containing ``text`` (the daemons' logs)."""
+    with contextlib.suppress(OSError):
+        for line in path.read_text(errors="replace").splitlines():
+            if text in line:
+                stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                return stamp.timestamp()
+    return None
+
+
 def _metric(text: str, series: str) -> float:
     """The value of one series (name and labels exactly as exposed) in a scrape; 0 if none."""
     for line in text.splitlines():
@@ -221,6 +232,9 @@ def test_partition_matrix(cell: Cell) -> None:
         secondary = ""
         with contextlib.suppress(Exception):  # its daemon may be the cell's victim
             secondary = lab.scrape("secondary")
+        fenced = _logged(lab.paths.daemon_log("primary"), "FENCED")
+        handed = _logged(lab.paths.daemon_log("primary"), "leader key handed over")
+        won = _logged(lab.paths.daemon_log("secondary"), "won the leader key")
 
     pvm, svm = frames["lan-hp"], frames["lan-hs"]
     served_by = "hs" if svm else "hp"  # host S's port joins the LAN only at a takeover
@@ -245,6 +259,13 @@ def test_partition_matrix(cell: Cell) -> None:
         "first_request_after_fault_served_s": min(started_after, default=None),
         "longest_outage_s": outage,
         "took_over": served_by == "hs",
+        # The old primary stopped releasing (fenced, or handed the key over) this long before
+        # host S won the key (log times, one clock): the margin.
+        "p_stopped_before_s_won_s": (
+            won - min(t for t in (fenced, handed) if t is not None)
+            if won is not None and (fenced is not None or handed is not None)
+            else None
+        ),
         "forged": _metric(secondary, 'coloproxy_engine_heartbeats_total{event="bad-forged"}'),
         "replayed": _metric(secondary, 'coloproxy_engine_heartbeats_total{event="bad-replayed"}'),
     }
