@@ -566,7 +566,9 @@ QUORUM_KEYS: Final[Mapping[str, _Key]] = {
     "prefix": _Key(
         _pattern(r"/[A-Za-z0-9/_.-]{0,200}", "a key prefix starting with '/'"), "/coloproxy"
     ),
-    "ttl_ms": _Key(_integer(1000, 3600000, "whole seconds of milliseconds, 1000 to 3600000"), 1000),
+    "ttl_ms": _Key(
+        _integer(1000, 3600000, "an integer of milliseconds from 1000 to 3600000"), 1000
+    ),
     "renew_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 100),
     "margin_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
     "retry_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 50),

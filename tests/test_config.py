@@ -36,6 +36,8 @@ from coloproxy.config import (
     NetConfig,
     PairConfig,
     QueuesConfig,
+    QuorumConfig,
+    QuorumService,
     ReplicationConfig,
     Transport,
     load_config,
@@ -696,6 +698,70 @@ def test_engine_defaults_and_every_key() -> None:
 )
 def test_engine_problems(text: str, expected: str) -> None:
     assert problems(text) == [expected]
+
+
+def test_the_quorum_section() -> None:
+    engine = parse_config(
+        BASE + "engine:\n"
+        "  quorum:\n"
+        "    service: etcd\n"
+        "    endpoints: ['10.0.0.1:2379', '[fd00::2]:2379']\n"
+        "    prefix: /pairs\n"
+        "    ttl_ms: 2000\n"
+        "    ca_file: /etc/ca.pem\n"
+        "    cert_file: /etc/c.pem\n"
+        "    key_file: /etc/c.key\n"
+        "    user: web1\n"
+        "    password_file: /etc/pw\n",
+        "t.yaml",
+    ).engine
+    assert engine.quorum == QuorumConfig(
+        service=QuorumService.ETCD,
+        endpoints=(("10.0.0.1", 2379), ("fd00::2", 2379)),
+        prefix="/pairs",
+        ttl_ms=2000,
+        ca_file="/etc/ca.pem",
+        cert_file="/etc/c.pem",
+        key_file="/etc/c.key",
+        user="web1",
+        password_file="/etc/pw",
+    )
+    assert parse_config(BASE, "t.yaml").engine.quorum is None  # the two-host mode
+    two = parse_config(BASE + "engine: {quorum: {service: two-host}}\n", "t.yaml")
+    assert two.engine.quorum == QuorumConfig(service=QuorumService.TWO_HOST)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "engine: {quorum: {service: etcd}}\n",
+            "t.yaml:9: key 'engine.quorum.endpoints': missing; etcd needs its endpoints",
+        ),
+        (
+            "engine: {quorum: {service: zookeeper}}\n",
+            "t.yaml:9: key 'engine.quorum.service': expected one of etcd, two-host, got"
+            " 'zookeeper'",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h:2379'], ttl_ms: 1000,"
+            " margin_ms: 950}}\n",
+            "t.yaml:9: key 'engine.quorum': renew_ms (100) must be shorter than ttl_ms (1000)"
+            " less margin_ms (950)",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h:2379'], cert_file: /c}}\n",
+            "t.yaml:9: key 'engine.quorum': cert_file and key_file go together",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h']}}\n",
+            "t.yaml:9: key 'engine.quorum.endpoints[0]': expected HOST:PORT (an address or host"
+            " name, IPv6 in brackets; port 1 to 65535), got 'h'",
+        ),
+    ],
+)
+def test_quorum_problems(text: str, expected: str) -> None:
+    assert problems(BASE + text) == [expected]
 
 
 # -- coloproxy check-config ------------------------------------------------------------------

@@ -6,9 +6,11 @@ inside host P's and host S's namespaces (the engine's LeaderKey and EtcdStore)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from coloproxy.engine.quorum import EtcdSettings, EtcdStore, QuorumError
 from coloproxy.lab import etcd, partition
 from coloproxy.lab.topology import Topology
 from coloproxy.net import netns
@@ -192,3 +195,101 @@ def test_losing_another_member_never_takes_the_key_from_its_holder(
 
 def test_netns_names_are_ours(cluster: Topology) -> None:
     assert all(netns.exists(name) for name in cluster.namespaces())
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _certificates(directory: Path) -> None:
+    """A CA, etcd's server certificate for 127.0.0.1 and a client certificate (openssl)."""
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, cwd=directory)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    run("openssl", "req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=coloproxy-test-ca", "-days", "1")  # fmt: skip
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (directory / f"{name}.ext").write_text(extension + "\n")
+        run("openssl", "req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={'web1' if name == 'client' else '127.0.0.1'}")  # fmt: skip
+        run("openssl", "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey",
+            "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+            "-extfile", f"{name}.ext")  # fmt: skip
+        (directory / f"{name}.key").chmod(0o600)
+
+
+def test_tls_with_a_client_certificate_and_etcd_users(tmp_path: Path) -> None:
+    """etcd's own security from the config: TLS, a client certificate, a user whose role
+    may write only under its prefix. One member on loopback."""
+    require()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    _certificates(tmp_path)
+    client, peer = _free_port(), _free_port()
+    url = f"https://127.0.0.1:{client}"
+    tls = [f"--cacert={tmp_path / 'ca.pem'}", f"--cert={tmp_path / 'client.pem'}",
+           f"--key={tmp_path / 'client.key'}", f"--endpoints={url}"]  # fmt: skip
+    with (tmp_path / "etcd.log").open("wb") as log:
+        member = subprocess.Popen(
+            [etcd.etcd_binary(), "--name", "m", "--data-dir", str(tmp_path / "data"),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+             "--initial-cluster", f"m=http://127.0.0.1:{peer}",
+             "--cert-file", str(tmp_path / "server.pem"), "--key-file", str(tmp_path / "server.key"),
+             "--trusted-ca-file", str(tmp_path / "ca.pem"), "--client-cert-auth"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["etcdctl", *tls, "endpoint", "health"], capture_output=True,
+                             check=False).returncode != 0:  # fmt: skip
+            assert time.monotonic() < deadline, "etcd with TLS did not come up"
+            time.sleep(0.1)
+        for argv in (
+            ["user", "add", "root", "--new-user-password", "rootpw"],
+            ["user", "add", "web1", "--new-user-password", "web1pw"],
+            ["role", "add", "pairs"],
+            ["role", "grant-permission", "pairs", "--prefix=true", "readwrite", "/pairs/"],
+            ["user", "grant-role", "web1", "pairs"],
+            ["auth", "enable"],
+        ):
+            subprocess.run(["etcdctl", *tls, *argv], check=True, capture_output=True)
+
+        def store(prefix: str, password: str) -> EtcdStore:
+            return EtcdStore(
+                EtcdSettings(
+                    (f"127.0.0.1:{client}",), prefix, "web1", timeout=2.0,
+                    ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "client.pem",
+                    key_file=tmp_path / "client.key", user="web1", password=password,
+                )
+            )  # fmt: skip
+
+        async def main() -> None:
+            good = store("/pairs", "web1pw")
+            outcome = await good.acquire(1.0, "host P", unless_alone=False)
+            assert outcome.grant is not None
+            assert await good.renew(outcome.grant.lease) > 0
+            assert await good.mark(True, outcome.grant.revision)
+            await good.release(outcome.grant.lease, outcome.grant.revision)
+            await good.close()
+            for prefix, password, why in (
+                ("/pairs", "wrong", "authentication failed"),
+                ("/elsewhere", "web1pw", "permission denied"),
+            ):
+                bad = store(prefix, password)
+                with pytest.raises(QuorumError, match=why):
+                    await bad.acquire(1.0, "host P", unless_alone=False)
+                await bad.close()
+
+        asyncio.run(main())
+    finally:
+        member.kill()
+        member.wait(10)
