@@ -243,7 +243,8 @@ def test_tls_with_a_client_certificate_and_etcd_users(tmp_path: Path) -> None:
              "--listen-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-cluster", f"m=http://127.0.0.1:{peer}",
-             "--cert-file", str(tmp_path / "server.pem"), "--key-file", str(tmp_path / "server.key"),
+             "--cert-file", str(tmp_path / "server.pem"),
+             "--key-file", str(tmp_path / "server.key"),
              "--trusted-ca-file", str(tmp_path / "ca.pem"), "--client-cert-auth"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
