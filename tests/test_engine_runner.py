@@ -593,3 +593,21 @@ async def test_with_a_quorum_a_primary_cut_from_it_fences_and_host_s_takes_over(
         fake_etcd.reachable["primary"] = True
         await w.primary.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
         assert fences[-1] == float("-inf")
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_entering_colo_clears_the_alone_mark(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    """A pair marked alone (the survivor of a failover) that enters COLO again (a reprotect,
+    or here a bring-up) is protected: the mark goes, or host S could never take over (the
+    lab's reprotect test found that)."""
+    fake_etcd.alone = True
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        await in_colo(w)
+        await w.primary.wait_until(lambda: not fake_etcd.alone, 5)
+        engine = w.daemon.engine
+        assert engine is not None
+        await w.primary_qemu.die()
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"

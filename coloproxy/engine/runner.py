@@ -299,6 +299,7 @@ class EngineRunner:
         # +inf without quorum, -inf while this host does not hold the leader key.
         self.fence = fence
         self._contest: PrimaryLost | None = None  # quorum, secondary: why the key is wanted
+        self._alone_cleared = False  # quorum, primary: the alone mark cleared since COLO began
         self._marks: dict[bool, asyncio.Future[bool]] = {}
         # Started by a reprotect: a primary QEMU that left COLO earlier is brought up again
         # instead of being reported as running alone.
@@ -611,8 +612,8 @@ class EngineRunner:
         ):
             log.info("the QEMUs are in COLO: checkpoints start")
             self._schedule(scheduler.activate(now))
-            if self.leader is not None:
-                self._lead(self.leader.mark(False))  # protected: the secondary may take over
+        if self.role is Role.PRIMARY and mode is ColoMode.PRIMARY:
+            self._clear_alone()
         self._pulse()
 
     # -- actions ---------------------------------------------------------------------------
@@ -859,7 +860,7 @@ class EngineRunner:
             return
         if self.role is Role.PRIMARY:
             if decider.colo is ColoMode.PRIMARY:
-                self._lead(leader.mark(False), rearm=False)  # protected: clear an old mark
+                self._clear_alone()
             return
         contest = self._contest
         actions = decider.won(self._now()) if contest is not None else []
@@ -870,6 +871,17 @@ class EngineRunner:
         # Won a contest this side gave up meanwhile (it stood down): give the key back.
         log.warning("the contest was abandoned: handing the leader key back")
         self._lead(leader.hand_over(self._now()), rearm=False)
+
+    def _clear_alone(self) -> None:
+        """The pair is protected (this primary's QEMU is in COLO): clear the alone mark
+        once, so that the secondary may take over again (after a reprotect, or a
+        restarted daemon). Needs the key; tried again at the next COLO status if not held
+        yet."""
+        leader = self.leader
+        if leader is None or self._alone_cleared or leader.phase is not KeyPhase.HOLDING:
+            return
+        self._alone_cleared = True
+        self._lead(leader.mark(False), rearm=False)
 
     def _spawn_quick(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         """A short quorum call as a task of its own (done ones are forgotten)."""
@@ -926,6 +938,8 @@ class EngineRunner:
             ok = await store.mark(alone, revision)
         except QuorumError as exc:
             log.warning("the alone mark: %s", exc)
+            if not alone:
+                self._alone_cleared = False  # the next COLO status tries again
             future = self._marks.pop(alone, None)
             if future is not None and not future.done():
                 future.set_result(False)
@@ -943,6 +957,7 @@ class EngineRunner:
         leader = self.leader
         if leader is None:
             return True
+        self._alone_cleared = False
         while leader.phase is KeyPhase.HOLDING:
             loop = asyncio.get_running_loop()
             future: asyncio.Future[bool] = loop.create_future()
