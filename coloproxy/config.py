@@ -170,7 +170,7 @@ class QuorumConfig:
     ttl_ms: int = 1000
     renew_ms: int = 100
     margin_ms: int = 250
-    retry_ms: int = 50
+    retry_ms: int = 20
     timeout_ms: int = 250
     ca_file: str | None = None  # TLS when set
     cert_file: str | None = None
@@ -571,7 +571,7 @@ QUORUM_KEYS: Final[Mapping[str, _Key]] = {
     ),
     "renew_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 100),
     "margin_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
-    "retry_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 50),
+    "retry_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 20),
     "timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
     "ca_file": _Key(_optional(_absolute_path), None),
     "cert_file": _Key(_optional(_absolute_path), None),

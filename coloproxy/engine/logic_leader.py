@@ -49,7 +49,7 @@ from coloproxy.errors import UsageError
 DEFAULT_TTL: Final = 1.0
 DEFAULT_RENEW: Final = 0.1
 DEFAULT_MARGIN: Final = 0.25
-DEFAULT_RETRY: Final = 0.05
+DEFAULT_RETRY: Final = 0.02  # a contest after a hand-over races the delete: try again soon
 
 
 @dataclass(frozen=True, slots=True)
