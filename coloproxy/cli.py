@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from coloproxy import __version__
-from coloproxy.config import ConfigError, describe, load_config
+from coloproxy.config import ConfigError, check_files, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.control.client import Command
 from coloproxy.errors import InputError
@@ -134,10 +134,17 @@ def _check_config(args: argparse.Namespace) -> int:
     status = EXIT_EQUIVALENT
     for path in args.files:
         try:
-            print(describe(load_config(path)))
+            config = load_config(path)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             status = EXIT_TROUBLE
+            continue
+        problems = check_files(config)
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
+            status = EXIT_TROUBLE
+        else:
+            print(describe(config))
     return status
 
 
@@ -147,7 +154,8 @@ def _add_check_config(commands: argparse._SubParsersAction[argparse.ArgumentPars
         help="check configuration files",
         description=(
             "Read each file as the proxy would and print 'FILE: ok (pair NAME, role ROLE)',"
-            " or every problem as FILE:LINE: key 'KEY': what is wrong. Exit 2 on a problem."
+            " or every problem as FILE:LINE: key 'KEY': what is wrong; the key files it names"
+            " must exist and be private (mode 0600). Exit 2 on a problem."
         ),
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="a configuration file")
@@ -230,8 +238,11 @@ def format_status(welcome: Welcome, status: Status) -> str:
         ("uptime", f"{status.uptime:.0f} s"),
         *((name, str(value)) for name, value in sorted(status.counters.items())),
     ]
+    if status.quorum is not None:
+        rows.insert(0, ("quorum", status.quorum))
     head = (
         f"pair {status.pair}: {status.role}, {status.mode}"
+        f"{', FENCED (holding everything)' if status.fenced else ''}"
         f" ({welcome.software}, protocol v{welcome.version})"
     )
     return "\n".join([head, *(f"{label:<20} {value}" for label, value in rows)]) + "\n"
@@ -407,11 +418,16 @@ def _lab(args: argparse.Namespace) -> int:
         Path(args.run_dir),
         qemu_filters=getattr(args, "qemu_filters", False),
         chardev=getattr(args, "chardev", False),
+        two_host=getattr(args, "two_host", False),
     )
     try:
         if args.lab_command == "up":
             lab.up()
             print(f"lab up; `coloproxy lab down` ends it (state in {lab.paths.state})")
+        elif args.lab_command == "partition":
+            print(lab.partition(args.name, freeze=args.freeze))
+        elif args.lab_command == "heal":
+            print(lab.heal())
         elif args.lab_command == "down":
             lab.down()
             print("lab down")
@@ -459,7 +475,23 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="QEMU's filters, with coloproxy's chardev transport in place of colo-compare",
     )
+    up.add_argument(
+        "--two-host",
+        action="store_true",
+        help="no witness and no etcd: the two-host mode, for labs only (split brain possible)",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
+    from coloproxy.lab.partition import CUTS
+
+    cut = actions.add_parser(
+        "partition",
+        help="cut a link silently: " + ", ".join(CUTS) + " (docs/lab.md, partitions)",
+    )
+    cut.add_argument("name", choices=sorted(CUTS), help="what to cut")
+    cut.add_argument(
+        "--freeze", action="store_true", help="also stop (SIGSTOP) every process of that host"
+    )
+    actions.add_parser("heal", help="remove every cut, resume every frozen process")
     actions.add_parser(
         "reprotect",
         help="after host P's QEMU died: a new secondary on host P, host S the primary, COLO",
@@ -475,6 +507,9 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--chardev",
         action="store_true",
         help="the same with QEMU's filters and coloproxy's chardev transport",
+    )
+    demo.add_argument(
+        "--two-host", action="store_true", help="the same without the quorum (labs only)"
     )
     demo.add_argument(
         "--traffic", type=_seconds, default=20.0, metavar="SECONDS",

@@ -50,6 +50,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
+from coloproxy.engine.logic import MIN_HEARTBEAT_KEY_BYTES
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ClientRole, ProxyRole
 
@@ -154,6 +155,30 @@ class MetricsConfig:
         return f"{host}:{self.port}"
 
 
+class QuorumService(StrEnum):
+    ETCD = "etcd"
+    TWO_HOST = "two-host"  # no quorum service: for labs (docs/engine.md, split brain)
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumConfig:
+    """Where the leader key lives (docs/engine.md, "Failover by quorum")."""
+
+    service: QuorumService
+    endpoints: tuple[tuple[str, int], ...] = ()  # etcd client endpoints, tried in turn
+    prefix: str = "/coloproxy"  # keys under <prefix>/<pair>/
+    ttl_ms: int = 1000
+    renew_ms: int = 100
+    margin_ms: int = 250
+    retry_ms: int = 20
+    timeout_ms: int = 250
+    ca_file: str | None = None  # TLS when set
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None  # etcd's own authentication
+    password_file: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     """The checkpoint engine (docs/engine.md). No ``qmp``: no engine runs in the daemon."""
@@ -168,6 +193,8 @@ class EngineConfig:
     checkpoint_timeout_ms: int = 10000
     bring_up: bool = True
     lan_heartbeat: ReplicationConfig | None = None  # a second heartbeat path, on the LAN
+    heartbeat_key: str | None = None  # the heartbeats' HMAC key file (required with qmp)
+    quorum: QuorumConfig | None = None  # None: the two-host mode (labs only)
     failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
@@ -529,8 +556,30 @@ ENGINE_KEYS: Final[Mapping[str, _Key]] = {
     "checkpoint_timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 10000),
     "bring_up": _Key(_boolean, True),
     "lan_heartbeat": _Key(None, None, allowed="a mapping with local and remote"),
+    "heartbeat_key": _Key(_optional(_absolute_path), None),
+    "quorum": _Key(None, None, allowed="a mapping with service (etcd or two-host)"),
     "failover_object_del": _Key(None, None, allowed="a list of QEMU object ids"),
 }
+QUORUM_KEYS: Final[Mapping[str, _Key]] = {
+    "service": _Key(_choice(QuorumService), allowed="one of etcd, two-host"),
+    "endpoints": _Key(None, None, allowed="a list of HOST:PORT"),
+    "prefix": _Key(
+        _pattern(r"/[A-Za-z0-9/_.-]{0,200}", "a key prefix starting with '/'"), "/coloproxy"
+    ),
+    "ttl_ms": _Key(
+        _integer(1000, 3600000, "an integer of milliseconds from 1000 to 3600000"), 1000
+    ),
+    "renew_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 100),
+    "margin_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
+    "retry_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 20),
+    "timeout_ms": _Key(_integer(1, 3600000, f"{_MILLISECONDS}, at most 3600000"), 250),
+    "ca_file": _Key(_optional(_absolute_path), None),
+    "cert_file": _Key(_optional(_absolute_path), None),
+    "key_file": _Key(_optional(_absolute_path), None),
+    "user": _Key(_optional(_pattern(r"[^\s:]{1,64}", "an etcd user name")), None),
+    "password_file": _Key(_optional(_absolute_path), None),
+}
+MAX_ENDPOINTS: Final = 16
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
 
 
@@ -955,6 +1004,7 @@ class _Builder:
                 )
         lan_heartbeat = self._engine(engine, role)
         object_ids = self._object_ids(engine)
+        quorum = self._quorum(engine)
         if (
             self.reader.problems
             or pair is None
@@ -985,6 +1035,7 @@ class _Builder:
                 **engine.values,  # type: ignore[arg-type]
                 lan_heartbeat=lan_heartbeat,
                 failover_object_del=object_ids,
+                quorum=quorum,
             ),
             log=LogConfig(**log.values),  # type: ignore[arg-type]
             chardev=chardev,
@@ -1185,6 +1236,13 @@ class _Builder:
                 "engine.migrate_uri",
                 "only a primary migrates (role is secondary)",
             )
+        if values.get("qmp") is not None and values.get("heartbeat_key") is None:
+            self.reader.problem(
+                engine.line_of("qmp"),
+                "engine.heartbeat_key",
+                "missing; an engine (engine.qmp) needs the file of the key that"
+                " authenticates its heartbeats (docs/engine.md)",
+            )
         interval, timeout = values.get("heartbeat_interval_ms"), values.get("failover_timeout_ms")
         if isinstance(interval, int) and isinstance(timeout, int) and timeout <= interval:
             self.reader.problem(
@@ -1196,6 +1254,48 @@ class _Builder:
         if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
             return None
         return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
+
+    def _quorum(self, engine: _Read | None) -> QuorumConfig | None:
+        """``engine.quorum``: None (and no problem) when absent, the two-host mode."""
+        if engine is None or "quorum" not in engine.nested:
+            return None
+        key, line = "engine.quorum", engine.line_of("quorum")
+        read = self.reader.mapping(engine.nested["quorum"], key, QUORUM_KEYS, line)
+        if read is None or "service" not in read.values:
+            return None
+        values = dict(read.values)
+        endpoints: list[tuple[str, int]] = []
+        if "endpoints" in read.nested:
+            at = read.line_of("endpoints")
+            items = self.reader.sequence(
+                read.nested["endpoints"], f"{key}.endpoints", at, MAX_ENDPOINTS, "endpoints"
+            )
+            for index, item in enumerate(items or ()):
+                readable, value = self.reader.scalar(item, f"{key}.endpoints[{index}]")
+                if not readable:
+                    continue
+                try:
+                    endpoints.append(typing.cast(tuple[str, int], _tcp_address(value)))
+                except _BadError as exc:
+                    self.reader.problem(_line(item), f"{key}.endpoints[{index}]", str(exc))
+        values.pop("endpoints", None)
+        service = values["service"]
+        if service is QuorumService.ETCD and not endpoints and "endpoints" not in read.nested:
+            self.reader.problem(line, f"{key}.endpoints", "missing; etcd needs its endpoints")
+        ttl, renew, margin = values["ttl_ms"], values["renew_ms"], values["margin_ms"]
+        if isinstance(ttl, int) and isinstance(renew, int) and isinstance(margin, int):
+            if margin >= ttl or renew >= ttl - margin:
+                self.reader.problem(
+                    read.line_of("margin_ms"),
+                    key,
+                    f"renew_ms ({renew}) must be shorter than ttl_ms ({ttl}) less margin_ms"
+                    f" ({margin})",
+                )
+        if (values["cert_file"] is None) != (values["key_file"] is None):
+            self.reader.problem(line, key, "cert_file and key_file go together")
+        if (values["user"] is None) != (values["password_file"] is None):
+            self.reader.problem(line, key, "user and password_file go together")
+        return QuorumConfig(endpoints=tuple(endpoints), **values)  # type: ignore[arg-type]
 
     def _object_ids(self, engine: _Read | None) -> tuple[str, ...]:
         """``engine.failover_object_del``: QEMU object ids (QEMU's id_wellformed: a letter,
@@ -1256,6 +1356,72 @@ class _Builder:
             # Our rules mirror the comparator's; if it still refuses, blame the section.
             self.reader.problem(compare.line, "compare", str(exc))
             return None
+
+
+# A key file holds a secret, not a document: bound what is read.
+MAX_KEY_BYTES: Final = 4096
+
+
+def read_key_file(path: str, key: str, least: int = MIN_HEARTBEAT_KEY_BYTES) -> bytes:
+    """The secret in ``path`` (config key ``key``): its bytes, a final newline stripped.
+    Refused (:class:`ConfigError`, one line saying why) unless it is a regular file that no
+    group or other user may read or write (mode 0600 or 0400), and of at least
+    ``least`` bytes."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError([f"{path} ({key}): {why}"])
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise bad("not a regular file")
+        if info.st_mode & 0o077:
+            raise bad(
+                f"mode {stat.S_IMODE(info.st_mode):04o} lets other users read or change the"
+                f" key; chmod 600 {path}"
+            )
+        data = os.read(fd, MAX_KEY_BYTES + 1)
+    except OSError as exc:
+        raise bad(f"cannot read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > MAX_KEY_BYTES:
+        raise bad(f"more than {MAX_KEY_BYTES} bytes; a key file holds one secret")
+    secret = data[:-1] if data.endswith(b"\n") else data
+    if len(secret) < least:
+        raise bad(
+            f"{len(secret)} bytes; at least {least} (e.g. head -c 32 /dev/urandom | base64 >"
+            f" {path})"
+        )
+    return secret
+
+
+def check_files(config: Config) -> list[str]:
+    """What ``check-config`` checks beyond the text: the files the config names that the
+    daemon reads at start (secrets: present, private, long enough; certificates: present)."""
+    problems: list[str] = []
+    secrets = [(config.engine.heartbeat_key, "engine.heartbeat_key", MIN_HEARTBEAT_KEY_BYTES)]
+    quorum = config.engine.quorum
+    if quorum is not None:
+        secrets += [
+            (quorum.key_file, "engine.quorum.key_file", 1),
+            (quorum.password_file, "engine.quorum.password_file", 1),
+        ]
+        for path, name in ((quorum.ca_file, "ca_file"), (quorum.cert_file, "cert_file")):
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{path} (engine.quorum.{name}): not a readable file")
+    for path, name, least in secrets:
+        if path is None:
+            continue
+        try:
+            read_key_file(path, name, least)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return problems
 
 
 def describe(config: Config) -> str:

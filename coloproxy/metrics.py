@@ -247,6 +247,12 @@ class EngineFigures:
     migration: Mapping[str, int] = field(default_factory=dict)  # query-migrate ram figures
     heartbeats: Mapping[str, int] = field(default_factory=dict)  # sent, received, bad-*, error-*
     peer_heard: float | None = None
+    quorum: str = "two-host"  # etcd, two-host (labs only)
+    key: str = "idle"  # the leader key's phase (logic_leader.KeyPhase)
+    key_deadline: float | None = None  # holding: the release deadline, on the metrics clock
+    fenced: bool = False  # holding, past the deadline: nothing is released
+    # won, fenced, unfenced, contest, renew-failed, lost-<reason>, refused-<reason>
+    key_events: Counter[str] = field(default_factory=Counter)
 
 
 def protocol_label(protocol: str) -> str:
@@ -638,6 +644,41 @@ class _Collector(Collector):
             yield gauge
 
     def _engine(self, figures: EngineFigures, now: float) -> Iterator[Metric]:
+        quorum = GaugeMetricFamily(
+            "coloproxy_engine_quorum_info",
+            "1 for the service that decides failover: etcd, or two-host (labs only: no quorum)",
+            labels=["service"],
+        )
+        quorum.add_metric([figures.quorum], 1.0)
+        yield quorum
+        key = GaugeMetricFamily(
+            "coloproxy_engine_leader_key",
+            "1 for the leader key's phase here (idle, contending, holding, released, lost,"
+            " refused)",
+            labels=["phase"],
+        )
+        for phase in ("idle", "contending", "holding", "released", "lost", "refused"):
+            key.add_metric([phase], 1.0 if figures.key == phase else 0.0)
+        yield key
+        fenced = GaugeMetricFamily(
+            "coloproxy_engine_fenced",
+            "1 while this host holds the key past its own deadline: nothing is released",
+        )
+        fenced.add_metric([], 1.0 if figures.fenced else 0.0)
+        yield fenced
+        if figures.key_deadline is not None:
+            left = GaugeMetricFamily(
+                "coloproxy_engine_leader_key_seconds_left",
+                "Seconds until this host's leader key deadline (negative: fenced)",
+            )
+            left.add_metric([], figures.key_deadline - now)
+            yield left
+        yield _counter(
+            "coloproxy_engine_leader_key_events",
+            "Leader key events: won, fenced, unfenced, contest, renew-failed, lost-*, refused-*",
+            ["event"],
+            (((event,), count) for event, count in figures.key_events.items()),
+        )
         yield _counter(
             "coloproxy_engine_checkpoints",
             "COLO checkpoints completed, by reason (a request's, periodic, qemu, colo-entry)",

@@ -571,7 +571,10 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
     text = text.replace(
         "  guest_port: c5-guest\n", "  guest_port: c5-guest\n  lan_bridge: c5-lan\n"
     )
-    text += f"engine: {{qmp: {directory}/absent-qmp.sock}}\n"
+    key = directory / "hb.key"
+    key.write_bytes(b"chardev-test-heartbeat-key")
+    key.chmod(0o600)
+    text += f"engine: {{qmp: {directory}/absent-qmp.sock, heartbeat_key: {key}}}\n"
     daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=True)
     task = asyncio.create_task(daemon.run())
     try:

@@ -36,6 +36,8 @@ from coloproxy.config import (
     NetConfig,
     PairConfig,
     QueuesConfig,
+    QuorumConfig,
+    QuorumService,
     ReplicationConfig,
     Transport,
     load_config,
@@ -629,10 +631,12 @@ def test_engine_defaults_and_every_key() -> None:
         checkpoint_timeout_ms=10000,
         bring_up=True,
         lan_heartbeat=None,
+        heartbeat_key=None,
     )
     engine = parse_config(
         BASE + "engine:\n"
         "  qmp: /run/qmp.sock\n"
+        "  heartbeat_key: /etc/hb.key\n"
         "  migrate_uri: tcp:10.255.77.2:8888\n"
         "  period_ms: 2000\n"
         "  min_gap_ms: 0\n"
@@ -655,6 +659,7 @@ def test_engine_defaults_and_every_key() -> None:
         5000,
         False,
         ReplicationConfig(ipaddress.ip_address("fd00::1"), ipaddress.ip_address("fd00::2")),
+        "/etc/hb.key",
     )
 
 
@@ -693,28 +698,143 @@ def test_engine_defaults_and_every_key() -> None:
             "t.yaml:10: key 'engine.lan_heartbeat.remote': missing; expected an IPv4 or IPv6"
             " address (the peer host on the link)",
         ),
+        (
+            BASE + "engine: {qmp: /run/qmp.sock}\n",
+            "t.yaml:9: key 'engine.heartbeat_key': missing; an engine (engine.qmp) needs the"
+            " file of the key that authenticates its heartbeats (docs/engine.md)",
+        ),
+        (
+            BASE + "engine: {heartbeat_key: hb.key}\n",
+            "t.yaml:9: key 'engine.heartbeat_key': expected an absolute path, got 'hb.key'",
+        ),
     ],
 )
 def test_engine_problems(text: str, expected: str) -> None:
     assert problems(text) == [expected]
 
 
+def test_the_quorum_section() -> None:
+    engine = parse_config(
+        BASE + "engine:\n"
+        "  quorum:\n"
+        "    service: etcd\n"
+        "    endpoints: ['10.0.0.1:2379', '[fd00::2]:2379']\n"
+        "    prefix: /pairs\n"
+        "    ttl_ms: 2000\n"
+        "    ca_file: /etc/ca.pem\n"
+        "    cert_file: /etc/c.pem\n"
+        "    key_file: /etc/c.key\n"
+        "    user: web1\n"
+        "    password_file: /etc/pw\n",
+        "t.yaml",
+    ).engine
+    assert engine.quorum == QuorumConfig(
+        service=QuorumService.ETCD,
+        endpoints=(("10.0.0.1", 2379), ("fd00::2", 2379)),
+        prefix="/pairs",
+        ttl_ms=2000,
+        ca_file="/etc/ca.pem",
+        cert_file="/etc/c.pem",
+        key_file="/etc/c.key",
+        user="web1",
+        password_file="/etc/pw",
+    )
+    assert parse_config(BASE, "t.yaml").engine.quorum is None  # the two-host mode
+    two = parse_config(BASE + "engine: {quorum: {service: two-host}}\n", "t.yaml")
+    assert two.engine.quorum == QuorumConfig(service=QuorumService.TWO_HOST)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "engine: {quorum: {service: etcd}}\n",
+            "t.yaml:9: key 'engine.quorum.endpoints': missing; etcd needs its endpoints",
+        ),
+        (
+            "engine: {quorum: {service: zookeeper}}\n",
+            "t.yaml:9: key 'engine.quorum.service': expected one of etcd, two-host, got"
+            " 'zookeeper'",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h:2379'], ttl_ms: 1000,"
+            " margin_ms: 950}}\n",
+            "t.yaml:9: key 'engine.quorum': renew_ms (100) must be shorter than ttl_ms (1000)"
+            " less margin_ms (950)",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h:2379'], cert_file: /c}}\n",
+            "t.yaml:9: key 'engine.quorum': cert_file and key_file go together",
+        ),
+        (
+            "engine: {quorum: {service: etcd, endpoints: ['h']}}\n",
+            "t.yaml:9: key 'engine.quorum.endpoints[0]': expected HOST:PORT (an address or host"
+            " name, IPv6 in brackets; port 1 to 65535), got 'h'",
+        ),
+    ],
+)
+def test_quorum_problems(text: str, expected: str) -> None:
+    assert problems(BASE + text) == [expected]
+
+
 # -- coloproxy check-config ------------------------------------------------------------------
 
 
-def test_check_config_ok(capsys: pytest.CaptureFixture[str]) -> None:
-    path = ROOT / "configs" / "pair-secondary.yaml"
+def _with_key(tmp_path: Path, name: str, mode: int = 0o600, secret: bytes = b"s" * 32) -> Path:
+    """The example config ``name`` with its heartbeat key file in ``tmp_path``."""
+    key = tmp_path / "hb.key"
+    key.write_bytes(secret)
+    key.chmod(mode)
+    text = (ROOT / "configs" / name).read_text()
+    path = tmp_path / name
+    path.write_text(text.replace("/etc/coloproxy/web1-heartbeat.key", str(key)))
+    return path
+
+
+def test_check_config_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _with_key(tmp_path, "pair-secondary.yaml")
     assert main(["check-config", str(path)]) == 0
     assert capsys.readouterr().out == f"{path}: ok (pair web1, role secondary)\n"
+
+
+@pytest.mark.parametrize(
+    ("mode", "secret", "why"),
+    [
+        (0o640, b"s" * 32, "mode 0640 lets other users read or change the key; chmod 600"),
+        (0o604, b"s" * 32, "mode 0604 lets other users read or change the key; chmod 600"),
+        (0o600, b"short\n", "5 bytes; at least 16"),
+        (0o600, b"s" * 5000, "more than 4096 bytes"),
+    ],
+)
+def test_check_config_checks_the_heartbeat_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, secret: bytes, why: str
+) -> None:
+    path = _with_key(tmp_path, "pair-primary.yaml", mode, secret)
+    assert main(["check-config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"{tmp_path / 'hb.key'} (engine.heartbeat_key): {why}")
+    assert captured.err.count("\n") == 1
+
+
+def test_check_config_needs_the_key_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _with_key(tmp_path, "pair-primary.yaml")
+    (tmp_path / "hb.key").unlink()
+    assert main(["check-config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"{tmp_path / 'hb.key'} (engine.heartbeat_key): cannot read: No such file or directory\n"
+    )
 
 
 def test_check_config_problems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(BASE + "compare:\n  compare_timeout: -1\nlog: {level: loud}\n")
-    good = ROOT / "configs" / "lab.yaml"
+    good = _with_key(tmp_path, "pair-primary.yaml")
     assert main(["check-config", str(good), str(bad)]) == 2
     captured = capsys.readouterr()
-    assert captured.out == f"{good}: ok (pair lab, role primary)\n"
+    assert captured.out == f"{good}: ok (pair web1, role primary)\n"
     assert captured.err == (
         f"{bad}:10: key 'compare.compare_timeout': expected a positive number of seconds,"
         " got -1\n"

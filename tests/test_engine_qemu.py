@@ -224,7 +224,12 @@ async def engine_pair(images: dict[str, Any], tmp: Path, period_ms: int) -> Asyn
             "the primary guest to boot",
         )
         local, remote = ip_address("127.0.0.1"), ip_address("127.0.0.2")
-        common = {"pair": "engine-test", "period_ms": period_ms, "min_gap_ms": 100}
+        common = {
+            "pair": "engine-test",
+            "period_ms": period_ms,
+            "min_gap_ms": 100,
+            "heartbeat_key": b"engine-qemu-test-heartbeat-key!!",
+        }
         primary = EngineRunner(
             EngineSettings(
                 role=Role.PRIMARY,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ from coloproxy.control import ControlClient
 from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
+from coloproxy.engine import runner as runner_module
 from coloproxy.engine.logic import Role, Watch
 from coloproxy.engine.peer import HeartbeatPath
+from coloproxy.engine.quorum import Grant, Outcome, QuorumError
 from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.protocol import (
     CheckpointRequest,
@@ -188,7 +191,80 @@ engine:
   heartbeat_interval_ms: 20
   failover_timeout_ms: 1000
   failover_object_del: [f2, f1]
+  heartbeat_key: {key}
 """
+KEY = b"engine-test-heartbeat-key-0123456789"
+
+
+class FakeEtcd:
+    """The leader key as etcd keeps it, in memory, on the loop's clock: leases that expire,
+    transactions by revision. ``store(name)`` is one daemon's LeaderStore."""
+
+    def __init__(self) -> None:
+        self.leases: dict[int, float] = {}  # lease -> expiry (loop time)
+        self.key: tuple[str, int, int] | None = None  # holder, lease, mod revision
+        self.alone = False
+        self.revision = 1
+        self.reachable: dict[str, bool] = {}
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _expire(self) -> None:
+        now = self._now()
+        for lease, until in list(self.leases.items()):
+            if until <= now:
+                del self.leases[lease]
+                if self.key is not None and self.key[1] == lease:
+                    self.key = None
+
+    def store(self, name: str) -> FakeStore:
+        self.reachable[name] = True
+        return FakeStore(self, name)
+
+
+class FakeStore:
+    def __init__(self, etcd: FakeEtcd, name: str) -> None:
+        self.etcd, self.name = etcd, name
+
+    def _reach(self) -> FakeEtcd:
+        if not self.etcd.reachable[self.name]:
+            raise QuorumError(f"{self.name}: cut off")
+        self.etcd._expire()
+        return self.etcd
+
+    async def acquire(self, ttl: float, holder: str, unless_alone: bool) -> Outcome:
+        etcd = self._reach()
+        if etcd.key is not None or (unless_alone and etcd.alone):
+            return Outcome(None, alone=unless_alone and etcd.alone)
+        etcd.revision += 1
+        lease = etcd.revision * 10
+        etcd.leases[lease] = etcd._now() + ttl
+        etcd.key = (self.name, lease, etcd.revision)
+        return Outcome(Grant(lease, ttl, etcd.revision))
+
+    async def renew(self, lease: int) -> float:
+        etcd = self._reach()
+        if lease not in etcd.leases:
+            return 0.0
+        etcd.leases[lease] = etcd._now() + 1.0
+        return 1.0
+
+    async def release(self, lease: int, revision: int) -> None:
+        etcd = self._reach()
+        if etcd.key is not None and etcd.key[2] == revision:
+            etcd.key = None
+        etcd.leases.pop(lease, None)
+
+    async def mark(self, alone: bool, revision: int) -> bool:
+        etcd = self._reach()
+        if etcd.key is None or etcd.key[2] != revision:
+            return False
+        etcd.alone = alone
+        return True
+
+    async def close(self) -> None:
+        pass
 
 
 @dataclass
@@ -203,7 +279,7 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp: Path) -> AsyncIterator[World]:
+async def world(tmp: Path, quorum: FakeEtcd | None = None) -> AsyncIterator[World]:
     port = free_udp_port()
     primary_qemu = QmpDouble("primary", tmp / "p.qmp")
     secondary_qemu = QmpDouble("secondary", tmp / "s.qmp", status="inmigrate")
@@ -216,9 +292,13 @@ async def world(tmp: Path) -> AsyncIterator[World]:
     proxy.outstanding = CheckpointRequest(id=1, reason="restart", protocol="any", time=time.time())
     proxy.next_id = 2
     await server.start()
-    config = parse_config(
-        SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port)
-    )
+    key = tmp / "hb.key"
+    key.write_bytes(KEY)
+    key.chmod(0o600)
+    text = SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port, key=key)
+    if quorum is not None:
+        text += "  quorum: {service: etcd, endpoints: ['127.0.0.1:1']}\n"
+    config = parse_config(text)
     daemon = Daemon(config, setup_net=False)
     daemon_task = asyncio.create_task(daemon.run())
     primary = EngineRunner(
@@ -232,12 +312,15 @@ async def world(tmp: Path) -> AsyncIterator[World]:
                     "replication", ip_address("127.0.0.1"), ip_address("127.0.0.2"), port
                 ),
             ),
+            heartbeat_key=KEY,
             migrate_uri="tcp:127.0.0.2:1",
             period_ms=60000,
             min_gap_ms=0,
             heartbeat_interval_ms=20,
             failover_timeout_ms=1000,
-        )
+            quorum=None if quorum is None else EngineSettings.from_config(config).quorum,  # type: ignore[union-attr]
+        ),
+        store=None if quorum is None else quorum.store("primary"),
     )
     primary_task = asyncio.create_task(primary.run())
     try:
@@ -422,3 +505,136 @@ async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -
         finally:
             task.cancel()
             await asyncio.wait([task])
+
+
+def _spoof(source: tuple[str, int], destination: tuple[str, int], data: bytes) -> None:
+    """One datagram from ``source`` (the peer's own address and port, as a host on the link
+    could forge it) to ``destination``."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(source)
+        sock.sendto(data, destination)
+    finally:
+        sock.close()
+
+
+@pytest.mark.asyncio
+async def test_forged_and_replayed_heartbeats_are_counted_and_ignored(tmp_path: Path) -> None:
+    """A datagram from the primary's address saying its QEMU exited (issue 10: it made host S
+    take over while host P lived), and a real heartbeat of the primary's sent again: both
+    counted by reason, neither heard."""
+    async with asyncio.timeout(30), world(tmp_path) as w:
+        await in_colo(w)
+        engine = w.daemon.engine
+        assert engine is not None
+        path = w.primary.settings.heartbeat_paths[0]
+        source, destination = (str(path.local), path.port), (str(path.remote), path.port)
+        captured: list[bytes] = []
+        transport: Any = w.primary.peer._endpoints[0].transport
+        sendto = transport.sendto
+
+        def record(data: bytes, *args: Any) -> None:
+            captured.append(bytes(data))
+            sendto(data, *args)
+
+        transport.sendto = record
+        await engine.wait_until(lambda: len(captured) >= 2, 5)
+        forged = {
+            "v": 1, "pair": "engine-test", "role": "primary", "boot": 1, "seq": 1 << 40,
+            "qemu": "exited", "colo": "primary",
+        }  # fmt: skip
+        _spoof(source, destination, json.dumps(forged).encode())
+        _spoof(source, destination, captured[0])  # heard already: a replay
+        counters = engine.peer.counters
+        await engine.wait_until(lambda: counters["bad-forged"] >= 1, 5)
+        await engine.wait_until(lambda: counters["bad-replayed"] >= 1, 5)
+        await asyncio.sleep(0.3)  # a takeover would have begun by now
+        assert engine.figures.failovers["primary-lost"] == 0
+        assert engine.decider is not None and engine.decider.state is Watch.WATCHING
+
+
+@pytest.fixture
+def fake_etcd(monkeypatch: pytest.MonkeyPatch) -> FakeEtcd:
+    """The secondary daemon's engine gets its store from the fake too."""
+    etcd = FakeEtcd()
+    monkeypatch.setattr(runner_module, "EtcdStore", lambda settings: etcd.store("secondary"))
+    return etcd
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_silence_only_starts_the_contest(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    """The primary's heartbeats stop reaching host S while the primary keeps its key (a loop
+    stall, a one-way loss): host S contends and never takes over (in the two-host mode it
+    does: test_a_primary_whose_secondary_took_over_pauses_its_guest)."""
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        await in_colo(w)
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "primary"
+        engine = w.daemon.engine
+        assert engine is not None
+        w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
+        await engine.wait_until(lambda: engine.figures.key_events["contest"] >= 1, 5)
+        await asyncio.sleep(1.5)  # a lease's TTL and more: the key is renewed all along
+        assert engine.figures.failovers["primary-lost"] == 0
+        assert engine.decider is not None and engine.decider.state is Watch.CONTESTING
+        assert fake_etcd.key[0] == "primary"
+        assert w.daemon.mode is Mode.PROTECTED
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_a_dead_qemu_hands_the_key_over_and_host_s_takes_over(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        await in_colo(w)
+        engine = w.daemon.engine
+        assert engine is not None
+        await w.primary_qemu.die()
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"
+        assert w.primary.figures.key_events["lost-released"] == 1
+        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert fake_etcd.alone  # host S runs alone: no stale takeover back
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_a_primary_cut_from_it_fences_and_host_s_takes_over(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    """Host P cannot reach the quorum but is still heard: past its deadline it tells the
+    proxy (release_until in the past), says fenced; host S wins once the lease ran out."""
+    fences: list[float] = []
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        w.primary.fence = fences.append
+        await in_colo(w)
+        engine = w.daemon.engine
+        assert engine is not None
+        fake_etcd.reachable["primary"] = False
+        cut = asyncio.get_running_loop().time()
+        await w.primary.wait_until(lambda: w.primary.figures.key_events["fenced"] == 1, 5)
+        assert cut < fences[-1] <= asyncio.get_running_loop().time()  # the last deadline
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"
+        fake_etcd.reachable["primary"] = True
+        await w.primary.wait_until(lambda: ("stop", {}) in w.primary_qemu.commands, 5)
+        assert fences[-1] == float("-inf")
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_entering_colo_clears_the_alone_mark(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    """A pair marked alone (the survivor of a failover) that enters COLO again (a reprotect,
+    or here a bring-up) is protected: the mark goes, or host S could never take over (the
+    lab's reprotect test found that)."""
+    fake_etcd.alone = True
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        await in_colo(w)
+        await w.primary.wait_until(lambda: not fake_etcd.alone, 5)
+        engine = w.daemon.engine
+        assert engine is not None
+        await w.primary_qemu.die()
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"

@@ -165,6 +165,42 @@ def test_tap_guests_are_tap_devices_in_the_host_namespaces() -> None:
             topology.ns("pvm")
 
 
+def test_a_witness_and_the_hosts_own_lan_addresses() -> None:
+    """Witness mode (the lab's quorum): a third host on the LAN, and each host's own address
+    on a link of its own into the LAN switch, reachable from the others; no witness
+    namespace is left behind by a topology that does not know it has one."""
+    require_root_and_kernel()
+    topology = Topology(prefix=unique_prefix(), guests="tap", witness=True)
+    try:
+        topology.up()
+        assert topology.roles() == ("lan", "client", "hp", "hs", "wit")
+        assert topology.describe()["mgmt"]["wit"]["ipv4"] == "10.77.0.3"
+        for host, address in lab.MGMT_IPV4.items():
+            assert f"{address}/24" in addresses_of(topology, host, "mgmt")
+        for source, target in (("wit", "hp"), ("hp", "hs")):
+            address = lab.MGMT_IPV4[target]
+
+            def listener(address: str = address) -> socket.socket:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.bind((address, 0))
+                sock.settimeout(5)
+                return sock
+
+            with topology.run_in(target, listener) as receiver:
+
+                def send(port: int = receiver.getsockname()[1], to: str = address) -> None:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+                        sender.sendto(b"quorum", (to, port))
+
+                topology.run_in(source, send)
+                assert receiver.recv(16) == b"quorum"
+    finally:
+        Topology(topology.prefix, guests="tap").down()
+    assert not netns.exists(topology.ns("wit"))
+    with pytest.raises(UsageError, match="no witness"):
+        Topology(guests="tap").ns("wit")
+
+
 def test_bad_arguments_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="topology prefix"):
         Topology(prefix="a/b")

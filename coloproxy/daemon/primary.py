@@ -36,6 +36,14 @@ dropped, and asks for a checkpoint with reason ``restart``. Nothing is released 
 engine reports a checkpoint that it started after this proxy was built: the freeze itself is
 no start an engine can complete.
 
+The leader key's gate (quorum mode, docs/engine.md): ``release_until`` is the deadline, on
+the proxy's clock, before which this host holds the leader key by its own reckoning (+inf
+without quorum). A release decided at ``now >= release_until`` does not happen: the packet
+stays held, in order, until the engine moves the deadline again
+(:meth:`PrimaryProxy.set_release_until`), for good if the key is lost. The comparator goes
+on; only the verdicts wait. A primary that stops releasing is fenced off the LAN by
+construction: its guest's frames leave only through P-out.
+
 Timers: after any input the proxy asks the comparator for its next deadline (at most once
 per event-loop iteration) and keeps one loop timer armed at the earliest.
 """
@@ -44,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -162,6 +171,9 @@ class PrimaryProxy:
         self.outstanding: CheckpointRequest | None = None
         self.checkpointing = False
         self.unprotected = False  # after the secondary was lost: release without comparing
+        # Quorum: may release only while now < release_until (the leader key's deadline).
+        self.release_until = math.inf
+        self._gated: list[tuple[object, str]] = []  # (token, verdict label), in order
         # I6: hold everything until a checkpoint made the secondary equal to the primary.
         comparator.checkpoint_started(now)
         self.checkpointing = True
@@ -174,10 +186,33 @@ class PrimaryProxy:
 
     # -- packets ---------------------------------------------------------------------------
 
+    @property
+    def fenced_packets(self) -> int:
+        """Packets the comparator released that the leader key's gate holds."""
+        return len(self._gated)
+
+    def set_release_until(self, deadline: float, now: float) -> None:
+        """The leader key's deadline moved (quorum): before it, held verdicts go out."""
+        self.release_until = deadline
+        if now < deadline and self._gated:
+            gated, self._gated = self._gated, []
+            for token, label in gated:
+                self._primary_out.accept(token)
+                self.counters.packets["primary-out", label] += 1
+            log.warning("the leader key is held again: %d fenced packets released", len(gated))
+
+    def _accept(self, token: object, label: str, now: float) -> None:
+        """P-out's accept, through the leader key's gate."""
+        if now < self.release_until and not self._gated:
+            self._primary_out.accept(token)
+            self.counters.packets["primary-out", label] += 1
+        else:
+            self._gated.append((token, label))
+            self.counters.packets["primary-out", "fenced"] += 1
+
     def on_primary(self, handle: object, payload: bytes, now: float) -> None:
         if self.unprotected:
-            self._primary_out.accept(handle)
-            self.counters.packets["primary-out", "accept-unprotected"] += 1
+            self._accept(handle, "accept-unprotected", now)
             return
         self._act(self.comparator.feed(Side.PRIMARY, payload, now, handle), now)
 
@@ -194,8 +229,7 @@ class PrimaryProxy:
         """``on_primary`` for a receive batch: one ``feed_many`` call (the chardev transport)."""
         if self.unprotected:
             for handle in handles:
-                self._primary_out.accept(handle)
-            self.counters.packets["primary-out", "accept-unprotected"] += len(handles)
+                self._accept(handle, "accept-unprotected", now)
             return
         self._act(self.comparator.feed_many(Side.PRIMARY, payloads, now, handles), now)
 
@@ -217,8 +251,11 @@ class PrimaryProxy:
         packets = self.counters.packets
         for event in events:
             if type(event) is Release:
-                self._primary_out.accept(event.token)
-                packets["primary-out", _ACCEPT[event.reason]] += 1
+                if now < self.release_until and not self._gated:
+                    self._primary_out.accept(event.token)
+                    packets["primary-out", _ACCEPT[event.reason]] += 1
+                else:
+                    self._accept(event.token, _ACCEPT[event.reason], now)
             elif type(event) is Drop:
                 if event.token is not None:
                     self._secondary_out.drop(event.token)
@@ -258,8 +295,7 @@ class PrimaryProxy:
         self.outstanding = None
         for event in self.comparator.checkpoint_completed(now):
             if type(event) is Release:
-                self._primary_out.accept(event.token)
-                self.counters.packets["primary-out", "accept-unprotected"] += 1
+                self._accept(event.token, "accept-unprotected", now)
 
     def _request(
         self, reason: str, protocol: str, flow: str | None, evidence: Evidence | None, now: float

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ from coloproxy.capture.netlink import NetlinkQueue
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import ChardevConfig, Config, QueuesConfig
+from coloproxy.config import ChardevConfig, Config, QueuesConfig, QuorumService
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
@@ -41,6 +42,7 @@ from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import NetError
 from coloproxy.net import host as hostnet
+from coloproxy.net.leasegate import LeaseGate
 from coloproxy.net.rules import QueueNumbers, Role
 from coloproxy.protocol import (
     Ack,
@@ -141,6 +143,10 @@ class Daemon:
         self.engine: EngineRunner | None = None  # engine.qmp set: the checkpoint engine
         self._engine_task: asyncio.Task[None] | None = None
         self._reprotecting = False
+        # The leader key's deadline (quorum; +inf without): the primary proxy's gate, and
+        # the kernel's for the PVM's non-IP frames (host P, quorum mode).
+        self.release_until = math.inf
+        self.lease_gate: LeaseGate | None = None
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -210,7 +216,19 @@ class Daemon:
         comparator = Comparator(compare)
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
+        proxy.release_until = self.release_until
         self.proxy = proxy
+        quorum = config.engine.quorum
+        if (
+            self.setup_net
+            and config.engine.qmp is not None
+            and quorum is not None
+            and quorum.service is QuorumService.ETCD
+        ):
+            # The PVM's non-IP frames bypass P-out: a kernel-side gate with the same deadline
+            # (coloproxy/net/leasegate.py), closed until the key is won.
+            self.lease_gate = LeaseGate(config.net.prefix, config.net.guest_port)
+            self.lease_gate.install()
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
         self._queue_metrics(
@@ -266,6 +284,7 @@ class Daemon:
         comparator = Comparator(dataclasses.replace(self.config.compare, split_after=None))
         self.comparator = comparator
         proxy = PrimaryProxy(comparator, _Late(), _Late(), self, self.loop.time())
+        proxy.release_until = self.release_until
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
@@ -356,10 +375,47 @@ class Daemon:
         attach_lan = None
         if self.setup_net and not self.chardev_primary and self.config.net.lan_bridge is not None:
             attach_lan = self._attach_guest_to_lan
-        self.engine = EngineRunner(settings, attach_lan=attach_lan, reprotect=reprotect)
+        self.engine = EngineRunner(
+            settings, attach_lan=attach_lan, reprotect=reprotect, fence=self._set_release_until
+        )
         self.metrics.engine = self.engine.figures
         self._engine_task = asyncio.create_task(self.engine.run(), name="engine")
         self._engine_task.add_done_callback(_engine_ended)
+
+    def _set_release_until(self, deadline: float) -> None:
+        """The engine's leader key deadline (quorum): the primary proxy releases only before
+        it (docs/engine.md, "Failover by quorum")."""
+        self.release_until = deadline
+        now = self.loop.time()
+        if self.proxy is not None:
+            self.proxy.set_release_until(deadline, now)
+        gate = self.lease_gate
+        if gate is not None:
+            try:
+                gate.open_for(deadline - now)
+            except NetError as exc:  # the gate stays as it was: closed at its last deadline
+                log.error("the leader key's frame gate: %s", exc)
+
+    def _quorum_status(self, now: float) -> tuple[str | None, bool]:
+        engine = self.engine
+        if engine is None:
+            return None, False
+        leader = engine.leader
+        if leader is None:
+            return (
+                "two-host (labs only: no quorum service; a cut link can make both hosts serve)",
+                False,
+            )
+        left = leader.left(now)
+        if left is None:
+            return f"etcd: leader key {leader.phase.value}", False
+        if left <= 0:
+            return (
+                f"etcd: FENCED, the leader key's deadline passed {-left:.2f} s ago: holding"
+                " everything",
+                True,
+            )
+        return f"etcd: holding the leader key ({left:.2f} s left)", False
 
     def _attach_guest_to_lan(self) -> int:
         """The takeover's step into the LAN (blocking: a worker thread runs it), then the SYN
@@ -680,15 +736,19 @@ class Daemon:
                     "syns_replayed": host_s.syns_replayed,
                     "backoff_reverts": host_s.backoff_reverts,
                 }
+            quorum, fenced = self._quorum_status(now)
             return Status(
                 pair=config.pair.name, role=self.role, mode=self.mode,
                 engines=engines, clients=len(clients), uptime=now - self.started,
-                counters=host_s_counts,
+                counters=host_s_counts, quorum=quorum, fenced=fenced,
             )  # fmt: skip
         stats = self.comparator.stats()
         counters = proxy.counters
         last = counters.last_checkpoint
+        quorum, fenced = self._quorum_status(now)
         return Status(
+            quorum=quorum,
+            fenced=fenced or now >= proxy.release_until,
             pair=config.pair.name,
             role=self.role,
             mode=self.mode,
@@ -722,6 +782,7 @@ class Daemon:
                 "rewrites": counters.rewrites["shifted"],
                 "checkpoints": counters.checkpoints_completed,
                 "reports_refused": sum(counters.reports_refused.values()),
+                "fenced_packets": proxy.fenced_packets,
             },
         )
 
@@ -845,6 +906,7 @@ def run(
 def teardown(config: Config) -> None:
     """Remove this host's set-up: links, tc, rules. PVM output then flows uncompared."""
     hostnet.teardown(host_net(config))
+    LeaseGate(config.net.prefix, config.net.guest_port).remove()
 
 
 __all__ = ["Daemon", "host_net", "run", "teardown"]

@@ -57,10 +57,16 @@ primary's checkpoint, the primary fails over alone and tells the secondary over 
 which stands down); a third-party witness would be needed against a cut LAN as well.
 When both sides serve and hear each other again, :class:`SplitBrain` is reported.
 docs/engine.md has the whole argument.
+
+Heartbeats are sealed (:func:`seal_heartbeat`: HMAC-SHA256 with a key both daemons read from
+a file) and each path keeps a :class:`ReplayWindow` over ``boot`` and ``seq``: a forged or
+replayed datagram is counted and never reaches the decider.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 from collections.abc import Mapping
@@ -80,8 +86,13 @@ DEFAULT_TRIGGER_RETRIES: Final = 3
 # Measured pauses are 2-30 ms with a 256 MiB guest (DESIGN.md section 6); a checkpoint that
 # has not ended after 10 s is stuck (the secondary is gone), not slow.
 DEFAULT_CHECKPOINT_TIMEOUT: Final = 10.0
-HEARTBEAT_VERSION: Final = 1
+HEARTBEAT_VERSION: Final = 2  # 2: sealed with an HMAC (seal_heartbeat)
 MAX_HEARTBEAT_BYTES: Final = 1024
+# A sealed heartbeat: this magic, HMAC-SHA256 over magic and body, the JSON body.
+HEARTBEAT_MAGIC: Final = b"CPH2"
+HEARTBEAT_TAG_BYTES: Final = 32
+# A shorter shared secret is guessable offline from one captured datagram.
+MIN_HEARTBEAT_KEY_BYTES: Final = 16
 
 
 def backstop_ms(period_ms: int) -> int:
@@ -530,7 +541,7 @@ class Heartbeat:
 
     pair: str
     role: Role
-    boot: int  # random per daemon start: a restart shows as a new value
+    boot: int  # the sender's start time (microseconds): a restart shows as a larger value
     sequence: int
     qemu: QemuState
     colo: ColoMode  # the sender's last query-colo-status mode
@@ -539,6 +550,7 @@ class Heartbeat:
     colo_exit: bool = False  # the sender's QEMU reported COLO_EXIT (its COLO stream broke)
     serving: bool = False  # the sender's guest serves the LAN
     leaving: bool = False  # the sender's engine stops on purpose (daemon restart): not a death
+    fenced: bool = False  # quorum: the sender (a primary) is past its leader key's deadline
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -555,6 +567,7 @@ class Heartbeat:
                 "colo_exit": self.colo_exit,
                 "serving": self.serving,
                 "leaving": self.leaving,
+                "fenced": self.fenced,
             },
             separators=(",", ":"),
         ).encode("ascii")
@@ -564,11 +577,62 @@ class Heartbeat:
 class BadHeartbeat:
     """A datagram that is not a heartbeat; ``reason`` is a metric label."""
 
-    reason: str  # not-json, not-object, version, field
+    reason: str  # oversized, forged, replayed, not-json, not-object, version, field
+
+
+def _tag(key: bytes, data: bytes) -> bytes:
+    return hmac.new(key, data, hashlib.sha256).digest()
+
+
+def seal_heartbeat(heartbeat: Heartbeat, key: bytes) -> bytes:
+    """The datagram: magic, HMAC-SHA256 (``key``) over magic and JSON body, the body."""
+    if len(key) < MIN_HEARTBEAT_KEY_BYTES:
+        raise UsageError(f"a heartbeat key has at least {MIN_HEARTBEAT_KEY_BYTES} bytes")
+    body = heartbeat.encode()
+    return HEARTBEAT_MAGIC + _tag(key, HEARTBEAT_MAGIC + body) + body
+
+
+def open_heartbeat(data: bytes, key: bytes) -> Heartbeat | BadHeartbeat:
+    """A sealed datagram's heartbeat, or why not (``forged``: no magic or a wrong tag, the
+    body is not even read). Never raises."""
+    if len(data) > MAX_HEARTBEAT_BYTES:
+        return BadHeartbeat("oversized")
+    head = len(HEARTBEAT_MAGIC) + HEARTBEAT_TAG_BYTES
+    if len(data) < head or not data.startswith(HEARTBEAT_MAGIC):
+        return BadHeartbeat("forged")
+    body = data[head:]
+    if not hmac.compare_digest(
+        data[len(HEARTBEAT_MAGIC) : head], _tag(key, HEARTBEAT_MAGIC + body)
+    ):
+        return BadHeartbeat("forged")
+    return decode_heartbeat(body)
+
+
+class ReplayWindow:
+    """Which authentic heartbeats are new, per path: a later ``boot`` (the sender restarted:
+    boots grow, they are its start time) or, within the same boot, a higher ``seq``. Anything
+    else was heard before (or is older than what was) and is a replay: a recorded datagram
+    sent again keeps its tag, so the tag alone proves only who wrote it, not when.
+
+    A receiver that starts afresh knows no boot yet and takes the first authentic one; a
+    replay of an older boot is then refused as soon as the real sender is heard. The same
+    heartbeat arrives once on each path, so each path has its own window."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[int, int]] = {}
+
+    def fresh(self, path: str, boot: int, sequence: int) -> bool:
+        """True (and remembered) when new; False for a replay."""
+        last = self._last.get(path)
+        if last is not None and (boot, sequence) <= last:
+            return False
+        self._last[path] = (boot, sequence)
+        return True
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
-    """Never raises: bad input is data."""
+    """The JSON body of a heartbeat (``open_heartbeat`` checked its tag). Never raises: bad
+    input is data."""
     if len(data) > MAX_HEARTBEAT_BYTES:
         return BadHeartbeat("oversized")
     try:
@@ -583,7 +647,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
         pair, boot, sequence = wire["pair"], wire["boot"], wire["seq"]
         if not isinstance(pair, str) or not isinstance(boot, int) or not isinstance(sequence, int):
             return BadHeartbeat("field")
-        names = ("ready", "failed_over", "colo_exit", "serving", "leaving")
+        names = ("ready", "failed_over", "colo_exit", "serving", "leaving", "fenced")
         flags = [wire.get(name, False) for name in names]
         if not all(isinstance(flag, bool) for flag in flags):
             return BadHeartbeat("field")
@@ -599,6 +663,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
             colo_exit=flags[2],
             serving=flags[3],
             leaving=flags[4],
+            fenced=flags[5],
         )
     except (KeyError, ValueError, TypeError):
         return BadHeartbeat("field")
@@ -607,6 +672,7 @@ def decode_heartbeat(data: bytes) -> Heartbeat | BadHeartbeat:
 class Watch(Enum):
     STANDBY = "standby"  # not protected yet: the local QEMU is not in COLO
     WATCHING = "watching"  # protected: the peer and the local QEMU are watched
+    CONTESTING = "contesting"  # quorum, secondary: the primary looks lost; wants the key
     FAILED_OVER = "failed-over"  # decided: primary runs alone / secondary took over
     STOOD_DOWN = "stood-down"  # secondary: the primary runs alone; never take over
     LOCAL_LOST = "local-lost"  # the local QEMU is gone: nothing left to decide
@@ -618,6 +684,9 @@ class Evidence(Enum):
     PEER_ALONE = "peer-alone"  # secondary: the primary failed over or shut down
     LOCAL_GONE = "local-gone"
     LEFT_COLO = "left-colo"  # secondary: the local QEMU is no longer a COLO secondary
+    CONTEST = "contest"  # quorum, secondary: the primary looks lost; the key decides
+    WON = "won"  # quorum, secondary: the key is ours
+    KEY_LOST = "key-lost"  # quorum: another host holds (or may hold) the key
 
 
 _WATCH_TRANSITIONS: Final[Mapping[tuple[Watch, Evidence], Watch]] = {
@@ -630,6 +699,14 @@ _WATCH_TRANSITIONS: Final[Mapping[tuple[Watch, Evidence], Watch]] = {
     (Watch.WATCHING, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
     (Watch.FAILED_OVER, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
     (Watch.STOOD_DOWN, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
+    (Watch.WATCHING, Evidence.CONTEST): Watch.CONTESTING,
+    (Watch.CONTESTING, Evidence.WON): Watch.FAILED_OVER,
+    (Watch.CONTESTING, Evidence.PEER_ALONE): Watch.STOOD_DOWN,
+    (Watch.CONTESTING, Evidence.LEFT_COLO): Watch.STOOD_DOWN,
+    (Watch.CONTESTING, Evidence.LOCAL_GONE): Watch.LOCAL_LOST,
+    (Watch.STANDBY, Evidence.KEY_LOST): Watch.STOOD_DOWN,
+    (Watch.WATCHING, Evidence.KEY_LOST): Watch.STOOD_DOWN,
+    (Watch.FAILED_OVER, Evidence.KEY_LOST): Watch.STOOD_DOWN,
 }
 
 
@@ -640,6 +717,9 @@ class DeciderConfig:
     boot: int
     interval: float = 0.05  # seconds between heartbeats
     timeout: float = 0.3  # peer silent this long on every path = lost
+    # A quorum service holds the leader key: a lost primary only starts the contest for it
+    # (PrimaryLost, state CONTESTING); the takeover waits for won().
+    quorum: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.interval < self.timeout:
@@ -723,6 +803,7 @@ class FailoverDecider:
         self.peer: Heartbeat | None = None
         self._split_reported = False
         self._leaving = False  # this engine is stopping on purpose
+        self.fenced = False  # quorum, primary: past the leader key's deadline (heartbeats say so)
 
     @property
     def expected_mode(self) -> ColoMode:
@@ -802,6 +883,35 @@ class FailoverDecider:
         self._leaving = True
         return [self._heartbeat(now)]
 
+    def set_fenced(self, fenced: bool, now: float) -> list[DecideAction]:
+        """Quorum, primary: past the leader key's deadline (or back before it). The
+        secondary hears it at once and contests the key: the primary may be cut off from the
+        quorum while its heartbeats still reach host S."""
+        if fenced is self.fenced:
+            return []
+        self.fenced = fenced
+        return [self._heartbeat(now)]
+
+    def won(self, now: float) -> list[DecideAction]:
+        """Quorum, secondary: the leader key is ours; True state FAILED_OVER. Outside a
+        contest (stood down meanwhile) nothing changes: the shell gives the key back."""
+        if not self._to(Evidence.WON):
+            return []
+        return [self._heartbeat(now)]
+
+    def refused(self, reason: str, now: float) -> list[DecideAction]:
+        """Quorum, secondary: the key can never be ours (the primary runs alone): stand
+        down, as when the primary says so itself."""
+        if not self._to(Evidence.PEER_ALONE):
+            return []
+        return [StoodDown(reason), self._heartbeat(now)]
+
+    def key_lost(self, reason: str, now: float) -> list[DecideAction]:
+        """Quorum: the key is another host's (or may be): a primary stops serving for good."""
+        if not self._to(Evidence.KEY_LOST):
+            return []
+        return [StoodDown(reason), self._heartbeat(now)]
+
     def checkpoint_stalled(self, now: float) -> list[DecideAction]:
         if self.config.role is Role.PRIMARY and self.state is Watch.WATCHING:
             return [*self._lose_peer("checkpoint-stalled", now), self._heartbeat(now)]
@@ -817,7 +927,10 @@ class FailoverDecider:
         self.last_heard[path] = now
         self.peer = heartbeat
         actions: list[DecideAction] = []
-        if self.state is Watch.WATCHING:
+        if self.state is Watch.WATCHING or (
+            self.state is Watch.CONTESTING
+            and (heartbeat.failed_over or heartbeat.qemu is QemuState.SHUTDOWN)
+        ):
             actions.extend(self._judge(heartbeat, now))
         elif (
             self.state is Watch.STANDBY
@@ -834,6 +947,8 @@ class FailoverDecider:
 
     def _judge(self, peer: Heartbeat, now: float) -> list[DecideAction]:
         if self.config.role is Role.SECONDARY:
+            if self.config.quorum and peer.fenced:
+                return self._lose_peer("primary-fenced", now)
             if peer.failed_over:
                 self._to(Evidence.PEER_ALONE)
                 return [StoodDown("primary-failed-over"), self._heartbeat(now)]
@@ -868,7 +983,7 @@ class FailoverDecider:
             # nothing consistent to take over with.
             if self.colo is not ColoMode.SECONDARY:
                 return []
-            self._to(Evidence.PEER_LOST)
+            self._to(Evidence.CONTEST if self.config.quorum else Evidence.PEER_LOST)
             return [PrimaryLost(reason, silent_for), self._heartbeat(now)]
         self._to(Evidence.PEER_LOST)
         return [SecondaryLost(reason, silent_for), self._heartbeat(now)]
@@ -910,6 +1025,7 @@ class FailoverDecider:
                 colo_exit=self.colo_exit,
                 serving=self.serving,
                 leaving=self._leaving,
+                fenced=self.fenced,
             )
         )
 
@@ -941,6 +1057,7 @@ __all__ = [
     "Phase",
     "PrimaryLost",
     "QemuState",
+    "ReplayWindow",
     "Request",
     "RequestsAbandoned",
     "Role",
@@ -955,4 +1072,6 @@ __all__ = [
     "Watch",
     "backstop_ms",
     "decode_heartbeat",
+    "open_heartbeat",
+    "seal_heartbeat",
 ]

@@ -18,8 +18,11 @@ evidence that keeps the secondary from taking over (split brain); binding pins e
 network.
 
 Datagrams come only from the peer's address on each path (``connect``-ed sockets: the kernel
-drops the rest). The heartbeat carries no authentication: the replication link and the LAN
-path are trusted networks (docs/engine.md).
+drops the rest), which a host on the link can forge. So every datagram is sealed with
+HMAC-SHA256 under a key both daemons share (``engine.heartbeat_key``), and each path keeps a
+replay window over the sender's ``boot`` and ``seq`` (:class:`~coloproxy.engine.logic.
+ReplayWindow`): a datagram whose tag is wrong is counted ``bad-forged``, an authentic one
+heard before (or older than one heard) ``bad-replayed``; neither reaches the decider.
 """
 
 from __future__ import annotations
@@ -33,7 +36,13 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coloproxy.engine.logic import BadHeartbeat, Heartbeat, decode_heartbeat
+from coloproxy.engine.logic import (
+    BadHeartbeat,
+    Heartbeat,
+    ReplayWindow,
+    open_heartbeat,
+    seal_heartbeat,
+)
 from coloproxy.engine.qmp import EngineError
 
 log = logging.getLogger(__name__)
@@ -82,9 +91,12 @@ class HeartbeatPeer:
         self,
         paths: list[HeartbeatPath],
         on_heartbeat: Callable[[str, Heartbeat, float], None],
+        key: bytes,
     ) -> None:
         self.paths = list(paths)
         self.on_heartbeat = on_heartbeat
+        self._key = key
+        self._window = ReplayWindow()
         self.counters: Counter[str] = Counter()  # sent, received, bad-<reason>, error-<type>
         self._endpoints: list[_Endpoint] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,7 +142,7 @@ class HeartbeatPeer:
             await asyncio.wait([endpoint.lost for endpoint in endpoints], timeout=1.0)
 
     def send(self, heartbeat: Heartbeat) -> None:
-        data = heartbeat.encode()
+        data = seal_heartbeat(heartbeat, self._key)
         for endpoint in self._endpoints:
             transport = endpoint.transport
             if transport is None or transport.is_closing():
@@ -143,9 +155,12 @@ class HeartbeatPeer:
             self.counters["sent"] += 1
 
     def _received(self, path: HeartbeatPath, data: bytes) -> None:
-        item = decode_heartbeat(data)
+        item = open_heartbeat(data, self._key)
         if isinstance(item, BadHeartbeat):
             self.counters["bad-" + item.reason] += 1
+            return
+        if not self._window.fresh(path.name, item.boot, item.sequence):
+            self.counters["bad-replayed"] += 1
             return
         self.counters["received"] += 1
         loop = self._loop

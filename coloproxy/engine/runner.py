@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from coloproxy import __version__
-from coloproxy.config import Config
+from coloproxy.config import Config, ConfigError, QuorumService, read_key_file
 from coloproxy.control.client import ControlClient, ControlConnectionError
 from coloproxy.control.server import ControlError
 from coloproxy.engine.logic import (
@@ -80,8 +79,25 @@ from coloproxy.engine.logic import (
     Unexpected,
     Watch,
 )
+from coloproxy.engine.logic_leader import (
+    Acquire,
+    Fenced,
+    KeyLost,
+    KeyPhase,
+    LeaderAction,
+    LeaderConfig,
+    LeaderKey,
+    Mark,
+    Marked,
+    Refused,
+    Release,
+    Renew,
+    Unfenced,
+    Won,
+)
 from coloproxy.engine.peer import HeartbeatPath, HeartbeatPeer
 from coloproxy.engine.qmp import ColoStatus, MigrationStats, QemuMonitor, QmpError, QmpEvent
+from coloproxy.engine.quorum import EtcdSettings, EtcdStore, LeaderStore, QuorumError
 from coloproxy.metrics import EngineFigures
 from coloproxy.protocol import (
     CheckpointCompleted,
@@ -107,6 +123,20 @@ CONTROL_RETRY: Final = 0.2
 # A failover message must reach the proxy: wait this long for the control connection.
 FAILOVER_CONTROL_WAIT: Final = 10.0
 RESUME_WAIT: Final = 5.0
+# A planned stop hands the leader key over; it waits this long for the quorum service.
+RELEASE_WAIT: Final = 1.0
+TWO_HOST_WARNING: Final = (
+    "two-host mode (for labs only): no quorum service decides failover; a cut link can make"
+    " both hosts serve (split brain). Set engine.quorum (docs/engine.md)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QuorumSettings:
+    """The leader key: its timings and where it lives."""
+
+    leader: LeaderConfig
+    etcd: EtcdSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +148,7 @@ class EngineSettings:
     qmp: str
     control_socket: Path
     heartbeat_paths: tuple[HeartbeatPath, ...]
+    heartbeat_key: bytes  # HMAC-SHA256 key of the heartbeats (engine.heartbeat_key's file)
     migrate_uri: str | None = None
     bring_up: bool = True
     period_ms: int = 20000
@@ -128,6 +159,7 @@ class EngineSettings:
     # QEMU objects deleted (object-del) when this host's QEMU leaves COLO to run alone: with
     # QEMU's own network filters, the redirectors to the lost host (QEMU's COLO-FT.txt).
     failover_object_del: tuple[str, ...] = ()
+    quorum: QuorumSettings | None = None  # None: the two-host mode (labs only)
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings | None:
@@ -135,6 +167,9 @@ class EngineSettings:
         engine = config.engine
         if engine.qmp is None:
             return None
+        if engine.heartbeat_key is None:  # the config reader requires it with qmp
+            raise ConfigError([f"{config.path}: engine.heartbeat_key is not set"])
+        key = read_key_file(engine.heartbeat_key, "engine.heartbeat_key")
         paths = [
             HeartbeatPath(
                 "replication",
@@ -158,6 +193,7 @@ class EngineSettings:
             qmp=engine.qmp,
             control_socket=config.control.socket,
             heartbeat_paths=tuple(paths),
+            heartbeat_key=key,
             migrate_uri=engine.migrate_uri,
             bring_up=engine.bring_up,
             period_ms=engine.period_ms,
@@ -166,7 +202,40 @@ class EngineSettings:
             heartbeat_interval_ms=engine.heartbeat_interval_ms,
             failover_timeout_ms=engine.failover_timeout_ms,
             failover_object_del=engine.failover_object_del,
+            quorum=_quorum_settings(config),
         )
+
+
+def _quorum_settings(config: Config) -> QuorumSettings | None:
+    quorum = config.engine.quorum
+    if quorum is None or quorum.service is QuorumService.TWO_HOST:
+        return None
+    password = None
+    if quorum.password_file is not None:
+        secret = read_key_file(quorum.password_file, "engine.quorum.password_file", 1)
+        password = secret.decode("utf-8", "replace")
+    return QuorumSettings(
+        leader=LeaderConfig(
+            ttl=quorum.ttl_ms / 1000,
+            renew=quorum.renew_ms / 1000,
+            margin=quorum.margin_ms / 1000,
+            retry=quorum.retry_ms / 1000,
+        ),
+        etcd=EtcdSettings(
+            endpoints=tuple(
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                for host, port in quorum.endpoints
+            ),
+            prefix=quorum.prefix,
+            pair=config.pair.name,
+            timeout=quorum.timeout_ms / 1000,
+            ca_file=Path(quorum.ca_file) if quorum.ca_file else None,
+            cert_file=Path(quorum.cert_file) if quorum.cert_file else None,
+            key_file=Path(quorum.key_file) if quorum.key_file else None,
+            user=quorum.user,
+            password=password,
+        ),
+    )
 
 
 class EngineRunstate(Enum):
@@ -215,8 +284,23 @@ class EngineRunner:
         attach_lan: Callable[[], object] | None = None,
         figures: EngineFigures | None = None,
         reprotect: bool = False,
+        store: LeaderStore | None = None,
+        fence: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Quorum: the leader key's decisions and the service it lives in; None: two-host.
+        self.leader: LeaderKey | None = None
+        self.store: LeaderStore | None = store
+        if settings.quorum is not None:
+            self.leader = LeaderKey(settings.quorum.leader)
+            if store is None:
+                self.store = EtcdStore(settings.quorum.etcd)
+        # Told the deadline (loop time) before which the local proxy may release output:
+        # +inf without quorum, -inf while this host does not hold the leader key.
+        self.fence = fence
+        self._contest: PrimaryLost | None = None  # quorum, secondary: why the key is wanted
+        self._alone_cleared = False  # quorum, primary: the alone mark cleared since COLO began
+        self._marks: dict[bool, asyncio.Future[bool]] = {}
         # Started by a reprotect: a primary QEMU that left COLO earlier is brought up again
         # instead of being reported as running alone.
         self.reprotect = reprotect
@@ -225,11 +309,14 @@ class EngineRunner:
         self.figures = figures or EngineFigures()
         self.figures.role = settings.role.value
         self.figures.period_ms = settings.period_ms
+        self.figures.quorum = "etcd" if settings.quorum is not None else "two-host"
         self.runstate = EngineRunstate.IDLE
         self.monitor = QemuMonitor(
             settings.qmp, f"{settings.role.value}-qemu", self._on_event, self._on_gone
         )
-        self.peer = HeartbeatPeer(list(settings.heartbeat_paths), self._on_heartbeat)
+        self.peer = HeartbeatPeer(
+            list(settings.heartbeat_paths), self._on_heartbeat, settings.heartbeat_key
+        )
         self.scheduler: CheckpointScheduler | None = None
         self.decider: FailoverDecider | None = None
         self.failover_task: asyncio.Task[None] | None = None
@@ -269,13 +356,31 @@ class EngineRunner:
             DeciderConfig(
                 pair=settings.pair,
                 role=settings.role,
-                boot=random.getrandbits(48),
+                boot=time.time_ns() // 1000,  # grows across restarts: ReplayWindow
                 interval=settings.heartbeat_interval_ms / 1000,
                 timeout=settings.failover_timeout_ms / 1000,
+                quorum=self.leader is not None,
             ),
             now,
         )
         self.runstate = EngineRunstate.RUNNING
+        if self.leader is None:
+            log.warning("%s", TWO_HOST_WARNING)
+            self._fence(float("inf"))
+        else:
+            self._fence(float("-inf"))  # nothing leaves before the key is won
+            quorum = self.settings.quorum
+            assert quorum is not None
+            log.info(
+                "quorum: the leader key under %s/%s in etcd %s (TTL %.1f s, margin %.0f ms)",
+                quorum.etcd.prefix.rstrip("/"),
+                quorum.etcd.pair,
+                ", ".join(quorum.etcd.endpoints),
+                quorum.leader.ttl,
+                quorum.leader.margin * 1000,
+            )
+            if self.role is Role.PRIMARY:
+                self._lead(self.leader.contend(now))
         why = "cancelled"
         try:
             await self.peer.start()
@@ -314,6 +419,18 @@ class EngineRunner:
     async def _shutdown(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        leader, store = self.leader, self.store
+        if leader is not None and store is not None:
+            # A planned stop: hand the key over, so that the next engine (a restart, a
+            # reprotect) need not wait for the lease to run out. Bounded: the lease expires
+            # by itself anyway.
+            for action in leader.hand_over(self._now()):
+                if isinstance(action, Release):
+                    with contextlib.suppress(QuorumError, TimeoutError):
+                        async with asyncio.timeout(RELEASE_WAIT):
+                            await store.release(action.lease, action.revision)
+            self._fence(float("-inf"))
+            await store.close()
         tasks = [*self._tasks]
         if self.failover_task is not None:
             tasks.append(self.failover_task)
@@ -353,6 +470,11 @@ class EngineRunner:
             figures.qemu = decider.qemu.value
             figures.peer_heard = decider.heard()
         figures.heartbeats = dict(self.peer.counters)
+        leader = self.leader
+        if leader is not None:
+            figures.key = leader.phase.value
+            figures.key_deadline = leader.deadline if leader.phase is KeyPhase.HOLDING else None
+            figures.fenced = leader.phase is KeyPhase.HOLDING and leader.fenced
 
     # -- the timer -------------------------------------------------------------------------
 
@@ -361,7 +483,9 @@ class EngineRunner:
         if loop is None or self.runstate is not EngineRunstate.RUNNING:
             return
         deadlines = [
-            machine.get_timer() for machine in (self.scheduler, self.decider) if machine is not None
+            machine.get_timer()
+            for machine in (self.scheduler, self.decider, self.leader)
+            if machine is not None
         ]
         due = min((d for d in deadlines if d is not None), default=None)
         timer = self._timer
@@ -383,6 +507,8 @@ class EngineRunner:
             self._decide(self.decider.handle_timer(now), rearm=False)
         if self.scheduler is not None:
             self._schedule(self.scheduler.handle_timer(now), rearm=False)
+        if self.leader is not None:
+            self._lead(self.leader.handle_timer(now), rearm=False)
         self._rearm()
 
     # -- inputs ----------------------------------------------------------------------------
@@ -486,6 +612,8 @@ class EngineRunner:
         ):
             log.info("the QEMUs are in COLO: checkpoints start")
             self._schedule(scheduler.activate(now))
+        if self.role is Role.PRIMARY and mode is ColoMode.PRIMARY:
+            self._clear_alone()
         self._pulse()
 
     # -- actions ---------------------------------------------------------------------------
@@ -593,11 +721,27 @@ class EngineRunner:
             if isinstance(action, SendHeartbeat):
                 self.peer.send(action.heartbeat)
             elif isinstance(action, PrimaryLost):
-                self._start_failover(self._take_over(action), "primary-lost")
+                if self.leader is not None:
+                    # The heartbeats only start the contest; the key decides.
+                    log.warning(
+                        "primary looks lost (%s, silent %.0f ms): contesting the leader key",
+                        action.reason,
+                        action.silent_for * 1000,
+                    )
+                    self._contest = action
+                    self.figures.key_events["contest"] += 1
+                    self._lead(self.leader.contend(self._now()), rearm=False)
+                else:
+                    self._start_failover(self._take_over(action), "primary-lost")
             elif isinstance(action, SecondaryLost):
                 self._start_failover(self._leave_colo(action), "secondary-lost")
             elif isinstance(action, StoodDown):
                 self.figures.failovers["stood-down"] += 1
+                if self.leader is not None:
+                    now = self._now()
+                    self._lead(self.leader.stop(now), rearm=False)
+                    if self.role is Role.PRIMARY:
+                        self._lead(self.leader.hand_over(now), rearm=False)
                 if self.role is Role.PRIMARY:
                     log.critical(
                         "standing down (%s): the secondary serves now; pausing this guest"
@@ -615,6 +759,9 @@ class EngineRunner:
                     )
             elif isinstance(action, LocalQemuLost):
                 log.error("the local QEMU is %s: nothing left to protect here", action.state)
+                if self.leader is not None:
+                    # The fast path: the peer need not wait for the lease to run out.
+                    self._lead(self.leader.hand_over(self._now()), rearm=False)
                 if self.scheduler is not None:
                     self._schedule(self.scheduler.deactivate(self._now()), rearm=False)
             elif isinstance(action, SplitBrain):
@@ -633,6 +780,194 @@ class EngineRunner:
                 )
         if rearm:
             self._rearm()
+
+    # -- the leader key -------------------------------------------------------------------
+
+    def _fence(self, deadline: float) -> None:
+        if self.fence is not None:
+            try:
+                self.fence(deadline)
+            except Exception:  # the proxy's gate checks its own clock; the engine goes on
+                log.exception("telling the proxy the leader key's deadline failed")
+
+    def _lead(self, actions: list[LeaderAction], *, rearm: bool = True) -> None:
+        """Carry out the leader key's actions (quorum mode)."""
+        leader, store = self.leader, self.store
+        if leader is None or store is None:
+            return
+        figures = self.figures
+        for action in actions:
+            if isinstance(action, Acquire):
+                self._spawn_quick(self._acquire(store, action.ttl), "engine-acquire")
+            elif isinstance(action, Renew):
+                self._spawn_quick(self._renew(store, action.lease), "engine-renew")
+            elif isinstance(action, Release):
+                self._spawn_quick(
+                    self._release(store, action.lease, action.revision), "engine-release"
+                )
+            elif isinstance(action, Mark):
+                self._spawn_quick(self._mark(store, action.alone, action.revision), "engine-mark")
+            elif isinstance(action, Won):
+                figures.key_events["won"] += 1
+                self._fence(action.deadline)
+                self._won(action)
+            elif isinstance(action, Fenced):
+                figures.key_events["fenced"] += 1
+                log.critical(
+                    "FENCED: the leader key's deadline passed (last renewal acknowledged %.0f ms"
+                    " ago): holding every packet until a renewal is acknowledged",
+                    action.since_ack * 1000,
+                )
+                if self.decider is not None:
+                    self._decide(self.decider.set_fenced(True, self._now()), rearm=False)
+            elif isinstance(action, Unfenced):
+                figures.key_events["unfenced"] += 1
+                log.warning("the leader key is renewed again: releasing")
+                self._fence(action.deadline)
+                if self.decider is not None:
+                    self._decide(self.decider.set_fenced(False, self._now()), rearm=False)
+            elif isinstance(action, KeyLost):
+                figures.key_events["lost-" + action.reason] += 1
+                self._fence(float("-inf"))
+                if action.reason == "released":
+                    log.warning("leader key handed over")
+                else:
+                    log.critical(
+                        "the leader key is lost (%s): this host must not serve", action.reason
+                    )
+                    if self.decider is not None:
+                        self._decide(self.decider.key_lost("key-lost", self._now()), rearm=False)
+            elif isinstance(action, Refused):
+                figures.key_events["refused-" + action.reason] += 1
+                log.error(
+                    "the leader key is refused for good (%s): the primary runs alone", action.reason
+                )
+                if self.decider is not None:
+                    self._decide(self.decider.refused("primary-alone", self._now()), rearm=False)
+            elif isinstance(action, Marked):
+                future = self._marks.pop(action.alone, None)
+                if future is not None and not future.done():
+                    future.set_result(True)
+        self._pulse()
+        if rearm:
+            self._rearm()
+
+    def _won(self, action: Won) -> None:
+        leader, decider = self.leader, self.decider
+        assert leader is not None
+        log.warning("won the leader key (revision %d)", action.revision)
+        if decider is None:
+            return
+        if self.role is Role.PRIMARY:
+            if decider.colo is ColoMode.PRIMARY:
+                self._clear_alone()
+            return
+        contest = self._contest
+        actions = decider.won(self._now()) if contest is not None else []
+        if contest is not None and actions:
+            self._decide(actions, rearm=False)  # the heartbeat now says failed_over
+            self._start_failover(self._take_over(contest), "primary-lost")
+            return
+        # Won a contest this side gave up meanwhile (it stood down): give the key back.
+        log.warning("the contest was abandoned: handing the leader key back")
+        self._lead(leader.hand_over(self._now()), rearm=False)
+
+    def _clear_alone(self) -> None:
+        """The pair is protected (this primary's QEMU is in COLO): clear the alone mark
+        once, so that the secondary may take over again (after a reprotect, or a
+        restarted daemon). Needs the key; tried again at the next COLO status if not held
+        yet."""
+        leader = self.leader
+        if leader is None or self._alone_cleared or leader.phase is not KeyPhase.HOLDING:
+            return
+        self._alone_cleared = True
+        self._lead(leader.mark(False), rearm=False)
+
+    def _spawn_quick(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        """A short quorum call as a task of its own (done ones are forgotten)."""
+        self._tasks = [task for task in self._tasks if not task.done()]
+        self._spawn(coroutine, name)
+
+    def _holder(self) -> str:
+        decider = self.decider
+        boot = decider.config.boot if decider is not None else 0
+        return f"{self.settings.pair} {self.role.value} boot {boot}"
+
+    async def _acquire(self, store: LeaderStore, ttl: float) -> None:
+        leader = self.leader
+        assert leader is not None
+        sent = self._now()
+        try:
+            outcome = await store.acquire(ttl, self._holder(), self.role is Role.SECONDARY)
+        except QuorumError as exc:
+            log.debug("acquire: %s", exc)
+            self._lead(leader.not_acquired(self._now()))
+            return
+        if outcome.grant is None:
+            self._lead(leader.not_acquired(self._now(), outcome.alone))
+            return
+        grant = outcome.grant
+        self._lead(leader.acquired(grant.lease, grant.ttl, grant.revision, sent))
+
+    async def _renew(self, store: LeaderStore, lease: int) -> None:
+        leader = self.leader
+        assert leader is not None
+        sent = self._now()
+        try:
+            ttl = await store.renew(lease)
+        except QuorumError as exc:
+            self.figures.key_events["renew-failed"] += 1
+            log.debug("renew: %s", exc)
+            self._lead(leader.renew_failed(self._now()))
+            return
+        actions = leader.renewed(sent, ttl, self._now())
+        if leader.phase is KeyPhase.HOLDING and not leader.fenced:
+            self._fence(leader.deadline)
+        self._lead(actions)
+
+    async def _release(self, store: LeaderStore, lease: int, revision: int) -> None:
+        try:
+            await store.release(lease, revision)
+        except QuorumError as exc:  # the lease runs out by itself
+            log.warning("handing the leader key over: %s (it expires by itself)", exc)
+
+    async def _mark(self, store: LeaderStore, alone: bool, revision: int) -> None:
+        leader = self.leader
+        assert leader is not None
+        try:
+            ok = await store.mark(alone, revision)
+        except QuorumError as exc:
+            log.warning("the alone mark: %s", exc)
+            if not alone:
+                self._alone_cleared = False  # the next COLO status tries again
+            future = self._marks.pop(alone, None)
+            if future is not None and not future.done():
+                future.set_result(False)
+            return
+        self._lead(leader.marked(alone, ok, self._now()))
+        if not ok:
+            future = self._marks.pop(alone, None)
+            if future is not None and not future.done():
+                future.set_result(False)
+
+    async def _mark_alone(self) -> bool:
+        """Quorum: record in the quorum service that this host runs alone (the peer must
+        never take over with its stale state), before it does. Tried until it is written or
+        the key is lost; True when written."""
+        leader = self.leader
+        if leader is None:
+            return True
+        self._alone_cleared = False
+        while leader.phase is KeyPhase.HOLDING:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[bool] = loop.create_future()
+            self._marks[True] = future
+            self._lead(leader.mark(True))
+            if await future:
+                log.info("marked alone in the quorum service")
+                return True
+            await asyncio.sleep(leader.config.retry)
+        return False
 
     def _start_failover(self, coroutine: Coroutine[Any, Any, None], kind: str) -> None:
         self.figures.failovers[kind] += 1
@@ -746,6 +1081,13 @@ class EngineRunner:
         )
         if self.scheduler is not None:
             self._schedule(self.scheduler.deactivate(started))
+        if self.leader is not None:
+            # Before the guest runs past the secondary's state: a secondary that won the key
+            # later would take over with a stale copy.
+            if not await self._mark_alone():
+                log.critical("cannot mark this pair alone (the key is lost): not leaving COLO")
+                return
+            steps["marked-alone"] = self._now() - started
         try:
             await self.monitor.lost_heartbeat()
             steps["lost-heartbeat"] = self._now() - started
@@ -854,6 +1196,8 @@ class EngineRunner:
             steps["announce"] = self._now() - started
         except QmpError as exc:
             log.error("announce-self: %s", exc)
+        if self.leader is not None:
+            self._lead(self.leader.mark(True))  # runs alone now: no stale takeover back
 
         def resumed() -> bool:
             return sum(1 for e in self.events if e.name == "RESUME") > resumes

@@ -21,6 +21,7 @@ from pathlib import Path
 from coloproxy.lab.topology import (
     GUEST_PORT,
     LAN_BRIDGE,
+    MGMT_IPV4,
     REPLICATION,
     REPLICATION_IPV4,
 )
@@ -41,6 +42,26 @@ MIN_GAP_MS = 100
 HEARTBEAT_INTERVAL_MS = 50
 FAILOVER_TIMEOUT_MS = 300
 FILES = {"primary": "lab.yaml", "secondary": "lab-secondary.yaml"}
+ETCD_CLIENT_PORT = 2379
+# Keys under <prefix>/lab/: the lab's cluster could hold other pairs' keys too.
+QUORUM_PREFIX = "/coloproxy-lab"
+
+
+def etcd_endpoints(first: str) -> str:
+    """The lab's etcd members as a YAML flow list, host ``first``'s own member first."""
+    hosts = sorted(MGMT_IPV4, key=lambda host: (host != first, host))
+    return "[" + ", ".join(f"{MGMT_IPV4[host]}:{ETCD_CLIENT_PORT}" for host in hosts) + "]"
+
+
+_QUORUM = """\
+  # Failover is decided by a leader key in the lab's etcd: one member on host P, host S and
+  # the witness, on their LAN addresses (docs/lab.md). `coloproxy lab up --two-host` leaves
+  # this out: the two-host mode, for labs only (a cut link can make both hosts serve).
+  quorum:
+    service: etcd
+    endpoints: {endpoints} # this host's member first
+    prefix: {quorum_prefix}
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +96,11 @@ class LabPaths:
     @property
     def state(self) -> Path:
         return self.run_dir / "state.json"
+
+    @property
+    def heartbeat_key(self) -> Path:
+        """The heartbeats' HMAC key, shared by the two daemons (written by ``lab up``)."""
+        return self.run_dir / "heartbeat.key"
 
 
 def migrate_uri() -> str:
@@ -139,7 +165,8 @@ engine:
   min_gap_ms: {min_gap_ms}
   heartbeat_port: {heartbeat_port} # UDP, on the replication addresses
   heartbeat_interval_ms: {heartbeat_interval_ms}
-  failover_timeout_ms: {failover_timeout_ms}
+  heartbeat_key: {heartbeat_key} # HMAC key, mode 0600, written by `lab up`
+{primary_quorum}  failover_timeout_ms: {failover_timeout_ms}
 
 log:
   level: info
@@ -182,18 +209,27 @@ engine:
   min_gap_ms: {min_gap_ms}
   heartbeat_port: {heartbeat_port}
   heartbeat_interval_ms: {heartbeat_interval_ms}
+  heartbeat_key: {heartbeat_key} # the same file as host P's
   # Host P's heartbeats silent this long: host S takes over (x-colo-lost-heartbeat, the
   # SVM's port into the LAN bridge, announce-self).
   failover_timeout_ms: {failover_timeout_ms}
-
+{secondary_quorum}
 log:
   level: info
 """
 
 
-def _fields(paths: LabPaths) -> dict[str, object]:
+def _fields(paths: LabPaths, two_host: bool = False) -> dict[str, object]:
     """What every template is filled with, host P first (the first bring-up's roles)."""
+
+    def quorum(host: str) -> str:
+        if two_host:
+            return ""
+        return _QUORUM.format(endpoints=etcd_endpoints(host), quorum_prefix=QUORUM_PREFIX)
+
     return {
+        "primary_quorum": quorum("hp"),
+        "secondary_quorum": quorum("hs"),
         "pair": PAIR_NAME,
         "prefix": NET_PREFIX,
         "run_dir": paths.run_dir,
@@ -212,13 +248,15 @@ def _fields(paths: LabPaths) -> dict[str, object]:
         "heartbeat_port": HEARTBEAT_PORT,
         "heartbeat_interval_ms": HEARTBEAT_INTERVAL_MS,
         "failover_timeout_ms": FAILOVER_TIMEOUT_MS,
+        "heartbeat_key": paths.heartbeat_key,
     }
 
 
-def reprotect_config_text(paths: LabPaths) -> str:
+def reprotect_config_text(paths: LabPaths, two_host: bool = False) -> str:
     """Host P's config after ``lab reprotect``: role secondary, its new QEMU waits for host S
     (now the primary) to migrate into it. Host P's socket and monitors keep their names."""
-    fields = _fields(paths) | {
+    fields = _fields(paths, two_host) | {
+        "secondary_quorum": _fields(paths, two_host)["primary_quorum"],
         "primary_address": REPLICATION_IPV4["hs"],
         "secondary_address": REPLICATION_IPV4["hp"],
         "secondary_socket": paths.control_socket("primary"),
@@ -233,10 +271,11 @@ def reprotect_config_text(paths: LabPaths) -> str:
     return head + _SECONDARY.format(**fields)
 
 
-def config_text(role: str, paths: LabPaths | None = None) -> str:
-    """The config of ``role`` ("primary" or "secondary") for a lab in ``paths.run_dir``."""
+def config_text(role: str, paths: LabPaths | None = None, two_host: bool = False) -> str:
+    """The config of ``role`` ("primary" or "secondary") for a lab in ``paths.run_dir``;
+    ``two_host``: without the quorum (``lab up --two-host``)."""
     template = {"primary": _PRIMARY, "secondary": _SECONDARY}[role]
-    return template.format(**_fields(paths or LabPaths()))
+    return template.format(**_fields(paths or LabPaths(), two_host))
 
 
 # The lab's --chardev mode (docs/chardev.md): host P's QEMU keeps its filters, coloproxy takes
@@ -255,12 +294,12 @@ _SECONDARY_CHARDEV = """\
 """
 
 
-def chardev_config_text(role: str, paths: LabPaths | None = None) -> str:
+def chardev_config_text(role: str, paths: LabPaths | None = None, two_host: bool = False) -> str:
     """``config_text`` for the lab's ``--chardev`` mode: host P's daemon with a chardev
     section (its queues left out), host S's engine removing its redirectors at failover."""
     from coloproxy.lab.vms import FILTER_PORTS  # vms imports this module
 
-    text = config_text(role, paths)
+    text = config_text(role, paths, two_host)
     marker = "\n\nlog:\n"  # the engine section ends right before it, in both texts
     if role == "primary":
         block = _PRIMARY_CHARDEV.format(

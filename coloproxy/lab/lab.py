@@ -34,6 +34,7 @@ no retry; a request succeeds only with status 200 and exactly the page's bytes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -41,6 +42,8 @@ import json
 import logging
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,7 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from coloproxy.lab import vms
+from coloproxy.engine.runner import TWO_HOST_WARNING
+from coloproxy.lab import etcd, partition, vms
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
     PERIOD_MS,
@@ -112,6 +116,7 @@ class LabState:
     started: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     chardev: bool = False  # --chardev: QEMU's filters, coloproxy in place of colo-compare
+    quorum: bool = False  # a witness and etcd members decide failover (not --two-host)
 
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -298,11 +303,15 @@ class Lab:
         *,
         qemu_filters: bool = False,
         chardev: bool = False,
+        two_host: bool = False,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
         self.paths = LabPaths(Path(run_dir))
-        self.topology = Topology(prefix, guests="tap")
+        # The quorum (a witness, three etcd members) goes with coloproxy's engines; QEMU's
+        # own colo-compare (--qemu-filters) has no engine to use it.
+        self.quorum = not two_host and not qemu_filters
+        self.topology = Topology(prefix, guests="tap", witness=self.quorum)
         self.qemu_filters = qemu_filters
         # QEMU's filters with coloproxy's chardev transport in place of colo-compare; the
         # daemons and their engines run as in the default mode (docs/chardev.md).
@@ -350,14 +359,19 @@ class Lab:
             state = LabState.load(self.paths)
             if state is None:
                 raise LabError(f"{self.paths.state} went away while the lab was looked at")
-            if state.qemu_filters != self.qemu_filters or state.chardev != self.chardev:
+            if (
+                state.qemu_filters != self.qemu_filters
+                or state.chardev != self.chardev
+                or state.quorum != self.quorum
+            ):
                 wired = _wiring(state.qemu_filters, state.chardev)
+                wired += "" if state.quorum else " in two-host mode"
                 raise LabError(
                     f"a lab wired with {wired} is up (namespaces {state.prefix}-*): "
                     "`coloproxy lab down` first"
                 )
             self.state = state
-            self.topology = Topology(state.prefix, guests="tap")
+            self.topology = Topology(state.prefix, guests="tap", witness=state.quorum)
             self.progress(f"the lab is already up (namespaces {state.prefix}-*); checking it")
             self.wait_serving(SERVE_TIMEOUT_S)
             return state
@@ -373,7 +387,7 @@ class Lab:
         driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
-            started=time.time(), chardev=self.chardev,
+            started=time.time(), chardev=self.chardev, quorum=self.quorum,
         )  # fmt: skip
         self.state = state
         state.save(self.paths)
@@ -387,11 +401,20 @@ class Lab:
 
     def _up(self, state: LabState) -> None:
         paths = self.paths
+        _write_key(paths.heartbeat_key)
+        two_host = not self.quorum
         for role in ("primary", "secondary"):
-            text = chardev_config_text(role, paths) if self.chardev else config_text(role, paths)
+            if self.chardev:
+                text = chardev_config_text(role, paths, two_host)
+            else:
+                text = config_text(role, paths, two_host)
             paths.config(role).write_text(text)
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
+        if self.quorum:
+            self._start_etcd(state)
+        elif not self.qemu_filters:
+            self.progress(f"WARNING: {TWO_HOST_WARNING}")
 
         mode = _wiring(self.qemu_filters, self.chardev)
         self.progress(
@@ -451,6 +474,46 @@ class Lab:
         state.pids[name] = vms.adopt(process)
         state.save(self.paths)
         return int(process.pid)
+
+    def _start_etcd(self, state: LabState) -> None:
+        """One etcd member on host P, host S and the witness (docs/lab.md, "The quorum")."""
+        self.progress(
+            "starting etcd on "
+            + ", ".join(
+                f"{self.topology.ns(h)} ({etcd.endpoint(h)})" for h in self.topology.hosts()
+            )
+        )
+        for host in self.topology.hosts():
+            data = self.paths.run_dir / f"etcd-{host}"
+            shutil.rmtree(data, ignore_errors=True)
+            self._spawn(
+                f"etcd_{host}",
+                host,
+                etcd.command(host, data, token=f"coloproxy-{self.prefix}"),
+                self.paths.run_dir / f"etcd-{host}.log",
+            )
+        took = etcd.wait_healthy(self.topology)
+        state.timings["etcd_s"] = took
+        led = etcd.lead_from(self.topology, "wit")
+        self.progress(
+            f"etcd: 3 members healthy after {took:.1f} s"
+            + (
+                "; the witness's member leads"
+                if led
+                else "; could not move the lead to the witness"
+            )
+        )
+
+    def partition(self, name: str, *, freeze: bool = False) -> str:
+        """Cut ``name`` (coloproxy.lab.partition.CUTS); a sentence saying what."""
+        state = self._require_state()
+        topology = Topology(state.prefix, guests="tap", witness=state.quorum)
+        return partition.cut(topology, name, self.paths.run_dir, freeze=freeze)
+
+    def heal(self) -> str:
+        state = self._require_state()
+        topology = Topology(state.prefix, guests="tap", witness=state.quorum)
+        return partition.heal(topology, self.paths.run_dir)
 
     def _start_daemon(self, state: LabState, role: str) -> None:
         host = vms.HOST_OF[role]
@@ -620,6 +683,13 @@ class Lab:
         """Stop daemons and QEMUs, delete the namespaces; harmless when nothing is up."""
         state = LabState.load(self.paths)
         prefixes = {self.prefix} | ({state.prefix} if state else set())
+        frozen = self.paths.run_dir / "frozen.json"
+        if frozen.exists():  # a frozen process would not end on SIGTERM
+            with contextlib.suppress(OSError, ValueError):
+                for pid in json.loads(frozen.read_text()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)
+            frozen.unlink(missing_ok=True)
         if state is not None:
             order = ["filters_driver", "primary_daemon", "secondary_daemon"]
             order += ["primary_qemu", "secondary_qemu"]
@@ -694,6 +764,8 @@ class Lab:
             raise LabError(f"{what}: {exc}") from exc
 
     def _require_state(self) -> LabState:
+        if self.state is None:
+            self.state = LabState.load(self.paths)  # a command run after `lab up`
         if self.state is None:
             raise LabError("the lab is not up (no state): `coloproxy lab up` first")
         return self.state
@@ -1155,3 +1227,11 @@ if __name__ == "__main__":  # python3 -m coloproxy.lab.lab filters-driver RUN_DI
         sys.exit(run_qemu_filters_driver(Path(sys.argv[2])))
     print("usage: python3 -m coloproxy.lab.lab filters-driver RUN_DIR")
     sys.exit(2)
+
+
+def _write_key(path: Path) -> None:
+    """A fresh random heartbeat key, created private (0600) before a byte is written."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(base64.b64encode(secrets.token_bytes(32)) + b"\n")

@@ -43,6 +43,16 @@ The first end of every veth pair gets an interface index of 100 and up, so that 
 the same index as its peer: the kernel's linkwatch delays carrier events of such a veth by up
 to a second (they look like a non-stacked device's), and IPv6 on the link waits for them.
 
+With ``witness=True`` (the lab's quorum mode) a third host joins the LAN, and each host gets a
+management address on it for the quorum service (one etcd member per host, docs/lab.md):
+
+| namespace | interface | address | what |
+|---|---|---|---|
+| ``-lan`` | ``lan-hpm``, ``lan-hsm``, ``lan-wit`` | none | more ports of ``br-lan`` |
+| ``-hp`` | ``mgmt`` | 10.77.0.1/24 | host P's own address on the LAN (not its guest's bridge) |
+| ``-hs`` | ``mgmt`` | 10.77.0.2/24 | host S's |
+| ``-wit`` | ``mgmt`` | 10.77.0.3/24 | the witness: a third host, only for the quorum |
+
 Guests are pluggable: ``guests="netns"`` (now) puts each guest in a namespace of its own
 behind a veth; ``guests="tap"`` creates tap devices named ``guest0`` in the host namespaces
 instead, for QEMU to open (``ip netns exec <prefix>-hp qemu ... -netdev tap,ifname=guest0,
@@ -99,7 +109,10 @@ IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h
 # out in a namespace holding a handful of links (see Topology._ensure_veth).
 FIRST_VETH_INDEX = 100
 
-ROLES = ("lan", "client", "hp", "hs", "pvm", "svm")
+ROLES = ("lan", "client", "hp", "hs", "pvm", "svm", "wit")
+MGMT = "mgmt"
+# The hosts' own addresses on the LAN (witness mode): the quorum service's members.
+MGMT_IPV4 = {"hp": "10.77.0.1", "hs": "10.77.0.2", "wit": "10.77.0.3"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +135,9 @@ class _Address:
 class Topology:
     """The namespaces of one host pair plus a LAN and a client; see the module docstring."""
 
-    def __init__(self, prefix: str = "cpt", guests: GuestMode = "netns") -> None:
+    def __init__(
+        self, prefix: str = "cpt", guests: GuestMode = "netns", *, witness: bool = False
+    ) -> None:
         # Namespace names are not limited to 15 characters, but keep prefixes short anyway:
         # the lab may reuse them for link names.
         if not prefix or len(prefix) > 2 * PREFIX_MAX or not prefix.replace("-", "").isalnum():
@@ -131,6 +146,7 @@ class Topology:
             raise UsageError(f"guests must be 'netns' or 'tap', not {guests!r}")
         self.prefix = prefix
         self.guests: GuestMode = guests
+        self.witness = witness
 
     # ----------------------------------------------------------------------------------------
     # names
@@ -141,10 +157,17 @@ class Topology:
             raise UsageError(f"no role {role!r} in the topology; roles are {', '.join(ROLES)}")
         if role in ("pvm", "svm") and self.guests != "netns":
             raise UsageError(f"guests={self.guests!r} has no {role} namespace")
+        if role == "wit" and not self.witness:
+            raise UsageError("this topology has no witness")
         return f"{self.prefix}-{role}"
 
     def roles(self) -> tuple[str, ...]:
-        return ROLES if self.guests == "netns" else ROLES[:4]
+        roles = ROLES[:6] if self.guests == "netns" else ROLES[:4]
+        return (*roles, "wit") if self.witness else roles
+
+    def hosts(self) -> tuple[str, ...]:
+        """The roles with a management address (witness mode): the quorum's members."""
+        return ("hp", "hs", "wit") if self.witness else ()
 
     def namespaces(self) -> list[str]:
         return [self.ns(role) for role in self.roles()]
@@ -161,12 +184,13 @@ class Topology:
                 _Veth("hp", GUEST_PORT, "pvm", GUEST_INTERFACE),
                 _Veth("hs", GUEST_PORT, "svm", GUEST_INTERFACE),
             ]
+        veths += [_Veth("lan", _lan_port(host), host, MGMT) for host in self.hosts()]
         return veths
 
     def _bridges(self) -> dict[str, tuple[str, ...]]:
         """Bridges per role and their ports. Host S's guest port is in none (I3)."""
         return {
-            "lan": ("lan-client", "lan-hp", "lan-hs"),
+            "lan": ("lan-client", "lan-hp", "lan-hs", *map(_lan_port, self.hosts())),
             "hp": (UPLINK, GUEST_PORT),
             "hs": (UPLINK,),
         }
@@ -187,12 +211,13 @@ class Topology:
                     _Address(guest, GUEST_INTERFACE, GUEST_IPV4, 24),
                     _Address(guest, GUEST_INTERFACE, GUEST_IPV6, 64),
                 ]
+        found += [_Address(host, MGMT, MGMT_IPV4[host], 24) for host in self.hosts()]
         return found
 
     def _frame_only_links(self) -> dict[str, tuple[str, ...]]:
         """Links that carry frames and have no address of ours: IPv6 off."""
         return {
-            "lan": (LAN_BRIDGE, "lan-client", "lan-hp", "lan-hs"),
+            "lan": (LAN_BRIDGE, "lan-client", "lan-hp", "lan-hs", *map(_lan_port, self.hosts())),
             "hp": (LAN_BRIDGE, UPLINK, GUEST_PORT),
             "hs": (LAN_BRIDGE, UPLINK, GUEST_PORT),
         }
@@ -240,6 +265,11 @@ class Topology:
             "hp": host("hp"),
             "hs": host("hs"),
         }
+        if self.witness:
+            described["mgmt"] = {
+                host: {"namespace": self.ns(host), "interface": MGMT, "ipv4": MGMT_IPV4[host]}
+                for host in self.hosts()
+            }
         if self.guests == "netns":
             described["pvm"] = {"namespace": self.ns("pvm"), "interface": GUEST_INTERFACE}
             described["svm"] = {"namespace": self.ns("svm"), "interface": GUEST_INTERFACE}
@@ -277,7 +307,11 @@ class Topology:
 
     def down(self) -> None:
         """End the processes inside our namespaces and delete them; harmless twice."""
-        for name in self.namespaces():
+        names = self.namespaces()
+        witness = f"{self.prefix}-wit"  # a lab brought up in witness mode, taken down without
+        if witness not in names and netns.exists(witness):
+            names.append(witness)
+        for name in names:
             netns.kill_processes(name)
             netns.delete(name)
 
@@ -346,6 +380,11 @@ class Topology:
                 peer={"ifname": veth.peer_name, "net_ns_fd": peer_ns, **extra},
                 **extra,
             )
+
+
+def _lan_port(host: str) -> str:
+    """The LAN switch's port of a host's management link."""
+    return "lan-wit" if host == "wit" else f"lan-{host}m"
 
 
 # --------------------------------------------------------------------------------------------

@@ -296,6 +296,10 @@ class Status:
     clients: int = 0  # all clients connected
     uptime: float = 0.0
     counters: Mapping[str, int] = field(default_factory=dict)
+    # Who decides failover and where this host stands: "etcd: holding the leader key (0.61 s
+    # left)", "two-host (labs only: ...)"; null when no engine runs in the daemon.
+    quorum: str | None = None
+    fenced: bool = False  # past the leader key's deadline: nothing is released
     re: int | None = None
 
     @property
