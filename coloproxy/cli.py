@@ -398,7 +398,17 @@ def _lab(args: argparse.Namespace) -> int:
 
     from coloproxy.errors import ColoproxyError
     from coloproxy.lab.lab import Lab, demo, format_summary, running_lab
+    from coloproxy.lab.qemu import repo_root
 
+    if not (repo_root() / "qemu" / "build.sh").is_file():
+        # An installed wheel has the Python package only; the lab builds its QEMU and guest
+        # with the scripts of the source tree.
+        print(
+            "lab: needs coloproxy's source tree (its qemu/ and guest/ build scripts are not"
+            " installed with the package): run it from a clone after `./scripts/setup lab`",
+            file=sys.stderr,
+        )
+        return EXIT_TROUBLE
     if os.geteuid() != 0:
         print("lab: run as root (namespaces, QEMU, NFQUEUE)", file=sys.stderr)
         return EXIT_TROUBLE
