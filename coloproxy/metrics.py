@@ -307,7 +307,16 @@ class Metrics:
         try:
             return read()
         except Exception:
-            log.exception("metrics source %s failed", source)
+            # The first failure of a source in full, later ones only counted: a source that
+            # cannot be read (a permission) would otherwise log a traceback every scrape.
+            if source in self.scrape_errors:
+                log.debug("metrics source %s failed again", source, exc_info=True)
+            else:
+                log.exception(
+                    "metrics source %s failed (counted in"
+                    " coloproxy_scrape_errors_total from now on)",
+                    source,
+                )
             self.scrape_errors[source] += 1
             return None
 

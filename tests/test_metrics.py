@@ -5,6 +5,7 @@ capture layer's queue stats)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -236,7 +237,10 @@ async def test_a_failing_source_is_counted_and_the_scrape_goes_on(
     assert found["coloproxy_scrape_errors_total", (("source", "nfqueue"),)] == 1.0
     assert found["coloproxy_control_clients", (("role", "engine"),)] == 2.0
     assert "metrics source nfqueue failed" in caplog.text
+    caplog.clear()
     assert (await scrape(server))["coloproxy_scrape_errors_total", (("source", "nfqueue"),)] == 2
+    # Once in the log, then counted: not a traceback every scrape.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.asyncio

@@ -33,6 +33,7 @@ from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
 from coloproxy.config import ChardevConfig, Config, QueuesConfig
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
+from coloproxy.daemon.notify import Notifier
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
 from coloproxy.daemon.secondary import SecondaryProxy
@@ -103,9 +104,16 @@ class Daemon:
     """Everything one ``coloproxy run`` owns; ``ControlHandler`` for its control socket."""
 
     def __init__(
-        self, config: Config, *, setup_net: bool = True, record: Path | None = None
+        self,
+        config: Config,
+        *,
+        setup_net: bool = True,
+        record: Path | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self._watchdog_timer: asyncio.TimerHandle | None = None
         self.setup_net = setup_net
         self.recorder = Recorder(record) if record is not None else None
         self.loop = asyncio.get_running_loop()
@@ -146,6 +154,7 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
+        self._pet_watchdog()  # from the start: setting up the host may take seconds
         if self.setup_net and not self.chardev_primary:
             # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
             await asyncio.to_thread(hostnet.setup, host_net(config))
@@ -176,9 +185,15 @@ class Daemon:
                 config.pair.name,
                 self.role.value,
             )
+            # Rules, queues and the control socket are in place: systemd may start what
+            # comes after this unit (host P's daemon after host S's, the engine's clients).
+            self.notifier.ready(self._summary())
             await self._stopped.wait()
             log.info("stopping")
+            self.notifier.stopping()
         finally:
+            if self._watchdog_timer is not None:
+                self._watchdog_timer.cancel()
             await self._stop_engine()
             for queue in self.queues:
                 queue.close()
@@ -194,6 +209,19 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def _pet_watchdog(self) -> None:
+        """``WATCHDOG=1`` at half systemd's interval, from a timer of the event loop: a loop
+        that stalls stops petting and systemd restarts the daemon (daemon/notify.py)."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        self.notifier.watchdog()
+        self._watchdog_timer = self.loop.call_later(interval / 2, self._pet_watchdog)
+
+    def _summary(self) -> str:
+        """One line for systemctl status: pair, role, mode."""
+        return f"pair {self.config.pair.name}: {self.role.value}, {self.mode.value}"
 
     def _start_primary(self) -> None:
         config = self.config
@@ -643,6 +671,7 @@ class Daemon:
             self._start_primary()
             self._start_engine(reprotect=True)
             self.metrics.protected = True
+            self.notifier.status(self._summary())
         finally:
             self._reprotecting = False
         return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
@@ -658,6 +687,7 @@ class Daemon:
             if self.secondary is not None:
                 self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
+            self.notifier.status(self._summary())
             return Ack(detail="unprotected: output passes uncompared")
         return ErrorReply(
             ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
@@ -830,8 +860,10 @@ def run(
     """Run the daemon until SIGTERM/SIGINT; the exit code."""
     configure_logging(config.log.level.value)
 
+    notifier = Notifier.from_environment()
+
     async def main() -> None:
-        daemon = Daemon(config, setup_net=setup_net, record=record)
+        daemon = Daemon(config, setup_net=setup_net, record=record, notifier=notifier)
         await daemon.run()
 
     if loop_factory is None:
