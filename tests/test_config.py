@@ -60,7 +60,7 @@ net:
 COMPARE_KEYS = (
     "framing, compare_timeout, secondary_timeout, datagram_reorder_window, max_flows,"
     " max_held_packets, max_held_bytes, max_fragment_datagrams, max_fragment_bytes,"
-    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq"
+    " flow_idle_timeout, malformed_policy, passthrough, secondary_seq, split_after, gso_above"
 )
 
 
@@ -130,6 +130,8 @@ def test_every_comparator_setting_can_be_set() -> None:
         "  flow_idle_timeout: 15.5\n"
         "  malformed_policy: release\n"
         "  secondary_seq: rewritten\n"
+        "  split_after: null\n"
+        "  gso_above: 9000\n"
         "  passthrough:\n"
         "    - {protocol: udp, guest_port: 123}\n"
         "    - peer_network: 10.0.0.0/8\n"
@@ -153,6 +155,8 @@ def test_every_comparator_setting_can_be_set() -> None:
             PassthroughRule(peer_network="10.0.0.0/8", peer_port=0),
         ),
         secondary_seq=SecondarySeq.REWRITTEN,
+        split_after=None,
+        gso_above=9000,
     )
     assert set(text.split("compare:\n")[1].split()) >= {
         f"{field.name}:" for field in dataclasses.fields(CompareConfig)
@@ -334,7 +338,8 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "queues: 5\n",
             "t.yaml:9: key 'queues': expected a mapping (primary_out, secondary_out,"
-            " secondary_in, secondary_egress, max_len, copy_range, rcvbuf, transport), got 5",
+            " secondary_in, secondary_egress, primary_split, max_len, copy_range, rcvbuf,"
+            " transport), got 5",
         ),
         (
             BASE + "  prefix: cp\n  prefix: xy\n",
@@ -358,7 +363,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "queues:\n  secondary_in: 7\n",
             "t.yaml:10: key 'queues.secondary_in': is a queue of the other role's host; role"
-            " primary uses primary_out, secondary_out",
+            " primary uses primary_out, secondary_out, primary_split",
         ),
         (
             BASE + "queues:\n  primary_out: 5\n  secondary_out: 5\n",
@@ -919,3 +924,36 @@ def test_run_reads_the_config_the_same_way(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == f"run: {path}: not a regular file (a FIFO)\n"
+
+
+# -- checks across keys ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE + "queues: {max_len: 100}\n",
+            "t.yaml:9: key 'queues.max_len': must be above compare.max_held_packets (4096):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+        (
+            BASE + "queues:\n  max_len: 5000\ncompare:\n  max_held_packets: 5000\n",
+            "t.yaml:10: key 'queues.max_len': must be above compare.max_held_packets (5000):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+        (
+            # Blamed on what was written: here the comparator's bound.
+            BASE + "compare:\n  max_held_packets: 9000\n",
+            "t.yaml:10: key 'compare.max_held_packets': must be below queues.max_len (8192):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+    ],
+)
+def test_problems_across_keys(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_a_secondary_holds_nothing_so_its_queue_length_is_free() -> None:
+    text = BASE.replace("primary", "secondary") + "queues: {max_len: 100}\n"
+    assert parse_config(text, "t.yaml").queues is not None
