@@ -116,6 +116,7 @@ class NetConfig:
     vxlan_id: int = 77
     vxlan_port: int = 4789
     underlay: str | None = None
+    rules_check_ms: int = 5000  # how often the NFQUEUE rules are checked; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,6 +470,7 @@ NET_KEYS: Final[Mapping[str, _Key]] = {
     "vxlan_id": _Key(_integer(1, 16777215), 77),
     "vxlan_port": _Key(_integer(1, 65535), 4789),
     "underlay": _Key(_optional(_interface), None),
+    "rules_check_ms": _Key(_integer(0, 3600000), 5000),
 }
 # The queues each role binds (the rest of the section is shared settings).
 QUEUE_ROLES: Final[Mapping[ProxyRole, tuple[str, ...]]] = {

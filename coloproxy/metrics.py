@@ -182,6 +182,16 @@ class ChardevFigures(Protocol):
     def notify_counts(self) -> Mapping[tuple[str, str], int]: ...
 
 
+class RuleFigures(Protocol):
+    """The daemon's watch over its iptables rules (``coloproxy.daemon.rulewatch.RuleWatch``)."""
+
+    @property
+    def restores(self) -> Mapping[str, int]: ...  # by family: ipv4, ipv6
+
+    @property
+    def check_failures(self) -> int: ...
+
+
 # Checkpoint pauses are 2-30 ms, request latencies below 10 ms, failovers tens of ms
 # (DESIGN.md sections 5 and 6): buckets from 0.5 ms to 10 s.
 ENGINE_BUCKETS: Final = (
@@ -291,6 +301,7 @@ class Metrics:
         self.control_refusals: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.engine: EngineFigures | None = None  # the checkpoint engine's, when it runs
         self.chardev: ChardevFigures | None = None  # the chardev transport, when it runs
+        self.rules: RuleFigures | None = None  # the watch over this host's rules, when it runs
         self.scrape_errors: defaultdict[str, int] = defaultdict(int)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -372,6 +383,21 @@ class _Collector(Collector):
                 )
         if metrics.engine is not None:
             yield from self._engine(metrics.engine, now)
+        rules = metrics.rules
+        if rules is not None:
+            yield _counter(
+                "coloproxy_rules_restored",
+                "Times the daemon found its NFQUEUE chain, rules or FORWARD jump removed by"
+                " someone else and put them back, by address family",
+                ["family"],
+                (((family,), rules.restores.get(family, 0)) for family in ("ipv4", "ipv6")),
+            )
+            failures = CounterMetricFamily(
+                "coloproxy_rules_check_failures",
+                "Checks of the rules that could not run (iptables-save failed)",
+            )
+            failures.add_metric([], rules.check_failures)
+            yield failures
         chardev = metrics.chardev
         if chardev is not None:
             families = metrics._read("chardev", lambda: list(self._chardev(chardev)))

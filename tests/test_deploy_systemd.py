@@ -86,6 +86,7 @@ def test_the_unit_is_what_docs_and_daemon_expect() -> None:
     assert service["NoNewPrivileges"] == "yes"
     assert service["ProtectSystem"] == "strict"
     assert service["PrivateTmp"] == "yes"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
 
 
 @pytest.mark.debian
