@@ -200,6 +200,24 @@ ENGINE_BUCKETS: Final = (
 RECENT: Final = 1024  # raw values kept for percentiles in logs and tests
 
 
+# EngineFigures.migration keys (query-migrate's "ram"), as metrics: (key, name without
+# _total, counter or gauge, help). Cumulative figures are counters: they start again at a
+# new migration (a reprotect), which Prometheus takes as a counter reset.
+MIGRATION_METRICS: Final = (
+    ("ram_transferred", "coloproxy_engine_migration_transferred_bytes", "counter",
+     "RAM bytes the migration (then COLO's checkpoints) sent, since migrate"),
+    ("ram_total", "coloproxy_engine_migration_ram_bytes", "gauge", "The guest's RAM"),
+    ("ram_normal_pages", "coloproxy_engine_migration_normal_pages", "counter",
+     "Pages sent whole, since migrate"),
+    ("ram_duplicate_pages", "coloproxy_engine_migration_duplicate_pages", "counter",
+     "Pages sent as one repeated byte (zero pages), since migrate"),
+    ("dirty_pages_rate", "coloproxy_engine_migration_dirty_pages_per_second", "gauge",
+     "Pages the guest dirties per second, as QEMU last measured"),
+    ("dirty_sync_count", "coloproxy_engine_migration_dirty_syncs", "counter",
+     "Dirty bitmap synchronisations, since migrate"),
+)  # fmt: skip
+
+
 class Histogram:
     """Bucket counts bumped on the engine's path (a bisect and three additions), turned
     into a Prometheus histogram at scrape time; the last ``RECENT`` values are kept too."""
@@ -295,6 +313,9 @@ class Metrics:
         self.protected = False
         self.counts: PacketCounts | None = None
         self.compare_stats: Callable[[], CompareStats | None] | None = None
+        # The comparator's bounds (max_held_packets, max_held_bytes): what held packets and
+        # stored bytes are alerted against.
+        self.compare_bounds: Callable[[], tuple[int, int]] | None = None
         self.queue_stats: Callable[[], Iterable[QueueCounters]] | None = None
         self.control_clients: Callable[[], Mapping[str, int]] | None = None
         # Error replies the control socket sent, by (what they answered, code).
@@ -355,6 +376,24 @@ class _Collector(Collector):
             stats = metrics._read("compare", metrics.compare_stats)
             if isinstance(stats, CompareStats):
                 yield from self._compare(stats, now)
+        compare_bounds = metrics.compare_bounds
+        if compare_bounds is not None:
+            bounds = metrics._read("compare", compare_bounds)
+            if isinstance(bounds, tuple):
+                for name, help_text, bound in zip(
+                    ("coloproxy_max_held_packets", "coloproxy_max_held_bytes"),
+                    (
+                        "compare.max_held_packets: held packets at this bound make an overflow"
+                        " checkpoint",
+                        "compare.max_held_bytes: stored bytes at this bound make an overflow"
+                        " checkpoint",
+                    ),
+                    bounds,
+                    strict=True,
+                ):
+                    family = GaugeMetricFamily(name, help_text)
+                    family.add_metric([], float(bound))
+                    yield family
         queue_stats = metrics.queue_stats
         if queue_stats is not None:
             queues = metrics._read("nfqueue", lambda: list(queue_stats()))
@@ -751,14 +790,19 @@ class _Collector(Collector):
             )
             colo.add_metric([], figures.time_to_colo)
             yield colo
-        migration = GaugeMetricFamily(
-            "coloproxy_engine_migration",
-            "query-migrate figures: ram transferred/total bytes, pages, dirty-pages-rate",
-            labels=["figure"],
-        )
-        for figure, value in sorted(figures.migration.items()):
-            migration.add_metric([figure], float(value))
-        yield migration
+        # query-migrate's ram figures, one metric per unit; each absent until QEMU gave it.
+        for figure, name, kind, help_text in MIGRATION_METRICS:
+            amount = figures.migration.get(figure)
+            if amount is None:
+                continue
+            if kind == "counter":
+                counter = CounterMetricFamily(name, help_text)
+                counter.add_metric([], float(amount))
+                yield counter
+            else:
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], float(amount))
+                yield gauge
         yield _counter(
             "coloproxy_engine_heartbeats",
             "Heartbeat datagrams sent, received, bad (by reason) and socket errors",

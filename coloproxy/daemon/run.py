@@ -365,6 +365,10 @@ class Daemon:
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
+        self.metrics.compare_bounds = lambda: (
+            comparator.config.max_held_packets,
+            comparator.config.max_held_bytes,
+        )
         self._queue_metrics(
             {
                 queues.primary_out: "primary-out",
@@ -421,6 +425,10 @@ class Daemon:
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
+        self.metrics.compare_bounds = lambda: (
+            comparator.config.max_held_packets,
+            comparator.config.max_held_bytes,
+        )
         rearm = self._rearm_soon
         recorder = self.recorder
 
