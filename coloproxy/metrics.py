@@ -17,9 +17,10 @@ prometheus_client child ``.inc()``          325 ns (labels looked up once; still
 ``defaultdict(int)[q, v] += 1``             158 ns
 =========================================  ===============
 
-At the 270k packets/s one NFQUEUE can carry here (DESIGN.md section 5), with two counts per
-packet, ``.labels().inc()`` would take about 70 % of a core; dict counters take 9-14 %. The
-scrape does the label work once per scrape instead of once per packet.
+At the 270k packets/s one NFQUEUE carried here at best (3.2 Gbit/s of full-size packets,
+docs/invariants.md), with two counts per packet, ``.labels().inc()`` would take about 70 %
+of a core; dict counters take 9-14 %. The scrape does the label work once per scrape instead
+of once per packet.
 
 The HTTP endpoint (:class:`MetricsServer`) is served by asyncio on the event loop, not by
 prometheus_client's thread: collecting then runs on the loop thread, the only one allowed to
@@ -193,7 +194,7 @@ class RuleFigures(Protocol):
 
 
 # Checkpoint pauses are 2-30 ms, request latencies below 10 ms, failovers tens of ms
-# (DESIGN.md sections 5 and 6): buckets from 0.5 ms to 10 s.
+# (docs/invariants.md): buckets from 0.5 ms to 10 s.
 ENGINE_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
