@@ -128,3 +128,11 @@ def test_the_name_check_catches_what_it_should() -> None:
     assert not metric_names.wrong_labels('coloproxy_packets_total{job="c", queue="p"}')
     assert not metric_names.unknown({"coloproxy_engine_checkpoint_pause_seconds"})
     assert not metric_names.unknown({"coloproxy_chardev_*"})
+
+
+def test_every_alert_has_its_runbook_in_the_operators_guide() -> None:
+    guide = (ROOT / "docs" / "operations.md").read_text()
+    headings = {line[4:].strip() for line in guide.splitlines() if line.startswith("### ")}
+    for rule in alerts():
+        # GitHub's anchor of "### ColoproxyDown" is #coloproxydown: the rule's runbook_url.
+        assert rule["alert"] in headings, f"no runbook for {rule['alert']}"
