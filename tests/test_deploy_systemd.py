@@ -90,20 +90,23 @@ def test_the_unit_is_what_docs_and_daemon_expect() -> None:
 
 
 @pytest.mark.debian
-def test_the_unit_under_a_real_systemd() -> None:
-    """scripts/check-systemd-unit: a Debian 12 with systemd booted in a container starts
-    host S's and host P's instances; READY=1, the user and its two capabilities, rules,
-    queues, metrics, no watchdog restart, fail closed at stop. About two minutes."""
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_the_unit_under_a_real_systemd(suite: str) -> None:
+    """scripts/check-systemd-unit: a Debian 12 or 13 with systemd booted in a container
+    starts host S's and host P's instances; READY=1, the user and its two capabilities,
+    rules, queues, metrics, no needless watchdog restart, a reload, journald priorities, a
+    stalled daemon restarted by the watchdog, fail closed at stop. One to two minutes."""
     if os.geteuid() != 0:
         pytest.skip("needs root: builds and boots a container")
     for tool in ("mmdebstrap", "systemd-nspawn"):
         if shutil.which(tool) is None:
             pytest.skip(f"needs {tool} (scripts/setup test installs it)")
     done = subprocess.run(
-        [str(ROOT / "scripts" / "check-systemd-unit")],
+        [str(ROOT / "scripts" / "check-systemd-unit"), suite],
         capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-8000:]
     assert "p1: CapEff:\t0000000000003000" in output
     assert "after 25 s: p1 pid same restarts 0" in output
+    assert "watchdog: s1 active restarts 1 pid new" in output
