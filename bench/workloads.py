@@ -11,7 +11,7 @@ TCP connections start with the guest's SYN-ACK on each side, with a different IS
 is the same constant on both sides: the client sends nothing after its handshake ACK.
 
 Frames are built with ``struct`` and precomputed per-flow headers, not scapy (which is
-orders of magnitude slower per packet; DESIGN section 5). Checksums are real: IPv4 header,
+orders of magnitude slower per packet; docs/invariants.md). Checksums are real: IPv4 header,
 TCP and UDP (pseudo-header included), computed by the small helper below, so a parser that
 verifies them, or a pcap viewer, sees valid frames.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from coloproxy import __version__
-from coloproxy.config import ConfigError, check_files, describe, load_config
+from coloproxy.config import ConfigError, LogLevel, check_files, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.control.client import Command
 from coloproxy.errors import InputError
@@ -27,6 +27,7 @@ from coloproxy.protocol import (
     CheckpointNow,
     ClientRole,
     Reprotect,
+    SetPeriod,
     Status,
     StatusRequest,
     Welcome,
@@ -320,6 +321,41 @@ def _add_checkpoint(commands: argparse._SubParsersAction[argparse.ArgumentParser
     parser.set_defaults(handler=_checkpoint)
 
 
+def _period(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 2**32 - 1:  # QEMU's x-checkpoint-delay is a uint32 of ms
+        raise argparse.ArgumentTypeError(
+            f"not a period in milliseconds from 1 to 4294967295: {text!r}"
+        )
+    return value
+
+
+def _set_period(args: argparse.Namespace) -> int:
+    ack = _command(args, SetPeriod(period_ms=args.period_ms))
+    if ack is None:
+        return EXIT_TROUBLE
+    print(f"checkpoint period {args.period_ms} ms: {ack.detail or 'set'}")
+    return EXIT_EQUIVALENT
+
+
+def _add_set_period(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "set-period",
+        help="change the periodic checkpoint's interval of a running pair",
+        description="Tell a running proxy's checkpoint engines to checkpoint every MS"
+        " milliseconds from now on (until the next set-period, reload or restart: the file's"
+        " engine.period_ms is not changed). Needs engine credentials (root, the daemon's"
+        " user, control.engine_group). Exit 2 if the proxy cannot be reached, refuses, or"
+        " has no engine connected.",
+    )
+    _add_socket_options(parser)
+    parser.add_argument("period_ms", type=_period, metavar="MS", help="the period in ms")
+    parser.set_defaults(handler=_set_period)
+
+
 def _reprotect(args: argparse.Namespace) -> int:
     ack = _command(args, Reprotect(migrate_uri=args.migrate_uri))
     if ack is None:
@@ -354,7 +390,12 @@ def _run(args: argparse.Namespace) -> int:
     from coloproxy.daemon.run import run  # the daemon's dependencies load only when needed
 
     record = Path(args.record) if args.record else None
-    return run(load_config(args.config), setup_net=not args.no_setup, record=record)
+    return run(
+        load_config(args.config),
+        setup_net=not args.no_setup,
+        record=record,
+        log_level=args.log_level,
+    )
 
 
 def _teardown(args: argparse.Namespace) -> int:
@@ -372,7 +413,8 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="run the proxy daemon of one host",
         description=(
             "Set up this host's part of the pair, then compare and release (role primary) or"
-            " serve the secondary's side (role secondary) until SIGTERM. The set-up stays"
+            " serve the secondary's side (role secondary) until SIGTERM. SIGHUP reads the file"
+            " again and changes what can change live (docs/operations.md). The set-up stays"
             " when the daemon stops, so the host fails closed; `coloproxy teardown` removes it."
         ),
     )
@@ -384,6 +426,12 @@ def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--record",
         metavar="DIR",
         help="debugging: write every compared packet to DIR/primary.pcap and DIR/secondary.pcap",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=[level.value for level in LogLevel],
+        help="the least severe messages logged; wins over the file's log.level, also at a"
+        " reload (SIGHUP)",
     )
     parser.set_defaults(handler=_run)
 
@@ -409,7 +457,17 @@ def _lab(args: argparse.Namespace) -> int:
 
     from coloproxy.errors import ColoproxyError
     from coloproxy.lab.lab import Lab, demo, format_summary, running_lab
+    from coloproxy.lab.qemu import repo_root
 
+    if not (repo_root() / "qemu" / "build.sh").is_file():
+        # An installed wheel has the Python package only; the lab builds its QEMU and guest
+        # with the scripts of the source tree.
+        print(
+            "lab: needs coloproxy's source tree (its qemu/ and guest/ build scripts are not"
+            " installed with the package): run it from a clone after `./scripts/setup lab`",
+            file=sys.stderr,
+        )
+        return EXIT_TROUBLE
     if os.geteuid() != 0:
         print("lab: run as root (namespaces, QEMU, NFQUEUE)", file=sys.stderr)
         return EXIT_TROUBLE
@@ -533,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_check_config(commands)
     _add_status(commands)
     _add_checkpoint(commands)
+    _add_set_period(commands)
     _add_reprotect(commands)
     _add_run(commands)
     _add_teardown(commands)

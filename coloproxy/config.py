@@ -117,6 +117,7 @@ class NetConfig:
     vxlan_id: int = 77
     vxlan_port: int = 4789
     underlay: str | None = None
+    rules_check_ms: int = 5000  # how often the NFQUEUE rules are checked; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,6 +497,7 @@ NET_KEYS: Final[Mapping[str, _Key]] = {
     "vxlan_id": _Key(_integer(1, 16777215), 77),
     "vxlan_port": _Key(_integer(1, 65535), 4789),
     "underlay": _Key(_optional(_interface), None),
+    "rules_check_ms": _Key(_integer(0, 3600000), 5000),
 }
 # The queues each role binds (the rest of the section is shared settings).
 QUEUE_ROLES: Final[Mapping[ProxyRole, tuple[str, ...]]] = {
@@ -969,6 +971,7 @@ class _Builder:
     def __init__(self, reader: _Reader, top: _Read) -> None:
         self.reader = reader
         self.top = top
+        self.queues_read: _Read | None = None
 
     def section(self, name: str) -> _Read | None:
         keys = SECTIONS[name]
@@ -1005,6 +1008,8 @@ class _Builder:
         lan_heartbeat = self._engine(engine, role)
         object_ids = self._object_ids(engine)
         quorum = self._quorum(engine)
+        if role is ProxyRole.PRIMARY and queues is not None and compare_config is not None:
+            self._held_within_queue(queues, compare_config, compare)
         if (
             self.reader.problems
             or pair is None
@@ -1041,8 +1046,33 @@ class _Builder:
             chardev=chardev,
         )
 
+    def _held_within_queue(
+        self, queues: QueuesConfig, compare: CompareConfig, compare_read: _Read | None
+    ) -> None:
+        """Host P holds PVM packets in the kernel's queue: a queue no longer than the
+        comparator's bound lets the kernel drop what the comparator means to hold, where the
+        bound would have led to an overflow checkpoint (I2, docs/configuration.md)."""
+        if queues.max_len > compare.max_held_packets:
+            return
+        why = "the kernel would drop PVM packets the comparator means to hold (I2)"
+        read = self.queues_read
+        if (read is not None and "max_len" in read.lines) or compare_read is None:
+            line = read.line_of("max_len") if read is not None else 1
+            self.reader.problem(
+                line,
+                "queues.max_len",
+                f"must be above compare.max_held_packets ({compare.max_held_packets}): {why}",
+            )
+        else:
+            self.reader.problem(
+                compare_read.line_of("max_held_packets"),
+                "compare.max_held_packets",
+                f"must be below queues.max_len ({queues.max_len}): {why}",
+            )
+
     def _queues(self, role: object) -> QueuesConfig | None:
         read = self.section("queues")
+        self.queues_read = read
         if read is None:
             return None
         # Each role binds its own queues (docs/data-path.md); naming the other role's in a

@@ -17,9 +17,10 @@ prometheus_client child ``.inc()``          325 ns (labels looked up once; still
 ``defaultdict(int)[q, v] += 1``             158 ns
 =========================================  ===============
 
-At the 270k packets/s one NFQUEUE can carry here (DESIGN.md section 5), with two counts per
-packet, ``.labels().inc()`` would take about 70 % of a core; dict counters take 9-14 %. The
-scrape does the label work once per scrape instead of once per packet.
+At the 270k packets/s one NFQUEUE carried here at best (3.2 Gbit/s of full-size packets,
+docs/invariants.md), with two counts per packet, ``.labels().inc()`` would take about 70 %
+of a core; dict counters take 9-14 %. The scrape does the label work once per scrape instead
+of once per packet.
 
 The HTTP endpoint (:class:`MetricsServer`) is served by asyncio on the event loop, not by
 prometheus_client's thread: collecting then runs on the loop thread, the only one allowed to
@@ -182,12 +183,40 @@ class ChardevFigures(Protocol):
     def notify_counts(self) -> Mapping[tuple[str, str], int]: ...
 
 
+class RuleFigures(Protocol):
+    """The daemon's watch over its iptables rules (``coloproxy.daemon.rulewatch.RuleWatch``)."""
+
+    @property
+    def restores(self) -> Mapping[str, int]: ...  # by family: ipv4, ipv6
+
+    @property
+    def check_failures(self) -> int: ...
+
+
 # Checkpoint pauses are 2-30 ms, request latencies below 10 ms, failovers tens of ms
-# (DESIGN.md sections 5 and 6): buckets from 0.5 ms to 10 s.
+# (docs/invariants.md): buckets from 0.5 ms to 10 s.
 ENGINE_BUCKETS: Final = (
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0,
 )  # fmt: skip
 RECENT: Final = 1024  # raw values kept for percentiles in logs and tests
+
+
+# EngineFigures.migration keys (query-migrate's "ram"), as metrics: (key, name without
+# _total, counter or gauge, help). Cumulative figures are counters: they start again at a
+# new migration (a reprotect), which Prometheus takes as a counter reset.
+MIGRATION_METRICS: Final = (
+    ("ram_transferred", "coloproxy_engine_migration_transferred_bytes", "counter",
+     "RAM bytes the migration (then COLO's checkpoints) sent, since migrate"),
+    ("ram_total", "coloproxy_engine_migration_ram_bytes", "gauge", "The guest's RAM"),
+    ("ram_normal_pages", "coloproxy_engine_migration_normal_pages", "counter",
+     "Pages sent whole, since migrate"),
+    ("ram_duplicate_pages", "coloproxy_engine_migration_duplicate_pages", "counter",
+     "Pages sent as one repeated byte (zero pages), since migrate"),
+    ("dirty_pages_rate", "coloproxy_engine_migration_dirty_pages_per_second", "gauge",
+     "Pages the guest dirties per second, as QEMU last measured"),
+    ("dirty_sync_count", "coloproxy_engine_migration_dirty_syncs", "counter",
+     "Dirty bitmap synchronisations, since migrate"),
+)  # fmt: skip
 
 
 class Histogram:
@@ -291,12 +320,16 @@ class Metrics:
         self.protected = False
         self.counts: PacketCounts | None = None
         self.compare_stats: Callable[[], CompareStats | None] | None = None
+        # The comparator's bounds (max_held_packets, max_held_bytes): what held packets and
+        # stored bytes are alerted against.
+        self.compare_bounds: Callable[[], tuple[int, int]] | None = None
         self.queue_stats: Callable[[], Iterable[QueueCounters]] | None = None
         self.control_clients: Callable[[], Mapping[str, int]] | None = None
         # Error replies the control socket sent, by (what they answered, code).
         self.control_refusals: Callable[[], Mapping[tuple[str, str], int]] | None = None
         self.engine: EngineFigures | None = None  # the checkpoint engine's, when it runs
         self.chardev: ChardevFigures | None = None  # the chardev transport, when it runs
+        self.rules: RuleFigures | None = None  # the watch over this host's rules, when it runs
         self.scrape_errors: defaultdict[str, int] = defaultdict(int)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
@@ -313,7 +346,16 @@ class Metrics:
         try:
             return read()
         except Exception:
-            log.exception("metrics source %s failed", source)
+            # The first failure of a source in full, later ones only counted: a source that
+            # cannot be read (a permission) would otherwise log a traceback every scrape.
+            if source in self.scrape_errors:
+                log.debug("metrics source %s failed again", source, exc_info=True)
+            else:
+                log.exception(
+                    "metrics source %s failed (counted in"
+                    " coloproxy_scrape_errors_total from now on)",
+                    source,
+                )
             self.scrape_errors[source] += 1
             return None
 
@@ -341,6 +383,24 @@ class _Collector(Collector):
             stats = metrics._read("compare", metrics.compare_stats)
             if isinstance(stats, CompareStats):
                 yield from self._compare(stats, now)
+        compare_bounds = metrics.compare_bounds
+        if compare_bounds is not None:
+            bounds = metrics._read("compare", compare_bounds)
+            if isinstance(bounds, tuple):
+                for name, help_text, bound in zip(
+                    ("coloproxy_max_held_packets", "coloproxy_max_held_bytes"),
+                    (
+                        "compare.max_held_packets: held packets at this bound make an overflow"
+                        " checkpoint",
+                        "compare.max_held_bytes: stored bytes at this bound make an overflow"
+                        " checkpoint",
+                    ),
+                    bounds,
+                    strict=True,
+                ):
+                    family = GaugeMetricFamily(name, help_text)
+                    family.add_metric([], float(bound))
+                    yield family
         queue_stats = metrics.queue_stats
         if queue_stats is not None:
             queues = metrics._read("nfqueue", lambda: list(queue_stats()))
@@ -369,6 +429,21 @@ class _Collector(Collector):
                 )
         if metrics.engine is not None:
             yield from self._engine(metrics.engine, now)
+        rules = metrics.rules
+        if rules is not None:
+            yield _counter(
+                "coloproxy_rules_restored",
+                "Times the daemon found its NFQUEUE chain, rules or FORWARD jump removed by"
+                " someone else and put them back, by address family",
+                ["family"],
+                (((family,), rules.restores.get(family, 0)) for family in ("ipv4", "ipv6")),
+            )
+            failures = CounterMetricFamily(
+                "coloproxy_rules_check_failures",
+                "Checks of the rules that could not run (iptables-save failed)",
+            )
+            failures.add_metric([], rules.check_failures)
+            yield failures
         chardev = metrics.chardev
         if chardev is not None:
             families = metrics._read("chardev", lambda: list(self._chardev(chardev)))
@@ -757,14 +832,19 @@ class _Collector(Collector):
             )
             colo.add_metric([], figures.time_to_colo)
             yield colo
-        migration = GaugeMetricFamily(
-            "coloproxy_engine_migration",
-            "query-migrate figures: ram transferred/total bytes, pages, dirty-pages-rate",
-            labels=["figure"],
-        )
-        for figure, value in sorted(figures.migration.items()):
-            migration.add_metric([figure], float(value))
-        yield migration
+        # query-migrate's ram figures, one metric per unit; each absent until QEMU gave it.
+        for figure, name, kind, help_text in MIGRATION_METRICS:
+            amount = figures.migration.get(figure)
+            if amount is None:
+                continue
+            if kind == "counter":
+                counter = CounterMetricFamily(name, help_text)
+                counter.add_metric([], float(amount))
+                yield counter
+            else:
+                gauge = GaugeMetricFamily(name, help_text)
+                gauge.add_metric([], float(amount))
+                yield gauge
         yield _counter(
             "coloproxy_engine_heartbeats",
             "Heartbeat datagrams sent, received, bad (by reason) and socket errors",

@@ -781,3 +781,17 @@ def test_parse_error_gives_errno_and_the_echoed_request() -> None:
     error = struct.pack("=IHHII", 16 + 4 + len(request), NLMSG_ERROR, 0, 42, 0)
     error += struct.pack("=i", -16) + request
     assert parse_error(error) == (16, 0x0302, 42)
+
+
+def test_without_the_netfilterqueue_package_the_error_says_how_to_get_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An optional extra since the daemon-only install (scripts/setup daemon) leaves it out.
+    monkeypatch.setitem(sys.modules, "netfilterqueue", None)  # import raises ImportError
+
+    async def main() -> None:
+        queue = NfQueue(QueueConfig(1), lambda *a: None)
+        with pytest.raises(QueueError, match=r"needs the netfilterqueue package.*setup nfqueue"):
+            queue.open()
+
+    asyncio.run(main())

@@ -1052,3 +1052,36 @@ def test_run_reads_the_config_the_same_way(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr == f"run: {path}: not a regular file (a FIFO)\n"
+
+
+# -- checks across keys ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE + "queues: {max_len: 100}\n",
+            "t.yaml:9: key 'queues.max_len': must be above compare.max_held_packets (4096):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+        (
+            BASE + "queues:\n  max_len: 5000\ncompare:\n  max_held_packets: 5000\n",
+            "t.yaml:10: key 'queues.max_len': must be above compare.max_held_packets (5000):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+        (
+            # Blamed on what was written: here the comparator's bound.
+            BASE + "compare:\n  max_held_packets: 9000\n",
+            "t.yaml:10: key 'compare.max_held_packets': must be below queues.max_len (8192):"
+            " the kernel would drop PVM packets the comparator means to hold (I2)",
+        ),
+    ],
+)
+def test_problems_across_keys(text: str, expected: str) -> None:
+    assert problems(text) == [expected]
+
+
+def test_a_secondary_holds_nothing_so_its_queue_length_is_free() -> None:
+    text = BASE.replace("primary", "secondary") + "queues: {max_len: 100}\n"
+    assert parse_config(text, "t.yaml").queues is not None

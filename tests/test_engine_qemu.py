@@ -73,7 +73,7 @@ STEP_TIMEOUT_S = 10.0
 REQUESTS = 15
 REQUEST_GAP_S = 0.2
 # Targets: the 10 ms from request to the QMP command; a checkpoint starts 1-2 ms
-# after the command (DESIGN.md section 6). Generous bounds: CI machines are loaded.
+# after the command (docs/invariants.md). Generous bounds: CI machines are loaded.
 REQUEST_TO_COMMAND_P50_S = 0.010
 REQUEST_TO_STOP_P50_S = 0.020
 FAILOVER_BOUND_S = 2.0

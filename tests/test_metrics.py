@@ -5,6 +5,7 @@ capture layer's queue stats)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
@@ -236,7 +237,10 @@ async def test_a_failing_source_is_counted_and_the_scrape_goes_on(
     assert found["coloproxy_scrape_errors_total", (("source", "nfqueue"),)] == 1.0
     assert found["coloproxy_control_clients", (("role", "engine"),)] == 2.0
     assert "metrics source nfqueue failed" in caplog.text
+    caplog.clear()
     assert (await scrape(server))["coloproxy_scrape_errors_total", (("source", "nfqueue"),)] == 2
+    # Once in the log, then counted: not a traceback every scrape.
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 @pytest.mark.asyncio
@@ -253,7 +257,14 @@ async def test_the_checkpoint_engines_figures(
     figures.failovers["secondary-lost"] += 1
     figures.last_failover.update({"lost-heartbeat": 0.004, "proxy": 0.006})
     figures.last_colo_exit_reason = "request"
-    figures.migration = {"ram_transferred": 1 << 20, "dirty_pages_rate": 250}
+    figures.migration = {
+        "ram_transferred": 1 << 20,
+        "ram_total": 256 << 20,
+        "ram_normal_pages": 300,
+        "ram_duplicate_pages": 65000,
+        "dirty_pages_rate": 250,
+        "dirty_sync_count": 7,
+    }
     figures.heartbeats = {"sent": 40, "received": 38, "bad-version": 1}
     figures.peer_heard = 99.95
     found = await scrape(server)
@@ -272,7 +283,14 @@ async def test_the_checkpoint_engines_figures(
     assert found["coloproxy_engine_colo_mode", (("mode", "none"),)] == 0.0
     assert found["coloproxy_engine_last_colo_exit", (("reason", "request"),)] == 1.0
     assert found["coloproxy_engine_period_seconds", ()] == 2.0
-    assert found["coloproxy_engine_migration", (("figure", "ram_transferred"),)] == 1 << 20
+    # One metric per unit (bytes, pages, pages per second), not one gauge with a label.
+    assert found["coloproxy_engine_migration_transferred_bytes_total", ()] == 1 << 20
+    assert found["coloproxy_engine_migration_ram_bytes", ()] == 256 << 20
+    assert found["coloproxy_engine_migration_normal_pages_total", ()] == 300
+    assert found["coloproxy_engine_migration_duplicate_pages_total", ()] == 65000
+    assert found["coloproxy_engine_migration_dirty_pages_per_second", ()] == 250
+    assert found["coloproxy_engine_migration_dirty_syncs_total", ()] == 7
+    assert not [key for key in found if key[0] == "coloproxy_engine_migration"]
     assert found["coloproxy_engine_heartbeats_total", (("event", "bad-version"),)] == 1.0
     assert found["coloproxy_engine_peer_heartbeat_age_seconds", ()] == pytest.approx(0.05)
     info = (("phase", "off"), ("qemu", "running"), ("role", "primary"), ("watch", "standby"))
@@ -361,3 +379,14 @@ def test_protocol_labels_are_bounded() -> None:
     assert [protocol_label(p) for p in ("tcp", "icmpv6", "any")] == ["tcp", "icmpv6", "any"]
     assert protocol_label("ip-proto-132") == "ip-other"
     assert protocol_label("ethertype-0x88cc") == "non-ip"
+
+
+@pytest.mark.asyncio
+async def test_the_comparators_bounds_beside_what_it_holds(
+    metrics: Metrics, server: MetricsServer
+) -> None:
+    # Alerts compare held packets and stored bytes with these (deploy/prometheus).
+    metrics.compare_bounds = lambda: (4096, 64 << 20)
+    found = await scrape(server)
+    assert found["coloproxy_max_held_packets", ()] == 4096
+    assert found["coloproxy_max_held_bytes", ()] == 64 << 20

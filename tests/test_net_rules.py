@@ -202,3 +202,44 @@ def test_bad_parameters_are_usage_errors() -> None:
 def test_the_rules_module_is_pure(module: str) -> None:
     """rules.py is in the pure core's sense: no subprocess, os, pyroute2 (STYLE rule 1)."""
     assert violations(Path(ROOT, module)) == []
+
+
+# -- noticing rules removed behind our back ----------------------------------------------------
+
+
+def test_intact_rules_have_no_problems() -> None:
+    listing = save(":CP-WEB - [0:0]", "-A FORWARD -j CP-WEB", *PRIMARY_RULES)
+    assert primary().problems(listing) == ()
+
+
+def test_a_flushed_table_lacks_the_chain() -> None:
+    assert primary().problems(save()) == ("chain CP-WEB missing",)
+
+
+def test_a_missing_jump_is_a_problem_even_with_the_chain_whole() -> None:
+    listing = save(":CP-WEB - [0:0]", "-A FORWARD -i eth1 -j CP-WEB", *PRIMARY_RULES)
+    assert primary().problems(listing) == ("no jump from FORWARD to CP-WEB",)
+
+
+def test_a_flushed_or_changed_chain_is_a_problem() -> None:
+    flushed = save(":CP-WEB - [0:0]", "-A FORWARD -j CP-WEB")
+    assert primary().problems(flushed) == ("CP-WEB holds 0 of our 3 rules",)
+    one_gone = save(":CP-WEB - [0:0]", "-A FORWARD -j CP-WEB", *PRIMARY_RULES[1:])
+    assert primary().problems(one_gone) == ("CP-WEB holds 2 of our 3 rules",)
+    renumbered = [rule.replace("--queue-num 10", "--queue-num 20") for rule in PRIMARY_RULES]
+    changed = save(":CP-WEB - [0:0]", "-A FORWARD -j CP-WEB", *renumbered)
+    assert primary().problems(changed) == ("CP-WEB holds 2 of our 3 rules and 1 other",)
+
+
+def test_the_secondary_rules_are_checked_by_their_targets() -> None:
+    # iptables-save spells matches its own way; the check looks at what each rule does.
+    listing = save(
+        ":CP-WEB - [0:0]",
+        "-A FORWARD -j CP-WEB",
+        "-A CP-WEB -p tcp -m physdev --physdev-out tap0 -j NFQUEUE --queue-num 12",
+        "-A CP-WEB -p tcp -m physdev --physdev-in tap0 --physdev-out cp-vx -m tcp"
+        " --tcp-flags SYN,ACK SYN,ACK -j NFQUEUE --queue-num 13",
+        "-A CP-WEB -p tcp -m physdev --physdev-in tap0 ! --physdev-out cp-vx"
+        " -j NFQUEUE --queue-num 13",
+    )
+    assert secondary().problems(listing) == ()

@@ -8,7 +8,7 @@ busybox initramfs, diskless) with `-machine pc` under the accelerator `accelerat
 a 32 MiB region and prints one status line every 100 ms on the serial console, which goes to
 a file per QEMU. The primary gets x-colo (and the secondary too on QEMU >= 8.1) and migrates
 to the secondary started with `-incoming`. A checkpoint is forced with
-`migrate-set-parameters x-checkpoint-delay` (DESIGN.md section 6); its pause is the time
+`migrate-set-parameters x-checkpoint-delay` (docs/invariants.md); its pause is the time
 between the primary's STOP and RESUME events, from QEMU's own event timestamps. After
 SIGKILL of the primary, `x-colo-lost-heartbeat` on the secondary makes it run alone; the
 checker's lines on the secondary's console must go on from where the primary was, with no

@@ -363,8 +363,14 @@ class NfQueue:
     def open(self) -> None:
         import asyncio
 
-        from netfilterqueue import COPY_PACKET, NetfilterQueue
-
+        try:
+            from netfilterqueue import COPY_PACKET, NetfilterQueue
+        except ImportError as exc:  # an optional extra (pyproject.toml): say how to get it
+            raise QueueError(
+                f"queue {self._config.queue_num}: the netfilterqueue transport needs the"
+                " netfilterqueue package, which is not installed (scripts/setup nfqueue);"
+                " the default transport, netlink, needs nothing more"
+            ) from exc
         if self._state is not QueueState.IDLE:
             raise UsageError(f"queue {self._config.queue_num} is {self._state.value}, not idle")
         loop = asyncio.get_running_loop()

@@ -195,6 +195,12 @@ class _Rule:
         return self.peer_network is None or ipaddress.ip_address(packet.dst) in self.peer_network
 
 
+# What Comparator.reconfigure may change while it runs.
+LIVE_SETTINGS: Final = frozenset(
+    {"compare_timeout", "secondary_timeout", "flow_idle_timeout", "malformed_policy", "passthrough"}
+)
+
+
 class Comparator:
     def __init__(self, config: CompareConfig | None = None) -> None:
         self.config = config = config or CompareConfig()
@@ -225,6 +231,23 @@ class Comparator:
         self._reorder: list[tuple[float, int, DatagramFlow]] = []
         self._checkpointing = False
         self._next_sweep: float | None = None
+
+    # -- settings changed while running ---------------------------------------------------
+
+    def reconfigure(self, config: CompareConfig) -> None:
+        """Take ``config``, which may differ from the current one only in ``LIVE_SETTINGS``
+        (the daemon's reload). Timeouts and the malformed policy are read at each use, so
+        they apply from the next packet or timer; passthrough rules apply to flows seen from
+        now on (a flow keeps what it was classified as)."""
+        fixed = [
+            name
+            for name in CompareConfig.__dataclass_fields__
+            if name not in LIVE_SETTINGS and getattr(config, name) != getattr(self.config, name)
+        ]
+        if fixed:
+            raise UsageError(f"compare settings {', '.join(fixed)} cannot change while running")
+        self.config = config
+        self._rules = [_Rule(rule) for rule in config.passthrough]
 
     # -- input ---------------------------------------------------------------------------
 

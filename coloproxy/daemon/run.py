@@ -32,10 +32,21 @@ from coloproxy.capture.netlink import NetlinkQueue
 from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
-from coloproxy.config import ChardevConfig, Config, QueuesConfig, QuorumService
+from coloproxy.config import (
+    ChardevConfig,
+    Config,
+    ConfigError,
+    QueuesConfig,
+    QuorumService,
+    load_config,
+)
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
+from coloproxy.daemon import logs
+from coloproxy.daemon import reload as reloading
+from coloproxy.daemon.notify import Notifier
 from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
+from coloproxy.daemon.rulewatch import RuleWatch
 from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.engine.runner import EngineRunner, EngineSettings
 from coloproxy.errors import ColoproxyError
@@ -105,9 +116,25 @@ class Daemon:
     """Everything one ``coloproxy run`` owns; ``ControlHandler`` for its control socket."""
 
     def __init__(
-        self, config: Config, *, setup_net: bool = True, record: Path | None = None
+        self,
+        config: Config,
+        *,
+        setup_net: bool = True,
+        record: Path | None = None,
+        notifier: Notifier | None = None,
+        log_level: str | None = None,
     ) -> None:
         self.config = config
+        # The file as last read and applied: a reload compares the file with this (self.config
+        # moves away from it at a reprotect, which changes the role).
+        self.file_config = config
+        self.log_level = log_level  # --log-level: wins over log.level, also at a reload
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self._watchdog_timer: asyncio.TimerHandle | None = None
+        self.rule_watch: RuleWatch | None = None
+        self._running = False
+        self._reload_task: asyncio.Task[reloading.ReloadPlan | None] | None = None
+        self._reload_again = False
         self.setup_net = setup_net
         self.recorder = Recorder(record) if record is not None else None
         self.loop = asyncio.get_running_loop()
@@ -152,6 +179,10 @@ class Daemon:
 
     async def run(self) -> None:
         config = self.config
+        self._pet_watchdog()  # from the start: setting up the host may take seconds
+        # From the start too: SIGHUP's default action would end the daemon (fail closed: an
+        # outage), and operators send it out of habit.
+        self.loop.add_signal_handler(signal.SIGHUP, self._hangup)
         if self.setup_net and not self.chardev_primary:
             # pyroute2 runs an event loop of its own inside IPRoute: keep it off ours.
             await asyncio.to_thread(hostnet.setup, host_net(config))
@@ -173,6 +204,7 @@ class Daemon:
             else:
                 self._start_secondary()
             self._start_engine()
+            self._start_rule_watch()
             self.metrics.protected = self.mode is Mode.PROTECTED
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.add_signal_handler(sig, self._stopped.set)
@@ -182,9 +214,25 @@ class Daemon:
                 config.pair.name,
                 self.role.value,
             )
+            # Rules, queues and the control socket are in place: systemd may start what
+            # comes after this unit (host P's daemon after host S's, the engine's clients).
+            self.notifier.ready(self._summary())
+            self._running = True
+            if self._reload_again:  # a SIGHUP during start-up
+                self._hangup()
             await self._stopped.wait()
             log.info("stopping")
+            self.notifier.stopping()
         finally:
+            self._running = False
+            self.loop.remove_signal_handler(signal.SIGHUP)
+            if self._watchdog_timer is not None:
+                self._watchdog_timer.cancel()
+            if self._reload_task is not None:
+                self._reload_task.cancel()
+                await asyncio.wait([self._reload_task])
+            if self.rule_watch is not None:
+                await self.rule_watch.stop()
             await self._stop_engine()
             for queue in self.queues:
                 queue.close()
@@ -200,6 +248,117 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def _pet_watchdog(self) -> None:
+        """``WATCHDOG=1`` at half systemd's interval, from a timer of the event loop: a loop
+        that stalls stops petting and systemd restarts the daemon (daemon/notify.py)."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        self.notifier.watchdog()
+        self._watchdog_timer = self.loop.call_later(interval / 2, self._pet_watchdog)
+
+    # -- reload (SIGHUP) --------------------------------------------------------------------
+
+    def _hangup(self) -> None:
+        if not self._running or (self._reload_task is not None and not self._reload_task.done()):
+            self._reload_again = True  # once the daemon runs, or the reload under way ended
+            return
+        self._reload_again = False
+        self._reload_task = asyncio.create_task(self.reload(), name="reload")
+
+    async def reload(self) -> reloading.ReloadPlan | None:
+        """Read the file again and change what can change live (daemon/reload.py); log what
+        changed and what did not. The plan, or None when the file does not load."""
+        self.notifier.reloading()
+        path = self.config.path
+        try:
+            try:
+                new = load_config(path)  # at most 1 MiB, read at once (config.py)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload: %s", problem)
+                log.error("reload: %s does not load; the daemon goes on unchanged", path)
+                return None
+            plan = reloading.plan(self.file_config, new)
+            for change in plan.live:
+                detail = await self._change_live(change)
+                log.info(
+                    "reload: %s %s -> %s%s",
+                    change.key,
+                    reloading.shown(change.old),
+                    reloading.shown(change.new),
+                    f" ({detail})" if detail else "",
+                )
+            for change in plan.refused:
+                log.warning(
+                    "reload: %s %s -> %s not changed: it needs a restart of the daemon",
+                    change.key,
+                    reloading.shown(change.old),
+                    reloading.shown(change.new),
+                )
+            if not plan.live and not plan.refused:
+                log.info("reload: %s: nothing changed", path)
+            self.file_config = reloading.apply(self.file_config, plan.live)
+            self.config = reloading.apply(self.config, plan.live)
+            return plan
+        finally:
+            self.notifier.ready(self._summary())
+            if self._reload_again:
+                self.loop.call_soon(self._hangup)
+
+    async def _change_live(self, change: reloading.Change) -> str:
+        """Apply one key of ``reload.LIVE``; a word on what it did, if anything."""
+        key, value = change.key, change.new
+        if key == "log.level":
+            if self.log_level is not None:
+                return f"--log-level {self.log_level} wins"
+            logs.set_level(str(getattr(value, "value", value)))
+            return ""
+        if key == "engine.period_ms":
+            assert isinstance(value, int)
+            sent = self.control.broadcast(SetPeriod(period_ms=value), to_roles={ClientRole.ENGINE})
+            if self.period_ms is not None or sent:
+                self.period_ms = value
+            return f"sent to {sent} engine(s)"
+        if key == "net.rules_check_ms":
+            assert isinstance(value, int)
+            if self.rule_watch is not None:
+                await self.rule_watch.set_interval(value / 1000)
+            return ""
+        if key.startswith("compare.") and self.comparator is not None:
+            comparator = self.comparator
+            # The running comparator's settings (the daemon adjusts a few at start) with this
+            # one key of the file's.
+            comparator.reconfigure(reloading.apply(comparator.config, (change,), prefix=1))
+            self._rearm_soon()
+        return ""
+
+    # -- the rules' watch --------------------------------------------------------------------
+
+    def _start_rule_watch(self) -> None:
+        if not self.setup_net or self.chardev_primary:
+            return  # no rules of ours on this host
+        self.rule_watch = RuleWatch(
+            lambda: host_net(self.config),
+            self.config.net.rules_check_ms / 1000,
+            self._rules_restored,
+            active=lambda: not self._reprotecting,
+        )
+        self.metrics.rules = self.rule_watch
+        self.rule_watch.start()
+
+    def _rules_restored(self, missing: dict[str, tuple[str, ...]]) -> None:
+        """Host P: output went out uncompared while the rules were gone (I1); a checkpoint
+        makes the secondary equal to the primary again."""
+        proxy = self.proxy
+        if proxy is not None and self.mode is Mode.PROTECTED:
+            proxy.request_manual(self.loop.time(), "rules-restored")
+            self._rearm_soon()
+
+    def _summary(self) -> str:
+        """One line for systemctl status: pair, role, mode."""
+        return f"pair {self.config.pair.name}: {self.role.value}, {self.mode.value}"
 
     def _start_primary(self) -> None:
         config = self.config
@@ -231,6 +390,10 @@ class Daemon:
             self.lease_gate.install()
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
+        self.metrics.compare_bounds = lambda: (
+            comparator.config.max_held_packets,
+            comparator.config.max_held_bytes,
+        )
         self._queue_metrics(
             {
                 queues.primary_out: "primary-out",
@@ -288,6 +451,10 @@ class Daemon:
         self.proxy = proxy
         self.metrics.counts = proxy.counters
         self.metrics.compare_stats = comparator.stats
+        self.metrics.compare_bounds = lambda: (
+            comparator.config.max_held_packets,
+            comparator.config.max_held_bytes,
+        )
         rearm = self._rearm_soon
         recorder = self.recorder
 
@@ -699,6 +866,7 @@ class Daemon:
             self._start_primary()
             self._start_engine(reprotect=True)
             self.metrics.protected = True
+            self.notifier.status(self._summary())
         finally:
             self._reprotecting = False
         return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
@@ -714,6 +882,7 @@ class Daemon:
             if self.secondary is not None:
                 self.secondary.take_over()  # the SVM's output now goes to the client
             log.warning("now unprotected: %s", message.detail or "failover")
+            self.notifier.status(self._summary())
             return Ack(detail="unprotected: output passes uncompared")
         return ErrorReply(
             ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
@@ -869,24 +1038,23 @@ def _wire_request(request: CheckpointRequest) -> WireRequest:
     )
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-
-
 def run(
     config: Config,
     *,
     setup_net: bool = True,
     record: Path | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    log_level: str | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT; the exit code."""
-    configure_logging(config.log.level.value)
+    """Run the daemon until SIGTERM/SIGINT (SIGHUP reloads); the exit code. ``log_level``
+    (``--log-level``) wins over the file's ``log.level``."""
+    logs.configure(log_level or config.log.level.value)
+    notifier = Notifier.from_environment()
 
     async def main() -> None:
-        daemon = Daemon(config, setup_net=setup_net, record=record)
+        daemon = Daemon(
+            config, setup_net=setup_net, record=record, notifier=notifier, log_level=log_level
+        )
         await daemon.run()
 
     if loop_factory is None:

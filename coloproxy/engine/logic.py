@@ -11,7 +11,7 @@ and QEMU's event timestamps are both wall clock of the same host).
 :class:`CheckpointScheduler` turns checkpoint requests into COLO checkpoints on the primary.
 
 - QEMU has no "checkpoint now" command: setting ``x-checkpoint-delay`` while in COLO starts
-  one at once (DESIGN.md section 6). The scheduler's :class:`Trigger` action means exactly
+  one at once (docs/invariants.md). The scheduler's :class:`Trigger` action means exactly
   that. The value set is a *backstop* (:func:`backstop_ms`, twice the period plus a second),
   not the period: QEMU restarts its own timer at every trigger, so while the engine runs,
   QEMU's timer never fires and our period is the one in force (measured from the end of the
@@ -77,13 +77,13 @@ from typing import Final
 from coloproxy.errors import UsageError
 
 UINT32_MAX: Final = 2**32 - 1
-# QEMU's x-checkpoint-delay default (DESIGN.md section 6).
+# QEMU's x-checkpoint-delay default (docs/invariants.md).
 DEFAULT_PERIOD_MS: Final = 20000
-# A forced checkpoint starts 1-2 ms after the QMP reply (DESIGN.md section 6); a second
+# A forced checkpoint starts 1-2 ms after the QMP reply (docs/invariants.md); a second
 # leaves room for a loaded host without letting a lost trigger hold output for long.
 DEFAULT_TRIGGER_TIMEOUT: Final = 1.0
 DEFAULT_TRIGGER_RETRIES: Final = 3
-# Measured pauses are 2-30 ms with a 256 MiB guest (DESIGN.md section 6); a checkpoint that
+# Measured pauses are 2-30 ms with a 256 MiB guest (docs/invariants.md); a checkpoint that
 # has not ended after 10 s is stuck (the secondary is gone), not slow.
 DEFAULT_CHECKPOINT_TIMEOUT: Final = 10.0
 HEARTBEAT_VERSION: Final = 2  # 2: sealed with an HMAC (seal_heartbeat)

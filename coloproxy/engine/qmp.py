@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 QEMU sends events only to connected clients and a monitor socket takes one client at a
-time (DESIGN.md section 6), so :class:`QemuMonitor` connects once and keeps the connection
+time (docs/invariants.md), so :class:`QemuMonitor` connects once and keeps the connection
 for the QEMU's life. Two background tasks run while connected:
 
 - the *event pump* reads the events the engine cares about (``STOP``, ``RESUME``,
@@ -47,7 +47,7 @@ ENGINE_EVENTS: Final = (
     "FAILOVER_NEGOTIATED",
 )
 # A QMP command answers in well under a millisecond on an idle QEMU; a few seconds means
-# the main loop is stuck (the BQL deadlock of DESIGN.md section 6).
+# the main loop is stuck (the BQL deadlock of docs/invariants.md).
 DEFAULT_COMMAND_TIMEOUT: Final = 5.0
 
 
@@ -288,7 +288,7 @@ class QemuMonitor:
 
     async def set_checkpoint_delay(self, delay_ms: int) -> None:
         """The only external trigger: in COLO it starts a checkpoint at once
-        (DESIGN.md section 6) and restarts QEMU's own timer with this delay."""
+        (docs/invariants.md) and restarts QEMU's own timer with this delay."""
         await self.execute("migrate-set-parameters", {"x-checkpoint-delay": delay_ms})
 
     async def migrate(self, uri: str) -> None:

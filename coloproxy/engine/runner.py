@@ -15,7 +15,7 @@ for a failover. One loop timer stays armed at the earliest of the two machines' 
 
 Role primary: a request becomes an ``x-checkpoint-delay`` trigger; the primary's ``STOP``
 becomes ``checkpoint-started``, its ``RESUME`` ``checkpoint-completed`` (QEMU emits it only
-once the secondary holds the new state, DESIGN.md section 6), both with QEMU's own event
+once the secondary holds the new state, docs/invariants.md), both with QEMU's own event
 timestamps. Bring-up (``engine.bring_up``, the QEMUs not in COLO yet): once the secondary's
 engine says its QEMU waits for the migration, enable ``x-colo``, set the backstop
 ``x-checkpoint-delay`` and ``migrate``; the migration's last stop and COLO's first resume
@@ -117,7 +117,7 @@ log = logging.getLogger(__name__)
 POLL_IN_COLO: Final = 1.0
 POLL_WAITING: Final = 0.1
 # The migration that enters COLO moves the guest's RAM once: 0.6-1.0 s for 256 MiB here
-# (DESIGN.md section 6); a large guest on a slow link takes minutes.
+# (docs/invariants.md); a large guest on a slow link takes minutes.
 BRING_UP_TIMEOUT: Final = 600.0
 CONTROL_RETRY: Final = 0.2
 # A failover message must reach the proxy: wait this long for the control connection.

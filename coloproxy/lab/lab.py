@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The lab is DESIGN.md's host pair with every machine replaced by a network namespace
+The lab is the host pair of docs/invariants.md with every machine replaced by a network namespace
 (:class:`~coloproxy.lab.topology.Topology` with ``guests="tap"``): a client, a LAN switch,
 host P and host S joined by a replication link. Each host namespace runs what a real host
 would: a QEMU (:mod:`coloproxy.lab.vms`, tap ``guest0``) and a ``coloproxy run`` daemon with
@@ -80,8 +80,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "cplab"
-# A guest reaches "ready" in about 5 s under TCG here (20 s with a louder console, DESIGN.md);
-# a loaded CI machine gets room.
+# A guest reaches "ready" in about 5 s under TCG here (20 s with a louder console,
+# docs/invariants.md); a loaded CI machine gets room.
 BOOT_TIMEOUT_S = 120.0
 DAEMON_TIMEOUT_S = 30.0
 # migrate -> COLO on both sides took 0.8-1.2 s here (qemu/README.md).

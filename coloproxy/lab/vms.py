@@ -5,7 +5,7 @@ Theory of operation
 Each QEMU runs the lab guest (guest/build.sh: Debian's cloud kernel and a busybox initramfs,
 diskless, so COLO needs no block replication) with ``-machine pc -m 256`` under the
 accelerator :func:`coloproxy.lab.qemu.accelerator` picks: KVM where it boots Linux, else TCG
-(DESIGN.md section 6: nested KVM on these machines does not). The process is started with
+(docs/invariants.md: nested KVM on these machines does not). The process is started with
 ``ip netns exec <host namespace>``, so its tap netdev opens ``guest0``, the tap the topology
 created in that namespace (``Topology(guests="tap")``), and its migration socket lives on
 that host's addresses: the secondary's ``-incoming`` listens on host S's replication address,
@@ -14,7 +14,7 @@ and the primary migrates across the replication link as it would between two mac
 Both guests have the same MAC and addresses, as COLO's two VMs do (the secondary must be
 an exact copy). Each QEMU has two QMP monitors: one for the checkpoint engine
 (``engine.qmp`` in the daemon's config) and one for the lab, because a monitor socket takes
-one client and events are seen only while connected (DESIGN.md section 6); QEMU sends every
+one client and events are seen only while connected (docs/invariants.md); QEMU sends every
 event to every monitor.
 
 The serial console goes to a file per VM; the guest prints ``coloproxy-guest: ready`` once

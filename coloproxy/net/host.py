@@ -589,6 +589,22 @@ def _remove_mirror(ipr: Any, index: int, name: str) -> None:
 # iptables
 
 
+def check_rules(params: HostNet) -> dict[str, tuple[str, ...]]:
+    """What is missing of this host's rules, by address family (``ipv4``, ``ipv6``); empty
+    when both tables hold them whole (RuleSet.problems)."""
+    found: dict[str, tuple[str, ...]] = {}
+    for family, (save, _) in IPTABLES.items():
+        problems = params.rule_set.problems(run_command(save).stdout)
+        if problems:
+            found[f"ipv{family}"] = problems
+    return found
+
+
+def apply_rules(params: HostNet) -> None:
+    """Put this host's rules (chain, rules, jump) in place again, as :func:`setup` does."""
+    _apply_rules(params)
+
+
 def _apply_rules(params: HostNet) -> None:
     for family, (save, restore) in IPTABLES.items():
         listing = run_command(save).stdout

@@ -34,6 +34,7 @@ would be queued, so PVM output stops and SVM output stays off the LAN (fail clos
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -246,6 +247,33 @@ class RuleSet:
         lines.append("COMMIT")
         return "\n".join(lines) + "\n"
 
+    def problems(self, listing: str) -> tuple[str, ...]:
+        """What the listing lacks of our chain, its rules and the jump to it; ``()`` when all
+        is in place. The daemon checks this periodically: another firewall manager may
+        flush or rewrite the table (docs/operations.md).
+
+        Rules are compared by what they do (``-j`` and after), not as whole lines:
+        iptables-save orders and spells the matches its own way.
+        """
+        rules = self.rules()
+        if not rules:
+            return ()
+        chain = self.chain
+        if not _chain_exists(listing, chain):
+            return (f"chain {chain} missing",)
+        problems = []
+        if not any(ref == _FORWARD_JUMP for ref in _references(listing, chain)):
+            problems.append(f"no jump from FORWARD to {chain}")
+        expected = Counter(_target(rule) for rule in rules)
+        found = Counter(
+            _target(line) for line in _filter_table(listing) if line.split()[:2] == ["-A", chain]
+        )
+        ours, other = (found & expected).total(), (found - expected).total()
+        if ours != len(rules) or other:
+            text = f"{chain} holds {ours} of our {len(rules)} rules"
+            problems.append(text + (f" and {other} other" if other else ""))
+        return tuple(problems)
+
     def teardown_text(self, listing: str) -> str:
         """Text that removes every jump to our chain, then the chain; ``""`` if it is absent.
 
@@ -273,6 +301,11 @@ def _filter_table(listing: str) -> list[str]:
         elif inside and line != "COMMIT" and line and not line.startswith("#"):
             section.append(line)
     return section
+
+
+def _target(rule: str) -> str:
+    """What a rule does: its ``-j`` target and the target's options, spaces normalised."""
+    return " ".join(rule.rpartition(" -j ")[2].split())
 
 
 def _chain_exists(listing: str, chain: str) -> bool:
