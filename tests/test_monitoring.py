@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -190,7 +191,13 @@ def test_prometheus_evaluates_every_alert_and_dashboard_query_on_real_daemons() 
                 for daemon in ("chardev", "engine"):
                     text = CHARDEV.format(name=daemon, dir=directory, port=DAEMONS[daemon])
                     if daemon == "engine":
-                        text += f"engine: {{qmp: {directory}/no-qemu.sock, heartbeat_port: 9478}}\n"
+                        key = directory / "heartbeat.key"
+                        key.write_bytes(os.urandom(32))
+                        key.chmod(0o600)
+                        text += (
+                            f"engine: {{qmp: {directory}/no-qemu.sock, heartbeat_port: 9478,"
+                            f" heartbeat_key: {key}}}\n"
+                        )
                     (directory / f"{daemon}.yaml").write_text(text)
                 world.spawn("nfqueue", [*run, str(nfqueue)])
                 world.spawn("chardev", [*run, str(directory / "chardev.yaml"), "--no-setup"])

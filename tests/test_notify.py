@@ -26,7 +26,7 @@ from coloproxy.daemon.notify import Notifier
 from coloproxy.lab.topology import Topology
 from coloproxy.net import netns
 from netfixtures import topology_fixture
-from pairworld import PRIMARY_CONFIG, SECONDARY_CONFIG
+from pairworld import PRIMARY_CONFIG, SECONDARY_CONFIG, SPLIT_QUEUE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,7 +278,7 @@ def test_both_hosts_set_up_as_an_unprivileged_user_with_two_capabilities() -> No
                     systemd.wait_for("READY", process)
                     save = topology.exec(host, ["iptables-save", "-t", "filter"]).stdout
                     assert ":CP-T1 " in save and "-A FORWARD -j CP-T1" in save, save
-                    wanted = {7712, 7713} if role == "secondary" else {7710, 7711, 14}
+                    wanted = {7712, 7713} if role == "secondary" else {7710, 7711, SPLIT_QUEUE}
                     assert wanted <= _queues_bound(topology, host)
                     assert (directory / f"{role}.sock").exists()
         finally:
