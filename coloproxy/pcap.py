@@ -32,6 +32,7 @@ rather than silently dropped (invariant I5).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import ipaddress
 import math
@@ -477,11 +478,11 @@ def compare_captures(
     ):
         ethernet = all(c.link_types == (LINKTYPE_ETHERNET,) for c in (primary, secondary))
         framing = Framing.ETHERNET if ethernet else Framing.IP
-        config = (
-            CompareConfig(framing=framing)
-            if compare_timeout is None
-            else CompareConfig(framing=framing, compare_timeout=compare_timeout)
-        )
+        # Offline there is no kernel to cut a GSO packet (a capture on a TSO host has them)
+        # and no engine to checkpoint: no split, no ack-lag request.
+        config = CompareConfig(framing=framing, split_after=None, ack_lag_timeout=None)
+        if compare_timeout is not None:
+            config = dataclasses.replace(config, compare_timeout=compare_timeout)
         comparator = Comparator(config)
         guest_keys = frozenset(guest.packed for guest in guests)
         sides = (Side.PRIMARY, Side.SECONDARY)

@@ -722,3 +722,18 @@ def test_as_a_subprocess(tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert missing.stderr == "compare-pcap: nothere.pcap: No such file or directory\n"
+
+
+def test_a_gso_sized_primary_segment_is_compared_whole_offline(compare: Compare) -> None:
+    # Captures on a host with TSO hold segments longer than the MTU. The daemon hands such a
+    # held packet back to the kernel to be cut (Split); offline there is no kernel: the
+    # packet was neither released nor reported, and the primary's later output waited.
+    stream = bytes(range(256)) * 16  # 4096 bytes
+    primary = server(PRIMARY_ISN, stream=stream, cuts=[])  # one 4 KiB segment
+    secondary = TcpOutput(SECONDARY_ISN)
+    secondary.open(0.0)
+    # The secondary's last piece comes 100 ms after the rest: past the daemon's split_after.
+    time = secondary.send(0.010, stream, [1448, 2896], step=0.1)
+    secondary.fin(time, len(stream))
+    outcome = compare(primary.packets, secondary.packets)
+    assert (outcome.code, outcome.divergences) == (0, [])
