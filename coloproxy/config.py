@@ -199,6 +199,26 @@ class EngineConfig:
     failover_object_del: tuple[str, ...] = ()  # QEMU objects deleted at failover (filters)
 
 
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskConfig:
+    """The protected VM's disk, replicated by QEMU's block replication (docs/engine.md, "The
+    disk"). The same section on both hosts: each names its own files."""
+
+    image: str  # this host's copy of the guest's disk (the quorum's child, or the SVM's base)
+    active: str  # the secondary's active disk (qcow2, the image's virtual size)
+    hidden: str  # the secondary's hidden disk (qcow2, the image's virtual size)
+    format: DiskFormat = DiskFormat.RAW  # the image's format
+    nbd_port: int = 8889  # the secondary's NBD export, on its replication address
+    drive: str = "colo-disk0"  # the quorum drive the guest's disk device uses
+    export: str = "parent0"  # the secondary's base drive, exported over NBD under this name
+    sync_timeout_ms: int = 600000  # the full copy before COLO (bring-up, reprotect)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: LogLevel = LogLevel.INFO
@@ -251,6 +271,7 @@ class Config:
     engine: EngineConfig
     log: LogConfig
     chardev: ChardevConfig | None = None  # set: the primary's packets come over QEMU's chardevs
+    disk: DiskConfig | None = None  # set: the guest's disk is replicated (block replication)
 
 
 # -- rules: YAML value in, typed value out, or _Bad saying what is allowed -------------------
@@ -585,6 +606,22 @@ MAX_ENDPOINTS: Final = 16
 LOG_KEYS: Final[Mapping[str, _Key]] = {"level": _Key(_choice(LogLevel), LogLevel.INFO)}
 
 
+_DISK_FILE: Final = "an absolute path (a file or a block device)"
+_QEMU_NAME: Final = "a QEMU id: a letter, then letters, digits, '_', '.' or '-' (at most 31)"
+DISK_KEYS: Final[Mapping[str, _Key]] = {
+    "image": _Key(_absolute_path, allowed=_DISK_FILE + ": this host's copy of the disk"),
+    "active": _Key(_absolute_path, allowed="an absolute path: the secondary's active disk"),
+    "hidden": _Key(_absolute_path, allowed="an absolute path: the secondary's hidden disk"),
+    "format": _Key(_choice(DiskFormat), DiskFormat.RAW),
+    "nbd_port": _Key(_integer(1, 65535, "a TCP port from 1 to 65535"), 8889),
+    "drive": _Key(_pattern(r"[A-Za-z][A-Za-z0-9_.-]{0,30}", _QEMU_NAME), "colo-disk0"),
+    "export": _Key(_pattern(r"[A-Za-z][A-Za-z0-9_.-]{0,30}", _QEMU_NAME), "parent0"),
+    "sync_timeout_ms": _Key(
+        _integer(1000, 86400000, "an integer of milliseconds from 1000 to 86400000"), 600000
+    ),
+}
+
+
 def _tcp_address(value: object) -> object:
     """ "host:port" -> (host, port), port 1 to 65535 (QEMU's chardev needs a real port)."""
     allowed = "HOST:PORT (an address or host name, IPv6 in brackets; port 1 to 65535)"
@@ -659,6 +696,7 @@ SECTIONS: Final[Mapping[str, Mapping[str, _Key]]] = {
     "engine": ENGINE_KEYS,
     "log": LOG_KEYS,
     "chardev": CHARDEV_KEYS,
+    "disk": DISK_KEYS,
 }
 REQUIRED_SECTIONS: Final = frozenset({"pair", "net"})
 
@@ -1008,6 +1046,7 @@ class _Builder:
         lan_heartbeat = self._engine(engine, role)
         object_ids = self._object_ids(engine)
         quorum = self._quorum(engine)
+        disk = self._disk(engine)
         if role is ProxyRole.PRIMARY and queues is not None and compare_config is not None:
             self._held_within_queue(queues, compare_config, compare)
         if (
@@ -1044,7 +1083,51 @@ class _Builder:
             ),
             log=LogConfig(**log.values),  # type: ignore[arg-type]
             chardev=chardev,
+            disk=disk,
         )
+
+    def _disk(self, engine: _Read | None) -> DiskConfig | None:
+        """The ``disk`` section, and its checks across sections (the engine drives it)."""
+        if "disk" not in self.top.nested:
+            return None
+        line = self.top.line_of("disk")
+        read = self.section("disk")
+        if read is None:
+            return None
+        if engine is not None and engine.values.get("qmp") is None:
+            self.reader.problem(
+                line,
+                "disk",
+                "needs engine.qmp: the checkpoint engine drives the block replication"
+                " (docs/engine.md, \"The disk\")",
+            )
+        seen: dict[object, str] = {}
+        for name in ("image", "active", "hidden"):
+            path = read.values.get(name)
+            if path is None:
+                continue
+            if path in seen:
+                self.reader.problem(
+                    read.line_of(name), f"disk.{name}", f"same file as disk.{seen[path]}"
+                )
+            seen[path] = name
+        if read.values.get("drive") == read.values.get("export") and "drive" in read.values:
+            blamed = "export" if "export" in read.lines else "drive"
+            self.reader.problem(
+                read.line_of(blamed), f"disk.{blamed}", "disk.drive and disk.export must differ"
+            )
+        uri = engine.values.get("migrate_uri") if engine is not None else None
+        port = read.values.get("nbd_port")
+        if isinstance(uri, str) and uri.startswith("tcp:") and uri.rsplit(":", 1)[-1] == str(port):
+            self.reader.problem(
+                read.line_of("nbd_port"),
+                "disk.nbd_port",
+                f"{port} is engine.migrate_uri's port: the secondary's NBD export and its"
+                " -incoming listen on the same address",
+            )
+        if any(name not in read.values for name in DISK_KEYS):
+            return None  # a missing or bad value, reported already
+        return DiskConfig(**read.values)  # type: ignore[arg-type]  # the rules typed them
 
     def _held_within_queue(
         self, queues: QueuesConfig, compare: CompareConfig, compare_read: _Read | None
@@ -1451,6 +1534,16 @@ def check_files(config: Config) -> list[str]:
             read_key_file(path, name, least)
         except ConfigError as exc:
             problems.extend(exc.problems)
+    disk = config.disk
+    if disk is not None:
+        # The QEMU of this host opens these when it starts: the image always, the active and
+        # hidden disks when it starts as the secondary.
+        wanted = [(disk.image, "disk.image")]
+        if config.pair.role is ProxyRole.SECONDARY:
+            wanted += [(disk.active, "disk.active"), (disk.hidden, "disk.hidden")]
+        for path, name in wanted:
+            if not os.path.exists(path):
+                problems.append(f"{path} ({name}): does not exist")
     return problems
 
 
