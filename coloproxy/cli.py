@@ -477,6 +477,7 @@ def _lab(args: argparse.Namespace) -> int:
         qemu_filters=getattr(args, "qemu_filters", False),
         chardev=getattr(args, "chardev", False),
         two_host=getattr(args, "two_host", False),
+        disk=not getattr(args, "no_disk", False),
     )
     try:
         if args.lab_command == "up":
@@ -538,6 +539,11 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="no witness and no etcd: the two-host mode, for labs only (split brain possible)",
     )
+    up.add_argument(
+        "--no-disk",
+        action="store_true",
+        help="a diskless guest: no block replication (the default gives it a replicated disk)",
+    )
     actions.add_parser("down", help="stop everything the lab started, delete its namespaces")
     from coloproxy.lab.partition import CUTS
 
@@ -569,6 +575,7 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument(
         "--two-host", action="store_true", help="the same without the quorum (labs only)"
     )
+    demo.add_argument("--no-disk", action="store_true", help="the same with a diskless guest")
     demo.add_argument(
         "--traffic", type=_seconds, default=20.0, metavar="SECONDS",
         help="client traffic before the divergence and the kill (%(default)s)",

@@ -1099,7 +1099,7 @@ class _Builder:
                 line,
                 "disk",
                 "needs engine.qmp: the checkpoint engine drives the block replication"
-                " (docs/engine.md, \"The disk\")",
+                ' (docs/engine.md, "The disk")',
             )
         seen: dict[object, str] = {}
         for name in ("image", "active", "hidden"):

@@ -273,6 +273,7 @@ class EngineFigures:
     last_failover: dict[str, float] = field(default_factory=dict)  # step -> s after decision
     split_brain: int = 0
     time_to_colo: float | None = None  # migrate -> COLO, at bring-up
+    disk_sync_s: float | None = None  # the disk's full copy to the secondary (engine/disk.py)
     migration: Mapping[str, int] = field(default_factory=dict)  # query-migrate ram figures
     heartbeats: Mapping[str, int] = field(default_factory=dict)  # sent, received, bad-*, error-*
     peer_heard: float | None = None
@@ -832,6 +833,13 @@ class _Collector(Collector):
             )
             colo.add_metric([], figures.time_to_colo)
             yield colo
+        if figures.disk_sync_s is not None:
+            sync = GaugeMetricFamily(
+                "coloproxy_engine_disk_sync_seconds",
+                "the disk's last full copy to the secondary (bring-up, reprotect)",
+            )
+            sync.add_metric([], figures.disk_sync_s)
+            yield sync
         # query-migrate's ram figures, one metric per unit; each absent until QEMU gave it.
         for figure, name, kind, help_text in MIGRATION_METRICS:
             amount = figures.migration.get(figure)

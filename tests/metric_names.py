@@ -93,6 +93,7 @@ def full_metrics() -> Metrics:
     engine.last_failover["done"] = 0.05
     engine.last_colo_exit_reason = "request"
     engine.time_to_colo = 0.8
+    engine.disk_sync_s = 1.5
     engine.migration = {
         "ram_transferred": 1, "ram_total": 1, "ram_normal_pages": 1,
         "ram_duplicate_pages": 1, "dirty_pages_rate": 1, "dirty_sync_count": 1,

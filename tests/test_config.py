@@ -205,7 +205,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             BASE + "zzz: 1\n",
             "t.yaml:9: key 'zzz': unknown key; allowed keys: pair, net, queues, compare,"
-            " control, metrics, engine, log, chardev",
+            " control, metrics, engine, log, chardev, disk",
         ),
         (
             BASE + "metrics:\n  enable: false\n",
@@ -466,7 +466,7 @@ def test_metrics_listen_forms(listen: str, host: str, port: int) -> None:
         (
             "- pair\n",
             "t.yaml:1: expected a mapping (pair, net, queues, compare, control, metrics,"
-            " engine, log, chardev), got a list",
+            " engine, log, chardev, disk), got a list",
         ),
         (
             BASE + "---\n" + BASE,
@@ -527,7 +527,7 @@ extra: 1
         "t.yaml:22: key 'log.level': expected one of debug, info, warning, error, critical,"
         " got 'verbose'",
         "t.yaml:23: key 'extra': unknown key; allowed keys: pair, net, queues, compare,"
-        " control, metrics, engine, log, chardev",
+        " control, metrics, engine, log, chardev, disk",
     ]
 
 
@@ -604,7 +604,7 @@ def test_the_examples_show_every_key() -> None:
     text = "".join((ROOT / "configs" / name).read_text() for name in PAIR_FILES)
     for section, keys in SECTIONS.items():
         for key in keys:
-            assert re.search(rf"^\s+#?\s*{key}:", text, re.MULTILINE), f"{section}.{key}"
+            assert re.search(rf"^\s*#?\s*{key}:", text, re.MULTILINE), f"{section}.{key}"
 
 
 def test_the_document_describes_every_key() -> None:
@@ -895,7 +895,7 @@ def _nested_block(depth: int) -> str:
         (
             BASE + "x" * 1000 + ": 1\n",
             "t.yaml:9: key '" + "x" * 57 + "...': unknown key; allowed keys: pair, net, queues,"
-            " compare, control, metrics, engine, log, chardev",
+            " compare, control, metrics, engine, log, chardev, disk",
         ),
         (
             "pair: {name: a\x00b}\n",

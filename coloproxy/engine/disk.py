@@ -88,8 +88,8 @@ class DiskSettings:
             active=disk.active,
             hidden=disk.hidden,
             format=disk.format.value,
-            local=config.net.replication.local,
-            remote=config.net.replication.remote,
+            local=str(config.net.replication.local),
+            remote=str(config.net.replication.remote),
             nbd_port=disk.nbd_port,
             drive=disk.drive,
             export=disk.export,
@@ -113,8 +113,7 @@ def drive_argv(settings: DiskSettings, role: str, device: str = "virtio-blk-pci"
         ]
     elif role == "secondary":
         drives = [
-            f"if=none,id={settings.export},driver={settings.format},"
-            f"file.filename={settings.image}",
+            f"if=none,id={settings.export},driver={settings.format},file.filename={settings.image}",
             f"if=none,id={SECONDARY_NODE},driver=replication,mode=secondary,"
             f"top-id={settings.drive},file.driver=qcow2,file.file.filename={settings.active},"
             f"file.backing.driver=qcow2,file.backing.file.filename={settings.hidden},"
@@ -158,7 +157,7 @@ class DiskReplication:
         reply = await self.monitor.execute("human-monitor-command", {"command-line": command})
         text = str(reply or "").strip()
         if text and not text.startswith("OK"):
-            raise DiskError(f"{command.split()[0]}: {text}", "human-monitor-command")
+            raise DiskError(f"{command.split(maxsplit=1)[0]}: {text}", "human-monitor-command")
 
     async def check_layout(self, role: str) -> None:
         """The QEMU has the drives :func:`drive_argv` gives: a clear error otherwise (a QEMU
@@ -174,7 +173,7 @@ class DiskReplication:
         if not isinstance(inserted, dict) or inserted.get("drv") != "quorum":
             raise DiskError(
                 f"the QEMU has no quorum drive {self.settings.drive!r} (disk.drive): start it"
-                f" with the disk's drives (docs/engine.md, \"The disk\"); drives: "
+                f' with the disk\'s drives (docs/engine.md, "The disk"); drives: '
                 + (", ".join(sorted(devices)) or "none")
             )
         if role == "secondary" and self.settings.export not in devices:
@@ -196,7 +195,8 @@ class DiskReplication:
             await self.monitor.execute("nbd-server-start", {"addr": address})
         except QmpError as exc:
             if "already" not in str(exc):  # an engine restarted: the server runs
-                raise DiskError(f"nbd-server-start on {settings.local}:{settings.nbd_port}: {exc}")
+                where = f"{settings.local}:{settings.nbd_port}"
+                raise DiskError(f"nbd-server-start on {where}: {exc}") from exc
         try:
             await self.monitor.execute(
                 "nbd-server-add", {"device": settings.export, "writable": True}

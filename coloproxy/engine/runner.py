@@ -51,6 +51,7 @@ from coloproxy import __version__
 from coloproxy.config import Config, ConfigError, QuorumService, read_key_file
 from coloproxy.control.client import ControlClient, ControlConnectionError
 from coloproxy.control.server import ControlError
+from coloproxy.engine.disk import DiskError, DiskReplication, DiskSettings
 from coloproxy.engine.logic import (
     CheckpointAborted,
     CheckpointBegan,
@@ -160,6 +161,7 @@ class EngineSettings:
     # QEMU's own network filters, the redirectors to the lost host (QEMU's COLO-FT.txt).
     failover_object_del: tuple[str, ...] = ()
     quorum: QuorumSettings | None = None  # None: the two-host mode (labs only)
+    disk: DiskSettings | None = None  # the guest's disk, replicated (engine/disk.py)
 
     @classmethod
     def from_config(cls, config: Config) -> EngineSettings | None:
@@ -203,6 +205,7 @@ class EngineSettings:
             failover_timeout_ms=engine.failover_timeout_ms,
             failover_object_del=engine.failover_object_del,
             quorum=_quorum_settings(config),
+            disk=DiskSettings.from_config(config),
         )
 
 
@@ -316,6 +319,9 @@ class EngineRunner:
         )
         self.peer = HeartbeatPeer(
             list(settings.heartbeat_paths), self._on_heartbeat, settings.heartbeat_key
+        )
+        self.disk = (
+            DiskReplication(self.monitor, settings.disk) if settings.disk is not None else None
         )
         self.scheduler: CheckpointScheduler | None = None
         self.decider: FailoverDecider | None = None
@@ -1031,11 +1037,37 @@ class EngineRunner:
             if not peer_ready():
                 log.warning("bring-up: the secondary is not ready yet (no heartbeat saying so)")
         version = await monitor.version()
+        disk = self.disk
+        if disk is not None:
+            # The secondary's base must equal this disk before the replication child joins:
+            # the guest has written since it booted (and, at a reprotect, since the
+            # takeover). A failed copy leaves the pair out of COLO, said in the log.
+            try:
+                await disk.check_layout("primary")
+                await disk.sync()
+            except DiskError as exc:
+                log.error("bring-up: the disk cannot be replicated: %s", exc)
+                return
+            self.figures.disk_sync_s = disk.figures.seconds
         log.info("bring-up: QEMU %d.%d, x-colo on, migrating to %s", *version, uri)
         await monitor.enable_colo()
         await monitor.set_checkpoint_delay(scheduler.backstop_ms)
         self._schedule(scheduler.bring_up(self._now()))
         started = self._now()
+        if disk is not None:
+            # Stopped from here to COLO's first resume (this STOP is the entry checkpoint's):
+            # no guest write may fall between the mirror's end and the replication's start,
+            # which QEMU's COLO code does once the secondary is ready.
+            await monitor.stop_guest()
+            try:
+                await disk.attach()
+            except (DiskError, QmpError, TimeoutError) as exc:
+                log.error("bring-up: adding the disk's replication child: %s", exc)
+                self._schedule(scheduler.aborted(self._now()))
+                self._entry_checkpoint = None
+                with contextlib.suppress(QmpError):
+                    await monitor.execute("cont")
+                return
         await monitor.migrate(uri)
         stats = MigrationStats("none")
         async with asyncio.timeout(BRING_UP_TIMEOUT):
@@ -1048,6 +1080,11 @@ class EngineRunner:
             log.error("bring-up failed: the migration ended %s, not in COLO", stats.status)
             self._schedule(scheduler.aborted(self._now()))
             self._entry_checkpoint = None
+            if disk is not None and disk.attached:
+                with contextlib.suppress(QmpError):
+                    await disk.detach()
+                if await monitor.run_state() != "running":
+                    await monitor.execute("cont")
             return
         self.figures.time_to_colo = self._now() - started
         log.info("bring-up: COLO state %.2f s after migrate", self.figures.time_to_colo)
@@ -1088,6 +1125,14 @@ class EngineRunner:
                 log.critical("cannot mark this pair alone (the key is lost): not leaving COLO")
                 return
             steps["marked-alone"] = self._now() - started
+        if self.disk is not None:
+            # The replication child goes first (COLO-FT.txt): the guest's writes must not
+            # wait for a secondary that is gone.
+            try:
+                await self.disk.detach()
+                steps["disk"] = self._now() - started
+            except QmpError as exc:
+                log.error("disk: removing the replication child: %s", exc)
         try:
             await self.monitor.lost_heartbeat()
             steps["lost-heartbeat"] = self._now() - started
@@ -1127,6 +1172,15 @@ class EngineRunner:
             if self.settings.bring_up and version >= (8, 1):
                 await monitor.enable_colo()  # QEMU 8.1+ wants x-colo on the secondary too
             ready = True
+            if self.disk is not None:
+                # The primary copies its disk into this export, then its replication child
+                # writes there: not ready (the primary waits) until it is up.
+                try:
+                    await self.disk.check_layout("secondary")
+                    await self.disk.serve()
+                except QmpError as exc:
+                    log.error("secondary not ready: the disk cannot be replicated: %s", exc)
+                    ready = False
         if ready:
             log.info("secondary QEMU ready (status %s, COLO mode %s)", state, status.mode)
         else:
@@ -1162,6 +1216,11 @@ class EngineRunner:
             decision.silent_for * 1000,
         )
         resumes = sum(1 for e in self.events if e.name == "RESUME")
+        if self.disk is not None:
+            # The NBD export goes first (COLO-FT.txt); at x-colo-lost-heartbeat the replication
+            # driver commits the active disk into the base: this disk is the truth now.
+            await self.disk.stop_serving()
+            steps["disk"] = self._now() - started
         try:
             await monitor.lost_heartbeat()
         except QmpError as exc:

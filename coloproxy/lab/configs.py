@@ -32,6 +32,11 @@ NET_PREFIX = "cp"
 # The secondary QEMU's -incoming listens here, on host S's replication address: the
 # migration stream crosses the replication link like it would between two machines.
 MIGRATION_PORT = 7790
+# The secondary's NBD export of its disk (disk.nbd_port), on its replication address.
+NBD_PORT = 7791
+# The guest's disk: a raw image per host, the secondary's active and hidden disks beside it
+# (docs/lab.md, "The disk").
+DISK_SIZE_MIB = 64
 # The engines' heartbeat between host P and host S, over the replication link: the engine's
 # defaults, written out (docs/configuration.md).
 HEARTBEAT_PORT = 9478
@@ -93,6 +98,16 @@ class LabPaths:
     def config(self, role: str) -> Path:
         return self.run_dir / FILES[role]
 
+    def disk_image(self, role: str) -> Path:
+        """The guest's disk on ``role``'s host (host P's is "primary", as for every path)."""
+        return self.run_dir / f"{role}-disk.img"
+
+    def disk_active(self, role: str) -> Path:
+        return self.run_dir / f"{role}-disk-active.qcow2"
+
+    def disk_hidden(self, role: str) -> Path:
+        return self.run_dir / f"{role}-disk-hidden.qcow2"
+
     @property
     def state(self) -> Path:
         return self.run_dir / "state.json"
@@ -115,6 +130,18 @@ def reprotect_uri() -> str:
 # The lab's paths are named after the hosts' first roles: "primary" is host P's (its control
 # socket, QMP monitors, console), "secondary" host S's, whatever role each host has now.
 REPROTECT_FILE = "lab-hp-secondary.yaml"
+
+
+_DISK = """
+disk:
+  # The guest's disk, replicated by QEMU's block replication, which the engine drives
+  # (docs/engine.md, "The disk"). This host's files; `coloproxy lab up` makes them.
+  image: {image} # raw, {size} MiB
+  format: raw
+  active: {active} # qcow2: the SVM's writes between checkpoints
+  hidden: {hidden} # qcow2: the base's contents the primary overwrote
+  nbd_port: {nbd_port} # the secondary's NBD export, on its replication address
+"""
 
 
 _PRIMARY = """\
@@ -170,7 +197,7 @@ engine:
 
 log:
   level: info
-"""
+{primary_disk}"""
 
 _SECONDARY = """\
 # coloproxy configuration for the one-machine lab: host S (role secondary) of the pair "{pair}".
@@ -216,10 +243,21 @@ engine:
 {secondary_quorum}
 log:
   level: info
-"""
+{secondary_disk}"""
 
 
-def _fields(paths: LabPaths, two_host: bool = False) -> dict[str, object]:
+def disk_text(paths: LabPaths, role: str) -> str:
+    """The disk section of ``role``'s host (host P: "primary")."""
+    return _DISK.format(
+        image=paths.disk_image(role),
+        size=DISK_SIZE_MIB,
+        active=paths.disk_active(role),
+        hidden=paths.disk_hidden(role),
+        nbd_port=NBD_PORT,
+    )
+
+
+def _fields(paths: LabPaths, two_host: bool = False, disk: bool = True) -> dict[str, object]:
     """What every template is filled with, host P first (the first bring-up's roles)."""
 
     def quorum(host: str) -> str:
@@ -228,6 +266,8 @@ def _fields(paths: LabPaths, two_host: bool = False) -> dict[str, object]:
         return _QUORUM.format(endpoints=etcd_endpoints(host), quorum_prefix=QUORUM_PREFIX)
 
     return {
+        "primary_disk": disk_text(paths, "primary") if disk else "",
+        "secondary_disk": disk_text(paths, "secondary") if disk else "",
         "primary_quorum": quorum("hp"),
         "secondary_quorum": quorum("hs"),
         "pair": PAIR_NAME,
@@ -252,11 +292,12 @@ def _fields(paths: LabPaths, two_host: bool = False) -> dict[str, object]:
     }
 
 
-def reprotect_config_text(paths: LabPaths, two_host: bool = False) -> str:
+def reprotect_config_text(paths: LabPaths, two_host: bool = False, disk: bool = True) -> str:
     """Host P's config after ``lab reprotect``: role secondary, its new QEMU waits for host S
     (now the primary) to migrate into it. Host P's socket and monitors keep their names."""
-    fields = _fields(paths, two_host) | {
+    fields = _fields(paths, two_host, disk) | {
         "secondary_quorum": _fields(paths, two_host)["primary_quorum"],
+        "secondary_disk": disk_text(paths, "primary") if disk else "",
         "primary_address": REPLICATION_IPV4["hs"],
         "secondary_address": REPLICATION_IPV4["hp"],
         "secondary_socket": paths.control_socket("primary"),
@@ -271,11 +312,14 @@ def reprotect_config_text(paths: LabPaths, two_host: bool = False) -> str:
     return head + _SECONDARY.format(**fields)
 
 
-def config_text(role: str, paths: LabPaths | None = None, two_host: bool = False) -> str:
+def config_text(
+    role: str, paths: LabPaths | None = None, two_host: bool = False, disk: bool = True
+) -> str:
     """The config of ``role`` ("primary" or "secondary") for a lab in ``paths.run_dir``;
-    ``two_host``: without the quorum (``lab up --two-host``)."""
+    ``two_host``: without the quorum (``lab up --two-host``); ``disk``: with the guest's
+    disk (not ``lab up --no-disk``)."""
     template = {"primary": _PRIMARY, "secondary": _SECONDARY}[role]
-    return template.format(**_fields(paths or LabPaths(), two_host))
+    return template.format(**_fields(paths or LabPaths(), two_host, disk))
 
 
 # The lab's --chardev mode (docs/chardev.md): host P's QEMU keeps its filters, coloproxy takes
@@ -294,12 +338,14 @@ _SECONDARY_CHARDEV = """\
 """
 
 
-def chardev_config_text(role: str, paths: LabPaths | None = None, two_host: bool = False) -> str:
+def chardev_config_text(
+    role: str, paths: LabPaths | None = None, two_host: bool = False, disk: bool = True
+) -> str:
     """``config_text`` for the lab's ``--chardev`` mode: host P's daemon with a chardev
     section (its queues left out), host S's engine removing its redirectors at failover."""
     from coloproxy.lab.vms import FILTER_PORTS  # vms imports this module
 
-    text = config_text(role, paths, two_host)
+    text = config_text(role, paths, two_host, disk)
     marker = "\n\nlog:\n"  # the engine section ends right before it, in both texts
     if role == "primary":
         block = _PRIMARY_CHARDEV.format(

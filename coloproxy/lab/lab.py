@@ -60,6 +60,7 @@ from coloproxy.engine.runner import TWO_HOST_WARNING
 from coloproxy.lab import etcd, partition, vms
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
+    DISK_SIZE_MIB,
     PERIOD_MS,
     REPROTECT_FILE,
     LabPaths,
@@ -117,6 +118,7 @@ class LabState:
     timings: dict[str, float] = field(default_factory=dict)
     chardev: bool = False  # --chardev: QEMU's filters, coloproxy in place of colo-compare
     quorum: bool = False  # a witness and etcd members decide failover (not --two-host)
+    disk: bool = False  # the guest has a replicated disk (not --no-disk, not --qemu-filters)
 
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -304,6 +306,7 @@ class Lab:
         qemu_filters: bool = False,
         chardev: bool = False,
         two_host: bool = False,
+        disk: bool = True,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
@@ -316,6 +319,8 @@ class Lab:
         # QEMU's filters with coloproxy's chardev transport in place of colo-compare; the
         # daemons and their engines run as in the default mode (docs/chardev.md).
         self.chardev = chardev and not qemu_filters
+        # The guest's disk, replicated by the engines (QEMU's own filters mode has no engine).
+        self.disk = disk and not qemu_filters
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -363,9 +368,11 @@ class Lab:
                 state.qemu_filters != self.qemu_filters
                 or state.chardev != self.chardev
                 or state.quorum != self.quorum
+                or state.disk != self.disk
             ):
                 wired = _wiring(state.qemu_filters, state.chardev)
                 wired += "" if state.quorum else " in two-host mode"
+                wired += " with a disk" if state.disk else " without a disk"
                 raise LabError(
                     f"a lab wired with {wired} is up (namespaces {state.prefix}-*): "
                     "`coloproxy lab down` first"
@@ -387,7 +394,7 @@ class Lab:
         driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
-            started=time.time(), chardev=self.chardev, quorum=self.quorum,
+            started=time.time(), chardev=self.chardev, quorum=self.quorum, disk=self.disk,
         )  # fmt: skip
         self.state = state
         state.save(self.paths)
@@ -405,9 +412,9 @@ class Lab:
         two_host = not self.quorum
         for role in ("primary", "secondary"):
             if self.chardev:
-                text = chardev_config_text(role, paths, two_host)
+                text = chardev_config_text(role, paths, two_host, self.disk)
             else:
-                text = config_text(role, paths, two_host)
+                text = config_text(role, paths, two_host, self.disk)
             paths.config(role).write_text(text)
         self.progress(f"creating namespaces {', '.join(self.topology.namespaces())}")
         self.topology.up()
@@ -417,6 +424,13 @@ class Lab:
             self.progress(f"WARNING: {TWO_HOST_WARNING}")
 
         mode = _wiring(self.qemu_filters, self.chardev)
+        if self.disk:
+            for role in ("primary", "secondary"):
+                vms.make_disk(paths, role)
+            self.progress(
+                f"disks made: {paths.disk_image('primary')} and {paths.disk_image('secondary')}"
+                f" ({DISK_SIZE_MIB} MiB raw), host S's active and hidden qcow2 disks"
+            )
         self.progress(
             f"starting the secondary QEMU in {self.topology.ns('hs')} (accel {state.accel}, "
             f"-incoming {migrate_uri()}, network by {mode})"
@@ -427,12 +441,18 @@ class Lab:
             incoming=migrate_uri(),
             qemu_filters=self.qemu_filters,
             chardev=self.chardev,
+            disk=self.disk,
         )
         state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
         state.save(paths)
         self.progress(f"starting the primary QEMU in {self.topology.ns('hp')}")
         primary = vms.vm_spec(
-            "primary", paths, incoming=None, qemu_filters=self.qemu_filters, chardev=self.chardev
+            "primary",
+            paths,
+            incoming=None,
+            qemu_filters=self.qemu_filters,
+            chardev=self.chardev,
+            disk=self.disk,
         )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
         state.save(paths)
@@ -638,12 +658,17 @@ class Lab:
             self.progress("stopping host P's old daemon")
             vms.stop_process(daemon)
         config = self.paths.run_dir / REPROTECT_FILE
-        config.write_text(reprotect_config_text(self.paths))
+        config.write_text(reprotect_config_text(self.paths, not state.quorum, state.disk))
         uri = reprotect_uri()
+        if state.disk:
+            # Host P's image stays (stale; host S's engine copies its disk over it before
+            # COLO); its active and hidden disks are made new.
+            vms.make_disk(self.paths, "primary", image=False)
         self.progress(
             f"starting a new secondary QEMU in {self.topology.ns('hp')} (-incoming {uri})"
         )
-        spec = vms.vm_spec("primary", self.paths, incoming=uri)  # host P's paths, see configs
+        # host P's paths, see configs
+        spec = vms.vm_spec("primary", self.paths, incoming=uri, disk=state.disk)
         state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
         state.save(self.paths)
         socket_path = self.paths.control_socket("primary")

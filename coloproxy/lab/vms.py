@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -43,9 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coloproxy.engine.disk import DiskSettings, drive_argv
 from coloproxy.errors import ColoproxyError
 from coloproxy.lab import qemu as build
-from coloproxy.lab.configs import LabPaths
+from coloproxy.lab.configs import DISK_SIZE_MIB, NBD_PORT, LabPaths
 from coloproxy.lab.topology import (
     GUEST_IPV4,
     GUEST_IPV6,
@@ -88,6 +90,51 @@ class VmSpec:
     # QEMU's filters as with qemu_filters, but host P's colo-compare replaced by coloproxy's
     # chardev transport (docs/chardev.md): the lab's ``--chardev`` mode.
     chardev: bool = False
+    # The guest's disk (docs/lab.md, "The disk"): a QEMU started with ``incoming`` gets the
+    # secondary's drives (base, replication node, quorum), else the primary's quorum.
+    disk: DiskSettings | None = None
+
+
+def disk_settings(paths: LabPaths, role: str) -> DiskSettings:
+    """The disk of ``role``'s host (host P: "primary"), as its config's disk section says
+    (configs.disk_text; tests/test_disk_replication.py checks that they agree)."""
+    host, peer = ("hp", "hs") if role == "primary" else ("hs", "hp")
+    return DiskSettings(
+        image=str(paths.disk_image(role)),
+        active=str(paths.disk_active(role)),
+        hidden=str(paths.disk_hidden(role)),
+        format="raw",
+        local=REPLICATION_IPV4[host],
+        remote=REPLICATION_IPV4[peer],
+        nbd_port=NBD_PORT,
+    )
+
+
+def make_disk(paths: LabPaths, role: str, *, image: bool = True) -> None:
+    """``role``'s host's disk files: a blank raw image (``image``; with an ext4 file system
+    when mkfs.ext4 is there) and the empty qcow2 active and hidden disks of the same size
+    that a secondary needs (qemu-img, Debian's qemu-utils)."""
+    size = f"{DISK_SIZE_MIB}M"
+    if image:
+        path = paths.disk_image(role)
+        path.unlink(missing_ok=True)
+        with path.open("wb") as blank:
+            blank.truncate(DISK_SIZE_MIB << 20)
+        mkfs = shutil.which("mkfs.ext4")
+        if mkfs is not None:
+            _run([mkfs, "-q", "-F", "-L", "coloproxy", str(path)], "mkfs.ext4")
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise LabError("qemu-img is missing (Debian's qemu-utils): run scripts/setup lab")
+    for overlay in (paths.disk_active(role), paths.disk_hidden(role)):
+        overlay.unlink(missing_ok=True)
+        _run([qemu_img, "create", "-q", "-f", "qcow2", str(overlay), size], "qemu-img create")
+
+
+def _run(argv: list[str], what: str) -> None:
+    done = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LabError(f"{what} failed (exit {done.returncode}): {done.stderr.strip()}")
 
 
 def guest_cmdline(memcheck_mib: int = 32) -> str:
@@ -119,6 +166,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         *("-netdev", netdev),
         # No option ROM: the kernel is loaded directly, nothing boots from the network.
         *("-device", f"virtio-net-pci,netdev=hn0,mac={GUEST_MAC},romfile="),
+        *(drive_argv(spec.disk, "secondary" if spec.incoming else "primary") if spec.disk else ()),
         *("-serial", f"file:{paths.serial_log(spec.role)}"),
         *("-qmp", f"unix:{paths.qmp_socket(spec.role)},server=on,wait=off"),
         *("-qmp", f"unix:{paths.lab_qmp_socket(spec.role)},server=on,wait=off"),
@@ -205,8 +253,10 @@ def vm_spec(
     incoming: str | None,
     qemu_filters: bool = False,
     chardev: bool = False,
+    disk: bool = False,
 ) -> VmSpec:
-    """A spec with the built QEMU and guest image (LabNotBuiltError when they are missing)."""
+    """A spec with the built QEMU and guest image (LabNotBuiltError when they are missing);
+    ``disk``: with the disk of ``role``'s host (:func:`disk_settings`)."""
     return VmSpec(
         role=role,
         binary=build.qemu_binary(),
@@ -218,6 +268,7 @@ def vm_spec(
         incoming=incoming,
         qemu_filters=qemu_filters,
         chardev=chardev,
+        disk=disk_settings(paths, role) if disk else None,
     )
 
 
@@ -441,7 +492,9 @@ __all__ = [
     "alive",
     "colo_mode",
     "console",
+    "disk_settings",
     "guest_cmdline",
+    "make_disk",
     "qemu_argv",
     "qemu_version",
     "start_vm",
