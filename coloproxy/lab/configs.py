@@ -37,6 +37,7 @@ NBD_PORT = 7791
 # The guest's disk: a raw image per host, the secondary's active and hidden disks beside it
 # (docs/lab.md, "The disk").
 DISK_SIZE_MIB = 64
+DISK_FS_MIB = 60  # the guest's file system; the last 4 MiB are the tests' (zero at start)
 # The engines' heartbeat between host P and host S, over the replication link: the engine's
 # defaults, written out (docs/configuration.md).
 HEARTBEAT_PORT = 9478

@@ -811,6 +811,43 @@ class Lab:
             time.sleep(0.001)
         return killed
 
+    def checkpoint_now(self, role: str = "primary", timeout: float = 10.0) -> None:
+        """Ask ``role``'s proxy for a checkpoint (``coloproxy checkpoint``) and wait until its
+        metrics count one more completed."""
+        from coloproxy.protocol import CheckpointNow
+
+        before = self.checkpoints(role).get("completed", 0)
+        self._command(role, CheckpointNow(reason="manual"), "checkpoint")
+        deadline = time.monotonic() + timeout
+        while self.checkpoints(role).get("completed", 0) <= before:
+            if time.monotonic() > deadline:
+                raise LabError(f"no checkpoint completed within {timeout:.0f} s of the request")
+            time.sleep(0.05)
+
+    def qemu_io(self, role: str, command: str) -> str:
+        """HMP ``qemu-io`` on the guest's disk (the quorum drive) of ``role``'s QEMU: the
+        guest's view of the disk on that host. QEMU prints what qemu-io says on its own
+        stdout, the QEMU's log: that output is returned."""
+        from coloproxy.lab.vms import disk_settings
+
+        drive = disk_settings(self.paths, role).drive
+        log_path = self.paths.qemu_log(role)
+        start = log_path.stat().st_size
+
+        async def run() -> None:
+            monitor = await Monitor(role, self.paths.lab_qmp_socket(role)).connect()
+            try:
+                await monitor.execute(
+                    "human-monitor-command", {"command-line": f'qemu-io {drive} "{command}"'}
+                )
+            finally:
+                await monitor.close()
+
+        asyncio.run(run())
+        with log_path.open("rb") as output:
+            output.seek(start)
+            return output.read().decode(errors="replace")
+
     def colo_status(self, role: str) -> dict[str, Any]:
         async def ask() -> dict[str, Any]:
             monitor = await Monitor(role, self.paths.lab_qmp_socket(role)).connect()

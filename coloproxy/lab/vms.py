@@ -47,7 +47,7 @@ from typing import Any
 from coloproxy.engine.disk import DiskSettings, drive_argv
 from coloproxy.errors import ColoproxyError
 from coloproxy.lab import qemu as build
-from coloproxy.lab.configs import DISK_SIZE_MIB, NBD_PORT, LabPaths
+from coloproxy.lab.configs import DISK_FS_MIB, DISK_SIZE_MIB, NBD_PORT, LabPaths
 from coloproxy.lab.topology import (
     GUEST_IPV4,
     GUEST_IPV6,
@@ -112,7 +112,8 @@ def disk_settings(paths: LabPaths, role: str) -> DiskSettings:
 
 def make_disk(paths: LabPaths, role: str, *, image: bool = True) -> None:
     """``role``'s host's disk files: a blank raw image (``image``; with an ext4 file system
-    when mkfs.ext4 is there) and the empty qcow2 active and hidden disks of the same size
+    on its first DISK_FS_MIB when mkfs.ext4 is there: the rest stays zero, for the tests'
+    own blocks) and the empty qcow2 active and hidden disks of the same size
     that a secondary needs (qemu-img, Debian's qemu-utils)."""
     size = f"{DISK_SIZE_MIB}M"
     if image:
@@ -122,7 +123,8 @@ def make_disk(paths: LabPaths, role: str, *, image: bool = True) -> None:
             blank.truncate(DISK_SIZE_MIB << 20)
         mkfs = shutil.which("mkfs.ext4")
         if mkfs is not None:
-            _run([mkfs, "-q", "-F", "-L", "coloproxy", str(path)], "mkfs.ext4")
+            argv = [mkfs, "-q", "-F", "-L", "coloproxy", str(path), f"{DISK_FS_MIB}M"]
+            _run(argv, "mkfs.ext4")
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise LabError("qemu-img is missing (Debian's qemu-utils): run scripts/setup lab")
