@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the coloproxy test guest: Debian's cloud kernel plus a busybox initramfs (diskless:
-# COLO then needs no block replication). See guest/README.md.
+# Build the coloproxy test guest: Debian's cloud kernel plus a busybox initramfs; a virtio
+# disk is optional (coloproxy.disk=vda). See guest/README.md.
 #
 # The result is cached outside the work tree, keyed by kernel version and a hash of guest/:
 #   ${COLOPROXY_CACHE:-/var/cache/coloproxy}/guest/<kernel-version>-<hash>/vmlinuz
@@ -27,6 +27,10 @@ export DEBIAN_FRONTEND=noninteractive
 # Debian's cloud kernel (other orders fail with unknown symbols).
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          failover net_failover virtio_net)
+# Loaded after those, only with coloproxy.disk= (guest/README.md "The disk"): the virtio disk
+# and the ext4 driver (which mounts the ext2 file system busybox's mke2fs makes), in
+# dependency order. Debian's cloud kernel has the file system built in; those are skipped.
+disk_modules=(crc16 mbcache jbd2 ext4 virtio_blk)
 
 deps=(busybox-static cpio gzip gcc libc6-dev xz-utils zstd python3)
 missing=()
@@ -98,9 +102,11 @@ gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/cpx" "$here/cpx.c" \
 strip "$root/bin/cpx"
 install -m 0755 "$here/init" "$root/init"
 
-# virtio-net modules, uncompressed (busybox insmod may not read .ko.xz / .ko.zst).
+# The modules, uncompressed (busybox insmod may not read .ko.xz / .ko.zst); the load orders
+# go to lib/modules/order (always) and lib/modules/order.disk (with a disk).
 : >"$root/lib/modules/order"
-for mod in "${modules[@]}"; do
+: >"$root/lib/modules/order.disk"
+for mod in "${modules[@]}" "${disk_modules[@]}"; do
     rel=$(awk -F: -v m="$mod" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko(\.xz|\.zst|\.gz)?$/, "", n);
                                  if (n == m) { print $1; exit } }' "/lib/modules/$kver/modules.dep")
     if [ -z "$rel" ]; then
@@ -115,20 +121,27 @@ for mod in "${modules[@]}"; do
         *.ko.gz) gzip -dc "$src" >"$root/lib/modules/$mod.ko" ;;
         *) cp "$src" "$root/lib/modules/$mod.ko" ;;
     esac
-    echo "$mod" >>"$root/lib/modules/order"
+    order=order
+    [[ " ${disk_modules[*]} " == *" $mod "* ]] && order=order.disk
+    echo "$mod" >>"$root/lib/modules/$order"
 done
-# Every dependency of virtio_net and virtio_pci must be in the list above.
-for mod in virtio_net virtio_pci; do
+# Every dependency of virtio_net, virtio_pci, virtio_blk and ext4 must be in the lists above.
+for mod in virtio_net virtio_pci virtio_blk ext4; do
     deps_of=$(awk -F': *' -v m="$mod" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko.*$/, "", n);
                                          if (n == m) { print $2; exit } }' "/lib/modules/$kver/modules.dep")
     for dep in $deps_of; do
         d=$(basename "$dep"); d=${d%%.ko*}
-        grep -qx "$d" "$root/lib/modules/order" \
+        grep -qx "$d" "$root/lib/modules/order" "$root/lib/modules/order.disk" \
             || grep -q "/$d.ko" "/lib/modules/$kver/modules.builtin" 2>/dev/null \
             || die "kernel $kver: $mod needs $d, which is not in guest/build.sh's module list"
     done
 done
-say "modules: $(tr '\n' ' ' <"$root/lib/modules/order")"
+say "modules: $(tr '\n' ' ' <"$root/lib/modules/order")" \
+    "with a disk: $(tr '\n' ' ' <"$root/lib/modules/order.disk")"
+for applet in mke2fs mount sync; do
+    "$root/bin/busybox" --list | grep -x "$applet" >/dev/null \
+        || die "$busybox has no $applet applet (the guest's disk needs it)"
+done
 
 # Web content. big.bin: 384 KiB of SHA-256 counter-mode bytes, the same on every build.
 cat >"$root/www/index.html" <<'EOF'
@@ -152,6 +165,20 @@ cat >"$root/www/cgi-bin/memcheck" <<'EOF'
 #!/bin/sh
 printf 'Content-Type: text/plain\r\n\r\n'
 cat /run/memcheck.status 2>/dev/null || echo "memcheck not running"
+EOF
+cat >"$root/www/cgi-bin/diskcheck" <<'EOF'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+cat /run/diskcheck.status 2>/dev/null || echo "diskcheck not running"
+EOF
+# The disk's acknowledged records (guest/cpx.c): ?n=K appends K, diskverify checks them all.
+cat >"$root/www/cgi-bin/diskwrite" <<'EOF'
+#!/bin/sh
+exec /bin/cpx diskwrite
+EOF
+cat >"$root/www/cgi-bin/diskverify" <<'EOF'
+#!/bin/sh
+exec /bin/cpx diskverify
 EOF
 cat >"$root/www/cgi-bin/upload" <<'EOF'
 #!/bin/sh
@@ -177,6 +204,7 @@ kernel_version=$kver
 busybox_static=$busybox_version
 guest_hash=$hash
 modules=${modules[*]}
+disk_modules=${disk_modules[*]}
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 EOF
 chmod 0644 "$stage/out/"*
