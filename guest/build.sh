@@ -27,12 +27,12 @@ export DEBIAN_FRONTEND=noninteractive
 # Debian's cloud kernel (other orders fail with unknown symbols).
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          failover net_failover virtio_net)
-# Loaded after those, only with coloproxy.disk= (guest/README.md "The disk"): the virtio disk
-# and the ext4 driver (which mounts the ext2 file system busybox's mke2fs makes), in
-# dependency order. Debian's cloud kernel has the file system built in; those are skipped.
+# Loaded after those, only with coloproxy.disk= (guest/README.md "The disk"): ext4 and the
+# virtio disk, in dependency order. Debian's cloud kernel has ext4 built in; built-in ones
+# are skipped.
 disk_modules=(crc16 mbcache jbd2 ext4 virtio_blk)
 
-deps=(busybox-static cpio gzip gcc libc6-dev xz-utils zstd python3)
+deps=(busybox-static cpio gzip gcc libc6-dev xz-utils zstd python3 e2fsprogs)
 missing=()
 for pkg in "${deps[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -102,6 +102,19 @@ gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/cpx" "$here/cpx.c" \
 strip "$root/bin/cpx"
 install -m 0755 "$here/init" "$root/init"
 
+# mkfs.ext4 for a blank disk: e2fsprogs' mke2fs with its shared libraries (busybox's mke2fs
+# makes ext2 only, and ext2 has no journal: after a crash or a kill of the VM its bitmaps
+# can be stale and the next file created makes the kernel remount it read-only).
+mke2fs=$(command -v mke2fs || echo /sbin/mke2fs)
+[ -x "$mke2fs" ] || die "no mke2fs (install e2fsprogs)"
+install -D -m 0755 "$mke2fs" "$root/usr/sbin/mkfs.ext4"
+for lib in $(ldd "$mke2fs" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+done
+[ -f /etc/mke2fs.conf ] && install -D -m 0644 /etc/mke2fs.conf "$root/etc/mke2fs.conf"
+chroot "$root" /usr/sbin/mkfs.ext4 -V >/dev/null 2>&1 \
+    || die "$mke2fs does not run inside the guest's root (a library missing?)"
+
 # The modules, uncompressed (busybox insmod may not read .ko.xz / .ko.zst); the load orders
 # go to lib/modules/order (always) and lib/modules/order.disk (with a disk).
 : >"$root/lib/modules/order"
@@ -138,7 +151,7 @@ for mod in virtio_net virtio_pci virtio_blk ext4; do
 done
 say "modules: $(tr '\n' ' ' <"$root/lib/modules/order")" \
     "with a disk: $(tr '\n' ' ' <"$root/lib/modules/order.disk")"
-for applet in mke2fs mount sync; do
+for applet in mount sync; do
     "$root/bin/busybox" --list | grep -x "$applet" >/dev/null \
         || die "$busybox has no $applet applet (the guest's disk needs it)"
 done
@@ -202,6 +215,7 @@ cp "/boot/vmlinuz-$kver" "$stage/out/vmlinuz"
 cat >"$stage/out/BUILD-INFO" <<EOF
 kernel_version=$kver
 busybox_static=$busybox_version
+e2fsprogs=$(dpkg-query -W -f='${Version}' e2fsprogs)
 guest_hash=$hash
 modules=${modules[*]}
 disk_modules=${disk_modules[*]}
