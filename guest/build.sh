@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the coloproxy test guest: Debian's cloud kernel plus a busybox initramfs (diskless:
-# COLO then needs no block replication). See guest/README.md.
+# Build the coloproxy test guest: Debian's cloud kernel plus a busybox initramfs; a virtio
+# disk is optional (coloproxy.disk=vda). See guest/README.md.
 #
 # The result is cached outside the work tree, keyed by kernel version and a hash of guest/:
 #   ${COLOPROXY_CACHE:-/var/cache/coloproxy}/guest/<kernel-version>-<hash>/vmlinuz
@@ -27,8 +27,12 @@ export DEBIAN_FRONTEND=noninteractive
 # Debian's cloud kernel (other orders fail with unknown symbols).
 modules=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
          failover net_failover virtio_net)
+# Loaded after those, only with coloproxy.disk= (guest/README.md "The disk"): ext4 and the
+# virtio disk, in dependency order. Debian's cloud kernel has ext4 built in; built-in ones
+# are skipped.
+disk_modules=(crc16 mbcache jbd2 ext4 virtio_blk)
 
-deps=(busybox-static cpio gzip gcc libc6-dev xz-utils zstd python3)
+deps=(busybox-static cpio gzip gcc libc6-dev xz-utils zstd python3 e2fsprogs)
 missing=()
 for pkg in "${deps[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -98,9 +102,24 @@ gcc -static -O2 -Wall -Wextra -Werror -o "$root/bin/cpx" "$here/cpx.c" \
 strip "$root/bin/cpx"
 install -m 0755 "$here/init" "$root/init"
 
-# virtio-net modules, uncompressed (busybox insmod may not read .ko.xz / .ko.zst).
+# mkfs.ext4 for a blank disk: e2fsprogs' mke2fs with its shared libraries (busybox's mke2fs
+# makes ext2 only, and ext2 has no journal: after a crash or a kill of the VM its bitmaps
+# can be stale and the next file created makes the kernel remount it read-only).
+mke2fs=$(command -v mke2fs || echo /sbin/mke2fs)
+[ -x "$mke2fs" ] || die "no mke2fs (install e2fsprogs)"
+install -D -m 0755 "$mke2fs" "$root/usr/sbin/mkfs.ext4"
+for lib in $(ldd "$mke2fs" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    install -D -m 0755 "$(readlink -f "$lib")" "$root$lib"
+done
+[ -f /etc/mke2fs.conf ] && install -D -m 0644 /etc/mke2fs.conf "$root/etc/mke2fs.conf"
+chroot "$root" /usr/sbin/mkfs.ext4 -V >/dev/null 2>&1 \
+    || die "$mke2fs does not run inside the guest's root (a library missing?)"
+
+# The modules, uncompressed (busybox insmod may not read .ko.xz / .ko.zst); the load orders
+# go to lib/modules/order (always) and lib/modules/order.disk (with a disk).
 : >"$root/lib/modules/order"
-for mod in "${modules[@]}"; do
+: >"$root/lib/modules/order.disk"
+for mod in "${modules[@]}" "${disk_modules[@]}"; do
     rel=$(awk -F: -v m="$mod" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko(\.xz|\.zst|\.gz)?$/, "", n);
                                  if (n == m) { print $1; exit } }' "/lib/modules/$kver/modules.dep")
     if [ -z "$rel" ]; then
@@ -115,20 +134,27 @@ for mod in "${modules[@]}"; do
         *.ko.gz) gzip -dc "$src" >"$root/lib/modules/$mod.ko" ;;
         *) cp "$src" "$root/lib/modules/$mod.ko" ;;
     esac
-    echo "$mod" >>"$root/lib/modules/order"
+    order=order
+    [[ " ${disk_modules[*]} " == *" $mod "* ]] && order=order.disk
+    echo "$mod" >>"$root/lib/modules/$order"
 done
-# Every dependency of virtio_net and virtio_pci must be in the list above.
-for mod in virtio_net virtio_pci; do
+# Every dependency of virtio_net, virtio_pci, virtio_blk and ext4 must be in the lists above.
+for mod in virtio_net virtio_pci virtio_blk ext4; do
     deps_of=$(awk -F': *' -v m="$mod" '{ n = $1; sub(/.*\//, "", n); sub(/\.ko.*$/, "", n);
                                          if (n == m) { print $2; exit } }' "/lib/modules/$kver/modules.dep")
     for dep in $deps_of; do
         d=$(basename "$dep"); d=${d%%.ko*}
-        grep -qx "$d" "$root/lib/modules/order" \
+        grep -qx "$d" "$root/lib/modules/order" "$root/lib/modules/order.disk" \
             || grep -q "/$d.ko" "/lib/modules/$kver/modules.builtin" 2>/dev/null \
             || die "kernel $kver: $mod needs $d, which is not in guest/build.sh's module list"
     done
 done
-say "modules: $(tr '\n' ' ' <"$root/lib/modules/order")"
+say "modules: $(tr '\n' ' ' <"$root/lib/modules/order")" \
+    "with a disk: $(tr '\n' ' ' <"$root/lib/modules/order.disk")"
+for applet in mount sync; do
+    "$root/bin/busybox" --list | grep -x "$applet" >/dev/null \
+        || die "$busybox has no $applet applet (the guest's disk needs it)"
+done
 
 # Web content. big.bin: 384 KiB of SHA-256 counter-mode bytes, the same on every build.
 cat >"$root/www/index.html" <<'EOF'
@@ -153,6 +179,20 @@ cat >"$root/www/cgi-bin/memcheck" <<'EOF'
 printf 'Content-Type: text/plain\r\n\r\n'
 cat /run/memcheck.status 2>/dev/null || echo "memcheck not running"
 EOF
+cat >"$root/www/cgi-bin/diskcheck" <<'EOF'
+#!/bin/sh
+printf 'Content-Type: text/plain\r\n\r\n'
+cat /run/diskcheck.status 2>/dev/null || echo "diskcheck not running"
+EOF
+# The disk's acknowledged records (guest/cpx.c): ?n=K appends K, diskverify checks them all.
+cat >"$root/www/cgi-bin/diskwrite" <<'EOF'
+#!/bin/sh
+exec /bin/cpx diskwrite
+EOF
+cat >"$root/www/cgi-bin/diskverify" <<'EOF'
+#!/bin/sh
+exec /bin/cpx diskverify
+EOF
 cat >"$root/www/cgi-bin/upload" <<'EOF'
 #!/bin/sh
 # POST: reads the whole body and answers its length and MD5 (the same on both guests).
@@ -175,8 +215,10 @@ cp "/boot/vmlinuz-$kver" "$stage/out/vmlinuz"
 cat >"$stage/out/BUILD-INFO" <<EOF
 kernel_version=$kver
 busybox_static=$busybox_version
+e2fsprogs=$(dpkg-query -W -f='${Version}' e2fsprogs)
 guest_hash=$hash
 modules=${modules[*]}
+disk_modules=${disk_modules[*]}
 built=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 EOF
 chmod 0644 "$stage/out/"*

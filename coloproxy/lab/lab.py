@@ -171,9 +171,11 @@ class Attempt:
     detail: str = ""
 
 
-def http_get(path: str, timeout: float = REQUEST_TIMEOUT_S) -> tuple[int, bytes]:
-    """GET over a fresh connection to the guest; (status, body)."""
-    connection = http.client.HTTPConnection(GUEST_IPV4, 80, timeout=timeout)
+def http_get(
+    path: str, timeout: float = REQUEST_TIMEOUT_S, *, host: str = GUEST_IPV4, port: int = 80
+) -> tuple[int, bytes]:
+    """GET over a fresh connection to the guest (by default the lab's); (status, body)."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         connection.request("GET", path, headers={"Connection": "close"})
         response = connection.getresponse()

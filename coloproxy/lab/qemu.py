@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -42,6 +43,8 @@ _BASE_CMDLINE = "console=ttyS0 quiet panic=0"
 # A Linux guest reaches "ready" in about 4-20 s under TCG; under working KVM in 1-3 s.
 _KVM_PROBE_TIMEOUT_S = 15.0
 _READY_LINE = b"coloproxy-guest: ready"
+# What guest/init accepts as coloproxy.disk=.
+_DISK_NAME = re.compile(r"[a-z0-9]+")
 
 
 class LabNotBuiltError(ColoproxyError):
@@ -163,9 +166,17 @@ def guest_cmdline(
     memcheck_mib: int = 32,
     memcheck_rate: int = 1024,
     memcheck_console: bool = True,
+    disk: str | None = None,
+    disk_rate: int = 65536,
+    disk_console: bool = True,
     extra: str = "",
 ) -> str:
-    """The kernel command line for the test guest (see guest/init for the parameters)."""
+    """The kernel command line for the test guest (see guest/init for the parameters).
+
+    ``disk`` names the guest's virtio disk (``"vda"``): the guest mounts it at /data, making
+    a file system on a blank one, and runs the disk checker at ``disk_rate`` bytes per second
+    (0: none) with its lines on the console when ``disk_console``. None: no disk words.
+    """
     words = [_BASE_CMDLINE]
     if ip:
         words.append(f"coloproxy.ip={ip}")
@@ -174,6 +185,14 @@ def guest_cmdline(
     words.append(f"coloproxy.memcheck={memcheck_mib}")
     words.append(f"coloproxy.memrate={memcheck_rate}")
     words.append(f"coloproxy.memconsole={1 if memcheck_console else 0}")
+    if disk is not None:
+        if not _DISK_NAME.fullmatch(disk):
+            raise ValueError(f"disk {disk!r}: a block device name like 'vda' wanted")
+        if disk_rate < 0:
+            raise ValueError(f"disk_rate {disk_rate}: bytes per second >= 0 wanted")
+        words.append(f"coloproxy.disk={disk}")
+        words.append(f"coloproxy.diskrate={disk_rate}")
+        words.append(f"coloproxy.diskconsole={1 if disk_console else 0}")
     if extra:
         words.append(extra)
     return " ".join(words)
