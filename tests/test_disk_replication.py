@@ -19,9 +19,13 @@ read the guest's view on the other host the same way (``Lab.qemu_io``):
   up to date first), failover of the secondary (host S's guest writes on, alone), reprotect
   again and a second failover (host P takes over): the same at each step.
 
-One lab carries the whole story (TCG is slow); each step says what it checked. The
-guest-level check (the guest's disk checker, records the client saw acknowledged) is in
-test_lab's disk test once the guest writes its disk (docs/lab.md).
+The guest writes its disk too: before each kill the client has the guest append records
+(``/cgi-bin/diskwrite``, answered once they are synced, and released to the client only by
+a checkpoint), and after each failover the survivor's guest reads every one back
+(``/cgi-bin/diskverify``): all there, none corrupt. The guest's own disk checker (a ring of
+records it reads back continuously) reports no error on either console.
+
+One lab carries the whole story (TCG is slow); each step says what it checked.
 """
 
 from __future__ import annotations
@@ -37,9 +41,10 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.engine.disk import DiskSettings, drive_argv
-from coloproxy.lab import configs, vms
+from coloproxy.lab import configs, diskcheck, vms
 from coloproxy.lab.lab import QUIET_PERIOD_MS, Lab
 from coloproxy.lab.qemu import repo_root
+from coloproxy.lab.topology import GUEST_IPV4
 from coloproxy.net import netns
 
 _counter = itertools.count()
@@ -161,6 +166,34 @@ class Blocks:
         )
 
 
+class Records:
+    """The guest's own writes: records the client saw acknowledged (/cgi-bin/diskwrite
+    answers once they are synced), read back by the guest after each failover."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.acked = 0
+
+    def write(self, requests: int = 3, n: int = 20) -> None:
+        client = self.lab.topology.ns("client")
+        for _ in range(requests):
+            last = diskcheck.disk_write(GUEST_IPV4, n, netns=client, timeout=20)
+            assert last >= self.acked + n, (last, self.acked)
+            self.acked = last
+
+    def verify(self, what: str) -> diskcheck.DiskVerify:
+        check = diskcheck.disk_verify(GUEST_IPV4, netns=self.lab.topology.ns("client"), timeout=20)
+        assert check.corrupt == 0, f"{what}: {check}"
+        assert check.records >= self.acked, f"{what}: {self.acked} acknowledged, {check}"
+        return check
+
+
+def _checker_errors(lab: Lab, role: str) -> int:
+    lines = diskcheck.diskcheck_lines(vms.console(lab.paths, role))
+    assert lines, f"no disk checker line on {role}'s console"
+    return max(line.errors for line in lines)
+
+
 def _wait_alone(lab: Lab, role: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -178,10 +211,12 @@ def test_disk_replication_through_failovers_and_reprotects(
 ) -> None:
     lab = disk_lab
     blocks = Blocks(lab)
+    records = Records(lab)
     figures: list[str] = []
     # host P primary, host S secondary: writes reach S's view at each checkpoint
     lab.set_period(QUIET_PERIOD_MS)
     blocks.replicated_at_checkpoints("primary", "secondary")
+    records.write()  # each answer is released by a checkpoint (output commit)
     # a block after the last checkpoint, then SIGKILL of the primary: host S takes over
     late, _ = blocks.write("primary")
     lab.kill_qemu("primary")
@@ -189,6 +224,8 @@ def test_disk_replication_through_failovers_and_reprotects(
     lab.wait_serving(30)
     blocks.check_all("secondary", "after the primary's SIGKILL")
     blocks.rolled_back_on("secondary", late)
+    check = records.verify("after the primary's SIGKILL")
+    figures.append(f"{check.records} records read back after the first takeover")
     # host S's guest writes alone; its disk is the truth now
     offset, pattern = blocks.write("secondary")
     blocks.kept[offset] = pattern
@@ -199,6 +236,7 @@ def test_disk_replication_through_failovers_and_reprotects(
     lab.set_period(QUIET_PERIOD_MS, role="secondary")
     blocks.check_all("primary", "on the new secondary after the reprotect's copy")
     blocks.replicated_at_checkpoints("secondary", "primary")
+    records.write()
 
     # failover of the secondary: host S leaves COLO and writes on alone
     lab.kill_qemu("primary")
@@ -209,6 +247,8 @@ def test_disk_replication_through_failovers_and_reprotects(
     blocks.kept[offset] = pattern
     blocks.check_all("secondary", "after the secondary's SIGKILL")
     lab.wait_serving(30)
+    records.verify("after the secondary's SIGKILL")
+    records.write()  # the guest writes on, alone
 
     # reprotect again, then the second takeover: host P takes over from host S
     took = lab.reprotect()
@@ -216,11 +256,17 @@ def test_disk_replication_through_failovers_and_reprotects(
     lab.set_period(QUIET_PERIOD_MS, role="secondary")
     blocks.check_all("primary", "on the new secondary after the second reprotect")
     blocks.replicated_at_checkpoints("secondary", "primary", rounds=2)
+    records.write()
     late, _ = blocks.write("secondary")
     lab.kill_qemu("secondary")
     _wait_alone(lab, "primary")
     lab.wait_serving(30)
     blocks.check_all("primary", "after host S's SIGKILL")
     blocks.rolled_back_on("primary", late)
+    check = records.verify("after the second takeover")
+    figures.append(f"{check.records} records read back after the second takeover")
+    # the guest's own checker (ring of records, read back continuously): no error anywhere
+    assert _checker_errors(lab, "primary") == 0
+    assert _checker_errors(lab, "secondary") == 0
     with capsys.disabled():
         print(f"\n[disk] {len(blocks.kept)} blocks checked; " + ", ".join(figures))

@@ -309,6 +309,7 @@ class Lab:
         chardev: bool = False,
         two_host: bool = False,
         disk: bool = True,
+        disk_rate: int = vms.DISK_RATE,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
@@ -323,6 +324,7 @@ class Lab:
         self.chardev = chardev and not qemu_filters
         # The guest's disk, replicated by the engines (QEMU's own filters mode has no engine).
         self.disk = disk and not qemu_filters
+        self.disk_rate = disk_rate  # the guest's disk checker, bytes per second
         self.say = say
         self._t0 = time.monotonic()
         self.state: LabState | None = None
@@ -444,6 +446,7 @@ class Lab:
             qemu_filters=self.qemu_filters,
             chardev=self.chardev,
             disk=self.disk,
+            disk_rate=self.disk_rate,
         )
         state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
         state.save(paths)
@@ -455,6 +458,7 @@ class Lab:
             qemu_filters=self.qemu_filters,
             chardev=self.chardev,
             disk=self.disk,
+            disk_rate=self.disk_rate,
         )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
         state.save(paths)
@@ -670,7 +674,9 @@ class Lab:
             f"starting a new secondary QEMU in {self.topology.ns('hp')} (-incoming {uri})"
         )
         # host P's paths, see configs
-        spec = vms.vm_spec("primary", self.paths, incoming=uri, disk=state.disk)
+        spec = vms.vm_spec(
+            "primary", self.paths, incoming=uri, disk=state.disk, disk_rate=self.disk_rate
+        )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
         state.save(self.paths)
         socket_path = self.paths.control_socket("primary")
@@ -959,11 +965,13 @@ class DemoResult:
     echo: str = ""
     echo_fresh: str = ""  # the echo connection opened after the last checkpoint
     memcheck: str = ""
+    diskcheck: str = ""  # the guest's disk checker on the SVM since the kill
+    disk: str = ""  # the records the client saw acknowledged, read back after the failover
 
     @property
     def ok(self) -> bool:
         return self.failed == 0 and not any(
-            e.startswith("FAILED") for e in (self.echo, self.echo_fresh)
+            e.startswith("FAILED") for e in (self.echo, self.echo_fresh, self.disk)
         )
 
 
@@ -1041,6 +1049,18 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
         )
         fresh = EchoSession(lab.topology)
         fresh.exchange(b"just after a checkpoint\n")
+        acked = 0
+        if lab.disk:
+            from coloproxy.lab import diskcheck
+
+            client = lab.topology.ns("client")
+            try:
+                for _ in range(5):
+                    acked = diskcheck.disk_write(GUEST_IPV4, 20, netns=client)
+                say(f"client: the guest acknowledged disk records 1..{acked} (synced to its disk)")
+            except LabError as exc:
+                result.disk = f"FAILED: writing records: {exc}"
+                say(f"  {result.disk}")
         say(
             "SIGKILL of the primary QEMU while the client goes on (between two of its"
             " requests, docs/lab.md)"
@@ -1073,6 +1093,28 @@ def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -
             say(f"secondary QEMU after failover: {status_s}")
         result.memcheck = memcheck_summary(vms.console(lab.paths, "secondary")[console_mark:])
         say(f"the guest's memory checker on the SVM since the kill: {result.memcheck}")
+        if lab.disk:
+            from coloproxy.lab import diskcheck
+
+            since = vms.console(lab.paths, "secondary")[console_mark:]
+            result.diskcheck = diskcheck.diskcheck_summary(since)
+            say(f"the guest's disk checker on the SVM since the kill: {result.diskcheck}")
+            if acked and not result.disk:
+                try:
+                    check = diskcheck.disk_verify(GUEST_IPV4, netns=lab.topology.ns("client"))
+                    if check.records >= acked and check.corrupt == 0:
+                        result.disk = (
+                            f"all {acked} acknowledged records read back intact"
+                            f" ({check.records} in the file)"
+                        )
+                    else:
+                        result.disk = (
+                            f"FAILED: {check.records} records ({acked} acknowledged),"
+                            f" {check.corrupt} corrupt, first bad {check.first_bad}"
+                        )
+                except LabError as exc:
+                    result.disk = f"FAILED: reading the records back: {exc}"
+                say(f"the records the client saw acknowledged, on the SVM: {result.disk}")
     finally:  # whatever failed: no thread or connection of ours outlives the demo
         if loop is not None:
             loop.stop()
@@ -1179,6 +1221,10 @@ def format_summary(result: DemoResult, lab: Lab) -> str:
         lines.append(f"echo, newest         {result.echo_fresh} (opened after the last checkpoint)")
     if result.memcheck:
         lines.append(f"SVM memory checker   {result.memcheck}")
+    if result.diskcheck:
+        lines.append(f"SVM disk checker     {result.diskcheck}")
+    if result.disk:
+        lines.append(f"acknowledged records {result.disk}")
     if result.worst_latency_s is not None:
         lines.append(f"slowest request      {result.worst_latency_s * 1000:.0f} ms around the kill")
     return "\n".join(lines) + "\n"

@@ -66,6 +66,8 @@ READY_LINE = b"coloproxy-guest: ready"
 # replication address (COLO-FT.txt's 9003/9004), and loops its compare chardevs on loopback.
 FILTER_PORTS = {"mirror": 7793, "compare_secondary": 7794, "compare_primary": 7795, "out": 7796}
 # What a guest kernel prints when its memory went bad (with `quiet` only these get through).
+# The guest's disk checker writes this many bytes per second (guest/init's default).
+DISK_RATE = 65536
 KERNEL_TROUBLE = (b"Kernel panic", b"BUG: ", b"Oops", b"general protection fault")
 
 
@@ -93,6 +95,8 @@ class VmSpec:
     # The guest's disk (docs/lab.md, "The disk"): a QEMU started with ``incoming`` gets the
     # secondary's drives (base, replication node, quorum), else the primary's quorum.
     disk: DiskSettings | None = None
+    # The guest's disk checker (guest/init): bytes per second it writes, 0 for none.
+    disk_rate: int = DISK_RATE
 
 
 def disk_settings(paths: LabPaths, role: str) -> DiskSettings:
@@ -139,8 +143,9 @@ def _run(argv: list[str], what: str) -> None:
         raise LabError(f"{what} failed (exit {done.returncode}): {done.stderr.strip()}")
 
 
-def guest_cmdline(memcheck_mib: int = 32) -> str:
-    """The guest's kernel command line: the LAN's guest addresses on eth0."""
+def guest_cmdline(memcheck_mib: int = 32, disk: bool = False, disk_rate: int = 0) -> str:
+    """The guest's kernel command line: the LAN's guest addresses on eth0; with ``disk``
+    the guest mounts its virtio disk (vda) and runs the disk checker at ``disk_rate``."""
     return build.guest_cmdline(
         ip=f"{GUEST_IPV4}/24",
         ip6=f"{GUEST_IPV6}/64",
@@ -149,6 +154,9 @@ def guest_cmdline(memcheck_mib: int = 32) -> str:
         # Status lines on the console: after a failover they show the secondary going on
         # from the primary's memory (tests/test_qemu_colo.py reads them the same way).
         memcheck_console=True,
+        disk="vda" if disk else None,
+        disk_rate=disk_rate,
+        disk_console=True,  # the same for the disk checker (lab.diskcheck_summary)
     )
 
 
@@ -164,7 +172,7 @@ def qemu_argv(spec: VmSpec) -> list[str]:
         *("-m", "256", "-smp", "1", "-nodefaults", "-display", "none", "-vga", "none"),
         *("-L", str(spec.firmware)),
         *("-kernel", str(spec.kernel), "-initrd", str(spec.initrd)),
-        *("-append", guest_cmdline(spec.memcheck_mib)),
+        *("-append", guest_cmdline(spec.memcheck_mib, spec.disk is not None, spec.disk_rate)),
         *("-netdev", netdev),
         # No option ROM: the kernel is loaded directly, nothing boots from the network.
         *("-device", f"virtio-net-pci,netdev=hn0,mac={GUEST_MAC},romfile="),
@@ -256,6 +264,7 @@ def vm_spec(
     qemu_filters: bool = False,
     chardev: bool = False,
     disk: bool = False,
+    disk_rate: int = DISK_RATE,
 ) -> VmSpec:
     """A spec with the built QEMU and guest image (LabNotBuiltError when they are missing);
     ``disk``: with the disk of ``role``'s host (:func:`disk_settings`)."""
@@ -271,6 +280,7 @@ def vm_spec(
         qemu_filters=qemu_filters,
         chardev=chardev,
         disk=disk_settings(paths, role) if disk else None,
+        disk_rate=disk_rate,
     )
 
 
