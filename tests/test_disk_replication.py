@@ -31,12 +31,15 @@ One lab carries the whole story (TCG is slow); each step says what it checked.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +49,7 @@ from coloproxy.lab import configs, diskcheck, vms
 from coloproxy.lab.lab import QUIET_PERIOD_MS, Lab
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4
+from coloproxy.lab.vms import LabError, Monitor
 from coloproxy.net import netns
 
 _counter = itertools.count()
@@ -279,3 +283,45 @@ def test_disk_replication_through_failovers_and_reprotects(
     assert _checker_errors(lab, "secondary") == 0
     with capsys.disabled():
         print(f"\n[disk] {len(blocks.kept)} blocks checked; " + ", ".join(figures))
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_the_nbd_link_lost_the_primary_leaves_colo(
+    disk_lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Host S's NBD export goes away while in COLO (its server stopped: the connection
+    resets, as when the link or the server breaks). The primary's replication node records
+    the failed writes and QEMU 7.2 would go on checkpointing with a secondary whose disk
+    misses them (seen, qemu/patches/7.2/0004); with the patch the next checkpoint fails,
+    the primary leaves COLO and serves alone, its records intact. Host S does not take
+    over: its disk is behind."""
+    lab = disk_lab
+    records = Records(lab)
+    records.write("primary")
+    asyncio.run(_qmp(lab, "secondary", "nbd-server-stop"))
+    cut = time.monotonic()
+    records.write("primary", requests=1, checkpoint=False)  # the guest writes on
+    with contextlib.suppress(LabError):
+        lab.checkpoint_now("primary", timeout=5)  # fails: COLO ends under it
+    _wait_alone(lab, "primary")
+    left = time.monotonic() - cut
+    lab.wait_serving(30)
+    records.verify("on the primary alone")
+    # host S stays out of service: stopped in the checkpoint that failed, never running
+    assert asyncio.run(_qmp(lab, "secondary", "query-status"))["status"] != "running"
+    log = lab.paths.daemon_log("primary").read_text(errors="replace")
+    assert "secondary lost (colo-exit" in log, log[-2000:]
+    qemu_log = lab.paths.qemu_log("primary").read_text(errors="replace")
+    assert "disk replication failed" in qemu_log, qemu_log[-2000:]
+    with capsys.disabled():
+        print(f"\n[disk] NBD export gone: the primary left COLO {left:.1f} s later")
+
+
+async def _qmp(lab: Lab, role: str, command: str) -> Any:
+    """One QMP command on ``role``'s lab monitor; its answer."""
+    monitor = await Monitor(role, lab.paths.lab_qmp_socket(role)).connect()
+    try:
+        return await monitor.execute(command)
+    finally:
+        await monitor.close()
