@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-Each QEMU runs the lab guest (guest/build.sh: Debian's cloud kernel and a busybox initramfs,
-diskless, so COLO needs no block replication) with ``-machine pc -m 256`` under the
+Each QEMU runs the lab guest (guest/build.sh: Debian's cloud kernel and a busybox initramfs)
+with ``-machine pc -m 256`` under the
 accelerator :func:`coloproxy.lab.qemu.accelerator` picks: KVM where it boots Linux, else TCG
 (docs/invariants.md: nested KVM on these machines does not). The process is started with
 ``ip netns exec <host namespace>``, so its tap netdev opens ``guest0``, the tap the topology
@@ -22,6 +22,13 @@ its services listen. The processes run in their own sessions so that ``coloproxy
 can return and leave them running; their pids go into the lab's state file and
 ``coloproxy lab down`` ends them (and ``Topology.down`` ends anything left in the
 namespaces).
+
+With a disk (``VmSpec.disk``, the lab's default) each QEMU also gets the guest's disk: a
+64 MiB raw image per host (:func:`make_disk`: an ext4 file system on its first 60 MiB)
+behind a quorum drive, in the primary's or the secondary's layout
+(:func:`coloproxy.engine.disk.drive_argv`: a QEMU started with ``-incoming`` is a secondary),
+and the guest mounts it at /data and runs its disk checker (``coloproxy.disk=vda``). The
+engines replicate it (docs/engine.md, "The disk").
 
 With ``qemu_filters=True`` the pair is wired the way QEMU's docs/COLO-FT.txt does it, for
 comparison with our proxy: the primary mirrors the client's packets to the secondary
