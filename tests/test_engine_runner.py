@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import time
@@ -31,6 +32,7 @@ from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine import runner as runner_module
+from coloproxy.engine.disk import DiskSettings
 from coloproxy.engine.logic import Role, Watch
 from coloproxy.engine.peer import HeartbeatPath
 from coloproxy.engine.quorum import Grant, Outcome, QuorumError
@@ -62,6 +64,10 @@ class QmpDouble:
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
     server: asyncio.Server | None = None
     lost_heartbeat_fails: bool = False
+    disk: bool = False  # a guest disk: the block replication commands answer as QEMU's
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    replication_child: bool = False  # the primary's replication node is in the quorum
+    log: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # global order
 
     async def start(self) -> None:
         self.server = await asyncio.start_unix_server(self._serve, path=str(self.path))
@@ -124,6 +130,7 @@ class QmpDouble:
                     command = message["execute"]
                     arguments = message.get("arguments") or {}
                     self.commands.append((command, arguments))
+                    self.log.append((next(_ORDER), command, arguments))
                     reply = await self._execute(command, arguments)
                     if "id" in message:
                         reply["id"] = message["id"]
@@ -147,6 +154,14 @@ class QmpDouble:
         if command == "migrate":
             loop.call_later(0.01, self._enter_colo)
             return {"return": {}}
+        if command == "stop":
+            self.status = "paused"
+            self.event("STOP")
+            return {"return": {}}
+        if self.disk:
+            reply = self._disk(command, arguments)
+            if reply is not None:
+                return reply
         if command == "migrate-set-parameters":
             if self.mode == "primary":
                 loop.call_soon(self._checkpoint)
@@ -161,10 +176,44 @@ class QmpDouble:
             return {"return": {}}
         return {"return": {}}  # capabilities, announce-self, ...
 
+    def _disk(self, command: str, arguments: dict[str, Any]) -> dict[str, Any] | None:
+        """The block replication commands of engine/disk.py, answered as QEMU 7.2 does."""
+        if command == "query-block":
+            devices = [{"device": "colo-disk0", "inserted": {"drv": "quorum"}}]
+            if self.name == "secondary":
+                devices.append({"device": "parent0", "inserted": {"drv": "raw"}})
+            return {"return": devices}
+        if command == "drive-mirror":
+            job = {"device": arguments["job-id"], "ready": True, "len": 1 << 26, "offset": 1 << 26}
+            self.jobs[arguments["job-id"]] = job
+            return {"return": {}}
+        if command == "query-block-jobs":
+            return {"return": list(self.jobs.values())}
+        if command == "block-job-cancel":
+            self.jobs.pop(arguments["device"], None)
+            return {"return": {}}
+        if command == "human-monitor-command":
+            line = arguments["command-line"]
+            if line.startswith("drive_del") and self.replication_child:
+                return {"return": "Node replication0 is in use\r\n"}
+            return {"return": ""}
+        if command == "x-blockdev-change":
+            self.replication_child = "node" in arguments
+            return {"return": {}}
+        if command == "query-named-block-nodes":
+            return {"return": [{"node-name": "replication0"}]}
+        if command == "x-debug-query-block-graph":
+            nodes = [{"id": 1, "name": "colo-disk0"}, {"id": 2, "name": "replication0"}]
+            edges = [{"parent": 1, "child": 2, "name": "children.1"}]
+            return {"return": {"nodes": nodes, "edges": edges}}
+        return None
+
     def _enter_colo(self) -> None:
         secondary = self.peer
         assert secondary is not None
-        self.event("STOP")
+        if self.status == "running":  # a guest stopped already (the disk's attach) stays so
+            self.event("STOP")
+        self.status = "running"
         self.mode = "primary"
         secondary.mode, secondary.status = "secondary", "running"
         asyncio.get_running_loop().call_later(PAUSE, self.event, "RESUME")
@@ -177,6 +226,8 @@ class QmpDouble:
                 monitor.event("STOP")
                 loop.call_later(PAUSE, monitor.event, "RESUME")
 
+
+_ORDER = itertools.count()
 
 SECONDARY_CONFIG = """\
 pair: {{name: engine-test, role: secondary}}
@@ -194,6 +245,13 @@ engine:
   heartbeat_key: {key}
 """
 KEY = b"engine-test-heartbeat-key-0123456789"
+DISK_SECTION = """\
+disk:
+  image: {tmp}/s.img
+  active: {tmp}/sa.qcow2
+  hidden: {tmp}/sh.qcow2
+  nbd_port: 1
+"""
 
 
 class FakeEtcd:
@@ -279,10 +337,12 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(tmp: Path, quorum: FakeEtcd | None = None) -> AsyncIterator[World]:
+async def world(
+    tmp: Path, quorum: FakeEtcd | None = None, disk: bool = False
+) -> AsyncIterator[World]:
     port = free_udp_port()
-    primary_qemu = QmpDouble("primary", tmp / "p.qmp")
-    secondary_qemu = QmpDouble("secondary", tmp / "s.qmp", status="inmigrate")
+    primary_qemu = QmpDouble("primary", tmp / "p.qmp", disk=disk)
+    secondary_qemu = QmpDouble("secondary", tmp / "s.qmp", status="inmigrate", disk=disk)
     primary_qemu.peer = secondary_qemu
     await primary_qemu.start()
     await secondary_qemu.start()
@@ -298,6 +358,8 @@ async def world(tmp: Path, quorum: FakeEtcd | None = None) -> AsyncIterator[Worl
     text = SECONDARY_CONFIG.format(socket=tmp / "s.sock", qmp=tmp / "s.qmp", port=port, key=key)
     if quorum is not None:
         text += "  quorum: {service: etcd, endpoints: ['127.0.0.1:1']}\n"
+    if disk:
+        text += DISK_SECTION.format(tmp=tmp)
     config = parse_config(text)
     daemon = Daemon(config, setup_net=False)
     daemon_task = asyncio.create_task(daemon.run())
@@ -319,6 +381,17 @@ async def world(tmp: Path, quorum: FakeEtcd | None = None) -> AsyncIterator[Worl
             heartbeat_interval_ms=20,
             failover_timeout_ms=1000,
             quorum=None if quorum is None else EngineSettings.from_config(config).quorum,  # type: ignore[union-attr]
+            disk=None
+            if not disk
+            else DiskSettings(
+                image=str(tmp / "p.img"),
+                active=str(tmp / "pa.qcow2"),
+                hidden=str(tmp / "ph.qcow2"),
+                format="raw",
+                local="127.0.0.1",
+                remote="127.0.0.2",
+                nbd_port=1,
+            ),
         ),
         store=None if quorum is None else quorum.store("primary"),
     )
@@ -638,3 +711,66 @@ async def test_with_a_quorum_entering_colo_clears_the_alone_mark(
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"
+
+
+# -- the disk (engine/disk.py) ---------------------------------------------------------------
+
+
+def _order(*monitors: QmpDouble) -> list[str]:
+    """The commands of these doubles in the order they arrived, queries left out."""
+    merged = sorted(entry for monitor in monitors for entry in monitor.log)
+    return [f"{command} {args.get('command-line', '')}".strip() for _, command, args in merged
+            if not command.startswith("query-") and command != "qmp_capabilities"]  # fmt: skip
+
+
+def _before(order: list[str], *steps: str) -> None:
+    where = [
+        next((i for i, c in enumerate(order) if c == step or c.startswith(f"{step} ")), -1)
+        for step in steps
+    ]
+    assert -1 not in where and where == sorted(where), (steps, order)
+
+
+@pytest.mark.asyncio
+async def test_with_a_disk_bring_up_and_the_secondary_lost(tmp_path: Path) -> None:
+    """Host S exports its base before it says ready; host P copies its disk, stops the
+    guest, ends the copy and adds the replication child before it migrates; the entry's
+    RESUME still serves the restart request. Host S lost: the child goes before
+    x-colo-lost-heartbeat."""
+    async with asyncio.timeout(30), world(tmp_path, disk=True) as w:
+        await in_colo(w)
+        order = _order(w.primary_qemu, w.secondary_qemu)
+        _before(order, "nbd-server-start", "nbd-server-add", "drive-mirror", "stop",
+                "block-job-cancel", "human-monitor-command drive_add",
+                "x-blockdev-change", "migrate")  # fmt: skip
+        add = next(a for c, a in w.primary_qemu.commands if c == "human-monitor-command")
+        assert "file.host=127.0.0.2,file.port=1,file.export=parent0" in add["command-line"]
+        mirror = next(a for c, a in w.primary_qemu.commands if c == "drive-mirror")
+        assert (mirror["target"], mirror["sync"], mirror["mode"]) == (
+            "nbd://127.0.0.2:1/parent0",
+            "full",
+            "existing",
+        )
+        assert w.primary.figures.disk_sync_s is not None
+        await w.secondary_qemu.die()
+        await w.primary.wait_until(
+            lambda: ("x-colo-lost-heartbeat", {}) in w.primary_qemu.commands, 5
+        )
+        order = _order(w.primary_qemu)
+        _before(order, "x-blockdev-change", "human-monitor-command drive_del",
+                "x-colo-lost-heartbeat")  # fmt: skip
+        assert ("x-blockdev-change", {"parent": "colo-disk0", "child": "children.1"}) in (
+            w.primary_qemu.commands
+        )
+
+
+@pytest.mark.asyncio
+async def test_with_a_disk_the_takeover_stops_the_export_first(tmp_path: Path) -> None:
+    async with asyncio.timeout(30), world(tmp_path, disk=True) as w:
+        await in_colo(w)
+        engine = w.daemon.engine
+        assert engine is not None
+        await w.primary_qemu.die()
+        await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
+        _before(_order(w.secondary_qemu), "nbd-server-stop", "x-colo-lost-heartbeat")
+        assert "disk" in engine.figures.last_failover
