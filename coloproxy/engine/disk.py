@@ -202,7 +202,9 @@ class DiskReplication:
                 "nbd-server-add", {"device": settings.export, "writable": True}
             )
         except QmpError as exc:
-            if "already" not in str(exc):
+            if exc.error_class == "CommandNotFound":  # a QEMU without the legacy command
+                await self._export(settings.export)
+            elif "already" not in str(exc):
                 raise DiskError(f"nbd-server-add {settings.export}: {exc}") from exc
         log.info(
             "disk: %s exported over NBD on %s:%d",
@@ -210,6 +212,24 @@ class DiskReplication:
             settings.local,
             settings.nbd_port,
         )
+
+    async def _export(self, name: str) -> None:
+        """``block-export-add`` (QEMU 5.2 and later), the same export as nbd-server-add's.
+        It takes a node name, not a drive's id: the drive's top node (query-block)."""
+        reply = await self.monitor.execute("query-block")
+        node = name
+        for entry in reply if isinstance(reply, list) else []:
+            inserted = entry.get("inserted") if isinstance(entry, dict) else None
+            if entry.get("device") == name and isinstance(inserted, dict):
+                node = str(inserted.get("node-name", name))
+        try:
+            await self.monitor.execute(
+                "block-export-add",
+                {"type": "nbd", "id": name, "node-name": node, "name": name, "writable": True},
+            )
+        except QmpError as exc:
+            if "already" not in str(exc):
+                raise DiskError(f"block-export-add {name}: {exc}") from exc
 
     async def stop_serving(self) -> None:
         """Takeover: the NBD export goes before ``x-colo-lost-heartbeat`` (COLO-FT.txt)."""
