@@ -49,6 +49,9 @@ PREFIX = "cpdbench"
 RUN_DIR = Path("/run/coloproxy-lab-disk-bench")
 SHAPES = {"diskless": None, "disk 0": 0, "disk 1M": 1_000_000, "disk 10M": 10_000_000}
 RECORDS_PER_REQUEST = 1000
+# Each request appends 128 KB to the guest's /data/acked.dat (60 MiB file system): both
+# phases of a run stay under 40 MB.
+MAX_REQUESTS = 150
 
 
 @dataclass
@@ -72,12 +75,13 @@ def load() -> str:
 
 
 def throughput(lab: labmod.Lab, seconds: float) -> float:
-    """Bytes per second of acknowledged records, one request at a time."""
+    """Bytes per second of acknowledged records, one request at a time (``seconds`` or
+    MAX_REQUESTS requests, whichever ends first)."""
     client = lab.topology.ns("client")
     end = time.monotonic() + seconds
     started = time.monotonic()
     records = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and records < MAX_REQUESTS * RECORDS_PER_REQUEST:
         diskcheck.disk_write(GUEST_IPV4, RECORDS_PER_REQUEST, netns=client, timeout=30)
         records += RECORDS_PER_REQUEST
     return records * diskcheck.RECORD_SIZE / (time.monotonic() - started)
@@ -115,7 +119,7 @@ def measure(shape: str, seconds: float, period_ms: int, with_throughput: bool) -
         watch = labmod.CheckpointWatch(lab.paths).start()
         time.sleep(seconds)
         run.pauses_ms = watch.stop()
-        if rate is not None:
+        if rate:
             run.written = checker_rate(labmod.vms.console(lab.paths, "primary")[mark:], seconds)
         if with_throughput:
             lab.set_period(labmod.PERIOD_MS)
