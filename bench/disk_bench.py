@@ -16,9 +16,9 @@ rounds; the table gives each shape's median of the per-run medians and the sprea
 
 Throughput. In each ``disk 0`` run, after the pause window: the client has the guest append
 records (``/cgi-bin/diskwrite?n=1000``: 128 KB per request, answered once synced to the
-guest's disk) for ``--seconds``, protected; then the secondary QEMU is killed, the primary
-leaves COLO (its replication child removed) and the same load runs unprotected, same lab,
-same disk. Bytes per second as the client sees them.
+guest's disk) for ``--seconds`` or 150 requests, protected; then the secondary QEMU is
+killed, the primary leaves COLO (its replication child removed) and the same load runs
+unprotected, same lab, same disk. Bytes per second as the client sees them.
 
 Prints load average, date, command. Never asserts. Root (namespaces); traffic only from the
 lab's client namespace to the guest. Wrap in ``flock /tmp/bench.lock``.
