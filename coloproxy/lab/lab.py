@@ -119,6 +119,7 @@ class LabState:
     chardev: bool = False  # --chardev: QEMU's filters, coloproxy in place of colo-compare
     quorum: bool = False  # a witness and etcd members decide failover (not --two-host)
     disk: bool = False  # the guest has a replicated disk (not --no-disk, not --qemu-filters)
+    disk_rate: int = 0  # its disk checker's bytes per second
 
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -399,6 +400,7 @@ class Lab:
         state = LabState(
             self.prefix, str(self.paths.run_dir), self.qemu_filters, driver, accel,
             started=time.time(), chardev=self.chardev, quorum=self.quorum, disk=self.disk,
+            disk_rate=self.disk_rate,
         )  # fmt: skip
         self.state = state
         state.save(self.paths)
@@ -675,7 +677,7 @@ class Lab:
         )
         # host P's paths, see configs
         spec = vms.vm_spec(
-            "primary", self.paths, incoming=uri, disk=state.disk, disk_rate=self.disk_rate
+            "primary", self.paths, incoming=uri, disk=state.disk, disk_rate=state.disk_rate
         )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
         state.save(self.paths)
