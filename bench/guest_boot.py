@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from coloproxy.lab import qemu as lab  # noqa: E402
+from coloproxy.lab import qemu as lab
 
 READY = b"coloproxy-guest: ready"
 TIMEOUT_S = 120.0
