@@ -153,13 +153,20 @@ def boot(namespace: str, tmp_path: Path) -> Iterator[Callable[..., Guest]]:
     """Boots the guest (one at a time) with the image, if given; kills every QEMU at the end."""
     started: list[Guest] = []
 
-    def start(image: Path | None, *, disk: bool = True) -> Guest:
+    def start(
+        image: Path | None,
+        *,
+        disk: bool = True,
+        disk_rate: int = DISK_RATE,
+        disk_console: bool = True,
+    ) -> Guest:
         serial = tmp_path / f"serial{len(started)}.log"
         cmdline = lab.guest_cmdline(
             ip=f"{GUEST_IP}/24",
             memcheck_mib=0,
             disk="vda" if disk else None,
-            disk_rate=DISK_RATE,
+            disk_rate=disk_rate,
+            disk_console=disk_console,
         )
         argv = [
             str(lab.qemu_binary()),
@@ -335,3 +342,35 @@ def test_the_record_offsets_are_whole_records(tmp_path: Path) -> None:
     assert at == 1000 + RECORD_SIZE
     changed = image.read_bytes()
     assert [i for i in range(len(payload)) if payload[i] != changed[i]] == [at + 40]
+
+
+def test_the_checker_off_or_off_the_console(boot: Callable[..., Guest], tmp_path: Path) -> None:
+    image = blank_image(tmp_path)
+    # diskrate=0: no checker, the acknowledged records still work.
+    guest = boot(image, disk_rate=0)
+    guest.wait_ready()
+    assert guest.write(2) == 2
+    status, body = netns.run_in(
+        guest.namespace, http_get, "/cgi-bin/diskcheck", 30.0, host=GUEST_IP
+    )
+    assert (status, body) == (200, b"diskcheck not running\n")
+    console = guest.console()
+    assert MOUNTED in console
+    assert b"diskcheck" not in console
+    guest.kill()
+    # diskconsole=0: the checker runs, its lines go to /run/diskcheck.status only.
+    guest = boot(image, disk_console=False)
+    guest.wait_ready()
+    deadline = time.monotonic() + LINES_TIMEOUT_S
+    while True:
+        status, body = netns.run_in(
+            guest.namespace, http_get, "/cgi-bin/diskcheck", 30.0, host=GUEST_IP
+        )
+        lines = diskcheck_lines(body)
+        if status == 200 and lines and lines[-1].seq > 0:
+            break
+        assert time.monotonic() < deadline, body
+        time.sleep(0.5)
+    assert lines[-1].errors == 0
+    assert b"diskcheck" not in guest.console()
+    assert guest.verify() == DiskVerify(records=2, ok=2, corrupt=0, first_bad=None)
