@@ -66,7 +66,8 @@ class QmpDouble:
     lost_heartbeat_fails: bool = False
     disk: bool = False  # a guest disk: the block replication commands answer as QEMU's
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
-    replication_child: bool = False  # the primary's replication node is in the quorum
+    replication_node: bool = False  # the primary's replication node exists (drive_add)
+    replication_child: bool = False  # and is in the quorum (x-blockdev-change)
     log: list[tuple[int, str, dict[str, Any]]] = field(default_factory=list)  # global order
 
     async def start(self) -> None:
@@ -196,12 +197,15 @@ class QmpDouble:
             line = arguments["command-line"]
             if line.startswith("drive_del") and self.replication_child:
                 return {"return": "Node replication0 is in use\r\n"}
+            if line.startswith("drive_add") and self.replication_node:
+                return {"return": "Duplicate nodes with node-name='replication0'\r\n"}
+            self.replication_node = line.startswith("drive_add")
             return {"return": ""}
         if command == "x-blockdev-change":
             self.replication_child = "node" in arguments
             return {"return": {}}
         if command == "query-named-block-nodes":
-            return {"return": [{"node-name": "replication0"}]}
+            return {"return": [{"node-name": "replication0"}] if self.replication_node else []}
         if command == "x-debug-query-block-graph":
             nodes = [{"id": 1, "name": "colo-disk0"}, {"id": 2, "name": "replication0"}]
             edges = [{"parent": 1, "child": 2, "name": "children.1"}]

@@ -323,6 +323,8 @@ class DiskReplication:
         started = time.monotonic()
         s = self.settings
         await self.cancel_sync()
+        # A child left by an earlier failover whose removal failed would clash by name.
+        await self.detach()
         await self._hmp(
             f"drive_add -n buddy driver=replication,mode=primary,file.driver=nbd,"
             f"file.host={s.remote},file.port={s.nbd_port},file.export={s.export},"

@@ -1045,7 +1045,7 @@ class EngineRunner:
             try:
                 await disk.check_layout("primary")
                 await disk.sync()
-            except DiskError as exc:
+            except (QmpError, TimeoutError) as exc:
                 log.error("bring-up: the disk cannot be replicated: %s", exc)
                 return
             self.figures.disk_sync_s = disk.figures.seconds
