@@ -47,6 +47,8 @@ from coloproxy.capture.netlink import (
     NFQNL_CFG_CMD_BIND,
     NLMSG_ERROR,
     NetlinkQueue,
+    _ascending,
+    _VerdictCodec,
     build_config,
     build_verdict,
     build_verdict_batch,
@@ -736,6 +738,34 @@ def test_verdict_messages_layout() -> None:
     batch = build_verdict_batch(3, 99, NF_ACCEPT)
     assert struct.unpack_from("=IHH", batch) == (32, 0x0303, 0x01)
     assert batch[28:] == struct.pack(">I", 99)
+
+
+@pytest.mark.parametrize("queue_num", [0, 3, 0x1234, 0xFFFF])
+def test_the_queues_prebuilt_verdicts_are_the_codecs_byte_for_byte(queue_num: int) -> None:
+    # NetlinkQueue encodes verdicts from prebuilt bytes on the hot path; they must be exactly
+    # what build_verdict / build_verdict_batch (checked above against the kernel's layout) say.
+    codec = _VerdictCodec(queue_num)
+    for verdict in (NF_ACCEPT, NF_DROP):
+        for packet_id in (0, 1, 99, 0xDEADBEEF, 0xFFFFFFFF):
+            id_bytes = struct.pack(">I", packet_id)
+            assert codec.plain[verdict] + id_bytes == build_verdict(queue_num, packet_id, verdict)
+            assert codec.batch[verdict] + id_bytes == build_verdict_batch(
+                queue_num, packet_id, verdict
+            )
+    for length in range(0, 70):  # every padding: 0-3 bytes
+        payload = bytes(range(length))
+        for packet_id in (5, 0xFFFFFFFF):
+            assert codec.accept_with_payload(packet_id, payload) == build_verdict(
+                queue_num, packet_id, NF_ACCEPT, payload
+            )
+    payload = bytes(65531)  # the largest packet the kernel copies out (NFQNL_MAX_COPY_RANGE)
+    assert codec.accept_with_payload(7, payload) == build_verdict(queue_num, 7, NF_ACCEPT, payload)
+
+
+def test_ascending_decides_whether_a_run_may_become_one_batch_verdict() -> None:
+    assert _ascending([]) and _ascending([5]) and _ascending([5, 6]) and _ascending([1, 5, 9])
+    assert not _ascending([6, 5]) and not _ascending([5, 5])
+    assert not _ascending([1, 3, 2]) and not _ascending([1, 2, 2]) and not _ascending([2, 1, 3])
 
 
 def packet_message(attrs: list[tuple[int, bytes]], seq: int = 0) -> bytes:

@@ -362,10 +362,9 @@ class _VerdictCodec:
     """The verdict messages of one queue from prebuilt bytes: the same as ``build_verdict``
     and ``build_verdict_batch`` (seq 0), without building attributes for every packet."""
 
-    __slots__ = ("plain", "batch", "_payload_middle", "_queue_num")
+    __slots__ = ("_payload_middle", "batch", "plain")
 
     def __init__(self, queue_num: int) -> None:
-        self._queue_num = queue_num
         # A plain verdict is 28 constant bytes and the packet id (struct
         # nfqnl_msg_verdict_hdr ends with it): encoding one is two appends. Likewise a batch.
         cut = -2 * _BE32.size
