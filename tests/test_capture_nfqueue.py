@@ -514,6 +514,100 @@ async def test_one_wakeup_delivers_at_most_batch_packets_with_one_clock(
 
 @pytest.mark.root
 @pytest.mark.asyncio
+@pytest.mark.parametrize("decide", ["drop", "hold", "accept"])
+async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
+    queued: Lab, udp: Udp, decide: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One packet per wake-up (the lab's regime): after a receive that returned fewer packets
+    # than it asked for, reading again finds something only if our own verdicts made it come:
+    # accepts can (the receiver's immediate answer), drops and no verdict cannot. Each wasted
+    # receive is a syscall per packet.
+    import coloproxy.capture.netlink as netlink
+
+    calls: list[int] = []
+    real = netlink._recvmmsg()
+
+    def counting(*args: Any) -> int:
+        count: int = real(*args)
+        calls.append(count)
+        return count
+
+    monkeypatch.setattr(netlink, "_recvmmsg", lambda: counting)
+    queue: PacketQueue | None = None
+    held: list[Any] = []
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        if decide == "drop":
+            queue.drop(handle)
+        elif decide == "accept":
+            queue.accept(handle)
+        else:
+            held.append(handle)
+
+    queue = open_queue(config(queued), on_packet, Transport.NETLINK)
+    try:
+        for index in range(20):
+            udp.send(b"%d" % index)
+            await settle(lambda sent=index + 1: queue.counters().received == sent)
+            await asyncio.sleep(0.002)
+        counters = queue.counters()
+        assert counters.received == 20
+        per_wakeup = len(calls) / counters.wakeups
+        if decide == "accept":
+            assert per_wakeup >= 2  # the read after the eager flush stays
+            assert [await receive(udp.rx) for _ in range(20)] == [b"%d" % i for i in range(20)]
+        else:
+            assert per_wakeup == 1, calls
+            assert await receive(udp.rx, SILENCE) is None  # dropped or held: nothing passed
+        for handle in held:
+            queue.drop(handle)
+        queue.flush()
+        await settle(lambda: read_queue_stats(netns=queued.router)[QUEUE].queue_total == 0)
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("decide", ["drop", "hold"])
+async def test_netlink_a_burst_is_delivered_whole_when_reads_stop_at_a_drained_socket(
+    queued: Lab, udp: Udp, decide: str
+) -> None:
+    # Stopping at a partial receive must lose nothing: what arrives later wakes the loop.
+    queue: PacketQueue | None = None
+    got: list[bytes] = []
+    held: list[Any] = []
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        got.append(udp_payload(payload))
+        if decide == "drop":
+            queue.drop(handle)
+        else:
+            held.append(handle)
+
+    queue = open_queue(config(queued, batch=8), on_packet, Transport.NETLINK)
+    try:
+        for burst in range(30):
+            for index in range(burst % 7 + 1):
+                udp.send(b"%d.%d" % (burst, index))
+            await asyncio.sleep(0.001 * (burst % 3))
+        expected = [b"%d.%d" % (b, i) for b in range(30) for i in range(b % 7 + 1)]
+        await settle(lambda: len(got) == len(expected))
+        assert got == expected
+        for handle in held:
+            queue.accept(handle)
+        arrived = [await receive(udp.rx) for _ in held]
+        assert arrived == (expected if decide == "hold" else [])
+        assert await receive(udp.rx, SILENCE) is None
+        assert queue.counters().kernel_errors == 0
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_full_receive_buffer_drops_and_is_counted(
     queued: Lab, udp: Udp, transport: Transport

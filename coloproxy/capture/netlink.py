@@ -211,6 +211,10 @@ class _Slots:
 # verdict waits for the end of the wake-up, 144 us sending the first at once, 126 us the
 # first two (netfilterqueue, which sends each verdict at once: 130 us). Bulk wake-ups carry
 # a couple of hundred packets, so sending two of them alone costs nothing measurable.
+# Only accepts can bring such an answer: after a receive that found the socket empty, a
+# wake-up whose verdicts are drops (or none yet) stops reading instead of asking the empty
+# socket again (a syscall per packet in the lab's one-packet wake-ups); what arrives later
+# wakes the loop again (tests/test_capture_nfqueue.py, "drained").
 _EAGER_VERDICTS = 2
 # Bytes of verdicts per send(): netlink refuses a datagram larger than the socket's send
 # buffer (EMSGSIZE; default 208 KiB). 4096 plain verdicts of 32 bytes, or one rewritten
@@ -579,14 +583,24 @@ class NetlinkQueue:
         run = self._run
         out = self._out
         delivered = 0
+        drained = False  # the last receive returned fewer packets than it asked for
         self._in_reader = True
         try:
             while delivered < batch:
                 if 0 < delivered <= _EAGER_VERDICTS and (run or out):
+                    # Accepts sent now may bring an answer to this socket at once (see
+                    # _EAGER_VERDICTS): read again for it. Drops bring nothing back.
+                    answerable = bool(out) or self._run_verdict != NF_DROP
                     self._flush()
-                count = recvmmsg(
-                    fd, headers, min(slots.count, batch - delivered), MSG_DONTWAIT, None
-                )
+                    if drained and not answerable:
+                        break
+                elif drained:
+                    # The socket was empty after the last packet: reading again would be a
+                    # syscall per wake-up for nothing. What arrives since wakes the loop.
+                    break
+                asked = min(slots.count, batch - delivered)
+                count = recvmmsg(fd, headers, asked, MSG_DONTWAIT, None)
+                drained = count < asked
                 if count < 0:
                     err = ctypes.get_errno()
                     if err == errno.EAGAIN:
