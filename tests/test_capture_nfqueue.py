@@ -47,6 +47,8 @@ from coloproxy.capture.netlink import (
     NFQNL_CFG_CMD_BIND,
     NLMSG_ERROR,
     NetlinkQueue,
+    _ascending,
+    _VerdictCodec,
     build_config,
     build_verdict,
     build_verdict_batch,
@@ -512,6 +514,100 @@ async def test_one_wakeup_delivers_at_most_batch_packets_with_one_clock(
 
 @pytest.mark.root
 @pytest.mark.asyncio
+@pytest.mark.parametrize("decide", ["drop", "hold", "accept"])
+async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
+    queued: Lab, udp: Udp, decide: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One packet per wake-up (the lab's regime): after a receive that returned fewer packets
+    # than it asked for, reading again finds something only if our own verdicts made it come:
+    # accepts can (the receiver's immediate answer), drops and no verdict cannot. Each wasted
+    # receive is a syscall per packet.
+    import coloproxy.capture.netlink as netlink
+
+    calls: list[int] = []
+    real = netlink._recvmmsg()
+
+    def counting(*args: Any) -> int:
+        count: int = real(*args)
+        calls.append(count)
+        return count
+
+    monkeypatch.setattr(netlink, "_recvmmsg", lambda: counting)
+    queue: PacketQueue | None = None
+    held: list[Any] = []
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        if decide == "drop":
+            queue.drop(handle)
+        elif decide == "accept":
+            queue.accept(handle)
+        else:
+            held.append(handle)
+
+    queue = open_queue(config(queued), on_packet, Transport.NETLINK)
+    try:
+        for index in range(20):
+            udp.send(b"%d" % index)
+            await settle(lambda sent=index + 1: queue.counters().received == sent)
+            await asyncio.sleep(0.002)
+        counters = queue.counters()
+        assert counters.received == 20
+        per_wakeup = len(calls) / counters.wakeups
+        if decide == "accept":
+            assert per_wakeup >= 2  # the read after the eager flush stays
+            assert [await receive(udp.rx) for _ in range(20)] == [b"%d" % i for i in range(20)]
+        else:
+            assert per_wakeup == 1, calls
+            assert await receive(udp.rx, SILENCE) is None  # dropped or held: nothing passed
+        for handle in held:
+            queue.drop(handle)
+        queue.flush()
+        await settle(lambda: read_queue_stats(netns=queued.router)[QUEUE].queue_total == 0)
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("decide", ["drop", "hold"])
+async def test_netlink_a_burst_is_delivered_whole_when_reads_stop_at_a_drained_socket(
+    queued: Lab, udp: Udp, decide: str
+) -> None:
+    # Stopping at a partial receive must lose nothing: what arrives later wakes the loop.
+    queue: PacketQueue | None = None
+    got: list[bytes] = []
+    held: list[Any] = []
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        got.append(udp_payload(payload))
+        if decide == "drop":
+            queue.drop(handle)
+        else:
+            held.append(handle)
+
+    queue = open_queue(config(queued, batch=8), on_packet, Transport.NETLINK)
+    try:
+        for burst in range(30):
+            for index in range(burst % 7 + 1):
+                udp.send(b"%d.%d" % (burst, index))
+            await asyncio.sleep(0.001 * (burst % 3))
+        expected = [b"%d.%d" % (b, i) for b in range(30) for i in range(b % 7 + 1)]
+        await settle(lambda: len(got) == len(expected))
+        assert got == expected
+        for handle in held:
+            queue.accept(handle)
+        arrived = [await receive(udp.rx) for _ in held]
+        assert arrived == (expected if decide == "hold" else [])
+        assert await receive(udp.rx, SILENCE) is None
+        assert queue.counters().kernel_errors == 0
+    finally:
+        queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_a_full_receive_buffer_drops_and_is_counted(
     queued: Lab, udp: Udp, transport: Transport
@@ -736,6 +832,34 @@ def test_verdict_messages_layout() -> None:
     batch = build_verdict_batch(3, 99, NF_ACCEPT)
     assert struct.unpack_from("=IHH", batch) == (32, 0x0303, 0x01)
     assert batch[28:] == struct.pack(">I", 99)
+
+
+@pytest.mark.parametrize("queue_num", [0, 3, 0x1234, 0xFFFF])
+def test_the_queues_prebuilt_verdicts_are_the_codecs_byte_for_byte(queue_num: int) -> None:
+    # NetlinkQueue encodes verdicts from prebuilt bytes on the hot path; they must be exactly
+    # what build_verdict / build_verdict_batch (checked above against the kernel's layout) say.
+    codec = _VerdictCodec(queue_num)
+    for verdict in (NF_ACCEPT, NF_DROP):
+        for packet_id in (0, 1, 99, 0xDEADBEEF, 0xFFFFFFFF):
+            id_bytes = struct.pack(">I", packet_id)
+            assert codec.plain[verdict] + id_bytes == build_verdict(queue_num, packet_id, verdict)
+            assert codec.batch[verdict] + id_bytes == build_verdict_batch(
+                queue_num, packet_id, verdict
+            )
+    for length in range(0, 70):  # every padding: 0-3 bytes
+        payload = bytes(range(length))
+        for packet_id in (5, 0xFFFFFFFF):
+            assert codec.accept_with_payload(packet_id, payload) == build_verdict(
+                queue_num, packet_id, NF_ACCEPT, payload
+            )
+    payload = bytes(65531)  # the largest packet the kernel copies out (NFQNL_MAX_COPY_RANGE)
+    assert codec.accept_with_payload(7, payload) == build_verdict(queue_num, 7, NF_ACCEPT, payload)
+
+
+def test_ascending_decides_whether_a_run_may_become_one_batch_verdict() -> None:
+    assert _ascending([]) and _ascending([5]) and _ascending([5, 6]) and _ascending([1, 5, 9])
+    assert not _ascending([6, 5]) and not _ascending([5, 5])
+    assert not _ascending([1, 3, 2]) and not _ascending([1, 2, 2]) and not _ascending([2, 1, 3])
 
 
 def packet_message(attrs: list[tuple[int, bytes]], seq: int = 0) -> bytes:

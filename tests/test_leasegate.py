@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,17 @@ def test_the_gate_closes_by_itself_at_the_deadline() -> None:
         assert gone != "0"
     finally:
         netns.delete(name)
+
+
+def test_without_nftables_the_error_names_the_package(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Neither libnftables nor the nft command (a machine set up before nftables joined
+    # scripts/setup): a clear error the daemon reports, not a FileNotFoundError traceback.
+    from coloproxy.net import NetError, leasegate
+
+    monkeypatch.setattr(leasegate, "_lib", False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    gate = LeaseGate("tg", "tgport")
+    with pytest.raises(NetError, match=r"nftables.*not installed.*scripts/setup"):
+        gate.install()

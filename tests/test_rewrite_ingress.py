@@ -124,3 +124,33 @@ def test_the_timestamp_echo_is_moved_into_the_secondarys_timestamp_space() -> No
     check = packet.copy()
     del check[TCP].chksum
     assert IP(bytes(check))[TCP].chksum == packet[TCP].chksum
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_packet_parsed_by_the_caller_is_not_parsed_again_and_the_result_is_the_same(
+    partial: bool,
+) -> None:
+    # The S-in hot path hands shifted_copy the packet it parsed: the copy must come out
+    # byte for byte as when shifted_copy parses the copy itself, and the input stays as it was.
+    from coloproxy.packet.parse import Packet, parse_ip
+    from coloproxy.packet.rewrite import shift_tcp_ack
+    from coloproxy.rewrite.ingress import shifted_copy
+
+    data = client_segment(ack=500, sack=[(1500, 2000)])
+    original = bytes(data)
+
+    def shift(buffer, packet, form):  # type: ignore[no-untyped-def]
+        return shift_tcp_ack(buffer, packet, OFFSET, checksum=form)
+
+    parsed = parse_ip(data)
+    assert isinstance(parsed, Packet)
+    reused = shifted_copy(data, partial, shift, parsed)
+    fresh = shifted_copy(data, partial, shift)
+    assert reused == fresh
+    assert reused.status is RewriteStatus.SHIFTED
+    assert data == original  # the copy was shifted, not the caller's bytes
+    assert parsed.data == reused.payload  # the parsed packet moved onto the copy
+    # A packet parsed from other bytes is not taken for this one's: parsed afresh.
+    other = parse_ip(client_segment(ack=7))
+    assert isinstance(other, Packet)
+    assert shifted_copy(data, partial, shift, other) == fresh

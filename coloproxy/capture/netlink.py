@@ -123,6 +123,8 @@ NF_ACCEPT = 1
 NF_QUEUE = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
 
 _TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_TYPE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
+_PADDING = bytes(3)
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
 _NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (res_id is big-endian: pre-swapped)
 _NLMSG_LEN_TYPE = struct.Struct("=IH")  # the first two fields of _NLMSGHDR
@@ -209,6 +211,10 @@ class _Slots:
 # verdict waits for the end of the wake-up, 144 us sending the first at once, 126 us the
 # first two (netfilterqueue, which sends each verdict at once: 130 us). Bulk wake-ups carry
 # a couple of hundred packets, so sending two of them alone costs nothing measurable.
+# Only accepts can bring such an answer: after a receive that found the socket empty, a
+# wake-up whose verdicts are drops (or none yet) stops reading instead of asking the empty
+# socket again (a syscall per packet in the lab's one-packet wake-ups); what arrives later
+# wakes the loop again (tests/test_capture_nfqueue.py, "drained").
 _EAGER_VERDICTS = 2
 # Bytes of verdicts per send(): netlink refuses a datagram larger than the socket's send
 # buffer (EMSGSIZE; default 208 KiB). 4096 plain verdicts of 32 bytes, or one rewritten
@@ -351,7 +357,44 @@ def parse_error(data: bytes | bytearray | memoryview, start: int = 0) -> tuple[i
 
 
 def _ascending(ids: list[int]) -> bool:
+    if len(ids) < 3:  # the common case at one or two packets per wake-up: no generator
+        return len(ids) < 2 or ids[0] < ids[1]
     return all(earlier < later for earlier, later in itertools.pairwise(ids))
+
+
+class _VerdictCodec:
+    """The verdict messages of one queue from prebuilt bytes: the same as ``build_verdict``
+    and ``build_verdict_batch`` (seq 0), without building attributes for every packet."""
+
+    __slots__ = ("_payload_middle", "batch", "plain")
+
+    def __init__(self, queue_num: int) -> None:
+        # A plain verdict is 28 constant bytes and the packet id (struct
+        # nfqnl_msg_verdict_hdr ends with it): encoding one is two appends. Likewise a batch.
+        cut = -2 * _BE32.size
+        plain = build_verdict(queue_num, 0, NF_ACCEPT)[:cut]
+        batch = build_verdict_batch(queue_num, 0, NF_ACCEPT)[:cut]
+        self.plain = {verdict: plain + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
+        self.batch = {verdict: batch + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
+        # An accept with a payload: the netlink header (its length varies), then these bytes
+        # up to the packet id, then the payload attribute.
+        self._payload_middle = plain[_NLMSGHDR.size :] + _BE32.pack(NF_ACCEPT)
+
+    def accept_with_payload(self, packet_id: int, payload: bytes) -> bytes:
+        """``build_verdict(queue_num, packet_id, NF_ACCEPT, payload)``."""
+        attr_len = _NLATTR.size + len(payload)
+        pad = -attr_len % 4  # counted in the message's length, as build_verdict counts it
+        length = _NLMSGHDR.size + len(self._payload_middle) + _BE32.size + attr_len + pad
+        return b"".join(
+            (
+                _NLMSGHDR.pack(length, _TYPE_VERDICT, NLM_F_REQUEST, 0, 0),
+                self._payload_middle,
+                _BE32.pack(packet_id),
+                _NLATTR.pack(attr_len, NFQA_PAYLOAD),
+                payload,
+                _PADDING[:pad],
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,10 +431,9 @@ class NetlinkQueue:
         self._flush_scheduled = False
         self._seq = 0
         self._acks: dict[int, int] = {}
-        # A plain verdict is 28 constant bytes and the packet id (struct nfqnl_msg_verdict_hdr
-        # ends with it): encoding one is two appends.
-        prefix = build_verdict(config.queue_num, 0, NF_ACCEPT)[: -2 * _BE32.size]
-        self._prefix = {verdict: prefix + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
+        self._codec = _VerdictCodec(config.queue_num)
+        self._prefix = self._codec.plain
+        self._batch_prefix = self._codec.batch
         self._received = 0
         self._wakeups = 0
         self._truncated = 0
@@ -541,14 +583,24 @@ class NetlinkQueue:
         run = self._run
         out = self._out
         delivered = 0
+        drained = False  # the last receive returned fewer packets than it asked for
         self._in_reader = True
         try:
             while delivered < batch:
                 if 0 < delivered <= _EAGER_VERDICTS and (run or out):
+                    # Accepts sent now may bring an answer to this socket at once (see
+                    # _EAGER_VERDICTS): read again for it. Drops bring nothing back.
+                    answerable = bool(out) or self._run_verdict != NF_DROP
                     self._flush()
-                count = recvmmsg(
-                    fd, headers, min(slots.count, batch - delivered), MSG_DONTWAIT, None
-                )
+                    if drained and not answerable:
+                        break
+                elif drained:
+                    # The socket was empty after the last packet: reading again would be a
+                    # syscall per wake-up for nothing. What arrives since wakes the loop.
+                    break
+                asked = min(slots.count, batch - delivered)
+                count = recvmmsg(fd, headers, asked, MSG_DONTWAIT, None)
+                drained = count < asked
                 if count < 0:
                     err = ctypes.get_errno()
                     if err == errno.EAGAIN:
@@ -617,7 +669,7 @@ class NetlinkQueue:
             self._run.append(handle)
         else:
             self._encode_run()
-            self._out += build_verdict(self._config.queue_num, handle, NF_ACCEPT, payload)
+            self._out += self._codec.accept_with_payload(handle, payload)
         if not self._in_reader and not self._flush_scheduled:
             self._schedule_flush()
 
@@ -691,7 +743,7 @@ class NetlinkQueue:
         try:
             if run and not self._out and not self._undecided and _ascending(run):
                 # Every delivered packet up to run[-1] is in the run: one batch verdict.
-                sock.send(build_verdict_batch(self._config.queue_num, run[-1], self._run_verdict))
+                sock.send(self._batch_prefix[self._run_verdict] + _BE32.pack(run[-1]))
                 self._batch_verdicts += 1
                 self._verdict_sends += 1
                 run.clear()

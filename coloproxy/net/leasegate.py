@@ -72,9 +72,16 @@ class LeaseGate:
                 error = lib.nft_ctx_get_error_buffer(self._ctx) or b""
                 raise NetError(f"nft ({self.table}): {error.decode(errors='replace').strip()}")
             return
-        done = subprocess.run(
-            ["nft", "-f", "-"], input=text, text=True, capture_output=True, check=False
-        )
+        try:
+            done = subprocess.run(
+                ["nft", "-f", "-"], input=text, text=True, capture_output=True, check=False
+            )
+        except FileNotFoundError as exc:
+            raise NetError(
+                f"nft ({self.table}): nftables is not installed (neither libnftables nor the"
+                " nft command found): install the Debian package nftables (scripts/setup"
+                " daemon does)"
+            ) from exc
         if done.returncode != 0:
             raise NetError(f"nft ({self.table}): {done.stderr.strip()}")
 

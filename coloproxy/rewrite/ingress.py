@@ -66,7 +66,10 @@ class IngressRewriter:
     def rewrite_parsed(
         self, data: bytes, packet: Packet | Malformed, checksum_partial: bool = False
     ) -> RewriteOutcome:
-        """``rewrite`` for a caller that parsed ``data`` already (``parse_ip(data)``)."""
+        """``rewrite`` for a caller that parsed ``data`` already (``parse_ip(data)``).
+
+        ``packet`` is consumed: when the packet is shifted, it ends up describing the
+        rewritten copy (its ``data`` and ``ack``), so a caller reads what it needs first."""
         if isinstance(packet, Malformed):
             return RewriteOutcome(RewriteStatus.MALFORMED)
         if packet.proto != PROTO_TCP:
@@ -88,6 +91,7 @@ class IngressRewriter:
             lambda buffer, packet, form: shift_tcp_ack(
                 buffer, packet, offset, checksum=form, tsecr_delta=ts_offset
             ),
+            packet,
         )
 
 
@@ -95,10 +99,22 @@ class IngressRewriter:
 Shift = Callable[[bytearray, Packet, ChecksumForm], ShiftResult]
 
 
-def shifted_copy(data: bytes, checksum_partial: bool, shift: Shift) -> RewriteOutcome:
-    """A copy of ``data`` changed by ``shift``, with a complete checksum either way."""
+def shifted_copy(
+    data: bytes, checksum_partial: bool, shift: Shift, parsed: Packet | None = None
+) -> RewriteOutcome:
+    """A copy of ``data`` changed by ``shift``, with a complete checksum either way.
+
+    ``parsed``: ``parse_ip(data)`` if the caller has it. It is then not parsed again (the
+    copy has the same bytes, so the same offsets): it is moved onto the copy (its ``data``
+    becomes the copy, the shift updates its fields), so the caller must not use it after."""
     buffer = bytearray(data)
-    packet = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
+    packet: Packet | Malformed
+    if parsed is not None and parsed.data is data:
+        packet = parsed
+        # The parser reads bytearrays alike; Packet.data is annotated bytes for the comparator.
+        packet.data = buffer  # type: ignore[assignment]
+    else:
+        packet = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
     if not isinstance(packet, Packet):  # the caller parsed it once already: cannot differ
         return RewriteOutcome(RewriteStatus.MALFORMED)
     form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL

@@ -297,6 +297,7 @@ class SecondaryRewriter:
             lambda buffer, mutable, form: shift_tcp_seq(
                 buffer, mutable, -offset, checksum=form, tsval_delta=-ts_offset
             ),
+            packet,
         )
 
     def _saw_syn_ack(self, key: _Key, packet: Packet) -> None:
