@@ -47,6 +47,7 @@ COMPILED_MODULES: Final = (
     "coloproxy.compare.reassembly",
     "coloproxy.compare.comparator",
     "coloproxy.protocol.colo_frames",
+    "coloproxy.compare.relay",
 )
 # The shared library of the mypyc group (one per build, holds the code of every module).
 GROUP_NAME: Final = "coloproxy._compiled"
