@@ -574,28 +574,14 @@ def _cpu_model() -> str:
 
 
 def comparator_variant() -> tuple[str, list[str]]:
-    """Which comparator runs: pure Python or compiled by scripts/build-fast; and the compiled
-    modules whose source is newer than their build (stale: not the code in the .py)."""
+    """Which comparator runs (coloproxy.variant: compiled when installed, pure Python with
+    COLOPROXY_PURE=1 or without a compiler); and the compiled modules whose source is newer
+    than their build (stale: not the code in the .py)."""
     try:
-        from coloproxy.compare import comparator
+        from coloproxy import variant
     except ImportError as exc:
         return f"not importable ({exc})", []
-    path = comparator.__file__ or "?"
-    if not path.endswith(".so"):
-        return f"pure Python ({path})", []
-    package = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # .../coloproxy
-    compiled, stale = [], []
-    for directory, _, files in os.walk(package):
-        for name in sorted(files):
-            if ".cpython-" not in name or not name.endswith(".so"):
-                continue
-            source = os.path.join(directory, name.split(".", 1)[0] + ".py")
-            if not os.path.exists(source):
-                continue  # the shared library
-            compiled.append(os.path.relpath(source, os.path.dirname(package)))
-            if os.path.getmtime(source) > os.path.getmtime(os.path.join(directory, name)):
-                stale.append(compiled[-1])
-    return f"compiled with mypyc by scripts/build-fast: {' '.join(compiled)}", stale
+    return variant.describe(), variant.stale_modules()
 
 
 def _load() -> str:
@@ -663,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours     {variant}")
     if stale:
         print(f"error: stale compiled modules (source newer than build): {' '.join(stale)}")
-        print("       rebuild with scripts/build-fast, or remove with scripts/build-fast --clean")
+        print("       rebuild: scripts/build-fast (or pip install -e .)")
         return 2
     print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
