@@ -83,3 +83,14 @@ def test_a_comparator_behind_held_frames_releases_each_matched_frame_once() -> N
         released += held.take()
     assert FrameDecoder().feed(released).packets == primary
     assert len(held) == 0 and held.unknown == 0
+
+
+def test_requeue_puts_unwritten_output_back_in_front() -> None:
+    held = HeldFrames()
+    held.hold([b"a", b"b"])
+    held.release(0)
+    data = held.take()
+    held.release(1)
+    held.requeue(data, 1)  # the write failed: it goes out first next time
+    assert held.queued_frames == 2 and held.queued_bytes == 10
+    assert held.take() == encode_frames([b"a", b"b"])

@@ -98,6 +98,13 @@ class HeldFrames:
         self.queued_bytes = 0
         return data
 
+    def requeue(self, data: bytes, frames: int) -> None:
+        """Put what ``take`` returned (``frames`` frames) back in front of the queue: it
+        could not be written."""
+        self._out.insert(0, data)
+        self.queued_frames += frames
+        self.queued_bytes += len(data)
+
     def discard_held(self) -> int:
         """Forget every held frame (the shell is closing); how many there were."""
         count = len(self._frames)
