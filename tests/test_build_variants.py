@@ -79,3 +79,37 @@ def test_the_comparator_tests_pass_in_the_pure_variant() -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     assert " passed" in output and " failed" not in output, output[-2000:]
+
+
+def test_check_reports_a_stale_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/setup rebuilds when this says so: a source newer than its extension module."""
+    if variant.variant() != variant.COMPILED:
+        pytest.skip("needs the compiled build")
+    source = variant.source_path("coloproxy.compare.tcp")
+    extension = next(source.parent.glob("tcp.cpython-*.so"))
+    copy = tmp_path / "compare"
+    copy.mkdir()
+    (copy / source.name).write_bytes(source.read_bytes())
+    (copy / extension.name).write_bytes(extension.read_bytes())
+    os.utime(copy / extension.name, (1_000_000, 1_000_000))
+    monkeypatch.setattr(variant, "PACKAGE", tmp_path)
+    assert variant.stale_modules() == ["coloproxy.compare.tcp"]
+    assert variant.main(["--check"]) == 1
+    os.utime(copy / extension.name)  # now: newer than the source
+    assert variant.stale_modules() == []
+    assert variant.main(["--check"]) == 0
+
+
+def test_check_asks_for_a_build_where_a_compiler_is_present(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(variant, "variant", lambda: variant.PURE)
+    monkeypatch.delenv("COLOPROXY_PURE", raising=False)
+    monkeypatch.setattr(variant, "compiler_present", lambda: True)
+    assert variant.main(["--check"]) == 1
+    assert "a C compiler is present but the comparator is not compiled" in capsys.readouterr().out
+    monkeypatch.setattr(variant, "compiler_present", lambda: False)
+    assert variant.main(["--check"]) == 0  # no compiler: pure by design
+    monkeypatch.setenv("COLOPROXY_PURE", "1")
+    monkeypatch.setattr(variant, "compiler_present", lambda: True)
+    assert variant.main(["--check"]) == 0  # pure on purpose
