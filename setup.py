@@ -50,8 +50,12 @@ class OptionalBuildExt(build_ext):
             self.extensions = []
 
     def _remove_outputs(self) -> None:
-        for output in self.get_outputs():
-            for path in (Path(output), ROOT / Path(output).relative_to(self.build_lib)):
+        """Every extension module built so far, in the build directory and in place."""
+        for output in map(Path, self.get_outputs()):
+            paths = [output]
+            if output.is_relative_to(self.build_lib):
+                paths.append(ROOT / output.relative_to(self.build_lib))
+            for path in paths:
                 if path.exists() and path.suffix in (".so", ".pyd"):
                     path.unlink()
 
