@@ -50,7 +50,7 @@ for _path in (BENCH_DIR, REPO_ROOT):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from compare_bench import best, comparator_variant, secondary_leads  # noqa: E402
+from compare_bench import comparator_variant, secondary_leads  # noqa: E402
 from qemu_colo_compare import (  # noqa: E402
     IDLE_TIMEOUT,
     PROBE_FRAME,
@@ -67,6 +67,7 @@ from qemu_colo_compare import (  # noqa: E402
     running_comparator,
 )
 from qemu_colo_compare import frame_streams as qemu_frame_streams  # noqa: E402
+from runstats import MIN_RUNS, Figure, cpu_ratio, figure, load, load_one, ratio  # noqa: E402
 from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
 
 DEFAULT_PACKETS: Final = 20_000
@@ -259,32 +260,22 @@ def ours_env() -> dict[str, str]:
     return env
 
 
-def run_qemu(
-    workload: Workload, streams: FramedStreams, vnet: bool, repeat: int, binary: str
-) -> list[RunResult]:
-    runs = []
-    for _ in range(repeat):
-        with running_comparator(
-            qemu_vnet_command(binary, vnet), lambda sockets: probe(sockets, vnet)
-        ) as (sockets, pid):
-            runs.append(timed_run(sockets, streams, workload, vnet, pid))
-    return runs
+def run_qemu_once(workload: Workload, streams: FramedStreams, vnet: bool, binary: str) -> RunResult:
+    with running_comparator(
+        qemu_vnet_command(binary, vnet), lambda sockets: probe(sockets, vnet)
+    ) as (sockets, pid):
+        return timed_run(sockets, streams, workload, vnet, pid)
 
 
-def run_ours(
-    workload: Workload, streams: FramedStreams, vnet: bool, repeat: int
-) -> list[RunResult]:
-    runs = []
-    for _ in range(repeat):
-        with running_comparator(
-            ours_command(vnet),
-            lambda sockets: probe(sockets, vnet),
-            name="coloproxy",
-            before_connect=lambda d: complete_restart_checkpoint(os.path.join(d, "ctl.sock")),
-            env=ours_env(),
-        ) as (sockets, pid):
-            runs.append(timed_run(sockets, streams, workload, vnet, pid))
-    return runs
+def run_ours_once(workload: Workload, streams: FramedStreams, vnet: bool) -> RunResult:
+    with running_comparator(
+        ours_command(vnet),
+        lambda sockets: probe(sockets, vnet),
+        name="coloproxy",
+        before_connect=lambda d: complete_restart_checkpoint(os.path.join(d, "ctl.sock")),
+        env=ours_env(),
+    ) as (sockets, pid):
+        return timed_run(sockets, streams, workload, vnet, pid)
 
 
 # -- the run ---------------------------------------------------------------------------------
@@ -294,74 +285,70 @@ def run_ours(
 class Row:
     name: str
     vnet: bool
+    load: str = ""
     packets: int = 0
-    ours: RunResult | None = None
-    qemu: RunResult | None = None
+    ours: Figure | None = None
+    qemu: Figure | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def measure(name: str, vnet: bool, args: argparse.Namespace) -> Row:
-    row = Row(name, vnet)
+    """One row: ``--repeat`` runs of coloproxy and colo-compare, alternately; medians."""
+    label = f"{name} vnet {'on' if vnet else 'off'}"
+    row = Row(name, vnet, load=load_one())
+    print(f"  {label}: load {load()} (1, 5, 15 min) at the start", flush=True)
     workload = make_workload(name, args.packets, secondary_in_primary_seq_space=True)
     row.packets = len(workload.primary_frames)
     streams = frame_streams(workload, vnet)
-    label = f"{name} vnet {'on' if vnet else 'off'}"
-    if not args.skip_ours:
-        row.ours = best(run_ours(workload, streams, vnet, args.repeat))
-        if not row.ours.complete:
-            row.notes.append(f"{label}: coloproxy released {row.ours.released} of {row.packets}")
+    qemu_streams = streams
     if not args.skip_qemu:
-        runs = run_qemu(workload, streams, vnet, args.repeat, args.qemu_binary)
-        row.qemu = best(runs)
-        if not row.qemu.complete:
-            # colo-compare matches non-TCP newest-primary-first and drops at 1024 queued
-            # (bench/README.md): rerun with the secondary one chunk ahead.
-            lead = best(run_qemu(workload, secondary_leads(streams), vnet, args.repeat,
-                                 args.qemu_binary))  # fmt: skip
+        # colo-compare matches non-TCP newest-primary-first and drops at 1024 queued
+        # (bench/README.md): if a trial run stalls, its timed runs get the secondary one
+        # chunk ahead (udp always: a trial that passes does not mean the timed runs will).
+        trial = run_qemu_once(workload, streams, vnet, args.qemu_binary)
+        if not trial.complete or name == "udp":
+            qemu_streams = secondary_leads(streams)
             row.notes.append(
-                f"{label}: colo-compare released {row.qemu.released} of {row.packets} with the "
-                f"primary fed first; figure from a rerun with the secondary one chunk ahead "
-                f"({lead.released} released)"
+                f"{label}: colo-compare's trial run with the primary fed first released "
+                f"{trial.released} of {row.packets}; its timed runs feed the secondary one "
+                "chunk ahead"
             )
-            row.qemu = lead
+    ours: list[RunResult] = []
+    qemu: list[RunResult] = []
+    for _ in range(args.repeat):  # alternate: a burst of load hits both alike
+        if not args.skip_ours:
+            ours.append(run_ours_once(workload, streams, vnet))
+        if not args.skip_qemu:
+            qemu.append(run_qemu_once(workload, qemu_streams, vnet, args.qemu_binary))
+    if ours:
+        row.ours = figure(ours)
+        short = [run.released for run in ours if not run.complete]
+        if short:
+            row.notes.append(f"{label}: coloproxy released only {short} of {row.packets}")
+    if qemu:
+        row.qemu = figure(qemu)
     return row
-
-
-def _rate(result: RunResult | None) -> tuple[str, str, str]:
-    if result is None:
-        return "-", "-", "-"
-    mark = "" if result.complete else "!"
-    cpu = (
-        f"{result.server_cpu / result.released * 1e6:.2f}"
-        if result.server_cpu is not None and result.released
-        else "-"
-    )
-    return f"{result.packets_per_second:,.0f}{mark}", f"{result.gbit_per_second:.2f}{mark}", cpu
 
 
 def render(rows: list[Row]) -> str:
     header = (
-        "workload", "vnet", "pkts", "coloproxy pkt/s", "Gb/s", "us cpu/pkt",
-        "qemu pkt/s", "Gb/s", "us cpu/pkt", "coloproxy/qemu", "cpu qemu/coloproxy",
+        "workload", "vnet", "load", "pkts", "coloproxy pkt/s (low-high)", "us cpu/pkt (low-high)",
+        "qemu pkt/s (low-high)", "us cpu/pkt (low-high)", "coloproxy/qemu", "cpu qemu/coloproxy",
     )  # fmt: skip
     lines: list[tuple[str, ...]] = [header]
     for row in rows:
-        ratio = cpu_ratio = "-"
-        if row.ours is not None and row.qemu is not None and row.qemu.packets_per_second > 0:
-            ratio = f"{row.ours.packets_per_second / row.qemu.packets_per_second:.2f}"
-            if row.ours.server_cpu and row.qemu.server_cpu and row.ours.released:
-                ours_cpu = row.ours.server_cpu / row.ours.released
-                qemu_cpu = row.qemu.server_cpu / max(row.qemu.released, 1)
-                cpu_ratio = f"{qemu_cpu / ours_cpu:.2f}"
         lines.append(
             (
                 row.name,
                 "on" if row.vnet else "off",
+                row.load or "-",
                 f"{row.packets:,}",
-                *_rate(row.ours),
-                *_rate(row.qemu),
-                ratio,
-                cpu_ratio,
+                row.ours.rate_text() if row.ours else "-",
+                row.ours.cpu_text() if row.ours else "-",
+                row.qemu.rate_text() if row.qemu else "-",
+                row.qemu.cpu_text() if row.qemu else "-",
+                ratio(row.ours, row.qemu),
+                cpu_ratio(row.ours, row.qemu),
             )
         )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
@@ -392,13 +379,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         metavar="NAME", help=f"default all: {' '.join(NAMES)}")  # fmt: skip
     parser.add_argument("--vnet", nargs="+", choices=("off", "on"), default=["off", "on"],
                         help="vnet header framing (default both)")  # fmt: skip
-    parser.add_argument("--repeat", type=int, default=1, help="runs per figure, best shown")
+    parser.add_argument("--repeat", type=int, default=MIN_RUNS,
+                        help=f"runs per figure, median shown (at least {MIN_RUNS})")  # fmt: skip
     parser.add_argument("--skip-qemu", action="store_true")
     parser.add_argument("--skip-ours", action="store_true")
     parser.add_argument("--qemu-binary", default=QEMU_BINARY)
     args = parser.parse_args(argv)
-    if args.packets <= 0 or args.repeat <= 0:
-        parser.error("--packets and --repeat must be positive")
+    if args.packets <= 0:
+        parser.error("--packets must be positive")
+    if args.repeat < MIN_RUNS:
+        parser.error(f"--repeat must be at least {MIN_RUNS}: a figure is a median of runs")
     return args
 
 
@@ -423,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         f"qemu cmd  {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}[,vnet_hdr_support=on]"
     )
     print("ours cmd  python3 -m coloproxy run -c <tmpdir>/bench.yaml --no-setup")
-    print(f"runs      best of {args.repeat}; {args.packets:,} primary data packets per workload")
+    print(f"load      {load()} (1, 5, 15 min) at the start")
+    print(
+        f"runs      median of {args.repeat}, coloproxy and qemu alternately; {args.packets:,} "
+        "primary data packets per workload"
+    )
     print(flush=True)
     rows: list[Row] = []
     failed = False
@@ -441,14 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows))
     print()
     print(
-        "pkt/s: primary packets released per second, from the feeder's first write to the "
-        "last released frame; Gb/s: primary payload. us cpu/pkt: CPU time of the comparing "
-        "process per released packet. coloproxy/qemu: pkt/s ratio (above 1: coloproxy "
-        "faster). ! = not every packet came out."
+        "Medians of the runs (lowest-highest). load: 1-minute load average when the row "
+        "started. pkt/s: primary packets released per second, from the feeder's first write "
+        "to the last released frame. us cpu/pkt: CPU time of the comparing process per "
+        "released primary packet (its secondary packet included). coloproxy/qemu: pkt/s "
+        "ratio (above 1: coloproxy faster); cpu qemu/coloproxy: QEMU's CPU per packet over "
+        "coloproxy's (above 1: coloproxy needs less). ! = not every packet came out."
     )
     for row in rows:
         for note in row.notes:
             print(f"note: {note}")
+    print(f"load      {load()} (1, 5, 15 min) at the end")
     print(f"total {time.monotonic() - started:.1f} s")
     return 1 if failed else 0
 

@@ -15,8 +15,9 @@ For each workload (see bench/workloads.py and bench/README.md) it measures:
 * the feeder alone: the harness writing into sockets that only read, to show the ceiling of
   the measurement itself.
 
-Every figure is the best of ``--repeat`` runs (throughput noise on a shared 2-core machine is
-one-sided: interference only ever makes a run slower). Rates count primary packets
+Every figure is the median of ``--repeat`` runs (at least 3), with the lowest and highest in
+brackets; ours over sockets and QEMU run alternately, and the load average is printed before
+each row (bench/runstats.py). Rates count primary packets
 released per second; Gbit/s counts primary payload bits (headers excluded) per second.
 """
 
@@ -38,7 +39,7 @@ import struct
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -63,6 +64,7 @@ from qemu_colo_compare import (  # noqa: E402
     running_qemu,
     timed_run,
 )
+from runstats import MIN_RUNS, Figure, cpu_ratio, figure, load, load_one, ratio  # noqa: E402
 from workloads import DESCRIPTIONS as BASE_DESCRIPTIONS  # noqa: E402
 from workloads import Workload, make_workload  # noqa: E402
 
@@ -187,12 +189,14 @@ def _event_counter(
     marks: bytearray,
     frames: list[bytes] | None = None,
     outgoing: list[bytes] | None = None,
+    others_only: bool = False,
 ) -> Callable[[list[Any]], None]:
     """A function that tallies one ``feed``'s events into ``verdicts``.
 
     Primary tokens are the packet index (>= 0); secondary tokens are negative. With
     ``frames`` and ``outgoing`` (the socket server), each newly released primary frame is
     also queued on ``outgoing``, framed, and forgotten from ``frames``: one pass over events.
+    With ``others_only`` it counts only what is neither ``Release`` nor ``Drop``.
     """
     from coloproxy.compare.events import CheckpointNeeded, Drop, MalformedPacket, Release
 
@@ -204,6 +208,8 @@ def _event_counter(
             if kind is Drop:
                 continue
             if kind is Release:
+                if others_only:
+                    continue
                 token = event.token
                 if token < 0:
                     verdicts.secondary_released += 1
@@ -287,19 +293,20 @@ def _serve_ours(
         primary_side, secondary_side = _sides()
         comparator = _new_comparator()
         verdicts = Verdicts(primary_count)
-        sides = {primary_in: primary_side, secondary_in: secondary_side}
-        # Bytes of an incomplete frame left over from the previous receive, per side.
-        carried = {primary_in: b"", secondary_in: b""}
-        # Tokens index this list; released primary frames are written out from here.
-        primary_frames: list[bytes] = []
-        secondary_seen = 0
-        open_inputs = [primary_in, secondary_in]
-        outgoing: list[bytes] = []
-        # Count the events and queue released primary frames for outdev, framed.
-        act = _event_counter(verdicts, bytearray(primary_count), primary_frames, outgoing)
+        from coloproxy.compare.relay import HeldFrames
+        from coloproxy.protocol.colo_frames import FrameDecoder
 
+        # What the chardev transport does per receive, with the same compiled pieces: cut
+        # the frames (FrameDecoder), hold the primary's under fresh tokens (HeldFrames),
+        # feed the batch, queue the released frames framed, write them once per pass.
+        decoders = {primary_in: FrameDecoder(), secondary_in: FrameDecoder()}
+        held = HeldFrames()
+        open_inputs = [primary_in, secondary_in]
+        feed_many = comparator.feed_many
         feed_one = comparator.feed
-        feed_many = getattr(comparator, "feed_many", None) if batch else None
+        # Releases are HeldFrames' (a token released twice, or a secondary's token None,
+        # is not held: counted in held.unknown); this counts the rest.
+        act = _event_counter(verdicts, bytearray(0), others_only=True)
         while open_inputs:
             readable, _, _ = select.select(open_inputs, [], [])
             now = time.monotonic()
@@ -308,39 +315,30 @@ def _serve_ours(
                 if not got:
                     open_inputs.remove(sock)
                     continue
-                side = sides[sock]
-                # recv gives bytes, and slices of bytes are bytes: one copy per frame, and
-                # what the comparator is fed is exactly bytes (the compiled build insists).
-                # Measured here: 0.45 us per 1514-byte frame to receive and cut, against 0.50
-                # with recv_into a preallocated buffer and bytes(view[...]) per frame.
-                data = carried[sock] + got if carried[sock] else got
-                position = 0
-                available = len(data)
-                frames: list[bytes] = []
-                while position + 4 <= available:
-                    end = position + 4 + _LENGTH.unpack_from(data, position)[0]
-                    if end > available:
-                        break
-                    frames.append(data[position + 4 : end])
-                    position = end
-                carried[sock] = data[position:]
-                if side is primary_side:
-                    tokens: range = range(len(primary_frames), len(primary_frames) + len(frames))
-                    primary_frames += frames
+                frames = decoders[sock].feed(got).packets
+                if sock is primary_in:
+                    tokens: Sequence[object] = held.hold(frames)
+                    side = primary_side
                 else:
-                    tokens = range(-1 - secondary_seen, -1 - secondary_seen - len(frames), -1)
-                    secondary_seen += len(frames)
-                if feed_many is not None:
-                    act(feed_many(side, frames, now, tokens))
+                    tokens = [None] * len(frames)  # the secondary's: nothing to keep
+                    side = secondary_side
+                if batch:
+                    events = feed_many(side, frames, now, tokens)
                 else:
+                    events = []
                     for frame, token in zip(frames, tokens, strict=True):
-                        act(feed_one(side, frame, now, token))
+                        events += feed_one(side, frame, now, token)
+                if held.release_events(events):
+                    act(events)  # checkpoint requests or malformed packets: count them
             deadline = comparator.get_timer()
             if deadline is not None and deadline <= now:
-                act(comparator.handle_timer(now))
-            if outgoing:
-                out.sendall(b"".join(outgoing))
-                outgoing.clear()
+                events = comparator.handle_timer(now)
+                if held.release_events(events):
+                    act(events)
+            if held.queued_frames:
+                verdicts.released += held.queued_frames
+                out.sendall(held.take())
+        verdicts.released_twice += held.unknown  # released twice, or a secondary's
         try:
             verdicts.check("sockets")
             report.send(("ok", verdicts.released, time.process_time() - cpu_started))
@@ -420,12 +418,14 @@ def run_ours_sockets(workload: Workload, streams: FramedStreams, batch: bool = T
 @dataclass
 class Row:
     name: str
+    load: str = ""  # the 1-minute load average when the row started
     ours_packets: int = 0
     qemu_packets: int = 0
-    in_process: RunResult | None = None
-    sockets: RunResult | None = None
-    qemu: RunResult | None = None
-    feeder: RunResult | None = None
+    in_process: Figure | None = None
+    sockets: Figure | None = None
+    qemu: Figure | None = None
+    feeder: Figure | None = None
+    ours_gbit: float = 0.0  # the median socket run's primary payload Gbit/s
     notes: list[str] = field(default_factory=list)
 
 
@@ -450,143 +450,107 @@ def secondary_leads(streams: FramedStreams) -> FramedStreams:
     )
 
 
+def run_qemu_once(workload: Workload, streams: FramedStreams, binary: str) -> RunResult:
+    with running_qemu(binary) as (primary, secondary, out, pid):
+        cpu_before = process_cpu_seconds(pid)
+        result = timed_run(
+            primary,
+            secondary,
+            out,
+            streams,
+            len(workload.primary_frames),
+            workload.payload_bytes_total,
+        )
+        cpu = process_cpu_seconds(pid) - cpu_before
+    return dataclasses.replace(result, server_cpu=cpu)
+
+
 def run_qemu_repeated(
     workload: Workload, streams: FramedStreams, repeat: int, binary: str
 ) -> list[RunResult]:
-    runs = []
-    for _ in range(repeat):
-        with running_qemu(binary) as (primary, secondary, out, pid):
-            cpu_before = process_cpu_seconds(pid)
-            result = timed_run(
-                primary,
-                secondary,
-                out,
-                streams,
-                len(workload.primary_frames),
-                workload.payload_bytes_total,
-            )
-            cpu = process_cpu_seconds(pid) - cpu_before
-            runs.append(dataclasses.replace(result, server_cpu=cpu))
-    return runs
+    return [run_qemu_once(workload, streams, binary) for _ in range(repeat)]
 
 
 def measure(name: str, args: argparse.Namespace) -> Row:
-    row = Row(name)
+    """One row: ``--repeat`` runs of each side, ours (sockets) and QEMU alternately, then
+    the medians. The in-process runs (no I/O, no QEMU) come first."""
+    row = Row(name, load=load_one())
+    print(f"  {name}: load {load()} (1, 5, 15 min) at the start", flush=True)
+    ours_workload = ours_streams = qemu_workload = qemu_streams = None
     if not args.skip_ours:
-        workload = bench_workload(name, args.packets)
-        row.ours_packets = len(workload.primary_frames)
-        streams = frame_streams(workload)
-        in_process = [run_ours_in_process(workload) for _ in range(args.repeat)]
-        row.in_process = best(in_process)
-        # CPU time, unlike the wall clock, leaves out the time spent waiting for a CPU: on a
-        # busy machine it is the steadier figure of what the comparator costs.
-        cpu = min((run.server_cpu or 0.0) / max(1, run.released) for run in in_process)
-        row.notes.append(f"{name}: in-proc CPU {cpu * 1e6:.2f} us per primary packet (least)")
-        row.sockets = best(
-            [run_ours_sockets(workload, streams, args.batch) for _ in range(args.repeat)]
-        )
-        if row.sockets.server_cpu is not None and row.sockets.seconds > 0:
-            busy = row.sockets.server_cpu / row.sockets.seconds
-            row.notes.append(
-                f"{name}: socket child used {row.sockets.server_cpu:.2f} s of CPU in the best "
-                f"run's {row.sockets.seconds:.2f} s ({busy:.0%} of one CPU)"
-            )
-        del workload, streams
+        ours_workload = bench_workload(name, args.packets)
+        row.ours_packets = len(ours_workload.primary_frames)
+        ours_streams = frame_streams(ours_workload)
+        in_process = [run_ours_in_process(ours_workload) for _ in range(args.repeat)]
+        row.in_process = figure(in_process)
     if not args.skip_qemu:
         # What colo-compare receives in COLO: the secondary's sequence numbers already
         # shifted into the primary's space by filter-rewriter.
-        workload = bench_workload(name, args.qemu_packets, secondary_in_primary_seq_space=True)
-        row.qemu_packets = len(workload.primary_frames)
-        streams = frame_streams(workload)
-        row.feeder = best(
-            [feeder_alone(streams, workload.payload_bytes_total) for _ in range(args.repeat)]
-        )
-        runs = run_qemu_repeated(workload, streams, args.repeat, args.qemu_binary)
-        row.qemu = best(runs)
-        stalled = [run for run in runs if not run.complete]
-        if stalled:
-            counts = ", ".join(f"{run.released}" for run in stalled)
+        qemu_workload = bench_workload(name, args.qemu_packets, secondary_in_primary_seq_space=True)
+        row.qemu_packets = len(qemu_workload.primary_frames)
+        qemu_streams = frame_streams(qemu_workload)
+        # colo-compare matches non-TCP packets newest-primary-first; while the primary stays
+        # ahead nothing matches, queues pass max_queue_size (1024) and drop. One trial run
+        # tells; if it stalls, every timed QEMU run gets the secondary one chunk ahead.
+        # udp always: a trial that passes does not mean the timed runs will.
+        trial = run_qemu_once(qemu_workload, qemu_streams, args.qemu_binary)
+        if not trial.complete or name == "udp":
+            qemu_streams = secondary_leads(qemu_streams)
             row.notes.append(
-                f"{name}: colo-compare stalled in {len(stalled)} of {len(runs)} runs with the "
-                f"primary fed first (released {counts} of {row.qemu_packets})"
+                f"{name}: colo-compare's trial run with the primary fed first released "
+                f"{trial.released} of {row.qemu_packets}; its timed runs feed the secondary "
+                f"one chunk ({CHUNK_ENTRIES} entries) ahead"
             )
-        if not row.qemu.complete:
-            # colo-compare matches non-TCP packets newest-primary-first; while the primary
-            # stays ahead nothing matches, queues pass max_queue_size (1024) and drop.
-            lead_runs = run_qemu_repeated(
-                workload, secondary_leads(streams), args.repeat, args.qemu_binary
-            )
-            row.qemu = best(lead_runs)
-            row.notes.append(
-                f"{name}: qemu figure from a rerun with the secondary fed one chunk "
-                f"({CHUNK_ENTRIES} entries) ahead: released {row.qemu.released} of "
-                f"{row.qemu_packets}"
-            )
-        if row.qemu.server_cpu is not None and row.qemu.seconds > 0:
-            busy = row.qemu.server_cpu / row.qemu.seconds
-            row.notes.append(
-                f"{name}: QEMU used {row.qemu.server_cpu:.2f} s of CPU in the best run's "
-                f"{row.qemu.seconds:.2f} s ({busy:.0%} of one CPU)"
-            )
-        del workload, streams
+    sockets: list[RunResult] = []
+    qemu: list[RunResult] = []
+    feeder: list[RunResult] = []
+    for _ in range(args.repeat):  # alternate: a burst of load hits both sides alike
+        if ours_workload is not None and ours_streams is not None:
+            sockets.append(run_ours_sockets(ours_workload, ours_streams, args.batch))
+        if qemu_workload is not None and qemu_streams is not None:
+            qemu.append(run_qemu_once(qemu_workload, qemu_streams, args.qemu_binary))
+            feeder.append(feeder_alone(qemu_streams, qemu_workload.payload_bytes_total))
+    if sockets:
+        row.sockets = figure(sockets)
+        median_run = sorted(sockets, key=lambda run: run.packets_per_second)[len(sockets) // 2]
+        row.ours_gbit = median_run.gbit_per_second
+    if qemu:
+        row.qemu = figure(qemu)
+        row.feeder = figure(feeder)
     return row
-
-
-def _rate(result: RunResult | None) -> tuple[str, str]:
-    if result is None:
-        return "-", "-"
-    mark = "" if result.complete else "!"
-    return f"{result.packets_per_second:,.0f}{mark}", f"{result.gbit_per_second:.2f}{mark}"
-
-
-def _cpu_per_packet(result: RunResult | None) -> float | None:
-    """CPU seconds the comparing process spent per released packet, if measured."""
-    if result is None or result.server_cpu is None or result.released == 0:
-        return None
-    return result.server_cpu / result.released
 
 
 def render(rows: list[Row]) -> str:
     header = (
         "workload",
-        "ours pkts",
+        "load",
         "in-proc pkt/s",
-        "in-proc Gb/s",
-        "socket pkt/s",
-        "socket Gb/s",
-        "qemu pkts",
-        "qemu pkt/s",
-        "qemu Gb/s",
+        "socket pkt/s (low-high)",
+        "Gb/s",
+        "socket us cpu/pkt",
+        "qemu pkt/s (low-high)",
+        "qemu us cpu/pkt",
         "socket/qemu",
+        "cpu qemu/socket",
         "in-proc/qemu",
-        "cpu socket/qemu",
         "feeder pkt/s",
     )
     lines: list[tuple[str, ...]] = [header]
     for row in rows:
-        ratio_socket = ratio_in_process = ratio_cpu = "-"
-        if row.qemu is not None and row.qemu.packets_per_second > 0:
-            if row.sockets is not None:
-                ratio_socket = f"{row.sockets.packets_per_second / row.qemu.packets_per_second:.2f}"
-            if row.in_process is not None:
-                ratio = row.in_process.packets_per_second / row.qemu.packets_per_second
-                ratio_in_process = f"{ratio:.2f}"
-            ours_cpu = _cpu_per_packet(row.sockets)
-            qemu_cpu = _cpu_per_packet(row.qemu)
-            if ours_cpu and qemu_cpu:
-                ratio_cpu = f"{qemu_cpu / ours_cpu:.2f}"
         lines.append(
             (
                 row.name,
-                f"{row.ours_packets:,}" if row.ours_packets else "-",
-                *_rate(row.in_process),
-                *_rate(row.sockets),
-                f"{row.qemu_packets:,}" if row.qemu_packets else "-",
-                *_rate(row.qemu),
-                ratio_socket,
-                ratio_in_process,
-                ratio_cpu,
-                _rate(row.feeder)[0],
+                row.load or "-",
+                f"{row.in_process.rate / 1e3:,.0f}k" if row.in_process else "-",
+                row.sockets.rate_text() if row.sockets else "-",
+                f"{row.ours_gbit:.2f}" if row.sockets else "-",
+                row.sockets.cpu_text() if row.sockets else "-",
+                row.qemu.rate_text() if row.qemu else "-",
+                row.qemu.cpu_text() if row.qemu else "-",
+                ratio(row.sockets, row.qemu),
+                cpu_ratio(row.sockets, row.qemu),
+                ratio(row.in_process, row.qemu),
+                f"{row.feeder.rate / 1e3:,.0f}k" if row.feeder else "-",
             )
         )
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
@@ -611,35 +575,18 @@ def _cpu_model() -> str:
 
 
 def comparator_variant() -> tuple[str, list[str]]:
-    """Which comparator runs: pure Python or compiled by scripts/build-fast; and the compiled
-    modules whose source is newer than their build (stale: not the code in the .py)."""
+    """Which comparator runs (coloproxy.variant: compiled when installed, pure Python with
+    COLOPROXY_PURE=1 or without a compiler); and the compiled modules whose source is newer
+    than their build (stale: not the code in the .py)."""
     try:
-        from coloproxy.compare import comparator
+        from coloproxy import variant
     except ImportError as exc:
         return f"not importable ({exc})", []
-    path = comparator.__file__ or "?"
-    if not path.endswith(".so"):
-        return f"pure Python ({path})", []
-    package = os.path.dirname(os.path.dirname(os.path.abspath(path)))  # .../coloproxy
-    compiled, stale = [], []
-    for directory, _, files in os.walk(package):
-        for name in sorted(files):
-            if ".cpython-" not in name or not name.endswith(".so"):
-                continue
-            source = os.path.join(directory, name.split(".", 1)[0] + ".py")
-            if not os.path.exists(source):
-                continue  # the shared library
-            compiled.append(os.path.relpath(source, os.path.dirname(package)))
-            if os.path.getmtime(source) > os.path.getmtime(os.path.join(directory, name)):
-                stale.append(compiled[-1])
-    return f"compiled with mypyc by scripts/build-fast: {' '.join(compiled)}", stale
+    return variant.describe(), variant.stale_modules()
 
 
 def _load() -> str:
-    """The load average: on a shared machine throughput figures are only as good as it is
-    low (each figure is still the best of --repeat runs)."""
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.2f} {five:.2f} {fifteen:.2f} (1, 5, 15 min)"
+    return f"{load()} (1, 5, 15 min)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -667,7 +614,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help=f"workloads to run (default all: {' '.join(NAMES)})",
     )
-    parser.add_argument("--repeat", type=int, default=DEFAULT_REPEAT, help="runs, best is shown")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=DEFAULT_REPEAT,
+        help=f"runs per figure, the median is shown (at least {MIN_RUNS}, default 3)",
+    )
     parser.add_argument(
         "--feed-per-packet",
         dest="batch",
@@ -680,8 +632,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.qemu_packets is None:
         args.qemu_packets = args.packets
-    if args.packets <= 0 or args.qemu_packets <= 0 or args.repeat <= 0:
-        parser.error("--packets, --qemu-packets and --repeat must be positive")
+    if args.packets <= 0 or args.qemu_packets <= 0:
+        parser.error("--packets and --qemu-packets must be positive")
+    if args.repeat < MIN_RUNS:
+        parser.error(f"--repeat must be at least {MIN_RUNS}: a figure is a median of runs")
     return args
 
 
@@ -696,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours     {variant}")
     if stale:
         print(f"error: stale compiled modules (source newer than build): {' '.join(stale)}")
-        print("       rebuild with scripts/build-fast, or remove with scripts/build-fast --clean")
+        print("       rebuild: scripts/build-fast (or pip install -e .)")
         return 2
     print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
@@ -704,8 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_qemu:
         print(f"qemu cmd {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}")
     print(
-        f"runs     best of {args.repeat}; ours {args.packets:,} and qemu {args.qemu_packets:,} "
-        "primary data packets per workload (+1 SYN-ACK per TCP connection)"
+        f"runs     median of {args.repeat}, ours and qemu alternately; ours {args.packets:,} "
+        f"and qemu {args.qemu_packets:,} primary data packets per workload (+1 SYN-ACK per "
+        "TCP connection)"
     )
     print(flush=True)
     rows: list[Row] = []
@@ -722,12 +677,15 @@ def main(argv: list[str] | None = None) -> int:
     print(render(rows))
     print()
     print(
-        "in-proc: Comparator.feed in a loop, no I/O. socket: our comparator in a child process "
-        "behind colo-compare's socket framing, driven like QEMU. pkt/s: primary packets "
-        "released per second; Gb/s: primary payload. cpu socket/qemu: QEMU's CPU time per "
-        "released packet over our socket child's (above 1: ours needs less CPU per packet; "
-        "unlike pkt/s it does not count time spent waiting for a CPU, so it holds up better on "
-        "a busy machine). feeder: the harness alone into sinks. ! = not every packet came out."
+        "Medians of the runs, (lowest-highest). load: 1-minute load average when the row "
+        "started. in-proc: Comparator.feed in a loop, no I/O. socket: our comparator in a "
+        "child process behind colo-compare's socket framing, driven like QEMU. pkt/s: primary "
+        "packets released per second; Gb/s: primary payload of ours over sockets. us cpu/pkt: "
+        "CPU time of the comparing process per released primary packet (its secondary "
+        "packet included). socket/qemu: pkt/s ratio; cpu qemu/socket: QEMU's CPU per packet "
+        "over ours (above 1: ours needs less; unlike pkt/s it leaves out time spent waiting "
+        "for a CPU). feeder: the harness alone into sinks, its ceiling. ! = not every packet "
+        "came out."
     )
     for row in rows:
         for note in row.notes:

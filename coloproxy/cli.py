@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from coloproxy import __version__
+from coloproxy import __version__, variant
 from coloproxy.config import ConfigError, LogLevel, check_files, describe, load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
 from coloproxy.control.client import Command
@@ -592,7 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coloproxy",
         description="The network half of COLO VM fault tolerance.",
     )
-    parser.add_argument("--version", action="version", version=f"coloproxy {__version__}")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"coloproxy {__version__}, {variant.describe()}",
+        help="print the version and which comparator runs (compiled or pure Python), and exit",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_compare_pcap(commands)
     _add_check_config(commands)

@@ -1,42 +1,35 @@
-"""The optional compiled build (scripts/build-fast) never silently runs stale code.
+"""The compiled comparator (setup.py, scripts/build-fast) never silently runs stale code.
 
 Python imports ``tcp.cpython-*.so`` before ``tcp.py``: after an edit to a compiled module's
-source, tests would otherwise keep running the old compiled code. Without a build (the
-default) there is nothing to check.
+source, tests would otherwise keep running the old compiled code. Without a build there is
+nothing to check.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib.machinery
 
-import coloproxy.compare.comparator
-
-PACKAGE = Path(__file__).resolve().parent.parent / "coloproxy"
-
-
-def _compiled() -> list[tuple[Path, Path]]:
-    pairs = []
-    for extension in sorted(PACKAGE.rglob("*.cpython-*.so")):
-        source = extension.with_name(extension.name.split(".", 1)[0] + ".py")
-        if source.exists():  # the group's shared library has no source of its own
-            pairs.append((extension, source))
-    return pairs
+from coloproxy import variant
 
 
 def test_compiled_modules_are_not_older_than_their_sources() -> None:
-    stale = [
-        str(source.relative_to(PACKAGE.parent))
-        for extension, source in _compiled()
-        if source.stat().st_mtime > extension.stat().st_mtime
-    ]
+    stale = variant.stale_modules()
     assert not stale, (
         f"compiled modules older than their source: {stale}; "
-        "rebuild with scripts/build-fast or remove them with scripts/build-fast --clean"
+        "rebuild with scripts/build-fast (or pip install -e .) or remove them with "
+        "scripts/build-fast --clean"
     )
 
 
-def test_the_comparator_runs_the_variant_on_disk() -> None:
-    """Compiled if and only if a build is present next to the source."""
-    compiled = any(source.name == "comparator.py" for _, source in _compiled())
-    assert coloproxy.compare.comparator.__file__ is not None
-    assert coloproxy.compare.comparator.__file__.endswith(".so") is compiled
+def test_each_module_runs_the_variant_on_disk() -> None:
+    """Compiled if and only if a build is present next to the source and COLOPROXY_PURE is
+    not set; never a mix."""
+    forced = variant.pure_forced()
+    for module, found in variant.loaded_variants().items():
+        source = variant.source_path(module)
+        built = any(
+            source.with_name(source.stem + suffix).exists()
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        )
+        expected = variant.COMPILED if built and not forced else variant.PURE
+        assert found == expected, (module, found, "built" if built else "no build")

@@ -51,7 +51,10 @@ def test_the_fuzz_finds_a_comparator_that_releases_resends_unchecked(
     from coloproxy.compare.tcp import TcpConnection
 
     if tcp.__file__ is not None and tcp.__file__.endswith(".so"):
-        pytest.skip("compiled by scripts/build-fast: its methods cannot be replaced")
+        pytest.skip(
+            "compiled: its methods cannot be replaced (tests/test_build_variants.py runs "
+            "this file in the pure variant)"
+        )
     monkeypatch.setattr(TcpConnection, "_recompare", lambda *args: True)
     result = fuzz.run(30_000, SEED)
     assert any("the secondary never sent" in line for line in result.violations)

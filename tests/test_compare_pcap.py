@@ -23,7 +23,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import wrpcapng
 
-from coloproxy import __version__
+from coloproxy import __version__, variant
 from coloproxy.cli import main
 from pcaps import (
     GUEST,
@@ -620,7 +620,9 @@ def test_bad_options(compare: Compare, tmp_path: Path, options: list[str]) -> No
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out == f"coloproxy {__version__}\n"
+    out = capsys.readouterr().out
+    assert out == f"coloproxy {__version__}, {variant.describe()}\n"
+    assert ("comparator: compiled" in out) is (variant.variant() == "compiled")
 
 
 def test_no_command(capsys: pytest.CaptureFixture[str]) -> None:

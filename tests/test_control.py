@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from coloproxy import variant
 from coloproxy.cli import main
 from coloproxy.control import (
     ClientInfo,
@@ -66,7 +67,7 @@ WELCOME = Welcome(
     pair="lab",
     role=ProxyRole.PRIMARY,
     mode=Mode.PROTECTED,
-    software="coloproxy 0.1.0",
+    software=f"coloproxy 0.1.0, {variant.describe()}",
     idle_timeout=60.0,
     re=1,
 )
@@ -842,7 +843,10 @@ async def run_cli(*argv: str) -> int:
 async def test_cli_status(server: ControlServer, capsys: pytest.CaptureFixture[str]) -> None:
     assert await run_cli("status", "--socket", os.fspath(server.path)) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == "pair lab: primary, protected (coloproxy 0.1.0, protocol v1)"
+    assert out.splitlines()[0] == (
+        f"pair lab: primary, protected (coloproxy 0.1.0, {variant.describe()}, protocol v1)"
+    )
+    assert ("comparator: compiled" in out) is (variant.variant() == "compiled")
     assert "held packets         2 (oldest 0.500 s)" in out
     assert "divergences          4" in out
     assert await run_cli("status", "--socket", os.fspath(server.path), "--json") == 0

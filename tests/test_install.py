@@ -41,6 +41,7 @@ def test_daemon_installs_on_plain_debian(suite: str) -> None:
     # What the operator sees, checked here too so that a script that checks nothing fails.
     assert "configs/pair-primary.yaml: ok (pair web1, role primary)" in output
     assert "the venv's interpreter is /usr/bin/python3" in output
+    assert "comparator: compiled (mypyc)" in output  # built from PyPI's mypy and Debian's gcc
     assert "coloproxy lab demo: exit 2: lab: needs coloproxy's source tree" in output
     assert f"check-debian-install: {suite}: passed" in output
 

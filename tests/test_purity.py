@@ -30,6 +30,12 @@ PURE_PATHS = [
     "coloproxy/engine/logic*.py",
 ]
 
+# The package root runs first, before any pure module: it reads the variant switch
+# (COLOPROXY_PURE, coloproxy/variant.py) and nothing else. The walk does not follow it;
+# test_the_package_root_only_reads_the_variant_switch holds it to that.
+PACKAGE_ROOT = Path("coloproxy/__init__.py")
+PACKAGE_ROOT_IMPORTS = {"os", "coloproxy", "coloproxy.variant"}
+
 FORBIDDEN = frozenset(
     {
         "asyncio",
@@ -128,9 +134,16 @@ def violations(path: Path, root: Path = ROOT) -> list[str]:
                 problems.append(f"{chain} imports {name} ({where})")
             elif top == "coloproxy":
                 target = module_path(name, root)
+                if target == root / PACKAGE_ROOT:
+                    continue  # start-up, not the pure core: checked on its own below
                 if target is not None and target not in seen:
                     pending.append((target, f"{chain} -> {module_name(target, root)}"))
     return sorted(set(problems))
+
+
+def test_the_package_root_only_reads_the_variant_switch() -> None:
+    names = {name for _, name in imports_of(ROOT / PACKAGE_ROOT, ROOT)}
+    assert names <= PACKAGE_ROOT_IMPORTS, names - PACKAGE_ROOT_IMPORTS
 
 
 def test_the_pure_list_finds_the_packet_layer() -> None:

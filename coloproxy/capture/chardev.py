@@ -63,7 +63,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -71,6 +70,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from coloproxy.compare.relay import HeldFrames
 from coloproxy.config import ChardevConfig, ChardevSocket
 from coloproxy.errors import ColoproxyError, UsageError
 from coloproxy.protocol.colo_frames import (
@@ -109,8 +109,6 @@ BACKLOG: Final = 4  # connections waiting for accept(): one peer is expected
 # Why a connection to a listening socket was refused (metric label).
 REFUSED_BUSY: Final = "busy"  # another peer is connected
 REFUSED_NOT_ALLOWED: Final = "not-allowed"  # the peer is not on the allow list
-_LENGTH: Final = struct.Struct("!I")
-_LENGTHS: Final = struct.Struct("!II")
 
 
 class ChardevError(ColoproxyError):
@@ -549,12 +547,10 @@ class ChardevTransport:
                 on_disconnected=self._notify_ended,
                 gid=gid,
             )
-        # Held primary frames by token; their vnet headers when vnet is on.
-        self._held: dict[int, bytes] = {}
-        self._held_headers: dict[int, bytes] = {}
-        self._next_token = 0
-        # Released frames not yet written to outdev (bounded by outdev_buffer_bytes).
-        self._out: list[bytes] = []  # length field(s), [vnet header,] frame: per frame
+        # Held primary frames by token (their vnet headers when vnet is on), and the released
+        # ones not yet written to outdev, framed (bounded by outdev_buffer_bytes): compiled
+        # with the comparator (coloproxy/compare/relay.py).
+        self._frames = HeldFrames(vnet)
         self._writable = True
         self._flush_pending = False
         self.primary_verdicts = self
@@ -583,12 +579,13 @@ class ChardevTransport:
     async def close(self) -> None:
         for link in self.links:
             await link.close()
-        if self._held or self._out:
+        frames = self._frames
+        if len(frames) or frames.queued_frames:
             log.warning(
                 "chardev: closing with %d primary frames held and %d released but not "
                 "written to outdev",
-                len(self._held),
-                len(self._out) // self._parts_per_frame,
+                len(frames),
+                frames.queued_frames,
             )
 
     def figures(self) -> list[LinkFigures]:
@@ -596,12 +593,12 @@ class ChardevTransport:
 
     @property
     def held_frames(self) -> int:
-        return len(self._held)
+        return len(self._frames)
 
     @property
     def outdev_buffered(self) -> int:
         """Bytes released and not yet handed to the outdev connection."""
-        return sum(map(len, self._out))
+        return self._frames.queued_bytes
 
     @property
     def primary_paused(self) -> bool:
@@ -616,15 +613,8 @@ class ChardevTransport:
         now = self._loop.time()
         packets = decoded.packets
         if packets:
-            count = len(packets)
-            start = self._next_token
-            tokens = range(start, start + count)
-            self._next_token = start + count
-            self._held.update(zip(tokens, packets, strict=True))
-            headers = decoded.vnet_headers
-            if headers is not None:
-                self._held_headers.update(zip(tokens, headers, strict=True))
-            figures.frames_in += count
+            tokens = self._frames.hold(packets, decoded.vnet_headers)
+            figures.frames_in += len(packets)
             self._on_primary(tokens, packets, now)
         # After the frames: those that came whole before a desync are held like any.
         if decoded.events:
@@ -694,18 +684,8 @@ class ChardevTransport:
     def accept(self, handle: object, payload: bytes | None = None) -> None:
         """The proxy released the primary frame ``handle`` (a token): queue it for outdev.
         (The transport is the proxy's P-out ``Verdicts``.)"""
-        try:
-            packet = self._held.pop(handle)  # type: ignore[call-overload]
-        except KeyError:
-            raise UsageError(f"chardev: release of frame {handle!r}, which is not held") from None
-        out = self._out
-        if self._vnet:
-            header = self._held_headers.pop(handle)  # type: ignore[call-overload]
-            out.append(_LENGTHS.pack(len(header) + len(packet), len(header)))
-            out.append(header)
-        else:
-            out.append(_LENGTH.pack(len(packet)))
-        out.append(packet)
+        if not self._frames.release(handle):
+            raise UsageError(f"chardev: release of frame {handle!r}, which is not held")
         if not self._flush_pending:
             self._flush_pending = True
             self._loop.call_soon(self.flush)
@@ -713,23 +693,21 @@ class ChardevTransport:
     def drop(self, handle: object) -> None:
         raise UsageError("the chardev transport never drops a primary frame (I2)")
 
-    @property
-    def _parts_per_frame(self) -> int:
-        return 3 if self._vnet else 2
-
     def flush(self) -> None:
         """Write what was released to outdev, if it can take it; else keep it (bounded)."""
         self._flush_pending = False
-        out = self._out
-        if out and self._writable:
-            data = b"".join(out)
+        frames = self._frames
+        if frames.queued_frames and self._writable and self.outdev.connected:
+            count = frames.queued_frames
+            data = frames.take()
             if self.outdev.write(data):
                 figures = self.outdev.figures
-                figures.frames_out += len(out) // self._parts_per_frame
+                figures.frames_out += count
                 figures.bytes_out += len(data)
-                out.clear()
+            else:  # the connection is closing: keep it all for the next one
+                frames.requeue(data, count)
         limit = self.config.outdev_buffer_bytes
-        buffered = self.outdev_buffered if out else 0
+        buffered = frames.queued_bytes
         if buffered > limit and not self.primary_in.reading_paused:
             log.warning(
                 "chardev: %d bytes released and waiting for outdev (%s): holding primary_in",
@@ -743,10 +721,10 @@ class ChardevTransport:
 
     def _outdev_connected(self) -> None:
         self._writable = True
-        if self._out:
+        if self._frames.queued_frames:
             log.info(
                 "chardev outdev: writing %d frames kept while disconnected",
-                len(self._out) // self._parts_per_frame,
+                self._frames.queued_frames,
             )
         self.flush()
 

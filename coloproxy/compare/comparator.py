@@ -79,15 +79,13 @@ from coloproxy.packet.parse import (
     parse_ip,
 )
 
-# The lanes' header reader. From the IP header: version and IHL, total length, the fragment
-# field, protocol, then the 12 bytes from the source address to the destination port (the
-# lane's flow key), then TCP's sequence and acknowledgement numbers, data offset and flags
-# (for UDP the first 16 bits of "sequence" are the UDP length). The Ethernet one reads the
-# ethertype first; the raw-IP one reads an empty string in its place.
-_LANE_ETHERNET: Final = struct.Struct("!12x2sBxH2xHxB2x12sIIBB")
-_LANE_IP: Final = struct.Struct("!0sBxH2xHxB2x12sIIBB")
+# The lanes read from the IP header: version and IHL, total length, the fragment field,
+# protocol, then the 12 bytes from the source address to the destination port (the lane's flow
+# key), then TCP's sequence and acknowledgement numbers, data offset and flags (for UDP the
+# first 16 bits of "sequence" are the UDP length); with Ethernet framing the ethertype first.
 _LANE_PORTS: Final = struct.Struct("!HH")
-_ETHERTYPE_IPV4: Final = ETH_P_IP.to_bytes(2, "big")
+_ETHERTYPE_HIGH: Final = ETH_P_IP >> 8
+_ETHERTYPE_LOW: Final = ETH_P_IP & 0xFF
 
 # TCP segments the lane leaves to the general path: a SYN (it names an ISN) and URG (the urgent
 # pointer is not among the fields the lane reads).
@@ -211,9 +209,7 @@ class Comparator:
         # the shortest frame it reads, the ethertype it wants (none for raw IP), and the TCP and
         # UDP flows by guest address, peer address, guest port, peer port as in the headers.
         self._l3 = ETHERNET_HEADER_LEN if ethernet else 0
-        self._lane_unpack = (_LANE_ETHERNET if ethernet else _LANE_IP).unpack_from
         self._lane_min = self._l3 + 40
-        self._lane_ethertype = _ETHERTYPE_IPV4 if ethernet else b""
         self._lane_tcp: dict[bytes, TcpConnection] = {}
         self._lane_udp: dict[bytes, DatagramFlow] = {}
         self._max_held_packets = config.max_held_packets
@@ -256,38 +252,40 @@ class Comparator:
         out: list[Event] = []
         self._book.now = now
         # The lanes: a TCP segment (not SYN, not URG) or UDP datagram of a known IPv4 flow,
-        # untagged, no IP options, not a fragment, while comparing normally. One unpack reads
-        # every field needed and the packet goes straight to its flow, with no Packet built;
+        # untagged, no IP options, not a fragment, while comparing normally. The fields needed
+        # are read in place and the packet goes straight to its flow, with no Packet built;
         # what the lanes do is what the general path below does for such a packet
         # (tests/test_compare_lane.py checks both give the same events). Anything else takes
         # the general path, which parses from scratch.
         book = self._book
         if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
-            # Declared so that compiled code (scripts/build-fast) unboxes the fields once and
-            # then works on machine integers; in pure Python these lines cost nothing.
-            ethertype: bytes
-            key: bytes
-            vhl: int
-            total: int
-            frag: int
-            proto: int
-            number: int
-            ack: int
-            offset: int
-            flags: int
-            ethertype, vhl, total, frag, proto, key, number, ack, offset, flags = self._lane_unpack(
-                data
-            )
+            # The header fields, read byte by byte into typed locals: compiled (setup.py),
+            # machine integers and no object but the key; a struct unpack would make eleven.
+            l3: int = self._l3
+            vhl: int = data[l3]
+            total: int = (data[l3 + 2] << 8) | data[l3 + 3]
+            frag: int = (data[l3 + 6] << 8) | data[l3 + 7]
+            proto: int = data[l3 + 9]
             if (
                 vhl == 0x45
-                and ethertype == self._lane_ethertype
+                and (not l3 or (data[12] == _ETHERTYPE_HIGH and data[13] == _ETHERTYPE_LOW))
                 and not frag & 0x3FFF  # neither MF nor a fragment offset
-                and self._l3 + total <= len(data)
+                and l3 + total <= len(data)
             ):
-                l4 = self._l3 + 20
+                # The lane's flow key: source and destination address and port.
+                key = data[l3 + 12 : l3 + 24]  # bytes, as annotated (compiled, feed insists)
+                number: int = (
+                    (data[l3 + 24] << 24)
+                    | (data[l3 + 25] << 16)
+                    | (data[l3 + 26] << 8)
+                    | data[l3 + 27]
+                )
+                l4 = l3 + 20
                 if proto == PROTO_TCP:
                     connection = self._lane_tcp.get(key)
-                    end = l4 - 20 + total
+                    offset: int = data[l3 + 32]
+                    flags: int = data[l3 + 33]
+                    end = l3 + total
                     start = l4 + (offset >> 4) * 4
                     if (
                         connection is not None
@@ -300,6 +298,12 @@ class Comparator:
                         and book.stored_bytes + (end - start) <= self._max_held_bytes
                     ):
                         connection.last_active = now
+                        ack: int = (
+                            (data[l3 + 28] << 24)
+                            | (data[l3 + 29] << 16)
+                            | (data[l3 + 30] << 8)
+                            | data[l3 + 31]
+                        )
                         if side is _PRIMARY:
                             held = book.new_held(token, now, connection)
                             connection.feed_primary(

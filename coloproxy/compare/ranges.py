@@ -10,7 +10,7 @@ from bisect import bisect_right
 from typing import Final
 
 # ``high`` of an empty set: below any stream offset (offsets lie within +-2**32), and an int so
-# that the attribute has one type (mypyc compiles this module; see scripts/build-fast).
+# that the attribute has one type (mypyc compiles this module: setup.py).
 EMPTY_HIGH: Final = -(1 << 40)
 
 

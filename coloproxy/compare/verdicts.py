@@ -4,7 +4,7 @@ Importable from ``coloproxy.compare`` and ``coloproxy.compare.events`` like ever
 live here, apart from the other events, because one of them is made for every packet fed: so
 they are plain classes, not frozen dataclasses (whose ``__init__`` goes through
 ``object.__setattr__``: about 280 ns per event against 75 ns here, CPython 3.11, timeit), and
-this module compiles with mypyc (scripts/build-fast), which events.py's dataclasses do not.
+this module compiles with mypyc (setup.py), which events.py's dataclasses do not.
 
 They behave as ``@dataclass(frozen=True)`` would: fields ``token`` and ``reason`` (read-only),
 equal only to the same class with equal fields, hashable, the same ``repr``, ``match``

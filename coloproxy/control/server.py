@@ -66,7 +66,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Final, Protocol
 
-from coloproxy import __version__
+from coloproxy import __version__, variant
 from coloproxy.errors import ColoproxyError, UsageError
 from coloproxy.protocol import (
     CLIENT_MAY_SEND,
@@ -335,7 +335,7 @@ class ControlServer:
         hello_timeout: float = 5.0,
         idle_timeout: float = 60.0,
         handler_timeout: float = 30.0,
-        software: str = f"coloproxy {__version__}",
+        software: str | None = None,
     ) -> None:
         if client_queue < 1 or hello_timeout <= 0 or handler_timeout <= 0 or idle_timeout < 0:
             raise UsageError("control server bounds must be positive")
@@ -353,7 +353,8 @@ class ControlServer:
         self.hello_timeout = hello_timeout
         self.idle_timeout = idle_timeout  # 0: never
         self.handler_timeout = handler_timeout
-        self.software = software
+        # The version and the comparator variant (compiled or pure): `coloproxy status`.
+        self.software = software or f"coloproxy {__version__}, {variant.describe()}"
         self.runstate = Runstate.IDLE
         # Every error reply sent, by (what it answered, code): "connect", "hello", "idle",
         # "line" (not a readable message) or the kind refused. A metric source.

@@ -60,6 +60,16 @@ _LENGTH: Final = struct.Struct("!I")
 _LENGTHS: Final = struct.Struct("!II")
 
 
+def _be32(data: bytes, position: int) -> int:
+    """The big-endian 32-bit number at ``position`` (four bytes must be there)."""
+    return (
+        (data[position] << 24)
+        | (data[position + 1] << 16)
+        | (data[position + 2] << 8)
+        | data[position + 3]
+    )
+
+
 class FrameProblem(StrEnum):
     """What can be wrong with a stream of frames; also the metric label."""
 
@@ -164,20 +174,20 @@ class FrameDecoder:
     def _plain(self, data: bytes) -> tuple[list[bytes], int, int | None]:
         """Frames from ``data``: (packets, where the first incomplete frame starts, the bad
         length found there or None)."""
+        # Typed, with the lengths read byte by byte: compiled (setup.py) this is machine
+        # arithmetic and one slice per frame, no object per field (struct would make two).
         packets: list[bytes] = []
-        append = packets.append
-        unpack = _LENGTH.unpack_from
-        limit = self.max_frame
-        position = 0
-        available = len(data)
+        limit: int = self.max_frame
+        position: int = 0
+        available: int = len(data)
         while position + HEADER <= available:
-            length = unpack(data, position)[0]
+            length: int = _be32(data, position)
             if length > limit:
                 return packets, position, length
-            end = position + HEADER + length
+            end: int = position + HEADER + length
             if end > available:
                 break
-            append(data[position + HEADER : end])
+            packets.append(data[position + HEADER : end])
             position = end
         return packets, position, None
 
@@ -186,16 +196,16 @@ class FrameDecoder:
     ) -> tuple[list[bytes], list[bytes], int, int | None]:
         packets: list[bytes] = []
         headers: list[bytes] = []
-        unpack = _LENGTHS.unpack_from
-        limit = self.max_frame
-        position = 0
-        available = len(data)
+        limit: int = self.max_frame
+        position: int = 0
+        available: int = len(data)
         while position + VNET_HEADER <= available:
-            length, vnet_len = unpack(data, position)
+            length: int = _be32(data, position)
             if length > limit:
                 return packets, headers, position, length
-            start = position + VNET_HEADER
-            end = start + length
+            vnet_len: int = _be32(data, position + HEADER)
+            start: int = position + VNET_HEADER
+            end: int = start + length
             if end > available:
                 break
             if vnet_len > length:
