@@ -1164,7 +1164,7 @@ class EngineRunner:
             # The replication child goes first (COLO-FT.txt): the guest's writes must not
             # wait for a secondary that is gone.
             try:
-                await self.disk.detach()
+                await self.disk.detach_lost()
                 steps["disk"] = self._now() - started
             except QmpError as exc:
                 log.error("disk: removing the replication child: %s", exc)
