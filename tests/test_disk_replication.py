@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import os
 import subprocess
@@ -45,7 +46,7 @@ from typing import Any
 import pytest
 
 from coloproxy.config import parse_config
-from coloproxy.engine.disk import REPLICATION_NODE, DiskSettings, drive_argv
+from coloproxy.engine.disk import REPLICATION_NODE, DiskReplication, DiskSettings, drive_argv
 from coloproxy.lab import configs, diskcheck, vms
 from coloproxy.lab.lab import QUIET_PERIOD_MS, Lab
 from coloproxy.lab.qemu import repo_root
@@ -103,6 +104,45 @@ def test_the_drive_layouts_are_qemus_colo_ones() -> None:
     assert _drives(vms.qemu_argv(spec)) == [base, replication, quorum]
     with pytest.raises(ValueError):
         drive_argv(settings, "witness")
+
+
+@pytest.mark.root
+def test_a_hung_link_is_cut_until_the_child_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detach_lost on a link that hangs: a peer that accepts and never answers (as an NBD
+    export behind dropped packets); the stand-in for QEMU's child removal waits on the
+    connection, as QEMU's drain does. After the grace the connection is destroyed
+    (``ss -K``), the wait ends with an error, the removal completes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: sock_destroy")
+
+    async def scenario() -> tuple[float, BaseException | None]:
+        server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        settings = DiskSettings("i", "a", "h", "raw", "127.0.0.1", "127.0.0.1", nbd_port=port)
+        disk = DiskReplication(None, settings)  # type: ignore[arg-type]
+        seen: list[BaseException | None] = [None]
+
+        async def detach() -> None:  # QEMU's drain: waits for the NBD server's reply
+            try:
+                await reader.read(1)
+            except OSError as exc:
+                seen[0] = exc
+
+        monkeypatch.setattr(disk, "detach", detach)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            await disk.detach_lost(grace=0.3, every=0.1)
+        took = time.monotonic() - started
+        writer.close()
+        server.close()
+        return took, seen[0]
+
+    took, error = asyncio.run(scenario())
+    assert 0.3 <= took < 3, took
+    assert isinstance(error, ConnectionError) or (
+        isinstance(error, OSError) and error.errno == errno.ECONNABORTED
+    ), error
 
 
 # -- the real pair --------------------------------------------------------------------------

@@ -419,11 +419,21 @@ class DiskReplication:
         the NBD link is taken for hung and cut (:meth:`cut_link`) every ``every`` seconds
         until it has: the blocked block layer gets its error and QEMU answers again."""
         task = asyncio.ensure_future(self.detach())
-        cut = 0
+        cut = tries = 0
         try:
             done, _ = await asyncio.wait({task}, timeout=grace)
             while not done:
                 now = await self.cut_link()
+                tries += 1
+                if tries == 1 and not now:
+                    log.error(
+                        "disk: the replication child not removed after %.1f s and no NBD"
+                        " connection to %s:%d could be cut (none, or a kernel without"
+                        " CONFIG_INET_DIAG_DESTROY); waiting for QEMU",
+                        grace,
+                        self.settings.remote,
+                        self.settings.nbd_port,
+                    )
                 if now and not cut:
                     log.error(
                         "disk: the replication child not removed after %.1f s: the NBD link to"
