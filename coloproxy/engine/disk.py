@@ -27,7 +27,10 @@ engine does what QEMU leaves to its user (COLO-FT.txt), and this module holds th
   replication driver then commits the active disk into the base: the SVM's disk is the
   truth from then on);
 - failover on the primary: ``x-blockdev-change`` removes the replication child and
-  ``drive_del`` deletes it before ``x-colo-lost-heartbeat``;
+  ``drive_del`` deletes it before ``x-colo-lost-heartbeat``; when QEMU has not done it
+  within a second the NBD link is taken for hung (QEMU 7.2's NBD client has no I/O
+  timeout: a link that drops packets blocks the primary's block layer and main loop) and
+  its connections are destroyed until the child is gone (:meth:`DiskReplication.detach_lost`);
 - re-protection: the survivor runs the primary's steps again (its drive is the former
   secondary's quorum; the new child is ``children.1`` again).
 
