@@ -555,5 +555,6 @@ def test_a_hung_nbd_link_the_primary_leaves_colo(
     with capsys.disabled():
         print(
             f"\n[disk] NBD link hung (QEMU's monitor blocked: {seen_hung}): the primary left"
-            f" COLO {left_at - cut:.1f} s later; {check.records} records read back"
+            f" COLO {left_at - cut:.1f} s later; the write in flight answered"
+            f" {when - cut:.1f} s after the hang ({last!r}); {check.records} records read back"
         )
