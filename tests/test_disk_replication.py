@@ -32,9 +32,12 @@ One lab carries the whole story (TCG is slow); each step says what it checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import itertools
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,12 +46,12 @@ from typing import Any
 import pytest
 
 from coloproxy.config import parse_config
-from coloproxy.engine.disk import DiskSettings, drive_argv
+from coloproxy.engine.disk import REPLICATION_NODE, DiskReplication, DiskSettings, drive_argv
 from coloproxy.lab import configs, diskcheck, vms
 from coloproxy.lab.lab import QUIET_PERIOD_MS, Lab
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4
-from coloproxy.lab.vms import Monitor
+from coloproxy.lab.vms import LabError, Monitor
 from coloproxy.net import netns
 from coloproxy.protocol import CheckpointNow
 
@@ -103,6 +106,45 @@ def test_the_drive_layouts_are_qemus_colo_ones() -> None:
         drive_argv(settings, "witness")
 
 
+@pytest.mark.root
+def test_a_hung_link_is_cut_until_the_child_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """detach_lost on a link that hangs: a peer that accepts and never answers (as an NBD
+    export behind dropped packets); the stand-in for QEMU's child removal waits on the
+    connection, as QEMU's drain does. After the grace the connection is destroyed
+    (``ss -K``), the wait ends with an error, the removal completes."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: sock_destroy")
+
+    async def scenario() -> tuple[float, BaseException | None]:
+        server = await asyncio.start_server(lambda _r, _w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        settings = DiskSettings("i", "a", "h", "raw", "127.0.0.1", "127.0.0.1", nbd_port=port)
+        disk = DiskReplication(None, settings)  # type: ignore[arg-type]
+        seen: list[BaseException | None] = [None]
+
+        async def detach() -> None:  # QEMU's drain: waits for the NBD server's reply
+            try:
+                await reader.read(1)
+            except OSError as exc:
+                seen[0] = exc
+
+        monkeypatch.setattr(disk, "detach", detach)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            await disk.detach_lost(grace=0.3, every=0.1)
+        took = time.monotonic() - started
+        writer.close()
+        server.close()
+        return took, seen[0]
+
+    took, error = asyncio.run(scenario())
+    assert 0.3 <= took < 3, took
+    assert isinstance(error, ConnectionError) or (
+        isinstance(error, OSError) and error.errno == errno.ECONNABORTED
+    ), error
+
+
 # -- the real pair --------------------------------------------------------------------------
 
 
@@ -116,10 +158,10 @@ def built() -> None:
         subprocess.run([str(repo_root() / script)], check=True, stdout=subprocess.DEVNULL)
 
 
-@pytest.fixture
-def disk_lab(built: None, tmp_path: Path) -> Iterator[Lab]:
+@contextlib.contextmanager
+def _lab(run_dir: Path, disk_dir: Path | None = None) -> Iterator[Lab]:
     prefix = f"cpd{os.getpid() % 10000}{next(_counter)}"
-    lab = Lab(prefix, tmp_path / "run", say=lambda _text: None)
+    lab = Lab(prefix, run_dir, disk_dir=disk_dir, say=lambda _text: None)
     try:
         lab.up(build=False)
         yield lab
@@ -127,6 +169,33 @@ def disk_lab(built: None, tmp_path: Path) -> Iterator[Lab]:
         lab.down()
         left = [name for name in lab.topology.namespaces() if netns.exists(name)]
         assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture
+def disk_lab(built: None, tmp_path: Path) -> Iterator[Lab]:
+    with _lab(tmp_path / "run") as lab:
+        yield lab
+
+
+# Host S's active and hidden disks on a file system this small: two empty 64 MiB qcow2
+# files take 384 KiB, a checkpoint period of the guest's own writes a few hundred more;
+# the test's 4 MiB over written data cannot fit.
+SMALL_FS = "2m"
+
+
+@pytest.fixture
+def small_disk_lab(built: None, tmp_path: Path) -> Iterator[Lab]:
+    """A lab whose host S keeps its active and hidden disks on a 2 MiB tmpfs (mounted
+    before the QEMUs start: their mount namespaces inherit it)."""
+    overlays = tmp_path / "overlays"
+    overlays.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS}", "coloproxy-test", str(overlays)]
+    subprocess.run(mount, check=True)
+    try:
+        with _lab(tmp_path / "run", disk_dir=overlays) as lab:
+            yield lab
+    finally:
+        subprocess.run(["umount", str(overlays)], check=True)
 
 
 class Blocks:
@@ -324,3 +393,168 @@ async def _qmp(lab: Lab, role: str, command: str) -> Any:
         return await monitor.execute(command)
     finally:
         await monitor.close()
+
+
+FILL = 4 << 20  # the last 4 MiB of the disk (PROBE on), outside the guest's file system
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_the_secondary_disk_full_the_primary_leaves_colo(
+    small_disk_lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Host S's active and hidden disks live on a 2 MiB tmpfs. The primary writes 4 MiB,
+    a checkpoint, then 4 MiB over them: the secondary's replication driver must save the
+    base's old contents into the hidden disk before each write lands, the tmpfs fills, the
+    write fails on the secondary and the primary's NBD client gets the error. The pair
+    cannot replicate any more: the primary leaves COLO and serves alone, its disk intact
+    (every record the client saw acknowledged reads back), host S never serves, the
+    logs say why."""
+    lab = small_disk_lab
+    records = Records(lab)
+    records.write("primary")  # acknowledged: replicated at a checkpoint
+    cut = time.monotonic()
+    # 4 MiB into the base, a checkpoint (the hidden disk emptied): they are the base's now
+    out = lab.qemu_io("primary", f"write -P 0x5a {PROBE} {FILL}")
+    assert f"wrote {FILL}/{FILL} bytes" in out, out
+    with contextlib.suppress(LabError):  # the guest's own writes may have filled it already
+        lab.checkpoint_now("primary")
+    # 4 MiB over them: the secondary must keep the old 4 MiB in its hidden disk first
+    out = lab.qemu_io("primary", f"write -P 0xa5 {PROBE} {FILL}")
+    # the primary's own disk takes the write: the quorum needs one child
+    assert f"wrote {FILL}/{FILL} bytes" in out, out
+    with contextlib.suppress(LabError):  # it fails: that is the point
+        lab._command("primary", CheckpointNow(reason="manual"), "checkpoint")
+    _wait_alone(lab, "primary", timeout=60)
+    left = time.monotonic() - cut
+    lab.wait_serving(30)
+    # the primary serves alone, its disk intact: the records, and the 4 MiB as written last
+    records.write("primary", requests=1, checkpoint=False)
+    check = records.verify("on the primary alone")
+    out = lab.qemu_io("primary", f"read -P 0xa5 {PROBE} {FILL}")
+    assert FAILED not in out and f"read {FILL}/{FILL} bytes" in out, out
+    assert _checker_errors(lab, "primary") == 0
+    # host S never runs the guest: its disk is behind (both serving would split the brain).
+    # Its QEMU is stopped, or gone: QEMU 7.2 aborts a secondary whose guest stopped on the
+    # full disk at its next checkpoint ("invalid runstate transition: 'io-error' -> 'colo'").
+    state = lab._require_state()
+    if vms.alive(state.pids["secondary_qemu"]):
+        assert asyncio.run(_qmp(lab, "secondary", "query-status"))["status"] != "running"
+    log = lab.paths.daemon_log("primary").read_text(errors="replace")
+    assert "secondary lost (colo-exit" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    secondary_log = lab.paths.daemon_log("secondary").read_text(errors="replace")
+    assert "Traceback" not in secondary_log, secondary_log[-3000:]
+    assert "taking over" not in secondary_log, secondary_log[-3000:]
+    # the cause, in so many words: host S's engine saw its guest's write fail for lack of
+    # space, or (the SVM not writing) the primary's checkpoint failed on the replication error
+    qemu_log = lab.paths.qemu_log("primary").read_text(errors="replace")
+    full = "the file system under it is full (a secondary's active and hidden disks"
+    assert full in secondary_log or "disk replication failed" in qemu_log, (
+        secondary_log[-3000:] + qemu_log[-1000:]
+    )
+    with capsys.disabled():
+        print(
+            f"\n[disk] host S's disk full: the primary left COLO {left:.1f} s after the"
+            f" writes began; {check.records} records read back on the primary"
+        )
+
+
+def _colo_mode(lab: Lab, role: str, timeout: float = 2.0) -> str | None:
+    """``role``'s QEMU's COLO mode, None when its monitor does not answer in ``timeout`` (its
+    main loop blocked)."""
+
+    async def ask() -> str:
+        monitor = await Monitor(role, lab.paths.lab_qmp_socket(role)).connect()
+        try:
+            return str((await monitor.execute("query-colo-status"))["mode"])
+        finally:
+            await monitor.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(ask(), timeout))
+    except TimeoutError:
+        return None
+
+
+def _drop_nbd(lab: Lab) -> None:
+    """Host S's NBD export stops answering, without a reset: its packets are dropped (in
+    host S's namespace only), as on a link that hangs."""
+    port = str(configs.NBD_PORT)
+    for chain, side in (("INPUT", "--dport"), ("OUTPUT", "--sport")):
+        rule = ["iptables", "-w", "-A", chain, "-p", "tcp", side, port, "-j", "DROP"]
+        subprocess.run(["ip", "netns", "exec", lab.topology.ns("hs"), *rule], check=True)
+
+
+@pytest.mark.qemu
+@pytest.mark.root
+def test_a_hung_nbd_link_the_primary_leaves_colo(
+    disk_lab: Lab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Host S's NBD export hangs (packets dropped, no reset) while the guest writes. QEMU
+    7.2's NBD client has no I/O timeout: the guest's write waits for the replication child,
+    the next checkpoint's stop waits for it (the block layer drains), and so does the
+    primary QEMU's main loop, its monitor included, until TCP gives up (about 15 minutes).
+    The engine sees the checkpoint stall (engine.checkpoint_timeout_ms), and, QEMU not
+    answering, cuts the NBD connections (the kernel's sock_destroy): the block layer gets
+    its error, QEMU answers again, the child is removed, the primary leaves COLO and serves
+    alone, its records intact. The client's write answered only once the primary left COLO;
+    host S never serves."""
+    lab = disk_lab
+    records = Records(lab)
+    lab.set_period(QUIET_PERIOD_MS)
+    records.write("primary")
+    _drop_nbd(lab)
+    cut = time.monotonic()
+    answered: list[tuple[float, int | Exception]] = []
+
+    def write() -> None:
+        client = lab.topology.ns("client")
+        try:
+            last: int | Exception = diskcheck.disk_write(GUEST_IPV4, 20, netns=client, timeout=90)
+        except LabError as exc:
+            last = exc
+        answered.append((time.monotonic(), last))
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    left_at = None
+    seen_hung = False
+    deadline = cut + 60
+    while time.monotonic() < deadline:
+        mode = _colo_mode(lab, "primary")
+        seen_hung = seen_hung or mode is None
+        if mode == "none":
+            left_at = time.monotonic()
+            break
+        # nothing reaches the client while the primary is still in COLO
+        assert not answered or isinstance(answered[0][1], Exception), answered
+        time.sleep(0.5)
+    assert left_at is not None, (
+        "the primary is still in COLO (or its QEMU hangs) 60 s after the NBD link hung; "
+        + lab.paths.daemon_log("primary").read_text(errors="replace")[-3000:]
+    )
+    lab.wait_serving(30)
+    writer.join(95)
+    assert answered, "the client's write never got an answer"
+    when, last = answered[0]
+    if isinstance(last, int):  # answered: by the primary alone, after COLO
+        assert when >= left_at - 1.0, (when - cut, left_at - cut)
+        records.acked = max(records.acked, last)
+    # the guest writes on, alone, and reads every acknowledged record back
+    records.write("primary", requests=1, checkpoint=False)
+    check = records.verify("on the primary alone")
+    assert _checker_errors(lab, "primary") == 0
+    assert asyncio.run(_qmp(lab, "secondary", "query-status"))["status"] != "running"
+    log = lab.paths.daemon_log("primary").read_text(errors="replace")
+    assert "secondary lost (" in log, log[-3000:]
+    assert "NBD link" in log and "hung" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    nodes = asyncio.run(_qmp(lab, "primary", "query-named-block-nodes"))
+    assert REPLICATION_NODE not in {node.get("node-name") for node in nodes}, nodes
+    with capsys.disabled():
+        print(
+            f"\n[disk] NBD link hung (QEMU's monitor blocked: {seen_hung}): the primary left"
+            f" COLO {left_at - cut:.1f} s later; the write in flight answered"
+            f" {when - cut:.1f} s after the hang ({last!r}); {check.records} records read back"
+        )

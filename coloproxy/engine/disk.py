@@ -27,7 +27,10 @@ engine does what QEMU leaves to its user (COLO-FT.txt), and this module holds th
   replication driver then commits the active disk into the base: the SVM's disk is the
   truth from then on);
 - failover on the primary: ``x-blockdev-change`` removes the replication child and
-  ``drive_del`` deletes it before ``x-colo-lost-heartbeat``;
+  ``drive_del`` deletes it before ``x-colo-lost-heartbeat``; when QEMU has not done it
+  within a second the NBD link is taken for hung (QEMU 7.2's NBD client has no I/O
+  timeout: a link that drops packets blocks the primary's block layer and main loop) and
+  its connections are destroyed until the child is gone (:meth:`DiskReplication.detach_lost`);
 - re-protection: the survivor runs the primary's steps again (its drive is the former
   secondary's quorum; the new child is ``children.1`` again).
 
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Final
@@ -57,6 +61,13 @@ SYNC_POLL: Final = 0.1
 # After a takeover the replication driver commits the active disk into the base (an internal
 # job) and keeps the drive blocked meanwhile: the first drive-mirror may be refused.
 MIRROR_RETRY_S: Final = 60.0
+# Secondary lost: the replication child's removal is given this long before the engine takes
+# the NBD link for hung and cuts it (QEMU 7.2's NBD client has no I/O timeout: a link that
+# drops packets holds the guest's writes, a checkpoint's drain and the whole main loop, QMP
+# included, until TCP gives up, about 15 minutes), then cuts again at this interval until
+# the child is gone (each new request makes the NBD client try to reconnect, which hangs too).
+CUT_GRACE_S: Final = 1.0
+CUT_EVERY_S: Final = 0.5
 
 
 class DiskError(QmpError):
@@ -367,6 +378,82 @@ class DiskReplication:
             log.warning("disk: drive_del %s: %s", REPLICATION_NODE, exc)
         self.attached = False
         log.info("disk: replication child %s removed from %s", child, s.drive)
+
+    async def cut_link(self) -> int:
+        """Destroy this host's TCP connections to the peer's NBD export (``ss -K``: the
+        kernel's sock_destroy, CONFIG_INET_DIAG_DESTROY): the NBD client's requests fail at
+        once instead of waiting for TCP to give up. The number of connections cut; 0 and an
+        error logged when ``ss`` or the kernel cannot."""
+        s = self.settings
+        ss = shutil.which("ss") or shutil.which("/usr/sbin/ss") or shutil.which("/sbin/ss")
+        if ss is None:
+            log.error("disk: cannot cut the NBD link: no ss (iproute2) on this host")
+            return 0
+        family = "-6" if ":" in s.remote else "-4"
+        argv = [
+            ss,
+            "-K",
+            "-H",
+            "-t",
+            "-n",
+            family,
+            "dst",
+            _host(s.remote),
+            "dport",
+            "=",
+            str(s.nbd_port),
+        ]
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        out, err = await process.communicate()
+        if process.returncode != 0:
+            log.error(
+                "disk: cannot cut the NBD link (%s, exit %s): %s",
+                " ".join(argv),
+                process.returncode,
+                err.decode(errors="replace").strip(),
+            )
+            return 0
+        return sum(1 for line in out.decode(errors="replace").splitlines() if line.strip())
+
+    async def detach_lost(self, grace: float = CUT_GRACE_S, every: float = CUT_EVERY_S) -> None:
+        """Secondary lost: :meth:`detach`; if QEMU has not done it within ``grace`` seconds,
+        the NBD link is taken for hung and cut (:meth:`cut_link`) every ``every`` seconds
+        until it has: the blocked block layer gets its error and QEMU answers again."""
+        task = asyncio.ensure_future(self.detach())
+        cut = tries = 0
+        try:
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            while not done:
+                now = await self.cut_link()
+                tries += 1
+                if tries == 1 and not now:
+                    log.error(
+                        "disk: the replication child not removed after %.1f s and no NBD"
+                        " connection to %s:%d could be cut (none, or a kernel without"
+                        " CONFIG_INET_DIAG_DESTROY); waiting for QEMU",
+                        grace,
+                        self.settings.remote,
+                        self.settings.nbd_port,
+                    )
+                if now and not cut:
+                    log.error(
+                        "disk: the replication child not removed after %.1f s: the NBD link to"
+                        " %s:%d looks hung (QEMU's block layer and monitor wait on it);"
+                        " cutting its connections (sock_destroy)",
+                        grace,
+                        self.settings.remote,
+                        self.settings.nbd_port,
+                    )
+                cut += now
+                done, _ = await asyncio.wait({task}, timeout=every)
+        finally:
+            if not task.done():
+                task.cancel()
+        task.result()
+        if cut:
+            log.warning("disk: %d NBD connection(s) cut; the replication child is gone", cut)
 
     async def _replication_child(self) -> str | None:
         """The quorum's child name (``children.N``) of the replication node, None if absent."""

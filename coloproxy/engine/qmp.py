@@ -45,6 +45,7 @@ ENGINE_EVENTS: Final = (
     "SHUTDOWN",
     "MIGRATION",
     "FAILOVER_NEGOTIATED",
+    "BLOCK_IO_ERROR",
 )
 # A QMP command answers in well under a millisecond on an idle QEMU; a few seconds means
 # the main loop is stuck (the BQL deadlock of docs/invariants.md).

@@ -339,6 +339,7 @@ class EngineRunner:
         self._entry_checkpoint: int | None = None  # the checkpoint that enters COLO
         self._shutdown_seen = False
         self.events: list[QmpEvent] = []  # the last QMP events (bounded), for tests and logs
+        self._io_errors: set[tuple[str, str]] = set()  # BLOCK_IO_ERRORs logged (drive, cause)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -549,6 +550,8 @@ class EngineRunner:
         self.events.append(event)
         if len(self.events) > 4096:
             del self.events[:2048]
+        if event.name == "BLOCK_IO_ERROR":
+            self._block_io_error(event)
         scheduler, decider = self.scheduler, self.decider
         if scheduler is None or decider is None:
             return
@@ -584,6 +587,33 @@ class EngineRunner:
             self._shutdown_seen = True
             self._decide(decider.local_qemu(QemuState.SHUTDOWN, now))
         self._pulse()
+
+    def _block_io_error(self, event: QmpEvent) -> None:
+        """A guest disk request failed in the local QEMU: say it once per drive and cause
+        (QEMU's werror policy then stops the guest on ENOSPC; on a secondary the next
+        checkpoint ends its COLO). The cause is the first thing a user needs."""
+        data = event.data
+        device = str(data.get("device") or data.get("node-name") or "?")
+        reason = str(data.get("reason", "?"))
+        if (device, reason) in self._io_errors:
+            return
+        self._io_errors.add((device, reason))
+        where = ""
+        if data.get("nospace") is True:
+            where = ": the file system under it is full" + (
+                " (a secondary's active and hidden disks, disk.active and disk.hidden,"
+                " take the writes of a checkpoint period)"
+                if self.role is Role.SECONDARY
+                else ""
+            )
+        log.error(
+            "disk: a guest %s on %s failed in this host's QEMU (%s, action %s)%s",
+            data.get("operation", "request"),
+            device,
+            reason,
+            data.get("action", "?"),
+            where,
+        )
 
     def _on_gone(self, reason: str) -> None:
         decider, scheduler = self.decider, self.scheduler
@@ -1134,7 +1164,7 @@ class EngineRunner:
             # The replication child goes first (COLO-FT.txt): the guest's writes must not
             # wait for a secondary that is gone.
             try:
-                await self.disk.detach()
+                await self.disk.detach_lost()
                 steps["disk"] = self._now() - started
             except QmpError as exc:
                 log.error("disk: removing the replication child: %s", exc)

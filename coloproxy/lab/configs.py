@@ -75,6 +75,9 @@ class LabPaths:
     """Where one lab keeps its sockets, logs and state (the run directory)."""
 
     run_dir: Path = DEFAULT_RUN_DIR
+    # Where host S's active and hidden disks go (default: the run directory); a test puts
+    # them on a small file system of their own to fill it.
+    disk_dir: Path | None = None
 
     def control_socket(self, role: str) -> Path:
         return self.run_dir / f"{role}.sock"
@@ -104,10 +107,10 @@ class LabPaths:
         return self.run_dir / f"{role}-disk.img"
 
     def disk_active(self, role: str) -> Path:
-        return self.run_dir / f"{role}-disk-active.qcow2"
+        return (self.disk_dir or self.run_dir) / f"{role}-disk-active.qcow2"
 
     def disk_hidden(self, role: str) -> Path:
-        return self.run_dir / f"{role}-disk-hidden.qcow2"
+        return (self.disk_dir or self.run_dir) / f"{role}-disk-hidden.qcow2"
 
     @property
     def state(self) -> Path:

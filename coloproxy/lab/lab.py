@@ -311,10 +311,12 @@ class Lab:
         two_host: bool = False,
         disk: bool = True,
         disk_rate: int = vms.DISK_RATE,
+        disk_dir: Path | None = None,
         say: Say = _print,
     ) -> None:
         self.prefix = prefix
-        self.paths = LabPaths(Path(run_dir))
+        # disk_dir: where host S's active and hidden disks go (default: the run directory)
+        self.paths = LabPaths(Path(run_dir), disk_dir=disk_dir)
         # The quorum (a witness, three etcd members) goes with coloproxy's engines; QEMU's
         # own colo-compare (--qemu-filters) has no engine to use it.
         self.quorum = not two_host and not qemu_filters
