@@ -117,9 +117,8 @@ def gate(rounds: int) -> None:
                     _cpu_per(lambda: lease.open_for(0.74), renewals)
                 )
                 lease.install()
-                clock = [0.0]
 
-                def hold() -> None:
+                def hold(clock: list[float] = [0.0]) -> None:  # noqa: B006 (the clock)
                     clock[0] += 0.1
                     lease.hold_until(clock[0] - 0.002 + 0.75, clock[0])
 
