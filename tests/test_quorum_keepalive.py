@@ -184,3 +184,35 @@ def test_a_revoked_lease_renews_to_zero(member: Member) -> None:
     alive, gone = asyncio.run(main())
     assert alive == 2.0
     assert gone == 0.0
+
+
+def test_a_renewal_cut_by_another_calls_failure_is_a_quorum_error(member: Member) -> None:
+    """Another call that times out drops the connection (and so the renewal's stream) while
+    a renewal waits: the renewal must fail as a QuorumError, which the engine counts as no
+    acknowledgement and retries. A bare CancelledError would end the renewal's task without
+    telling the engine, which would wait for that renewal's answer for ever (no renewal
+    again: the holder fences itself and loses the key)."""
+
+    async def main() -> tuple[str, str, float]:
+        store = _store(member, timeout=0.4)
+        outcome = await store.acquire(5.0, "host P", unless_alone=False)
+        assert outcome.grant is not None
+        lease, revision = outcome.grant.lease, outcome.grant.revision
+        assert await store.renew(lease) == 5.0
+        assert member.process is not None
+        member.process.send_signal(signal.SIGSTOP)
+        try:
+            mark = asyncio.ensure_future(store.mark(True, revision))
+            await asyncio.sleep(0.15)
+            renewal = asyncio.ensure_future(store.renew(lease))
+            results = await asyncio.gather(mark, renewal, return_exceptions=True)
+        finally:
+            member.process.send_signal(signal.SIGCONT)
+        ttl = await store.renew(lease)
+        await store.close()
+        return repr(results[0]), repr(results[1]), ttl
+
+    marked, renewed, ttl = asyncio.run(main())
+    assert "QuorumError" in marked and "no answer in time" in marked
+    assert "QuorumError" in renewed, renewed
+    assert ttl == 5.0

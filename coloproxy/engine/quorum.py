@@ -166,6 +166,16 @@ class EtcdStore:
             raise QuorumError(
                 f"etcd {endpoint}: {what}: {exc.code().name} {exc.details()}"
             ) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled: not the call's failure
+            # grpc.aio raises CancelledError from a call that another task cancelled: another
+            # call's failure dropped the connection under this one. Not an answer, a failure
+            # (a bare CancelledError would leave the engine waiting for it for ever).
+            raise QuorumError(
+                f"etcd {endpoint}: {what}: the connection was dropped (another call failed)"
+            ) from None
 
     def _end_keepalive(self) -> None:
         stream, self._keepalive = self._keepalive, None
