@@ -803,3 +803,32 @@ async def test_a_timer_run_a_little_early_acts_instead_of_firing_again_and_again
         runner._fire()
         assert runner.peer.counters["sent"] == sent + 1  # the heartbeat went out
         assert runner._timer_due > due  # armed for the next deadline, not the same one
+
+
+@pytest.mark.asyncio
+async def test_with_a_quorum_an_unexpected_renewal_error_is_a_failed_renewal(
+    tmp_path: Path, fake_etcd: FakeEtcd
+) -> None:
+    """A renewal that ends with an error the store did not turn into a QuorumError (a gRPC
+    client's own exception) is a failed renewal like any other: the next goes at once.
+    Before, it ended the renewal's task unseen, the engine waited for its answer for ever,
+    renewed no more, fenced itself at the deadline and lost the key to host S."""
+    async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
+        await in_colo(w)
+        store: Any = w.primary.store
+        real = store.renew
+        failures = [0]
+
+        async def renew(lease: int) -> float:
+            if failures[0] < 3:
+                failures[0] += 1
+                raise RuntimeError("a client error the store does not know")
+            result: float = await real(lease)
+            return result
+
+        store.renew = renew
+        await asyncio.sleep(1.5)  # a lease's TTL and more
+        assert failures[0] == 3
+        assert w.primary.figures.key_events["renew-failed"] == 3
+        assert w.primary.figures.key_events["fenced"] == 0
+        assert fake_etcd.key is not None and fake_etcd.key[0] == "primary"

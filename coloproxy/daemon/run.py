@@ -559,7 +559,7 @@ class Daemon:
         gate = self.lease_gate
         if gate is not None:
             try:
-                gate.open_for(deadline - now)
+                gate.hold_until(deadline, now)
             except NetError as exc:  # the gate stays as it was: closed at its last deadline
                 log.error("the leader key's frame gate: %s", exc)
 

@@ -16,8 +16,13 @@ unprotected, the secondary must not take over). Many pairs can share one cluster
   nothing), then ``LeaseGrant`` and one transaction: *if* the leader key does not exist
   (``create_revision == 0``) and the alone mark does not (``version == 0``) *then* put the
   leader key with the lease, *else* read the alone mark. A lost transaction revokes its lease.
-- ``renew``: one ``LeaseKeepAlive`` request on a short stream; the answer's TTL (0: the lease
-  is gone).
+- ``renew``: one ``LeaseKeepAlive`` request on the channel's one long-lived keep-alive stream
+  (opened at the first renewal, again after any failure); the answer's TTL (0: the lease is
+  gone). At most one request is ever outstanding on a stream, and a renewal that fails or
+  times out closes the stream, so a reply is always the answer to the request the caller
+  timed (its send time is what the deadline is measured from: a late answer to an older
+  request must never count for a newer one). A new gRPC stream per renewal cost about
+  twice the CPU (docs/benchmarks.md, section 4).
 - ``release`` and ``mark``: transactions that compare the leader key's ``mod_revision`` with
   the holder's: an old holder's writes fail once another host won the key.
 
@@ -101,6 +106,7 @@ class EtcdStore:
         self._channel: Any = None
         self._stubs: tuple[Any, Any] | None = None  # KV, Lease
         self._metadata: tuple[tuple[str, str], ...] | None = None
+        self._keepalive: Any = None  # the channel's keep-alive stream (a grpc.aio call)
         self._credentials: Any = None
         if settings.ca_file is not None:
             import grpc
@@ -138,6 +144,7 @@ class EtcdStore:
 
     async def _drop(self) -> None:
         """Forget the channel and move to the next endpoint."""
+        self._end_keepalive()
         channel, self._channel, self._stubs, self._metadata = self._channel, None, None, None
         self._index = (self._index + 1) % len(self.settings.endpoints)
         if channel is not None:
@@ -159,8 +166,24 @@ class EtcdStore:
             raise QuorumError(
                 f"etcd {endpoint}: {what}: {exc.code().name} {exc.details()}"
             ) from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task is being cancelled: not the call's failure
+            # grpc.aio raises CancelledError from a call that another task cancelled: another
+            # call's failure dropped the connection under this one. Not an answer, a failure
+            # (a bare CancelledError would leave the engine waiting for it for ever).
+            raise QuorumError(
+                f"etcd {endpoint}: {what}: the connection was dropped (another call failed)"
+            ) from None
+
+    def _end_keepalive(self) -> None:
+        stream, self._keepalive = self._keepalive, None
+        if stream is not None:
+            stream.cancel()
 
     async def close(self) -> None:
+        self._end_keepalive()
         channel, self._channel, self._stubs = self._channel, None, None
         if channel is not None:
             await channel.close(grace=None)
@@ -250,22 +273,28 @@ class EtcdStore:
             log.debug("%s", exc)
 
     async def renew(self, lease: int) -> float:
+        import grpc.aio
+
         rpc = self._rpc
 
         async def keep_alive(_kv: Any, stub: Any, metadata: Any) -> float:
-            stream = stub.LeaseKeepAlive(
-                iter([rpc.LeaseKeepAliveRequest(ID=lease)]),
-                timeout=self.settings.timeout,
-                metadata=metadata,
-            )
-            try:
-                async for reply in stream:
-                    return float(reply.TTL)
-            finally:
-                stream.cancel()
-            raise QuorumError(f"etcd {self.endpoint}: keep-alive: the stream ended unanswered")
+            stream = self._keepalive
+            if stream is None or stream.done():
+                # No deadline on the stream itself: each renewal has its own (``_call``).
+                stream = self._keepalive = stub.LeaseKeepAlive(metadata=metadata)
+            await stream.write(rpc.LeaseKeepAliveRequest(ID=lease))
+            reply = await stream.read()
+            if reply is grpc.aio.EOF:
+                raise QuorumError(f"etcd {self.endpoint}: keep-alive: the stream ended unanswered")
+            if lease != reply.ID:  # never count another request's answer
+                raise QuorumError(f"etcd {self.endpoint}: keep-alive: answer for lease {reply.ID}")
+            return float(reply.TTL)
 
-        result: float = await self._call("renew the lease", keep_alive)
+        try:
+            result: float = await self._call("renew the lease", keep_alive)
+        except BaseException:
+            self._end_keepalive()  # no late answer may meet the next request
+            raise
         return result
 
     async def release(self, lease: int, revision: int) -> None:

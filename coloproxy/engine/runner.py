@@ -961,6 +961,11 @@ class EngineRunner:
             log.debug("renew: %s", exc)
             self._lead(leader.renew_failed(self._now()))
             return
+        except Exception as exc:  # not an answer: the deadline decides, renewals go on
+            self.figures.key_events["renew-failed"] += 1
+            log.error("renewing the leader key: unexpected %s: %s", type(exc).__name__, exc)
+            self._lead(leader.renew_failed(self._now()))
+            return
         actions = leader.renewed(sent, ttl, self._now())
         if leader.phase is KeyPhase.HOLDING and not leader.fenced:
             self._fence(leader.deadline)
