@@ -25,8 +25,12 @@ LINE = re.compile(r"^\s+(\w+)\s+([\d.]+)% CPU\s+([\d.]+) ms/request")
 RATE = re.compile(r"^([\d.]+) requests/s")
 
 
-def one_run(tree: Path, seconds: float, clients: int) -> dict[str, float] | str:
+def one_run(
+    tree: Path, seconds: float, clients: int, cache: Path | None = None
+) -> dict[str, float] | str:
     env = dict(os.environ, PYTHONPATH=str(tree))
+    if cache is not None:  # that checkout's QEMU and guest builds (COLOPROXY_CACHE)
+        env["COLOPROXY_CACHE"] = str(cache)
     command = [sys.executable, str(tree / "bench" / "lab_cpu.py")]
     command += ["--seconds", str(seconds), "--clients", str(clients)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -46,6 +50,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", type=Path, required=True, help="the baseline checkout")
     parser.add_argument("--new", type=Path, default=Path(__file__).resolve().parent.parent)
+    parser.add_argument(
+        "--old-cache",
+        type=Path,
+        help="COLOPROXY_CACHE for the old side, when its qemu/ or guest/ sources differ (a"
+        " directory with qemu/current and guest/current linked to that checkout's builds)",
+    )
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=4)
@@ -55,12 +65,14 @@ def main() -> int:
     print(
         f"command: python3 bench/lab_cpu_ab.py --old {sides['old']} --new {sides['new']}"
         f" --runs {args.runs} --seconds {args.seconds} --clients {args.clients}"
+        + (f" --old-cache {args.old_cache}" if args.old_cache else "")
     )
     results: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     for run in range(args.runs):
         for side, tree in sides.items():
             load = os.getloadavg()
-            figures = one_run(tree, args.seconds, args.clients)
+            cache = args.old_cache if side == "old" else None
+            figures = one_run(tree, args.seconds, args.clients, cache)
             head = f"run {run + 1} {side}: load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
             if isinstance(figures, str):
                 print(f"{head}: {figures}", flush=True)
