@@ -85,6 +85,24 @@ def member(tmp_path: Path) -> Iterator[Member]:
         one.stop()
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Until every thread of ``pid`` is stopped: SIGSTOP's group stop is asynchronous, and a
+    thread of etcd still running on the other CPU could answer a request sent meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that ended meanwhile
+        if states and all(state in ("T", "t") for state in states):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"etcd (pid {pid}) not stopped after SIGSTOP: {states}")
+        time.sleep(0.001)
+
+
 def _store(member: Member, timeout: float = 2.0) -> EtcdStore:
     return EtcdStore(EtcdSettings((f"127.0.0.1:{member.client}",), "/t", "ka", timeout=timeout))
 
@@ -122,6 +140,7 @@ def test_a_timed_out_renewal_closes_its_stream(member: Member) -> None:
         assert member.process is not None
         member.process.send_signal(signal.SIGSTOP)
         try:
+            _wait_stopped(member.process.pid)
             with pytest.raises(QuorumError) as failed:
                 await store.renew(lease)
         finally:
