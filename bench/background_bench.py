@@ -41,11 +41,11 @@ from coloproxy.engine.logic import (  # noqa: E402
     ColoMode,
     Heartbeat,
     QemuState,
-    Role,
     decode_heartbeat,
     open_heartbeat,
     seal_heartbeat,
 )
+from coloproxy.role import Role  # noqa: E402
 
 
 def _cpu_per(operation: Callable[[], None], count: int) -> float:

@@ -663,7 +663,7 @@ class Bench:
 
     def host_setup(self, up: bool) -> None:
         from coloproxy.net import host as hostnet
-        from coloproxy.net.rules import Role
+        from coloproxy.role import Role
         from netfixtures import QUEUES as RULE_QUEUES
         from netfixtures import host_params
 

@@ -52,7 +52,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
 from coloproxy.engine.logic import MIN_HEARTBEAT_KEY_BYTES
 from coloproxy.errors import InputError, UsageError
-from coloproxy.protocol import ClientRole, ProxyRole
+from coloproxy.protocol import ClientRole
+from coloproxy.role import Role
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,7 +100,7 @@ class LogLevel(StrEnum):
 @dataclass(frozen=True, slots=True)
 class PairConfig:
     name: str
-    role: ProxyRole
+    role: Role
 
 
 @dataclass(frozen=True, slots=True)
@@ -504,7 +505,7 @@ _QUEUE: Final = _integer(0, 65535, "a queue number from 0 to 65535")
 
 PAIR_KEYS: Final[Mapping[str, _Key]] = {
     "name": _Key(_pattern(r"[a-z0-9-]{1,12}", _PAIR_NAME), allowed=_PAIR_NAME),
-    "role": _Key(_choice(ProxyRole), allowed="one of primary, secondary"),
+    "role": _Key(_choice(Role), allowed="one of primary, secondary"),
 }
 REPLICATION_KEYS: Final[Mapping[str, _Key]] = {
     "local": _Key(_address, allowed="an IPv4 or IPv6 address (this host on the link)"),
@@ -521,9 +522,9 @@ NET_KEYS: Final[Mapping[str, _Key]] = {
     "rules_check_ms": _Key(_integer(0, 3600000), 5000),
 }
 # The queues each role binds (the rest of the section is shared settings).
-QUEUE_ROLES: Final[Mapping[ProxyRole, tuple[str, ...]]] = {
-    ProxyRole.PRIMARY: ("primary_out", "secondary_out", "primary_split"),
-    ProxyRole.SECONDARY: ("secondary_in", "secondary_egress"),
+QUEUE_ROLES: Final[Mapping[Role, tuple[str, ...]]] = {
+    Role.PRIMARY: ("primary_out", "secondary_out", "primary_split"),
+    Role.SECONDARY: ("secondary_in", "secondary_egress"),
 }
 QUEUES_KEYS: Final[Mapping[str, _Key]] = {
     "primary_out": _Key(_QUEUE, 10),
@@ -1047,7 +1048,7 @@ class _Builder:
         object_ids = self._object_ids(engine)
         quorum = self._quorum(engine)
         disk = self._disk(engine)
-        if role is ProxyRole.PRIMARY and queues is not None and compare_config is not None:
+        if role is Role.PRIMARY and queues is not None and compare_config is not None:
             self._held_within_queue(queues, compare_config, compare)
         if (
             self.reader.problems
@@ -1059,7 +1060,7 @@ class _Builder:
             or log is None
             or replication is None
             or compare_config is None
-            or (queues is None and role is ProxyRole.PRIMARY and chardev is None)
+            or (queues is None and role is Role.PRIMARY and chardev is None)
         ):
             return None
         pair_config = PairConfig(**pair.values)  # type: ignore[arg-type]  # rules typed them
@@ -1160,8 +1161,8 @@ class _Builder:
             return None
         # Each role binds its own queues (docs/data-path.md); naming the other role's in a
         # file is a mistake worth saying (host P's S-in queue moved to host S in 0.3).
-        own, other = QUEUE_ROLES[ProxyRole.PRIMARY], QUEUE_ROLES[ProxyRole.SECONDARY]
-        if role is ProxyRole.SECONDARY:
+        own, other = QUEUE_ROLES[Role.PRIMARY], QUEUE_ROLES[Role.SECONDARY]
+        if role is Role.SECONDARY:
             own, other = other, own
         for name in other:
             if name in read.lines:
@@ -1189,7 +1190,7 @@ class _Builder:
         if "chardev" not in self.top.nested:
             return None
         line = self.top.line_of("chardev")
-        if role is ProxyRole.SECONDARY:
+        if role is Role.SECONDARY:
             self.reader.problem(
                 line, "chardev", "only a primary has the chardev transport (role is secondary)"
             )
@@ -1343,7 +1344,7 @@ class _Builder:
         if engine is None:
             return None
         values = engine.values
-        if role is ProxyRole.SECONDARY and values.get("migrate_uri") is not None:
+        if role is Role.SECONDARY and values.get("migrate_uri") is not None:
             self.reader.problem(
                 engine.line_of("migrate_uri"),
                 "engine.migrate_uri",
@@ -1539,7 +1540,7 @@ def check_files(config: Config) -> list[str]:
         # The QEMU of this host opens these when it starts: the image always, the active and
         # hidden disks when it starts as the secondary.
         wanted = [(disk.image, "disk.image")]
-        if config.pair.role is ProxyRole.SECONDARY:
+        if config.pair.role is Role.SECONDARY:
             wanted += [(disk.active, "disk.active"), (disk.hidden, "disk.hidden")]
         for path, name in wanted:
             if not os.path.exists(path):

@@ -589,7 +589,8 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
 
 @pytest.mark.asyncio
 async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> None:
-    from coloproxy.protocol import Failover, Mode, ProxyRole
+    from coloproxy.protocol import Failover, Mode
+    from coloproxy.role import Role
 
     async with world() as w:
         qemu = w.qemu
@@ -598,7 +599,7 @@ async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> 
         await qemu.nothing_out(0.2)
         socket_path = w.directory / "ctl.sock"
         async with await ControlClient.connect(socket_path, ClientRole.CLI) as cli:
-            await cli.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
+            await cli.request(Failover(Role.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
         assert await qemu.read_out(len(held)) == held  # what was held
         later = qemu.frames([eth(tcp(P_ISN + 100, b"uncompared now"))])
         await qemu.send(qemu.pin, later)

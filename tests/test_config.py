@@ -46,7 +46,8 @@ from coloproxy.config import (
     parse_config,
 )
 from coloproxy.errors import InputError, UsageError
-from coloproxy.protocol import ClientRole, ProxyRole
+from coloproxy.protocol import ClientRole
+from coloproxy.role import Role
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +85,7 @@ def test_a_minimal_primary_gets_every_default() -> None:
     config = parse_config(BASE, "t.yaml")
     assert config == Config(
         path="t.yaml",
-        pair=PairConfig("lab", ProxyRole.PRIMARY),
+        pair=PairConfig("lab", Role.PRIMARY),
         net=NetConfig(
             guest_port="guest0",
             replication=ReplicationConfig(
@@ -110,7 +111,7 @@ def test_a_secondary_has_its_own_queues() -> None:
     config = parse_config(BASE.replace("primary", "secondary"), "t.yaml")
     assert config.queues == QueuesConfig()
     assert (config.queues.secondary_in, config.queues.secondary_egress) == (12, 13)
-    assert config.pair.role is ProxyRole.SECONDARY
+    assert config.pair.role is Role.SECONDARY
 
 
 def test_empty_and_null_sections_take_their_defaults() -> None:
@@ -586,7 +587,7 @@ def test_the_example_pair_is_one_pair() -> None:
     primary = load_config(ROOT / "configs" / "pair-primary.yaml")
     secondary = load_config(ROOT / "configs" / "pair-secondary.yaml")
     assert primary.pair.name == secondary.pair.name
-    assert (primary.pair.role, secondary.pair.role) == (ProxyRole.PRIMARY, ProxyRole.SECONDARY)
+    assert (primary.pair.role, secondary.pair.role) == (Role.PRIMARY, Role.SECONDARY)
     assert primary.net.replication.local == secondary.net.replication.remote
     assert primary.net.replication.remote == secondary.net.replication.local
     assert (primary.net.vxlan_id, primary.net.vxlan_port) == (

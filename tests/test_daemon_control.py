@@ -36,11 +36,11 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Welcome,
     encode,
 )
 from coloproxy.protocol.colo_frames import encode_frames
+from coloproxy.role import Role
 from craft import ACK, SYN, tcp
 from peers import NOBODY, NOGROUP, USERS_GID, needs_root, talk_as
 
@@ -296,7 +296,7 @@ async def test_a_member_of_the_control_group_can_release_nothing() -> None:
             [USERS_GID],
             [
                 Hello(ClientRole.CLI, id=1),
-                Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "host S lost", id=2),
+                Failover(Role.PRIMARY, Mode.UNPROTECTED, "host S lost", id=2),
             ],
         )
         welcome, refusal = as_cli.replies

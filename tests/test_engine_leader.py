@@ -15,7 +15,6 @@ from coloproxy.engine.logic import (
     Heartbeat,
     PrimaryLost,
     QemuState,
-    Role,
     SendHeartbeat,
     StoodDown,
     Watch,
@@ -36,6 +35,7 @@ from coloproxy.engine.logic_leader import (
     Won,
 )
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 CONFIG = LeaderConfig(ttl=1.0, renew=0.1, margin=0.25, retry=0.05)
 

@@ -33,7 +33,6 @@ from coloproxy.engine.logic import (
     QemuState,
     ReplayWindow,
     RequestsAbandoned,
-    Role,
     ScheduleAction,
     SchedulerConfig,
     SecondaryLost,
@@ -49,6 +48,7 @@ from coloproxy.engine.logic import (
     seal_heartbeat,
 )
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 WALL = 1_764_120_000.0  # wall clock = WALL + engine clock, in these tests
 BACKSTOP = backstop_ms(20000)

@@ -33,7 +33,7 @@ from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine import runner as runner_module
 from coloproxy.engine.disk import DiskSettings
-from coloproxy.engine.logic import Role, Watch
+from coloproxy.engine.logic import Watch
 from coloproxy.engine.peer import HeartbeatPath
 from coloproxy.engine.quorum import Grant, Outcome, QuorumError
 from coloproxy.engine.runner import EngineRunner, EngineSettings
@@ -41,11 +41,11 @@ from coloproxy.protocol import (
     CheckpointRequest,
     ClientRole,
     Mode,
-    ProxyRole,
     Reprotect,
     SetPeriod,
     StatusRequest,
 )
+from coloproxy.role import Role
 from test_engine_qemu import ProxyDouble, free_udp_port
 
 PAUSE = 0.003
@@ -350,7 +350,7 @@ async def world(
     primary_qemu.peer = secondary_qemu
     await primary_qemu.start()
     await secondary_qemu.start()
-    proxy = ProxyDouble(ProxyRole.PRIMARY)
+    proxy = ProxyDouble(Role.PRIMARY)
     server = ControlServer(tmp / "p.sock", proxy)
     proxy.server = server
     proxy.outstanding = CheckpointRequest(id=1, reason="restart", protocol="any", time=time.time())
@@ -471,7 +471,7 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
         assert engine is not None
         async with await ControlClient.connect(w.secondary_socket, ClientRole.MONITOR) as cli:
             status = await cli.request(StatusRequest())
-            assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
+            assert (status.role, status.mode) == (Role.SECONDARY, Mode.PROTECTED)
             assert status.engines == 1
         async with await ControlClient.connect(w.secondary_socket, ClientRole.CLI) as cli:
             with pytest.raises(ControlRefusedError, match="protected already"):
@@ -487,7 +487,7 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             ("object-del", {"id": "f1"}),
             ("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
         ]
-        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert (w.daemon.role, w.daemon.mode) == (Role.PRIMARY, Mode.UNPROTECTED)
         assert w.daemon.metrics.engine is engine.figures
 
 
@@ -672,7 +672,7 @@ async def test_with_a_quorum_a_dead_qemu_hands_the_key_over_and_host_s_takes_ove
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"
         assert w.primary.figures.key_events["lost-released"] == 1
-        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert (w.daemon.role, w.daemon.mode) == (Role.PRIMARY, Mode.UNPROTECTED)
         assert fake_etcd.alone  # host S runs alone: no stale takeover back
 
 

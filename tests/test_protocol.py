@@ -35,7 +35,6 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Reprotect,
     SetPeriod,
     Status,
@@ -46,6 +45,7 @@ from coloproxy.protocol import (
     encode,
 )
 from coloproxy.protocol.messages import MAX_INTEGER, Request
+from coloproxy.role import Role
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DOC = Path(__file__).resolve().parent.parent / "docs" / "control-protocol.md"
@@ -82,7 +82,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         Welcome,
         version=st.integers(1, 1000),
         pair=text,
-        role=st.sampled_from(ProxyRole),
+        role=st.sampled_from(Role),
         mode=st.sampled_from(Mode),
         software=text,
         idle_timeout=seconds,
@@ -106,7 +106,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Status: st.builds(
         Status,
         pair=text,
-        role=st.sampled_from(ProxyRole),
+        role=st.sampled_from(Role),
         mode=st.sampled_from(Mode),
         epoch=counts,
         held_packets=counts,
@@ -128,7 +128,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     SetPeriod: st.builds(SetPeriod, period_ms=st.integers(1, 2**32 - 1), id=ids),
     CheckpointNow: st.builds(CheckpointNow, reason=reasons, id=ids),
     Failover: st.builds(
-        Failover, role=st.sampled_from(ProxyRole), mode=st.sampled_from(Mode), detail=text, id=ids
+        Failover, role=st.sampled_from(Role), mode=st.sampled_from(Mode), detail=text, id=ids
     ),
     AttachLan: st.builds(AttachLan, id=ids),
     Reprotect: st.builds(Reprotect, migrate_uri=st.text(min_size=1, max_size=256), id=ids),
@@ -432,7 +432,7 @@ def test_a_completion_stamped_before_its_start_is_accepted() -> None:
         (lambda: CheckpointNow(reason=""), "is not a token"),
         (lambda: CheckpointRequest(id=1, reason="Bad reason", protocol="tcp"), "is not a token"),
         (
-            lambda: Status(pair="p", role=ProxyRole.PRIMARY, mode=Mode.PROTECTED, counters={"": 1}),
+            lambda: Status(pair="p", role=Role.PRIMARY, mode=Mode.PROTECTED, counters={"": 1}),
             "is not a count",
         ),
         (
@@ -502,7 +502,7 @@ def test_what_lifts_protection_or_steers_the_engine_needs_engine_credentials() -
 
 
 def test_status_protected_follows_the_mode() -> None:
-    status = Status(pair="p", role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED)
+    status = Status(pair="p", role=Role.PRIMARY, mode=Mode.UNPROTECTED)
     assert not status.protected
     assert dataclasses.replace(status, mode=Mode.PROTECTED).protected
 

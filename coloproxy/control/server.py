@@ -81,7 +81,6 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Push,
     Request,
     Status,
@@ -89,6 +88,7 @@ from coloproxy.protocol import (
     choose_version,
     encode,
 )
+from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class ProxyIdentity:
     """What the welcome tells a client about the proxy."""
 
     pair: str
-    role: ProxyRole
+    role: Role
     mode: Mode
 
 

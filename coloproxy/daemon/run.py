@@ -54,7 +54,7 @@ from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import NetError
 from coloproxy.net import host as hostnet
 from coloproxy.net.leasegate import LeaseGate
-from coloproxy.net.rules import QueueNumbers, Role
+from coloproxy.net.rules import QueueNumbers
 from coloproxy.protocol import (
     Ack,
     AttachLan,
@@ -67,7 +67,6 @@ from coloproxy.protocol import (
     ErrorReply,
     Failover,
     Mode,
-    ProxyRole,
     Reprotect,
     Request,
     SetPeriod,
@@ -76,6 +75,7 @@ from coloproxy.protocol import (
 )
 from coloproxy.protocol import CheckpointRequest as WireRequest
 from coloproxy.rewrite import SecondaryRewriter
+from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def host_net(config: Config) -> hostnet.HostNet:
     return hostnet.HostNet(
         prefix=config.net.prefix,
         pair=config.pair.name,
-        role=Role(config.pair.role.value),
+        role=config.pair.role,
         guest_port=config.net.guest_port,
         local_address=config.net.replication.local,
         remote_address=config.net.replication.remote,
@@ -139,7 +139,7 @@ class Daemon:
         self.recorder = Recorder(record) if record is not None else None
         self.loop = asyncio.get_running_loop()
         self.started = self.loop.time()
-        self.role = ProxyRole(config.pair.role.value)
+        self.role = config.pair.role
         self.mode = Mode.PROTECTED
         self.period_ms: int | None = config.engine.period_ms if config.engine.qmp else None
         self.proxy: PrimaryProxy | None = None
@@ -149,7 +149,7 @@ class Daemon:
         self.chardev: ChardevTransport | None = None  # the chardev transport, when configured
         # A primary on the chardev transport gets its packets from QEMU's filters: no
         # netfilter, tc or tunnels, nothing to attach at failover (docs/chardev.md).
-        self.chardev_primary = config.chardev is not None and self.role is ProxyRole.PRIMARY
+        self.chardev_primary = config.chardev is not None and self.role is Role.PRIMARY
         self.control = ControlServer(
             config.control.socket,
             self,
@@ -196,7 +196,7 @@ class Daemon:
                 await self.metrics_server.start()
             self.metrics.control_clients = self._clients_by_role
             self.metrics.control_refusals = lambda: self.control.refusals
-            if self.role is ProxyRole.PRIMARY:
+            if self.role is Role.PRIMARY:
                 if config.chardev is not None:
                     await self._start_primary_chardev(config.chardev)
                 else:
@@ -849,7 +849,7 @@ class Daemon:
             # queues go with its role (docs/engine.md, "Re-protection").
             config = dataclasses.replace(
                 config,
-                pair=dataclasses.replace(config.pair, role=ProxyRole.PRIMARY),
+                pair=dataclasses.replace(config.pair, role=Role.PRIMARY),
                 engine=dataclasses.replace(
                     config.engine, migrate_uri=message.migrate_uri, bring_up=True
                 ),
@@ -860,7 +860,7 @@ class Daemon:
             if self.setup_net:
                 await asyncio.to_thread(hostnet.setup, host_net(config))
                 log.info("reprotect: host P's data path set up on this host")
-            self.role = ProxyRole.PRIMARY
+            self.role = Role.PRIMARY
             self.mode = Mode.PROTECTED  # everything held until COLO's first checkpoint (I6)
             self.metrics.role = self.role.value
             self._start_primary()

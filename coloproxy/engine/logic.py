@@ -75,6 +75,7 @@ from enum import Enum, StrEnum
 from typing import Final
 
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 UINT32_MAX: Final = 2**32 - 1
 # QEMU's x-checkpoint-delay default (docs/invariants.md).
@@ -511,11 +512,6 @@ class CheckpointScheduler:
 
 
 # -- failover ----------------------------------------------------------------------------------
-
-
-class Role(StrEnum):
-    PRIMARY = "primary"
-    SECONDARY = "secondary"
 
 
 class QemuState(StrEnum):

@@ -69,7 +69,6 @@ from coloproxy.engine.logic import (
     PrimaryLost,
     QemuState,
     RequestsAbandoned,
-    Role,
     ScheduleAction,
     SchedulerConfig,
     SecondaryLost,
@@ -107,9 +106,9 @@ from coloproxy.protocol import (
     ClientRole,
     Failover,
     Mode,
-    ProxyRole,
     SetPeriod,
 )
+from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ class EngineSettings:
             )
         return cls(
             pair=config.pair.name,
-            role=Role(config.pair.role.value),
+            role=config.pair.role,
             qmp=engine.qmp,
             control_socket=config.control.socket,
             heartbeat_paths=tuple(paths),
@@ -1045,7 +1044,7 @@ class EngineRunner:
             # This QEMU failed over before the engine started: it runs alone.
             log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
             await self._tell_proxy(
-                Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "the QEMU left COLO earlier")
+                Failover(Role.PRIMARY, Mode.UNPROTECTED, "the QEMU left COLO earlier")
             )
             return
         if not self.settings.bring_up:
@@ -1182,7 +1181,7 @@ class EngineRunner:
             steps["object-del"] = self._now() - started
         await self._tell_proxy(
             Failover(
-                ProxyRole.PRIMARY,
+                Role.PRIMARY,
                 Mode.UNPROTECTED,
                 f"secondary lost ({decision.reason}); running unprotected",
             )
@@ -1273,7 +1272,7 @@ class EngineRunner:
         # the last checkpoint before that output can reach the LAN.
         await self._tell_proxy(
             Failover(
-                ProxyRole.PRIMARY,
+                Role.PRIMARY,
                 Mode.UNPROTECTED,
                 f"primary lost ({decision.reason}); took over",
             )

@@ -41,6 +41,7 @@ from typing import Any, ClassVar, Final, NewType, Union
 
 from coloproxy.compare.events import Evidence
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = frozenset({1})
@@ -72,11 +73,6 @@ class ClientRole(StrEnum):
     # failover, attach-lan, reprotect (NEEDS_ENGINE_CREDENTIALS).
     CLI = "cli"
     MONITOR = "monitor"  # read-only: status only
-
-
-class ProxyRole(StrEnum):
-    PRIMARY = "primary"
-    SECONDARY = "secondary"
 
 
 class Mode(StrEnum):
@@ -183,7 +179,7 @@ class Welcome:
     kind: ClassVar[str] = "welcome"
     version: int
     pair: str
-    role: ProxyRole
+    role: Role
     mode: Mode
     software: str = ""  # e.g. "coloproxy 0.1.0"
     # Seconds without a byte from the client after which the proxy closes the connection;
@@ -279,7 +275,7 @@ class Status:
 
     kind: ClassVar[str] = "status"
     pair: str
-    role: ProxyRole
+    role: Role
     mode: Mode
     epoch: int = 0  # checkpoints completed since the proxy started
     held_packets: int = 0  # primary packets held
@@ -351,7 +347,7 @@ class Failover:
     """cli or engine -> proxy: the proxy's role changes (after the peer host was lost)."""
 
     kind: ClassVar[str] = "failover"
-    role: ProxyRole
+    role: Role
     mode: Mode = Mode.UNPROTECTED
     detail: str = ""
     id: int = 0
