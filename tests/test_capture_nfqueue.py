@@ -29,7 +29,6 @@ from coloproxy.capture import (
     QueueConfig,
     QueueError,
     QueueState,
-    Transport,
     open_queue,
     read_queue_stats,
 )
@@ -57,6 +56,7 @@ from coloproxy.capture.netlink import (
     parse_packet,
 )
 from coloproxy.capture.nfqueue import in_netns
+from coloproxy.config import Transport
 from coloproxy.errors import InputError, UsageError
 from netfixtures import require_root_and_netns, setup_step
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from coloproxy.capture import QueueConfig, QueueStats, Transport, open_queue
+from coloproxy.capture import QueueConfig, QueueStats, open_queue
 from coloproxy.capture.nfqueue import in_netns
 from coloproxy.capture.stats import parse_queue_stats, read_queue_stats
+from coloproxy.config import Transport
 from coloproxy.errors import InputError
 from netfixtures import require_root_and_netns, setup_step
 

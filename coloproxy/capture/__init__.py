@@ -13,7 +13,6 @@ from coloproxy.capture.nfqueue import (
     QueueCounters,
     QueueError,
     QueueState,
-    Transport,
     open_queue,
 )
 from coloproxy.capture.stats import QueueStats, parse_queue_stats, read_queue_stats
@@ -27,7 +26,6 @@ __all__ = [
     "QueueError",
     "QueueState",
     "QueueStats",
-    "Transport",
     "open_queue",
     "parse_queue_stats",
     "read_queue_stats",

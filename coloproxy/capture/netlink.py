@@ -55,11 +55,11 @@ from coloproxy.capture.nfqueue import (
     QueueCounters,
     QueueError,
     QueueState,
-    Transport,
     bind_error,
     netlink_socket,
     no_enobufs,
 )
+from coloproxy.config import Transport
 from coloproxy.errors import UsageError
 
 if TYPE_CHECKING:

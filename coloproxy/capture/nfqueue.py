@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from coloproxy.config import Transport
 from coloproxy.errors import ColoproxyError, InputError, UsageError
 
 if TYPE_CHECKING:
@@ -102,13 +103,6 @@ class QueueError(ColoproxyError):
     def __init__(self, message: str, queue_num: int | None = None) -> None:
         super().__init__(message)
         self.queue_num = queue_num
-
-
-class Transport(enum.StrEnum):
-    """Which client speaks NFQUEUE; the value is what the config file says."""
-
-    NETFILTERQUEUE = "netfilterqueue"
-    NETLINK = "netlink"
 
 
 class QueueState(enum.Enum):

@@ -29,7 +29,7 @@ from typing import cast
 from coloproxy import __version__
 from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.capture.netlink import NetlinkQueue
-from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, Transport, open_queue
+from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.compare import Comparator
 from coloproxy.config import (
@@ -38,6 +38,7 @@ from coloproxy.config import (
     ConfigError,
     QueuesConfig,
     QuorumService,
+    Transport,
     load_config,
 )
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
@@ -365,7 +366,7 @@ class Daemon:
         queues = config.queues
         if queues is None:  # the config loader requires queues on a primary
             raise ValueError("primary without queues")
-        netlink = queues.transport.value == Transport.NETLINK.value
+        netlink = queues.transport is Transport.NETLINK
         compare = config.compare
         if not netlink:  # netfilterqueue cannot send an NF_QUEUE verdict
             compare = dataclasses.replace(compare, split_after=None)
@@ -513,7 +514,7 @@ class Daemon:
     ) -> PacketQueue:
         queues = self.config.queues
         assert queues is not None
-        netlink = queues.transport.value == Transport.NETLINK.value
+        netlink = queues.transport is Transport.NETLINK
         queue_config = QueueConfig(
             number,
             max_len=queues.max_len,
@@ -521,7 +522,7 @@ class Daemon:
             rcvbuf=queues.rcvbuf,
             gso=netlink and gso,
         )
-        queue = open_queue(queue_config, callback, queues.transport.value)
+        queue = open_queue(queue_config, callback, queues.transport)
         self.queues.append(queue)
         return queue
 
