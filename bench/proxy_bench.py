@@ -283,7 +283,8 @@ def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 def consumer_main(args: argparse.Namespace) -> None:
     """The accept-only consumer of one host: the queues its daemon binds, in its namespace
     (host P: P-out, S-out dropped, P-split; host S: S-in, S-egress)."""
-    from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
+    from coloproxy.capture.queue import PacketQueue, QueueConfig
+    from coloproxy.capture.transports import open_queue
 
     async def consume() -> None:
         loop = asyncio.get_running_loop()
@@ -357,7 +358,7 @@ def daemon_main(args: argparse.Namespace) -> int:
     on host S's queues (S-in's verdicts rewrite payloads). The same launcher runs either role.
     """
     import coloproxy.daemon.run as daemon_run
-    from coloproxy.capture.nfqueue import QueueConfig
+    from coloproxy.capture.queue import QueueConfig
     from coloproxy.config import load_config
 
     config = load_config(args.config)

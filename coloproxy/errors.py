@@ -7,7 +7,7 @@
      +-- InputError               unusable input handed to the shell (file, capture, config)
      |    +-- CaptureError        a pcap file that cannot be read
      |    +-- ConfigError         a config file that breaks the schema (coloproxy.config)
-     +-- QueueError               an NFQUEUE cannot be bound or used (coloproxy.capture.nfqueue)
+     +-- QueueError               an NFQUEUE cannot be bound or used (coloproxy.capture.queue)
      +-- ChardevError             a chardev socket cannot be listened on (coloproxy.capture.chardev)
      +-- NetError                 links, tc or rules cannot be set up (coloproxy.net)
      +-- ControlError             the control socket (coloproxy.control.server)

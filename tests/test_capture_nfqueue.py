@@ -55,9 +55,9 @@ from coloproxy.capture.netlink import (
     parse_error,
     parse_packet,
 )
-from coloproxy.capture.nfqueue import in_netns
 from coloproxy.config import Transport
 from coloproxy.errors import InputError, UsageError
+from coloproxy.net.netns import run_in
 from netfixtures import require_root_and_netns, setup_step
 
 CLIENT = "10.204.1.1"
@@ -118,8 +118,7 @@ class Lab:
             subprocess.run(("ip", "netns", "del", ns), capture_output=True, check=False)
 
     def socket(self, ns: str, kind: int) -> socket.socket:
-        with in_netns(ns):
-            sock = socket.socket(socket.AF_INET, kind)
+        sock = run_in(ns, socket.socket, socket.AF_INET, kind)
         sock.setblocking(False)
         return sock
 

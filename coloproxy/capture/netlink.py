@@ -46,24 +46,21 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from coloproxy.capture.nfqueue import (
-    SO_RCVBUFFORCE,
+from coloproxy.capture.queue import (
     OnPacket,
+    QueueBase,
     QueueConfig,
     QueueCounters,
     QueueError,
     QueueState,
     bind_error,
-    netlink_socket,
+    in_queue_netns,
     no_enobufs,
 )
 from coloproxy.config import Transport
 from coloproxy.errors import UsageError
-
-if TYPE_CHECKING:
-    import asyncio
 
 __all__ = [
     "NetlinkQueue",
@@ -80,6 +77,7 @@ log = logging.getLogger(__name__)
 
 # Constants from the kernel's UAPI headers (linux-libc-dev, Debian 12).
 # linux/netlink.h
+NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x01
 NLM_F_ACK = 0x04
 NLMSG_ERROR = 0x2
@@ -121,6 +119,8 @@ NFQA_SKB_GSO = 1 << 1
 NF_DROP = 0
 NF_ACCEPT = 1
 NF_QUEUE = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
+# asm-generic/socket.h: like SO_RCVBUF but may exceed net.core.rmem_max (needs CAP_NET_ADMIN)
+SO_RCVBUFFORCE = 33
 
 _TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _TYPE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
@@ -401,10 +401,10 @@ class _VerdictCodec:
 # The transport.
 
 
-class NetlinkQueue:
+class NetlinkQueue(QueueBase):
     """One NFQUEUE over a raw netlink socket, on the running asyncio loop.
 
-    Same interface as ``NfQueue``; ``handle`` is the packet id (an int). Verdicts are queued
+    The interface of ``queue.py``; ``handle`` is the packet id (an int). Verdicts are queued
     and sent at the end of the current wake-up (the first two packets' at once), or in the
     next loop iteration if given outside one, so that a burst of releases goes out in one
     send; ``flush()`` sends at once.
@@ -413,11 +413,8 @@ class NetlinkQueue:
     transport = Transport.NETLINK
 
     def __init__(self, config: QueueConfig, on_packet: OnPacket) -> None:
-        self._config = config
-        self._on_packet = on_packet
-        self._state = QueueState.IDLE
+        super().__init__(config, on_packet)
         self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._buf = bytearray(_RECV_SIZE)  # for the bind handshake
         self._view = memoryview(self._buf)
         self._slots: _Slots | None = None
@@ -441,27 +438,18 @@ class NetlinkQueue:
         self._verdict_sends = 0
         self._batch_verdicts = 0
 
-    @property
-    def config(self) -> QueueConfig:
-        return self._config
-
-    @property
-    def state(self) -> QueueState:
-        return self._state
-
     def fileno(self) -> int:
         return -1 if self._sock is None else self._sock.fileno()
 
     # -- binding ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        import asyncio
-
-        if self._state is not QueueState.IDLE:
-            raise UsageError(f"queue {self._config.queue_num} is {self._state.value}, not idle")
-        self._loop = asyncio.get_running_loop()
+        loop = self._start_open()
         config = self._config
-        sock = netlink_socket(config.netns)
+        # Created in the queue's namespace, the socket stays in it (see queue.py).
+        sock = in_queue_netns(
+            config, socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER
+        )
         try:
             sock.bind((0, 0))  # the kernel picks our portid
             try:
@@ -493,7 +481,7 @@ class NetlinkQueue:
             raise
         sock.setblocking(False)
         self._slots = _Slots(min(_SLOTS, config.batch), _RECV_SIZE)
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        loop.add_reader(sock.fileno(), self._on_readable)
         self._state = QueueState.OPEN
         if self._run or self._out:
             self._flush()  # verdicts given to packets that came with the bind's ack
@@ -815,10 +803,3 @@ class NetlinkQueue:
             verdict_sends=self._verdict_sends,
             batch_verdicts=self._batch_verdicts,
         )
-
-    def __enter__(self) -> NetlinkQueue:
-        self.open()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

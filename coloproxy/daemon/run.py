@@ -29,8 +29,9 @@ from typing import cast
 from coloproxy import __version__
 from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.capture.netlink import NetlinkQueue
-from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
+from coloproxy.capture.queue import PacketQueue, QueueConfig
 from coloproxy.capture.stats import read_queue_stats
+from coloproxy.capture.transports import open_queue
 from coloproxy.compare import Comparator
 from coloproxy.config import (
     ChardevConfig,
