@@ -8,7 +8,7 @@
      |    +-- CaptureError        a pcap file that cannot be read
      |    +-- ConfigError         a config file that breaks the schema (coloproxy.config)
      +-- QueueError               an NFQUEUE cannot be bound or used (coloproxy.capture.queue)
-     +-- ChardevError             a chardev socket cannot be listened on (coloproxy.capture.chardev)
+     +-- ChardevError             a chardev socket cannot listen (coloproxy.capture.chardev_link)
      +-- NetError                 links, tc or rules cannot be set up (coloproxy.net)
      +-- ControlError             the control socket (coloproxy.control.server)
      |    +-- ControlConnectionError   cannot reach a proxy (coloproxy.control.client)

@@ -129,7 +129,7 @@ class QueueCounters(Protocol):
 
 
 class ChardevLink(Protocol):
-    """One socket of the chardev transport (``coloproxy.capture.chardev.LinkFigures``)."""
+    """One socket of the chardev transport (``coloproxy.capture.chardev_link.LinkFigures``)."""
 
     @property
     def name(self) -> str: ...

@@ -610,7 +610,7 @@ async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> 
 
 @pytest.mark.asyncio
 async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
-    from coloproxy.capture.chardev import ChardevError
+    from coloproxy.capture.chardev_link import ChardevError
 
     directory = Path(tempfile.mkdtemp(prefix="c5-"))
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
