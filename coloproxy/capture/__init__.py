@@ -4,7 +4,7 @@
 ``QueueConfig``), ``netlink.py`` and ``libnfq.py`` the two transports, ``transports.py``
 ``open_queue``, which opens the one the configuration names, ``stats.py`` the kernel's
 counters from /proc. ``chardev.py`` is the other way in: QEMU's chardev sockets instead of
-NFQUEUE (docs/chardev.md).
+NFQUEUE (docs/chardev.md), each socket a ``Link`` of ``chardev_link.py``.
 """
 
 from coloproxy.capture.libnfq import NfQueue
