@@ -6,13 +6,12 @@ nlattr``, host byte order, values big-endian). ``build_config`` makes the NFQNL_
 that binds a queue with its settings, ``build_verdict`` and ``build_verdict_batch`` the
 verdicts, ``VerdictCodec`` the same verdicts from prebuilt bytes (the hot path of
 ``netlink.py``, the transport that sends them); ``iter_messages``, ``parse_packet`` and
-``parse_error`` read what the kernel sends. Bytes in, bytes out: no socket is opened here,
-and the tests check every layout without a kernel.
+``parse_error`` read what the kernel sends. Bytes in, bytes out (pure: no socket, no
+clock), and the tests check every layout without a kernel.
 """
 
 from __future__ import annotations
 
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ __all__ = [
 ]
 
 # Constants from the kernel's UAPI headers (linux-libc-dev, Debian 12).
+# linux/socket.h
+AF_UNSPEC = 0
 # linux/netlink.h
 NLM_F_REQUEST = 0x01
 NLM_F_ACK = 0x04
@@ -76,7 +77,7 @@ TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
 _TYPE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
 _PADDING = bytes(3)
 NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
-_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (res_id is big-endian: pre-swapped)
+_NFGENMSG = struct.Struct(">BBH")  # family, version, res_id (the queue number, big-endian)
 NLMSG_LEN_TYPE = struct.Struct("=IH")  # the first two fields of NLMSGHDR
 NLATTR = struct.Struct("=HH")  # len, type: host byte order; attribute values are big-endian
 BE32 = struct.Struct(">I")
@@ -91,7 +92,7 @@ def _attr(attr_type: int, value: bytes) -> bytes:
 
 
 def _message(msg_type: int, flags: int, seq: int, queue_num: int, attrs: bytes) -> bytes:
-    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, socket.htons(queue_num)) + attrs
+    body = _NFGENMSG.pack(AF_UNSPEC, NFNETLINK_V0, queue_num) + attrs
     return (
         NLMSGHDR.pack(NLMSGHDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type, flags, seq, 0)
         + body
