@@ -13,8 +13,7 @@ import logging
 import warnings
 from typing import TYPE_CHECKING, Any
 
-from coloproxy.capture import queue
-from coloproxy.capture.queue import QueueBase, QueueCounters, QueueError, QueueState
+from coloproxy.capture.queue import QueueBase, QueueCounters, QueueError, QueueState, no_enobufs
 from coloproxy.config import Transport
 from coloproxy.errors import InputError, UsageError
 
@@ -89,23 +88,21 @@ class NfQueue(QueueBase):
         # autobound in *our* namespace, our pid for every queue, so a second queue of this
         # process in the same namespace fails with EADDRINUSE.
         try:
-            nfq = queue.in_queue_netns(config, NetfilterQueue)
+            nfq = self._in_netns(NetfilterQueue)
         except OSError as exc:
             # "Failed to bind family 2. Are you root?": nfnetlink's capability check.
-            raise queue.bind_error(
-                config, exc.errno or errno.EPERM, exc, may_be_held=False
-            ) from exc
+            raise self._bind_error(exc.errno or errno.EPERM, exc, may_be_held=False) from exc
         try:
-            caught = queue.in_queue_netns(config, self._bind, nfq, COPY_PACKET)
+            caught = self._in_netns(self._bind, nfq, COPY_PACKET)
         except OSError as exc:
-            # "Failed to create queue N." carries no errno; bind_error asks /proc.
-            raise queue.bind_error(config, exc.errno, exc) from exc
+            # "Failed to create queue N." carries no errno; _bind_error asks /proc.
+            raise self._bind_error(exc.errno, exc) from exc
         for warning in caught:
             # The receive buffer came out smaller than asked (not root?); say so, go on.
             log.warning("queue %d: %s", config.queue_num, warning.message)
         self._nfq = nfq
         self._fd = nfq.get_fd()
-        queue.no_enobufs(self._fd)
+        no_enobufs(self._fd)
         loop.add_reader(self._fd, self._on_readable)
         self._state = QueueState.OPEN
 

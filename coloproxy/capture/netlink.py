@@ -79,8 +79,6 @@ from coloproxy.capture.queue import (
     QueueCounters,
     QueueError,
     QueueState,
-    bind_error,
-    in_queue_netns,
     no_enobufs,
 )
 from coloproxy.config import Transport
@@ -238,9 +236,7 @@ class NetlinkQueue(QueueBase):
         loop = self._start_open()
         config = self._config
         # Created in the queue's namespace, the socket stays in it (see queue.py).
-        sock = in_queue_netns(
-            config, socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER
-        )
+        sock = self._in_netns(socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             sock.bind((0, 0))  # the kernel picks our portid
             try:
@@ -265,7 +261,7 @@ class NetlinkQueue(QueueBase):
         except OSError as exc:
             self._sock = None
             sock.close()
-            raise bind_error(config, exc.errno, exc) from exc
+            raise self._bind_error(exc.errno, exc) from exc
         except BaseException:
             self._sock = None
             sock.close()

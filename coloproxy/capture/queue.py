@@ -16,9 +16,10 @@ passes it back to ``accept(handle)``, ``accept(handle, new_payload)`` or ``drop(
 inside the callback or any time later. ``close()`` unbinds.
 
 This module holds that interface (``PacketQueue``, ``QueueConfig``, ``QueueCounters``,
-``QueueState``, ``QueueError``) and what both transports do alike (``QueueBase``,
-``bind_error``, ``no_enobufs``). Two transports implement it, each importing only this
-module; ``transports.py`` opens the one the configuration names:
+``QueueState``, ``QueueError``) and what both transports do alike (``QueueBase``: the
+queue's namespace, the words of a failed bind; ``no_enobufs``). Two transports implement
+it, each importing this module and never the other; ``transports.py`` opens the one the
+configuration names:
 
 * ``NetlinkQueue`` (``netlink.py``): the protocol spoken over a raw netlink socket of our
   own, which can set the GSO flag and send batch verdicts (the default);
@@ -67,8 +68,6 @@ __all__ = [
     "QueueCounters",
     "QueueError",
     "QueueState",
-    "bind_error",
-    "in_queue_netns",
     "no_enobufs",
 ]
 
@@ -205,6 +204,41 @@ class QueueBase(abc.ABC):
         self._loop = asyncio.get_running_loop()
         return self._loop
 
+    def _in_netns(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """``function(*args, **kwargs)`` inside the queue's network namespace
+        (``netns.run_in``): a netfilter queue belongs to the namespace of the rule that feeds
+        it, and a socket to the namespace it was created in. A namespace that cannot be
+        entered is a QueueError."""
+        config = self._config
+        try:
+            return run_in(config.netns, function, *args, **kwargs)
+        except NetError as exc:
+            raise QueueError(f"queue {config.queue_num}: {exc}", config.queue_num) from exc
+
+    def _bind_error(
+        self, err: int | None, exc: BaseException, *, may_be_held: bool = True
+    ) -> QueueError:
+        """The QueueError for a failed bind, saying why in words an operator can act on.
+
+        The kernel answers EPERM both to a process without CAP_NET_ADMIN and to a bind of a
+        queue another socket holds (``nfqnl_recv_config`` checks the owner before the
+        command), and netfilterqueue drops the errno altogether: /proc tells the two apart.
+        """
+        config = self._config
+        where = f" in network namespace {config.netns!r}" if config.netns else ""
+        num = config.queue_num
+        portid = _holder(config) if may_be_held else None
+        if portid is not None:
+            text = (
+                f"NFQUEUE {num}{where} is already bound by another socket "
+                f"(netlink portid {portid}, usually the holder's pid)"
+            )
+        elif err == errno.EPERM:
+            text = f"cannot bind NFQUEUE {num}{where}: needs root (CAP_NET_ADMIN)"
+        else:
+            text = f"cannot bind NFQUEUE {num}{where}: {exc}"
+        return QueueError(text, num)
+
     @abc.abstractmethod
     def open(self) -> None: ...
 
@@ -217,18 +251,6 @@ class QueueBase(abc.ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def in_queue_netns(
-    config: QueueConfig, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs
-) -> T:
-    """``function(*args, **kwargs)`` inside the queue's network namespace (``netns.run_in``):
-    a netfilter queue belongs to the namespace of the rule that feeds it, and a socket to
-    the namespace it was created in. A namespace that cannot be entered is a QueueError."""
-    try:
-        return run_in(config.netns, function, *args, **kwargs)
-    except NetError as exc:
-        raise QueueError(f"queue {config.queue_num}: {exc}", config.queue_num) from exc
 
 
 def no_enobufs(fd: int) -> None:
@@ -255,27 +277,3 @@ def _holder(config: QueueConfig) -> int | None:
         return None
     held = stats.get(config.queue_num)
     return None if held is None else held.portid
-
-
-def bind_error(
-    config: QueueConfig, err: int | None, exc: BaseException, *, may_be_held: bool = True
-) -> QueueError:
-    """The QueueError for a failed bind, saying why in words an operator can act on.
-
-    The kernel answers EPERM both to a process without CAP_NET_ADMIN and to a bind of a
-    queue another socket holds (``nfqnl_recv_config`` checks the owner before the command),
-    and netfilterqueue drops the errno altogether: /proc tells the two apart.
-    """
-    where = f" in network namespace {config.netns!r}" if config.netns else ""
-    num = config.queue_num
-    portid = _holder(config) if may_be_held else None
-    if portid is not None:
-        text = (
-            f"NFQUEUE {num}{where} is already bound by another socket "
-            f"(netlink portid {portid}, usually the holder's pid)"
-        )
-    elif err == errno.EPERM:
-        text = f"cannot bind NFQUEUE {num}{where}: needs root (CAP_NET_ADMIN)"
-    else:
-        text = f"cannot bind NFQUEUE {num}{where}: {exc}"
-    return QueueError(text, num)
