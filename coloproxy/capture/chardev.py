@@ -46,6 +46,7 @@ the channel is connected if it is down, never twice for one outstanding request)
 from __future__ import annotations
 
 import asyncio
+import functools
 import grp
 import logging
 from collections import Counter
@@ -54,7 +55,7 @@ from typing import Final
 
 from coloproxy.capture.chardev_link import ChardevError, Link, LinkFigures
 from coloproxy.compare.relay import HeldFrames
-from coloproxy.config import ChardevConfig, ChardevSocket
+from coloproxy.config import ChardevConfig
 from coloproxy.errors import UsageError
 from coloproxy.protocol.colo_frames import (
     CheckpointDone,
@@ -116,7 +117,6 @@ class ChardevTransport:
         self._on_secondary = on_secondary
         self._on_damage = on_damage
         self._on_checkpoint_done = on_checkpoint_done
-        reconnect = config.reconnect_ms / 1000
         gid: int | None = None
         if config.group is not None:
             try:
@@ -127,41 +127,35 @@ class ChardevTransport:
         self._vnet = vnet
         self._primary_decoder = FrameDecoder(vnet_hdr=vnet)
         self._secondary_decoder = FrameDecoder(vnet_hdr=vnet)
-        self.primary_in = self._input(
-            PRIMARY_IN, config.primary_in, self._primary_data, self._primary_decoder, reconnect, gid
+        link = functools.partial(Link, reconnect=config.reconnect_ms / 1000, gid=gid)
+        self.primary_in = link(
+            PRIMARY_IN, config.primary_in, self._primary_data, on_disconnected=self._primary_ended
         )
-        self.secondary_in = self._input(
+        self.secondary_in = link(
             SECONDARY_IN,
             config.secondary_in,
             self._secondary_data,
-            self._secondary_decoder,
-            reconnect,
-            gid,
+            on_disconnected=self._secondary_ended,
         )
-        self.outdev = Link(
+        self.outdev = link(
             OUTDEV,
             config.outdev,
-            reconnect,
             self._outdev_data,
             on_connected=self._outdev_connected,
             on_writable=self._outdev_writable,
-            gid=gid,
         )
         self.notify: Link | None = None
         self._notify_decoder = NotifyDecoder()
         self._notify_wanted = False  # a DO_CHECKPOINT waits for the notify channel
-        self.notify_counts: Counter[tuple[str, str]] = (
-            Counter()
-        )  # notify messages by word, in and out
+        # notify messages by word, in and out
+        self.notify_counts: Counter[tuple[str, str]] = Counter()
         if config.notify is not None:
-            self.notify = Link(
+            self.notify = link(
                 NOTIFY,
                 config.notify,
-                reconnect,
                 self._notify_data,
                 on_connected=self._notify_connected,
                 on_disconnected=self._notify_ended,
-                gid=gid,
             )
         # Held primary frames by token (their vnet headers when vnet is on), and the released
         # ones not yet written to outdev, framed (bounded by outdev_buffer_bytes): compiled
@@ -171,26 +165,6 @@ class ChardevTransport:
         self._flush_pending = False
         self.primary_verdicts = self
         self.secondary_verdicts = _SecondaryOut()
-
-    def _input(
-        self,
-        name: str,
-        spec: ChardevSocket,
-        on_data: Callable[[bytes], None],
-        decoder: FrameDecoder,
-        reconnect: float,
-        gid: int | None,
-    ) -> Link:
-        """An input socket: at its end, what its decoder still holds is reported."""
-        link = Link(
-            name,
-            spec,
-            reconnect,
-            on_data,
-            on_disconnected=lambda: self._input_ended(link, decoder),
-            gid=gid,
-        )
-        return link
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -267,6 +241,12 @@ class ChardevTransport:
             self._on_secondary([None] * len(packets), packets, now)
         if decoded.events:
             self._problems(self.secondary_in, decoded.events, now)
+
+    def _primary_ended(self) -> None:
+        self._input_ended(self.primary_in, self._primary_decoder)
+
+    def _secondary_ended(self) -> None:
+        self._input_ended(self.secondary_in, self._secondary_decoder)
 
     def _input_ended(self, link: Link, decoder: FrameDecoder) -> None:
         events = decoder.end()

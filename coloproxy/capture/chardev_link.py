@@ -130,12 +130,13 @@ class Link:
         self,
         name: str,
         spec: ChardevSocket,
-        reconnect: float,
         on_data: Callable[[bytes], None],
+        *,
+        reconnect: float,
+        gid: int | None = None,
         on_connected: Callable[[], None] = lambda: None,
         on_disconnected: Callable[[], None] = lambda: None,
         on_writable: Callable[[bool], None] = lambda writable: None,
-        gid: int | None = None,
     ) -> None:
         self.name = name
         self.spec = spec
