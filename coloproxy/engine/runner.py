@@ -1,5 +1,6 @@
 """The checkpoint engine a daemon runs (shell): QMP to the local QEMU, the control socket to
-its own proxy, heartbeats to the peer daemon; decisions by :mod:`coloproxy.engine.logic`.
+its own proxy, heartbeats to the peer daemon; decisions by
+:mod:`coloproxy.engine.scheduler` and :mod:`coloproxy.engine.decider`.
 
 Theory of operation
 -------------------
@@ -51,35 +52,26 @@ from coloproxy import __version__
 from coloproxy.config import Config, ConfigError, QuorumService, read_key_file
 from coloproxy.control.client import ControlClient, ControlConnectionError
 from coloproxy.control.server import ControlError
-from coloproxy.engine.disk import DiskError, DiskReplication, DiskSettings
-from coloproxy.engine.logic import (
-    CheckpointAborted,
-    CheckpointBegan,
-    CheckpointEnded,
-    CheckpointScheduler,
-    CheckpointStalled,
-    ColoMode,
+from coloproxy.engine.decider import (
     DecideAction,
     DeciderConfig,
     FailoverDecider,
-    Heartbeat,
     LocalQemuLost,
     PeerRejected,
-    Phase,
     PrimaryLost,
-    QemuState,
-    RequestsAbandoned,
-    ScheduleAction,
-    SchedulerConfig,
     SecondaryLost,
     SendHeartbeat,
     SplitBrain,
     StoodDown,
-    Trigger,
-    Unexpected,
     Watch,
 )
-from coloproxy.engine.logic_leader import (
+from coloproxy.engine.disk import DiskError, DiskReplication, DiskSettings
+from coloproxy.engine.heartbeat import (
+    ColoMode,
+    Heartbeat,
+    QemuState,
+)
+from coloproxy.engine.leader import (
     Acquire,
     Fenced,
     KeyLost,
@@ -98,6 +90,19 @@ from coloproxy.engine.logic_leader import (
 from coloproxy.engine.peer import HeartbeatPath, HeartbeatPeer
 from coloproxy.engine.qmp import ColoStatus, MigrationStats, QemuMonitor, QmpError, QmpEvent
 from coloproxy.engine.quorum import EtcdSettings, EtcdStore, LeaderStore, QuorumError
+from coloproxy.engine.scheduler import (
+    CheckpointAborted,
+    CheckpointBegan,
+    CheckpointEnded,
+    CheckpointScheduler,
+    CheckpointStalled,
+    Phase,
+    RequestsAbandoned,
+    ScheduleAction,
+    SchedulerConfig,
+    Trigger,
+    Unexpected,
+)
 from coloproxy.metrics import EngineFigures
 from coloproxy.protocol import (
     CheckpointCompleted,
