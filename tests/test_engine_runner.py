@@ -36,7 +36,8 @@ from coloproxy.engine.decider import Watch
 from coloproxy.engine.disk import DiskSettings
 from coloproxy.engine.peer import HeartbeatPath
 from coloproxy.engine.quorum import Grant, Outcome, QuorumError
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.protocol import (
     CheckpointRequest,
     ClientRole,
