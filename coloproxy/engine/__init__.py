@@ -9,6 +9,8 @@ QMP, and fails over when the peer is lost (docs/engine.md).
 - :mod:`coloproxy.engine.peer` (shell): the UDP heartbeat between the two daemons.
 - :mod:`coloproxy.engine.colo` (shell): the QMP sequences of COLO (bring-up, failover).
 - :mod:`coloproxy.engine.leadership` (shell): the leader key in the quorum service.
+- :mod:`coloproxy.engine.proxy_link` (shell): the control connection to the engine's own proxy.
+- :mod:`coloproxy.engine.lane` (shell): a serial worker.
 - :mod:`coloproxy.engine.settings` (shell): what the engine needs from the config.
 - :mod:`coloproxy.engine.runner` (shell): the engine task a daemon runs.
 """

@@ -42,13 +42,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from enum import Enum
 from typing import Any, Final
 
-from coloproxy import __version__
-from coloproxy.control.client import ControlClient, ControlConnectionError
-from coloproxy.control.server import ControlError
 from coloproxy.engine.colo import ColoSteps, FailoverSteps
 from coloproxy.engine.decider import (
     DecideAction,
@@ -64,9 +61,11 @@ from coloproxy.engine.decider import (
     Watch,
 )
 from coloproxy.engine.heartbeat import ColoMode, Heartbeat, QemuState
+from coloproxy.engine.lane import Lane
 from coloproxy.engine.leader import Fenced, KeyLost, KeyPhase, LeaderKey, Unfenced, Won
 from coloproxy.engine.leadership import KeyOutcome, Leadership
 from coloproxy.engine.peer import HeartbeatPeer
+from coloproxy.engine.proxy_link import ProxyLink
 from coloproxy.engine.qmp import ColoStatus, QemuMonitor, QmpError, QmpEvent
 from coloproxy.engine.quorum import EtcdStore, LeaderStore
 from coloproxy.engine.scheduler import (
@@ -88,9 +87,9 @@ from coloproxy.protocol import (
     CheckpointCompleted,
     CheckpointRequest,
     CheckpointStarted,
-    ClientRole,
     Failover,
     Mode,
+    Push,
     SetPeriod,
 )
 from coloproxy.role import Role
@@ -101,9 +100,6 @@ log = logging.getLogger(__name__)
 # events carry what matters), fast while waiting for COLO to begin.
 POLL_IN_COLO: Final = 1.0
 POLL_WAITING: Final = 0.1
-CONTROL_RETRY: Final = 0.2
-# A failover message must reach the proxy: wait this long for the control connection.
-FAILOVER_CONTROL_WAIT: Final = 10.0
 RESUME_WAIT: Final = 5.0
 TWO_HOST_WARNING: Final = (
     "two-host mode (for labs only): no quorum service decides failover; a cut link can make"
@@ -115,34 +111,6 @@ class EngineRunstate(Enum):
     IDLE = "idle"
     RUNNING = "running"
     STOPPED = "stopped"
-
-
-class _Lane:
-    """A serial worker: jobs run one at a time, in order; a failing job is logged and the
-    next one runs."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._jobs: asyncio.Queue[tuple[str, Callable[[], Awaitable[None]]]] = asyncio.Queue()
-
-    def put(self, what: str, job: Callable[[], Awaitable[None]]) -> None:
-        self._jobs.put_nowait((what, job))
-
-    async def work(self) -> None:
-        why = "cancelled"
-        try:
-            while True:
-                what, job = await self._jobs.get()
-                try:
-                    await job()
-                except asyncio.CancelledError:
-                    raise
-                except QmpError as exc:
-                    log.error("engine %s lane: %s: %s", self.name, what, exc)
-                except Exception:
-                    log.exception("engine %s lane: %s failed", self.name, what)
-        finally:
-            log.debug("engine %s lane ended: %s", self.name, why)
 
 
 class EngineRunner:
@@ -191,6 +159,7 @@ class EngineRunner:
                 on_outcome=self._on_key,
                 changed=self._changed_by_key,
             )
+        self.proxy_link = ProxyLink(settings.control_socket, self._on_push)
         self.monitor = QemuMonitor(
             settings.qmp, f"{settings.role.value}-qemu", self._on_event, self._on_gone
         )
@@ -199,7 +168,7 @@ class EngineRunner:
             settings,
             self.figures,
             clock=self._now,
-            tell_proxy=self._tell_proxy,
+            tell_proxy=self.proxy_link.tell_failover,
             attach_lan=attach_lan,
         )
         self.peer = HeartbeatPeer(
@@ -209,10 +178,7 @@ class EngineRunner:
         self.decider: FailoverDecider | None = None
         self.failover_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._qmp_lane = _Lane("qmp")
-        self._control_lane = _Lane("control")
-        self._control: ControlClient | None = None
-        self._control_up = asyncio.Event()
+        self._qmp_lane = Lane("qmp")
         self._changed = asyncio.Event()  # pulsed at every input: tests and waiters
         self._timer: asyncio.Handle | None = None
         self._timer_due = 0.0
@@ -269,8 +235,8 @@ class EngineRunner:
             await self.peer.start()
             self._rearm()
             self._spawn(self._qmp_lane.work(), "engine-qmp-lane")
-            self._spawn(self._control_lane.work(), "engine-control-lane")
-            self._spawn(self._control_loop(), "engine-control")
+            self._spawn(self.proxy_link.deliver(), "engine-control-lane")
+            self._spawn(self.proxy_link.run(), "engine-control")
             log.info("engine (%s) waiting for QEMU's QMP socket %s", self.role.value, settings.qmp)
             await self.monitor.connect()
             self._decide(self.decider.local_qemu(QemuState.RUNNING, loop.time()))
@@ -313,8 +279,7 @@ class EngineRunner:
             await asyncio.wait(tasks)
         await self.monitor.close()
         await self.peer.aclose()
-        if self._control is not None:
-            await self._control.close()
+        await self.proxy_link.close()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -398,6 +363,13 @@ class EngineRunner:
 
     # -- inputs ----------------------------------------------------------------------------
 
+    def _on_push(self, push: Push) -> None:
+        if isinstance(push, CheckpointRequest):
+            self._on_request(push)
+        else:
+            self._on_set_period(push)
+        self._pulse()
+
     def _on_request(self, push: CheckpointRequest) -> None:
         scheduler = self.scheduler
         if scheduler is None:
@@ -437,7 +409,7 @@ class EngineRunner:
                 # segments until the RESUME, then shifts them with the offsets of the new
                 # state (docs/data-path.md, "Host S across a checkpoint").
                 stopped = CheckpointStarted(time=event.wall)
-                self._control_lane.put("svm-stopped", lambda: self._notify(stopped))
+                self.proxy_link.notify("svm-stopped", stopped)
         elif event.name == "RESUME":
             if self.role is Role.PRIMARY:
                 if self._entry_checkpoint is not None and scheduler.phase is Phase.RUNNING:
@@ -449,7 +421,7 @@ class EngineRunner:
                 # of the PVM now, and host S's proxy forgets its sequence offsets. The RESUME
                 # after a takeover is none of these: failover_task is set by then.
                 message = CheckpointCompleted(completed=event.wall, synced=True)
-                self._control_lane.put("svm-synced", lambda: self._notify(message))
+                self.proxy_link.notify("svm-synced", message)
         elif event.name == "COLO_EXIT":
             # The event's reason says "error" even for a requested failover (7.2): only a
             # hint; query-colo-status is asked for the truth.
@@ -566,7 +538,7 @@ class EngineRunner:
             self._entry_checkpoint = action.checkpoint
         request = max(action.requests) if action.requests else None
         message = CheckpointStarted(request=request, time=action.wall)
-        self._control_lane.put("checkpoint-started", lambda: self._notify(message))
+        self.proxy_link.notify("checkpoint-started", message)
 
     def _ended(self, action: CheckpointEnded) -> None:
         figures = self.figures
@@ -582,7 +554,7 @@ class EngineRunner:
             completed=action.completed_wall,
             synced=True,
         )
-        self._control_lane.put("checkpoint-completed", lambda: self._notify(message))
+        self.proxy_link.notify("checkpoint-completed", message)
         log.debug(
             "checkpoint %d (%s) done: pause %.1f ms, requests %s",
             action.checkpoint,
@@ -590,18 +562,6 @@ class EngineRunner:
             action.pause * 1000,
             action.requests,
         )
-
-    async def _notify(self, message: CheckpointStarted | CheckpointCompleted) -> None:
-        client = self._control
-        if client is None:
-            # The proxy re-sends its outstanding request when we reconnect: a checkpoint
-            # then serves it again. Nothing is released without a checkpoint.
-            log.warning("%s not sent: no control connection", message.kind)
-            return
-        try:
-            await client.request(message)
-        except ControlError as exc:
-            log.warning("%s: %s", message.kind, exc)
 
     def _decide(self, actions: list[DecideAction], *, rearm: bool = True) -> None:
         for action in actions:
@@ -752,7 +712,7 @@ class EngineRunner:
         if status.last_mode == ColoMode.PRIMARY.value and not self.reprotect:
             # This QEMU failed over before the engine started: it runs alone.
             log.error("the primary QEMU left COLO earlier (reason %s): unprotected", status.reason)
-            await self._tell_proxy(
+            await self.proxy_link.tell_failover(
                 Failover(Role.PRIMARY, Mode.UNPROTECTED, "the QEMU left COLO earlier")
             )
             return
@@ -815,12 +775,7 @@ class EngineRunner:
 
     async def _leave_colo(self, decision: SecondaryLost) -> None:
         """Secondary lost: the primary QEMU leaves COLO and the proxy runs unprotected."""
-        steps = FailoverSteps(self.figures.last_failover, self._now)
-        log.error(
-            "secondary lost (%s, silent %.0f ms): leaving COLO, running unprotected",
-            decision.reason,
-            decision.silent_for * 1000,
-        )
+        steps = self._failover_begins(decision, "leaving COLO, running unprotected")
         if self.scheduler is not None:
             self._schedule(self.scheduler.deactivate(steps.started))
         if self.leadership is not None:
@@ -846,12 +801,7 @@ class EngineRunner:
 
     async def _take_over(self, decision: PrimaryLost) -> None:
         """Primary lost: the SVM runs alone, on the LAN, and the proxy is told."""
-        steps = FailoverSteps(self.figures.last_failover, self._now)
-        log.error(
-            "primary lost (%s, silent %.0f ms): taking over",
-            decision.reason,
-            decision.silent_for * 1000,
-        )
+        steps = self._failover_begins(decision, "taking over")
         resumes = sum(1 for e in self.events if e.name == "RESUME")
         if not await self.colo.take_over(steps, decision.reason):
             return
@@ -872,6 +822,19 @@ class EngineRunner:
 
     # -- both ------------------------------------------------------------------------------
 
+    def _failover_begins(self, decision: PrimaryLost | SecondaryLost, doing: str) -> FailoverSteps:
+        """A failover's start: its steps timed from now, the decision logged."""
+        steps = FailoverSteps(self.figures.last_failover, self._now)
+        lost = "primary" if isinstance(decision, PrimaryLost) else "secondary"
+        log.error(
+            "%s lost (%s, silent %.0f ms): %s",
+            lost,
+            decision.reason,
+            decision.silent_for * 1000,
+            doing,
+        )
+        return steps
+
     async def _failover_done(
         self, steps: FailoverSteps, what: str, *, total: str | None = None
     ) -> None:
@@ -884,22 +847,6 @@ class EngineRunner:
             steps.mark(total)
         log.warning("%s in %.1f ms (%s)", what, steps.times[total] * 1000, steps.summary())
         self._pulse()
-
-    async def _tell_proxy(self, message: Failover) -> None:
-        try:
-            async with asyncio.timeout(FAILOVER_CONTROL_WAIT):
-                await self._control_up.wait()
-        except TimeoutError:
-            log.error("failover not told to the proxy: no control connection")
-            return
-        client = self._control
-        if client is None:
-            log.error("failover not told to the proxy: the control connection ended")
-            return
-        try:
-            await client.request(message)
-        except ControlError as exc:
-            log.error("failover not accepted by the proxy: %s", exc)
 
     async def _refresh_colo(self) -> None:
         self._colo_seen(await self.monitor.colo_status())
@@ -923,46 +870,6 @@ class EngineRunner:
                     log.debug("poll: %s", exc)
         finally:
             log.debug("engine poll ended: %s", why)
-
-    async def _control_loop(self) -> None:
-        """Stay connected to the proxy's control socket as an engine; handle its pushes."""
-        path = self.settings.control_socket
-        why = "cancelled"
-        complained = False
-        try:
-            while True:
-                try:
-                    client = await ControlClient.connect(
-                        path, ClientRole.ENGINE, name=f"coloproxy-engine {__version__}"
-                    )
-                except ControlError as exc:
-                    if not complained:
-                        log.warning("engine: control socket %s: %s (retrying)", path, exc)
-                        complained = True
-                    await asyncio.sleep(CONTROL_RETRY)
-                    continue
-                complained = False
-                self._control = client
-                self._control_up.set()
-                log.info("engine connected to the proxy at %s", path)
-                try:
-                    async for push in client:
-                        if isinstance(push, CheckpointRequest):
-                            self._on_request(push)
-                        else:
-                            self._on_set_period(push)
-                        self._pulse()
-                finally:
-                    self._control_up.clear()
-                    self._control = None
-                    await client.close()
-                log.warning("engine: control connection ended: %s", client.closed_reason)
-                await asyncio.sleep(CONTROL_RETRY)
-        except ControlConnectionError as exc:  # pragma: no cover - connect() wraps these
-            why = f"control connection: {exc}"
-            raise
-        finally:
-            log.debug("engine control loop ended: %s", why)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
