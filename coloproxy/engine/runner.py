@@ -1,18 +1,23 @@
-"""The checkpoint engine a daemon runs (shell): QMP to the local QEMU, the control socket to
-its own proxy, heartbeats to the peer daemon; decisions by
-:mod:`coloproxy.engine.scheduler` and :mod:`coloproxy.engine.decider`.
+"""The checkpoint engine a daemon runs (shell): the pump between the local QEMU, the peer
+daemon, the quorum service and its own proxy on one side and the pure machines on the other
+(:mod:`coloproxy.engine.scheduler`, :mod:`coloproxy.engine.decider`,
+:mod:`coloproxy.engine.leader`).
 
 Theory of operation
 -------------------
-Everything that happens is an input to one of the two pure state machines, on the event
-loop, with ``now = loop.time()``: a ``checkpoint-request`` or ``set-period`` push from the
-proxy (the engine is a control-socket client of role ``engine``, exactly like an external
-engine, docs/control-protocol.md), a QMP event (``STOP``, ``RESUME``, ``COLO_EXIT``,
-``SHUTDOWN``), the QMP socket closing (QEMU exited), a heartbeat, a timer, the result of a
+Everything that happens is an input to one of the pure state machines, on the event loop,
+with ``now = loop.time()``: a ``checkpoint-request`` or ``set-period`` push from the proxy
+(:mod:`coloproxy.engine.proxy_link`: the engine is a control-socket client of role
+``engine``, exactly like an external engine, docs/control-protocol.md), a QMP event
+(``STOP``, ``RESUME``, ``COLO_EXIT``, ``SHUTDOWN``; :mod:`coloproxy.engine.qmp`), the QMP
+socket closing (QEMU exited), a heartbeat (:mod:`coloproxy.engine.peer`), an answer of the
+quorum service (:mod:`coloproxy.engine.leadership`), a timer, the result of a
 ``query-colo-status``. Inputs are handled at once and synchronously; the actions returned
-are carried out by two *lanes* (serial worker tasks: one for QMP commands, one for
-control messages, so a slow QMP command never delays a release) or by a task of their own
-for a failover. One loop timer stays armed at the earliest of the two machines' timers.
+are carried out by two *lanes* (serial worker tasks, :mod:`coloproxy.engine.lane`: one for
+QMP commands, one for control messages, so a slow QMP command never delays a release) or
+by a task of their own for a bring-up or a failover, whose QMP sequences are
+:mod:`coloproxy.engine.colo`'s. One loop timer stays armed at the earliest of the
+machines' timers.
 
 Role primary: a request becomes an ``x-checkpoint-delay`` trigger; the primary's ``STOP``
 becomes ``checkpoint-started``, its ``RESUME`` ``checkpoint-completed`` (QEMU emits it only
