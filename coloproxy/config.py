@@ -50,7 +50,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
-from coloproxy.engine.logic import MIN_HEARTBEAT_KEY_BYTES
+from coloproxy.engine.heartbeat import MIN_HEARTBEAT_KEY_BYTES
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ClientRole
 from coloproxy.role import Role

@@ -278,7 +278,7 @@ class EngineFigures:
     heartbeats: Mapping[str, int] = field(default_factory=dict)  # sent, received, bad-*, error-*
     peer_heard: float | None = None
     quorum: str = "two-host"  # etcd, two-host (labs only)
-    key: str = "idle"  # the leader key's phase (logic_leader.KeyPhase)
+    key: str = "idle"  # the leader key's phase (leader.KeyPhase)
     key_deadline: float | None = None  # holding: the release deadline, on the metrics clock
     fenced: bool = False  # holding, past the deadline: nothing is released
     # won, fenced, unfenced, contest, renew-failed, lost-<reason>, refused-<reason>

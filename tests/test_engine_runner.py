@@ -32,11 +32,12 @@ from coloproxy.control.client import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine import runner as runner_module
+from coloproxy.engine.decider import Watch
 from coloproxy.engine.disk import DiskSettings
-from coloproxy.engine.logic import Watch
 from coloproxy.engine.peer import HeartbeatPath
 from coloproxy.engine.quorum import Grant, Outcome, QuorumError
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.protocol import (
     CheckpointRequest,
     ClientRole,

@@ -50,7 +50,8 @@ from coloproxy.daemon.primary import CheckpointRequest, PrimaryProxy
 from coloproxy.daemon.record import Recorder
 from coloproxy.daemon.rulewatch import RuleWatch
 from coloproxy.daemon.secondary import SecondaryProxy
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.errors import ColoproxyError
 from coloproxy.metrics import Metrics, MetricsServer
 from coloproxy.net import NetError
