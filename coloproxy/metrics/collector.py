@@ -41,7 +41,19 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from coloproxy.compare import CompareStats
-from coloproxy.metrics import families
+from coloproxy.metrics.families import (
+    build_info,
+    chardev_families,
+    compare_bound_families,
+    compare_families,
+    control_families,
+    counters,
+    engine_families,
+    gauge,
+    packet_families,
+    queue_families,
+    rule_families,
+)
 from coloproxy.metrics.figures import (
     ChardevFigures,
     EngineFigures,
@@ -134,49 +146,49 @@ class _Collector(Collector):
     def collect(self) -> Iterable[Metric]:
         metrics = self.metrics
         now = metrics.clock()
-        yield families.build_info(metrics.pair, metrics.role)
-        yield families.gauge(
+        yield build_info(metrics.pair, metrics.role)
+        yield gauge(
             "coloproxy_protected",
             "1 while the pair runs protected (output compared and held)",
             metrics.protected,
         )
         if metrics.counts is not None:
-            yield from families.packet_families(metrics.counts, now)
+            yield from packet_families(metrics.counts, now)
         compare_stats = metrics.compare_stats
         if compare_stats is not None:
             stats = metrics._read("compare", compare_stats)
             if isinstance(stats, CompareStats):
-                yield from families.compare_families(stats, now)
+                yield from compare_families(stats, now)
         compare_bounds = metrics.compare_bounds
         if compare_bounds is not None:
             bounds = metrics._read("compare", compare_bounds)
             if isinstance(bounds, tuple):
-                yield from families.compare_bound_families(bounds)
+                yield from compare_bound_families(bounds)
         queue_stats = metrics.queue_stats
         if queue_stats is not None:
             queues = metrics._read("nfqueue", lambda: list(queue_stats()))
             if isinstance(queues, list):
-                yield from families.queue_families(queues, metrics.queue_names)
+                yield from queue_families(queues, metrics.queue_names)
         control_clients, control_refusals = metrics.control_clients, metrics.control_refusals
         clients = refusals = None
         if control_clients is not None:
             clients = metrics._read("control", lambda: dict(control_clients()))
         if control_refusals is not None:
             refusals = metrics._read("control", lambda: dict(control_refusals()))
-        yield from families.control_families(
+        yield from control_families(
             clients if isinstance(clients, dict) else None,
             refusals if isinstance(refusals, dict) else None,
         )
         if metrics.engine is not None:
-            yield from families.engine_families(metrics.engine, now)
+            yield from engine_families(metrics.engine, now)
         if metrics.rules is not None:
-            yield from families.rule_families(metrics.rules)
+            yield from rule_families(metrics.rules)
         chardev = metrics.chardev
         if chardev is not None:
-            built = metrics._read("chardev", lambda: list(families.chardev_families(chardev)))
+            built = metrics._read("chardev", lambda: list(chardev_families(chardev)))
             if isinstance(built, list):
                 yield from built
-        yield families.counters(
+        yield counters(
             "coloproxy_scrape_errors",
             "Metric sources that failed at scrape time",
             ["source"],

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import platform
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final, TypeVar
 
 from prometheus_client.core import (
@@ -29,6 +29,7 @@ from coloproxy import __version__
 from coloproxy.compare import CompareStats
 from coloproxy.metrics.figures import (
     ChardevFigures,
+    ChardevLink,
     EngineFigures,
     KernelQueueStats,
     PacketCounts,
@@ -59,6 +60,34 @@ MIGRATION_METRICS: Final = (
 )  # fmt: skip
 LEADER_KEY_PHASES: Final = ("idle", "contending", "holding", "released", "lost", "refused")
 COLO_MODES: Final = ("none", "primary", "secondary")
+
+# The chardev sockets' counters, in exposition order: (name, help, the label a socket's
+# figure is split by (None: one count per socket), the figure).
+LINK_COUNTERS: Final[
+    tuple[tuple[str, str, str | None, Callable[[ChardevLink], int | Mapping[str, int]]], ...]
+] = (
+    ("coloproxy_chardev_connections",
+     "Connections made or accepted on the socket (reconnects: this minus one)",
+     None, lambda link: link.connections),
+    ("coloproxy_chardev_disconnections", "Connections of the socket that ended",
+     None, lambda link: link.disconnections),
+    ("coloproxy_chardev_frames", "Frames received (in) and written (out) on the socket",
+     "direction", lambda link: {"in": link.frames_in, "out": link.frames_out}),
+    ("coloproxy_chardev_bytes",
+     "Bytes received (in) and written (out) on the socket, framing included",
+     "direction", lambda link: {"in": link.bytes_in, "out": link.bytes_out}),
+    ("coloproxy_chardev_refused_connections",
+     "Connections refused by a listening socket: another peer connected (busy) or the "
+     "peer not on the allow list (not-allowed)",
+     "reason", lambda link: link.refused),
+    ("coloproxy_chardev_frame_problems",
+     "A length above 69632 bytes (desync: the connection is dropped), a vnet header "
+     "longer than the frame, or a frame cut by a disconnection (truncated)",
+     "problem", lambda link: link.problems),
+    ("coloproxy_chardev_discarded_bytes",
+     "Bytes received after a desync, not decoded (the connection is dropped)",
+     None, lambda link: link.discarded_bytes),
+)  # fmt: skip
 
 # Label values: one string, or a tuple of them (one per label name).
 Key = TypeVar("Key", bound=str | tuple[str, ...])
@@ -190,23 +219,20 @@ def packet_families(counts: PacketCounts, now: float) -> Iterator[Metric]:
         ["reason"],
         ((status, count) for status, count in rewrites.items() if status in REWRITE_FAILED),
     )
-    yield counter(
-        "coloproxy_takeover_rewrites",
-        "Host S after a takeover: SVM segments moved into the PVM's sequence space",
-        counts.egress_rewrites.get("shifted", 0),
-    )
-    yield counter(
-        "coloproxy_syns_replayed",
-        "Host S at a takeover: client SYNs of connections half-open on the SVM handed to it"
-        " again, so that it resends its SYN-ACK to the LAN at once",
-        counts.syns_replayed,
-    )
-    yield counter(
-        "coloproxy_backoff_reverts",
-        "Host S at a takeover: connections whose SVM was sent ICMP unreachable messages"
-        " at the client's latest ACK, so that it retransmits at once (RFC 6069)",
-        counts.backoff_reverts,
-    )
+    for name, help_text, value in (
+        ("coloproxy_takeover_rewrites",
+         "Host S after a takeover: SVM segments moved into the PVM's sequence space",
+         counts.egress_rewrites.get("shifted", 0)),
+        ("coloproxy_syns_replayed",
+         "Host S at a takeover: client SYNs of connections half-open on the SVM handed to it"
+         " again, so that it resends its SYN-ACK to the LAN at once",
+         counts.syns_replayed),
+        ("coloproxy_backoff_reverts",
+         "Host S at a takeover: connections whose SVM was sent ICMP unreachable messages"
+         " at the client's latest ACK, so that it retransmits at once (RFC 6069)",
+         counts.backoff_reverts),
+    ):  # fmt: skip
+        yield counter(name, help_text, value)
     yield counters(
         "coloproxy_checkpoint_reports_refused",
         "checkpoint-started/-completed reports refused (nothing released), by report and reason",
@@ -350,56 +376,15 @@ def chardev_families(chardev: ChardevFigures) -> Iterator[Metric]:
         ["socket"],
         ((link.name, link.connected) for link in links),
     )
-    yield counters(
-        "coloproxy_chardev_connections",
-        "Connections made or accepted on the socket (reconnects: this minus one)",
-        ["socket"],
-        ((link.name, link.connections) for link in links),
-    )
-    yield counters(
-        "coloproxy_chardev_disconnections",
-        "Connections of the socket that ended",
-        ["socket"],
-        ((link.name, link.disconnections) for link in links),
-    )
-    yield counters(
-        "coloproxy_chardev_frames",
-        "Frames received (in) and written (out) on the socket",
-        ["socket", "direction"],
-        [((link.name, "in"), link.frames_in) for link in links]
-        + [((link.name, "out"), link.frames_out) for link in links],
-    )
-    yield counters(
-        "coloproxy_chardev_bytes",
-        "Bytes received (in) and written (out) on the socket, framing included",
-        ["socket", "direction"],
-        [((link.name, "in"), link.bytes_in) for link in links]
-        + [((link.name, "out"), link.bytes_out) for link in links],
-    )
-    yield counters(
-        "coloproxy_chardev_refused_connections",
-        "Connections refused by a listening socket: another peer connected (busy) or the "
-        "peer not on the allow list (not-allowed)",
-        ["socket", "reason"],
-        (((link.name, reason), count) for link in links for reason, count in link.refused.items()),
-    )
-    yield counters(
-        "coloproxy_chardev_frame_problems",
-        "A length above 69632 bytes (desync: the connection is dropped), a vnet header "
-        "longer than the frame, or a frame cut by a disconnection (truncated)",
-        ["socket", "problem"],
-        (
-            ((link.name, problem), count)
-            for link in links
-            for problem, count in link.problems.items()
-        ),
-    )
-    yield counters(
-        "coloproxy_chardev_discarded_bytes",
-        "Bytes received after a desync, not decoded (the connection is dropped)",
-        ["socket"],
-        ((link.name, link.discarded_bytes) for link in links),
-    )
+    for name, help_text, label, figure in LINK_COUNTERS:
+        samples: list[tuple[tuple[str, ...], int]] = []
+        for link in links:
+            value = figure(link)
+            if isinstance(value, int):
+                samples.append(((link.name,), value))
+            else:
+                samples.extend(((link.name, part), count) for part, count in value.items())
+        yield counters(name, help_text, ["socket", label] if label else ["socket"], samples)
     yield counters(
         "coloproxy_chardev_notify_messages",
         "Xen notify channel messages, by direction and word",
@@ -457,17 +442,15 @@ def engine_families(figures: EngineFigures, now: float) -> Iterator[Metric]:
         ["reason"],
         figures.checkpoints,
     )
-    yield counter(
-        "coloproxy_engine_checkpoints_aborted", "Checkpoints COLO ended under", figures.aborted
-    )
-    yield counter(
-        "coloproxy_engine_checkpoints_stalled",
-        "Checkpoints that did not start or end in time",
-        figures.stalled,
-    )
-    yield counter(
-        "coloproxy_engine_split_brain", "Times both hosts were seen serving", figures.split_brain
-    )
+    for name, help_text, value in (
+        ("coloproxy_engine_checkpoints_aborted", "Checkpoints COLO ended under",
+         figures.aborted),
+        ("coloproxy_engine_checkpoints_stalled",
+         "Checkpoints that did not start or end in time", figures.stalled),
+        ("coloproxy_engine_split_brain", "Times both hosts were seen serving",
+         figures.split_brain),
+    ):  # fmt: skip
+        yield counter(name, help_text, value)
     yield counters(
         "coloproxy_engine_triggers",
         "x-checkpoint-delay triggers sent (first, retry) or failed (error)",
