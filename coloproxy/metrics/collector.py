@@ -62,7 +62,7 @@ from coloproxy.metrics.figures import (
     RuleFigures,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("coloproxy.metrics")  # the package's, as log lines have named it
 
 
 class Metrics:

@@ -15,7 +15,7 @@ from typing import Final
 from coloproxy.errors import ColoproxyError, UsageError
 from coloproxy.metrics.collector import Metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("coloproxy.metrics")  # the package's, as log lines have named it
 
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 9477
