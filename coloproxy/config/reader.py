@@ -216,6 +216,10 @@ class Read:
 
 
 class Reader:
+    """Walks the node tree of one file against the schema's key tables and collects every
+    problem, worded ``FILE:LINE: key 'dotted.key': ...``; :meth:`raise_if_any` raises them
+    together, in line order."""
+
     def __init__(self, filename: str) -> None:
         self.filename = filename
         self.problems: list[tuple[int, int, str]] = []  # (line, order, text)

@@ -48,11 +48,13 @@ MAX_OBJECT_IDS: Final = 64  # engine.failover_object_del
 MAX_ALLOW: Final = 64  # chardev.*.allow
 MAX_ENDPOINTS: Final = 16  # engine.quorum.endpoints
 
-REQUIRED: Final = object()
+REQUIRED: Final = object()  # the default of a key that must be given
 
 
 @dataclass(frozen=True, slots=True)
 class Key:
+    """One key of a section: its rule, and its default or :data:`REQUIRED`."""
+
     rule: Rule | None  # None: a nested section, handled by its own reader
     default: object = REQUIRED
     allowed: str = ""  # for "missing" messages; defaults to the rule's own wording
