@@ -123,8 +123,9 @@ def counters(
     """A labelled counter, its samples sorted by label values."""
     items = values.items() if isinstance(values, Mapping) else values
     family = CounterMetricFamily(name, help_text, labels=labels)
-    for key, count in sorted((tuple(_labels(key)), count) for key, count in items):
-        family.add_metric(list(key), count)
+    keyed = [((key if isinstance(key, tuple) else (key,)), count) for key, count in items]
+    for key, count in sorted(keyed):
+        family.add_metric(_labels(key), count)
     return family
 
 
