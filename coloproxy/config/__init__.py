@@ -9,6 +9,7 @@ One module per concept:
 ``schema``     the key tables of every section (rule, default), the list bounds
 ``reader``     the bounded read: file -> YAML node tree with lines -> values and problems
 ``build``      the checks across keys and sections, the dataclasses; ``load_config``
+``build_*``    the sections with checks of their own: ``chardev``; ``engine``, quorum, disk
 ``files``      the files a configuration names: key files, ``check-config``'s file checks
 =============  ==============================================================================
 

@@ -2,13 +2,14 @@
 and sections, and the frozen dataclasses made only when nothing is wrong (shell).
 
 :func:`load_config` and :func:`parse_config` are the entry points; coloproxy.config.reader
-reads the file and collects the problems, coloproxy.config.schema holds the tables.
+reads the file and collects the problems, coloproxy.config.schema holds the tables. The
+sections with most checks of their own have their own modules: ``build_chardev`` (the
+chardev transport) and ``build_engine`` (the engine, its quorum, the disk).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import typing
 from pathlib import Path
@@ -17,40 +18,31 @@ from typing import Final
 from yaml.nodes import Node, ScalarNode
 
 from coloproxy.compare.config import CompareConfig, Framing, PassthroughRule, SecondarySeq
+from coloproxy.config.build_chardev import chardev_section
+from coloproxy.config.build_engine import (
+    check_engine,
+    disk_section,
+    failover_object_ids,
+    quorum_section,
+)
 from coloproxy.config.model import (
-    ChardevConfig,
-    ChardevSocket,
     Config,
     ControlConfig,
-    DiskConfig,
     EngineConfig,
     IPAddress,
-    IPNetwork,
     LogConfig,
     MetricsConfig,
     NetConfig,
     PairConfig,
     QueuesConfig,
-    QuorumConfig,
-    QuorumService,
     ReplicationConfig,
 )
-from coloproxy.config.problems import shown
-from coloproxy.config.reader import Read, Reader, compose, node_line, read_text
-from coloproxy.config.rules import BadValueError, is_ip, tcp_address
+from coloproxy.config.reader import Read, Reader, Sections, compose, node_line, read_text
 from coloproxy.config.schema import (
-    CHARDEV_SOCKET_KEYS,
-    DISK_KEYS,
-    MAX_ALLOW,
-    MAX_ENDPOINTS,
-    MAX_OBJECT_IDS,
     MAX_PASSTHROUGH,
     PASSTHROUGH_KEYS,
-    QEMU_ID,
     QUEUE_ROLES,
-    QUORUM_KEYS,
     REPLICATION_KEYS,
-    REQUIRED_SECTIONS,
     SECTIONS,
     Key,
 )
@@ -71,7 +63,7 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
     root = compose(text, filename)
     reader = Reader(filename)
     top = reader.mapping(root, "", {name: Key(None, None) for name in SECTIONS}, 1)
-    config = _Builder(reader, top).build() if top is not None else None
+    config = _Builder(Sections(reader, top)).build() if top is not None else None
     reader.raise_if_any()
     if config is None:  # every path to None records a problem first
         raise UsageError(f"{filename}: rejected without a reason (a bug in coloproxy.config)")
@@ -81,32 +73,24 @@ def parse_config(text: str, filename: str = "<config>") -> Config:
 class _Builder:
     """Reads each section and builds the dataclasses (only when nothing is wrong)."""
 
-    def __init__(self, reader: Reader, top: Read) -> None:
-        self.reader = reader
-        self.top = top
+    def __init__(self, sections: Sections) -> None:
+        self.sections = sections
+        self.reader = sections.reader
         self.queues_read: Read | None = None
 
-    def section(self, name: str) -> Read | None:
-        keys = SECTIONS[name]
-        if name not in self.top.nested and name in REQUIRED_SECTIONS:
-            needed = ", ".join(key for key, spec in keys.items() if spec.required)
-            self.reader.problem(1, name, f"missing; expected a mapping with {needed}")
-            return None
-        return self.reader.mapping(self.top.nested.get(name), name, keys, self.top.line_of(name))
-
     def build(self) -> Config | None:
-        pair = self.section("pair")
-        net = self.section("net")
-        compare = self.section("compare")
-        control = self.section("control")
-        metrics = self.section("metrics")
-        engine = self.section("engine")
-        log = self.section("log")
+        pair = self.sections.section("pair")
+        net = self.sections.section("net")
+        compare = self.sections.section("compare")
+        control = self.sections.section("control")
+        metrics = self.sections.section("metrics")
+        engine = self.sections.section("engine")
+        log = self.sections.section("log")
         role = pair.values.get("role") if pair is not None else None
         queues = self._queues(role)
         replication = self._replication(net)
         compare_config = self._compare(compare)
-        chardev = self._chardev(role, compare)
+        chardev = chardev_section(self.sections, role, compare)
         if chardev is not None:
             queues = None  # the chardev transport replaces the queues
             if compare_config is not None:
@@ -118,10 +102,11 @@ class _Builder:
                     if compare is not None and "secondary_seq" in compare.lines
                     else SecondarySeq.REWRITTEN,
                 )
-        lan_heartbeat = self._engine(engine, role)
-        object_ids = self._object_ids(engine)
-        quorum = self._quorum(engine)
-        disk = self._disk(engine)
+        check_engine(self.sections, engine, role)
+        lan_heartbeat = self._lan_heartbeat(engine)
+        object_ids = failover_object_ids(self.sections, engine)
+        quorum = quorum_section(self.sections, engine)
+        disk = disk_section(self.sections, engine)
         if role is Role.PRIMARY and queues is not None and compare_config is not None:
             self._held_within_queue(queues, compare_config, compare)
         if (
@@ -161,49 +146,6 @@ class _Builder:
             disk=disk,
         )
 
-    def _disk(self, engine: Read | None) -> DiskConfig | None:
-        """The ``disk`` section, and its checks across sections (the engine drives it)."""
-        if "disk" not in self.top.nested:
-            return None
-        line = self.top.line_of("disk")
-        read = self.section("disk")
-        if read is None:
-            return None
-        if engine is not None and engine.values.get("qmp") is None:
-            self.reader.problem(
-                line,
-                "disk",
-                "needs engine.qmp: the checkpoint engine drives the block replication"
-                ' (docs/engine.md, "The disk")',
-            )
-        seen: dict[object, str] = {}
-        for name in ("image", "active", "hidden"):
-            path = read.values.get(name)
-            if path is None:
-                continue
-            if path in seen:
-                self.reader.problem(
-                    read.line_of(name), f"disk.{name}", f"same file as disk.{seen[path]}"
-                )
-            seen[path] = name
-        if read.values.get("drive") == read.values.get("export") and "drive" in read.values:
-            blamed = "export" if "export" in read.lines else "drive"
-            self.reader.problem(
-                read.line_of(blamed), f"disk.{blamed}", "disk.drive and disk.export must differ"
-            )
-        uri = engine.values.get("migrate_uri") if engine is not None else None
-        port = read.values.get("nbd_port")
-        if isinstance(uri, str) and uri.startswith("tcp:") and uri.rsplit(":", 1)[-1] == str(port):
-            self.reader.problem(
-                read.line_of("nbd_port"),
-                "disk.nbd_port",
-                f"{port} is engine.migrate_uri's port: the secondary's NBD export and its"
-                " -incoming listen on the same address",
-            )
-        if any(name not in read.values for name in DISK_KEYS):
-            return None  # a missing or bad value, reported already
-        return DiskConfig(**read.values)  # type: ignore[arg-type]  # the rules typed them
-
     def _held_within_queue(
         self, queues: QueuesConfig, compare: CompareConfig, compare_read: Read | None
     ) -> None:
@@ -229,7 +171,7 @@ class _Builder:
             )
 
     def _queues(self, role: object) -> QueuesConfig | None:
-        read = self.section("queues")
+        read = self.sections.section("queues")
         self.queues_read = read
         if read is None:
             return None
@@ -259,146 +201,23 @@ class _Builder:
             numbers[number] = name
         return QueuesConfig(**read.values)  # type: ignore[arg-type]
 
-    def _chardev(self, role: object, compare: Read | None) -> ChardevConfig | None:
-        """The chardev transport's section, and its checks across sections."""
-        if "chardev" not in self.top.nested:
-            return None
-        line = self.top.line_of("chardev")
-        if role is Role.SECONDARY:
-            self.reader.problem(
-                line, "chardev", "only a primary has the chardev transport (role is secondary)"
-            )
-            return None
-        if "queues" in self.top.nested:
-            self.reader.problem(
-                self.top.line_of("queues"),
-                "queues",
-                "a primary with the chardev transport has no queues (give chardev or queues)",
-            )
-        if compare is not None and compare.values.get("framing") is Framing.IP:
-            if "framing" in compare.lines:
-                self.reader.problem(
-                    compare.line_of("framing"),
-                    "compare.framing",
-                    "must be ethernet with the chardev transport (QEMU's chardevs carry "
-                    "Ethernet frames), got 'ip'",
-                )
-        read = self.section("chardev")
-        if read is None:
-            return None
-        sockets: dict[str, ChardevSocket] = {}
-        seen: dict[object, str] = {}
-        for name in ("primary_in", "secondary_in", "outdev", "notify"):
-            node = read.nested.get(name)
-            if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
-                continue  # a missing required socket is reported by the mapping's read
-            key = f"chardev.{name}"
-            chardev_socket = self._chardev_socket(node, key, read.line_of(name))
-            if chardev_socket is None:
-                continue
-            address = (
-                chardev_socket.path
-                if chardev_socket.path is not None
-                else (chardev_socket.host, chardev_socket.port)
-            )
-            if address in seen:
-                self.reader.problem(
-                    read.line_of(name), key, f"same address as chardev.{seen[address]}"
-                )
-            seen[address] = name
-            sockets[name] = chardev_socket
-        if any(name not in sockets for name in ("primary_in", "secondary_in", "outdev")):
-            return None
-        return ChardevConfig(
-            primary_in=sockets["primary_in"],
-            secondary_in=sockets["secondary_in"],
-            outdev=sockets["outdev"],
-            notify=sockets.get("notify"),
-            **read.values,  # type: ignore[arg-type]  # the rules typed them
-        )
-
-    def _chardev_socket(self, node: Node, key: str, line: int) -> ChardevSocket | None:
-        read = self.reader.mapping(node, key, CHARDEV_SOCKET_KEYS, line)
-        if read is None:
-            return None
-        # Written and not null; a value that broke its rule is reported already.
-        written = [
-            name
-            for name in ("unix", "tcp")
-            if name in read.lines and (name not in read.values or read.values[name] is not None)
-        ]
-        given = [name for name in written if read.values.get(name) is not None]
-        if len(written) != 1:
-            shown = " and ".join(written) if written else "neither"
-            self.reader.problem(
-                line, key, f"give exactly one of unix (a path) or tcp (HOST:PORT), got {shown}"
-            )
-            return None
-        if len(given) != 1 or "server" not in read.values:
-            return None  # a bad or missing value, reported already
-        path, address = read.values.get("unix"), read.values.get("tcp")
-        server = bool(read.values["server"])
-        allow = self._allow(read, key, address is not None and server)
-        if allow is None:
-            return None
-        if address is not None:
-            host, port = typing.cast(tuple[str, int], address)
-            if server and not is_ip(host):
-                # asyncio binds every address a name resolves to.
-                self.reader.problem(
-                    read.line_of("tcp"),
-                    f"{key}.tcp",
-                    f"a listening socket binds one address: give an IP address, not the host"
-                    f" name {host!r}",
-                )
-                return None
-            return ChardevSocket(server=server, host=host, port=port, allow=allow)
-        return ChardevSocket(server=server, path=typing.cast(Path, path))
-
-    def _allow(self, read: Read, key: str, listening_tcp: bool) -> tuple[IPNetwork, ...] | None:
-        """``allow``: the peers a listening TCP socket accepts (addresses or networks)."""
-        node = read.nested.get("allow")
-        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
-            return ()
-        key, line = f"{key}.allow", read.line_of("allow")
-        if not listening_tcp:
-            self.reader.problem(
-                line,
-                key,
-                "only a listening TCP socket (tcp, server: true) has an allow list; a unix"
-                " socket is kept to its owner (and chardev.group) by its mode",
-            )
-            return None
-        items = self.reader.sequence(node, key, line, MAX_ALLOW, "entries")
-        if items is None:
-            return None
-        networks: list[IPNetwork] = []
-        for index, item in enumerate(items):
-            readable, value = self.reader.scalar(item, f"{key}[{index}]")
-            if not readable:
-                return None
-            try:
-                if not isinstance(value, str):
-                    raise ValueError
-                networks.append(ipaddress.ip_network(value, strict=False))
-            except ValueError:
-                self.reader.problem(
-                    node_line(item),
-                    f"{key}[{index}]",
-                    f"expected an IP address or a network (10.0.0.0/24), got {shown(value)}",
-                )
-                return None
-        if not networks:
-            self.reader.problem(line, key, "an empty list would refuse every peer")
-            return None
-        return tuple(networks)
-
     def _replication(self, net: Read | None) -> ReplicationConfig | None:
         if net is None or "replication" not in net.nested:
             return None
         return self._addresses(
             net.nested["replication"], "net.replication", net.line_of("replication")
         )
+
+    def _lan_heartbeat(self, engine: Read | None) -> ReplicationConfig | None:
+        """``engine.lan_heartbeat``: a second heartbeat path, on the LAN (None: none)."""
+        node = engine.nested.get("lan_heartbeat") if engine is not None else None
+        if (
+            engine is None
+            or node is None
+            or (isinstance(node, ScalarNode) and node.tag.endswith(":null"))
+        ):
+            return None
+        return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
 
     def _addresses(self, node: Node, key: str, line: int) -> ReplicationConfig | None:
         """A mapping of this host's and the peer's address on one network."""
@@ -412,104 +231,6 @@ class _Builder:
         elif local == remote:
             self.reader.problem(line, key, f"local and remote are both {local}")
         return ReplicationConfig(local=local, remote=remote)
-
-    def _engine(self, engine: Read | None, role: object) -> ReplicationConfig | None:
-        """Checks across the engine's keys; the LAN heartbeat path."""
-        if engine is None:
-            return None
-        values = engine.values
-        if role is Role.SECONDARY and values.get("migrate_uri") is not None:
-            self.reader.problem(
-                engine.line_of("migrate_uri"),
-                "engine.migrate_uri",
-                "only a primary migrates (role is secondary)",
-            )
-        if values.get("qmp") is not None and values.get("heartbeat_key") is None:
-            self.reader.problem(
-                engine.line_of("qmp"),
-                "engine.heartbeat_key",
-                "missing; an engine (engine.qmp) needs the file of the key that"
-                " authenticates its heartbeats (docs/engine.md)",
-            )
-        interval, timeout = values.get("heartbeat_interval_ms"), values.get("failover_timeout_ms")
-        if isinstance(interval, int) and isinstance(timeout, int) and timeout <= interval:
-            self.reader.problem(
-                engine.line_of("failover_timeout_ms"),
-                "engine.failover_timeout_ms",
-                f"must be longer than engine.heartbeat_interval_ms ({interval})",
-            )
-        node = engine.nested.get("lan_heartbeat")
-        if node is None or (isinstance(node, ScalarNode) and node.tag.endswith(":null")):
-            return None
-        return self._addresses(node, "engine.lan_heartbeat", engine.line_of("lan_heartbeat"))
-
-    def _quorum(self, engine: Read | None) -> QuorumConfig | None:
-        """``engine.quorum``: None (and no problem) when absent, the two-host mode."""
-        if engine is None or "quorum" not in engine.nested:
-            return None
-        key, line = "engine.quorum", engine.line_of("quorum")
-        read = self.reader.mapping(engine.nested["quorum"], key, QUORUM_KEYS, line)
-        if read is None or "service" not in read.values:
-            return None
-        values = dict(read.values)
-        endpoints: list[tuple[str, int]] = []
-        if "endpoints" in read.nested:
-            at = read.line_of("endpoints")
-            items = self.reader.sequence(
-                read.nested["endpoints"], f"{key}.endpoints", at, MAX_ENDPOINTS, "endpoints"
-            )
-            for index, item in enumerate(items or ()):
-                readable, value = self.reader.scalar(item, f"{key}.endpoints[{index}]")
-                if not readable:
-                    continue
-                try:
-                    endpoints.append(typing.cast(tuple[str, int], tcp_address(value)))
-                except BadValueError as exc:
-                    self.reader.problem(node_line(item), f"{key}.endpoints[{index}]", str(exc))
-        values.pop("endpoints", None)
-        service = values["service"]
-        if service is QuorumService.ETCD and not endpoints and "endpoints" not in read.nested:
-            self.reader.problem(line, f"{key}.endpoints", "missing; etcd needs its endpoints")
-        ttl, renew, margin = values["ttl_ms"], values["renew_ms"], values["margin_ms"]
-        if isinstance(ttl, int) and isinstance(renew, int) and isinstance(margin, int):
-            if margin >= ttl or renew >= ttl - margin:
-                self.reader.problem(
-                    read.line_of("margin_ms"),
-                    key,
-                    f"renew_ms ({renew}) must be shorter than ttl_ms ({ttl}) less margin_ms"
-                    f" ({margin})",
-                )
-        if (values["cert_file"] is None) != (values["key_file"] is None):
-            self.reader.problem(line, key, "cert_file and key_file go together")
-        if (values["user"] is None) != (values["password_file"] is None):
-            self.reader.problem(line, key, "user and password_file go together")
-        return QuorumConfig(endpoints=tuple(endpoints), **values)  # type: ignore[arg-type]
-
-    def _object_ids(self, engine: Read | None) -> tuple[str, ...]:
-        """``engine.failover_object_del``: QEMU object ids (QEMU's id_wellformed: a letter,
-        then letters, digits, '-', '.', '_')."""
-        if engine is None or "failover_object_del" not in engine.nested:
-            return ()
-        key = "engine.failover_object_del"
-        line = engine.line_of("failover_object_del")
-        items = self.reader.sequence(
-            engine.nested["failover_object_del"], key, line, MAX_OBJECT_IDS, "ids"
-        )
-        ids: list[str] = []
-        for index, item in enumerate(items or ()):
-            readable, value = self.reader.scalar(item, f"{key}[{index}]")
-            if not readable:
-                continue
-            if not isinstance(value, str) or not QEMU_ID.fullmatch(value):
-                self.reader.problem(
-                    node_line(item),
-                    f"{key}[{index}]",
-                    f"expected a QEMU object id (a letter, then letters, digits, '-', '.' or"
-                    f" '_'), got {shown(value)}",
-                )
-                continue
-            ids.append(value)
-        return tuple(ids)
 
     def _passthrough(self, compare: Read) -> tuple[PassthroughRule, ...] | None:
         if "passthrough" not in compare.nested:

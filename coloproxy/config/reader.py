@@ -38,7 +38,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from coloproxy.config.problems import ConfigError, cut, one_line, shown
 from coloproxy.config.rules import BadValueError
-from coloproxy.config.schema import Key
+from coloproxy.config.schema import REQUIRED_SECTIONS, SECTIONS, Key
 
 # Bounds of the reader (module docstring). A real configuration is a few KiB, nests five
 # levels and has a few hundred values.
@@ -341,3 +341,20 @@ class Reader:
     def raise_if_any(self) -> None:
         if self.problems:
             raise ConfigError([text for _, _, text in sorted(self.problems)])
+
+
+class Sections:
+    """The file's top-level mapping: each section read on demand against its key table
+    (coloproxy.config.schema.SECTIONS), a missing required section a problem."""
+
+    def __init__(self, reader: Reader, top: Read) -> None:
+        self.reader = reader
+        self.top = top
+
+    def section(self, name: str) -> Read | None:
+        keys = SECTIONS[name]
+        if name not in self.top.nested and name in REQUIRED_SECTIONS:
+            needed = ", ".join(key for key, spec in keys.items() if spec.required)
+            self.reader.problem(1, name, f"missing; expected a mapping with {needed}")
+            return None
+        return self.reader.mapping(self.top.nested.get(name), name, keys, self.top.line_of(name))
