@@ -49,7 +49,7 @@ def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
     proxy.on_secondary("s1", tcp(S_ISN + 1, b"same"), 0.1)
     assert primary_out.accepted == []
     assert secondary_out.dropped == ["s-syn", "s1"]
-    proxy.on_timer(50.0)  # long past every timeout: still nothing before a checkpoint
+    proxy.handle_timer(50.0)  # long past every timeout: still nothing before a checkpoint
     proxy.checkpoint_started(50.1)
     proxy.on_primary("p2", tcp(P_ISN + 5, b"more"), 50.2)
     assert primary_out.accepted == []
@@ -70,7 +70,7 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     proxy.on_primary("p2", tcp(P_ISN + 5, b"abc"), 1.1)
     proxy.on_secondary("s2", tcp(S_ISN + 5, b"abd"), 1.1)
     proxy.on_primary("p3", tcp(P_ISN + 1, b"x", sport=81), 1.1)
-    proxy.on_timer(10.0)  # the other flow times out: coalesced with the outstanding request
+    proxy.handle_timer(10.0)  # the other flow times out: coalesced with the outstanding request
     assert [(r.id, r.reason, r.flow) for r in sink.requests[1:]] == [
         (2, "payload", "tcp 10.0.0.1:80 -> 10.0.0.9:40000")
     ]
