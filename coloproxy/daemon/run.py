@@ -21,34 +21,25 @@ import dataclasses
 import logging
 import math
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 from coloproxy import __version__
-from coloproxy.capture.chardev import ChardevTransport
-from coloproxy.capture.netlink import NetlinkQueue
-from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
-from coloproxy.capture.stats import read_queue_stats
-from coloproxy.compare import Comparator, CompareConfig
 from coloproxy.config import (
-    ChardevConfig,
     Config,
     ConfigError,
     QueuesConfig,
     QuorumService,
-    Transport,
     load_config,
 )
 from coloproxy.daemon import logs
 from coloproxy.daemon import reload as reloading
 from coloproxy.daemon.control import DaemonControl
+from coloproxy.daemon.datapath import DataPath
 from coloproxy.daemon.notify import Notifier
-from coloproxy.daemon.primary import PrimaryProxy
 from coloproxy.daemon.pump import TimerPump
 from coloproxy.daemon.record import Recorder
 from coloproxy.daemon.rulewatch import RuleWatch
-from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.daemon.state import DaemonState
 from coloproxy.daemon.takeover import LanTakeover
 from coloproxy.engine.runner import EngineRunner, EngineSettings
@@ -59,13 +50,9 @@ from coloproxy.net import host as hostnet
 from coloproxy.net.leasegate import LeaseGate
 from coloproxy.net.rules import QueueNumbers
 from coloproxy.protocol import ClientRole, Mode, SetPeriod
-from coloproxy.rewrite import SecondaryRewriter
 from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
-
-# A receive batch of one side of the chardev transport: (tokens, frames, now).
-_BatchFeed = Callable[[Sequence[object], list[bytes], float], None]
 
 
 def host_net(config: Config) -> hostnet.HostNet:
@@ -124,7 +111,6 @@ class Daemon:
             config.pair.role,
             period_ms=config.engine.period_ms if config.engine.qmp else None,
         )
-        self.queues: list[PacketQueue] = []
         # A primary on the chardev transport gets its packets from QEMU's filters: no
         # netfilter, tc or tunnels, nothing to attach at failover (docs/chardev.md).
         self.chardev_primary = config.chardev is not None and config.pair.role is Role.PRIMARY
@@ -142,6 +128,14 @@ class Daemon:
             notifier=self.notifier,
             attach_lan=self.takeover.attach_guest_to_lan if setup_net else None,
             become_primary=self.become_primary,
+        )
+        self.data_path = DataPath(
+            self.state,
+            loop=self.loop,
+            pump=self.pump,
+            metrics=self.metrics,
+            requests=self.control,
+            recorder=self.recorder,
         )
         self.metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
@@ -176,11 +170,11 @@ class Daemon:
             self.metrics.control_refusals = lambda: server.refusals
             if state.role is Role.PRIMARY:
                 if config.chardev is not None:
-                    await self._start_primary_chardev(config.chardev)
+                    await self.data_path.start_chardev(config.chardev, self.release_until)
                 else:
                     self._start_primary()
             else:
-                self._start_secondary()
+                self.data_path.start_secondary()
             self._start_engine()
             self._start_rule_watch()
             self.metrics.protected = state.mode is Mode.PROTECTED
@@ -212,8 +206,7 @@ class Daemon:
             if self.rule_watch is not None:
                 await self.rule_watch.stop()
             await self._stop_engine()
-            for queue in self.queues:
-                queue.close()
+            self.data_path.close_queues()
             if state.chardev is not None:
                 await state.chardev.close()
             self.pump.close()
@@ -338,37 +331,11 @@ class Daemon:
 
     # -- the data path -----------------------------------------------------------------------
 
-    def _new_primary(self, compare: CompareConfig) -> PrimaryProxy:
-        """The comparator and its proxy, with no queues yet (both transports), pumped and
-        counted; it asks for its restart checkpoint (I6) at once."""
-        comparator = Comparator(compare)
-        proxy = PrimaryProxy(comparator, _Late(), _Late(), self.control, self.loop.time())
-        proxy.release_until = self.release_until
-        self.state.comparator = comparator
-        self.state.proxy = proxy
-        self.pump.target = proxy
-        self.metrics.counts = proxy.counters
-        self.metrics.compare_stats = comparator.stats
-        self.metrics.compare_bounds = lambda: (
-            comparator.config.max_held_packets,
-            comparator.config.max_held_bytes,
-        )
-        return proxy
-
     def _start_primary(self) -> None:
-        """Host P on the NFQUEUE transport: P-out, S-out and the split queue."""
+        """Host P on the NFQUEUE transport (daemon/datapath.py), behind the leader key's gate
+        for the PVM's non-IP frames in quorum mode."""
         config = self.state.config
-        queues = config.queues
-        if queues is None:  # the config loader requires queues on a primary
-            raise ValueError("primary without queues")
-        netlink = queues.transport is Transport.NETLINK
-        compare = config.compare
-        if not netlink:  # netfilterqueue cannot send an NF_QUEUE verdict
-            compare = dataclasses.replace(compare, split_after=None)
-        mtu = _guest_mtu(config.net.guest_port)
-        if mtu is not None and mtu > compare.gso_above:
-            compare = dataclasses.replace(compare, gso_above=mtu)
-        proxy = self._new_primary(compare)
+        proxy = self.data_path.new_primary(self.data_path.nfqueue_compare(), self.release_until)
         quorum = config.engine.quorum
         if (
             self.setup_net
@@ -380,131 +347,7 @@ class Daemon:
             # (coloproxy/net/leasegate.py), closed until the key is won.
             self.lease_gate = LeaseGate(config.net.prefix, config.net.guest_port)
             self.lease_gate.install()
-        self._queue_metrics(
-            {
-                queues.primary_out: "primary-out",
-                queues.secondary_out: "secondary-out",
-                queues.primary_split: "primary-split",
-            }
-        )
-        poke = self.pump.poke
-        recorder = self.recorder
-
-        def primary(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_primary(handle, payload, now)
-            poke()
-
-        def secondary(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_secondary(handle, payload, now)
-            poke()
-
-        if recorder is not None:
-
-            def primary(handle: object, payload: bytes, now: float) -> None:
-                recorder.write("primary", payload)
-                proxy.on_primary(handle, payload, now)
-                poke()
-
-            def secondary(handle: object, payload: bytes, now: float) -> None:
-                recorder.write("secondary", payload)
-                proxy.on_secondary(handle, payload, now)
-                poke()
-
-        def split_segment(handle: object, payload: bytes, now: float) -> None:
-            primary(_SplitSegment(handle), payload, now)
-
-        # Whole GSO packets: these verdicts carry no new payload (bench/nfqueue_README.md).
-        primary_out = self._open_queue(queues.primary_out, primary, gso=True)
-        secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True)
-        if netlink:
-            # No rule feeds this queue: only P-out's Split verdicts, whose GSO packets the
-            # kernel cuts into segments on the way in (no GSO flag here).
-            split = self._open_queue(queues.primary_split, split_segment, gso=False)
-            proxy.bind(_SplittingOut(primary_out, split), secondary_out)
-        else:
-            proxy.bind(primary_out, secondary_out)
-
-    async def _start_primary_chardev(self, chardev: ChardevConfig) -> None:
-        """The primary fed by QEMU's filters over colo-compare's sockets: the same proxy and
-        comparator (Ethernet framing), no S-in (QEMU's filter-rewriter shifts the secondary's
-        TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
-        # The chardev transport cannot hand a frame back to be cut up: no Split.
-        proxy = self._new_primary(dataclasses.replace(self.state.config.compare, split_after=None))
-        poke = self.pump.poke
-        recorder = self.recorder
-
-        def batches(side: str, feed: _BatchFeed) -> _BatchFeed:
-            def callback(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
-                if recorder is not None:
-                    for packet in packets:
-                        recorder.write(side, packet)
-                feed(tokens, packets, now)
-                poke()
-
-            return callback
-
-        primary = batches("primary", proxy.on_primary_many)
-        secondary = batches("secondary", proxy.on_secondary_many)
-
-        def damaged(reason: str, now: float) -> None:
-            # A frame was lost on an input: make the secondary equal to the primary again
-            # now rather than at the comparator's timeout.
-            proxy.request_manual(now, reason)
-
-        def xen_checkpoint_done(now: float) -> None:
-            # Xen's COLO frame checkpointed (COLO_CHECKPOINT): release and compare afresh,
-            # as colo-compare's colo_flush_packets does.
-            proxy.checkpoint_started(now)
-            proxy.checkpoint_completed(now)
-            poke()
-
-        transport = ChardevTransport(chardev, primary, secondary, damaged, xen_checkpoint_done)
-        self.state.chardev = transport
-        proxy.bind(transport.primary_verdicts, transport.secondary_verdicts)
-        self.metrics.chardev = transport
-        await transport.start()
-        if proxy.outstanding is not None:  # the restart request (I6), for Xen too
-            transport.request_checkpoint()
-
-    def _start_secondary(self) -> None:
-        """Host S: the rewriter of the SVM's TCP sequence spaces on its two queues."""
-        queues = self.state.config.queues
-        if queues is None:  # the config loader fills in the defaults on a secondary
-            raise ValueError("secondary without queues")
-        proxy = SecondaryProxy(SecondaryRewriter(), _Late(), _Late())
-        self.state.secondary = proxy
-        self.pump.target = proxy  # S-in's hold across the SVM's checkpoint
-        self.metrics.counts = proxy.counters
-        self._queue_metrics(
-            {queues.secondary_in: "secondary-in", queues.secondary_egress: "secondary-egress"}
-        )
-        # Never GSO here: rewritten packets go back with complete checksums.
-        to_guest = self._open_queue(queues.secondary_in, proxy.on_to_guest, gso=False)
-        from_guest = self._open_queue(queues.secondary_egress, proxy.on_from_guest, gso=False)
-        proxy.bind(to_guest, from_guest)
-
-    def _open_queue(
-        self, number: int, callback: Callable[[object, bytes, float], None], *, gso: bool
-    ) -> PacketQueue:
-        queues = self.state.config.queues
-        assert queues is not None
-        netlink = queues.transport is Transport.NETLINK
-        queue_config = QueueConfig(
-            number,
-            max_len=queues.max_len,
-            copy_range=queues.copy_range,
-            rcvbuf=queues.rcvbuf,
-            gso=netlink and gso,
-        )
-        queue = open_queue(queue_config, callback, queues.transport)
-        self.queues.append(queue)
-        return queue
-
-    def _queue_metrics(self, numbers: dict[int, str]) -> None:
-        self.metrics.queue_names = numbers
-        self.metrics.queue_stats = lambda: [
-            s for n, s in read_queue_stats().items() if n in numbers
-        ]
+        self.data_path.open_primary(proxy)
 
     async def become_primary(self, migrate_uri: str) -> None:
         """Reprotect (checked by the control handler): this host becomes the primary, its
@@ -513,9 +356,7 @@ class Daemon:
         log.warning("reprotect: becoming the primary; new secondary at %s", migrate_uri)
         # The engine's decisions belong to the old pair; its last heartbeat says "leaving".
         await self._stop_engine()
-        for queue in self.queues:
-            queue.close()
-        self.queues = []
+        self.data_path.close_queues()
         state.proxy = state.comparator = state.secondary = None
         self.pump.target = None
         # Connections the takeover rewriter was shifting lose their shift here: host S's
@@ -588,59 +429,6 @@ class Daemon:
 def _engine_ended(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         log.error("the checkpoint engine stopped: %r", task.exception())
-
-
-class _SplitSegment:
-    """The token of a packet from the split queue (a segment of a GSO packet that P-out
-    handed back): its verdict goes to that queue."""
-
-    __slots__ = ("handle",)
-
-    def __init__(self, handle: object) -> None:
-        self.handle = handle
-
-
-class _SplittingOut:
-    """P-out's verdicts with the split queue beside it (``Split``, docs/data-path.md)."""
-
-    def __init__(self, primary_out: PacketQueue, split: PacketQueue) -> None:
-        self._primary_out = primary_out
-        self._split = split
-        self._split_number = split.config.queue_num
-
-    def accept(self, handle: object, payload: bytes | None = None) -> None:
-        if type(handle) is _SplitSegment:
-            self._split.accept(handle.handle, payload)
-        else:
-            self._primary_out.accept(handle, payload)
-
-    def drop(self, handle: object) -> None:  # never for a primary packet; here for Verdicts
-        if type(handle) is _SplitSegment:
-            self._split.drop(handle.handle)
-        else:
-            self._primary_out.drop(handle)
-
-    def split(self, handle: object) -> None:
-        # Only P-out's own packets are longer than the MTU: a segment is never split again.
-        cast(NetlinkQueue, self._primary_out).requeue(handle, self._split_number)
-
-
-def _guest_mtu(guest_port: str) -> int | None:
-    """The guest port's MTU in this namespace (sysfs), None when it cannot be read."""
-    try:
-        return int(Path(f"/sys/class/net/{guest_port}/mtu").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class _Late:
-    """Stands in for a queue until the queues are open (the proxy is built first)."""
-
-    def accept(self, handle: object, payload: bytes | None = None) -> None:
-        raise RuntimeError("queue not open yet")
-
-    def drop(self, handle: object) -> None:
-        raise RuntimeError("queue not open yet")
 
 
 def run(
