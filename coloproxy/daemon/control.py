@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from coloproxy.compare import Evidence
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
@@ -78,30 +79,24 @@ def wire_request(request: CheckpointRequest, sent: float) -> WireRequest:
     )
 
 
+@dataclass(eq=False, kw_only=True)
 class DaemonControl:
     """``ControlHandler`` of the daemon's control socket, ``RequestSink`` of its proxy."""
 
-    def __init__(
-        self,
-        state: DaemonState,
-        *,
-        loop: asyncio.AbstractEventLoop,
-        pump: TimerPump,
-        metrics: Metrics,
-        notifier: Notifier,
-        attach_lan: Callable[[], int] | None,
-        become_primary: Callable[[str], Awaitable[None]],
-    ) -> None:
-        self._state = state
-        self._loop = loop
-        self._pump = pump
-        self._metrics = metrics
-        self._notifier = notifier
-        # The takeover's step into the LAN (blocking), None when this daemon manages no LAN.
-        self._attach_lan = attach_lan
-        self._become_primary = become_primary
-        self.started = loop.time()
-        control = state.config.control
+    state: DaemonState
+    loop: asyncio.AbstractEventLoop
+    pump: TimerPump
+    metrics: Metrics
+    notifier: Notifier
+    # The takeover's step into the LAN (blocking), None when this daemon manages no LAN.
+    attach_lan: Callable[[], int] | None
+    become_primary: Callable[[str], Awaitable[None]]  # reprotect's rebuild, the daemon's
+    started: float = field(init=False)
+    server: ControlServer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.started = self.loop.time()
+        control = self.state.config.control
         self.server = ControlServer(
             control.socket,
             self,
@@ -116,9 +111,9 @@ class DaemonControl:
     # -- requests to engines (RequestSink) ---------------------------------------------------
 
     def checkpoint_requested(self, request: CheckpointRequest) -> None:
-        config = self._state.config
-        if self._state.chardev is not None:
-            self._state.chardev.request_checkpoint()  # Xen's notify channel, when configured
+        config = self.state.config
+        if self.state.chardev is not None:
+            self.state.chardev.request_checkpoint()  # Xen's notify channel, when configured
         sent = self.server.broadcast(
             wire_request(request, time.time()), to_roles={ClientRole.ENGINE}
         )
@@ -133,32 +128,32 @@ class DaemonControl:
     # -- ControlHandler --------------------------------------------------------------------
 
     def identity(self) -> ProxyIdentity:
-        state = self._state
+        state = self.state
         return ProxyIdentity(state.config.pair.name, state.role, state.mode)
 
     def client_connected(self, client: ClientInfo) -> None:
         log.info("%s connected", client)
-        proxy = self._state.proxy
+        proxy = self.state.proxy
         if client.role is ClientRole.ENGINE and proxy is not None and proxy.outstanding is not None:
             self.server.send(client, wire_request(proxy.outstanding, time.time()))
 
     def client_disconnected(self, client: ClientInfo, reason: str) -> None:
         log.info("%s disconnected: %s", client, reason)
-        proxy = self._state.proxy
+        proxy = self.state.proxy
         if client.role is ClientRole.ENGINE and proxy is not None:
-            proxy.engine_gone(client.number, self._loop.time())
-            self._pump.poke()
+            proxy.engine_gone(client.number, self.loop.time())
+            self.pump.poke()
 
     def _ask_again(self, client: ClientInfo) -> None:
         """After a refused completion: the outstanding request once more to that engine, so
         that an engine that believes it served it checkpoints again (after our reply)."""
-        proxy = self._state.proxy
+        proxy = self.state.proxy
         if proxy is not None and proxy.outstanding is not None:
             self.server.send(client, wire_request(proxy.outstanding, time.time()))
 
     async def handle(self, client: ClientInfo, message: Request) -> HandlerReply:
-        now = self._loop.time()
-        state = self._state
+        now = self.loop.time()
+        state = self.state
         proxy = state.proxy
         if isinstance(message, StatusRequest):
             return self._status(now)
@@ -166,18 +161,18 @@ class DaemonControl:
             if state.secondary is not None:
                 # Host S: the SVM stopped to load one; S-in holds until it resumed.
                 state.secondary.checkpoint_started(now)
-                self._pump.poke()
+                self.pump.poke()
             # Only an engine (by its credentials) gets here: the control server checks.
             if proxy is not None:
                 refused = proxy.report_started(now, message.request, client.number)
-                self._pump.poke()
+                self.pump.poke()
                 if refused is not None:
                     return ErrorReply(ErrorCode.UNEXPECTED, refused.detail)
             return Ack(request=message.request)
         if isinstance(message, CheckpointCompleted):
             if state.secondary is not None and message.synced:
                 state.secondary.checkpoint_applied()  # host S: the SVM loaded a checkpoint
-                self._pump.poke()
+                self.pump.poke()
             if proxy is not None:
                 # The guests resumed at the engine's RESUME stamp (wall clock, this host):
                 # on our loop's clock, so that packets sent since are compared, not released.
@@ -188,9 +183,9 @@ class DaemonControl:
                     now, message.request, client.number, message.synced, resumed
                 )
                 if refused is not None:
-                    self._loop.call_soon(self._ask_again, client)
+                    self.loop.call_soon(self._ask_again, client)
                     return ErrorReply(ErrorCode.UNEXPECTED, refused.detail)
-                self._pump.poke()
+                self.pump.poke()
             return Ack(request=message.request)
         if isinstance(message, CheckpointNow):
             if proxy is None:
@@ -216,18 +211,18 @@ class DaemonControl:
         return self._failover(message, now)
 
     async def _attach_lan_requested(self) -> HandlerReply:
-        state = self._state
+        state = self.state
         lan = state.config.net.lan_bridge
         if state.secondary is None or state.mode is not Mode.UNPROTECTED:
             return ErrorReply(
                 ErrorCode.UNAVAILABLE, "only a secondary that took over (failover) joins the LAN"
             )
-        if self._attach_lan is None or lan is None:
+        if self.attach_lan is None or lan is None:
             return ErrorReply(
                 ErrorCode.UNAVAILABLE, "this daemon manages no LAN bridge (net.lan_bridge)"
             )
         try:
-            replayed = await asyncio.to_thread(self._attach_lan)
+            replayed = await asyncio.to_thread(self.attach_lan)
         except NetError as exc:
             return ErrorReply(ErrorCode.INTERNAL, str(exc))
         return Ack(detail=f"guest port in {lan}; {replayed} SYN(s) replayed")
@@ -235,7 +230,7 @@ class DaemonControl:
     async def _reprotect(self, message: Reprotect) -> HandlerReply:
         """After a failover: this host becomes (or stays) the primary and its engine brings a
         new secondary into COLO (docs/control-protocol.md, "reprotect")."""
-        state = self._state
+        state = self.state
         if state.engine is None:
             return ErrorReply(
                 ErrorCode.UNAVAILABLE, "reprotect needs this daemon's engine (engine.qmp)"
@@ -252,26 +247,26 @@ class DaemonControl:
             return ErrorReply(ErrorCode.UNAVAILABLE, "a reprotect is in progress")
         state.reprotecting = True
         try:
-            await self._become_primary(message.migrate_uri)
+            await self.become_primary(message.migrate_uri)
         finally:
             state.reprotecting = False
         return Ack(detail=f"reprotecting: primary, bringing up COLO via {message.migrate_uri}")
 
     def _failover(self, message: Failover, now: float) -> HandlerReply:
-        state = self._state
+        state = self.state
         if message.mode is Mode.UNPROTECTED:
             state.mode = Mode.UNPROTECTED
             state.role = message.role  # a secondary that took over is the primary now
-            self._metrics.role = state.role.value
-            self._metrics.protected = False
+            self.metrics.role = state.role.value
+            self.metrics.protected = False
             if state.proxy is not None:
                 state.proxy.set_unprotected(now)
-                self._pump.poke()
+                self.pump.poke()
             if state.secondary is not None:
                 state.secondary.take_over()  # the SVM's output now goes to the client
-                self._pump.poke()
+                self.pump.poke()
             log.warning("now unprotected: %s", message.detail or "failover")
-            self._notifier.status(state.summary())
+            self.notifier.status(state.summary())
             return Ack(detail="unprotected: output passes uncompared")
         return ErrorReply(
             ErrorCode.UNAVAILABLE, "failover only unprotects; protect again with reprotect"
@@ -280,7 +275,7 @@ class DaemonControl:
     # -- the status reply --------------------------------------------------------------------
 
     def _status(self, now: float) -> Status:
-        state = self._state
+        state = self.state
         config = state.config
         clients = self.server.clients()
         engines = sum(1 for c in clients if c.role is ClientRole.ENGINE)
@@ -348,7 +343,7 @@ class DaemonControl:
         )
 
     def _quorum_status(self, now: float) -> tuple[str | None, bool]:
-        engine = self._state.engine
+        engine = self.state.engine
         if engine is None:
             return None, False
         leader = engine.leader

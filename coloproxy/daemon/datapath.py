@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -39,24 +40,15 @@ from coloproxy.rewrite import SecondaryRewriter
 _BatchFeed = Callable[[Sequence[object], list[bytes], float], None]
 
 
+@dataclass(eq=False, kw_only=True)
 class DataPath:
-    def __init__(
-        self,
-        state: DaemonState,
-        *,
-        loop: asyncio.AbstractEventLoop,
-        pump: TimerPump,
-        metrics: Metrics,
-        requests: RequestSink,
-        recorder: Recorder | None,
-    ) -> None:
-        self._state = state
-        self._loop = loop
-        self._pump = pump
-        self._metrics = metrics
-        self._requests = requests
-        self._recorder = recorder
-        self.queues: list[PacketQueue] = []
+    state: DaemonState
+    loop: asyncio.AbstractEventLoop
+    pump: TimerPump
+    metrics: Metrics
+    requests: RequestSink  # where the primary proxy's checkpoint requests go
+    recorder: Recorder | None  # --record
+    queues: list[PacketQueue] = field(default_factory=list)
 
     def close_queues(self) -> None:
         for queue in self.queues:
@@ -69,12 +61,12 @@ class DataPath:
         """The comparator and its proxy, with no queues yet (both transports), pumped and
         counted; it asks for its restart checkpoint (I6) at once."""
         comparator = Comparator(compare)
-        proxy = PrimaryProxy(comparator, _Late(), _Late(), self._requests, self._loop.time())
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self.requests, self.loop.time())
         proxy.release_until = release_until
-        self._state.comparator = comparator
-        self._state.proxy = proxy
-        self._pump.target = proxy
-        metrics = self._metrics
+        self.state.comparator = comparator
+        self.state.proxy = proxy
+        self.pump.target = proxy
+        metrics = self.metrics
         metrics.counts = proxy.counters
         metrics.compare_stats = comparator.stats
         metrics.compare_bounds = lambda: (
@@ -85,7 +77,7 @@ class DataPath:
 
     def nfqueue_compare(self) -> CompareConfig:
         """The file's comparator settings as the NFQUEUE transport can serve them."""
-        config = self._state.config
+        config = self.state.config
         queues = self._queues()
         compare = config.compare
         if queues.transport is not Transport.NETLINK:  # netfilterqueue: no NF_QUEUE verdict
@@ -106,8 +98,8 @@ class DataPath:
                 queues.primary_split: "primary-split",
             }
         )
-        poke = self._pump.poke
-        recorder = self._recorder
+        poke = self.pump.poke
+        recorder = self.recorder
 
         def primary(handle: object, payload: bytes, now: float) -> None:
             proxy.on_primary(handle, payload, now)
@@ -148,10 +140,10 @@ class DataPath:
         comparator (Ethernet framing), no S-in (QEMU's filter-rewriter shifts the secondary's
         TCP numbers), verdicts that write released frames to outdev (docs/chardev.md)."""
         # The chardev transport cannot hand a frame back to be cut up: no Split.
-        compare = dataclasses.replace(self._state.config.compare, split_after=None)
+        compare = dataclasses.replace(self.state.config.compare, split_after=None)
         proxy = self.new_primary(compare, release_until)
-        poke = self._pump.poke
-        recorder = self._recorder
+        poke = self.pump.poke
+        recorder = self.recorder
 
         def batches(side: str, feed: _BatchFeed) -> _BatchFeed:
             def callback(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
@@ -179,9 +171,9 @@ class DataPath:
             poke()
 
         transport = ChardevTransport(chardev, primary, secondary, damaged, xen_checkpoint_done)
-        self._state.chardev = transport
+        self.state.chardev = transport
         proxy.bind(transport.primary_verdicts, transport.secondary_verdicts)
-        self._metrics.chardev = transport
+        self.metrics.chardev = transport
         await transport.start()
         if proxy.outstanding is not None:  # the restart request (I6), for Xen too
             transport.request_checkpoint()
@@ -190,13 +182,13 @@ class DataPath:
 
     def start_secondary(self) -> None:
         """Host S: the rewriter of the SVM's TCP sequence spaces on its two queues."""
-        queues = self._state.config.queues
+        queues = self.state.config.queues
         if queues is None:  # the config loader fills in the defaults on a secondary
             raise ValueError("secondary without queues")
         proxy = SecondaryProxy(SecondaryRewriter(), _Late(), _Late())
-        self._state.secondary = proxy
-        self._pump.target = proxy  # S-in's hold across the SVM's checkpoint
-        self._metrics.counts = proxy.counters
+        self.state.secondary = proxy
+        self.pump.target = proxy  # S-in's hold across the SVM's checkpoint
+        self.metrics.counts = proxy.counters
         self._queue_metrics(
             {queues.secondary_in: "secondary-in", queues.secondary_egress: "secondary-egress"}
         )
@@ -208,7 +200,7 @@ class DataPath:
     # -- queues ------------------------------------------------------------------------------
 
     def _queues(self) -> QueuesConfig:
-        queues = self._state.config.queues
+        queues = self.state.config.queues
         if queues is None:  # the config loader requires queues on a primary
             raise ValueError("primary without queues")
         return queues
@@ -216,7 +208,7 @@ class DataPath:
     def _open_queue(
         self, number: int, callback: Callable[[object, bytes, float], None], *, gso: bool
     ) -> PacketQueue:
-        queues = self._state.config.queues
+        queues = self.state.config.queues
         assert queues is not None
         netlink = queues.transport is Transport.NETLINK
         queue_config = QueueConfig(
@@ -231,8 +223,8 @@ class DataPath:
         return queue
 
     def _queue_metrics(self, numbers: dict[int, str]) -> None:
-        self._metrics.queue_names = numbers
-        self._metrics.queue_stats = lambda: [
+        self.metrics.queue_names = numbers
+        self.metrics.queue_stats = lambda: [
             s for n, s in read_queue_stats().items() if n in numbers
         ]
 

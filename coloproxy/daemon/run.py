@@ -121,7 +121,7 @@ class Daemon:
             pair=config.pair.name, role=config.pair.role.value, clock=self.loop.time
         )
         self.control = DaemonControl(
-            self.state,
+            state=self.state,
             loop=self.loop,
             pump=self.pump,
             metrics=self.metrics,
@@ -130,7 +130,7 @@ class Daemon:
             become_primary=self.become_primary,
         )
         self.data_path = DataPath(
-            self.state,
+            state=self.state,
             loop=self.loop,
             pump=self.pump,
             metrics=self.metrics,
