@@ -87,6 +87,19 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3", "p4"]
 
 
+def test_the_proxy_owns_its_timer_an_unanswered_segment_times_out_at_it() -> None:
+    proxy, primary_out, _, sink = make()
+    proxy.checkpoint_completed(0.0)
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)  # the secondary never answers
+    due = proxy.get_timer()
+    assert due is not None and due == proxy.comparator.get_timer()
+    proxy.handle_timer(due - 0.001)  # before its deadline: nothing
+    assert len(sink.requests) == 1 and primary_out.accepted == []
+    proxy.handle_timer(due)
+    assert [(r.id, r.reason) for r in sink.requests] == [(1, "restart"), (2, "timeout")]
+    assert primary_out.accepted == []  # held for the checkpoint (output commit)
+
+
 def test_host_s_shifts_ingress_acks_and_after_a_takeover_the_svm_output() -> None:
     to_guest, from_guest = FakeQueue(), FakeQueue()
     proxy = SecondaryProxy(SecondaryRewriter(), to_guest, from_guest)

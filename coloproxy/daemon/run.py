@@ -1,11 +1,17 @@
 """``coloproxy run``: one daemon, one host, one role (shell).
 
 Primary: set up host P's data path (unless told not to), serve the control socket and the
-metrics, bind the three queues and pump them through ``PrimaryProxy``; the comparator's
-timers run on one loop timer. Secondary: set up host S's side of the tunnel and serve the
-control socket. With ``engine.qmp`` set, either role also runs the checkpoint engine
-(:mod:`coloproxy.engine.runner`: checkpoints, heartbeat, failover, takeover) as a client of
-its own control socket.
+metrics, bind the three queues and pump them through ``PrimaryProxy``. Secondary: set up
+host S's side of the tunnel and serve the control socket. With ``engine.qmp`` set, either
+role also runs the checkpoint engine (:mod:`coloproxy.engine.runner`: checkpoints,
+heartbeat, failover, takeover) as a client of its own control socket (docs/architecture.md
+says why the socket).
+
+``Daemon`` wires: it builds the parts, starts and stops them, and reloads. The parts are
+their own modules: the queues or chardev sockets bound to the role's proxy
+(``datapath.py``), the proxy's timers on one loop timer (``pump.py``), the control socket's
+requests (``control.py``), the takeover's step into the LAN (``takeover.py``), and what they
+share (``state.py``).
 
 On SIGTERM/SIGINT the daemon closes its queues and sockets and exits. It leaves the network
 set-up and the NFQUEUE rules in place on purpose: with no process bound, the kernel drops
