@@ -15,7 +15,6 @@ asks for its restart checkpoint at once, I6), the pump and the metrics.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +39,10 @@ from coloproxy.rewrite import SecondaryRewriter
 _BatchFeed = Callable[[Sequence[object], list[bytes], float], None]
 
 
-@dataclass(eq=False, kw_only=True)
+@dataclass(eq=False)
 class DataPath:
     state: DaemonState
-    loop: asyncio.AbstractEventLoop
-    pump: TimerPump
+    pump: TimerPump  # also the clock: the proxies' deadlines are on the pump's loop
     metrics: Metrics
     requests: RequestSink  # where the primary proxy's checkpoint requests go
     recorder: Recorder | None  # --record
@@ -61,7 +59,7 @@ class DataPath:
         """The comparator and its proxy, with no queues yet (both transports), pumped and
         counted; it asks for its restart checkpoint (I6) at once."""
         comparator = Comparator(compare)
-        proxy = PrimaryProxy(comparator, _Late(), _Late(), self.requests, self.loop.time())
+        proxy = PrimaryProxy(comparator, _Late(), _Late(), self.requests, self.pump.now())
         proxy.release_until = release_until
         self.state.comparator = comparator
         self.state.proxy = proxy

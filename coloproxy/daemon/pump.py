@@ -56,6 +56,10 @@ class TimerPump:
         """The deadline armed now, if any."""
         return self._timer_due if self._timer is not None else None
 
+    def now(self) -> float:
+        """The loop's clock, the one the target's deadlines are on."""
+        return self._loop.time()
+
     def poke(self) -> None:
         """Something called into the target: look at its deadline again, once per loop
         iteration however many calls come."""

@@ -135,14 +135,7 @@ class Daemon:
             attach_lan=self.takeover.attach_guest_to_lan if setup_net else None,
             become_primary=self.become_primary,
         )
-        self.data_path = DataPath(
-            state=self.state,
-            loop=self.loop,
-            pump=self.pump,
-            metrics=self.metrics,
-            requests=self.control,
-            recorder=self.recorder,
-        )
+        self.data_path = DataPath(self.state, self.pump, self.metrics, self.control, self.recorder)
         self.metrics_server: MetricsServer | None = None
         self._stopped = asyncio.Event()
         self._engine_task: asyncio.Task[None] | None = None
