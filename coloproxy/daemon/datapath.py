@@ -24,8 +24,8 @@ from typing import cast
 from coloproxy.capture.chardev import ChardevTransport
 from coloproxy.capture.netlink import NetlinkQueue
 from coloproxy.capture.queue import PacketQueue, QueueConfig
-from coloproxy.capture.transports import open_queue
 from coloproxy.capture.stats import read_queue_stats
+from coloproxy.capture.transports import open_queue
 from coloproxy.compare import Comparator, CompareConfig
 from coloproxy.config import ChardevConfig, QueuesConfig, Transport
 from coloproxy.daemon.primary import PrimaryProxy, RequestSink
