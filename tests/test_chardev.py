@@ -584,7 +584,7 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
             lambda: daemon.state.chardev is not None and daemon.state.engine is not None, "start"
         )
         assert not task.done()
-        assert daemon.state.engine is not None and daemon.state.engine.attach_lan is None
+        assert daemon.state.engine is not None and daemon.state.engine.colo.attach_lan is None
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 10)
