@@ -281,8 +281,14 @@ class Lab:
         self.progress(f"primary guest ready after {booted:.1f} s (httpd, echo, memory checker)")
 
         if not self.qemu_filters:
-            self._start_daemon(state, "secondary")
-            self._start_daemon(state, "primary")
+            for role in ("secondary", "primary"):
+                self._start_daemon(
+                    role,
+                    paths.config(role),
+                    paths.daemon_log(role),
+                    runs_as=role,
+                    whose=f"the {role} daemon's",
+                )
         if self.qemu_filters:
             self._start_filters_driver()
         else:
@@ -369,23 +375,27 @@ class Lab:
         topology = Topology(state.prefix, guests="tap", witness=state.quorum)
         return partition.heal(topology, self.paths.run_dir)
 
-    def _start_daemon(self, state: LabState, role: str) -> None:
+    def _start_daemon(
+        self, role: str, config: Path, log_path: Path, *, runs_as: str, whose: str
+    ) -> None:
+        """``coloproxy run -c config`` in the namespace of ``role``'s host (the host's first
+        role names its socket and pid), as ``runs_as``; returns once its socket is there."""
         host = vms.HOST_OF[role]
         socket_path = self.paths.control_socket(role)
         socket_path.unlink(missing_ok=True)
-        self.progress(f"starting coloproxy run ({role}) in {self.topology.ns(host)}")
+        self.progress(f"starting coloproxy run ({runs_as}) in {self.topology.ns(host)}")
         pid = self._spawn(
             f"{role}_daemon",
             host,
-            [sys.executable, "-m", "coloproxy", "run", "-c", str(self.paths.config(role))],
-            self.paths.daemon_log(role),
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
+            log_path,
         )
         self._wait(
             socket_path.exists,
             DAEMON_TIMEOUT_S,
-            f"the {role} daemon's control socket {socket_path}",
+            f"{whose} control socket {socket_path}",
             pid=pid,
-            log_path=self.paths.daemon_log(role),
+            log_path=log_path,
         )
 
     def _start_filters_driver(self) -> None:
@@ -507,22 +517,12 @@ class Lab:
         )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
         state.save(self.paths)
-        socket_path = self.paths.control_socket("primary")
-        socket_path.unlink(missing_ok=True)
-        log_path = self.paths.run_dir / "primary-reprotected-coloproxy.log"
-        self.progress(f"starting coloproxy run (secondary) in {self.topology.ns('hp')}")
-        pid = self._spawn(
-            "primary_daemon",
-            "hp",
-            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
-            log_path,
-        )
-        self._wait(
-            socket_path.exists,
-            DAEMON_TIMEOUT_S,
-            f"host P's daemon's control socket {socket_path}",
-            pid=pid,
-            log_path=log_path,
+        self._start_daemon(
+            "primary",
+            config,
+            self.paths.run_dir / "primary-reprotected-coloproxy.log",
+            runs_as="secondary",
+            whose="host P's daemon's",
         )
 
         ack = self._command("secondary", Reprotect(migrate_uri=uri), "host S's reprotect")
