@@ -495,18 +495,11 @@ class Comparator:
         book = self._book
         if book.epoch.saturated:
             return
-        evidence = Evidence(
-            offset=None,
-            primary=b"",
-            secondary=b"",
-            primary_length=0,
-            secondary_length=0,
-            detail=(
-                f"held {book.held_packets} packets (max {self.config.max_held_packets}), "
-                f"stored {book.stored_bytes} bytes (max {self.config.max_held_bytes}), "
-                f"{len(self._flows)} flows (max {self.config.max_flows}), "
-                f"{len(self._reassembly.partials)} partial datagrams"
-            ),
+        evidence = Evidence.without_bytes(
+            f"held {book.held_packets} packets (max {self.config.max_held_packets}), "
+            f"stored {book.stored_bytes} bytes (max {self.config.max_held_bytes}), "
+            f"{len(self._flows)} flows (max {self.config.max_flows}), "
+            f"{len(self._reassembly.partials)} partial datagrams"
         )
         protocol = flow.label.protocol if flow is not None else "any"
         book.saturate(out, protocol, flow.label if flow is not None else None, evidence)
@@ -637,17 +630,13 @@ class Comparator:
                     Reason.ACK_LAG,
                     flow.label.protocol,
                     flow.label,
-                    Evidence(
-                        offset=held.start,
-                        primary=b"",
-                        secondary=b"",
-                        primary_length=held.end - held.start,
-                        secondary_length=0,
-                        before=0,
-                        detail=(
+                    Evidence.without_bytes(
+                        (
                             f"primary segment [{held.start}, {held.end}) verified, its ACK not"
                             f" covered by the secondary's for {ack_lag:g} s"
                         ),
+                        offset=held.start,
+                        primary_length=held.end - held.start,
                     ),
                 )
         split_after = book.split_after
@@ -719,13 +708,9 @@ class Comparator:
         if partial.key[0] != "primary":
             return
         self._frozen_tokens.extend(partial.tokens)
-        evidence = Evidence(
-            offset=None,
-            primary=b"",
-            secondary=b"",
+        evidence = Evidence.without_bytes(
+            f"{len(partial.tokens)} fragments of an incomplete datagram",
             primary_length=partial.size,
-            secondary_length=0,
-            detail=f"{len(partial.tokens)} fragments of an incomplete datagram",
         )
         self._book.request(out, Reason.TIMEOUT, "ip-fragments", None, evidence)
 
@@ -857,11 +842,4 @@ def _timeout_evidence(held: Held, timeout: float) -> Evidence:
     detail = f"primary segment [{held.start}, {held.end}) unmatched for {timeout:g} s"
     if held.need & NEED_URG:
         detail += f" (its urgent pointer names stream offset {held.urgent})"
-    return Evidence(
-        offset=held.start,
-        primary=b"",
-        secondary=b"",
-        primary_length=held.end - held.start,
-        secondary_length=0,
-        detail=detail,
-    )
+    return Evidence.without_bytes(detail, offset=held.start, primary_length=held.end - held.start)

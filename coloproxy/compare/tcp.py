@@ -388,14 +388,10 @@ class TcpConnection(FlowState):
             and (side.high is not None or side.ending is not None)
             and not self.diverged
         ):
-            evidence = Evidence(
-                offset=-1,
-                primary=b"",
-                secondary=b"",
-                primary_length=0,
-                secondary_length=0,
-                detail=f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
+            evidence = Evidence.without_bytes(
+                f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
                 " segments placed by a base it contradicts",
+                offset=-1,
             )
             self._diverge(Reason.FATE, evidence, book, out)
         side.isn = base
@@ -534,14 +530,10 @@ class TcpConnection(FlowState):
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True
-        evidence = Evidence(
-            offset=end,
-            primary=b"",
-            secondary=b"",
-            primary_length=0,
-            secondary_length=0,
-            detail=f"{end} bytes on one connection since the last checkpoint: a checkpoint"
+        evidence = Evidence.without_bytes(
+            f"{end} bytes on one connection since the last checkpoint: a checkpoint"
             " moves the stream offsets' base before they could wrap",
+            offset=end,
         )
         book.request(out, Reason.OVERFLOW, PROTOCOL, self.label, evidence)
 
@@ -590,18 +582,10 @@ class TcpConnection(FlowState):
                 held.flow = target
                 target.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
                 return
-        primary = self.primary
-        isn = primary.isn
-        if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(True, number, flags, ack, book, out)
-            primary = self.primary  # a SYN may have started a new incarnation
+        primary, isn = self._side_base(True, number, flags, ack, book, out)
         if flags & TCP_ACK:
             held.need = NEED_ACK
             held.ack = ack
-            max_ack = primary.max_ack
-            # equal numbers are equal mod 2**32 too: skip the modular test in the common case
-            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
-                primary.max_ack = ack
         start = seq.diff(number, isn) - 1
         if flags & TCP_SYN:
             start += 1
@@ -651,19 +635,7 @@ class TcpConnection(FlowState):
             queue.append(held)
         if self.diverged:
             return
-        if length:
-            if primary.high is None or end > primary.high:
-                primary.high = end
-            self._absorb(True, start, payload, now, book, out)
-        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
-        # ``fin`` or ``rst`` is) or only one side sent a SYN; test that here, without a call.
-        secondary = self.secondary
-        if (
-            primary.ending is not None
-            or secondary.ending is not None
-            or primary.syn is not secondary.syn
-        ) and not self.diverged:
-            self._check_fate(book, out)
+        self._take(primary, True, start, end, payload, now, book, out)
         state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
         if state.diverged:
             # Diverged by this very packet (its bytes may lie in a verified range, say a
@@ -688,15 +660,7 @@ class TcpConnection(FlowState):
                 if target is not None:  # else: never released, so nothing lost uncompared
                     target.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
                 return
-        secondary = self.secondary
-        isn = secondary.isn
-        if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(False, number, flags, ack, book, out)
-            secondary = self.secondary  # a SYN may have started a new incarnation
-        if flags & TCP_ACK:
-            max_ack = secondary.max_ack
-            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
-                secondary.max_ack = ack
+        secondary, isn = self._side_base(False, number, flags, ack, book, out)
         if self.diverged:
             return
         start = seq.diff(number, isn) - 1
@@ -723,18 +687,60 @@ class TcpConnection(FlowState):
                 _note_urgent(secondary, mark)
                 if mark not in primary.urgent:
                     self._signal(URG, mark, now, book)
-        if length:
-            if secondary.high is None or end > secondary.high:
-                secondary.high = end
-            self._absorb(False, start, payload, now, book, out)
+        self._take(secondary, False, start, end, payload, now, book, out)
+        if self.held:
+            self.release_ready(book, out)
+
+    def _side_base(
+        self,
+        primary_side: bool,
+        number: int,
+        flags: int,
+        ack: int,
+        book: Book,
+        out: list[Event],
+    ) -> tuple[TcpSide, int]:
+        """A segment of one side arrived: that side (of the incarnation its SYN may just have
+        started) and its base of offsets, learned from the segment if need be, and its
+        highest ACK noted."""
+        side = self.primary if primary_side else self.secondary
+        isn = side.isn
+        if isn is None or flags & TCP_SYN:
+            isn = self._learn_isn(primary_side, number, flags, ack, book, out)
+            side = self.primary if primary_side else self.secondary  # a new incarnation?
+        if flags & TCP_ACK:
+            max_ack = side.max_ack
+            # equal numbers are equal mod 2**32 too: skip the modular test in the common case
+            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
+                side.max_ack = ack
+        return side, isn
+
+    def _take(
+        self,
+        side: TcpSide,
+        primary_side: bool,
+        start: int,
+        end: int,
+        payload: bytes,
+        now: float,
+        book: Book,
+        out: list[Event],
+    ) -> None:
+        """Compare a segment's stream data [start, end) (none for a RST) and, where a side
+        ended or sent a SYN alone, the connection's fate."""
+        if end > start:
+            if side.high is None or end > side.high:
+                side.high = end
+            self._absorb(primary_side, start, payload, now, book, out)
+        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
+        # ``fin`` or ``rst`` is) or only one side sent a SYN; test that here, without a call.
+        primary, secondary = self.primary, self.secondary
         if (
             primary.ending is not None
             or secondary.ending is not None
             or primary.syn is not secondary.syn
         ) and not self.diverged:
             self._check_fate(book, out)
-        if self.held:
-            self.release_ready(book, out)
 
     def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
         """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
@@ -973,14 +979,7 @@ class TcpConnection(FlowState):
         if problem is not None:
             self._diverge(
                 Reason.FATE,
-                Evidence(
-                    offset=problem[0],
-                    primary=b"",
-                    secondary=b"",
-                    primary_length=0,
-                    secondary_length=0,
-                    detail=problem[1],
-                ),
+                Evidence.without_bytes(problem[1], offset=problem[0]),
                 book,
                 out,
             )
