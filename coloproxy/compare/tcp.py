@@ -582,7 +582,8 @@ class TcpConnection(FlowState):
                 held.flow = target
                 target.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
                 return
-        primary, isn = self._side_base(True, number, flags, ack, book, out)
+        isn = self._side_base(True, number, flags, ack, book, out)
+        primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
             held.ack = ack
@@ -635,7 +636,11 @@ class TcpConnection(FlowState):
             queue.append(held)
         if self.diverged:
             return
-        self._take(primary, True, start, end, payload, now, book, out)
+        if length:
+            self._absorb(True, start, payload, now, book, out)
+        secondary = self.secondary
+        if self._fate_due(primary, secondary):
+            self._check_fate(book, out)
         state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
         if state.diverged:
             # Diverged by this very packet (its bytes may lie in a verified range, say a
@@ -660,7 +665,8 @@ class TcpConnection(FlowState):
                 if target is not None:  # else: never released, so nothing lost uncompared
                     target.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
                 return
-        secondary, isn = self._side_base(False, number, flags, ack, book, out)
+        isn = self._side_base(False, number, flags, ack, book, out)
+        secondary = self.secondary  # a SYN may have started a new incarnation
         if self.diverged:
             return
         start = seq.diff(number, isn) - 1
@@ -687,7 +693,10 @@ class TcpConnection(FlowState):
                 _note_urgent(secondary, mark)
                 if mark not in primary.urgent:
                     self._signal(URG, mark, now, book)
-        self._take(secondary, False, start, end, payload, now, book, out)
+        if length:
+            self._absorb(False, start, payload, now, book, out)
+        if self._fate_due(primary, secondary):
+            self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
 
@@ -699,48 +708,29 @@ class TcpConnection(FlowState):
         ack: int,
         book: Book,
         out: list[Event],
-    ) -> tuple[TcpSide, int]:
-        """A segment of one side arrived: that side (of the incarnation its SYN may just have
-        started) and its base of offsets, learned from the segment if need be, and its
-        highest ACK noted."""
+    ) -> int:
+        """A segment of one side arrived: the side's base of offsets, learned from the segment
+        if need be (a SYN may start a new incarnation), and the side's highest ACK noted."""
         side = self.primary if primary_side else self.secondary
         isn = side.isn
         if isn is None or flags & TCP_SYN:
             isn = self._learn_isn(primary_side, number, flags, ack, book, out)
-            side = self.primary if primary_side else self.secondary  # a new incarnation?
+            side = self.primary if primary_side else self.secondary
         if flags & TCP_ACK:
             max_ack = side.max_ack
             # equal numbers are equal mod 2**32 too: skip the modular test in the common case
             if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
                 side.max_ack = ack
-        return side, isn
+        return isn
 
-    def _take(
-        self,
-        side: TcpSide,
-        primary_side: bool,
-        start: int,
-        end: int,
-        payload: bytes,
-        now: float,
-        book: Book,
-        out: list[Event],
-    ) -> None:
-        """Compare a segment's stream data [start, end) (none for a RST) and, where a side
-        ended or sent a SYN alone, the connection's fate."""
-        if end > start:
-            if side.high is None or end > side.high:
-                side.high = end
-            self._absorb(primary_side, start, payload, now, book, out)
-        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
-        # ``fin`` or ``rst`` is) or only one side sent a SYN; test that here, without a call.
-        primary, secondary = self.primary, self.secondary
-        if (
+    def _fate_due(self, primary: TcpSide, secondary: TcpSide) -> bool:
+        """Whether _check_fate may have something to say: a side ended (``ending`` is set
+        whenever ``fin`` or ``rst`` is) or only one side sent a SYN, and not diverged yet."""
+        return (
             primary.ending is not None
             or secondary.ending is not None
-            or primary.syn is not secondary.syn
-        ) and not self.diverged:
-            self._check_fate(book, out)
+            or primary.syn != secondary.syn
+        ) and not self.diverged
 
     def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
         """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
@@ -771,6 +761,8 @@ class TcpConnection(FlowState):
     ) -> None:
         mine = self.primary if primary_side else self.secondary
         end = start + len(data)
+        if mine.high is None or end > mine.high:
+            mine.high = end
         verified = self.verified
         if start >= verified.high and (not mine.chunks or start >= mine.chunks[-1].end):
             # Fast path, the common case: new bytes past everything verified and past all of
