@@ -639,7 +639,10 @@ class TcpConnection(FlowState):
         if length:
             self._absorb(True, start, payload, now, book, out)
         secondary = self.secondary
-        if self._fate_due(primary, secondary):
+        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
+        # ``fin`` or ``rst`` is) or only one side sent a SYN: tested here, without a call
+        ended = primary.ending is not None or secondary.ending is not None
+        if (ended or primary.syn != secondary.syn) and not self.diverged:
             self._check_fate(book, out)
         state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
         if state.diverged:
@@ -695,7 +698,8 @@ class TcpConnection(FlowState):
                     self._signal(URG, mark, now, book)
         if length:
             self._absorb(False, start, payload, now, book, out)
-        if self._fate_due(primary, secondary):
+        ended = primary.ending is not None or secondary.ending is not None  # as above
+        if (ended or primary.syn != secondary.syn) and not self.diverged:
             self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
@@ -722,15 +726,6 @@ class TcpConnection(FlowState):
             if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
                 side.max_ack = ack
         return isn
-
-    def _fate_due(self, primary: TcpSide, secondary: TcpSide) -> bool:
-        """Whether _check_fate may have something to say: a side ended (``ending`` is set
-        whenever ``fin`` or ``rst`` is) or only one side sent a SYN, and not diverged yet."""
-        return (
-            primary.ending is not None
-            or secondary.ending is not None
-            or primary.syn != secondary.syn
-        ) and not self.diverged
 
     def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
         """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
