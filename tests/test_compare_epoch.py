@@ -1,10 +1,11 @@
 """The comparator's epoch as a state machine (coloproxy/compare/epoch.py): its table, the
-flags each state reads as, and illegal transitions raising."""
+flags each state reads as, illegal transitions raising, and the comparator walking it."""
 
 from __future__ import annotations
 
 import pytest
 
+from coloproxy.compare import CheckpointNeeded, Comparator, CompareConfig, Reason, Side
 from coloproxy.compare.epoch import (
     CHECKPOINTING,
     CHECKPOINTING_REQUESTED,
@@ -22,6 +23,7 @@ from coloproxy.compare.epoch import (
     EpochState,
 )
 from coloproxy.errors import UsageError
+from craft import SYN, tcp, udp
 
 # The path to each state from a fresh epoch.
 PATHS: dict[EpochState, list[EpochEvent]] = {
@@ -125,3 +127,34 @@ def test_each_state_reads_as_its_flags(
     neither a checkpoint runs nor a bound holds everything."""
     epoch = epoch_in(state)
     assert (epoch.compares, epoch.checkpointing, epoch.requested, epoch.saturated) == flags
+
+
+# -- the comparator in each state ---------------------------------------------------------
+
+
+def _flags(comparator: Comparator) -> tuple[bool, bool, bool]:
+    stats = comparator.stats()
+    return stats.checkpointing, stats.checkpoint_requested, stats.saturated
+
+
+def test_the_comparator_walks_the_table() -> None:
+    """A difference asks (REQUESTED), a checkpoint runs (CHECKPOINTING_REQUESTED) and a
+    request during it is coalesced, a bound then saturates, completion starts afresh."""
+    comparator = Comparator(CompareConfig(datagram_reorder_window=0.01, max_flows=1))
+    assert _flags(comparator) == (False, False, False)
+    comparator.feed(Side.PRIMARY, udp(b"one"), 0.0, "p1")
+    comparator.feed(Side.SECONDARY, udp(b"two"), 0.0, "s1")
+    asked = [e for e in comparator.handle_timer(1.0) if isinstance(e, CheckpointNeeded)]
+    assert [e.coalesced for e in asked] == [False]
+    assert _flags(comparator) == (False, True, False)
+    assert comparator.checkpoint_started(1.0) == []
+    assert _flags(comparator) == (True, True, False)
+    # a second flow is one past max_flows: a bound, while the checkpoint runs (its SYN is
+    # still learned, so the flow table is consulted)
+    events = comparator.feed(Side.PRIMARY, tcp(5, flags=SYN, sport=4000), 1.0, "p2")
+    assert [(e.reason, e.coalesced) for e in events if isinstance(e, CheckpointNeeded)] == [
+        (Reason.OVERFLOW, True)
+    ]
+    assert _flags(comparator) == (True, True, True)
+    comparator.checkpoint_completed(2.0)
+    assert _flags(comparator) == (False, False, False)
