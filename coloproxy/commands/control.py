@@ -19,11 +19,11 @@ from coloproxy import __version__
 from coloproxy.commands.subcommand import EXIT_EQUIVALENT, EXIT_TROUBLE, Subcommand
 from coloproxy.config import load_config
 from coloproxy.control import ControlClient, ControlError, ControlRefusedError
-from coloproxy.control.client import Command
 from coloproxy.protocol import (
     Ack,
     CheckpointNow,
     ClientRole,
+    Command,
     Reprotect,
     SetPeriod,
     Status,

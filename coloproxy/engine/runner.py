@@ -49,8 +49,8 @@ from typing import Any, Final
 
 from coloproxy import __version__
 from coloproxy.config import Config, ConfigError, QuorumService, read_key_file
-from coloproxy.control.client import ControlClient, ControlConnectionError
-from coloproxy.control.server import ControlError
+from coloproxy.control.client import ControlClient
+from coloproxy.control.errors import ControlConnectionError, ControlError
 from coloproxy.engine.disk import DiskError, DiskReplication, DiskSettings
 from coloproxy.engine.logic import (
     CheckpointAborted,

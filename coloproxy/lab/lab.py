@@ -75,8 +75,7 @@ from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
 from coloproxy.lab.vms import LabError, Monitor
 
 if TYPE_CHECKING:
-    from coloproxy.control.client import Command
-    from coloproxy.protocol import Ack
+    from coloproxy.protocol import Ack, Command
 
 log = logging.getLogger(__name__)
 
