@@ -9,7 +9,8 @@ tasks: the *reader* (the task asyncio starts for the connection) decodes lines, 
 protocol errors itself, performs the hello, checks what the client's role may send and
 awaits the handler for everything else, one message at a time, so replies leave in the
 order the requests came; the *writer* drains a bounded queue of encoded lines into the
-socket.
+socket (:class:`~coloproxy.control.connection.Connection`: the queue, the writer and the
+close).
 
 Nothing the proxy does waits for a client. :meth:`ControlServer.broadcast` (checkpoint
 requests from the packet path) only puts the line on each client's queue; a client whose
@@ -46,7 +47,6 @@ ends, ``CancelledError`` is always re-raised, and child tasks are awaited with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -55,10 +55,11 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Protocol
 
 from coloproxy import __version__, variant
 from coloproxy.control.access import AccessPolicy, PeerCredentials, peer_credentials, resolve_group
+from coloproxy.control.connection import READ_CHUNK, Connection
 from coloproxy.control.socket_file import SocketFile
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
@@ -84,13 +85,6 @@ from coloproxy.protocol import (
 from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
-
-READ_CHUNK: Final = 64 * 1024
-# The last lines to a client we are closing on (an error reply) get this long to leave.
-FINAL_FLUSH_TIMEOUT: Final = 1.0
-# After those lines, how long we keep reading (and dropping) what the client still sends,
-# so that its writes do not fail (EPIPE) before it has read why it is being closed.
-LINGER_TIMEOUT: Final = 1.0
 
 HandlerReply = Ack | Status | ErrorReply
 
@@ -147,8 +141,8 @@ class ControlHandler(Protocol):
     def client_disconnected(self, client: ClientInfo, reason: str) -> None: ...
 
 
-class _Connection:
-    """One client connection: its queue, tasks and state (reader side owns it)."""
+class _Client(Connection):
+    """One client connection: its stream and who the client is (the reader side owns it)."""
 
     def __init__(
         self,
@@ -157,21 +151,12 @@ class _Connection:
         credentials: PeerCredentials,
         queue_size: int,
     ) -> None:
+        super().__init__(writer, queue_size)
         self.number = number
-        self.writer = writer
         self.credentials = credentials
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_size)
         self.info: ClientInfo | None = None  # set by the welcome
         self.version = 0
-        self.close_reason: str | None = None  # set once: why this connection ends
-        self.aborted = False  # closed at once, queued lines dropped
         self.reader_task: asyncio.Task[None] | None = None
-        self.writer_task: asyncio.Task[None] | None = None
-        self.room = asyncio.Event()  # set whenever the writer took a line off the queue
-
-    def closing(self) -> bool:
-        # A method, not a property: mypy would otherwise keep a narrowed value across awaits.
-        return self.close_reason is not None
 
     def __str__(self) -> str:
         if self.info is not None:
@@ -221,7 +206,7 @@ class ControlServer:
         self.refusals: Counter[tuple[str, str]] = Counter()
         self._server: asyncio.Server | None = None
         self._file = SocketFile(self.path)
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, _Client] = {}
         self._numbers = 0
         self._policy = AccessPolicy(os.geteuid(), group_role=group_role)
         # Replies may fill half the queue; the rest is kept for pushes (checkpoint requests).
@@ -262,7 +247,7 @@ class ControlServer:
         self._file.remove()
         tasks = []
         for connection in list(self._connections.values()):
-            self._disconnect(connection, "the proxy is shutting down", abort=True)
+            connection.disconnect("the proxy is shutting down", abort=True)
             if connection.reader_task is not None:
                 tasks.append(connection.reader_task)
         if tasks:
@@ -304,7 +289,7 @@ class ControlServer:
             line = lines.get(connection.version)
             if line is None:
                 line = lines[connection.version] = encode(message, connection.version)
-            if self._enqueue(connection, line):
+            if connection.enqueue(line):
                 sent += 1
         return sent
 
@@ -315,34 +300,19 @@ class ControlServer:
         connection = self._connections.get(number)
         if connection is None or connection.info is None:
             return False
-        return self._enqueue(connection, encode(message, connection.version))
+        return connection.enqueue(encode(message, connection.version))
 
-    def _enqueue(self, connection: _Connection, line: bytes | None) -> bool:
-        if connection.close_reason is not None:
-            return False
-        try:
-            connection.queue.put_nowait(line)
-        except asyncio.QueueFull:
-            self._disconnect(
-                connection,
-                f"its outgoing queue is full ({self.client_queue} lines): it stopped reading",
-                abort=True,
-                level=logging.WARNING,
-            )
-            return False
-        return True
+    def _reply(self, connection: _Client, message: Message) -> None:
+        connection.enqueue(encode(message, connection.version or 1))
 
-    def _reply(self, connection: _Connection, message: Message) -> None:
-        self._enqueue(connection, encode(message, connection.version or 1))
-
-    def _refuse(self, connection: _Connection, what: str, error: ErrorReply) -> None:
+    def _refuse(self, connection: _Client, what: str, error: ErrorReply) -> None:
         """Send an error reply and count it (``what``: see ``refusals``)."""
         self.refusals[what, error.code.value] += 1
         self._reply(connection, error)
 
     def _close_refused(
         self,
-        connection: _Connection,
+        connection: _Client,
         what: str,
         error: ErrorReply,
         reason: str,
@@ -351,9 +321,9 @@ class ControlServer:
     ) -> None:
         """Send an error reply, count it, and close the connection politely after it."""
         self._refuse(connection, what, error)
-        self._disconnect(connection, reason, level=level)
+        connection.disconnect(reason, level=level)
 
-    def _live(self) -> list[_Connection]:
+    def _live(self) -> list[_Client]:
         """Connections that hold a slot: every one not being closed."""
         return [c for c in self._connections.values() if c.close_reason is None]
 
@@ -370,35 +340,6 @@ class ControlServer:
             return None
         return f"the last of {self.max_clients} slots is kept for an engine"
 
-    def _disconnect(
-        self,
-        connection: _Connection,
-        reason: str,
-        *,
-        abort: bool = False,
-        level: int = logging.INFO,
-    ) -> None:
-        """End a connection. With ``abort`` at once (queued lines are lost); without, after
-        the queued lines have left (or FINAL_FLUSH_TIMEOUT)."""
-        if connection.close_reason is not None:
-            return
-        connection.close_reason = reason
-        log.log(level, "control %s disconnected: %s", connection, reason)
-        connection.room.set()  # a reader waiting for room must see the end
-        if abort:
-            connection.aborted = True
-            connection.writer.transport.abort()
-            if connection.writer_task is not None:
-                connection.writer_task.cancel()
-        else:
-            with contextlib.suppress(asyncio.QueueFull):
-                connection.queue.put_nowait(None)  # the writer closes after the queued lines
-            if connection.writer_task is None or connection.queue.full():
-                connection.aborted = True
-                connection.writer.transport.abort()
-        # The reader is not cancelled (it may be inside the handler, whose work must not be
-        # cut in half): its next read returns EOF once the transport is closed.
-
     # -- one connection --------------------------------------------------------------------
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -409,29 +350,25 @@ class ControlServer:
             log.warning("control client %d: cannot read its credentials: %s", self._numbers, exc)
             writer.transport.abort()
             return
-        connection = _Connection(self._numbers, writer, credentials, self.client_queue)
+        connection = _Client(self._numbers, writer, credentials, self.client_queue)
         connection.reader_task = asyncio.current_task()
         self._connections[connection.number] = connection
-        connection.writer_task = asyncio.create_task(
-            self._write_loop(connection), name=f"control-writer-{connection.number}"
-        )
+        connection.start_writer(f"control-writer-{connection.number}")
         log.debug("control %s connected", connection)
         try:
             await self._read_loop(connection, reader)
-            await self._linger(connection, reader)
+            await connection.linger(reader)
         except asyncio.CancelledError:
             if connection.close_reason is None:
                 connection.close_reason = "cancelled"
             log.debug("control %s reader cancelled: %s", connection, connection.close_reason)
             raise
         except ConnectionError as exc:
-            self._disconnect(
-                connection, f"connection error: {exc}", abort=True, level=logging.WARNING
-            )
+            connection.disconnect(f"connection error: {exc}", abort=True, level=logging.WARNING)
         finally:
             await self._finish(connection)
 
-    async def _read_loop(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, connection: _Client, reader: asyncio.StreamReader) -> None:
         policy = self._policy
         refused = policy.refusal(connection.credentials)
         if refused is not None:
@@ -461,12 +398,8 @@ class ControlServer:
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + self.hello_timeout
         while not connection.closing():
-            if connection.info is None:
-                deadline: float | None = hello_deadline
-            else:
-                deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(self._read_deadline(connection, hello_deadline)):
                     data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 self._timed_out(connection)
@@ -474,16 +407,26 @@ class ControlServer:
             if not data:
                 for error in decoder.close():
                     log.info("control %s: %s", connection, error.detail)
-                self._disconnect(connection, "it closed the connection")
+                connection.disconnect("it closed the connection")
                 return
             for item in decoder.feed(data):
-                if not await self._room_for_reply(connection, hello_deadline):
+                if not await connection.wait_for_room(
+                    self._reply_room, self._read_deadline(connection, hello_deadline)
+                ):
                     return
                 await self._dispatch(connection, item)
                 if connection.closing():
                     return
 
-    def _timed_out(self, connection: _Connection) -> None:
+    def _read_deadline(self, connection: _Client, hello_deadline: float) -> float | None:
+        """By when (loop time) the client must send something: its hello, or any line."""
+        if connection.info is None:
+            return hello_deadline
+        if not self.idle_timeout:
+            return None
+        return asyncio.get_running_loop().time() + self.idle_timeout
+
+    def _timed_out(self, connection: _Client) -> None:
         if connection.info is None:
             why = f"no hello within {self.hello_timeout} s"
             self._close_refused(connection, "hello", ErrorReply(ErrorCode.HELLO_REQUIRED, why), why)
@@ -500,37 +443,7 @@ class ControlServer:
             f"idle for {idle}",
         )
 
-    async def _room_for_reply(self, connection: _Connection, hello_deadline: float) -> bool:
-        """Wait (bounded) until the connection's queue has room for one more reply.
-
-        Backpressure instead of a disconnect for a client that pipelines: while its unsent
-        replies fill half its queue, nothing more is read from it. False when it read none of
-        them in time (it is disconnected) or the connection ended meanwhile.
-        """
-        queue, limit = connection.queue, self._reply_room
-        if queue.qsize() < limit:
-            return True
-        loop = asyncio.get_running_loop()
-        if connection.info is None:
-            deadline: float | None = hello_deadline
-        else:
-            deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
-        try:
-            async with asyncio.timeout_at(deadline):
-                while queue.qsize() >= limit and not connection.closing():
-                    connection.room.clear()
-                    await connection.room.wait()
-        except TimeoutError:
-            self._disconnect(
-                connection,
-                f"it read none of its {queue.qsize()} pending replies in time",
-                abort=True,
-                level=logging.WARNING,
-            )
-            return False
-        return not connection.closing()
-
-    async def _dispatch(self, connection: _Connection, item: Message | ProtocolError) -> None:
+    async def _dispatch(self, connection: _Client, item: Message | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
             log.info("control %s sent a bad line: %s: %s", connection, item.code, item.detail)
             self._refuse(connection, "line", ErrorReply(item.code, item.detail, item.re))
@@ -592,7 +505,7 @@ class ControlServer:
             self.refusals[item.kind, reply.code.value] += 1
         self._reply(connection, dataclasses.replace(reply, re=item.id))
 
-    def _welcome(self, connection: _Connection, hello: Hello) -> None:
+    def _welcome(self, connection: _Client, hello: Hello) -> None:
         credentials = connection.credentials
         claim = self._policy.claim_refusal(credentials, hello.role)
         if claim is not None:
@@ -671,64 +584,12 @@ class ControlServer:
             return ErrorReply(ErrorCode.INTERNAL, "the proxy gave no valid answer")
         return reply
 
-    async def _write_loop(self, connection: _Connection) -> None:
-        writer = connection.writer
-        why = "the queue was closed"
-        try:
-            while True:
-                line = await connection.queue.get()
-                connection.room.set()
-                if line is None:
-                    break
-                writer.write(line)
-                await writer.drain()
-            # A polite end: the last lines (an error reply) get a bounded time to leave, then
-            # our side of the stream ends (the client reads EOF after them). The reader closes
-            # the transport once the client has closed too (see _linger).
-            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
-                if writer.can_write_eof():
-                    writer.write_eof()
-                await writer.drain()
-            why = "the last lines were sent"
-        except asyncio.CancelledError:
-            why = "cancelled"
-            raise
-        except TimeoutError:
-            why = "the final lines did not leave in time"
-            writer.transport.abort()
-        except ConnectionError as exc:
-            why = f"connection error: {exc}"
-            self._disconnect(connection, why, abort=True)
-        finally:
-            log.debug("control %s writer ended: %s", connection, why)
-
-    async def _linger(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
-        """After a polite close, read and drop what the client still sends until it closes
-        (bounded): closing at once would make its next write fail, and with it, in most
-        clients, the read of the error line that says why ("lingering close")."""
-        if connection.aborted:
-            return
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                while await reader.read(READ_CHUNK):
-                    pass
-
-    async def _finish(self, connection: _Connection) -> None:
+    async def _finish(self, connection: _Client) -> None:
         """The reader's last act: end the writer, forget the connection, tell the handler."""
-        if connection.close_reason is None:
-            connection.close_reason = "ended"
-        writer_task = connection.writer_task
-        if writer_task is not None:
-            if not writer_task.done():
-                # Give a polite close its flush; the writer bounds that itself.
-                await asyncio.wait([writer_task], timeout=FINAL_FLUSH_TIMEOUT * 2)
-            if not writer_task.done():
-                writer_task.cancel()
-                await asyncio.wait([writer_task])
-        connection.writer.transport.abort()
+        reason = await connection.end_writer()
         self._connections.pop(connection.number, None)
         if connection.info is not None:
             try:
-                self.handler.client_disconnected(connection.info, connection.close_reason)
+                self.handler.client_disconnected(connection.info, reason)
             except Exception:
                 log.exception("control handler failed on the disconnection of %s", connection)
