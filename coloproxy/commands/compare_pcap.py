@@ -8,7 +8,8 @@ import json
 import sys
 
 from coloproxy.commands.subcommand import EXIT_DIVERGED, EXIT_EQUIVALENT, Subcommand, seconds
-from coloproxy.pcap import LINK_TYPE_NAMES, SUPPORTED_LINK_TYPES, compare_captures
+from coloproxy.pcap import LINK_TYPE_NAMES, SUPPORTED_LINK_TYPES
+from coloproxy.replay import compare_captures
 from coloproxy.report import format_text, to_json
 
 
