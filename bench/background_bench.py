@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coloproxy.engine.logic import (  # noqa: E402
+from coloproxy.engine.heartbeat import (  # noqa: E402
     ColoMode,
     Heartbeat,
     QemuState,

@@ -49,7 +49,8 @@ def _lab(args: argparse.Namespace) -> int:
     import os
 
     from coloproxy.errors import ColoproxyError
-    from coloproxy.lab.lab import Lab, demo, format_summary, running_lab
+    from coloproxy.lab.demo import demo, format_summary
+    from coloproxy.lab.lab import Lab, running_lab
     from coloproxy.lab.qemu import repo_root
 
     if not (repo_root() / "qemu" / "build.sh").is_file():

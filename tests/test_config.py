@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from coloproxy import config as config_module
 from coloproxy.cli import main
 from coloproxy.compare import (
     CompareConfig,
@@ -25,7 +24,6 @@ from coloproxy.compare import (
     SecondarySeq,
 )
 from coloproxy.config import (
-    SECTIONS,
     Config,
     ConfigError,
     ControlConfig,
@@ -45,6 +43,8 @@ from coloproxy.config import (
     load_config,
     parse_config,
 )
+from coloproxy.config import build as config_build
+from coloproxy.config.schema import PASSTHROUGH_KEYS, SECTIONS
 from coloproxy.errors import InputError, UsageError
 from coloproxy.protocol import ClientRole
 from coloproxy.role import Role
@@ -543,7 +543,7 @@ def test_the_comparators_own_refusal_is_reported_with_the_section(
     def refuse(**_: object) -> CompareConfig:
         raise UsageError("compare setting max_flows must be below max_held_packets")
 
-    monkeypatch.setattr(config_module, "CompareConfig", refuse)
+    monkeypatch.setattr(config_build, "CompareConfig", refuse)
     assert problems(BASE + "compare:\n  max_flows: 10\n") == [
         "t.yaml:9: key 'compare': compare setting max_flows must be below max_held_packets"
     ]
@@ -615,7 +615,7 @@ def test_the_document_describes_every_key() -> None:
     for section, keys in SECTIONS.items():
         for key in keys:
             assert f"`{section}.{key}" in text, f"{section}.{key}"
-    for key in config_module.PASSTHROUGH_KEYS:
+    for key in PASSTHROUGH_KEYS:
         assert f"| `{key}` |" in text
 
 

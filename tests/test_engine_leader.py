@@ -1,4 +1,4 @@
-"""The leader key's decisions (coloproxy.engine.logic_leader) with a fake clock, and the
+"""The leader key's decisions (coloproxy.engine.leader) with a fake clock, and the
 failover decider in quorum mode. Pure: no etcd here (tests/test_quorum_etcd.py has a real
 three-member cluster)."""
 
@@ -8,18 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coloproxy.engine.logic import (
-    ColoMode,
+from coloproxy.engine.decider import (
     DeciderConfig,
     FailoverDecider,
-    Heartbeat,
     PrimaryLost,
-    QemuState,
     SendHeartbeat,
     StoodDown,
     Watch,
 )
-from coloproxy.engine.logic_leader import (
+from coloproxy.engine.heartbeat import (
+    ColoMode,
+    Heartbeat,
+    QemuState,
+)
+from coloproxy.engine.leader import (
     Acquire,
     Fenced,
     KeyLost,

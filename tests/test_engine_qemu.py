@@ -34,9 +34,10 @@ from typing import Any
 import pytest
 
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
-from coloproxy.engine.logic import Watch
+from coloproxy.engine.decider import Watch
 from coloproxy.engine.peer import HeartbeatPath
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.lab import qemu as lab
 from coloproxy.protocol import (
     Ack,

@@ -25,20 +25,19 @@ from pathlib import Path
 import pytest
 
 from coloproxy.lab import configs, vms
-from coloproxy.lab.lab import (
+from coloproxy.lab.client import (
     NONDETERMINISTIC_PAGE,
-    QUIET_PERIOD_MS,
     Attempt,
     ClientLoop,
     EchoSession,
-    Lab,
     attempt,
     expected_pages,
     failover_gap,
     http_get,
-    memcheck_lines,
-    memcheck_summary,
 )
+from coloproxy.lab.console import memcheck_lines, memcheck_summary
+from coloproxy.lab.demo import QUIET_PERIOD_MS
+from coloproxy.lab.lab import Lab
 from coloproxy.lab.qemu import repo_root
 from coloproxy.net import netns
 
@@ -138,7 +137,7 @@ def test_the_qemu_filters_command_lines() -> None:
 
 
 def test_failover_gap() -> None:
-    from coloproxy.lab.lab import Attempt
+    from coloproxy.lab.client import Attempt
 
     attempts = [
         Attempt("/", 0.0, 0.1, True),

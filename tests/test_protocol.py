@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coloproxy.compare import Evidence
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     CLIENT_MAY_SEND,
@@ -446,35 +445,6 @@ def test_our_own_bad_messages_raise_usage_error(build: object, problem: str) -> 
         build()  # type: ignore[operator]
 
 
-def test_evidence_from_the_comparator() -> None:
-    evidence = Evidence(1460, b"abc", b"abd", 1448, 1448, before=2, detail="byte 1462 differs")
-    wire = CheckpointEvidence.from_compare(evidence)
-    assert wire == CheckpointEvidence(1460, 2, b"abc", b"abd", 1448, 1448, "byte 1462 differs")
-    request = CheckpointRequest(id=7, reason="payload", protocol="tcp", evidence=wire)
-    assert json.loads(encode(request))["evidence"] == {
-        "offset": 1460,
-        "before": 2,
-        "primary": "616263",
-        "secondary": "616264",
-        "primary_length": 1448,
-        "secondary_length": 1448,
-        "detail": "byte 1462 differs",
-    }
-
-
-def test_evidence_from_the_comparator_always_fits_a_line() -> None:
-    """The packet path broadcasts requests: encode must never refuse one."""
-    evidence = Evidence(0, b"p" * 4096, b"s" * 4096, 4096, 4096, detail="d" * 100_000)
-    request = CheckpointRequest(
-        id=1,
-        reason="payload",
-        protocol="tcp",
-        flow="f" * 200,
-        evidence=CheckpointEvidence.from_compare(evidence),
-    )
-    assert len(encode(request)) < 4096
-
-
 def test_version_choice() -> None:
     assert choose_version([1]) == 1
     assert choose_version([1, 2, 3]) == 1
@@ -534,17 +504,3 @@ def test_the_document_examples_decode_and_are_canonical(line: str) -> None:
     message = decode_line(line.encode())
     assert not isinstance(message, ProtocolError), message
     assert encode(message) == line.encode() + b"\n"
-
-
-@pytest.mark.parametrize("offset", [-1, -2_435_536, 0, 1460])
-def test_an_evidence_offset_before_the_epoch_base_reaches_the_engine(offset: int) -> None:
-    # The SYN sits at stream offset -1, and a resend of bytes released before the last
-    # checkpoint is below 0: an engine that refused such a request never checkpointed, and
-    # the proxy held the flow (seen in bench/proxy_bench.py, after an overflow checkpoint).
-    evidence = Evidence(offset, b"", b"", 1448, 0, detail="primary segment unmatched")
-    request = CheckpointRequest(
-        id=3, reason="timeout", protocol="tcp", evidence=CheckpointEvidence.from_compare(evidence)
-    )
-    decoder = Decoder()
-    (decoded,) = decoder.feed(encode(request))
-    assert decoded == request

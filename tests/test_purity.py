@@ -27,7 +27,10 @@ PURE_PATHS = [
     "coloproxy/protocol",
     "coloproxy/protocol.py",
     "coloproxy/protocol/colo_frames.py",
-    "coloproxy/engine/logic*.py",
+    "coloproxy/engine/scheduler.py",
+    "coloproxy/engine/heartbeat.py",
+    "coloproxy/engine/decider.py",
+    "coloproxy/engine/leader.py",
 ]
 
 # The package root runs first, before any pure module: it reads the variant switch

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Final, NewType, Union
 
-from coloproxy.compare.events import Evidence
 from coloproxy.errors import UsageError
 from coloproxy.role import Role
 
@@ -127,18 +126,6 @@ class CheckpointEvidence:
         for side in (self.primary, self.secondary):
             if len(side) > MAX_EVIDENCE_BYTES:
                 raise UsageError(f"evidence window longer than {MAX_EVIDENCE_BYTES} bytes")
-
-    @classmethod
-    def from_compare(cls, evidence: Evidence) -> CheckpointEvidence:
-        return cls(
-            offset=None if evidence.offset is None else StreamOffset(evidence.offset),
-            before=evidence.before,
-            primary=evidence.primary[:MAX_EVIDENCE_BYTES],
-            secondary=evidence.secondary[:MAX_EVIDENCE_BYTES],
-            primary_length=evidence.primary_length,
-            secondary_length=evidence.secondary_length,
-            detail=evidence.detail[:MAX_DETAIL],
-        )
 
 
 @dataclass(frozen=True, slots=True)
