@@ -10,9 +10,9 @@
      +-- QueueError                    capture.queue      an NFQUEUE cannot be bound or used
      +-- ChardevError                  capture.chardev_link  a chardev socket cannot listen
      +-- NetError                      net                links, tc or rules cannot be set up
-     +-- ControlError                  control.server     the control socket
-     |    +-- ControlConnectionError   control.client     cannot reach a proxy
-     |    +-- ControlRefusedError      control.client     the proxy answered with an error reply
+     +-- ControlError                  control.errors     the control socket
+     |    +-- ControlConnectionError   control.errors     cannot reach a proxy
+     |    +-- ControlRefusedError      control.errors     the proxy answered with an error reply
      +-- MetricsError                  metrics.server     the metrics endpoint cannot listen
      +-- EngineError                   engine.qmp         the checkpoint engine cannot do its work
      |    +-- QmpError                 engine.qmp         a QMP command failed, or no monitor
@@ -35,7 +35,7 @@ Internal signals: plain ``Exception``, caught inside their package, never seen b
     BadValueError                      config.rules       a value breaks its key's rule
     _LimitError                        config.reader      the file passes a bound of the reader
     _BatchFull                         capture.libnfq     leave NetfilterQueue.run early
-    _InvalidError                      protocol.messages  a field does not fit (a ProtocolError)
+    _InvalidError                      protocol.codec     a field does not fit (a ProtocolError)
 
 Bad *packets* never raise: the packet layer returns ``Malformed`` and the comparator turns it
 into an event (invariant I5). Exceptions are for misuse and for unusable files.

@@ -31,7 +31,8 @@ from coloproxy.control import (
     ProxyIdentity,
     Runstate,
 )
-from coloproxy.control.server import AccessPolicy, HandlerReply, PeerCredentials
+from coloproxy.control.access import AccessPolicy, PeerCredentials
+from coloproxy.control.server import HandlerReply
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     Ack,

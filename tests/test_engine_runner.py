@@ -28,7 +28,7 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
-from coloproxy.control.client import ControlRefusedError
+from coloproxy.control.errors import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine import runner as runner_module

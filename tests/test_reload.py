@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy import cli
+from coloproxy.commands.subcommand import EXIT_TROUBLE
 from coloproxy.compare import Comparator, CompareConfig, Side
 from coloproxy.compare.config import MalformedPolicy, PassthroughRule
 from coloproxy.config import load_config
@@ -204,7 +205,7 @@ async def test_set_period_on_the_command_line_reaches_the_engine(
         while engine.periods != [1500]:
             assert time.monotonic() < deadline, engine.periods
             await asyncio.sleep(0.01)
-    assert cli.main(["set-period", "0"]) == cli.EXIT_TROUBLE
+    assert cli.main(["set-period", "0"]) == EXIT_TROUBLE
     assert "not a period in milliseconds" in capsys.readouterr().err
 
 
@@ -217,7 +218,7 @@ async def test_set_period_without_an_engine_says_so(
     async with running(path):
         socket_path = str(directory / "ctl.sock")
         code = await asyncio.to_thread(cli.main, ["set-period", "1500", "--socket", socket_path])
-        assert code == cli.EXIT_TROUBLE
+        assert code == EXIT_TROUBLE
         assert "no checkpoint engine connected" in capsys.readouterr().err
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Final
 
 from coloproxy import __version__
-from coloproxy.control.client import ControlClient, ControlConnectionError
-from coloproxy.control.server import ControlError
+from coloproxy.control.client import ControlClient
+from coloproxy.control.errors import ControlConnectionError, ControlError
 from coloproxy.engine.lane import Lane
 from coloproxy.protocol import (
     CheckpointCompleted,

@@ -66,8 +66,7 @@ from coloproxy.lab.topology import GUEST_IPV4, Topology
 from coloproxy.lab.vms import LabError, Monitor
 
 if TYPE_CHECKING:
-    from coloproxy.control.client import Command
-    from coloproxy.protocol import Ack
+    from coloproxy.protocol import Ack, Command
 
 DEFAULT_PREFIX = "cplab"
 # A guest reaches "ready" in about 5 s under TCG here (20 s with a louder console,
