@@ -181,6 +181,24 @@ def _add_lab(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(handler=_lab)
 
 
+class _Version(argparse.Action):
+    """``--version``: one line as it is (argparse's own version action wraps it to the
+    terminal, cutting the pure build's longer line in two)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"coloproxy {__version__}, {variant.describe()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coloproxy",
@@ -188,8 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version",
-        action="version",
-        version=f"coloproxy {__version__}, {variant.describe()}",
+        action=_Version,
         help="print the version and which comparator runs (compiled or pure Python), and exit",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")

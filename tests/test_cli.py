@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from coloproxy import __version__, variant
 from coloproxy.cli import SUBCOMMANDS, build_parser, main
 from coloproxy.commands.subcommand import EXIT_TROUBLE
 
@@ -47,3 +48,13 @@ def test_an_unreachable_proxy_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("status: cannot connect to ")
     assert err.count("\n") == 1
+
+
+def test_the_version_is_one_line_on_a_narrow_terminal(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse's version action wraps its text to the terminal: the pure build's line (the
+    # longer one) came out cut in two under COLUMNS=40.
+    monkeypatch.setenv("COLUMNS", "40")
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"coloproxy {__version__}, {variant.describe()}\n"
