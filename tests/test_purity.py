@@ -26,6 +26,7 @@ PURE_PATHS = [
     "coloproxy/protocol",
     "coloproxy/seq.py",
     "coloproxy/role.py",
+    "coloproxy/report.py",
     "coloproxy/errors.py",
     "coloproxy/engine/scheduler.py",
     "coloproxy/engine/heartbeat.py",

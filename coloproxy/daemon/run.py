@@ -244,7 +244,7 @@ class Daemon:
         path = self.state.config.path
         try:
             try:
-                new = load_config(path)  # at most 1 MiB, read at once (config.py)
+                new = load_config(path)  # at most 1 MiB, read at once (config/reader.py)
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("reload: %s", problem)
