@@ -37,15 +37,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coloproxy.engine.logic import (  # noqa: E402
+from coloproxy.engine.heartbeat import (  # noqa: E402
     ColoMode,
     Heartbeat,
     QemuState,
-    Role,
     decode_heartbeat,
     open_heartbeat,
     seal_heartbeat,
 )
+from coloproxy.role import Role  # noqa: E402
 
 
 def _cpu_per(operation: Callable[[], None], count: int) -> float:

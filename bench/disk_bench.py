@@ -41,8 +41,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from coloproxy.lab import diskcheck
+from coloproxy.lab import diskcheck, vms
 from coloproxy.lab import lab as labmod
+from coloproxy.lab.configs import PERIOD_MS
+from coloproxy.lab.demo import CheckpointWatch
 from coloproxy.lab.topology import GUEST_IPV4
 
 PREFIX = "cpdbench"
@@ -115,20 +117,20 @@ def measure(shape: str, seconds: float, period_ms: int, with_throughput: bool) -
             run.sync_s = sync_seconds(lab)
         lab.set_period(period_ms)
         time.sleep(2)  # the checker at its rate, the period in force
-        mark = len(labmod.vms.console(lab.paths, "primary"))
-        watch = labmod.CheckpointWatch(lab.paths).start()
+        mark = len(vms.console(lab.paths, "primary"))
+        watch = CheckpointWatch(lab.paths).start()
         time.sleep(seconds)
         run.pauses_ms = watch.stop()
         if rate:
-            run.written = checker_rate(labmod.vms.console(lab.paths, "primary")[mark:], seconds)
+            run.written = checker_rate(vms.console(lab.paths, "primary")[mark:], seconds)
         if with_throughput:
-            lab.set_period(labmod.PERIOD_MS)
+            lab.set_period(PERIOD_MS)
             run.protected_bps = throughput(lab, seconds)
             lab.kill_qemu("secondary")
             deadline = time.monotonic() + 30
             while lab.colo_status("primary")["mode"] != "none":
                 if time.monotonic() > deadline:
-                    raise labmod.LabError("the primary did not leave COLO within 30 s")
+                    raise vms.LabError("the primary did not leave COLO within 30 s")
                 time.sleep(0.1)
             run.unprotected_bps = throughput(lab, seconds)
     except Exception as exc:  # printed, never raised: the other runs go on

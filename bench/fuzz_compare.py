@@ -687,7 +687,7 @@ def _describe(frame: bytes) -> str:
 
 def run_round(round_: Round, rng: random.Random, result: Result) -> None:
     comparator = Comparator(round_.config)
-    book = comparator._book  # the saturation flag: fragments are not put together then
+    epoch = comparator._book.epoch  # the saturation flag: fragments are not put together then
     ethernet = round_.config.framing is Framing.ETHERNET
     reference = Reference(round_)
     violations = result.violations
@@ -771,12 +771,12 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
         if side is Side.PRIMARY:
             token = base + len(fed)
             fed[token] = (frame, meaning_, tag)
-            if state != "checkpointing" and not book.saturated:
+            if state != "checkpointing" and not epoch.saturated:
                 reference.primary_fed(meaning_, token, now)
             check(comparator.feed(side, frame, now, token), False)
         else:
             if state != "checkpointing":
-                if type(meaning_) is not Piece or not book.saturated:
+                if type(meaning_) is not Piece or not epoch.saturated:
                     reference.secondary(meaning_, tag, now, frame)
             check(comparator.feed(side, frame, now, None), False)
         deadline = comparator.get_timer()

@@ -31,6 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from coloproxy.lab import lab as labmod
+from coloproxy.lab.console import guest_retransmissions as console_retransmissions
+from coloproxy.lab.demo import CheckpointWatch
 from coloproxy.lab.topology import GUEST_IPV4
 
 PREFIX = "cphttp"
@@ -141,11 +143,11 @@ def client_retransmissions() -> int:
 
 
 def guest_retransmissions(lab: labmod.Lab) -> int | None:
-    counts = [labmod.guest_retransmissions(lab.paths, role) for role in ("primary", "secondary")]
+    counts = [console_retransmissions(lab.paths, role) for role in ("primary", "secondary")]
     return None if None in counts else sum(c for c in counts if c is not None)
 
 
-def checkpoints(lab: labmod.Lab, watch: labmod.CheckpointWatch, qemu: bool) -> dict[str, int]:
+def checkpoints(lab: labmod.Lab, watch: CheckpointWatch, qemu: bool) -> dict[str, int]:
     if qemu:
         return {"pauses": len(watch.pauses_ms())}
     return dict(lab.engine_checkpoints())
@@ -158,7 +160,7 @@ def run_path(qemu: bool, table: list[Row], upload: Path) -> dict[str, Figures]:
     print(f"\n== {name}: lab up ({PREFIX}-*, {RUN_DIR})", flush=True)
     try:
         lab.up()
-        watch = labmod.CheckpointWatch(lab.paths).start()
+        watch = CheckpointWatch(lab.paths).start()
         try:
             for row in table:
                 load = os.getloadavg()[0]

@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coloproxy.lab.lab import ClientLoop, Lab, expected_pages  # noqa: E402
+from coloproxy.lab.client import ClientLoop, expected_pages  # noqa: E402
+from coloproxy.lab.lab import Lab  # noqa: E402
 
 PAGE = "/index.html"
 

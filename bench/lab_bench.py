@@ -27,7 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from coloproxy.lab import client
 from coloproxy.lab import lab as labmod
+from coloproxy.lab.demo import CheckpointWatch
 
 PAGE = "/index.html"
 PREFIX = "cpbench"
@@ -72,7 +74,7 @@ class PathResult:
 def _client_worker(end: float, expected: bytes, phase: Phase, lock: threading.Lock) -> None:
     """Runs inside the client namespace: GET over a fresh connection until ``end``."""
     while time.monotonic() < end:
-        one = labmod.attempt(PAGE, expected)
+        one = client.attempt(PAGE, expected)
         with lock:
             if one.ok:
                 phase.latencies_ms.append((one.ended - one.started) * 1000)
@@ -82,7 +84,7 @@ def _client_worker(end: float, expected: bytes, phase: Phase, lock: threading.Lo
 
 def run_phase(lab: labmod.Lab, name: str, clients: int, seconds: float) -> Phase:
     phase = Phase(name)
-    expected = labmod.index_html()
+    expected = client.index_html()
     lock = threading.Lock()
     started = time.monotonic()
     end = started + seconds
@@ -97,7 +99,7 @@ def run_phase(lab: labmod.Lab, name: str, clients: int, seconds: float) -> Phase
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(seconds + labmod.REQUEST_TIMEOUT_S + 10)
+        thread.join(seconds + client.REQUEST_TIMEOUT_S + 10)
     phase.seconds = time.monotonic() - started
     return phase
 
@@ -148,7 +150,7 @@ def measure(qemu_filters: bool, seconds: float, clients: int) -> PathResult:
         started = time.monotonic()
         lab.up()
         result.up_s = time.monotonic() - started
-        watch = labmod.CheckpointWatch(lab.paths).start()
+        watch = CheckpointWatch(lab.paths).start()
         try:
             scrape0 = "" if qemu_filters else lab.scrape()
             engine0 = {} if qemu_filters else lab.engine_checkpoints()

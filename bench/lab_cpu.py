@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qemu_colo_compare import process_cpu_seconds
 
-from coloproxy.lab.lab import ClientLoop, Lab, expected_pages
+from coloproxy.lab.client import ClientLoop, expected_pages
+from coloproxy.lab.lab import Lab
 
 PAGE = "/index.html"
 

@@ -38,13 +38,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from coloproxy.capture.nfqueue import (  # noqa: E402
-    PacketQueue,
-    QueueConfig,
-    Transport,
-    open_queue,
-)
+from coloproxy.capture.queue import PacketQueue, QueueConfig  # noqa: E402
 from coloproxy.capture.stats import read_queue_stats  # noqa: E402
+from coloproxy.capture.transports import open_queue  # noqa: E402
+from coloproxy.config import Transport  # noqa: E402
 
 CLIENT_ADDR = "10.203.1.1"
 ROUTER_CLIENT_ADDR = "10.203.1.2"

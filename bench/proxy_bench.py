@@ -283,7 +283,8 @@ def _event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 def consumer_main(args: argparse.Namespace) -> None:
     """The accept-only consumer of one host: the queues its daemon binds, in its namespace
     (host P: P-out, S-out dropped, P-split; host S: S-in, S-egress)."""
-    from coloproxy.capture.nfqueue import PacketQueue, QueueConfig, open_queue
+    from coloproxy.capture.queue import PacketQueue, QueueConfig
+    from coloproxy.capture.transports import open_queue
 
     async def consume() -> None:
         loop = asyncio.get_running_loop()
@@ -350,14 +351,15 @@ def consumer_main(args: argparse.Namespace) -> None:
 def daemon_main(args: argparse.Namespace) -> int:
     """``coloproxy run`` with the levers that need a code change, patched in at run time.
 
-    The patch is the change the report proposes for coloproxy/daemon/run.py: the queue
+    The patch is the change the report proposes for coloproxy/daemon/datapath.py: the queue
     configs get ``gso`` and ``batch`` from settings. ``--gso off`` turns GSO off where the
     daemon asks for it (P-out and S-out); ``on`` and ``config`` leave the daemon's own
     choice, which is never GSO on the split queue (the kernel must cut what comes there) or
     on host S's queues (S-in's verdicts rewrite payloads). The same launcher runs either role.
     """
+    import coloproxy.daemon.datapath as daemon_datapath
     import coloproxy.daemon.run as daemon_run
-    from coloproxy.capture.nfqueue import QueueConfig
+    from coloproxy.capture.queue import QueueConfig
     from coloproxy.config import load_config
 
     config = load_config(args.config)
@@ -367,7 +369,7 @@ def daemon_main(args: argparse.Namespace) -> int:
             settings["gso"] = False
         return QueueConfig(number, batch=args.batch, **settings)
 
-    daemon_run.QueueConfig = patched_queue_config  # type: ignore[attr-defined,assignment]
+    daemon_datapath.QueueConfig = patched_queue_config  # type: ignore[attr-defined,assignment]
     return daemon_run.run(config, loop_factory=_event_loop_factory(args.loop))
 
 
@@ -663,7 +665,7 @@ class Bench:
 
     def host_setup(self, up: bool) -> None:
         from coloproxy.net import host as hostnet
-        from coloproxy.net.rules import Role
+        from coloproxy.role import Role
         from netfixtures import QUEUES as RULE_QUEUES
         from netfixtures import host_params
 

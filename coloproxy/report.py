@@ -1,6 +1,6 @@
 """The result of comparing two captures, and its two renderings: JSON and text (pure).
 
-:mod:`coloproxy.pcap` builds a :class:`CompareResult`; :func:`to_json` gives the object
+:mod:`coloproxy.replay` builds a :class:`CompareResult`; :func:`to_json` gives the object
 ``compare-pcap --json`` prints, :func:`format_text` the human report: per divergence its
 reason, flow, stream offset and a short two-sided hexdump with the first differing byte marked,
 then the malformed packets, the warnings and one summary line.

@@ -120,6 +120,118 @@ static void write_all(int fd, const char *buf, size_t len)
     }
 }
 
+/* ---- the checkers' paced loop ----
+ * memcheck and diskcheck both do a little work every tick of CLOCK_MONOTONIC and print a
+ * status line every PER_REPORT ticks. A tick that comes late (TCG, a checkpoint pause) does
+ * not try to catch up: the work is paced by ticks done, not by wall time, so the SVM goes
+ * on from the tick the checkpoint left the PVM at. */
+
+#define PER_REPORT 10
+
+struct paced {
+    uint64_t period_ns;
+    int out;            /* the console, or -1 */
+    const char *status; /* the status file, or NULL */
+    void *state;        /* the checker's */
+    /* The work of tick `ticks` (1, 2, ...). */
+    void (*tick)(void *state, uint64_t ticks);
+    /* After every PER_REPORT-th tick: writes the status line into `line`, returns its length. */
+    int (*report)(void *state, uint64_t ticks, char *line, size_t size);
+};
+
+static __attribute__((noreturn)) void paced_loop(const struct paced *p)
+{
+    char tmp[256], line[200];
+    if (p->status) {
+        snprintf(tmp, sizeof(tmp), "%s.tmp", p->status);
+    }
+    uint64_t ticks = 0;
+    uint64_t next = now_ns(CLOCK_MONOTONIC);
+    for (;;) {
+        next += p->period_ns;
+        uint64_t now = now_ns(CLOCK_MONOTONIC);
+        if (next > now) {
+            struct timespec ts = { (time_t)((next - now) / 1000000000ULL),
+                                   (long)((next - now) % 1000000000ULL) };
+            nanosleep(&ts, NULL);
+        } else {
+            next = now; /* late (TCG, checkpoint pause): do not try to catch up */
+        }
+        ticks++;
+        p->tick(p->state, ticks);
+        if (ticks % PER_REPORT != 0) {
+            continue;
+        }
+        int n = p->report(p->state, ticks, line, sizeof(line));
+        if (n <= 0) {
+            continue;
+        }
+        if (n >= (int)sizeof(line)) {
+            n = (int)sizeof(line) - 1;
+        }
+        if (p->out >= 0) {
+            write_all(p->out, line, (size_t)n);
+        }
+        if (p->status) {
+            int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            if (fd >= 0) {
+                write_all(fd, line, (size_t)n);
+                close(fd);
+                rename(tmp, p->status);
+            }
+        }
+    }
+}
+
+/* ---- memcheck ---- */
+
+/* Deterministic: the PRNG state, counters and cursor live in this process's memory. */
+struct memcheck {
+    uint64_t *region, *gen, pages;
+    uint64_t rng, writes, passes, errors, seq, cursor;
+    uint64_t per_tick;  /* page writes per tick */
+    uint64_t per_check; /* pages verified per report */
+};
+
+/* Every 10 ms: rewrite pseudo-random pages. */
+static void memcheck_tick(void *state, uint64_t steps)
+{
+    struct memcheck *mc = state;
+    (void)steps;
+    for (uint64_t k = 0; k < mc->per_tick; k++) {
+        mc->rng ^= mc->rng << 13;
+        mc->rng ^= mc->rng >> 7;
+        mc->rng ^= mc->rng << 17;
+        uint64_t i = mc->rng % mc->pages;
+        mc->gen[i]++;
+        fill_page(mc->region + i * PAGE_WORDS, i, mc->gen[i]);
+        mc->writes++;
+    }
+}
+
+/* Every 100 ms: verify a tenth of the region against gen[], report. */
+static int memcheck_report(void *state, uint64_t steps, char *line, size_t size)
+{
+    struct memcheck *mc = state;
+    for (uint64_t k = 0; k < mc->per_check && mc->cursor < mc->pages; k++, mc->cursor++) {
+        mc->errors += check_page(mc->region + mc->cursor * PAGE_WORDS, mc->cursor,
+                                 mc->gen[mc->cursor]);
+    }
+    if (mc->cursor >= mc->pages) {
+        mc->cursor = 0;
+        mc->passes++;
+    }
+    uint64_t sum = 0xcbf29ce484222325ULL;
+    for (uint64_t i = 0; i < mc->pages; i++) {
+        sum = (sum ^ mc->gen[i]) * 0x100000001b3ULL;
+    }
+    mc->seq++;
+    return snprintf(line, size,
+                    "memcheck seq=%" PRIu64 " steps=%" PRIu64 " writes=%" PRIu64
+                    " passes=%" PRIu64 " errors=%" PRIu64 " sum=%016" PRIx64 "\n",
+                    mc->seq, steps, mc->writes, mc->passes, mc->errors, sum);
+}
+
 static int memcheck(int argc, char **argv)
 {
     long mib = 32, rate = 1024;
@@ -149,71 +261,23 @@ static int memcheck(int argc, char **argv)
     for (uint64_t i = 0; i < pages; i++) {
         fill_page(region + i * PAGE_WORDS, i, 0);
     }
-    int out = console ? open(console, O_WRONLY | O_NOCTTY) : 1;
-    char tmp[256];
-    if (status) {
-        snprintf(tmp, sizeof(tmp), "%s.tmp", status);
-    }
-
-    /* Deterministic: the PRNG state, counters and cursor live in this process's memory. */
-    uint64_t rng = 0x2545f4914f6cdd1dULL, steps = 0, writes = 0, passes = 0, errors = 0;
-    uint64_t seq = 0, cursor = 0;
-    uint64_t per_tick = (uint64_t)(rate > 0 ? rate : 0) / 100;   /* ticks of 10 ms */
-    uint64_t per_check = (pages + 9) / 10;
-    uint64_t next = now_ns(CLOCK_MONOTONIC);
-
-    for (;;) {
-        next += 10000000ULL;
-        uint64_t now = now_ns(CLOCK_MONOTONIC);
-        if (next > now) {
-            struct timespec ts = { (time_t)((next - now) / 1000000000ULL),
-                                   (long)((next - now) % 1000000000ULL) };
-            nanosleep(&ts, NULL);
-        } else {
-            next = now;   /* late (TCG, checkpoint pause): do not try to catch up */
-        }
-        steps++;
-        for (uint64_t k = 0; k < per_tick; k++) {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            uint64_t i = rng % pages;
-            gen[i]++;
-            fill_page(region + i * PAGE_WORDS, i, gen[i]);
-            writes++;
-        }
-        if (steps % 10 != 0) {
-            continue;
-        }
-        for (uint64_t k = 0; k < per_check && cursor < pages; k++, cursor++) {
-            errors += check_page(region + cursor * PAGE_WORDS, cursor, gen[cursor]);
-        }
-        if (cursor >= pages) {
-            cursor = 0;
-            passes++;
-        }
-        uint64_t sum = 0xcbf29ce484222325ULL;
-        for (uint64_t i = 0; i < pages; i++) {
-            sum = (sum ^ gen[i]) * 0x100000001b3ULL;
-        }
-        seq++;
-        char line[200];
-        int n = snprintf(line, sizeof(line),
-                         "memcheck seq=%" PRIu64 " steps=%" PRIu64 " writes=%" PRIu64
-                         " passes=%" PRIu64 " errors=%" PRIu64 " sum=%016" PRIx64 "\n",
-                         seq, steps, writes, passes, errors, sum);
-        if (out >= 0) {
-            write_all(out, line, (size_t)n);
-        }
-        if (status) {
-            int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-            if (fd >= 0) {
-                write_all(fd, line, (size_t)n);
-                close(fd);
-                rename(tmp, status);
-            }
-        }
-    }
+    struct memcheck mc = {
+        .region = region,
+        .gen = gen,
+        .pages = pages,
+        .rng = 0x2545f4914f6cdd1dULL,
+        .per_tick = (uint64_t)(rate > 0 ? rate : 0) / 100, /* ticks of 10 ms */
+        .per_check = (pages + 9) / 10,
+    };
+    struct paced loop = {
+        .period_ns = 10000000ULL,
+        .out = console ? open(console, O_WRONLY | O_NOCTTY) : 1,
+        .status = status,
+        .state = &mc,
+        .tick = memcheck_tick,
+        .report = memcheck_report,
+    };
+    paced_loop(&loop);
 }
 
 static int clock_cgi(void)
@@ -434,6 +498,10 @@ struct diskcheck {
     uint64_t *flagged; /* per slot: the bad record already counted */
     int out;           /* console, or -1 */
     unsigned error_lines;
+    /* the paced loop's: bytes to write per tick, the bytes not written yet, the rolling
+     * verification's next slot and its reads per tick, a buffer of one batch */
+    uint64_t per_tick_bytes, credit, cursor, chunks;
+    unsigned char *buf;
 };
 
 static void dc_say(struct diskcheck *dc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -630,6 +698,32 @@ static void diskcheck_verify(struct diskcheck *dc, uint64_t *cursor, uint64_t ch
     }
 }
 
+/* Every 100 ms: write the records the rate allows, one batch, synced; verify a few chunks. */
+static void diskcheck_tick(void *state, uint64_t ticks)
+{
+    struct diskcheck *dc = state;
+    (void)ticks;
+    dc->credit += dc->per_tick_bytes;
+    uint64_t count = dc->credit / REC_SIZE;
+    if (count > 0) {
+        dc->credit -= count * REC_SIZE;
+        diskcheck_write(dc, count, dc->buf);
+    }
+    diskcheck_verify(dc, &dc->cursor, dc->chunks);
+}
+
+/* Once a second. */
+static int diskcheck_report(void *state, uint64_t ticks, char *line, size_t size)
+{
+    struct diskcheck *dc = state;
+    uint64_t written = dc->next - 1;
+    (void)ticks;
+    return snprintf(line, size,
+                    "diskcheck seq=%" PRIu64 " records=%" PRIu64 " verified=%" PRIu64
+                    " errors=%" PRIu64 "\n",
+                    written, written < dc->cap ? written : dc->cap, dc->verified, dc->errors);
+}
+
 static int diskcheck(int argc, char **argv)
 {
     struct diskcheck dc = { .path = "/data/diskcheck.dat", .cap = 16384, .out = -1 };
@@ -674,64 +768,28 @@ static int diskcheck(int argc, char **argv)
     }
     /* Batches of 100 ms; the rolling verification reads 8 times the write rate (at least
      * 512 KiB/s), so a full pass over the default ring (2 MiB) takes about 4 s. */
-    uint64_t per_tick_bytes = (uint64_t)rate / 10;
-    uint64_t batch = per_tick_bytes / REC_SIZE + 1;
+    dc.per_tick_bytes = (uint64_t)rate / 10;
+    uint64_t batch = dc.per_tick_bytes / REC_SIZE + 1;
     batch = batch < 64 ? 64 : batch;
-    uint64_t verify_bytes = per_tick_bytes * 8 > 52429 ? per_tick_bytes * 8 : 52429;
-    uint64_t chunks = (verify_bytes + CHUNK_BYTES - 1) / CHUNK_BYTES;
-    unsigned char *buf = malloc(batch * REC_SIZE);
+    uint64_t verify_bytes = dc.per_tick_bytes * 8 > 52429 ? dc.per_tick_bytes * 8 : 52429;
+    dc.chunks = (verify_bytes + CHUNK_BYTES - 1) / CHUNK_BYTES;
+    dc.buf = malloc(batch * REC_SIZE);
     dc.flagged = calloc(dc.cap, sizeof(uint64_t));
-    if (buf == NULL || dc.flagged == NULL) {
+    if (dc.buf == NULL || dc.flagged == NULL) {
         dc_say(&dc, "error: out of memory");
         return 1;
     }
-    diskcheck_start(&dc, batch, buf);
+    diskcheck_start(&dc, batch, dc.buf);
 
-    char tmp[256];
-    if (status) {
-        snprintf(tmp, sizeof(tmp), "%s.tmp", status);
-    }
-    uint64_t credit = 0, cursor = 0, ticks = 0;
-    uint64_t next = now_ns(CLOCK_MONOTONIC);
-    for (;;) {
-        next += 100000000ULL;
-        uint64_t now = now_ns(CLOCK_MONOTONIC);
-        if (next > now) {
-            struct timespec ts = { (time_t)((next - now) / 1000000000ULL),
-                                   (long)((next - now) % 1000000000ULL) };
-            nanosleep(&ts, NULL);
-        } else {
-            next = now; /* late (TCG, checkpoint pause): do not try to catch up */
-        }
-        ticks++;
-        credit += per_tick_bytes;
-        uint64_t count = credit / REC_SIZE;
-        if (count > 0) {
-            credit -= count * REC_SIZE;
-            diskcheck_write(&dc, count, buf);
-        }
-        diskcheck_verify(&dc, &cursor, chunks);
-        if (ticks % 10 != 0) {
-            continue;
-        }
-        uint64_t written = dc.next - 1;
-        char line[200];
-        int n = snprintf(line, sizeof(line),
-                         "diskcheck seq=%" PRIu64 " records=%" PRIu64 " verified=%" PRIu64
-                         " errors=%" PRIu64 "\n",
-                         written, written < dc.cap ? written : dc.cap, dc.verified, dc.errors);
-        if (dc.out >= 0) {
-            write_all(dc.out, line, (size_t)n);
-        }
-        if (status) {
-            int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-            if (fd >= 0) {
-                write_all(fd, line, (size_t)n);
-                close(fd);
-                rename(tmp, status);
-            }
-        }
-    }
+    struct paced loop = {
+        .period_ns = 100000000ULL,
+        .out = dc.out,
+        .status = status,
+        .state = &dc,
+        .tick = diskcheck_tick,
+        .report = diskcheck_report,
+    };
+    paced_loop(&loop);
 }
 
 /* ---- the CGIs: records a client saw acknowledged ---- */

@@ -37,7 +37,8 @@ from coloproxy.lab.topology import (
     Topology,
 )
 from coloproxy.net.host import HostNet
-from coloproxy.net.rules import QueueNumbers, Role
+from coloproxy.net.rules import QueueNumbers
+from coloproxy.role import Role
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4

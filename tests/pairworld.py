@@ -28,15 +28,8 @@ from typing import Any
 
 from coloproxy.control import ControlClient
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6, Topology
-from coloproxy.protocol import (
-    AttachLan,
-    ClientRole,
-    Failover,
-    Mode,
-    ProxyRole,
-    Status,
-    StatusRequest,
-)
+from coloproxy.protocol import AttachLan, ClientRole, Failover, Mode, Status, StatusRequest
+from coloproxy.role import Role
 from engine_double import EngineThread
 
 # The engine double of the namespace tests (bench/proxy_bench.py imports it by this name).
@@ -223,7 +216,7 @@ class PairWorld:
         async def tell() -> None:
             client = await ControlClient.connect(self.secondary_socket, ClientRole.ENGINE)
             try:
-                await client.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "test"))
+                await client.request(Failover(Role.PRIMARY, Mode.UNPROTECTED, "test"))
                 await client.request(AttachLan())
             finally:
                 await client.close()

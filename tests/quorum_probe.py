@@ -16,7 +16,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from coloproxy.engine.logic_leader import (
+from coloproxy.engine.leader import (
     Acquire,
     Fenced,
     KeyLost,

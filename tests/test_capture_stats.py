@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from coloproxy.capture import QueueConfig, QueueStats, Transport, open_queue
-from coloproxy.capture.nfqueue import in_netns
+from coloproxy.capture import QueueConfig, QueueStats, open_queue
 from coloproxy.capture.stats import parse_queue_stats, read_queue_stats
+from coloproxy.config import Transport
 from coloproxy.errors import InputError
+from coloproxy.net.netns import run_in
 from netfixtures import require_root_and_netns, setup_step
 
 # Two queues as the kernel prints them ("%5u %6u %5u %1u %5u %5u %5u %8u %2d\n").
@@ -97,8 +98,7 @@ async def test_live_file_while_a_queue_is_bound(namespace: str, transport: Trans
         transport,
     )
     try:
-        with in_netns(namespace):
-            sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender = run_in(namespace, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
         with sender:
             for _ in range(4):
                 sender.sendto(b"x", ("127.0.0.1", 9499))

@@ -265,7 +265,7 @@ async def status(world: World) -> Status:
 
 async def holding(world: World, held: int) -> Status:
     """Until the proxy holds ``held`` primary frames; then its status."""
-    chardev = world.daemon.chardev
+    chardev = world.daemon.state.chardev
     assert chardev is not None
     try:
         await until(lambda: chardev.held_frames == held, f"{held} held")
@@ -423,7 +423,9 @@ async def test_reconnects_of_each_socket_are_survived() -> None:
         await qemu.send(qemu.pin, qemu.frames(primary[2:3]))
         await qemu.send(qemu.sin, qemu.frames(secondary[2:3]))
         await until(
-            lambda: w.daemon.chardev is not None and w.daemon.chardev.outdev_buffered > 0,
+            lambda: (
+                w.daemon.state.chardev is not None and w.daemon.state.chardev.outdev_buffered > 0
+            ),
             "released frames kept for outdev",
         )
         await qemu.connect_outdev()
@@ -470,7 +472,7 @@ async def test_a_full_outdev_buffer_holds_primary_in_and_loses_nothing() -> None
         await qemu.send(qemu.sin, qemu.frames(secondary))
         await until(lambda: metric(w, "coloproxy_chardev_primary_in_paused") == 1, "the hold")
         # Held back because the released frames kept for outdev passed the bound: none lost.
-        assert w.daemon.chardev is not None and w.daemon.chardev.outdev_buffered > 65536
+        assert w.daemon.state.chardev is not None and w.daemon.state.chardev.outdev_buffered > 65536
         assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 0
         await qemu.connect_outdev()
         assert await qemu.read_out(len(expected), timeout=10) == expected
@@ -578,9 +580,11 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
     daemon = Daemon(parse_config(text, "c5.yaml"), setup_net=True)
     task = asyncio.create_task(daemon.run())
     try:
-        await until(lambda: daemon.chardev is not None and daemon.engine is not None, "start")
+        await until(
+            lambda: daemon.state.chardev is not None and daemon.state.engine is not None, "start"
+        )
         assert not task.done()
-        assert daemon.engine is not None and daemon.engine.attach_lan is None
+        assert daemon.state.engine is not None and daemon.state.engine.colo.attach_lan is None
     finally:
         daemon.stop()
         await asyncio.wait_for(task, 10)
@@ -589,7 +593,8 @@ async def test_a_chardev_primary_touches_no_host_network(monkeypatch: pytest.Mon
 
 @pytest.mark.asyncio
 async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> None:
-    from coloproxy.protocol import Failover, Mode, ProxyRole
+    from coloproxy.protocol import Failover, Mode
+    from coloproxy.role import Role
 
     async with world() as w:
         qemu = w.qemu
@@ -598,7 +603,7 @@ async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> 
         await qemu.nothing_out(0.2)
         socket_path = w.directory / "ctl.sock"
         async with await ControlClient.connect(socket_path, ClientRole.CLI) as cli:
-            await cli.request(Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
+            await cli.request(Failover(Role.PRIMARY, Mode.UNPROTECTED, "secondary lost"))
         assert await qemu.read_out(len(held)) == held  # what was held
         later = qemu.frames([eth(tcp(P_ISN + 100, b"uncompared now"))])
         await qemu.send(qemu.pin, later)
@@ -609,7 +614,7 @@ async def test_unprotected_after_the_secondary_is_lost_releases_everything() -> 
 
 @pytest.mark.asyncio
 async def test_a_socket_that_cannot_be_listened_on_is_a_clear_error() -> None:
-    from coloproxy.capture.chardev import ChardevError
+    from coloproxy.capture.chardev_link import ChardevError
 
     directory = Path(tempfile.mkdtemp(prefix="c5-"))
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -647,9 +652,9 @@ async def refused_at_once(reader: asyncio.StreamReader) -> None:
 
 def counted(w: World, name: str) -> int:
     """A counter of the proxy (``ProxyCounters.packets``) by (queue, verdict)."""
-    assert w.daemon.proxy is not None
+    assert w.daemon.state.proxy is not None
     queue, verdict = name.split(":")
-    return w.daemon.proxy.counters.packets[queue, verdict]
+    return w.daemon.state.proxy.counters.packets[queue, verdict]
 
 
 @pytest.mark.asyncio
@@ -700,7 +705,7 @@ async def test_a_second_client_on_primary_in_is_refused_and_its_frame_never_rele
         assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 2
         assert counted(w, "primary-out:accept-matched") == 2
         assert counted(w, "primary-out:accept-checkpoint") == 0
-        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 0
+        assert w.daemon.state.chardev is not None and w.daemon.state.chardev.held_frames == 0
         assert metric(w, 'coloproxy_chardev_connected{socket="primary_in"}') == 1
 
 
@@ -728,7 +733,7 @@ async def test_a_second_client_on_secondary_in_is_refused_and_matches_nothing() 
             ),
             "the PVM's frame read",
         )
-        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1
+        assert w.daemon.state.chardev is not None and w.daemon.state.chardev.held_frames == 1
         assert counted(w, "primary-out:accept-matched") == 0
         # The real secondary's feed was not cut: its copy releases the frame.
         await qemu.send(qemu.sin, qemu.frames(pvm))
@@ -757,7 +762,7 @@ async def test_a_tcp_listener_accepts_only_the_peers_it_allows() -> None:
     task = asyncio.create_task(daemon.run())
     writers: list[asyncio.StreamWriter] = []
     try:
-        await until(lambda: daemon.chardev is not None, "the transport")
+        await until(lambda: daemon.state.chardev is not None, "the transport")
         deadline = asyncio.get_running_loop().time() + 5
         while True:
             try:
@@ -770,7 +775,7 @@ async def test_a_tcp_listener_accepts_only_the_peers_it_allows() -> None:
         await refused_at_once(reader)  # from 127.0.0.1: not on the list
         _, allowed = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
         writers.append(allowed)
-        transport = daemon.chardev
+        transport = daemon.state.chardev
         assert transport is not None
         await until(lambda: transport.secondary_in.connected, "the allowed peer")
         body = daemon.metrics.exposition()[0].decode()
@@ -807,7 +812,9 @@ async def test_an_impossible_length_on_primary_in_drops_the_connection_and_loses
             split = len(qemu.frames(before)) + 2
             await qemu.send(qemu.pin, stream[:split])
             await until(
-                lambda: w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1,
+                lambda: (
+                    w.daemon.state.chardev is not None and w.daemon.state.chardev.held_frames == 1
+                ),
                 "the whole frame held",
             )
             await qemu.send(qemu.pin, stream[split:])
@@ -835,7 +842,7 @@ async def test_an_impossible_length_on_primary_in_drops_the_connection_and_loses
         assert metric(w, 'coloproxy_chardev_frames_total{direction="out",socket="outdev"}') == 2
         assert counted(w, "primary-out:accept-checkpoint") == 1
         assert counted(w, "primary-out:accept-matched") == 1
-        assert w.daemon.chardev is not None and w.daemon.chardev.held_frames == 0
+        assert w.daemon.state.chardev is not None and w.daemon.state.chardev.held_frames == 0
 
 
 @pytest.mark.asyncio
@@ -846,7 +853,8 @@ async def test_an_impossible_length_on_secondary_in_drops_the_connection() -> No
         pvm = [eth(udp(b"compared before the bad length"))]
         await qemu.send(qemu.pin, qemu.frames(pvm))
         await until(
-            lambda: w.daemon.chardev is not None and w.daemon.chardev.held_frames == 1, "held"
+            lambda: w.daemon.state.chardev is not None and w.daemon.state.chardev.held_frames == 1,
+            "held",
         )
         bad = frame_header(2**31)
         await qemu.send(qemu.sin, qemu.frames(pvm) + bad + qemu.frames(pvm))

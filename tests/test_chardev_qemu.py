@@ -196,7 +196,7 @@ async def qmp(path: Path, *commands: dict[str, object]) -> None:
 
 
 def links_connected(daemon: Daemon) -> bool:
-    chardev = daemon.chardev
+    chardev = daemon.state.chardev
     return chardev is not None and all(figures.connected for figures in chardev.figures())
 
 
@@ -205,7 +205,7 @@ def _no_poke() -> None:
 
 
 def frames_arrived(daemon: Daemon) -> bool:
-    chardev = daemon.chardev
+    chardev = daemon.state.chardev
     return chardev is not None and all(figures.frames_in > 0 for figures in chardev.figures()[:2])
 
 
@@ -227,9 +227,9 @@ async def running_daemon(
         await until(
             connected,
             "coloproxy's three sockets connected",
-            detail=lambda: str(daemon.chardev and daemon.chardev.figures()),
+            detail=lambda: str(daemon.state.chardev and daemon.state.chardev.figures()),
         )
-        engine = FakeEngine(daemon.config.control.socket)
+        engine = FakeEngine(daemon.state.config.control.socket)
         await engine.__aenter__()
         await engine.wait_for(1)  # the restart request (I6)
         yield daemon, engine
@@ -294,7 +294,7 @@ async def test_qemu_filters_round_trip_through_coloproxy_byte_exact(vnet: bool) 
         w.secondary(secondary)
         assert await w.released(len(primary)) == primary
         await w.nothing_released()
-        chardev = w.daemon.chardev
+        chardev = w.daemon.state.chardev
         assert chardev is not None
         figures = {f.name: f for f in chardev.figures()}
         assert figures["primary_in"].bytes_in == w.framed(primary)
@@ -362,4 +362,4 @@ async def test_a_restarted_coloproxy_reconnects_to_qemu_on_all_three_sockets() -
             w.secondary(segments(P_ISN, data, 1448)[5:])
             assert await w.released(len(primary) - 5) == primary[5:]
             assert [r.reason for r in engine.requests] == ["restart"]
-            assert daemon.chardev is not None
+            assert daemon.state.chardev is not None

@@ -57,7 +57,7 @@ MACS = bytes.fromhex("525400000002525400000001")
 
 def without_lane(config: CompareConfig) -> Comparator:
     comparator = Comparator(config)
-    comparator._lane_min = sys.maxsize  # no frame is long enough: the general path only
+    comparator._lanes.min_length = sys.maxsize  # no frame is long enough: general path only
     return comparator
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from coloproxy import config as config_module
 from coloproxy.cli import main
 from coloproxy.compare import (
     CompareConfig,
@@ -25,7 +24,6 @@ from coloproxy.compare import (
     SecondarySeq,
 )
 from coloproxy.config import (
-    SECTIONS,
     Config,
     ConfigError,
     ControlConfig,
@@ -45,8 +43,11 @@ from coloproxy.config import (
     load_config,
     parse_config,
 )
+from coloproxy.config import build as config_build
+from coloproxy.config.schema import PASSTHROUGH_KEYS, SECTIONS
 from coloproxy.errors import InputError, UsageError
-from coloproxy.protocol import ClientRole, ProxyRole
+from coloproxy.protocol import ClientRole
+from coloproxy.role import Role
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,7 +85,7 @@ def test_a_minimal_primary_gets_every_default() -> None:
     config = parse_config(BASE, "t.yaml")
     assert config == Config(
         path="t.yaml",
-        pair=PairConfig("lab", ProxyRole.PRIMARY),
+        pair=PairConfig("lab", Role.PRIMARY),
         net=NetConfig(
             guest_port="guest0",
             replication=ReplicationConfig(
@@ -110,7 +111,7 @@ def test_a_secondary_has_its_own_queues() -> None:
     config = parse_config(BASE.replace("primary", "secondary"), "t.yaml")
     assert config.queues == QueuesConfig()
     assert (config.queues.secondary_in, config.queues.secondary_egress) == (12, 13)
-    assert config.pair.role is ProxyRole.SECONDARY
+    assert config.pair.role is Role.SECONDARY
 
 
 def test_empty_and_null_sections_take_their_defaults() -> None:
@@ -542,7 +543,7 @@ def test_the_comparators_own_refusal_is_reported_with_the_section(
     def refuse(**_: object) -> CompareConfig:
         raise UsageError("compare setting max_flows must be below max_held_packets")
 
-    monkeypatch.setattr(config_module, "CompareConfig", refuse)
+    monkeypatch.setattr(config_build, "CompareConfig", refuse)
     assert problems(BASE + "compare:\n  max_flows: 10\n") == [
         "t.yaml:9: key 'compare': compare setting max_flows must be below max_held_packets"
     ]
@@ -586,7 +587,7 @@ def test_the_example_pair_is_one_pair() -> None:
     primary = load_config(ROOT / "configs" / "pair-primary.yaml")
     secondary = load_config(ROOT / "configs" / "pair-secondary.yaml")
     assert primary.pair.name == secondary.pair.name
-    assert (primary.pair.role, secondary.pair.role) == (ProxyRole.PRIMARY, ProxyRole.SECONDARY)
+    assert (primary.pair.role, secondary.pair.role) == (Role.PRIMARY, Role.SECONDARY)
     assert primary.net.replication.local == secondary.net.replication.remote
     assert primary.net.replication.remote == secondary.net.replication.local
     assert (primary.net.vxlan_id, primary.net.vxlan_port) == (
@@ -614,7 +615,7 @@ def test_the_document_describes_every_key() -> None:
     for section, keys in SECTIONS.items():
         for key in keys:
             assert f"`{section}.{key}" in text, f"{section}.{key}"
-    for key in config_module.PASSTHROUGH_KEYS:
+    for key in PASSTHROUGH_KEYS:
         assert f"| `{key}` |" in text
 
 

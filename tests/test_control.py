@@ -31,7 +31,8 @@ from coloproxy.control import (
     ProxyIdentity,
     Runstate,
 )
-from coloproxy.control.server import AccessPolicy, HandlerReply, PeerCredentials
+from coloproxy.control.access import AccessPolicy, PeerCredentials
+from coloproxy.control.server import HandlerReply
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     Ack,
@@ -49,7 +50,6 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Reprotect,
     Request,
     SetPeriod,
@@ -59,13 +59,14 @@ from coloproxy.protocol import (
     decode_line,
     encode,
 )
+from coloproxy.role import Role
 from engine_double import FakeEngine
 from peers import NOBODY, NOGROUP, STAFF_GID, USERS_GID, PeerResult, needs_root, talk_as
 
 WELCOME = Welcome(
     version=1,
     pair="lab",
-    role=ProxyRole.PRIMARY,
+    role=Role.PRIMARY,
     mode=Mode.PROTECTED,
     software=f"coloproxy 0.1.0, {variant.describe()}",
     idle_timeout=60.0,
@@ -85,7 +86,7 @@ class RecordingHandler:
         self.fail: Exception | None = None
 
     def identity(self) -> ProxyIdentity:
-        return ProxyIdentity("lab", ProxyRole.PRIMARY, Mode.PROTECTED)
+        return ProxyIdentity("lab", Role.PRIMARY, Mode.PROTECTED)
 
     async def handle(self, client: ClientInfo, message: Request) -> HandlerReply:
         self.messages.append((client.role, message))
@@ -98,7 +99,7 @@ class RecordingHandler:
         if isinstance(message, StatusRequest):
             return Status(
                 pair="lab",
-                role=ProxyRole.PRIMARY,
+                role=Role.PRIMARY,
                 mode=Mode.PROTECTED,
                 epoch=3,
                 held_packets=2,
@@ -464,12 +465,12 @@ async def test_a_failing_handler_is_an_internal_error_and_the_connection_stays(
     async with await ControlClient.connect(server.path, ClientRole.CLI) as client:
         handler.fail = RuntimeError("the QMP socket is gone")
         with pytest.raises(ControlRefusedError) as refused:
-            await client.request(Failover(role=ProxyRole.PRIMARY))
+            await client.request(Failover(role=Role.PRIMARY))
         assert refused.value.reply == ErrorReply(
             ErrorCode.INTERNAL, "RuntimeError: the QMP socket is gone", 2
         )
         handler.fail = None
-        assert await client.request(Failover(role=ProxyRole.PRIMARY)) == Ack(re=3)
+        assert await client.request(Failover(role=Role.PRIMARY)) == Ack(re=3)
 
 
 @pytest.mark.asyncio
@@ -737,7 +738,7 @@ async def test_a_group_member_cannot_lift_protection_or_steer_the_engine(
             [USERS_GID],
             [
                 Hello(ClientRole.CLI, id=1),
-                Failover(ProxyRole.PRIMARY, Mode.UNPROTECTED, id=2),
+                Failover(Role.PRIMARY, Mode.UNPROTECTED, id=2),
                 SetPeriod(period_ms=1, id=3),
                 AttachLan(id=4),
                 Reprotect(migrate_uri="tcp:10.0.0.1:1", id=5),
@@ -778,7 +779,7 @@ async def test_members_of_the_engine_group_may_be_the_engine(
             [
                 Hello(ClientRole.ENGINE, id=1),
                 CheckpointStarted(request=None, id=2),
-                Failover(ProxyRole.PRIMARY, id=3),
+                Failover(Role.PRIMARY, id=3),
             ],
         )
         assert result == PeerResult([WELCOME, Ack(re=2), Ack(re=3)], closed=False)

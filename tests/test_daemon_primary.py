@@ -49,7 +49,7 @@ def test_a_new_proxy_holds_everything_and_asks_for_a_checkpoint_first() -> None:
     proxy.on_secondary("s1", tcp(S_ISN + 1, b"same"), 0.1)
     assert primary_out.accepted == []
     assert secondary_out.dropped == ["s-syn", "s1"]
-    proxy.on_timer(50.0)  # long past every timeout: still nothing before a checkpoint
+    proxy.handle_timer(50.0)  # long past every timeout: still nothing before a checkpoint
     proxy.checkpoint_started(50.1)
     proxy.on_primary("p2", tcp(P_ISN + 5, b"more"), 50.2)
     assert primary_out.accepted == []
@@ -70,7 +70,7 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     proxy.on_primary("p2", tcp(P_ISN + 5, b"abc"), 1.1)
     proxy.on_secondary("s2", tcp(S_ISN + 5, b"abd"), 1.1)
     proxy.on_primary("p3", tcp(P_ISN + 1, b"x", sport=81), 1.1)
-    proxy.on_timer(10.0)  # the other flow times out: coalesced with the outstanding request
+    proxy.handle_timer(10.0)  # the other flow times out: coalesced with the outstanding request
     assert [(r.id, r.reason, r.flow) for r in sink.requests[1:]] == [
         (2, "payload", "tcp 10.0.0.1:80 -> 10.0.0.9:40000")
     ]
@@ -85,6 +85,19 @@ def test_matched_output_is_released_and_divergence_is_one_request() -> None:
     assert proxy.comparator.stats().held_packets == 3
     proxy.checkpoint_completed(10.2)
     assert [h for h, _ in primary_out.accepted] == ["p-syn", "p1", "p2", "p3", "p4"]
+
+
+def test_the_proxy_owns_its_timer_an_unanswered_segment_times_out_at_it() -> None:
+    proxy, primary_out, _, sink = make()
+    proxy.checkpoint_completed(0.0)
+    proxy.on_primary("p-syn", tcp(P_ISN, flags=SYN | ACK), 1.0)  # the secondary never answers
+    due = proxy.get_timer()
+    assert due is not None and due == proxy.comparator.get_timer()
+    proxy.handle_timer(due - 0.001)  # before its deadline: nothing
+    assert len(sink.requests) == 1 and primary_out.accepted == []
+    proxy.handle_timer(due)
+    assert [(r.id, r.reason) for r in sink.requests] == [(1, "restart"), (2, "timeout")]
+    assert primary_out.accepted == []  # held for the checkpoint (output commit)
 
 
 def test_host_s_shifts_ingress_acks_and_after_a_takeover_the_svm_output() -> None:

@@ -48,7 +48,8 @@ import pytest
 from coloproxy.config import parse_config
 from coloproxy.engine.disk import REPLICATION_NODE, DiskReplication, DiskSettings, drive_argv
 from coloproxy.lab import configs, diskcheck, vms
-from coloproxy.lab.lab import QUIET_PERIOD_MS, Lab
+from coloproxy.lab.demo import QUIET_PERIOD_MS
+from coloproxy.lab.lab import Lab
 from coloproxy.lab.qemu import repo_root
 from coloproxy.lab.topology import GUEST_IPV4
 from coloproxy.lab.vms import LabError, Monitor

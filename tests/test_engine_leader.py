@@ -1,4 +1,4 @@
-"""The leader key's decisions (coloproxy.engine.logic_leader) with a fake clock, and the
+"""The leader key's decisions (coloproxy.engine.leader) with a fake clock, and the
 failover decider in quorum mode. Pure: no etcd here (tests/test_quorum_etcd.py has a real
 three-member cluster)."""
 
@@ -8,19 +8,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coloproxy.engine.logic import (
-    ColoMode,
+from coloproxy.engine.decider import (
     DeciderConfig,
     FailoverDecider,
-    Heartbeat,
     PrimaryLost,
-    QemuState,
-    Role,
     SendHeartbeat,
     StoodDown,
     Watch,
 )
-from coloproxy.engine.logic_leader import (
+from coloproxy.engine.heartbeat import (
+    ColoMode,
+    Heartbeat,
+    QemuState,
+)
+from coloproxy.engine.leader import (
     Acquire,
     Fenced,
     KeyLost,
@@ -36,6 +37,7 @@ from coloproxy.engine.logic_leader import (
     Won,
 )
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 CONFIG = LeaderConfig(ttl=1.0, renew=0.1, margin=0.25, retry=0.05)
 

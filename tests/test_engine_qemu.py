@@ -34,9 +34,10 @@ from typing import Any
 import pytest
 
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
-from coloproxy.engine.logic import Role, Watch
+from coloproxy.engine.decider import Watch
 from coloproxy.engine.peer import HeartbeatPath
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.lab import qemu as lab
 from coloproxy.protocol import (
     Ack,
@@ -48,12 +49,12 @@ from coloproxy.protocol import (
     ErrorReply,
     Failover,
     Mode,
-    ProxyRole,
     Request,
     SetPeriod,
     Status,
     StatusRequest,
 )
+from coloproxy.role import Role
 from test_qemu_colo import (
     BOOT_TIMEOUT_S,
     KERNEL_TROUBLE_RE,
@@ -83,7 +84,7 @@ FAILOVER_BOUND_S = 2.0
 class ProxyDouble:
     """The proxy's side of the control socket: records what the engine says."""
 
-    role: ProxyRole
+    role: Role
     mode: Mode = Mode.PROTECTED
     started: list[tuple[float, CheckpointStarted]] = field(default_factory=list)
     completed: list[tuple[float, CheckpointCompleted]] = field(default_factory=list)
@@ -202,7 +203,7 @@ async def engine_pair(images: dict[str, Any], tmp: Path, period_ms: int) -> Asyn
         secondary_vm = start_vm(images, tmp, "secondary", cmdline, uri)
         vms.append(secondary_vm)
         proxies = {}
-        for role in (ProxyRole.PRIMARY, ProxyRole.SECONDARY):
+        for role in (Role.PRIMARY, Role.SECONDARY):
             double = ProxyDouble(role)
             server = ControlServer(tmp / f"{role.value}.sock", double)
             double.server = server
@@ -210,7 +211,7 @@ async def engine_pair(images: dict[str, Any], tmp: Path, period_ms: int) -> Asyn
             servers.append(server)
             proxies[role] = double
         # The restarted primary proxy's first request (I6), sent to the engine on connect.
-        primary_proxy = proxies[ProxyRole.PRIMARY]
+        primary_proxy = proxies[Role.PRIMARY]
         primary_proxy.outstanding = CheckpointRequest(
             id=primary_proxy.next_id, reason="restart", protocol="any", time=time.time()
         )
@@ -265,7 +266,7 @@ async def engine_pair(images: dict[str, Any], tmp: Path, period_ms: int) -> Asyn
             primary,
             secondary,
             primary_proxy,
-            proxies[ProxyRole.SECONDARY],
+            proxies[Role.SECONDARY],
             bring_up,
             tasks[1],
         )
@@ -378,7 +379,7 @@ async def test_engine_checkpoints_periods_and_takeover_after_the_primary_dies(
                 lambda: bool(secondary_proxy.failovers), STEP_TIMEOUT_S, "failover"
             )
             told, failover = secondary_proxy.failovers[0]
-            assert failover.role is ProxyRole.PRIMARY and failover.mode is Mode.UNPROTECTED
+            assert failover.role is Role.PRIMARY and failover.mode is Mode.UNPROTECTED
             assert "primary lost (qemu-exited)" in failover.detail
             secondary = pair.secondary
             assert secondary.decider is not None
@@ -444,7 +445,7 @@ async def test_engine_primary_runs_unprotected_after_the_secondary_dies(
             os.kill(pair.secondary_vm.proc.pid, signal.SIGKILL)
             await proxy.wait(lambda: bool(proxy.failovers), STEP_TIMEOUT_S, "failover")
             told, failover = proxy.failovers[0]
-            assert failover.role is ProxyRole.PRIMARY and failover.mode is Mode.UNPROTECTED
+            assert failover.role is Role.PRIMARY and failover.mode is Mode.UNPROTECTED
             assert "secondary lost" in failover.detail
             assert primary.figures.failovers["secondary-lost"] == 1
             status = await primary.monitor.colo_status()

@@ -28,24 +28,25 @@ import pytest
 
 from coloproxy.config import parse_config
 from coloproxy.control import ControlClient
-from coloproxy.control.client import ControlRefusedError
+from coloproxy.control.errors import ControlRefusedError
 from coloproxy.control.server import ControlServer
 from coloproxy.daemon.run import Daemon
 from coloproxy.engine import runner as runner_module
+from coloproxy.engine.decider import Watch
 from coloproxy.engine.disk import DiskSettings
-from coloproxy.engine.logic import Role, Watch
 from coloproxy.engine.peer import HeartbeatPath
 from coloproxy.engine.quorum import Grant, Outcome, QuorumError
-from coloproxy.engine.runner import EngineRunner, EngineSettings
+from coloproxy.engine.runner import EngineRunner
+from coloproxy.engine.settings import EngineSettings
 from coloproxy.protocol import (
     CheckpointRequest,
     ClientRole,
     Mode,
-    ProxyRole,
     Reprotect,
     SetPeriod,
     StatusRequest,
 )
+from coloproxy.role import Role
 from test_engine_qemu import ProxyDouble, free_udp_port
 
 PAUSE = 0.003
@@ -350,7 +351,7 @@ async def world(
     primary_qemu.peer = secondary_qemu
     await primary_qemu.start()
     await secondary_qemu.start()
-    proxy = ProxyDouble(ProxyRole.PRIMARY)
+    proxy = ProxyDouble(Role.PRIMARY)
     server = ControlServer(tmp / "p.sock", proxy)
     proxy.server = server
     proxy.outstanding = CheckpointRequest(id=1, reason="restart", protocol="any", time=time.time())
@@ -436,7 +437,7 @@ async def holds(condition: Callable[[], bool], seconds: float, what: str) -> Non
 
 async def in_colo(w: World) -> None:
     await w.proxy.wait(lambda: w.proxy.completed_for(1) is not None, 5, "the restart request")
-    engine = w.daemon.engine
+    engine = w.daemon.state.engine
     assert engine is not None
 
     def watching() -> bool:
@@ -467,11 +468,11 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
         assert [m.request for _, m in w.proxy.started] == [1, request]
         assert w.primary.figures.checkpoints["payload"] == 1
         # The secondary daemon's engine and its status.
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         async with await ControlClient.connect(w.secondary_socket, ClientRole.MONITOR) as cli:
             status = await cli.request(StatusRequest())
-            assert (status.role, status.mode) == (ProxyRole.SECONDARY, Mode.PROTECTED)
+            assert (status.role, status.mode) == (Role.SECONDARY, Mode.PROTECTED)
             assert status.engines == 1
         async with await ControlClient.connect(w.secondary_socket, ClientRole.CLI) as cli:
             with pytest.raises(ControlRefusedError, match="protected already"):
@@ -487,7 +488,7 @@ async def test_bring_up_requests_and_takeover_through_the_secondary_daemon(
             ("object-del", {"id": "f1"}),
             ("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}),
         ]
-        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert (w.daemon.state.role, w.daemon.state.mode) == (Role.PRIMARY, Mode.UNPROTECTED)
         assert w.daemon.metrics.engine is engine.figures
 
 
@@ -546,7 +547,7 @@ async def test_a_primary_whose_secondary_took_over_pauses_its_guest(tmp_path: Pa
     async with asyncio.timeout(30), world(tmp_path) as w:
         await in_colo(w)
         w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert engine.figures.failovers["primary-lost"] == 1
@@ -566,7 +567,7 @@ async def test_a_primary_daemon_back_after_a_crash_stands_down(tmp_path: Path) -
         w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
         w.primary_task.cancel()
         await asyncio.wait([w.primary_task])
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         triggers = sum(1 for c, _ in w.primary_qemu.commands if c == "migrate-set-parameters")
@@ -603,7 +604,7 @@ async def test_forged_and_replayed_heartbeats_are_counted_and_ignored(tmp_path: 
     counted by reason, neither heard."""
     async with asyncio.timeout(30), world(tmp_path) as w:
         await in_colo(w)
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         path = w.primary.settings.heartbeat_paths[0]
         source, destination = (str(path.local), path.port), (str(path.remote), path.port)
@@ -649,7 +650,7 @@ async def test_with_a_quorum_silence_only_starts_the_contest(
     async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
         await in_colo(w)
         assert fake_etcd.key is not None and fake_etcd.key[0] == "primary"
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         w.primary.peer.send = lambda heartbeat: None  # type: ignore[method-assign]
         await engine.wait_until(lambda: engine.figures.key_events["contest"] >= 1, 5)
@@ -657,7 +658,7 @@ async def test_with_a_quorum_silence_only_starts_the_contest(
         assert engine.figures.failovers["primary-lost"] == 0
         assert engine.decider is not None and engine.decider.state is Watch.CONTESTING
         assert fake_etcd.key[0] == "primary"
-        assert w.daemon.mode is Mode.PROTECTED
+        assert w.daemon.state.mode is Mode.PROTECTED
 
 
 @pytest.mark.asyncio
@@ -666,13 +667,13 @@ async def test_with_a_quorum_a_dead_qemu_hands_the_key_over_and_host_s_takes_ove
 ) -> None:
     async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
         await in_colo(w)
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
         assert fake_etcd.key is not None and fake_etcd.key[0] == "secondary"
         assert w.primary.figures.key_events["lost-released"] == 1
-        assert (w.daemon.role, w.daemon.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+        assert (w.daemon.state.role, w.daemon.state.mode) == (Role.PRIMARY, Mode.UNPROTECTED)
         assert fake_etcd.alone  # host S runs alone: no stale takeover back
 
 
@@ -686,7 +687,7 @@ async def test_with_a_quorum_a_primary_cut_from_it_fences_and_host_s_takes_over(
     async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
         w.primary.fence = fences.append
         await in_colo(w)
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         fake_etcd.reachable["primary"] = False
         cut = asyncio.get_running_loop().time()
@@ -710,7 +711,7 @@ async def test_with_a_quorum_entering_colo_clears_the_alone_mark(
     async with asyncio.timeout(30), world(tmp_path, fake_etcd) as w:
         await in_colo(w)
         await w.primary.wait_until(lambda: not fake_etcd.alone, 5)
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)
@@ -772,7 +773,7 @@ async def test_with_a_disk_bring_up_and_the_secondary_lost(tmp_path: Path) -> No
 async def test_with_a_disk_the_takeover_stops_the_export_first(tmp_path: Path) -> None:
     async with asyncio.timeout(30), world(tmp_path, disk=True) as w:
         await in_colo(w)
-        engine = w.daemon.engine
+        engine = w.daemon.state.engine
         assert engine is not None
         await w.primary_qemu.die()
         await engine.wait_until(lambda: "done" in engine.figures.last_failover, 5)

@@ -34,6 +34,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy.lab import qemu as lab
+from coloproxy.lab.client import http_get
 from coloproxy.lab.diskcheck import (
     ACKED_MAGIC,
     DISKCHECK_MAGIC,
@@ -45,7 +46,6 @@ from coloproxy.lab.diskcheck import (
     diskcheck_summary,
     record,
 )
-from coloproxy.lab.lab import http_get
 from coloproxy.lab.vms import LabError
 from coloproxy.net import netns
 

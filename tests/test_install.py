@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy import cli
+from coloproxy.commands.subcommand import EXIT_TROUBLE
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "check-debian-install"
@@ -51,6 +52,6 @@ def test_lab_without_the_source_tree_says_what_it_needs_in_one_line(
 ) -> None:
     # An installed wheel: the package without qemu/ and guest/ beside it.
     monkeypatch.setattr("coloproxy.lab.qemu.repo_root", lambda: tmp_path)
-    assert cli.main(["lab", "demo"]) == cli.EXIT_TROUBLE
+    assert cli.main(["lab", "demo"]) == EXIT_TROUBLE
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs coloproxy's source tree" in err, err

@@ -25,20 +25,19 @@ from pathlib import Path
 import pytest
 
 from coloproxy.lab import configs, vms
-from coloproxy.lab.lab import (
+from coloproxy.lab.client import (
     NONDETERMINISTIC_PAGE,
-    QUIET_PERIOD_MS,
     Attempt,
     ClientLoop,
     EchoSession,
-    Lab,
     attempt,
     expected_pages,
     failover_gap,
     http_get,
-    memcheck_lines,
-    memcheck_summary,
 )
+from coloproxy.lab.console import memcheck_lines, memcheck_summary
+from coloproxy.lab.demo import QUIET_PERIOD_MS
+from coloproxy.lab.lab import Lab
 from coloproxy.lab.qemu import repo_root
 from coloproxy.net import netns
 
@@ -75,12 +74,12 @@ def test_the_lab_configs_load_as_one_pair(tmp_path: Path) -> None:
 
 def test_after_a_reprotect_host_p_is_the_secondary_of_host_s(tmp_path: Path) -> None:
     from coloproxy.config import parse_config
-    from coloproxy.protocol import ProxyRole
+    from coloproxy.role import Role
 
     paths = configs.LabPaths(tmp_path)
     host_p = parse_config(configs.reprotect_config_text(paths))
     host_s = parse_config(configs.config_text("secondary", paths))
-    assert host_p.pair.role is ProxyRole.SECONDARY
+    assert host_p.pair.role is Role.SECONDARY
     assert str(host_p.net.replication.local) == configs.REPLICATION_IPV4["hp"]
     assert host_p.net.replication.remote == host_s.net.replication.local
     assert host_p.control.socket == paths.control_socket("primary")  # host P's names stay
@@ -138,7 +137,7 @@ def test_the_qemu_filters_command_lines() -> None:
 
 
 def test_failover_gap() -> None:
-    from coloproxy.lab.lab import Attempt
+    from coloproxy.lab.client import Attempt
 
     attempts = [
         Attempt("/", 0.0, 0.1, True),

@@ -22,7 +22,8 @@ from coloproxy.lab.topology import GUEST_IPV4, GUEST_IPV6, Topology
 from coloproxy.net import NetError, host
 from coloproxy.net.host import HostNet
 from coloproxy.net.netns import read_sysctl, run_command
-from coloproxy.net.rules import QueueNumbers, Role
+from coloproxy.net.rules import QueueNumbers
+from coloproxy.role import Role
 from netfixtures import (
     ACK,
     QUEUES,

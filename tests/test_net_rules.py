@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 
 from coloproxy.errors import UsageError
-from coloproxy.net.rules import (
-    LinkNames,
-    QueueNumbers,
-    Role,
-    RuleSet,
-    chain_name,
-    jump_count,
-)
+from coloproxy.net.rules import LinkNames, QueueNumbers, RuleSet, chain_name, jump_count
+from coloproxy.role import Role
 from test_purity import ROOT, violations
 
 QUEUES = QueueNumbers(primary_out=10, secondary_out=11, secondary_in=12, secondary_egress=13)

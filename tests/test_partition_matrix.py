@@ -32,7 +32,8 @@ from pathlib import Path
 
 import pytest
 
-from coloproxy.lab.lab import ClientLoop, Lab, expected_pages
+from coloproxy.lab.client import ClientLoop, expected_pages
+from coloproxy.lab.lab import Lab
 from coloproxy.lab.topology import GUEST_MAC, REPLICATION_IPV4, Topology
 from coloproxy.net import netns
 

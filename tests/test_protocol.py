@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coloproxy.compare import Evidence
 from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     CLIENT_MAY_SEND,
@@ -35,7 +34,6 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Reprotect,
     SetPeriod,
     Status,
@@ -46,6 +44,7 @@ from coloproxy.protocol import (
     encode,
 )
 from coloproxy.protocol.messages import MAX_INTEGER, Request
+from coloproxy.role import Role
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DOC = Path(__file__).resolve().parent.parent / "docs" / "control-protocol.md"
@@ -82,7 +81,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         Welcome,
         version=st.integers(1, 1000),
         pair=text,
-        role=st.sampled_from(ProxyRole),
+        role=st.sampled_from(Role),
         mode=st.sampled_from(Mode),
         software=text,
         idle_timeout=seconds,
@@ -106,7 +105,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Status: st.builds(
         Status,
         pair=text,
-        role=st.sampled_from(ProxyRole),
+        role=st.sampled_from(Role),
         mode=st.sampled_from(Mode),
         epoch=counts,
         held_packets=counts,
@@ -128,7 +127,7 @@ STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     SetPeriod: st.builds(SetPeriod, period_ms=st.integers(1, 2**32 - 1), id=ids),
     CheckpointNow: st.builds(CheckpointNow, reason=reasons, id=ids),
     Failover: st.builds(
-        Failover, role=st.sampled_from(ProxyRole), mode=st.sampled_from(Mode), detail=text, id=ids
+        Failover, role=st.sampled_from(Role), mode=st.sampled_from(Mode), detail=text, id=ids
     ),
     AttachLan: st.builds(AttachLan, id=ids),
     Reprotect: st.builds(Reprotect, migrate_uri=st.text(min_size=1, max_size=256), id=ids),
@@ -432,7 +431,7 @@ def test_a_completion_stamped_before_its_start_is_accepted() -> None:
         (lambda: CheckpointNow(reason=""), "is not a token"),
         (lambda: CheckpointRequest(id=1, reason="Bad reason", protocol="tcp"), "is not a token"),
         (
-            lambda: Status(pair="p", role=ProxyRole.PRIMARY, mode=Mode.PROTECTED, counters={"": 1}),
+            lambda: Status(pair="p", role=Role.PRIMARY, mode=Mode.PROTECTED, counters={"": 1}),
             "is not a count",
         ),
         (
@@ -444,35 +443,6 @@ def test_a_completion_stamped_before_its_start_is_accepted() -> None:
 def test_our_own_bad_messages_raise_usage_error(build: object, problem: str) -> None:
     with pytest.raises(UsageError, match=re.escape(problem)):
         build()  # type: ignore[operator]
-
-
-def test_evidence_from_the_comparator() -> None:
-    evidence = Evidence(1460, b"abc", b"abd", 1448, 1448, before=2, detail="byte 1462 differs")
-    wire = CheckpointEvidence.from_compare(evidence)
-    assert wire == CheckpointEvidence(1460, 2, b"abc", b"abd", 1448, 1448, "byte 1462 differs")
-    request = CheckpointRequest(id=7, reason="payload", protocol="tcp", evidence=wire)
-    assert json.loads(encode(request))["evidence"] == {
-        "offset": 1460,
-        "before": 2,
-        "primary": "616263",
-        "secondary": "616264",
-        "primary_length": 1448,
-        "secondary_length": 1448,
-        "detail": "byte 1462 differs",
-    }
-
-
-def test_evidence_from_the_comparator_always_fits_a_line() -> None:
-    """The packet path broadcasts requests: encode must never refuse one."""
-    evidence = Evidence(0, b"p" * 4096, b"s" * 4096, 4096, 4096, detail="d" * 100_000)
-    request = CheckpointRequest(
-        id=1,
-        reason="payload",
-        protocol="tcp",
-        flow="f" * 200,
-        evidence=CheckpointEvidence.from_compare(evidence),
-    )
-    assert len(encode(request)) < 4096
 
 
 def test_version_choice() -> None:
@@ -502,7 +472,7 @@ def test_what_lifts_protection_or_steers_the_engine_needs_engine_credentials() -
 
 
 def test_status_protected_follows_the_mode() -> None:
-    status = Status(pair="p", role=ProxyRole.PRIMARY, mode=Mode.UNPROTECTED)
+    status = Status(pair="p", role=Role.PRIMARY, mode=Mode.UNPROTECTED)
     assert not status.protected
     assert dataclasses.replace(status, mode=Mode.PROTECTED).protected
 
@@ -534,17 +504,3 @@ def test_the_document_examples_decode_and_are_canonical(line: str) -> None:
     message = decode_line(line.encode())
     assert not isinstance(message, ProtocolError), message
     assert encode(message) == line.encode() + b"\n"
-
-
-@pytest.mark.parametrize("offset", [-1, -2_435_536, 0, 1460])
-def test_an_evidence_offset_before_the_epoch_base_reaches_the_engine(offset: int) -> None:
-    # The SYN sits at stream offset -1, and a resend of bytes released before the last
-    # checkpoint is below 0: an engine that refused such a request never checkpointed, and
-    # the proxy held the flow (seen in bench/proxy_bench.py, after an overflow checkpoint).
-    evidence = Evidence(offset, b"", b"", 1448, 0, detail="primary segment unmatched")
-    request = CheckpointRequest(
-        id=3, reason="timeout", protocol="tcp", evidence=CheckpointEvidence.from_compare(evidence)
-    )
-    decoder = Decoder()
-    (decoded,) = decoder.feed(encode(request))
-    assert decoded == request

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from coloproxy.capture import read_queue_stats
 from coloproxy.control import ControlClient, ControlRefusedError
 from coloproxy.lab.topology import CLIENT_IPV4, GUEST_IPV4, GUEST_IPV6
-from coloproxy.protocol import AttachLan, ClientRole, Mode, ProxyRole
+from coloproxy.protocol import AttachLan, ClientRole, Mode
+from coloproxy.role import Role
 from netfixtures import QUEUES, snapshot, topology_fixture
 from pairworld import (
     BIG,
@@ -334,7 +335,7 @@ def test_connections_survive_a_takeover_with_the_svms_sequence_numbers_shifted(
         while received < 300_000:
             received += len(connection.recv(65536))
     host_s = fresh.status("secondary")
-    assert (host_s.role, host_s.mode) == (ProxyRole.PRIMARY, Mode.UNPROTECTED)
+    assert (host_s.role, host_s.mode) == (Role.PRIMARY, Mode.UNPROTECTED)
     assert host_s.counters["takeover_rewrites"] > 0, fresh.log("secondary")
     # A connection opened after the takeover is the SVM's own: nothing to shift.
     assert fresh.client(tcp_echo, b"new", socket.AF_INET) == b"new"

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from coloproxy import cli
+from coloproxy.commands.subcommand import EXIT_TROUBLE
 from coloproxy.compare import Comparator, CompareConfig, Side
 from coloproxy.compare.config import MalformedPolicy, PassthroughRule
 from coloproxy.config import load_config
@@ -140,9 +141,9 @@ async def test_a_reload_changes_the_live_keys_and_names_the_others(
         caplog.set_level(logging.INFO)
         plan = await daemon.reload()
         assert plan is not None
-        assert daemon.comparator is not None
-        assert daemon.comparator.config.compare_timeout == 0.75
-        assert daemon.period_ms == 5000
+        assert daemon.state.comparator is not None
+        assert daemon.state.comparator.config.compare_timeout == 0.75
+        assert daemon.state.period_ms == 5000
         deadline = time.monotonic() + 5
         while engine.periods != [5000]:  # pushed to the engine
             assert time.monotonic() < deadline, engine.periods
@@ -153,7 +154,7 @@ async def test_a_reload_changes_the_live_keys_and_names_the_others(
             "reload: net.guest_port rl-guest -> rl-other not changed: it needs a restart"
             in caplog.text
         )
-        assert daemon.config.net.guest_port == "rl-guest"
+        assert daemon.state.config.net.guest_port == "rl-guest"
         # Asked again, the refused key is still different and still said.
         caplog.clear()
         plan = await daemon.reload()
@@ -173,7 +174,7 @@ async def test_a_file_that_does_not_load_changes_nothing(
         assert await daemon.reload() is None
         assert "period_ms': expected a positive integer of milliseconds, got 'soon'" in caplog.text
         assert "does not load; the daemon goes on unchanged" in caplog.text
-        assert daemon.config.engine.period_ms == 20000
+        assert daemon.state.config.engine.period_ms == 20000
 
 
 @pytest.mark.asyncio
@@ -204,7 +205,7 @@ async def test_set_period_on_the_command_line_reaches_the_engine(
         while engine.periods != [1500]:
             assert time.monotonic() < deadline, engine.periods
             await asyncio.sleep(0.01)
-    assert cli.main(["set-period", "0"]) == cli.EXIT_TROUBLE
+    assert cli.main(["set-period", "0"]) == EXIT_TROUBLE
     assert "not a period in milliseconds" in capsys.readouterr().err
 
 
@@ -217,7 +218,7 @@ async def test_set_period_without_an_engine_says_so(
     async with running(path):
         socket_path = str(directory / "ctl.sock")
         code = await asyncio.to_thread(cli.main, ["set-period", "1500", "--socket", socket_path])
-        assert code == cli.EXIT_TROUBLE
+        assert code == EXIT_TROUBLE
         assert "no checkpoint engine connected" in capsys.readouterr().err
 
 

@@ -133,7 +133,7 @@ def test_a_packet_parsed_by_the_caller_is_not_parsed_again_and_the_result_is_the
     # The S-in hot path hands shifted_copy the packet it parsed: the copy must come out
     # byte for byte as when shifted_copy parses the copy itself, and the input stays as it was.
     from coloproxy.packet.parse import Packet, parse_ip
-    from coloproxy.packet.rewrite import shift_tcp_ack
+    from coloproxy.packet.shift import shift_tcp_ack
     from coloproxy.rewrite.ingress import shifted_copy
 
     data = client_segment(ack=500, sack=[(1500, 2000)])

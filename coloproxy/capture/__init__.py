@@ -1,24 +1,28 @@
 """Capture: the shell that takes packets from the kernel and gives it verdicts.
 
-``nfqueue.py`` holds the interface (``PacketQueue``, ``QueueConfig``, ``open_queue``) and the
-netfilterqueue transport, ``netlink.py`` the raw-netlink transport, ``stats.py`` the kernel's
-counters from /proc.
+``queue.py`` holds the interface every NFQUEUE transport shares (``PacketQueue``,
+``QueueConfig``); ``netlink.py`` (its messages in ``netlink_codec.py``) and ``libnfq.py``
+are the two transports; ``transports.py`` has ``open_queue``, which opens the one the
+configuration names; ``stats.py`` reads the kernel's counters from /proc. ``chardev.py`` is
+the other way in: QEMU's chardev sockets instead of NFQUEUE (docs/chardev.md), each socket a
+``Link`` of ``chardev_link.py``.
 """
 
-from coloproxy.capture.nfqueue import (
-    NfQueue,
+from coloproxy.capture.libnfq import NfQueue
+from coloproxy.capture.netlink import NetlinkQueue
+from coloproxy.capture.queue import (
     OnPacket,
     PacketQueue,
     QueueConfig,
     QueueCounters,
     QueueError,
     QueueState,
-    Transport,
-    open_queue,
 )
 from coloproxy.capture.stats import QueueStats, parse_queue_stats, read_queue_stats
+from coloproxy.capture.transports import open_queue
 
 __all__ = [
+    "NetlinkQueue",
     "NfQueue",
     "OnPacket",
     "PacketQueue",
@@ -27,7 +31,6 @@ __all__ = [
     "QueueError",
     "QueueState",
     "QueueStats",
-    "Transport",
     "open_queue",
     "parse_queue_stats",
     "read_queue_stats",

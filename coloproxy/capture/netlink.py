@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-NFQUEUE is a small nfnetlink protocol (net/netfilter/nfnetlink_queue.c). We open an
-AF_NETLINK/NETLINK_NETFILTER socket and, in one NFQNL_MSG_CONFIG message, bind the queue
-(NFQA_CFG_CMD), ask for whole packets (NFQA_CFG_PARAMS), set the queue length
-(NFQA_CFG_QUEUE_MAXLEN) and the flags (NFQA_CFG_FLAGS under NFQA_CFG_MASK): GSO if
-configured, FAIL_OPEN explicitly cleared. The kernel then sends one NFQNL_MSG_PACKET per
-queued packet, each in a datagram of its own, with the packet id in NFQA_PACKET_HDR (always
-the first attribute) and the packet in NFQA_PAYLOAD (always the last).
+NFQUEUE is a small nfnetlink protocol (net/netfilter/nfnetlink_queue.c; its messages are
+built and read in ``netlink_codec.py``). We open an AF_NETLINK/NETLINK_NETFILTER socket and,
+in one NFQNL_MSG_CONFIG message, bind the queue (NFQA_CFG_CMD), ask for whole packets
+(NFQA_CFG_PARAMS), set the queue length (NFQA_CFG_QUEUE_MAXLEN) and the flags
+(NFQA_CFG_FLAGS under NFQA_CFG_MASK): GSO if configured, FAIL_OPEN explicitly cleared. The
+kernel then sends one NFQNL_MSG_PACKET per queued packet, each in a datagram of its own,
+with the packet id in NFQA_PACKET_HDR (always the first attribute) and the packet in
+NFQA_PAYLOAD (always the last).
 
 What this buys over netfilterqueue, measured in ``bench/nfqueue_bench.py``:
 
@@ -43,96 +44,54 @@ import itertools
 import logging
 import os
 import socket
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from coloproxy.capture.nfqueue import (
-    SO_RCVBUFFORCE,
+from coloproxy.capture.netlink_codec import (
+    BE32,
+    HEADER_LEN,
+    NF_ACCEPT,
+    NF_DROP,
+    NF_QUEUE,
+    NFQA_CAP_LEN,
+    NFQA_CFG_F_FAIL_OPEN,
+    NFQA_CFG_F_GSO,
+    NFQA_PACKET_HDR,
+    NFQA_PAYLOAD,
+    NFQNL_CFG_CMD_BIND,
+    NFQNL_CFG_CMD_UNBIND,
+    NFQNL_MSG_CONFIG,
+    NLATTR,
+    NLMSG_ERROR,
+    NLMSG_LEN_TYPE,
+    NLMSGHDR,
+    TYPE_PACKET,
+    VerdictCodec,
+    build_config,
+    build_verdict,
+    iter_messages,
+    parse_error,
+    parse_packet,
+)
+from coloproxy.capture.queue import (
     OnPacket,
+    QueueBase,
     QueueConfig,
     QueueCounters,
     QueueError,
     QueueState,
-    Transport,
-    bind_error,
-    netlink_socket,
     no_enobufs,
 )
+from coloproxy.config import Transport
 from coloproxy.errors import UsageError
 
-if TYPE_CHECKING:
-    import asyncio
-
-__all__ = [
-    "NetlinkQueue",
-    "PacketMessage",
-    "build_config",
-    "build_verdict",
-    "build_verdict_batch",
-    "iter_messages",
-    "parse_error",
-    "parse_packet",
-]
+__all__ = ["NetlinkQueue"]
 
 log = logging.getLogger(__name__)
 
-# Constants from the kernel's UAPI headers (linux-libc-dev, Debian 12).
 # linux/netlink.h
-NLM_F_REQUEST = 0x01
-NLM_F_ACK = 0x04
-NLMSG_ERROR = 0x2
-NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
-# linux/netfilter/nfnetlink.h
-NFNL_SUBSYS_QUEUE = 3
-NFNETLINK_V0 = 0
-# linux/netfilter/nfnetlink_queue.h: enum nfqnl_msg_types
-NFQNL_MSG_PACKET = 0
-NFQNL_MSG_VERDICT = 1
-NFQNL_MSG_CONFIG = 2
-NFQNL_MSG_VERDICT_BATCH = 3
-# enum nfqnl_attr_type
-NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 2
-NFQA_IFINDEX_INDEV = 5
-NFQA_IFINDEX_PHYSINDEV = 7
-NFQA_PAYLOAD = 10
-NFQA_CAP_LEN = 13
-NFQA_SKB_INFO = 14
-# enum nfqnl_msg_config_cmds
-NFQNL_CFG_CMD_BIND = 1
-NFQNL_CFG_CMD_UNBIND = 2
-# enum nfqnl_config_mode
-NFQNL_COPY_PACKET = 2
-# enum nfqnl_attr_config
-NFQA_CFG_CMD = 1
-NFQA_CFG_PARAMS = 2
-NFQA_CFG_QUEUE_MAXLEN = 3
-NFQA_CFG_MASK = 4
-NFQA_CFG_FLAGS = 5
-# NFQA_CFG_F_*
-NFQA_CFG_F_FAIL_OPEN = 1 << 0
-NFQA_CFG_F_GSO = 1 << 2
-# NFQA_SKB_* (flags in NFQA_SKB_INFO)
-NFQA_SKB_CSUMNOTREADY = 1 << 0
-NFQA_SKB_GSO = 1 << 1
-# linux/netfilter.h
-NF_DROP = 0
-NF_ACCEPT = 1
-NF_QUEUE = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
-
-_TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
-_TYPE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
-_PADDING = bytes(3)
-_NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
-_NFGENMSG = struct.Struct("=BBH")  # family, version, res_id (res_id is big-endian: pre-swapped)
-_NLMSG_LEN_TYPE = struct.Struct("=IH")  # the first two fields of _NLMSGHDR
-_NLATTR = struct.Struct("=HH")  # len, type: host byte order; attribute values are big-endian
-_BE32 = struct.Struct(">I")
-_PACKET_HDR = struct.Struct(">IHB")  # struct nfqnl_msg_packet_hdr
-_ERRNO = struct.Struct("=i")
-_HEADER_LEN = _NLMSGHDR.size + _NFGENMSG.size  # 20: where the attributes start
+NETLINK_NETFILTER = 12
+# asm-generic/socket.h: like SO_RCVBUF but may exceed net.core.rmem_max (needs CAP_NET_ADMIN)
+SO_RCVBUFFORCE = 33
 
 # Largest datagram: a 64 KiB GSO packet (payload capped at 65531 by NFQNL_MAX_COPY_RANGE)
 # plus its metadata attributes (under 200 bytes with the flags we set; 4 KiB of room).
@@ -221,139 +180,8 @@ _EAGER_VERDICTS = 2
 # packet of up to 64 KiB with a few others.
 _MAX_SEND = 128 << 10
 
-
 # ---------------------------------------------------------------------------------------------
-# The codec: pure functions, tested without a kernel.
-
-
-def _attr(attr_type: int, value: bytes) -> bytes:
-    length = _NLATTR.size + len(value)
-    return _NLATTR.pack(length, attr_type) + value + bytes(-length % 4)
-
-
-def _message(msg_type: int, flags: int, seq: int, queue_num: int, attrs: bytes) -> bytes:
-    body = _NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, socket.htons(queue_num)) + attrs
-    return (
-        _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), (NFNL_SUBSYS_QUEUE << 8) | msg_type, flags, seq, 0
-        )
-        + body
-    )
-
-
-def build_config(
-    queue_num: int,
-    *,
-    command: int | None = None,
-    copy_range: int | None = None,
-    max_len: int | None = None,
-    flags: int | None = None,
-    mask: int | None = None,
-    seq: int = 0,
-    ack: bool = True,
-) -> bytes:
-    """An NFQNL_MSG_CONFIG message: command, copy mode/range, queue length, flags.
-
-    The kernel applies them in that order within the one message, so a bind and its
-    settings are atomic (``nfqnl_recv_config``). ``copy_range`` implies NFQNL_COPY_PACKET.
-    """
-    attrs = b""
-    if command is not None:
-        attrs += _attr(NFQA_CFG_CMD, struct.pack(">BBH", command, 0, 0))
-    if copy_range is not None:
-        attrs += _attr(NFQA_CFG_PARAMS, struct.pack(">IB", copy_range, NFQNL_COPY_PACKET))
-    if max_len is not None:
-        attrs += _attr(NFQA_CFG_QUEUE_MAXLEN, _BE32.pack(max_len))
-    if flags is not None:
-        # The kernel refuses flags without a mask (EINVAL): the mask says which to change.
-        attrs += _attr(NFQA_CFG_MASK, _BE32.pack(flags if mask is None else mask))
-        attrs += _attr(NFQA_CFG_FLAGS, _BE32.pack(flags))
-    msg_flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    return _message(NFQNL_MSG_CONFIG, msg_flags, seq, queue_num, attrs)
-
-
-def build_verdict(
-    queue_num: int, packet_id: int, verdict: int, payload: bytes | None = None, seq: int = 0
-) -> bytes:
-    """An NFQNL_MSG_VERDICT for one packet, with a replacement payload if given."""
-    attrs = _attr(NFQA_VERDICT_HDR, struct.pack(">II", verdict, packet_id))
-    if payload is not None:
-        attrs += _attr(NFQA_PAYLOAD, payload)
-    return _message(NFQNL_MSG_VERDICT, NLM_F_REQUEST, seq, queue_num, attrs)
-
-
-def build_verdict_batch(queue_num: int, max_id: int, verdict: int, seq: int = 0) -> bytes:
-    """An NFQNL_MSG_VERDICT_BATCH: ``verdict`` for every queued packet with id <= ``max_id``."""
-    attrs = _attr(NFQA_VERDICT_HDR, struct.pack(">II", verdict, max_id))
-    return _message(NFQNL_MSG_VERDICT_BATCH, NLM_F_REQUEST, seq, queue_num, attrs)
-
-
-def iter_messages(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, int, int, int]]:
-    """Yield ``(type, flags, seq, start, end)`` of each netlink message in a datagram.
-
-    ``start`` is where the message's header begins, ``end`` where it ends; a truncated or
-    zero-length header ends the walk (nothing in the datagram can be trusted after it).
-    """
-    offset = 0
-    size = len(data)
-    while offset + _NLMSGHDR.size <= size:
-        length, msg_type, flags, seq, _portid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > size:
-            return
-        yield msg_type, flags, seq, offset, offset + length
-        offset += (length + 3) & ~3
-
-
-@dataclass(frozen=True, slots=True)
-class PacketMessage:
-    """An NFQNL_MSG_PACKET decoded in full (the slow path: tests and diagnostics)."""
-
-    packet_id: int
-    hw_protocol: int
-    hook: int
-    payload: bytes
-    indev: int | None
-    physindev: int | None
-    cap_len: int | None  # original length, present only if the payload was truncated
-    skb_info: int  # NFQA_SKB_* flags
-
-
-def parse_packet(data: bytes | bytearray | memoryview, start: int = 0) -> PacketMessage:
-    """Decode the NFQNL_MSG_PACKET whose netlink header is at ``start``."""
-    length = _NLMSGHDR.unpack_from(data, start)[0]
-    end = start + length
-    offset = start + _HEADER_LEN
-    packet_id = hw_protocol = hook = skb_info = 0
-    payload = b""
-    indev = physindev = cap_len = None
-    while offset + _NLATTR.size <= end:
-        attr_len, attr_type = _NLATTR.unpack_from(data, offset)
-        if attr_len < _NLATTR.size:
-            break
-        value = offset + _NLATTR.size
-        attr_type &= NLA_TYPE_MASK
-        if attr_type == NFQA_PACKET_HDR:
-            packet_id, hw_protocol, hook = _PACKET_HDR.unpack_from(data, value)
-        elif attr_type == NFQA_PAYLOAD:
-            payload = bytes(data[value : offset + attr_len])
-        elif attr_type == NFQA_IFINDEX_INDEV:
-            indev = _BE32.unpack_from(data, value)[0]
-        elif attr_type == NFQA_IFINDEX_PHYSINDEV:
-            physindev = _BE32.unpack_from(data, value)[0]
-        elif attr_type == NFQA_CAP_LEN:
-            cap_len = _BE32.unpack_from(data, value)[0]
-        elif attr_type == NFQA_SKB_INFO:
-            skb_info = _BE32.unpack_from(data, value)[0]
-        offset += (attr_len + 3) & ~3
-    return PacketMessage(packet_id, hw_protocol, hook, payload, indev, physindev, cap_len, skb_info)
-
-
-def parse_error(data: bytes | bytearray | memoryview, start: int = 0) -> tuple[int, int, int]:
-    """Decode an NLMSG_ERROR: ``(errno, echoed type, echoed seq)``; errno 0 is an ack."""
-    body = start + _NLMSGHDR.size
-    error = -_ERRNO.unpack_from(data, body)[0]
-    _length, echoed_type, _flags, echoed_seq, _portid = _NLMSGHDR.unpack_from(data, body + 4)
-    return error, echoed_type, echoed_seq
+# The transport.
 
 
 def _ascending(ids: list[int]) -> bool:
@@ -362,49 +190,10 @@ def _ascending(ids: list[int]) -> bool:
     return all(earlier < later for earlier, later in itertools.pairwise(ids))
 
 
-class _VerdictCodec:
-    """The verdict messages of one queue from prebuilt bytes: the same as ``build_verdict``
-    and ``build_verdict_batch`` (seq 0), without building attributes for every packet."""
-
-    __slots__ = ("_payload_middle", "batch", "plain")
-
-    def __init__(self, queue_num: int) -> None:
-        # A plain verdict is 28 constant bytes and the packet id (struct
-        # nfqnl_msg_verdict_hdr ends with it): encoding one is two appends. Likewise a batch.
-        cut = -2 * _BE32.size
-        plain = build_verdict(queue_num, 0, NF_ACCEPT)[:cut]
-        batch = build_verdict_batch(queue_num, 0, NF_ACCEPT)[:cut]
-        self.plain = {verdict: plain + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
-        self.batch = {verdict: batch + _BE32.pack(verdict) for verdict in (NF_ACCEPT, NF_DROP)}
-        # An accept with a payload: the netlink header (its length varies), then these bytes
-        # up to the packet id, then the payload attribute.
-        self._payload_middle = plain[_NLMSGHDR.size :] + _BE32.pack(NF_ACCEPT)
-
-    def accept_with_payload(self, packet_id: int, payload: bytes) -> bytes:
-        """``build_verdict(queue_num, packet_id, NF_ACCEPT, payload)``."""
-        attr_len = _NLATTR.size + len(payload)
-        pad = -attr_len % 4  # counted in the message's length, as build_verdict counts it
-        length = _NLMSGHDR.size + len(self._payload_middle) + _BE32.size + attr_len + pad
-        return b"".join(
-            (
-                _NLMSGHDR.pack(length, _TYPE_VERDICT, NLM_F_REQUEST, 0, 0),
-                self._payload_middle,
-                _BE32.pack(packet_id),
-                _NLATTR.pack(attr_len, NFQA_PAYLOAD),
-                payload,
-                _PADDING[:pad],
-            )
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# The transport.
-
-
-class NetlinkQueue:
+class NetlinkQueue(QueueBase):
     """One NFQUEUE over a raw netlink socket, on the running asyncio loop.
 
-    Same interface as ``NfQueue``; ``handle`` is the packet id (an int). Verdicts are queued
+    The interface of ``queue.py``; ``handle`` is the packet id (an int). Verdicts are queued
     and sent at the end of the current wake-up (the first two packets' at once), or in the
     next loop iteration if given outside one, so that a burst of releases goes out in one
     send; ``flush()`` sends at once.
@@ -413,11 +202,8 @@ class NetlinkQueue:
     transport = Transport.NETLINK
 
     def __init__(self, config: QueueConfig, on_packet: OnPacket) -> None:
-        self._config = config
-        self._on_packet = on_packet
-        self._state = QueueState.IDLE
+        super().__init__(config, on_packet)
         self._sock: socket.socket | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._buf = bytearray(_RECV_SIZE)  # for the bind handshake
         self._view = memoryview(self._buf)
         self._slots: _Slots | None = None
@@ -431,7 +217,7 @@ class NetlinkQueue:
         self._flush_scheduled = False
         self._seq = 0
         self._acks: dict[int, int] = {}
-        self._codec = _VerdictCodec(config.queue_num)
+        self._codec = VerdictCodec(config.queue_num)
         self._prefix = self._codec.plain
         self._batch_prefix = self._codec.batch
         self._received = 0
@@ -441,27 +227,16 @@ class NetlinkQueue:
         self._verdict_sends = 0
         self._batch_verdicts = 0
 
-    @property
-    def config(self) -> QueueConfig:
-        return self._config
-
-    @property
-    def state(self) -> QueueState:
-        return self._state
-
     def fileno(self) -> int:
         return -1 if self._sock is None else self._sock.fileno()
 
     # -- binding ---------------------------------------------------------------------------
 
     def open(self) -> None:
-        import asyncio
-
-        if self._state is not QueueState.IDLE:
-            raise UsageError(f"queue {self._config.queue_num} is {self._state.value}, not idle")
-        self._loop = asyncio.get_running_loop()
+        loop = self._start_open()
         config = self._config
-        sock = netlink_socket(config.netns)
+        # Created in the queue's namespace, the socket stays in it (see queue.py).
+        sock = self._in_netns(socket.socket, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         try:
             sock.bind((0, 0))  # the kernel picks our portid
             try:
@@ -486,14 +261,14 @@ class NetlinkQueue:
         except OSError as exc:
             self._sock = None
             sock.close()
-            raise bind_error(config, exc.errno, exc) from exc
+            raise self._bind_error(exc.errno, exc) from exc
         except BaseException:
             self._sock = None
             sock.close()
             raise
         sock.setblocking(False)
         self._slots = _Slots(min(_SLOTS, config.batch), _RECV_SIZE)
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        loop.add_reader(sock.fileno(), self._on_readable)
         self._state = QueueState.OPEN
         if self._run or self._out:
             self._flush()  # verdicts given to packets that came with the bind's ack
@@ -510,7 +285,7 @@ class NetlinkQueue:
         """
         assert self._sock is not None and self._loop is not None
         sock = self._sock
-        seq = _NLMSGHDR.unpack_from(message, 0)[3]
+        seq = NLMSGHDR.unpack_from(message, 0)[3]
         sock.settimeout(timeout)
         sock.send(message)
         self._in_reader = True
@@ -534,7 +309,7 @@ class NetlinkQueue:
     def _dispatch_slow(self, data: memoryview, now: float) -> None:
         """Every message of one datagram, decoded in full (bind time and control messages)."""
         for msg_type, _flags, _seq, start, _end in iter_messages(data):
-            if msg_type == _TYPE_PACKET:
+            if msg_type == TYPE_PACKET:
                 packet = parse_packet(data, start)
                 if packet.cap_len is not None:
                     self._truncated += 1
@@ -574,9 +349,9 @@ class NetlinkQueue:
         headers = slots.headers
         view = slots.view
         slot_size = slots.size
-        unpack_header = _NLMSG_LEN_TYPE.unpack_from
-        unpack_attr = _NLATTR.unpack_from
-        unpack_be32 = _BE32.unpack_from
+        unpack_header = NLMSG_LEN_TYPE.unpack_from
+        unpack_attr = NLATTR.unpack_from
+        unpack_be32 = BE32.unpack_from
         on_packet = self._on_packet
         undecided_add = self._undecided.add
         batch = self._config.batch
@@ -616,13 +391,13 @@ class NetlinkQueue:
                     if size > slot_size:  # cut by the slot (cannot happen: see _RECV_SIZE)
                         self._truncated += 1
                         size = slot_size
-                    if msg_type != _TYPE_PACKET:  # an error reply: the slow path
+                    if msg_type != TYPE_PACKET:  # an error reply: the slow path
                         self._dispatch_slow(view[base : base + size], now)
                         continue
                     # One packet per datagram (nfnetlink_unicast sends each in its own skb).
                     # Walk the attributes: the header first, the payload last, a few between.
                     end = base + size
-                    offset = base + _HEADER_LEN
+                    offset = base + HEADER_LEN
                     packet_id = -1
                     payload = b""
                     while offset < end:
@@ -720,7 +495,7 @@ class NetlinkQueue:
             return
         out = self._out
         prefix = self._prefix[self._run_verdict]
-        pack = _BE32.pack
+        pack = BE32.pack
         for packet_id in run:
             out += prefix
             out += pack(packet_id)
@@ -743,7 +518,7 @@ class NetlinkQueue:
         try:
             if run and not self._out and not self._undecided and _ascending(run):
                 # Every delivered packet up to run[-1] is in the run: one batch verdict.
-                sock.send(self._batch_prefix[self._run_verdict] + _BE32.pack(run[-1]))
+                sock.send(self._batch_prefix[self._run_verdict] + BE32.pack(run[-1]))
                 self._batch_verdicts += 1
                 self._verdict_sends += 1
                 run.clear()
@@ -815,10 +590,3 @@ class NetlinkQueue:
             verdict_sends=self._verdict_sends,
             batch_verdicts=self._batch_verdicts,
         )
-
-    def __enter__(self) -> NetlinkQueue:
-        self.open()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coloproxy.errors import InputError
+from coloproxy.net.netns import run_in
 
 __all__ = ["PROC_PATH", "QueueStats", "parse_queue_stats", "read_queue_stats"]
 
-PROC_PATH = Path("/proc/net/netfilter/nfnetlink_queue")
+# /proc/net is /proc/self/net: the namespace of the process's main thread. thread-self is the
+# calling thread's, the one netns.run_in moved (the same in the main thread).
+PROC_PATH = Path("/proc/thread-self/net/netfilter/nfnetlink_queue")
 
 _FIELDS = 9
 
@@ -59,12 +62,13 @@ def read_queue_stats(path: Path = PROC_PATH, netns: str | None = None) -> dict[i
     No bound queue in the namespace yet may mean no file at all (the module is loaded on
     the first bind): that reads as no queues.
     """
-    from coloproxy.capture.nfqueue import in_netns
-
     try:
-        with in_netns(netns), open(path, encoding="ascii") as stream:
-            # /proc/net resolves against the namespace of the thread that opens it.
-            text = stream.read()
+        text = run_in(netns, _read, path)
     except FileNotFoundError:
         return {}
     return parse_queue_stats(text, str(path))
+
+
+def _read(path: Path) -> str:
+    with open(path, encoding="ascii") as stream:
+        return stream.read()

@@ -31,9 +31,7 @@ everything, which offline comparison uses at the end of its input.
 
 from __future__ import annotations
 
-import heapq
 import ipaddress
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -45,7 +43,8 @@ from coloproxy.compare.config import (
     PassthroughRule,
     SecondarySeq,
 )
-from coloproxy.compare.datagram import DatagramFlow
+from coloproxy.compare.datagram import DatagramFlow, ReorderTimers
+from coloproxy.compare.epoch import START
 from coloproxy.compare.events import (
     EVIDENCE_BYTES,
     Drop,
@@ -59,13 +58,12 @@ from coloproxy.compare.events import (
     ReleaseReason,
     Side,
 )
+from coloproxy.compare.lanes import Lanes
 from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import NEED_URG, Book, FlowState, Held, Signal
 from coloproxy.compare.tcp import TCP_URG, TcpConnection
 from coloproxy.errors import UsageError
 from coloproxy.packet.parse import (
-    ETH_P_IP,
-    ETHERNET_HEADER_LEN,
     NOT_IP,
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -79,17 +77,6 @@ from coloproxy.packet.parse import (
     parse_ip,
 )
 
-# The lanes read from the IP header: version and IHL, total length, the fragment field,
-# protocol, then the 12 bytes from the source address to the destination port (the lane's flow
-# key), then TCP's sequence and acknowledgement numbers, data offset and flags (for UDP the
-# first 16 bits of "sequence" are the UDP length); with Ethernet framing the ethertype first.
-_LANE_PORTS: Final = struct.Struct("!HH")
-_ETHERTYPE_HIGH: Final = ETH_P_IP >> 8
-_ETHERTYPE_LOW: Final = ETH_P_IP & 0xFF
-
-# TCP segments the lane leaves to the general path: a SYN (it names an ISN) and URG (the urgent
-# pointer is not among the fields the lane reads).
-_LANE_TCP_FLAGS_OUT: Final = TCP_SYN | TCP_URG
 # ICMP and ICMPv6 echo request and reply types: such a flow is keyed by its identifier too.
 _ECHO_TYPES: Final = {PROTO_ICMP: (0, 8), PROTO_ICMPV6: (128, 129)}
 _ECHO: Final = 0x100  # set in the key's second port field for an echo flow (its ICMP type)
@@ -205,16 +192,11 @@ class Comparator:
         ethernet = config.framing is Framing.ETHERNET
         self._rewritten = config.secondary_seq is SecondarySeq.REWRITTEN
         self._parse = parse_ethernet if ethernet else parse_ip
-        # The lanes (see feed): where the IP header starts, the header reader (a bound method),
-        # the shortest frame it reads, the ethertype it wants (none for raw IP), and the TCP and
-        # UDP flows by guest address, peer address, guest port, peer port as in the headers.
-        self._l3 = ETHERNET_HEADER_LEN if ethernet else 0
-        self._lane_min = self._l3 + 40
-        self._lane_tcp: dict[bytes, TcpConnection] = {}
-        self._lane_udp: dict[bytes, DatagramFlow] = {}
         self._max_held_packets = config.max_held_packets
-        self._max_held_bytes = config.max_held_bytes
-        self._book = Book(config)
+        self._book = book = Book(config)
+        self._epoch = book.epoch
+        self._reorder = ReorderTimers()
+        self._lanes = Lanes(config, ethernet, book, self._reorder)
         self._flows: dict[tuple[object, ...], FlowState] = {}
         self._rules = [_Rule(rule) for rule in config.passthrough]
         self._reassembly = Reassembler(config.max_fragment_datagrams, config.max_fragment_bytes)
@@ -224,8 +206,6 @@ class Comparator:
         # ended (before the shell heard of the end) are compared, not released (I1).
         self._late_primary: list[tuple[Held, bytes]] = []
         self._late_secondary: list[tuple[bytes, float]] = []
-        self._reorder: list[tuple[float, int, DatagramFlow]] = []
-        self._checkpointing = False
         self._next_sweep: float | None = None
 
     # -- settings changed while running ---------------------------------------------------
@@ -251,90 +231,10 @@ class Comparator:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
         self._book.now = now
-        # The lanes: a TCP segment (not SYN, not URG) or UDP datagram of a known IPv4 flow,
-        # untagged, no IP options, not a fragment, while comparing normally. The fields needed
-        # are read in place and the packet goes straight to its flow, with no Packet built;
-        # what the lanes do is what the general path below does for such a packet
-        # (tests/test_compare_lane.py checks both give the same events). Anything else takes
-        # the general path, which parses from scratch.
-        book = self._book
-        if len(data) >= self._lane_min and not (self._checkpointing or book.saturated):
-            # The header fields, read byte by byte into typed locals: compiled (setup.py),
-            # machine integers and no object but the key; a struct unpack would make eleven.
-            l3: int = self._l3
-            vhl: int = data[l3]
-            total: int = (data[l3 + 2] << 8) | data[l3 + 3]
-            frag: int = (data[l3 + 6] << 8) | data[l3 + 7]
-            proto: int = data[l3 + 9]
-            if (
-                vhl == 0x45
-                and (not l3 or (data[12] == _ETHERTYPE_HIGH and data[13] == _ETHERTYPE_LOW))
-                and not frag & 0x3FFF  # neither MF nor a fragment offset
-                and l3 + total <= len(data)
-            ):
-                # The lane's flow key: source and destination address and port.
-                key = data[l3 + 12 : l3 + 24]  # bytes, as annotated (compiled, feed insists)
-                number: int = (
-                    (data[l3 + 24] << 24)
-                    | (data[l3 + 25] << 16)
-                    | (data[l3 + 26] << 8)
-                    | data[l3 + 27]
-                )
-                l4 = l3 + 20
-                if proto == PROTO_TCP:
-                    connection = self._lane_tcp.get(key)
-                    offset: int = data[l3 + 32]
-                    flags: int = data[l3 + 33]
-                    end = l3 + total
-                    start = l4 + (offset >> 4) * 4
-                    if (
-                        connection is not None
-                        and offset >= 0x50  # a TCP data offset of at least 20 bytes
-                        and start <= end
-                        # SYNs name ISNs, URG needs the urgent pointer: the general path
-                        and not flags & _LANE_TCP_FLAGS_OUT
-                        # not book.over_bounds(end - start), without the call
-                        and book.held_packets < self._max_held_packets
-                        and book.stored_bytes + (end - start) <= self._max_held_bytes
-                    ):
-                        connection.last_active = now
-                        ack: int = (
-                            (data[l3 + 28] << 24)
-                            | (data[l3 + 29] << 16)
-                            | (data[l3 + 30] << 8)
-                            | data[l3 + 31]
-                        )
-                        if side is _PRIMARY:
-                            held = book.new_held(token, now, connection)
-                            connection.feed_primary(
-                                number, ack, flags, data[start:end], held, now, book, out
-                            )
-                        else:
-                            out.append(Drop(token, _COMPARED))
-                            connection.feed_secondary(
-                                number, ack, flags, data[start:end], now, book, out
-                            )
-                        return out
-                elif proto == PROTO_UDP:
-                    datagrams = self._lane_udp.get(key)
-                    length = number >> 16  # the UDP length field, where TCP's seq would be
-                    if (
-                        datagrams is not None
-                        and 8 <= length <= total - 20
-                        and book.held_packets < self._max_held_packets
-                        and book.stored_bytes + (length - 8) <= self._max_held_bytes
-                    ):
-                        datagrams.last_active = now
-                        payload = bytes(data[l4 + 8 : l4 + length])
-                        if side is _PRIMARY:
-                            held = book.new_held(token, now, datagrams)
-                            if datagrams.feed_primary(payload, held, now, book, out):
-                                self._arm_reorder(datagrams)
-                        else:
-                            out.append(Drop(token, _COMPARED))
-                            if datagrams.feed_secondary(payload, now, book, out):
-                                self._arm_reorder(datagrams)
-                        return out
+        # The lanes (lanes.py) take most packets while comparing; the rest, and everything
+        # while a checkpoint runs or a bound holds everything, takes the general path.
+        if self._epoch.compares and self._lanes.feed(side, data, now, token, out):
+            return out
         packet = self._parse(data)
         if side is _PRIMARY:
             self._feed_primary(packet, data, token, now, out)
@@ -362,15 +262,15 @@ class Comparator:
     def _feed_primary(
         self, packet: Packet | Malformed, data: bytes, token: object, now: float, out: list[Event]
     ) -> None:
-        book = self._book
         if type(packet) is Malformed:
             self._primary_malformed(packet.reason, packet.detail, data, token, now, out)
             return
         assert type(packet) is Packet
-        if self._checkpointing or book.saturated:
+        epoch = self._epoch
+        if not epoch.compares:
             self._freeze(token, now)
             self._learn_uncompared(packet, True, now, out)
-            if self._checkpointing:
+            if epoch.checkpointing:
                 if len(self._late_primary) < self._max_held_packets:
                     self._late_primary.append((self._frozen[-1], data))
             return
@@ -432,24 +332,24 @@ class Comparator:
         elif type(flow) is DatagramFlow and flow.feed_primary(
             bytes(packet.data[packet.payload : packet.end]), held, now, book, out
         ):
-            self._arm_reorder(flow)
+            self._reorder.arm(flow)
 
     def _feed_secondary(
         self, packet: Packet | Malformed, token: object, now: float, out: list[Event]
     ) -> None:
-        book = self._book
         if type(packet) is Malformed:
             out.append(MalformedPacket(Side.SECONDARY, token, packet.reason, packet.detail))
             out.append(Drop(token, DropReason.MALFORMED))
             return
         assert type(packet) is Packet
-        if self._checkpointing:
+        epoch = self._epoch
+        if epoch.checkpointing:
             self._learn_uncompared(packet, False, now, out)
             if len(self._late_secondary) < self._max_held_packets:
                 self._late_secondary.append((packet.data, now))
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
-        if book.saturated:
+        if epoch.saturated:
             self._learn_uncompared(packet, False, now, out)
             out.append(Drop(token, DropReason.OVERFLOW))
             return
@@ -496,7 +396,7 @@ class Comparator:
         elif type(flow) is DatagramFlow and flow.feed_secondary(
             bytes(packet.data[packet.payload : packet.end]), now, book, out
         ):
-            self._arm_reorder(flow)
+            self._reorder.arm(flow)
 
     # -- special packets -----------------------------------------------------------------
 
@@ -589,35 +489,20 @@ class Comparator:
 
     def _freeze(self, token: object, now: float, extra: list[object] | None = None) -> None:
         """Hold a primary packet uncompared until the next checkpoint completes."""
-        book = self._book
-        book.serial += 1
-        held = Held(token, book.serial, now, None)
-        held.extra = extra
-        book.held_packets += 1
-        self._frozen.append(held)
+        self._frozen.append(self._book.freeze(token, now, extra))
 
     def _saturate(self, flow: FlowState | None, out: list[Event]) -> None:
         book = self._book
-        if book.saturated:
+        if book.epoch.saturated:
             return
-        book.saturated = True
-        evidence = Evidence(
-            offset=None,
-            primary=b"",
-            secondary=b"",
-            primary_length=0,
-            secondary_length=0,
-            detail=(
-                f"held {book.held_packets} packets (max {self.config.max_held_packets}), "
-                f"stored {book.stored_bytes} bytes (max {self.config.max_held_bytes}), "
-                f"{len(self._flows)} flows (max {self.config.max_flows}), "
-                f"{len(self._reassembly.partials)} partial datagrams"
-            ),
+        evidence = Evidence.without_bytes(
+            f"held {book.held_packets} packets (max {self.config.max_held_packets}), "
+            f"stored {book.stored_bytes} bytes (max {self.config.max_held_bytes}), "
+            f"{len(self._flows)} flows (max {self.config.max_flows}), "
+            f"{len(self._reassembly.partials)} partial datagrams"
         )
         protocol = flow.label.protocol if flow is not None else "any"
-        book.request(
-            out, Reason.OVERFLOW, protocol, flow.label if flow is not None else None, evidence
-        )
+        book.saturate(out, protocol, flow.label if flow is not None else None, evidence)
 
     # -- flows ---------------------------------------------------------------------------
 
@@ -653,12 +538,7 @@ class Comparator:
         if self._rules:
             flow.passthrough = any(rule.matches(packet, label.protocol) for rule in self._rules)
         self._flows[key] = flow
-        lane_key = _lane_key(key)
-        if lane_key is not None and not flow.passthrough:
-            if type(flow) is TcpConnection:
-                self._lane_tcp[lane_key] = flow
-            elif type(flow) is DatagramFlow and packet.proto == PROTO_UDP:
-                self._lane_udp[lane_key] = flow
+        self._lanes.add(key, flow, packet.proto)
         if self._next_sweep is None:
             self._next_sweep = now + self.config.flow_idle_timeout
         return flow
@@ -675,16 +555,7 @@ class Comparator:
             flow = self._flows.pop(key)
             if type(flow) is TcpConnection:
                 flow.forget(self._book)
-            lane_key = _lane_key(key)
-            if lane_key is not None:
-                lane = self._lane_tcp if key[0] == PROTO_TCP else self._lane_udp
-                lane.pop(lane_key, None)
-
-    def _arm_reorder(self, flow: DatagramFlow) -> None:
-        deadline = flow.reorder_deadline
-        if deadline is not None:
-            self._book.serial += 1
-            heapq.heappush(self._reorder, (deadline, self._book.serial, flow))
+            self._lanes.remove(key)
 
     # -- timers --------------------------------------------------------------------------
 
@@ -727,11 +598,9 @@ class Comparator:
                 candidate = splits[0].arrival + split_after
                 if deadline is None or candidate < deadline:
                     deadline = candidate
-        reorder = self._reorder
-        while reorder and reorder[0][2].reorder_deadline != reorder[0][0]:
-            heapq.heappop(reorder)
-        if reorder and (deadline is None or reorder[0][0] < deadline):
-            deadline = reorder[0][0]
+        reorder = self._reorder.earliest()
+        if reorder is not None and (deadline is None or reorder < deadline):
+            deadline = reorder
         oldest = self._reassembly.oldest()
         if oldest is not None:
             candidate = oldest + config.compare_timeout
@@ -746,11 +615,7 @@ class Comparator:
         config = self.config
         # Datagram mismatches first: the reorder window is the shortest deadline, and a
         # mismatch found there is a better reason (with evidence) than a later timeout.
-        reorder = self._reorder
-        while reorder and reorder[0][0] <= now:
-            deadline, _, datagrams = heapq.heappop(reorder)
-            if datagrams.reorder_deadline == deadline:
-                datagrams.reorder_expired(now, book, out)
+        self._reorder.expire(now, book, out)
         ack_lag = book.ack_lag
         if ack_lag is not None:
             gated = book.gated_fifo
@@ -765,17 +630,13 @@ class Comparator:
                     Reason.ACK_LAG,
                     flow.label.protocol,
                     flow.label,
-                    Evidence(
-                        offset=held.start,
-                        primary=b"",
-                        secondary=b"",
-                        primary_length=held.end - held.start,
-                        secondary_length=0,
-                        before=0,
-                        detail=(
+                    Evidence.without_bytes(
+                        (
                             f"primary segment [{held.start}, {held.end}) verified, its ACK not"
                             f" covered by the secondary's for {ack_lag:g} s"
                         ),
+                        offset=held.start,
+                        primary_length=held.end - held.start,
                     ),
                 )
         split_after = book.split_after
@@ -785,7 +646,8 @@ class Comparator:
                 held = splits.popleft()
                 connection = held.flow
                 # Not while a checkpoint runs or is due: it releases everything anyway.
-                if held.released or self._checkpointing or book.requested:
+                epoch = self._epoch
+                if held.released or epoch.checkpointing or epoch.requested:
                     continue
                 if type(connection) is TcpConnection and not connection.diverged:
                     connection.split(held, book, out)
@@ -846,13 +708,9 @@ class Comparator:
         if partial.key[0] != "primary":
             return
         self._frozen_tokens.extend(partial.tokens)
-        evidence = Evidence(
-            offset=None,
-            primary=b"",
-            secondary=b"",
+        evidence = Evidence.without_bytes(
+            f"{len(partial.tokens)} fragments of an incomplete datagram",
             primary_length=partial.size,
-            secondary_length=0,
-            detail=f"{len(partial.tokens)} fragments of an incomplete datagram",
         )
         self._book.request(out, Reason.TIMEOUT, "ip-fragments", None, evidence)
 
@@ -860,7 +718,7 @@ class Comparator:
 
     def checkpoint_started(self, now: float) -> list[Event]:
         """Both VMs stopped for a checkpoint: stop comparing until it completes."""
-        self._checkpointing = True
+        self._epoch.handle(START)
         self._late_primary = []
         self._late_secondary = []
         return []
@@ -916,16 +774,8 @@ class Comparator:
         out.extend(Release(token, ReleaseReason.CHECKPOINT) for token in tokens)
         self._frozen = []
         self._frozen_tokens = []
-        self._reorder = []
-        book.primary_fifo.clear()
-        book.secondary_fifo.clear()
-        book.split_fifo.clear()
-        book.gated_fifo.clear()
-        book.held_packets = 0
-        book.stored_bytes = 0
-        book.saturated = False
-        book.requested = False
-        self._checkpointing = False
+        self._reorder.clear()
+        book.new_epoch()
         if late_primary or late_secondary:
             again: list[tuple[float, int, Side, bytes, object]] = [
                 (entry.arrival, entry.serial, _PRIMARY, data, entry.token)
@@ -964,9 +814,9 @@ class Comparator:
             fragments_pending=len(self._reassembly.partials),
             oldest_primary=oldest_primary,
             oldest_secondary=stored[0].arrival if stored else None,
-            checkpoint_requested=book.requested,
-            checkpointing=self._checkpointing,
-            saturated=book.saturated,
+            checkpoint_requested=self._epoch.requested,
+            checkpointing=self._epoch.checkpointing,
+            saturated=self._epoch.saturated,
             isn_offsets_learned=sum(1 for flow in tcp if flow.isn_offset() is not None),
             kept_bytes=book.kept.total,
         )
@@ -977,17 +827,6 @@ class Comparator:
         """secondary ISN - primary ISN for a TCP connection, or None while unknown."""
         flow = self._flows.get((PROTO_TCP, guest, peer, guest_port, peer_port, vlan))
         return flow.isn_offset() if type(flow) is TcpConnection else None
-
-
-def _lane_key(key: tuple[object, ...]) -> bytes | None:
-    """A lane's key for a flow key: untagged IPv4 TCP and UDP flows only, else None."""
-    proto, src, dst, sport, dport, vlan = key
-    if proto not in (PROTO_TCP, PROTO_UDP) or vlan != -1 or not isinstance(src, bytes):
-        return None
-    if len(src) != 4:
-        return None
-    assert isinstance(dst, bytes) and isinstance(sport, int) and isinstance(dport, int)
-    return src + dst + _LANE_PORTS.pack(sport, dport)
 
 
 def _timeout_evidence(held: Held, timeout: float) -> Evidence:
@@ -1003,11 +842,4 @@ def _timeout_evidence(held: Held, timeout: float) -> Evidence:
     detail = f"primary segment [{held.start}, {held.end}) unmatched for {timeout:g} s"
     if held.need & NEED_URG:
         detail += f" (its urgent pointer names stream offset {held.urgent})"
-    return Evidence(
-        offset=held.start,
-        primary=b"",
-        secondary=b"",
-        primary_length=held.end - held.start,
-        secondary_length=0,
-        detail=detail,
-    )
+    return Evidence.without_bytes(detail, offset=held.start, primary_length=held.end - held.start)

@@ -9,6 +9,7 @@ the oldest datagram of each side as evidence.
 
 from __future__ import annotations
 
+import heapq
 from typing import Final
 
 from coloproxy.compare.events import Event, Flow, Reason, ReleaseReason
@@ -104,3 +105,36 @@ class DatagramFlow(FlowState):
             book.stored_bytes -= len(held.payload)
             held.payload = b""
         book.request(out, Reason.PAYLOAD, self.protocol, self.label, evidence)
+
+
+class ReorderTimers:
+    """The datagram flows' reorder-window deadlines, earliest first (a flow's deadline is
+    current while it equals ``reorder_deadline``; a stale entry is skipped)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, DatagramFlow]] = []
+        self._serial = 0  # ties in deadline go in arming order
+
+    def arm(self, flow: DatagramFlow) -> None:
+        """``flow`` has a new reorder deadline (a feed returned True)."""
+        deadline = flow.reorder_deadline
+        if deadline is not None:
+            self._serial += 1
+            heapq.heappush(self._heap, (deadline, self._serial, flow))
+
+    def earliest(self) -> float | None:
+        heap = self._heap
+        while heap and heap[0][2].reorder_deadline != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def expire(self, now: float, book: Book, out: list[Event]) -> None:
+        """Every flow whose reorder window ran out by ``now``: its unmatched datagrams differ."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            deadline, _, flow = heapq.heappop(heap)
+            if flow.reorder_deadline == deadline:
+                flow.reorder_expired(now, book, out)
+
+    def clear(self) -> None:
+        self._heap = []

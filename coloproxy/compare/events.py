@@ -96,6 +96,21 @@ class Evidence:
     before: int = 0
     detail: str = ""
 
+    @classmethod
+    def without_bytes(
+        cls, detail: str, offset: int | None = None, primary_length: int = 0
+    ) -> Evidence:
+        """Evidence that shows no bytes (a timeout, a bound, the connection's fate): where,
+        how long the primary's segment or datagram was, and what happened."""
+        return cls(
+            offset=offset,
+            primary=b"",
+            secondary=b"",
+            primary_length=primary_length,
+            secondary_length=0,
+            detail=detail,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class CheckpointNeeded:

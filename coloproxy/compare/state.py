@@ -1,5 +1,6 @@
 """Bookkeeping shared by every flow of one comparator: held packets, stored bytes, the
-timeout queues, and the checkpoint request with its coalescing (invariant I4).
+timeout queues, and the checkpoint request with its coalescing (invariant I4), kept in the
+epoch's state (``epoch.py``).
 
 Flows never talk to the shell; they append events to the ``out`` list they are handed.
 """
@@ -10,6 +11,7 @@ from collections import deque
 from typing import Final
 
 from coloproxy.compare.config import CompareConfig
+from coloproxy.compare.epoch import COMPLETE, REQUEST, SATURATE, Epoch
 from coloproxy.compare.events import (
     EVIDENCE_BEFORE,
     EVIDENCE_BYTES,
@@ -125,8 +127,9 @@ class Book:
         self.held_packets = 0
         self.stored_bytes = 0
         self.bytes_compared = 0
-        self.requested = False  # a checkpoint was asked for and has not completed yet
-        self.saturated = False  # a bound was hit: hold and drop uncompared until checkpoint
+        # Whether a checkpoint was asked for, a bound hit (hold and drop uncompared until the
+        # checkpoint), a checkpoint runs.
+        self.epoch = Epoch()
         self.primary_fifo: deque[Held] = deque()  # arrival order, for compare_timeout
         self.secondary_fifo: deque[Stored] = deque()  # arrival order, for secondary_timeout
         # Held GSO packets that may be split (CompareConfig.split_after), arrival order.
@@ -145,6 +148,15 @@ class Book:
         held = Held(token, self.serial, now, flow)
         self.held_packets += 1
         self.primary_fifo.append(held)
+        return held
+
+    def freeze(self, token: object, now: float, extra: list[object] | None) -> Held:
+        """A primary packet held uncompared until the next checkpoint completes (no flow, no
+        timeout: the checkpoint releases it)."""
+        self.serial += 1
+        held = Held(token, self.serial, now, None)
+        held.extra = extra
+        self.held_packets += 1
         return held
 
     def release(self, held: Held, out: list[Event], reason: ReleaseReason) -> None:
@@ -168,8 +180,29 @@ class Book:
         flow: Flow | None,
         evidence: Evidence | None,
     ) -> None:
-        out.append(CheckpointNeeded(reason, protocol, flow, evidence, self.requested))
-        self.requested = True
+        """Ask for a checkpoint (coalesced while one is asked for already, I4)."""
+        epoch = self.epoch
+        out.append(CheckpointNeeded(reason, protocol, flow, evidence, epoch.requested))
+        epoch.handle(REQUEST)
+
+    def saturate(
+        self, out: list[Event], protocol: str, flow: Flow | None, evidence: Evidence
+    ) -> None:
+        """A bound was hit: ask for a checkpoint and hold everything uncompared until then."""
+        epoch = self.epoch
+        out.append(CheckpointNeeded(Reason.OVERFLOW, protocol, flow, evidence, epoch.requested))
+        epoch.handle(SATURATE)
+
+    def new_epoch(self) -> None:
+        """A checkpoint completed (everything held was released, every flow reset): nothing
+        is held, stored or waiting for a timeout any more."""
+        self.primary_fifo.clear()
+        self.secondary_fifo.clear()
+        self.split_fifo.clear()
+        self.gated_fifo.clear()
+        self.held_packets = 0
+        self.stored_bytes = 0
+        self.epoch.handle(COMPLETE)
 
     def over_bounds(self, extra_bytes: int) -> bool:
         config = self.config

@@ -388,14 +388,10 @@ class TcpConnection(FlowState):
             and (side.high is not None or side.ending is not None)
             and not self.diverged
         ):
-            evidence = Evidence(
-                offset=-1,
-                primary=b"",
-                secondary=b"",
-                primary_length=0,
-                secondary_length=0,
-                detail=f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
+            evidence = Evidence.without_bytes(
+                f"the {'primary' if primary_side else 'secondary'}'s SYN came after"
                 " segments placed by a base it contradicts",
+                offset=-1,
             )
             self._diverge(Reason.FATE, evidence, book, out)
         side.isn = base
@@ -534,14 +530,10 @@ class TcpConnection(FlowState):
 
     def _ask_rebase(self, end: int, book: Book, out: list[Event]) -> None:
         self.rebase_asked = True
-        evidence = Evidence(
-            offset=end,
-            primary=b"",
-            secondary=b"",
-            primary_length=0,
-            secondary_length=0,
-            detail=f"{end} bytes on one connection since the last checkpoint: a checkpoint"
+        evidence = Evidence.without_bytes(
+            f"{end} bytes on one connection since the last checkpoint: a checkpoint"
             " moves the stream offsets' base before they could wrap",
+            offset=end,
         )
         book.request(out, Reason.OVERFLOW, PROTOCOL, self.label, evidence)
 
@@ -590,18 +582,11 @@ class TcpConnection(FlowState):
                 held.flow = target
                 target.feed_primary(number, ack, flags, payload, held, now, book, out, urgent)
                 return
-        primary = self.primary
-        isn = primary.isn
-        if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(True, number, flags, ack, book, out)
-            primary = self.primary  # a SYN may have started a new incarnation
+        isn = self._side_base(True, number, flags, ack, book, out)
+        primary = self.primary  # a SYN may have started a new incarnation
         if flags & TCP_ACK:
             held.need = NEED_ACK
             held.ack = ack
-            max_ack = primary.max_ack
-            # equal numbers are equal mod 2**32 too: skip the modular test in the common case
-            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
-                primary.max_ack = ack
         start = seq.diff(number, isn) - 1
         if flags & TCP_SYN:
             start += 1
@@ -652,17 +637,12 @@ class TcpConnection(FlowState):
         if self.diverged:
             return
         if length:
-            if primary.high is None or end > primary.high:
-                primary.high = end
             self._absorb(True, start, payload, now, book, out)
-        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
-        # ``fin`` or ``rst`` is) or only one side sent a SYN; test that here, without a call.
         secondary = self.secondary
-        if (
-            primary.ending is not None
-            or secondary.ending is not None
-            or primary.syn is not secondary.syn
-        ) and not self.diverged:
+        # _check_fate has nothing to say unless a side ended (``ending`` is set whenever
+        # ``fin`` or ``rst`` is) or only one side sent a SYN: tested here, without a call
+        ended = primary.ending is not None or secondary.ending is not None
+        if (ended or primary.syn != secondary.syn) and not self.diverged:
             self._check_fate(book, out)
         state: FlowState = self  # ``diverged`` read anew (mypy keeps it narrowed to False)
         if state.diverged:
@@ -688,15 +668,8 @@ class TcpConnection(FlowState):
                 if target is not None:  # else: never released, so nothing lost uncompared
                     target.feed_secondary(number, ack, flags, payload, now, book, out, urgent)
                 return
-        secondary = self.secondary
-        isn = secondary.isn
-        if isn is None or flags & TCP_SYN:
-            isn = self._learn_isn(False, number, flags, ack, book, out)
-            secondary = self.secondary  # a SYN may have started a new incarnation
-        if flags & TCP_ACK:
-            max_ack = secondary.max_ack
-            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
-                secondary.max_ack = ack
+        isn = self._side_base(False, number, flags, ack, book, out)
+        secondary = self.secondary  # a SYN may have started a new incarnation
         if self.diverged:
             return
         start = seq.diff(number, isn) - 1
@@ -724,17 +697,35 @@ class TcpConnection(FlowState):
                 if mark not in primary.urgent:
                     self._signal(URG, mark, now, book)
         if length:
-            if secondary.high is None or end > secondary.high:
-                secondary.high = end
             self._absorb(False, start, payload, now, book, out)
-        if (
-            primary.ending is not None
-            or secondary.ending is not None
-            or primary.syn is not secondary.syn
-        ) and not self.diverged:
+        ended = primary.ending is not None or secondary.ending is not None  # as above
+        if (ended or primary.syn != secondary.syn) and not self.diverged:
             self._check_fate(book, out)
         if self.held:
             self.release_ready(book, out)
+
+    def _side_base(
+        self,
+        primary_side: bool,
+        number: int,
+        flags: int,
+        ack: int,
+        book: Book,
+        out: list[Event],
+    ) -> int:
+        """A segment of one side arrived: the side's base of offsets, learned from the segment
+        if need be (a SYN may start a new incarnation), and the side's highest ACK noted."""
+        side = self.primary if primary_side else self.secondary
+        isn = side.isn
+        if isn is None or flags & TCP_SYN:
+            isn = self._learn_isn(primary_side, number, flags, ack, book, out)
+            side = self.primary if primary_side else self.secondary
+        if flags & TCP_ACK:
+            max_ack = side.max_ack
+            # equal numbers are equal mod 2**32 too: skip the modular test in the common case
+            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
+                side.max_ack = ack
+        return isn
 
     def _signal(self, kind: str, offset: int, now: float, book: Book) -> None:
         """The secondary sent a FIN, RST or urgent pointer the primary has not sent (yet):
@@ -765,6 +756,8 @@ class TcpConnection(FlowState):
     ) -> None:
         mine = self.primary if primary_side else self.secondary
         end = start + len(data)
+        if mine.high is None or end > mine.high:
+            mine.high = end
         verified = self.verified
         if start >= verified.high and (not mine.chunks or start >= mine.chunks[-1].end):
             # Fast path, the common case: new bytes past everything verified and past all of
@@ -973,14 +966,7 @@ class TcpConnection(FlowState):
         if problem is not None:
             self._diverge(
                 Reason.FATE,
-                Evidence(
-                    offset=problem[0],
-                    primary=b"",
-                    secondary=b"",
-                    primary_length=0,
-                    secondary_length=0,
-                    detail=problem[1],
-                ),
+                Evidence.without_bytes(problem[1], offset=problem[0]),
                 book,
                 out,
             )

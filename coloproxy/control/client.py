@@ -23,22 +23,18 @@ from collections.abc import AsyncIterator
 from typing import Final, overload
 
 from coloproxy import __version__
-from coloproxy.control.server import ControlError
+from coloproxy.control.errors import ControlConnectionError, ControlError, ControlRefusedError
 from coloproxy.protocol import (
     Ack,
-    CheckpointCompleted,
-    CheckpointNow,
     CheckpointRequest,
-    CheckpointStarted,
     ClientRole,
+    Command,
     Decoder,
     ErrorReply,
-    Failover,
     Hello,
     Message,
     ProtocolError,
     Push,
-    Reprotect,
     Request,
     SetPeriod,
     Status,
@@ -53,22 +49,6 @@ READ_CHUNK: Final = 64 * 1024
 # A keep-alive goes out after this fraction of the proxy's idle timeout without a write: two
 # more chances before the proxy gives up on us, should the loop be slow once.
 KEEPALIVE_FRACTION: Final = 1 / 3
-
-
-# Every request but status-request: answered by an ack.
-Command = CheckpointStarted | CheckpointCompleted | SetPeriod | CheckpointNow | Failover | Reprotect
-
-
-class ControlConnectionError(ControlError):
-    """The control socket cannot be reached, or the connection broke."""
-
-
-class ControlRefusedError(ControlError):
-    """The proxy answered with an ``error``; ``reply`` is that message."""
-
-    def __init__(self, reply: ErrorReply, what: str) -> None:
-        super().__init__(f"{what}: refused ({reply.code}): {reply.message}")
-        self.reply = reply
 
 
 class ControlClient:

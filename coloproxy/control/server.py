@@ -9,7 +9,8 @@ tasks: the *reader* (the task asyncio starts for the connection) decodes lines, 
 protocol errors itself, performs the hello, checks what the client's role may send and
 awaits the handler for everything else, one message at a time, so replies leave in the
 order the requests came; the *writer* drains a bounded queue of encoded lines into the
-socket.
+socket (:class:`~coloproxy.control.connection.Connection`: the queue, the writer and the
+close).
 
 Nothing the proxy does waits for a client. :meth:`ControlServer.broadcast` (checkpoint
 requests from the packet path) only puts the line on each client's queue; a client whose
@@ -17,17 +18,14 @@ queue is full has stopped reading and is dropped on the spot, with the reason lo
 one stuck monitor can never stall the engine's requests or the packet path (the bound is
 ``client_queue`` lines plus the transport's 64 KiB write buffer).
 
-Who may connect, and as what: the socket file is created with mode 0660 (group: the
-configured one), before ``listen()``, so no connection can slip in with the umask's mode.
-Each peer's credentials (``SO_PEERCRED``, and ``SO_PEERGROUPS`` for its supplementary
-groups) decide what it may be (:class:`AccessPolicy`): root, the proxy's own user and
-members of the engine group have *engine credentials* and may claim any role; members of the
-control group may claim ``cli`` and ``monitor`` (or ``monitor`` only); anyone else is refused
-``forbidden`` and disconnected, which still holds if someone loosens the file's mode. The
-role a hello names is only a claim: one the credentials do not allow is refused
-``forbidden`` and the connection closed. The kinds that lift protection or steer the engine
-(``NEEDS_ENGINE_CREDENTIALS``) also need engine credentials, whatever the role, so a member of
-the control group can read the status and ask for a checkpoint, never more.
+Who may connect, and as what: the socket file is private before anyone can connect
+(:mod:`coloproxy.control.socket_file`) and each peer's credentials decide the roles it may
+claim (:class:`~coloproxy.control.access.AccessPolicy`); a peer that may claim none is
+refused ``forbidden`` and disconnected. The role a hello names is only a claim: one the
+credentials do not allow is refused ``forbidden`` and the connection closed. The kinds that
+lift protection or steer the engine (``NEEDS_ENGINE_CREDENTIALS``) also need engine
+credentials, whatever the role, so a member of the control group can read the status and ask
+for a checkpoint, never more.
 
 Bounds: ``max_clients`` connections (one more gets ``busy``), of which the last is kept for an
 engine (a peer without engine credentials is refused it at connect, a hello of another role
@@ -49,25 +47,21 @@ ends, ``CancelledError`` is always re-raised, and child tasks are awaited with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import errno
-import grp
 import logging
 import os
-import pwd
-import socket
-import stat
-import struct
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Final, Protocol
+from typing import Protocol
 
 from coloproxy import __version__, variant
-from coloproxy.errors import ColoproxyError, UsageError
+from coloproxy.control.access import AccessPolicy, PeerCredentials, peer_credentials, resolve_group
+from coloproxy.control.connection import READ_CHUNK, Connection
+from coloproxy.control.socket_file import SocketFile
+from coloproxy.errors import UsageError
 from coloproxy.protocol import (
     CLIENT_MAY_SEND,
     NEEDS_ENGINE_CREDENTIALS,
@@ -81,7 +75,6 @@ from coloproxy.protocol import (
     Message,
     Mode,
     ProtocolError,
-    ProxyRole,
     Push,
     Request,
     Status,
@@ -89,35 +82,11 @@ from coloproxy.protocol import (
     choose_version,
     encode,
 )
+from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
 
-# sun_path is 108 bytes on Linux, one of which is the terminating NUL.
-MAX_SOCKET_PATH: Final = 107
-READ_CHUNK: Final = 64 * 1024
-# The last lines to a client we are closing on (an error reply) get this long to leave.
-FINAL_FLUSH_TIMEOUT: Final = 1.0
-# After those lines, how long we keep reading (and dropping) what the client still sends,
-# so that its writes do not fail (EPIPE) before it has read why it is being closed.
-LINGER_TIMEOUT: Final = 1.0
-# Linux's SO_PEERGROUPS (since 4.13); the socket module does not name it.
-SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)
-_UCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
-_GID: Final = struct.Struct("I")
-
 HandlerReply = Ack | Status | ErrorReply
-
-# What each class of credentials may claim in its hello.
-_EVERY_ROLE: Final = frozenset(ClientRole)
-MAY_CLAIM: Final = {
-    ClientRole.ENGINE: _EVERY_ROLE,
-    ClientRole.CLI: frozenset({ClientRole.CLI, ClientRole.MONITOR}),
-    ClientRole.MONITOR: frozenset({ClientRole.MONITOR}),
-}
-
-
-class ControlError(ColoproxyError):
-    """The control socket cannot be served or used (path, group, connection, refusal)."""
 
 
 class Runstate(Enum):
@@ -125,14 +94,6 @@ class Runstate(Enum):
     RUNNING = "running"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] | None  # supplementary groups; None when the kernel cannot say
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +116,7 @@ class ProxyIdentity:
     """What the welcome tells a client about the proxy."""
 
     pair: str
-    role: ProxyRole
+    role: Role
     mode: Mode
 
 
@@ -180,115 +141,8 @@ class ControlHandler(Protocol):
     def client_disconnected(self, client: ClientInfo, reason: str) -> None: ...
 
 
-def peer_credentials(sock: socket.socket) -> PeerCredentials:
-    """The connecting process's pid, uid, gid (at connect time) and supplementary groups.
-
-    ``sock`` may also be asyncio's TransportSocket, which offers the same ``getsockopt``.
-    """
-    getsockopt = sock.getsockopt
-    pid, uid, gid = _UCRED.unpack(getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    groups: tuple[int, ...] | None = None
-    for count in (64, 65536):  # NGROUPS_MAX is 65536; try a small buffer first
-        try:
-            raw = getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, count * _GID.size)
-        except OSError as exc:
-            if exc.errno == errno.ERANGE:
-                continue
-            break  # ENOPROTOOPT on old kernels: fall back to the group database
-        groups = tuple(value for (value,) in _GID.iter_unpack(raw))
-        break
-    return PeerCredentials(pid, uid, gid, groups)
-
-
-@dataclass(frozen=True, slots=True)
-class AccessPolicy:
-    """Which roles a peer's credentials allow (docs/control-protocol.md, "Who may send what").
-
-    Engine credentials: root, the proxy's own user (it owns the socket file anyway), a member
-    (primary or supplementary group) of ``engine_group``; they allow every role. A member of
-    ``group`` may claim ``group_role`` (``cli``: status and manual checkpoints, or
-    ``monitor``: status only) and the roles below it. Nobody else may connect.
-    """
-
-    own_uid: int
-    group: int | None = None  # control.group
-    engine_group: int | None = None  # control.engine_group
-    group_role: ClientRole = ClientRole.CLI  # control.group_role
-
-    def __post_init__(self) -> None:
-        if self.group_role is ClientRole.ENGINE:
-            raise UsageError("control.group_role is cli or monitor, not engine")
-
-    def engine_credentials(self, credentials: PeerCredentials) -> bool:
-        return credentials.uid in (0, self.own_uid) or _in_group(credentials, self.engine_group)
-
-    def roles(self, credentials: PeerCredentials) -> frozenset[ClientRole]:
-        """Every role the peer may claim; empty: it may not connect at all."""
-        if self.engine_credentials(credentials):
-            return _EVERY_ROLE
-        if _in_group(credentials, self.group):
-            return MAY_CLAIM[self.group_role]
-        return frozenset()
-
-    def refusal(self, credentials: PeerCredentials) -> str | None:
-        """Why a peer may not use the socket at all, or None when it may."""
-        if self.roles(credentials):
-            return None
-        return f"uid {credentials.uid} is not root and in no control group"
-
-    def claim_refusal(self, credentials: PeerCredentials, role: ClientRole) -> str | None:
-        """Why the peer may not be ``role`` (what its hello claims), or None when it may."""
-        allowed = self.roles(credentials)
-        if role in allowed:
-            return None
-        engine_group = "none is configured" if self.engine_group is None else self.engine_group
-        who = (
-            f"root, the proxy's own user (uid {self.own_uid}) and members of"
-            f" control.engine_group ({engine_group})"
-        )
-        if role is ClientRole.CLI:
-            group = "none is configured" if self.group is None else self.group
-            who = (
-                f"root, the proxy's own user (uid {self.own_uid}), members of"
-                f" control.engine_group ({engine_group}) and of control.group ({group}) when"
-                " control.group_role is cli"
-            )
-        may = " or ".join(sorted(allowed)) or "nothing"
-        return (
-            f"uid {credentials.uid} may not claim role {role}: it is for {who}; this peer may"
-            f" be {may}"
-        )
-
-
-def _in_group(credentials: PeerCredentials, gid: int | None) -> bool:
-    if gid is None:
-        return False
-    if credentials.gid == gid:
-        return True
-    if credentials.groups is not None:
-        return gid in credentials.groups
-    return _member_by_name(credentials.uid, gid)
-
-
-def _member_by_name(uid: int, gid: int) -> bool:
-    """Group membership from the databases, for kernels without SO_PEERGROUPS."""
-    try:
-        return pwd.getpwuid(uid).pw_name in grp.getgrgid(gid).gr_mem
-    except KeyError:
-        return False
-
-
-def resolve_group(group: str | int | None) -> int | None:
-    if group is None or isinstance(group, int):
-        return group
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ControlError(f"control group {group!r} does not exist") from None
-
-
-class _Connection:
-    """One client connection: its queue, tasks and state (reader side owns it)."""
+class _Client(Connection):
+    """One client connection: its stream and who the client is (the reader side owns it)."""
 
     def __init__(
         self,
@@ -297,21 +151,12 @@ class _Connection:
         credentials: PeerCredentials,
         queue_size: int,
     ) -> None:
+        super().__init__(writer, queue_size)
         self.number = number
-        self.writer = writer
         self.credentials = credentials
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(queue_size)
         self.info: ClientInfo | None = None  # set by the welcome
         self.version = 0
-        self.close_reason: str | None = None  # set once: why this connection ends
-        self.aborted = False  # closed at once, queued lines dropped
         self.reader_task: asyncio.Task[None] | None = None
-        self.writer_task: asyncio.Task[None] | None = None
-        self.room = asyncio.Event()  # set whenever the writer took a line off the queue
-
-    def closing(self) -> bool:
-        # A method, not a property: mypy would otherwise keep a narrowed value across awaits.
-        return self.close_reason is not None
 
     def __str__(self) -> str:
         if self.info is not None:
@@ -360,8 +205,8 @@ class ControlServer:
         # "line" (not a readable message) or the kind refused. A metric source.
         self.refusals: Counter[tuple[str, str]] = Counter()
         self._server: asyncio.Server | None = None
-        self._socket_inode: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
-        self._connections: dict[int, _Connection] = {}
+        self._file = SocketFile(self.path)
+        self._connections: dict[int, _Client] = {}
         self._numbers = 0
         self._policy = AccessPolicy(os.geteuid(), group_role=group_role)
         # Replies may fill half the queue; the rest is kept for pushes (checkpoint requests).
@@ -377,49 +222,20 @@ class ControlServer:
             group=resolve_group(self.group),
             engine_group=resolve_group(self.engine_group),
         )
-        path = os.fsencode(self.path)
-        if len(path) > MAX_SOCKET_PATH:
-            raise ControlError(
-                f"control socket path {self.path} is {len(path)} bytes; at most"
-                f" {MAX_SOCKET_PATH} fit in a Unix socket address"
-            )
-        listener = self._listen()
+        # Whoever is not root or us opens the file through its group: the control group, or
+        # the engine group when that is the only one (docs/configuration.md).
+        file_group = self._policy.group
+        if file_group is None:
+            file_group = self._policy.engine_group
+        listener = self._file.listen(file_group, self.max_clients)
         try:
             self._server = await asyncio.start_unix_server(self._serve, sock=listener)
         except BaseException:
             listener.close()
-            self._unlink()
+            self._file.remove()
             raise
         self.runstate = Runstate.RUNNING
         log.info("control socket listening at %s", self.path)
-
-    def _listen(self) -> socket.socket:
-        try:
-            self.path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            _remove_stale(self.path)
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ControlError(f"cannot prepare control socket {self.path}: {exc}") from exc
-        try:
-            listener.bind(os.fspath(self.path))
-            info = os.stat(self.path)
-            self._socket_inode = (info.st_dev, info.st_ino)
-            # Mode and group before listen(): until then every connect() is refused.
-            os.chmod(self.path, 0o660)
-            # Whoever is not root or us opens the file through its group: the control group,
-            # or the engine group when that is the only one (docs/configuration.md).
-            file_group = self._policy.group
-            if file_group is None:
-                file_group = self._policy.engine_group
-            if file_group is not None:
-                os.chown(self.path, -1, file_group)
-            listener.listen(self.max_clients)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            self._unlink()
-            raise ControlError(f"cannot listen on control socket {self.path}: {exc}") from exc
-        return listener
 
     async def close(self) -> None:
         """Stop listening, disconnect every client, remove the socket file. Idempotent."""
@@ -428,10 +244,10 @@ class ControlServer:
         self.runstate = Runstate.CLOSING
         if self._server is not None:
             self._server.close()
-        self._unlink()
+        self._file.remove()
         tasks = []
         for connection in list(self._connections.values()):
-            self._disconnect(connection, "the proxy is shutting down", abort=True)
+            connection.disconnect("the proxy is shutting down", abort=True)
             if connection.reader_task is not None:
                 tasks.append(connection.reader_task)
         if tasks:
@@ -453,20 +269,6 @@ class ControlServer:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    def _unlink(self) -> None:
-        """Remove the socket file if it is still the one we created."""
-        if self._socket_inode is None:
-            return
-        try:
-            info = os.stat(self.path)
-            if (info.st_dev, info.st_ino) == self._socket_inode:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot remove control socket %s: %s", self.path, exc)
-        self._socket_inode = None
-
     # -- sending ---------------------------------------------------------------------------
 
     def clients(self) -> list[ClientInfo]:
@@ -487,7 +289,7 @@ class ControlServer:
             line = lines.get(connection.version)
             if line is None:
                 line = lines[connection.version] = encode(message, connection.version)
-            if self._enqueue(connection, line):
+            if connection.enqueue(line):
                 sent += 1
         return sent
 
@@ -498,32 +300,30 @@ class ControlServer:
         connection = self._connections.get(number)
         if connection is None or connection.info is None:
             return False
-        return self._enqueue(connection, encode(message, connection.version))
+        return connection.enqueue(encode(message, connection.version))
 
-    def _enqueue(self, connection: _Connection, line: bytes | None) -> bool:
-        if connection.close_reason is not None:
-            return False
-        try:
-            connection.queue.put_nowait(line)
-        except asyncio.QueueFull:
-            self._disconnect(
-                connection,
-                f"its outgoing queue is full ({self.client_queue} lines): it stopped reading",
-                abort=True,
-                level=logging.WARNING,
-            )
-            return False
-        return True
+    def _reply(self, connection: _Client, message: Message) -> None:
+        connection.enqueue(encode(message, connection.version or 1))
 
-    def _reply(self, connection: _Connection, message: Message) -> None:
-        self._enqueue(connection, encode(message, connection.version or 1))
-
-    def _refuse(self, connection: _Connection, what: str, error: ErrorReply) -> None:
+    def _refuse(self, connection: _Client, what: str, error: ErrorReply) -> None:
         """Send an error reply and count it (``what``: see ``refusals``)."""
         self.refusals[what, error.code.value] += 1
         self._reply(connection, error)
 
-    def _live(self) -> list[_Connection]:
+    def _close_refused(
+        self,
+        connection: _Client,
+        what: str,
+        error: ErrorReply,
+        reason: str,
+        *,
+        level: int = logging.INFO,
+    ) -> None:
+        """Send an error reply, count it, and close the connection politely after it."""
+        self._refuse(connection, what, error)
+        connection.disconnect(reason, level=level)
+
+    def _live(self) -> list[_Client]:
         """Connections that hold a slot: every one not being closed."""
         return [c for c in self._connections.values() if c.close_reason is None]
 
@@ -533,34 +333,12 @@ class ControlServer:
             1 for c in self._live() if c.info is None or c.info.role is not ClientRole.ENGINE
         )
 
-    def _disconnect(
-        self,
-        connection: _Connection,
-        reason: str,
-        *,
-        abort: bool = False,
-        level: int = logging.INFO,
-    ) -> None:
-        """End a connection. With ``abort`` at once (queued lines are lost); without, after
-        the queued lines have left (or FINAL_FLUSH_TIMEOUT)."""
-        if connection.close_reason is not None:
-            return
-        connection.close_reason = reason
-        log.log(level, "control %s disconnected: %s", connection, reason)
-        connection.room.set()  # a reader waiting for room must see the end
-        if abort:
-            connection.aborted = True
-            connection.writer.transport.abort()
-            if connection.writer_task is not None:
-                connection.writer_task.cancel()
-        else:
-            with contextlib.suppress(asyncio.QueueFull):
-                connection.queue.put_nowait(None)  # the writer closes after the queued lines
-            if connection.writer_task is None or connection.queue.full():
-                connection.aborted = True
-                connection.writer.transport.abort()
-        # The reader is not cancelled (it may be inside the handler, whose work must not be
-        # cut in half): its next read returns EOF once the transport is closed.
+    def _engine_slot_refusal(self) -> str | None:
+        """Why a connection that is not an engine's may not hold a slot, or None when it may:
+        the last of ``max_clients`` slots is an engine's."""
+        if self._slots_taken_by_others() < self.max_clients:
+            return None
+        return f"the last of {self.max_clients} slots is kept for an engine"
 
     # -- one connection --------------------------------------------------------------------
 
@@ -572,63 +350,56 @@ class ControlServer:
             log.warning("control client %d: cannot read its credentials: %s", self._numbers, exc)
             writer.transport.abort()
             return
-        connection = _Connection(self._numbers, writer, credentials, self.client_queue)
+        connection = _Client(self._numbers, writer, credentials, self.client_queue)
         connection.reader_task = asyncio.current_task()
         self._connections[connection.number] = connection
-        connection.writer_task = asyncio.create_task(
-            self._write_loop(connection), name=f"control-writer-{connection.number}"
-        )
+        connection.start_writer(f"control-writer-{connection.number}")
         log.debug("control %s connected", connection)
         try:
             await self._read_loop(connection, reader)
-            await self._linger(connection, reader)
+            await connection.linger(reader)
         except asyncio.CancelledError:
             if connection.close_reason is None:
                 connection.close_reason = "cancelled"
             log.debug("control %s reader cancelled: %s", connection, connection.close_reason)
             raise
         except ConnectionError as exc:
-            self._disconnect(
-                connection, f"connection error: {exc}", abort=True, level=logging.WARNING
-            )
+            connection.disconnect(f"connection error: {exc}", abort=True, level=logging.WARNING)
         finally:
             await self._finish(connection)
 
-    async def _read_loop(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(self, connection: _Client, reader: asyncio.StreamReader) -> None:
         policy = self._policy
         refused = policy.refusal(connection.credentials)
         if refused is not None:
-            self._refuse(
-                connection, "connect", ErrorReply(ErrorCode.FORBIDDEN, f"not allowed: {refused}")
+            self._close_refused(
+                connection,
+                "connect",
+                ErrorReply(ErrorCode.FORBIDDEN, f"not allowed: {refused}"),
+                f"refused: {refused}",
+                level=logging.WARNING,
             )
-            self._disconnect(connection, f"refused: {refused}", level=logging.WARNING)
             return
         why = None
         if self.runstate is not Runstate.RUNNING:
             why = "the proxy is shutting down"
         elif len(self._live()) > self.max_clients:
             why = f"{self.max_clients} clients are connected already"
-        elif (
-            not policy.engine_credentials(connection.credentials)
-            and self._slots_taken_by_others() >= self.max_clients
-        ):
+        elif not policy.engine_credentials(connection.credentials):
             # It can never be the engine: it may not take the engine's slot even for the
             # time it has to say hello.
-            why = f"the last of {self.max_clients} slots is kept for an engine"
+            why = self._engine_slot_refusal()
         if why is not None:
-            self._refuse(connection, "connect", ErrorReply(ErrorCode.BUSY, why))
-            self._disconnect(connection, f"refused: {why}")
+            self._close_refused(
+                connection, "connect", ErrorReply(ErrorCode.BUSY, why), f"refused: {why}"
+            )
             return
         decoder = Decoder()
         loop = asyncio.get_running_loop()
         hello_deadline = loop.time() + self.hello_timeout
         while not connection.closing():
-            if connection.info is None:
-                deadline: float | None = hello_deadline
-            else:
-                deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
             try:
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(self._read_deadline(connection, hello_deadline)):
                     data = await reader.read(READ_CHUNK)
             except TimeoutError:
                 self._timed_out(connection)
@@ -636,23 +407,32 @@ class ControlServer:
             if not data:
                 for error in decoder.close():
                     log.info("control %s: %s", connection, error.detail)
-                self._disconnect(connection, "it closed the connection")
+                connection.disconnect("it closed the connection")
                 return
             for item in decoder.feed(data):
-                if not await self._room_for_reply(connection, hello_deadline):
+                if not await connection.wait_for_room(
+                    self._reply_room, self._read_deadline(connection, hello_deadline)
+                ):
                     return
                 await self._dispatch(connection, item)
                 if connection.closing():
                     return
 
-    def _timed_out(self, connection: _Connection) -> None:
+    def _read_deadline(self, connection: _Client, hello_deadline: float) -> float | None:
+        """By when (loop time) the client must send something: its hello, or any line."""
+        if connection.info is None:
+            return hello_deadline
+        if not self.idle_timeout:
+            return None
+        return asyncio.get_running_loop().time() + self.idle_timeout
+
+    def _timed_out(self, connection: _Client) -> None:
         if connection.info is None:
             why = f"no hello within {self.hello_timeout} s"
-            self._refuse(connection, "hello", ErrorReply(ErrorCode.HELLO_REQUIRED, why))
-            self._disconnect(connection, why)
+            self._close_refused(connection, "hello", ErrorReply(ErrorCode.HELLO_REQUIRED, why), why)
             return
         idle = f"{self.idle_timeout:g} s"
-        self._refuse(
+        self._close_refused(
             connection,
             "idle",
             ErrorReply(
@@ -660,40 +440,10 @@ class ControlServer:
                 f"nothing received for {idle}: closed to free the slot (an empty line keeps a"
                 " connection open)",
             ),
+            f"idle for {idle}",
         )
-        self._disconnect(connection, f"idle for {idle}")
 
-    async def _room_for_reply(self, connection: _Connection, hello_deadline: float) -> bool:
-        """Wait (bounded) until the connection's queue has room for one more reply.
-
-        Backpressure instead of a disconnect for a client that pipelines: while its unsent
-        replies fill half its queue, nothing more is read from it. False when it read none of
-        them in time (it is disconnected) or the connection ended meanwhile.
-        """
-        queue, limit = connection.queue, self._reply_room
-        if queue.qsize() < limit:
-            return True
-        loop = asyncio.get_running_loop()
-        if connection.info is None:
-            deadline: float | None = hello_deadline
-        else:
-            deadline = loop.time() + self.idle_timeout if self.idle_timeout else None
-        try:
-            async with asyncio.timeout_at(deadline):
-                while queue.qsize() >= limit and not connection.closing():
-                    connection.room.clear()
-                    await connection.room.wait()
-        except TimeoutError:
-            self._disconnect(
-                connection,
-                f"it read none of its {queue.qsize()} pending replies in time",
-                abort=True,
-                level=logging.WARNING,
-            )
-            return False
-        return not connection.closing()
-
-    async def _dispatch(self, connection: _Connection, item: Message | ProtocolError) -> None:
+    async def _dispatch(self, connection: _Client, item: Message | ProtocolError) -> None:
         if isinstance(item, ProtocolError):
             log.info("control %s sent a bad line: %s: %s", connection, item.code, item.detail)
             self._refuse(connection, "line", ErrorReply(item.code, item.detail, item.re))
@@ -755,25 +505,28 @@ class ControlServer:
             self.refusals[item.kind, reply.code.value] += 1
         self._reply(connection, dataclasses.replace(reply, re=item.id))
 
-    def _welcome(self, connection: _Connection, hello: Hello) -> None:
+    def _welcome(self, connection: _Client, hello: Hello) -> None:
         credentials = connection.credentials
         claim = self._policy.claim_refusal(credentials, hello.role)
         if claim is not None:
-            self._refuse(connection, "hello", ErrorReply(ErrorCode.FORBIDDEN, claim, hello.id))
-            self._disconnect(connection, f"refused: {claim}", level=logging.WARNING)
+            self._close_refused(
+                connection,
+                "hello",
+                ErrorReply(ErrorCode.FORBIDDEN, claim, hello.id),
+                f"refused: {claim}",
+                level=logging.WARNING,
+            )
             return
-        if (
-            hello.role is not ClientRole.ENGINE
-            and self._slots_taken_by_others() >= self.max_clients
-        ):
-            why = f"the last of {self.max_clients} slots is kept for an engine"
-            self._refuse(connection, "hello", ErrorReply(ErrorCode.BUSY, why, hello.id))
-            self._disconnect(connection, f"refused: {why}")
+        why = None if hello.role is ClientRole.ENGINE else self._engine_slot_refusal()
+        if why is not None:
+            self._close_refused(
+                connection, "hello", ErrorReply(ErrorCode.BUSY, why, hello.id), f"refused: {why}"
+            )
             return
         version = choose_version(hello.versions)
         if version is None:
             offered = ", ".join(str(v) for v in hello.versions)
-            self._refuse(
+            self._close_refused(
                 connection,
                 "hello",
                 ErrorReply(
@@ -781,8 +534,8 @@ class ControlServer:
                     f"no common version: client speaks {offered}, proxy speaks 1",
                     hello.id,
                 ),
+                f"no common protocol version (it speaks {offered})",
             )
-            self._disconnect(connection, f"no common protocol version (it speaks {offered})")
             return
         identity = self.handler.identity()
         connection.version = version
@@ -831,89 +584,12 @@ class ControlServer:
             return ErrorReply(ErrorCode.INTERNAL, "the proxy gave no valid answer")
         return reply
 
-    async def _write_loop(self, connection: _Connection) -> None:
-        writer = connection.writer
-        why = "the queue was closed"
-        try:
-            while True:
-                line = await connection.queue.get()
-                connection.room.set()
-                if line is None:
-                    break
-                writer.write(line)
-                await writer.drain()
-            # A polite end: the last lines (an error reply) get a bounded time to leave, then
-            # our side of the stream ends (the client reads EOF after them). The reader closes
-            # the transport once the client has closed too (see _linger).
-            async with asyncio.timeout(FINAL_FLUSH_TIMEOUT):
-                if writer.can_write_eof():
-                    writer.write_eof()
-                await writer.drain()
-            why = "the last lines were sent"
-        except asyncio.CancelledError:
-            why = "cancelled"
-            raise
-        except TimeoutError:
-            why = "the final lines did not leave in time"
-            writer.transport.abort()
-        except ConnectionError as exc:
-            why = f"connection error: {exc}"
-            self._disconnect(connection, why, abort=True)
-        finally:
-            log.debug("control %s writer ended: %s", connection, why)
-
-    async def _linger(self, connection: _Connection, reader: asyncio.StreamReader) -> None:
-        """After a polite close, read and drop what the client still sends until it closes
-        (bounded): closing at once would make its next write fail, and with it, in most
-        clients, the read of the error line that says why ("lingering close")."""
-        if connection.aborted:
-            return
-        with contextlib.suppress(TimeoutError, ConnectionError):
-            async with asyncio.timeout(LINGER_TIMEOUT):
-                while await reader.read(READ_CHUNK):
-                    pass
-
-    async def _finish(self, connection: _Connection) -> None:
+    async def _finish(self, connection: _Client) -> None:
         """The reader's last act: end the writer, forget the connection, tell the handler."""
-        if connection.close_reason is None:
-            connection.close_reason = "ended"
-        writer_task = connection.writer_task
-        if writer_task is not None:
-            if not writer_task.done():
-                # Give a polite close its flush; the writer bounds that itself.
-                await asyncio.wait([writer_task], timeout=FINAL_FLUSH_TIMEOUT * 2)
-            if not writer_task.done():
-                writer_task.cancel()
-                await asyncio.wait([writer_task])
-        connection.writer.transport.abort()
+        reason = await connection.end_writer()
         self._connections.pop(connection.number, None)
         if connection.info is not None:
             try:
-                self.handler.client_disconnected(connection.info, connection.close_reason)
+                self.handler.client_disconnected(connection.info, reason)
             except Exception:
                 log.exception("control handler failed on the disconnection of %s", connection)
-
-
-def _remove_stale(path: Path) -> None:
-    """Remove a socket file nobody listens on (left by a crash); refuse anything else."""
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(info.st_mode):
-        raise ControlError(f"{path} exists and is not a socket; not removing it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.setblocking(False)  # a full backlog must not block us: EAGAIN means alive
-    try:
-        probe.connect(os.fspath(path))
-    except ConnectionRefusedError:
-        log.info("removing stale control socket %s", path)
-        os.unlink(path)
-        return
-    except BlockingIOError:
-        pass
-    except FileNotFoundError:
-        return
-    finally:
-        probe.close()
-    raise ControlError(f"another process is listening on {path}")

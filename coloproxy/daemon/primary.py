@@ -44,8 +44,10 @@ stays held, in order, until the engine moves the deadline again
 on; only the verdicts wait. A primary that stops releasing is fenced off the LAN by
 construction: its guest's frames leave only through P-out.
 
-Timers: after any input the proxy asks the comparator for its next deadline (at most once
-per event-loop iteration) and keeps one loop timer armed at the earliest.
+Timers: the proxy owns its deadlines (h11/aioquic style): ``get_timer()`` is the earliest
+time at which ``handle_timer(now)`` has something to do (today the comparator's timeouts);
+it never touches the event loop. ``coloproxy/daemon/pump.py`` keeps one loop timer at that
+deadline, looked at again after every call into the proxy.
 """
 
 from __future__ import annotations
@@ -169,14 +171,12 @@ class PrimaryProxy:
         # None: no engine-reported checkpoint is open (the restart freeze is none).
         self.started_by: object | None = None
         self.outstanding: CheckpointRequest | None = None
-        self.checkpointing = False
         self.unprotected = False  # after the secondary was lost: release without comparing
         # Quorum: may release only while now < release_until (the leader key's deadline).
         self.release_until = math.inf
         self._gated: list[tuple[object, str]] = []  # (token, verdict label), in order
         # I6: hold everything until a checkpoint made the secondary equal to the primary.
         comparator.checkpoint_started(now)
-        self.checkpointing = True
         self._request(REASON_RESTART, "any", None, None, now)
 
     def bind(self, primary_out: Verdicts, secondary_out: Verdicts) -> None:
@@ -244,7 +244,14 @@ class PrimaryProxy:
             return
         self._act(self.comparator.feed_many(Side.SECONDARY, payloads, now, handles), now)
 
-    def on_timer(self, now: float) -> None:
+    # -- timers ----------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """The earliest time at which :meth:`handle_timer` has something to do, or None."""
+        return self.comparator.get_timer()
+
+    def handle_timer(self, now: float) -> None:
+        """Act on every deadline that passed by ``now``."""
         self._act(self.comparator.handle_timer(now), now)
 
     def _act(self, events: list[Event], now: float) -> None:
@@ -380,7 +387,6 @@ class PrimaryProxy:
     # -- checkpoints, as they happen ---------------------------------------------------------
 
     def checkpoint_started(self, now: float) -> None:
-        self.checkpointing = True
         self._act(self.comparator.checkpoint_started(now), now)
 
     def checkpoint_completed(
@@ -390,7 +396,6 @@ class PrimaryProxy:
         the secondary holds the primary's state. Unchecked: ``report_completed`` is what an
         engine's message goes through; Xen's COLO_CHECKPOINT and tests call this."""
         self.started_by = None  # whatever was open is consumed
-        self.checkpointing = False
         self.outstanding = None
         self.counters.checkpoints_completed += 1
         self.counters.last_checkpoint = now

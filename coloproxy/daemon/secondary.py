@@ -18,9 +18,10 @@ with an offset of the old SVM and queued to the new one (a copy of the PVM, offs
 carry a wrong ACK, which the SVM drops with a challenge ACK; when it was the client's last
 (a FIN), the PVM's ACK of it waited, gated, for the client's retransmission timeout. At the
 RESUME the offsets are forgotten first, then the held segments are shifted (with none) and
-accepted, in order. The daemon lets them go with the old offsets if no RESUME comes
-(``release_held``: a checkpoint that did not load leaves the SVM and its offsets as they
-were).
+accepted, in order. If no RESUME comes within ``S_IN_HOLD_LIMIT``, the proxy's own timer
+(``get_timer``/``handle_timer``, pumped by ``coloproxy/daemon/pump.py``) lets them go with
+the old offsets (``release_held``: a checkpoint that did not load leaves the SVM and its
+offsets as they were).
 
 The daemon calls :meth:`checkpoint_applied` when host S's engine reports that the SVM loaded
 a checkpoint (the secondary QEMU's RESUME), :meth:`take_over` before the SVM's port joins
@@ -36,6 +37,7 @@ Nothing here ever drops a packet: a packet it cannot read passes unchanged, coun
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from coloproxy.daemon.primary import ProxyCounters, Verdicts
@@ -45,6 +47,14 @@ from coloproxy.rewrite import SecondaryRewriter
 # in the lab, about 600 segments at a gigabit; past this, segments pass shifted as they
 # were (counted as rewrite status "held-overflow").
 MAX_HELD_ACROSS_CHECKPOINT = 4096
+
+# Host S lets S-in's held segments go with the offsets they had when the SVM's RESUME has
+# not come this long after its STOP: a checkpoint pauses the guests for 10-60 ms in the lab.
+S_IN_HOLD_LIMIT = 2.0
+
+# The daemon's log name, as before this moved out of coloproxy/daemon/run.py: journal
+# filters (and scripts/check-systemd-unit) match on it.
+log = logging.getLogger("coloproxy.daemon.run")
 
 ETHERTYPE_IPV4 = b"\x08\x00"
 ETHERTYPE_IPV6 = b"\x86\xdd"
@@ -65,6 +75,7 @@ class SecondaryProxy:
         # S-in segments held while the SVM loads a checkpoint: (handle, packet, arrival).
         self._held: list[tuple[object, bytes, float]] = []
         self.holding = False
+        self._hold_until = 0.0  # the last STOP's S_IN_HOLD_LIMIT: let the held go then
 
     def bind(self, to_guest: Verdicts, from_guest: Verdicts) -> None:
         """Attach the queues (they are opened after the proxy exists)."""
@@ -88,10 +99,26 @@ class SecondaryProxy:
         self._from_guest.accept(handle, outcome.payload)
         self.counters.packets["secondary-egress", "accept"] += 1
 
-    def checkpoint_started(self) -> None:
-        """The SVM stopped to load a checkpoint: hold S-in until :meth:`checkpoint_applied`."""
+    def checkpoint_started(self, now: float) -> None:
+        """The SVM stopped to load a checkpoint: hold S-in until :meth:`checkpoint_applied`,
+        at most ``S_IN_HOLD_LIMIT`` from ``now``."""
+        self._hold_until = now + S_IN_HOLD_LIMIT
         if not self.rewriter.taken_over:
             self.holding = True
+
+    def get_timer(self) -> float | None:
+        """When the segments held across a checkpoint go without its RESUME, or None."""
+        return self._hold_until if self.holding else None
+
+    def handle_timer(self, now: float) -> None:
+        if self.holding and now >= self._hold_until:
+            released = self.release_held()
+            log.warning(
+                "S-in: no RESUME %.0f s after the SVM stopped; %d held segment(s) let go with"
+                " the offsets they had (a checkpoint that did not load leaves them right)",
+                S_IN_HOLD_LIMIT,
+                released,
+            )
 
     def checkpoint_applied(self) -> None:
         self.rewriter.checkpoint_applied()

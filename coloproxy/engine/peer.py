@@ -5,7 +5,7 @@ Theory of operation
 -------------------
 Each path is one UDP socket bound to this host's address on that network and the engine's
 heartbeat port, sending to the peer's address and the same port. What to send and when is
-the failover decider's business (:mod:`coloproxy.engine.logic`): :meth:`HeartbeatPeer.send`
+the failover decider's business (:mod:`coloproxy.engine.decider`): :meth:`HeartbeatPeer.send`
 puts the same datagram on every path at once, never waiting (a datagram the kernel cannot
 take is counted and dropped: the next one follows within the interval). Every datagram that
 arrives is decoded (never raises) and handed to ``on_heartbeat(path, heartbeat, now)``;
@@ -20,7 +20,7 @@ network.
 Datagrams come only from the peer's address on each path (``connect``-ed sockets: the kernel
 drops the rest), which a host on the link can forge. So every datagram is sealed with
 HMAC-SHA256 under a key both daemons share (``engine.heartbeat_key``), and each path keeps a
-replay window over the sender's ``boot`` and ``seq`` (:class:`~coloproxy.engine.logic.
+replay window over the sender's ``boot`` and ``seq`` (:class:`~coloproxy.engine.heartbeat.
 ReplayWindow`): a datagram whose tag is wrong is counted ``bad-forged``, an authentic one
 heard before (or older than one heard) ``bad-replayed``; neither reaches the decider.
 """
@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from coloproxy.engine.logic import (
+from coloproxy.engine.heartbeat import (
     BadHeartbeat,
     Heartbeat,
     ReplayWindow,

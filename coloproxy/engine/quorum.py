@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 :class:`LeaderStore` is all the engine needs from a quorum service; the decisions are
-:mod:`coloproxy.engine.logic_leader`'s. Another service (Consul, ZooKeeper, a pacemaker
+:mod:`coloproxy.engine.leader`'s. Another service (Consul, ZooKeeper, a pacemaker
 resource agent) is another class with these five coroutines.
 
 :class:`EtcdStore` speaks etcd's v3 gRPC API with the stubs of the ``aetcd`` package over a

@@ -34,6 +34,10 @@ NET_PREFIX = "cp"
 MIGRATION_PORT = 7790
 # The secondary's NBD export of its disk (disk.nbd_port), on its replication address.
 NBD_PORT = 7791
+# With QEMU's own filters (coloproxy/lab/vms.py): the primary listens for the secondary's two
+# redirectors on its replication address (COLO-FT.txt's 9003/9004), and loops its compare
+# chardevs on loopback; with --chardev coloproxy takes colo-compare's place on them.
+FILTER_PORTS = {"mirror": 7793, "compare_secondary": 7794, "compare_primary": 7795, "out": 7796}
 # The guest's disk: a raw image per host, the secondary's active and hidden disks beside it
 # (docs/lab.md, "The disk").
 DISK_SIZE_MIB = 64
@@ -80,6 +84,7 @@ class LabPaths:
     disk_dir: Path | None = None
 
     def control_socket(self, role: str) -> Path:
+        """The control socket of the daemon on ``role``'s host (``control.socket``)."""
         return self.run_dir / f"{role}.sock"
 
     def qmp_socket(self, role: str) -> Path:
@@ -91,15 +96,19 @@ class LabPaths:
         return self.run_dir / f"{role}-lab-qmp.sock"
 
     def serial_log(self, role: str) -> Path:
+        """The guest's serial console on ``role``'s host (its ready and checker lines)."""
         return self.run_dir / f"{role}.serial"
 
     def qemu_log(self, role: str) -> Path:
+        """The QEMU's own stdout and stderr."""
         return self.run_dir / f"{role}-qemu.log"
 
     def daemon_log(self, role: str) -> Path:
+        """The ``coloproxy run`` daemon's log on ``role``'s host."""
         return self.run_dir / f"{role}-coloproxy.log"
 
     def config(self, role: str) -> Path:
+        """The daemon's config file, as ``lab up`` writes it (:func:`config_text`)."""
         return self.run_dir / FILES[role]
 
     def disk_image(self, role: str) -> Path:
@@ -327,7 +336,7 @@ def config_text(
 
 
 # The lab's --chardev mode (docs/chardev.md): host P's QEMU keeps its filters, coloproxy takes
-# colo-compare's place on the same sockets (coloproxy/lab/vms.py FILTER_PORTS).
+# colo-compare's place on the same sockets (FILTER_PORTS).
 _PRIMARY_CHARDEV = """\
 # --chardev: QEMU's filters feed this daemon over colo-compare's sockets; no NFQUEUE, no tc.
 chardev:
@@ -347,8 +356,6 @@ def chardev_config_text(
 ) -> str:
     """``config_text`` for the lab's ``--chardev`` mode: host P's daemon with a chardev
     section (its queues left out), host S's engine removing its redirectors at failover."""
-    from coloproxy.lab.vms import FILTER_PORTS  # vms imports this module
-
     text = config_text(role, paths, two_host, disk)
     marker = "\n\nlog:\n"  # the engine section ends right before it, in both texts
     if role == "primary":

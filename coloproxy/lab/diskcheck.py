@@ -6,7 +6,7 @@ its virtio disk at /data and runs two things on it (guest/README.md "The disk"):
 - ``cpx diskcheck`` writes numbered records into a ring file and reads them back from the
   disk; once a second it prints ``diskcheck seq=N records=R verified=V errors=E`` on the
   console. :func:`diskcheck_lines` and :func:`diskcheck_summary` read those lines, the way
-  :func:`coloproxy.lab.lab.memcheck_summary` reads the memory checker's.
+  :func:`coloproxy.lab.console.memcheck_summary` reads the memory checker's.
 - ``/cgi-bin/diskwrite?n=K`` appends K records to /data/acked.dat and answers only once they
   are synced (``acked last=SEQ records=N``); ``/cgi-bin/diskverify`` checks every record in
   the file (``verified records=N ok=N corrupt=C first_bad=SEQ|-``). A record the guest
@@ -25,8 +25,8 @@ import re
 import struct
 from dataclasses import dataclass
 
-from coloproxy.lab import lab as _lab  # http_get (a module reference: lab may import this one)
 from coloproxy.lab import vms
+from coloproxy.lab.client import http_get
 from coloproxy.lab.vms import LabError
 from coloproxy.net import netns as _netns
 
@@ -170,9 +170,9 @@ def _get(host: str, port: int, path: str, timeout: float, netns: str | None) -> 
     """GET ``path`` with the lab's client (from namespace ``netns``); the body of a 200."""
     try:
         if netns is None:
-            status, body = _lab.http_get(path, timeout, host=host, port=port)
+            status, body = http_get(path, timeout, host=host, port=port)
         else:
-            status, body = _netns.run_in(netns, _lab.http_get, path, timeout, host=host, port=port)
+            status, body = _netns.run_in(netns, http_get, path, timeout, host=host, port=port)
     except (OSError, http.client.HTTPException) as exc:
         where = f" from namespace {netns}" if netns else ""
         raise LabError(

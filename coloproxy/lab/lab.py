@@ -1,4 +1,4 @@
-"""``coloproxy lab up | down | demo``: a protected VM pair serving a client, on one machine.
+"""``coloproxy lab up | down | reprotect``: a protected VM pair serving a client, on one machine.
 
 Theory of operation
 -------------------
@@ -6,10 +6,10 @@ The lab is the host pair of docs/invariants.md with every machine replaced by a 
 (:class:`~coloproxy.lab.topology.Topology` with ``guests="tap"``): a client, a LAN switch,
 host P and host S joined by a replication link. Each host namespace runs what a real host
 would: a QEMU (:mod:`coloproxy.lab.vms`, tap ``guest0``) and a ``coloproxy run`` daemon with
-the lab's config (:mod:`coloproxy.lab.configs`). The client reaches the guest's address
-through the LAN bridge and host P's bridge; host P's proxy compares the PVM's output with
-the SVM's, which arrives over the VXLAN tunnel, and holds it until they match or a
-checkpoint completes.
+the lab's config (:mod:`coloproxy.lab.configs`). The client (:mod:`coloproxy.lab.client`)
+reaches the guest's address through the LAN bridge and host P's bridge; host P's proxy
+compares the PVM's output with the SVM's, which arrives over the VXLAN tunnel, and holds it
+until they match or a checkpoint completes.
 
 ``up`` goes step by step, each with a timeout and a message naming what did not happen:
 build or find QEMU and the guest image, build the namespaces, start the secondary QEMU
@@ -23,12 +23,9 @@ Who drives COLO. The checkpoint engine (``coloproxy/engine/``, which ``coloproxy
 because the lab's configs set ``engine.qmp``) brings the pair into COLO (``engine.migrate_uri``,
 ``engine.bring_up``), answers the proxy's checkpoint requests, exchanges heartbeats over the
 replication link and fails over; the lab only watches, on a second QMP monitor of each
-QEMU. With ``--qemu-filters`` no daemon runs and QEMU's own colo-compare decides; a small
-driver of the lab's, :class:`QemuFiltersDriver`, enters COLO (:func:`lab_bring_up_colo`) and
-runs COLO-FT.txt's failover when a QEMU's monitor connection drops.
-
-The demo's client runs in the client namespace: fresh HTTP connections, one request each,
-no retry; a request succeeds only with status 200 and exactly the page's bytes.
+QEMU. With ``--qemu-filters`` no daemon runs and QEMU's own colo-compare decides; the lab
+starts its own driver instead (:mod:`coloproxy.lab.filters`). The demo that runs on a lab
+that is up: :mod:`coloproxy.lab.demo`.
 """
 
 from __future__ import annotations
@@ -36,19 +33,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
-import http.client
 import json
-import logging
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -57,11 +49,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coloproxy.engine.runner import TWO_HOST_WARNING
-from coloproxy.lab import etcd, partition, vms
+from coloproxy.lab import etcd, partition, qemu, vms
+from coloproxy.lab.client import Attempt, attempt, index_html
 from coloproxy.lab.configs import (
     DEFAULT_RUN_DIR,
     DISK_SIZE_MIB,
-    PERIOD_MS,
     REPROTECT_FILE,
     LabPaths,
     chardev_config_text,
@@ -70,15 +62,11 @@ from coloproxy.lab.configs import (
     reprotect_config_text,
     reprotect_uri,
 )
-from coloproxy.lab.qemu import repo_root
-from coloproxy.lab.topology import GUEST_IPV4, GUEST_PORT, LAN_BRIDGE, Topology
+from coloproxy.lab.topology import GUEST_IPV4, Topology
 from coloproxy.lab.vms import LabError, Monitor
 
 if TYPE_CHECKING:
-    from coloproxy.control.client import Command
-    from coloproxy.protocol import Ack
-
-log = logging.getLogger(__name__)
+    from coloproxy.protocol import Ack, Command
 
 DEFAULT_PREFIX = "cplab"
 # A guest reaches "ready" in about 5 s under TCG here (20 s with a louder console,
@@ -88,12 +76,7 @@ DAEMON_TIMEOUT_S = 30.0
 # migrate -> COLO on both sides took 0.8-1.2 s here (qemu/README.md).
 COLO_TIMEOUT_S = 60.0
 SERVE_TIMEOUT_S = 60.0
-REQUEST_TIMEOUT_S = 10.0
 BUILD_TIMEOUT_S = 1800.0
-PAGES = ("/index.html", "/big.bin")
-NONDETERMINISTIC_PAGE = "/cgi-bin/clock"
-# While the nondeterministic page is asked for: no periodic checkpoint in between.
-QUIET_PERIOD_MS = 30000
 
 Say = Callable[[str], None]
 
@@ -121,6 +104,15 @@ class LabState:
     disk: bool = False  # the guest has a replicated disk (not --no-disk, not --qemu-filters)
     disk_rate: int = 0  # its disk checker's bytes per second
 
+    @property
+    def wiring(self) -> str:
+        """What carries the guest's network: coloproxy, or QEMU's filters (with or without it)."""
+        if self.qemu_filters:
+            return "QEMU's own filters and colo-compare"
+        if self.chardev:
+            return "QEMU's filters and coloproxy's chardev transport"
+        return "coloproxy"
+
     def save(self, paths: LabPaths) -> None:
         paths.state.write_text(json.dumps(asdict(self), indent=2) + "\n")
 
@@ -131,167 +123,6 @@ class LabState:
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
-
-
-# --------------------------------------------------------------------------------------------
-# the guest's pages, as the PVM serves them
-
-
-def big_bin() -> bytes:
-    """/big.bin: 384 KiB of SHA-256 counter bytes (guest/build.sh writes the same)."""
-    return b"".join(
-        hashlib.sha256(b"coloproxy big.bin %d" % i).digest() for i in range(384 * 1024 // 32)
-    )
-
-
-def index_html() -> bytes:
-    """/index.html, read from guest/build.sh's heredoc."""
-    script = (repo_root() / "guest" / "build.sh").read_text()
-    match = re.search(r"www/index\.html\" <<'EOF'\n(.*?)\nEOF\n", script, re.DOTALL)
-    if match is None:
-        raise LabError("guest/build.sh no longer writes /index.html with a heredoc")
-    return (match.group(1) + "\n").encode()
-
-
-def expected_pages() -> dict[str, bytes]:
-    return {"/index.html": index_html(), "/big.bin": big_bin()}
-
-
-# --------------------------------------------------------------------------------------------
-# the client (functions run inside the client namespace)
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """One request: when it started and ended (monotonic), and whether it succeeded."""
-
-    path: str
-    started: float
-    ended: float
-    ok: bool
-    detail: str = ""
-
-
-def http_get(
-    path: str, timeout: float = REQUEST_TIMEOUT_S, *, host: str = GUEST_IPV4, port: int = 80
-) -> tuple[int, bytes]:
-    """GET over a fresh connection to the guest (by default the lab's); (status, body)."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        connection.request("GET", path, headers={"Connection": "close"})
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
-def attempt(path: str, expected: bytes | None, timeout: float = REQUEST_TIMEOUT_S) -> Attempt:
-    """One request, no retry: ok only with status 200 and (if given) exactly ``expected``."""
-    started = time.monotonic()
-    try:
-        status, body = http_get(path, timeout)
-    except (OSError, http.client.HTTPException) as exc:
-        return Attempt(path, started, time.monotonic(), False, f"{type(exc).__name__}: {exc}")
-    ended = time.monotonic()
-    if status != 200:
-        return Attempt(path, started, ended, False, f"status {status}")
-    if expected is not None and body != expected:
-        return Attempt(path, started, ended, False, f"{len(body)} bytes, not the page's")
-    return Attempt(path, started, ended, True)
-
-
-class ClientLoop:
-    """Requests the deterministic pages in a loop from the client namespace, in a thread.
-
-    :meth:`hold` lets the request in flight finish and starts no other until :meth:`resume`:
-    the demo kills a QEMU between two requests, so that the failover gap it reports is a new
-    request's; the SIGKILL test kills wherever the stream is (docs/lab.md, "Known limits").
-    """
-
-    def __init__(self, topology: Topology, pages: dict[str, bytes], pause: float = 0.05) -> None:
-        self.topology = topology
-        self.pages = pages
-        self.pause = pause
-        self.attempts: list[Attempt] = []
-        self._stop = threading.Event()
-        self._held = threading.Event()
-        self._idle = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lab-client", daemon=True)
-
-    def start(self) -> ClientLoop:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        self.topology.run_in("client", self._loop)
-
-    def _loop(self) -> None:
-        paths = list(self.pages)
-        index = 0
-        while not self._stop.is_set():
-            if self._held.is_set():
-                self._idle.set()
-                self._stop.wait(0.002)
-                continue
-            path = paths[index % len(paths)]
-            index += 1
-            self.attempts.append(attempt(path, self.pages[path]))
-            self._stop.wait(self.pause)
-
-    def hold(self) -> None:
-        """Return once no request is in flight; start none until :meth:`resume`."""
-        self._idle.clear()
-        self._held.set()
-        if not self._idle.wait(REQUEST_TIMEOUT_S + 5):
-            raise LabError("the client's request in flight did not end")
-
-    def resume(self) -> None:
-        self._held.clear()
-
-    def stop(self) -> list[Attempt]:
-        self._stop.set()
-        self._thread.join(timeout=REQUEST_TIMEOUT_S + 5)
-        return list(self.attempts)
-
-
-class EchoSession:
-    """One long-lived TCP connection to the guest's echo service, from the client namespace:
-    opened before a checkpoint, it shows a connection surviving the failover."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.sock = topology.run_in(
-            "client", socket.create_connection, (GUEST_IPV4, 7), REQUEST_TIMEOUT_S
-        )
-
-    def exchange(self, line: bytes) -> float:
-        """Send a line, read it back; the seconds it took. LabError if it did not come back."""
-        started = time.monotonic()
-        try:
-            self.sock.sendall(line)
-            received = b""
-            while len(received) < len(line):
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    raise LabError("the echo connection was closed")
-                received += chunk
-        except OSError as exc:
-            raise LabError(f"the echo connection broke: {exc}") from exc
-        if received != line:
-            raise LabError(f"the echo connection returned {received!r}, not {line!r}")
-        return time.monotonic() - started
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def failover_gap(attempts: list[Attempt], killed: float) -> tuple[float | None, float | None]:
-    """(gap, worst latency): last success ending before ``killed`` to the first success ending
-    after it, in seconds; None when there is no success on one side."""
-    before = [a.ended for a in attempts if a.ok and a.ended <= killed]
-    after = [a.ended for a in attempts if a.ok and a.ended > killed]
-    gap = (min(after) - max(before)) if before and after else None
-    around = [a.ended - a.started for a in attempts if a.ok and a.ended > killed - 1]
-    return gap, (max(around) if around else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,7 +178,7 @@ class Lab:
             try:
                 # Its progress lines (stderr) go straight to ours: a first build is long.
                 done = subprocess.run(
-                    [str(repo_root() / script)],
+                    [str(qemu.repo_root() / script)],
                     check=False,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -377,7 +208,7 @@ class Lab:
                 or state.quorum != self.quorum
                 or state.disk != self.disk
             ):
-                wired = _wiring(state.qemu_filters, state.chardev)
+                wired = state.wiring
                 wired += "" if state.quorum else " in two-host mode"
                 wired += " with a disk" if state.disk else " without a disk"
                 raise LabError(
@@ -394,9 +225,7 @@ class Lab:
             self.down()
         if build:
             self.build()
-        from coloproxy.lab import qemu as built
-
-        accel = built.accelerator()
+        accel = qemu.accelerator()
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         driver = "qemu-filters" if self.qemu_filters else "engine"
         state = LabState(
@@ -431,7 +260,7 @@ class Lab:
         elif not self.qemu_filters:
             self.progress(f"WARNING: {TWO_HOST_WARNING}")
 
-        mode = _wiring(self.qemu_filters, self.chardev)
+        mode = state.wiring
         if self.disk:
             for role in ("primary", "secondary"):
                 vms.make_disk(paths, role)
@@ -443,36 +272,22 @@ class Lab:
             f"starting the secondary QEMU in {self.topology.ns('hs')} (accel {state.accel}, "
             f"-incoming {migrate_uri()}, network by {mode})"
         )
-        secondary = vms.vm_spec(
-            "secondary",
-            paths,
-            incoming=migrate_uri(),
-            qemu_filters=self.qemu_filters,
-            chardev=self.chardev,
-            disk=self.disk,
-            disk_rate=self.disk_rate,
-        )
-        state.pids["secondary_qemu"] = vms.start_vm(self.topology, secondary)
-        state.save(paths)
+        self._start_qemu(state, "secondary", migrate_uri())
         self.progress(f"starting the primary QEMU in {self.topology.ns('hp')}")
-        primary = vms.vm_spec(
-            "primary",
-            paths,
-            incoming=None,
-            qemu_filters=self.qemu_filters,
-            chardev=self.chardev,
-            disk=self.disk,
-            disk_rate=self.disk_rate,
-        )
-        state.pids["primary_qemu"] = vms.start_vm(self.topology, primary)
-        state.save(paths)
+        self._start_qemu(state, "primary", None)
         booted = vms.wait_ready(paths, "primary", state.pids["primary_qemu"], BOOT_TIMEOUT_S)
         state.timings["primary_boot_s"] = booted
         self.progress(f"primary guest ready after {booted:.1f} s (httpd, echo, memory checker)")
 
         if not self.qemu_filters:
-            self._start_daemon(state, "secondary")
-            self._start_daemon(state, "primary")
+            for role in ("secondary", "primary"):
+                self._start_daemon(
+                    role,
+                    paths.config(role),
+                    paths.daemon_log(role),
+                    runs_as=role,
+                    whose=f"the {role} daemon's",
+                )
         if self.qemu_filters:
             self._start_filters_driver()
         else:
@@ -487,6 +302,20 @@ class Lab:
             f"the client gets {GUEST_IPV4}/index.html through the "
             f"{'colo-compare' if self.qemu_filters else 'proxy'}: the lab is up"
         )
+
+    def _start_qemu(self, state: LabState, role: str, incoming: str | None) -> None:
+        """Start ``role``'s QEMU in its host's namespace, wired as this lab is."""
+        spec = vms.vm_spec(
+            role,
+            self.paths,
+            incoming=incoming,
+            qemu_filters=self.qemu_filters,
+            chardev=self.chardev,
+            disk=self.disk,
+            disk_rate=self.disk_rate,
+        )
+        state.pids[f"{role}_qemu"] = vms.start_vm(self.topology, spec)
+        state.save(self.paths)
 
     def _spawn(self, name: str, where: str | None, argv: list[str], log_path: Path) -> int:
         with log_path.open("wb") as output:  # one lab's story per file
@@ -545,23 +374,27 @@ class Lab:
         topology = Topology(state.prefix, guests="tap", witness=state.quorum)
         return partition.heal(topology, self.paths.run_dir)
 
-    def _start_daemon(self, state: LabState, role: str) -> None:
+    def _start_daemon(
+        self, role: str, config: Path, log_path: Path, *, runs_as: str, whose: str
+    ) -> None:
+        """``coloproxy run -c config`` in the namespace of ``role``'s host (the host's first
+        role names its socket and pid), as ``runs_as``; returns once its socket is there."""
         host = vms.HOST_OF[role]
         socket_path = self.paths.control_socket(role)
         socket_path.unlink(missing_ok=True)
-        self.progress(f"starting coloproxy run ({role}) in {self.topology.ns(host)}")
+        self.progress(f"starting coloproxy run ({runs_as}) in {self.topology.ns(host)}")
         pid = self._spawn(
             f"{role}_daemon",
             host,
-            [sys.executable, "-m", "coloproxy", "run", "-c", str(self.paths.config(role))],
-            self.paths.daemon_log(role),
+            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
+            log_path,
         )
         self._wait(
             socket_path.exists,
             DAEMON_TIMEOUT_S,
-            f"the {role} daemon's control socket {socket_path}",
+            f"{whose} control socket {socket_path}",
             pid=pid,
-            log_path=self.paths.daemon_log(role),
+            log_path=log_path,
         )
 
     def _start_filters_driver(self) -> None:
@@ -571,7 +404,7 @@ class Lab:
         argv = [
             sys.executable,
             "-m",
-            "coloproxy.lab.lab",
+            "coloproxy.lab.filters",
             "filters-driver",
             str(self.paths.run_dir),
         ]
@@ -683,22 +516,12 @@ class Lab:
         )
         state.pids["primary_qemu"] = vms.start_vm(self.topology, spec)
         state.save(self.paths)
-        socket_path = self.paths.control_socket("primary")
-        socket_path.unlink(missing_ok=True)
-        log_path = self.paths.run_dir / "primary-reprotected-coloproxy.log"
-        self.progress(f"starting coloproxy run (secondary) in {self.topology.ns('hp')}")
-        pid = self._spawn(
-            "primary_daemon",
-            "hp",
-            [sys.executable, "-m", "coloproxy", "run", "-c", str(config)],
-            log_path,
-        )
-        self._wait(
-            socket_path.exists,
-            DAEMON_TIMEOUT_S,
-            f"host P's daemon's control socket {socket_path}",
-            pid=pid,
-            log_path=log_path,
+        self._start_daemon(
+            "primary",
+            config,
+            self.paths.run_dir / "primary-reprotected-coloproxy.log",
+            runs_as="secondary",
+            whose="host P's daemon's",
         )
 
         ack = self._command("secondary", Reprotect(migrate_uri=uri), "host S's reprotect")
@@ -840,9 +663,7 @@ class Lab:
         """HMP ``qemu-io`` on the guest's disk (the quorum drive) of ``role``'s QEMU: the
         guest's view of the disk on that host. QEMU prints what qemu-io says on its own
         stdout, the QEMU's log: that output is returned."""
-        from coloproxy.lab.vms import disk_settings
-
-        drive = disk_settings(self.paths, role).drive
+        drive = vms.disk_settings(self.paths, role).drive
         log_path = self.paths.qemu_log(role)
         start = log_path.stat().st_size
 
@@ -890,457 +711,6 @@ def running_lab(lab: Lab, *, keep: bool = False) -> Iterator[Lab]:
         if not keep:
             lab.progress("taking the lab down")
             lab.down()
-
-
-class CheckpointWatch:
-    """The primary QEMU's checkpoints as QEMU sees them (STOP -> RESUME on the lab's monitor),
-    whoever asked for them: works the same with our proxy and with QEMU's colo-compare."""
-
-    def __init__(self, paths: LabPaths) -> None:
-        self.monitor = Monitor("primary", paths.lab_qmp_socket("primary"))
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._done: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="lab-qmp-watch", daemon=True)
-
-    def start(self) -> CheckpointWatch:
-        self._thread.start()
-        self._ready.wait(30)
-        if self._error is not None:
-            raise LabError(f"cannot watch the primary's checkpoints: {self._error}")
-        return self
-
-    def _run(self) -> None:
-        async def main() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._done = asyncio.Event()
-            try:
-                await self.monitor.connect()
-            except BaseException as exc:
-                self._error = exc
-                raise
-            finally:
-                self._ready.set()
-            try:
-                await self._done.wait()
-            finally:
-                await self.monitor.close()
-
-        with contextlib.suppress(Exception):
-            asyncio.run(main())
-
-    def pauses_ms(self) -> list[float]:
-        """One pause per completed checkpoint: STOP to the next RESUME, QEMU's timestamps."""
-        pauses: list[float] = []
-        stopped: float | None = None
-        for name, when, _ in list(self.monitor.events):
-            if name == "STOP":
-                stopped = when
-            elif name == "RESUME" and stopped is not None:
-                pauses.append((when - stopped) * 1000)
-                stopped = None
-        return pauses
-
-    def stop(self) -> list[float]:
-        if self._loop is not None and self._done is not None:
-            with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._done.set)
-        self._thread.join(timeout=10)
-        return self.pauses_ms()
-
-
-# --------------------------------------------------------------------------------------------
-# the demo
-
-
-@dataclass
-class DemoResult:
-    served: int = 0
-    failed: int = 0
-    failures: list[str] = field(default_factory=list)
-    checkpoints_before: dict[str, int] = field(default_factory=dict)
-    checkpoints: dict[str, int] = field(default_factory=dict)
-    engine_checkpoints: dict[str, int] = field(default_factory=dict)
-    clock_page: str = ""
-    gap_s: float | None = None
-    worst_latency_s: float | None = None
-    pauses_ms: list[float] = field(default_factory=list)
-    echo: str = ""
-    echo_fresh: str = ""  # the echo connection opened after the last checkpoint
-    memcheck: str = ""
-    diskcheck: str = ""  # the guest's disk checker on the SVM since the kill
-    disk: str = ""  # the records the client saw acknowledged, read back after the failover
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and not any(
-            e.startswith("FAILED") for e in (self.echo, self.echo_fresh, self.disk)
-        )
-
-
-def demo(lab: Lab, *, traffic_s: float = 20.0, after_failover_s: float = 10.0) -> DemoResult:
-    """Traffic, a divergence, a failover; prints as it goes. The lab must be up."""
-    say = lab.progress
-    result = DemoResult()
-    pages = expected_pages()
-    proxy = not lab.qemu_filters
-
-    if proxy:
-        result.checkpoints_before = lab.checkpoints()
-        say(f"checkpoints so far (host P's metrics): {_reasons(result.checkpoints_before)}")
-    watch = CheckpointWatch(lab.paths).start()
-    echo: EchoSession | None = None
-    fresh: EchoSession | None = None
-    loop: ClientLoop | None = None
-    try:
-        say("client: a TCP connection to the echo service, kept open across the failover")
-        echo = EchoSession(lab.topology)
-        echo.exchange(b"before the failover\n")
-        say(f"client: GET {', '.join(PAGES)} in a loop for {traffic_s:.0f} s (no retries)")
-        loop = ClientLoop(lab.topology, pages).start()
-        _progress_while(lab, loop, traffic_s)
-
-        say(f"client: GET {NONDETERMINISTIC_PAGE} (differs between PVM and SVM)")
-        payload_before = lab.checkpoints().get("payload", 0) if proxy else 0
-        if proxy:
-            # The CGI takes a second or two under TCG: with the 2 s period a periodic checkpoint
-            # would often release the PVM's answer before the SVM's was compared.
-            say(f"  (periodic checkpoints every {QUIET_PERIOD_MS // 1000} s meanwhile, not 2 s)")
-            lab.set_period(QUIET_PERIOD_MS)
-        asked = time.monotonic()
-        try:
-            status, body = lab.topology.run_in("client", http_get, NONDETERMINISTIC_PAGE)
-        except (OSError, http.client.HTTPException) as exc:
-            status, body = 0, f"{type(exc).__name__}: {exc}".encode()
-        took = time.monotonic() - asked
-        if proxy:
-            lab.set_period(PERIOD_MS)
-        result.clock_page = body.decode(errors="replace").strip().replace("\n", " ")
-        complete = all(word in result.clock_page for word in ("realtime_ns=", "random="))
-        shown = "complete" if complete else "INCOMPLETE"
-        say(f"  answer {status} in {took:.2f} s, {shown}: {result.clock_page[:80]}")
-        if proxy:
-            time.sleep(0.5)
-            now = lab.checkpoints()
-            say(f"checkpoints now: {_reasons(now)}")
-            if now.get("payload", 0) > payload_before:
-                say(
-                    "  the divergence was a checkpoint with reason payload;"
-                    " the client got the PVM's page"
-                )
-            else:
-                say("  no new payload request (merged into an outstanding one)")
-
-        result.pauses_ms = watch.stop()
-        if proxy:
-            with contextlib.suppress(OSError, LabError):
-                result.engine_checkpoints = lab.engine_checkpoints()
-        say(
-            f"the primary QEMU checkpointed {len(result.pauses_ms)} times so far "
-            f"(pause {_pause_figures(result.pauses_ms)})"
-        )
-        if proxy:
-            completed = lab.checkpoints().get("completed", 0)
-            deadline = time.monotonic() + 10
-            while lab.checkpoints().get("completed", 0) <= completed:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-        say(
-            "client: a second echo connection, opened after the last checkpoint (the SVM's"
-            " side has its own ISN: host S shifts it after a takeover)"
-        )
-        fresh = EchoSession(lab.topology)
-        fresh.exchange(b"just after a checkpoint\n")
-        acked = 0
-        if lab.disk:
-            from coloproxy.lab import diskcheck
-
-            client = lab.topology.ns("client")
-            try:
-                for _ in range(5):
-                    acked = diskcheck.disk_write(GUEST_IPV4, 20, netns=client)
-                say(f"client: the guest acknowledged disk records 1..{acked} (synced to its disk)")
-            except LabError as exc:
-                result.disk = f"FAILED: writing records: {exc}"
-                say(f"  {result.disk}")
-        say(
-            "SIGKILL of the primary QEMU while the client goes on (between two of its"
-            " requests, docs/lab.md)"
-        )
-        loop.hold()
-        console_mark = len(vms.console(lab.paths, "secondary"))
-        killed = lab.kill_qemu("primary")
-        loop.resume()
-        for session, label in ((echo, "opened before the traffic"), (fresh, "opened last")):
-            try:
-                session.exchange(b"after the failover\n")
-                text = f"answered {(time.monotonic() - killed) * 1000:.0f} ms after the kill"
-            except LabError as exc:
-                text = f"FAILED: {exc}"
-            finally:
-                session.close()
-            if session is echo:
-                result.echo = text
-            else:
-                result.echo_fresh = text
-            say(f"  the echo connection {label}: {text}")
-        _progress_while(lab, loop, after_failover_s)
-        attempts = loop.stop()
-        result.gap_s, result.worst_latency_s = failover_gap(attempts, killed)
-        result.served = sum(1 for a in attempts if a.ok)
-        result.failed = sum(1 for a in attempts if not a.ok)
-        result.failures = [f"{a.path}: {a.detail}" for a in attempts if not a.ok][:5]
-        with contextlib.suppress(LabError, OSError):
-            status_s = lab.colo_status("secondary")
-            say(f"secondary QEMU after failover: {status_s}")
-        result.memcheck = memcheck_summary(vms.console(lab.paths, "secondary")[console_mark:])
-        say(f"the guest's memory checker on the SVM since the kill: {result.memcheck}")
-        if lab.disk:
-            from coloproxy.lab import diskcheck
-
-            since = vms.console(lab.paths, "secondary")[console_mark:]
-            result.diskcheck = diskcheck.diskcheck_summary(since)
-            say(f"the guest's disk checker on the SVM since the kill: {result.diskcheck}")
-            if acked and not result.disk:
-                try:
-                    check = diskcheck.disk_verify(GUEST_IPV4, netns=lab.topology.ns("client"))
-                    if check.records >= acked and check.corrupt == 0:
-                        result.disk = (
-                            f"all {acked} acknowledged records read back intact"
-                            f" ({check.records} in the file)"
-                        )
-                    else:
-                        result.disk = (
-                            f"FAILED: {check.records} records ({acked} acknowledged),"
-                            f" {check.corrupt} corrupt, first bad {check.first_bad}"
-                        )
-                except LabError as exc:
-                    result.disk = f"FAILED: reading the records back: {exc}"
-                say(f"the records the client saw acknowledged, on the SVM: {result.disk}")
-    finally:  # whatever failed: no thread or connection of ours outlives the demo
-        if loop is not None:
-            loop.stop()
-        for opened in (echo, fresh):
-            if opened is not None:
-                opened.close()
-        watch.stop()
-    if proxy:
-        with contextlib.suppress(OSError, LabError):
-            result.checkpoints = lab.checkpoints()
-    return result
-
-
-_MEMCHECK = re.compile(rb"memcheck seq=(\d+) steps=\d+ writes=\d+ passes=(\d+) errors=(\d+)")
-
-
-_TCPSTAT = re.compile(rb"tcpstat retrans=(\d+)")
-
-
-def guest_retransmissions(paths: LabPaths, role: str) -> int | None:
-    """The guest's TCP RetransSegs as it last printed it (once a second, guest/init), or None."""
-    found = _TCPSTAT.findall(vms.console(paths, role))
-    return int(found[-1]) if found else None
-
-
-def memcheck_lines(console: bytes) -> list[tuple[int, int, int]]:
-    """The memory checker's status lines (guest/README.md): (seq, passes, errors) each."""
-    return [(int(m[1]), int(m[2]), int(m[3])) for m in _MEMCHECK.finditer(console)]
-
-
-def memcheck_summary(console: bytes) -> str:
-    """What the guest's memory checker printed: lines, passes, errors."""
-    found = memcheck_lines(console)
-    trouble = [word.decode() for word in vms.KERNEL_TROUBLE if word in console]
-    if not found:
-        return "no status line" + (f"; kernel: {', '.join(trouble)}" if trouble else "")
-    errors = max(line[2] for line in found)
-    text = (
-        f"seq {found[0][0]}..{found[-1][0]}, {found[-1][1] - found[0][1]} more full passes, "
-        f"{errors} errors"
-    )
-    return text + (f"; kernel: {', '.join(trouble)}" if trouble else "")
-
-
-def _progress_while(lab: Lab, loop: ClientLoop, seconds: float) -> None:
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(min(5.0, max(0.0, end - time.monotonic())))
-        attempts = list(loop.attempts)
-        ok = sum(1 for a in attempts if a.ok)
-        bad = len(attempts) - ok
-        lab.progress(f"  client: {ok} requests served, {bad} failed")
-
-
-def _pause_figures(pauses: list[float]) -> str:
-    if not pauses:
-        return "none"
-    ordered = sorted(pauses)
-    p50 = ordered[len(ordered) // 2]
-    return f"p50 {p50:.1f} ms, max {ordered[-1]:.1f} ms"
-
-
-def _reasons(counts: dict[str, int]) -> str:
-    reasons = {k: v for k, v in counts.items() if k != "completed"}
-    shown = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none requested"
-    return f"requested: {shown}; completed: {counts.get('completed', 0)}"
-
-
-def _wiring(qemu_filters: bool, chardev: bool) -> str:
-    if qemu_filters:
-        return "QEMU's own filters and colo-compare"
-    if chardev:
-        return "QEMU's filters and coloproxy's chardev transport"
-    return "coloproxy"
-
-
-def format_summary(result: DemoResult, lab: Lab) -> str:
-    state = lab.state
-    lines = ["", "== coloproxy lab demo: summary"]
-    if state is not None:
-        lines.append(
-            f"network by           {_wiring(state.qemu_filters, state.chardev)}"
-            f" (COLO driven by {state.driver}), accel {state.accel}"
-        )
-        for name, value in state.timings.items():
-            lines.append(f"{name:<20} {value:.1f} s")
-    lines.append(f"requests served      {result.served}")
-    lines.append(f"requests failed      {result.failed}")
-    lines.extend(f"  failed: {failure}" for failure in result.failures)
-    if result.checkpoints:
-        lines.append(f"checkpoints (proxy)  {_reasons(result.checkpoints)}")
-    if result.engine_checkpoints:
-        shown = ", ".join(f"{k} {v}" for k, v in sorted(result.engine_checkpoints.items()))
-        lines.append(f"checkpoints (engine) {shown} (before the kill)")
-    lines.append(
-        f"checkpoints (QEMU)   {len(result.pauses_ms)} before the kill, "
-        f"pause {_pause_figures(result.pauses_ms)}"
-    )
-    gap = "not measured" if result.gap_s is None else f"{result.gap_s * 1000:.0f} ms"
-    lines.append(f"failover gap         {gap} (last success before the kill -> first after)")
-    if result.echo:
-        lines.append(f"echo connection      {result.echo}")
-    if result.echo_fresh:
-        lines.append(f"echo, newest         {result.echo_fresh} (opened after the last checkpoint)")
-    if result.memcheck:
-        lines.append(f"SVM memory checker   {result.memcheck}")
-    if result.diskcheck:
-        lines.append(f"SVM disk checker     {result.diskcheck}")
-    if result.disk:
-        lines.append(f"acknowledged records {result.disk}")
-    if result.worst_latency_s is not None:
-        lines.append(f"slowest request      {result.worst_latency_s * 1000:.0f} ms around the kill")
-    return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# --qemu-filters: the lab drives COLO itself (no daemon, QEMU's colo-compare decides)
-
-
-async def lab_bring_up_colo(
-    primary: Monitor, secondary: Monitor, uri: str, period_ms: int, timeout: float
-) -> float:
-    """Enable x-colo, migrate, wait until both QEMUs are in COLO; seconds from migrate.
-
-    The lab's own bring-up, for ``--qemu-filters`` (no coloproxy daemon, so no engine); with
-    our proxy the engine does this (``engine.migrate_uri``, ``engine.bring_up``).
-    """
-    caps = [{"capability": "x-colo", "state": True}]
-    await primary.execute("migrate-set-capabilities", {"capabilities": caps})
-    if await vms.qemu_version(primary) >= (8, 1):  # QEMU 8.1 wants it on the secondary too
-        await secondary.execute("migrate-set-capabilities", {"capabilities": caps})
-    await primary.execute("migrate-set-parameters", {"x-checkpoint-delay": period_ms})
-    started = time.monotonic()
-    await primary.execute("migrate", {"uri": uri})
-    while True:
-        modes = (await vms.colo_mode(primary), await vms.colo_mode(secondary))
-        if modes == ("primary", "secondary"):
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            info = await primary.execute("query-migrate")
-            raise LabError(
-                f"no COLO within {timeout:.0f} s after migrate: modes {modes}, "
-                f"migration {info.get('status')}"
-            )
-        await asyncio.sleep(0.05)
-
-
-class QemuFiltersDriver:
-    """Brings up and fails over a pair wired with QEMU's own filters (COLO-FT.txt).
-
-    colo-compare asks for checkpoints inside QEMU, so this only enters COLO
-    (:func:`lab_bring_up_colo`) and, when a QEMU's QMP connection drops (it exited or was
-    killed), runs COLO-FT.txt's failover on the survivor. It sees local QEMUs only: no
-    heartbeat, no lost host with a running QEMU; the engine does that for our proxy.
-    """
-
-    def __init__(self, paths: LabPaths, prefix: str) -> None:
-        self.paths = paths
-        self.topology = Topology(prefix, guests="tap")
-        self.primary = Monitor("primary", paths.qmp_socket("primary"))
-        self.secondary = Monitor("secondary", paths.qmp_socket("secondary"))
-        self.failed_over = False
-
-    async def run(self) -> None:
-        await self.primary.connect()
-        await self.secondary.connect()
-        took = await lab_bring_up_colo(
-            self.primary, self.secondary, migrate_uri(), PERIOD_MS, COLO_TIMEOUT_S
-        )
-        log.info("COLO reached %.2f s after migrate", took)
-        await asyncio.gather(self._watch("primary"), self._watch("secondary"))
-
-    async def _watch(self, role: str) -> None:
-        monitor = self.primary if role == "primary" else self.secondary
-        await monitor.closed.wait()
-        if self.failed_over:
-            return
-        self.failed_over = True
-        survivor = self.secondary if role == "primary" else self.primary
-        log.warning("the %s QEMU is gone: failover to the %s", role, survivor.role)
-        started = time.monotonic()
-        if survivor is self.primary:
-            for name in ("comp0", "iothread1", "m0", "redire0", "redire1"):
-                with contextlib.suppress(LabError):
-                    await survivor.execute("object-del", {"id": name})
-            await survivor.execute("x-colo-lost-heartbeat")
-        else:
-            await survivor.execute("x-colo-lost-heartbeat")
-            for name in ("f2", "f1"):  # the redirectors to a primary that is gone
-                with contextlib.suppress(LabError):
-                    await survivor.execute("object-del", {"id": name})
-            await asyncio.to_thread(self._attach_secondary_to_lan)
-            with contextlib.suppress(LabError):
-                await survivor.execute(
-                    "announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-                )
-        log.info("failover done in %.3f s", time.monotonic() - started)
-
-    def _attach_secondary_to_lan(self) -> None:
-        """Host S's guest port into its LAN bridge (no daemon: the topology's names)."""
-        self.topology.exec("hs", ["ip", "link", "set", GUEST_PORT, "master", LAN_BRIDGE, "up"])
-
-
-def run_qemu_filters_driver(run_dir: Path) -> int:
-    """The driver of a ``--qemu-filters`` lab, as a process of its own."""
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    paths = LabPaths(run_dir)
-    state = LabState.load(paths)
-    driver = QemuFiltersDriver(paths, state.prefix if state else DEFAULT_PREFIX)
-    try:
-        asyncio.run(driver.run())
-    except LabError as exc:
-        log.error("%s", exc)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":  # python3 -m coloproxy.lab.lab filters-driver RUN_DIR
-    if len(sys.argv) == 3 and sys.argv[1] == "filters-driver":
-        sys.exit(run_qemu_filters_driver(Path(sys.argv[2])))
-    print("usage: python3 -m coloproxy.lab.lab filters-driver RUN_DIR")
-    sys.exit(2)
 
 
 def _write_key(path: Path) -> None:

@@ -68,12 +68,17 @@ def _read_info(path: Path) -> dict[str, str]:
     return info
 
 
-def _qemu_dir() -> Path:
-    current = cache_dir() / "qemu" / "current"
+def _current_build(kind: str, what: str) -> tuple[Path, dict[str, str]]:
+    """``<cache>/<kind>/current`` and its BUILD-INFO; LabNotBuiltError naming the script."""
+    current = cache_dir() / kind / "current"
     info_path = current / "BUILD-INFO"
     if not info_path.is_file():
-        raise LabNotBuiltError(f"no QEMU build in {current}: run qemu/build.sh (as root)")
-    info = _read_info(info_path)
+        raise LabNotBuiltError(f"no {what} in {current}: run {kind}/build.sh (as root)")
+    return current, _read_info(info_path)
+
+
+def _qemu_dir() -> Path:
+    current, info = _current_build("qemu", "QEMU build")
     series = info.get("patch_series", "")
     patch_dir = repo_root() / "qemu" / "patches" / series
     if patch_dir.is_dir():
@@ -135,11 +140,7 @@ def qemu_firmware_dir() -> Path:
 
 
 def guest_dir() -> Path:
-    current = cache_dir() / "guest" / "current"
-    info_path = current / "BUILD-INFO"
-    if not info_path.is_file():
-        raise LabNotBuiltError(f"no guest image in {current}: run guest/build.sh (as root)")
-    info = _read_info(info_path)
+    current, info = _current_build("guest", "guest image")
     guest_src = repo_root() / "guest"
     data = b"".join((guest_src / name).read_bytes() for name in ("build.sh", "init", "cpx.c"))
     data += (info.get("busybox_static", "") + "\n").encode()

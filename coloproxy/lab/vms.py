@@ -54,7 +54,7 @@ from typing import Any
 from coloproxy.engine.disk import DiskSettings, drive_argv
 from coloproxy.errors import ColoproxyError
 from coloproxy.lab import qemu as build
-from coloproxy.lab.configs import DISK_FS_MIB, DISK_SIZE_MIB, NBD_PORT, LabPaths
+from coloproxy.lab.configs import DISK_FS_MIB, DISK_SIZE_MIB, FILTER_PORTS, NBD_PORT, LabPaths
 from coloproxy.lab.topology import (
     GUEST_IPV4,
     GUEST_IPV6,
@@ -69,12 +69,9 @@ log = logging.getLogger(__name__)
 ROLES = ("primary", "secondary")
 HOST_OF = {"primary": "hp", "secondary": "hs"}
 READY_LINE = b"coloproxy-guest: ready"
-# With QEMU's own filters: the primary listens for the secondary's two redirectors on its
-# replication address (COLO-FT.txt's 9003/9004), and loops its compare chardevs on loopback.
-FILTER_PORTS = {"mirror": 7793, "compare_secondary": 7794, "compare_primary": 7795, "out": 7796}
-# What a guest kernel prints when its memory went bad (with `quiet` only these get through).
 # The guest's disk checker writes this many bytes per second (guest/init's default).
 DISK_RATE = 65536
+# What a guest kernel prints when its memory went bad (with `quiet` only these get through).
 KERNEL_TROUBLE = (b"Kernel panic", b"BUG: ", b"Oops", b"general protection fault")
 
 
@@ -500,7 +497,6 @@ async def qemu_version(monitor: Monitor) -> tuple[int, int]:
 
 
 __all__ = [
-    "FILTER_PORTS",
     "HOST_OF",
     "KERNEL_TROUBLE",
     "ROLES",

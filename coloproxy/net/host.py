@@ -59,13 +59,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from coloproxy.errors import UsageError
 from coloproxy.net import NetError
 from coloproxy.net.netns import read_sysctl, run_command, write_sysctl
-from coloproxy.net.rules import (
-    LinkNames,
-    QueueNumbers,
-    Role,
-    RuleSet,
-    check_interface_name,
-)
+from coloproxy.net.rules import LinkNames, QueueNumbers, RuleSet, check_interface_name
+from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,11 @@ the function creates belongs to the namespace for good: a socket created in the 
 in the namespace when it is used from another thread later, so tests create a socket with
 ``run_in(ns, socket.socket, ...)`` and use it from the main thread. ``/proc/sys/net`` is
 resolved per thread as well, so :func:`read_sysctl` and :func:`write_sysctl` inside
-``run_in`` see the namespace's values. Subprocesses started in the thread would inherit it,
-but :func:`popen` and :func:`run` use ``ip netns exec`` instead, which also remounts ``/sys``
-for the namespace (``/sys/class/net`` then lists its links).
+``run_in`` see the namespace's values. ``/proc/net`` is not: it is a link to
+``/proc/self/net``, the namespace of the process's main thread, so code inside ``run_in``
+reads ``/proc/thread-self/net`` instead (``capture/stats.py`` does). Subprocesses started in
+the thread would inherit it, but :func:`popen` and :func:`run` use ``ip netns exec`` instead,
+which also remounts ``/sys`` for the namespace (``/sys/class/net`` then lists its links).
 
 We chose a thread over a child process because results and exceptions come back as they
 are (no pickling: sockets, pyroute2 objects) and starting one costs microseconds.
@@ -135,11 +137,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"  # a zombie is dead; its parent has not reaped it yet
 
 
-def run_in(name: str, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+def run_in(name: str | None, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Call ``function(*args, **kwargs)`` in a new thread inside namespace ``name``.
 
-    Returns what it returns and raises what it raises (in the caller's thread).
+    Returns what it returns and raises what it raises (in the caller's thread). With ``name``
+    None the call happens here, in the calling thread and its namespace: for callers whose
+    namespace is optional (a queue bound in the lab's router, or in the daemon's own).
     """
+    if name is None:
+        return function(*args, **kwargs)
     path = _path(name)
     result: list[T] = []
     failure: list[BaseException] = []

@@ -36,9 +36,9 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from enum import StrEnum
 
 from coloproxy.errors import UsageError
+from coloproxy.role import Role
 
 # Linux interface names are at most 15 bytes (IFNAMSIZ 16 with the NUL).
 IFNAMSIZ_MAX = 15
@@ -53,11 +53,6 @@ CHAIN_PREFIX = "CP-"
 # quotes or anything a shell or iptables would interpret. A conservative alphabet.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 QUEUE_MAX = 0xFFFF  # NFQUEUE queue numbers are 16 bits
-
-
-class Role(StrEnum):
-    PRIMARY = "primary"
-    SECONDARY = "secondary"
 
 
 def _check_name(what: str, value: str, limit: int) -> None:

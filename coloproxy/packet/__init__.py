@@ -16,7 +16,7 @@ from coloproxy.packet.parse import (
     parse_ethernet,
     parse_ip,
 )
-from coloproxy.packet.rewrite import ShiftResult, ShiftStatus, shift_tcp_ack, shift_tcp_seq
+from coloproxy.packet.shift import ShiftResult, ShiftStatus, shift_tcp_ack, shift_tcp_seq
 
 __all__ = [
     "ChecksumForm",

@@ -1,15 +1,14 @@
 """Control protocol (pure, sans-IO): the messages between the proxy and its clients.
 
-See :mod:`coloproxy.protocol.messages` and docs/control-protocol.md.
+See :mod:`coloproxy.protocol.messages` (the messages), :mod:`coloproxy.protocol.codec` (JSON
+lines), :mod:`coloproxy.protocol.rules` (who may send what) and docs/control-protocol.md.
 """
 
+from coloproxy.protocol.codec import Decoder, ProtocolError, decode_line, encode, to_json
 from coloproxy.protocol.messages import (
-    CLIENT_MAY_SEND,
     KINDS,
     MAX_MESSAGE_BYTES,
-    NEEDS_ENGINE_CREDENTIALS,
     PROTOCOL_VERSION,
-    PUSH_TO,
     SUPPORTED_VERSIONS,
     Ack,
     AttachLan,
@@ -19,15 +18,13 @@ from coloproxy.protocol.messages import (
     CheckpointRequest,
     CheckpointStarted,
     ClientRole,
-    Decoder,
+    Command,
     ErrorCode,
     ErrorReply,
     Failover,
     Hello,
     Message,
     Mode,
-    ProtocolError,
-    ProxyRole,
     Push,
     Reply,
     Reprotect,
@@ -36,10 +33,12 @@ from coloproxy.protocol.messages import (
     Status,
     StatusRequest,
     Welcome,
+)
+from coloproxy.protocol.rules import (
+    CLIENT_MAY_SEND,
+    NEEDS_ENGINE_CREDENTIALS,
+    PUSH_TO,
     choose_version,
-    decode_line,
-    encode,
-    to_json,
 )
 
 __all__ = [
@@ -58,6 +57,7 @@ __all__ = [
     "CheckpointRequest",
     "CheckpointStarted",
     "ClientRole",
+    "Command",
     "Decoder",
     "ErrorCode",
     "ErrorReply",
@@ -66,7 +66,6 @@ __all__ = [
     "Message",
     "Mode",
     "ProtocolError",
-    "ProxyRole",
     "Push",
     "Reply",
     "Reprotect",

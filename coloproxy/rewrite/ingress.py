@@ -29,7 +29,7 @@ from enum import StrEnum
 
 from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Malformed, Packet, parse_ip
-from coloproxy.packet.rewrite import ShiftResult, ShiftStatus, shift_tcp_ack
+from coloproxy.packet.shift import ShiftResult, ShiftStatus, shift_tcp_ack
 
 # (guest address, guest port, peer address, peer port, vlan) -> (secondary ISN - primary ISN,
 # secondary TSval - primary TSval), or None while the connection's ISNs are not both known
@@ -95,7 +95,7 @@ class IngressRewriter:
         )
 
 
-# An in-place TCP shift of coloproxy.packet.rewrite, its offsets bound.
+# An in-place TCP shift of coloproxy.packet.shift, its offsets bound.
 Shift = Callable[[bytearray, Packet, ChecksumForm], ShiftResult]
 
 

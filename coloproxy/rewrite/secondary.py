@@ -81,7 +81,7 @@ from coloproxy.packet.parse import (
     Packet,
     parse_ip,
 )
-from coloproxy.packet.rewrite import shift_tcp_seq
+from coloproxy.packet.shift import shift_tcp_seq
 from coloproxy.rewrite.ingress import IngressRewriter, RewriteOutcome, RewriteStatus, shifted_copy
 
 # A connection learnt and not yet closed costs one entry; 65 536 is far above what one guest

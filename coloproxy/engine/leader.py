@@ -6,7 +6,7 @@ The Patroni way: one key per pair in a quorum service (etcd here), held by the h
 may serve, attached to a lease with a TTL that the holder keeps renewing. The quorum service
 decides who holds the key; each daemon decides, by its *own* clock, whether it may still act
 as the holder. :class:`LeaderKey` is that decision, one per daemon; the shell
-(:mod:`coloproxy.engine.runner`) carries out its actions against a :class:`LeaderStore`
+(:mod:`coloproxy.engine.leadership`) carries out its actions against a :class:`LeaderStore`
 (:mod:`coloproxy.engine.quorum`: etcd) and feeds the outcomes back, with ``now`` from its
 monotonic clock. Nothing here reads a clock or touches a socket.
 

@@ -37,7 +37,7 @@ from coloproxy.packet.checksum import (
     update16,
     update32,
 )
-from coloproxy.packet.rewrite import ShiftResult, ShiftStatus, shift_tcp_ack, shift_tcp_seq
+from coloproxy.packet.shift import ShiftResult, ShiftStatus, shift_tcp_ack, shift_tcp_seq
 
 V4_GUEST, V4_PEER = "192.0.2.10", "198.51.100.20"
 V6_GUEST, V6_PEER = "2001:db8::10", "2001:db8:1::20"
