@@ -18,8 +18,9 @@ What this buys over netfilterqueue, measured in ``bench/nfqueue_bench.py``:
   segments. Such packets may carry partial checksums (NFQA_SKB_CSUMNOTREADY): fine for
   accept and drop, not for a payload rewrite (the kernel marks a rewritten packet
   CHECKSUM_NONE and sends the partial checksum as it is), so S-in keeps GSO off.
-* **Fewer verdict syscalls.** Verdicts given during a wake-up (or in one loop iteration
-  after it) go out in one ``send()``, except those of its first two packets, which go at
+* **Fewer verdict syscalls.** Verdicts given during a wake-up (of this queue or of another
+  member of its ``WakeGroup``; outside any, in one loop iteration after) go out in one
+  ``send()``, except those of its first two packets, which go at
   once for latency (see ``_EAGER_VERDICTS``): nfnetlink processes every message of a
   datagram in turn. When they form a run of one kind in ascending id order and no other delivered
   packet is still undecided, the run becomes one NFQNL_MSG_VERDICT_BATCH, which decides
