@@ -51,6 +51,11 @@ if _target and b"coloproxy" in _command and b"run" in _command:
         ("coloproxy.engine.runner", "EngineRunner", "_fire", "engine timers (heartbeat send)"),
         ("coloproxy.engine.peer", "HeartbeatPeer", "_received", "heartbeat received"),
         ("coloproxy.net.leasegate", "LeaseGate", "_run", "lease gate (nftables)"),
+        # Per checkpoint (the synchronous parts: the JSON and QMP reading around them run in
+        # coroutines, which these clocks cannot isolate).
+        ("coloproxy.engine.runner", "EngineRunner", "_on_event", "engine: QMP event"),
+        ("coloproxy.engine.runner", "EngineRunner", "_on_push", "engine: proxy push"),
+        ("coloproxy.daemon.primary", "PrimaryProxy", "report_started", "proxy: ckpt started"),
     )
     for module_name, class_name, attribute, label in _POINTS:
         try:
