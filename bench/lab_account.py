@@ -5,9 +5,11 @@ Like bench/lab_cpu.py (the lab, ``--clients`` loops requesting ``/index.html`` o
 connections for ``--seconds``), but the daemons run with bench/account_site on their
 PYTHONPATH: its sitecustomize wraps the per-packet entry points (queue wake-up, verdict
 send, recvmmsg, comparator.feed, proxy events, host S's rewrite) and the background ones
-(engine timers, heartbeats, the lease gate) with ``time.thread_time`` clocks, counted only
-during the load. Prints, per daemon, its process CPU and main-thread CPU per request and each
-entry point's CPU per request, calls per request and CPU per call. Entry points nest (a
+(engine timers, heartbeats, the lease gate), the per-checkpoint ones (QMP events, the
+proxy's pushes and report checks) and the garbage collector with ``time.thread_time``
+clocks, counted only during the load. Prints, per daemon, its process CPU and main-thread
+CPU per request and each entry point's CPU per request, calls per request, CPU per call and
+CPU per second. Entry points nest (a
 wake-up holds its packets' comparator feeds and verdict sends); what no entry point covers is
 the event loop itself, the gRPC client of the quorum and the control/QMP traffic. The
 wrappers cost about a microsecond a call. Needs root; it never asserts.

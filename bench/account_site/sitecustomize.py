@@ -75,6 +75,24 @@ if _target and b"coloproxy" in _command and b"run" in _command:
     except (ImportError, AttributeError):
         pass
 
+    import gc
+
+    _gc_started = [0.0]
+
+    def _gc_clock(phase: str, info: dict[str, int]) -> None:
+        # The garbage collector, by generation: it runs inside whatever allocated last, so
+        # its time is also in that entry point's.
+        if not _on[0]:
+            return
+        if phase == "start":
+            _gc_started[0] = _clock()
+        else:
+            label = f"gc generation {info.get('generation', '?')}"
+            _seconds[label] += _clock() - _gc_started[0]
+            _calls[label] += 1
+
+    gc.callbacks.append(_gc_clock)
+
     def _begin(*_args: object) -> None:
         _seconds.clear()
         _calls.clear()
