@@ -9,10 +9,10 @@ send, recvmmsg, comparator.feed, proxy events, host S's rewrite) and the backgro
 proxy's pushes and report checks) and the garbage collector with ``time.thread_time``
 clocks, counted only during the load. Prints, per daemon, its process CPU and main-thread
 CPU per request and each entry point's CPU per request, calls per request, CPU per call and
-CPU per second. Entry points nest (a
-wake-up holds its packets' comparator feeds and verdict sends); what no entry point covers is
-the event loop itself, the gRPC client of the quorum and the control/QMP traffic. The
-wrappers cost about a microsecond a call. Needs root; it never asserts.
+CPU per second. Entry points nest (a wake-up holds its packets' comparator feeds and verdict
+sends); what no entry point covers is the event loop itself, the gRPC client of the quorum
+and the control/QMP traffic. The wrappers cost about a microsecond a call. Needs root; it
+never asserts.
 
     python3 bench/lab_account.py [--seconds 12] [--clients 4]
 """
