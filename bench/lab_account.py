@@ -5,12 +5,14 @@ Like bench/lab_cpu.py (the lab, ``--clients`` loops requesting ``/index.html`` o
 connections for ``--seconds``), but the daemons run with bench/account_site on their
 PYTHONPATH: its sitecustomize wraps the per-packet entry points (queue wake-up, verdict
 send, recvmmsg, comparator.feed, proxy events, host S's rewrite) and the background ones
-(engine timers, heartbeats, the lease gate) with ``time.thread_time`` clocks, counted only
-during the load. Prints, per daemon, its process CPU and main-thread CPU per request and each
-entry point's CPU per request, calls per request and CPU per call. Entry points nest (a
-wake-up holds its packets' comparator feeds and verdict sends); what no entry point covers is
-the event loop itself, the gRPC client of the quorum and the control/QMP traffic. The
-wrappers cost about a microsecond a call. Needs root; it never asserts.
+(engine timers, heartbeats, the lease gate), the per-checkpoint ones (QMP events, the
+proxy's pushes and report checks) and the garbage collector with ``time.thread_time``
+clocks, counted only during the load. Prints, per daemon, its process CPU and main-thread
+CPU per request and each entry point's CPU per request, calls per request, CPU per call and
+CPU per second. Entry points nest (a wake-up holds its packets' comparator feeds and verdict
+sends); what no entry point covers is the event loop itself, the gRPC client of the quorum
+and the control/QMP traffic. The wrappers cost about a microsecond a call. Needs root; it
+never asserts.
 
     python3 bench/lab_account.py [--seconds 12] [--clients 4]
 """
@@ -77,15 +79,19 @@ def main() -> int:
             print(f"{role}: no figures (did the daemon get SIGUSR2?)")
             continue
         print(
-            f"{role} daemon: process {figures['process'] / served * 1e3:.3f} ms/request,"
+            f"{role} daemon: process {figures['process'] / served * 1e3:.3f} ms/request"
+            f" ({figures['process'] / elapsed * 1e3:.1f} ms/s),"
             f" main thread {figures['main_thread'] / served * 1e3:.3f} ms/request"
         )
         seconds, calls = figures["seconds"], figures["calls"]
+        # ms/s: the background (timers, heartbeats, the lease gate) does not depend on the
+        # request rate, so per second it compares across runs that served different rates.
         for label in sorted(seconds, key=lambda name: -seconds[name]):
             print(
                 f"  {label:32} {seconds[label] / served * 1e3:6.3f} ms/request"
                 f" {calls[label] / served:6.1f} calls/request"
                 f" {seconds[label] / calls[label] * 1e6:7.1f} us/call"
+                f" {seconds[label] / elapsed * 1e3:6.2f} ms/s"
             )
     return 0
 

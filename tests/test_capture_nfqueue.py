@@ -31,7 +31,7 @@ from coloproxy.capture import (
     open_queue,
     read_queue_stats,
 )
-from coloproxy.capture.netlink import NetlinkQueue, _ascending
+from coloproxy.capture.netlink import NetlinkQueue, WakeGroup, _ascending
 from coloproxy.capture.netlink_codec import NF_ACCEPT, build_verdict
 from coloproxy.config import Transport
 from coloproxy.errors import InputError, UsageError
@@ -491,14 +491,15 @@ async def test_one_wakeup_delivers_at_most_batch_packets_with_one_clock(
 
 @pytest.mark.root
 @pytest.mark.asyncio
-@pytest.mark.parametrize("decide", ["drop", "hold", "accept"])
+@pytest.mark.parametrize("decide", ["drop", "hold", "accept", "accept-no-replies"])
 async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
     queued: Lab, udp: Udp, decide: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One packet per wake-up (the lab's regime): after a receive that returned fewer packets
     # than it asked for, reading again finds something only if our own verdicts made it come:
-    # accepts can (the receiver's immediate answer), drops and no verdict cannot. Each wasted
-    # receive is a syscall per packet.
+    # accepts can (the receiver's immediate answer), drops and no verdict cannot, nor accepts
+    # on a queue configured to get no replies (the daemon's). Each wasted receive is a
+    # syscall per packet.
     import coloproxy.capture.netlink as netlink
 
     calls: list[int] = []
@@ -517,12 +518,13 @@ async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
         assert queue is not None
         if decide == "drop":
             queue.drop(handle)
-        elif decide == "accept":
+        elif decide.startswith("accept"):
             queue.accept(handle)
         else:
             held.append(handle)
 
-    queue = open_queue(config(queued), on_packet, Transport.NETLINK)
+    replies_here = decide != "accept-no-replies"
+    queue = open_queue(config(queued, replies_here=replies_here), on_packet, Transport.NETLINK)
     try:
         for index in range(20):
             udp.send(b"%d" % index)
@@ -531,8 +533,11 @@ async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
         counters = queue.counters()
         assert counters.received == 20
         per_wakeup = len(calls) / counters.wakeups
-        if decide == "accept":
-            assert per_wakeup >= 2  # the read after the eager flush stays
+        if decide.startswith("accept"):
+            if replies_here:
+                assert per_wakeup >= 2  # the read after the eager flush stays
+            else:
+                assert per_wakeup == 1, calls
             assert [await receive(udp.rx) for _ in range(20)] == [b"%d" % i for i in range(20)]
         else:
             assert per_wakeup == 1, calls
@@ -543,6 +548,63 @@ async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
         await settle(lambda: read_queue_stats(netns=queued.router)[QUEUE].queue_total == 0)
     finally:
         queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+async def test_netlink_a_wake_group_sends_a_siblings_verdicts_at_the_end_of_the_wakeup(
+    queued: Lab, udp: Udp
+) -> None:
+    # Host P's shape: a packet read on one queue (S-out) decides one held on another (P-out).
+    # In a WakeGroup that verdict goes out when the reader ends, not in a loop callback
+    # scheduled after it, and after_wakeup runs once per wake-up.
+    loop = asyncio.get_running_loop()
+    group = WakeGroup()
+    wakeups: list[int] = []
+    group.after_wakeup = lambda: wakeups.append(1)
+    held_tcp: list[Any] = []
+    sends_seen: list[int] = []
+    udp_queue: NetlinkQueue | None = None
+    tcp_queue: NetlinkQueue | None = None
+
+    def on_tcp(handle: Any, payload: bytes, now: float) -> None:
+        assert tcp_queue is not None
+        if not held_tcp:
+            held_tcp.append(handle)  # the SYN, held
+        else:
+            tcp_queue.accept(handle)  # the RST that answers it, and anything after
+
+    def on_udp(handle: Any, payload: bytes, now: float) -> None:
+        assert udp_queue is not None and tcp_queue is not None
+        udp_queue.drop(handle)
+        if held_tcp and not sends_seen:
+            # Scheduled before the verdict: it sees the verdict sent only if the wake-up
+            # sent it itself.
+            loop.call_soon(lambda: sends_seen.append(tcp_queue.counters().verdict_sends))
+            tcp_queue.accept(held_tcp[0])
+
+    tcp_queue = NetlinkQueue(config(queued, TCP_QUEUE, replies_here=False), on_tcp, group)
+    udp_queue = NetlinkQueue(config(queued, replies_here=False), on_udp, group)
+    tcp_queue.open()
+    udp_queue.open()
+    client = queued.socket(queued.client, socket.SOCK_STREAM)
+    try:
+        connecting = loop.create_task(loop.sock_connect(client, (SERVER, TCP_PORT)))
+        await settle(lambda: bool(held_tcp))
+        assert tcp_queue.counters().verdict_sends == 0
+        udp.send(b"go")
+        await settle(lambda: bool(sends_seen))
+        assert sends_seen == [1]
+        # The SYN went on: the server (no listener) answers with a RST, refused.
+        with pytest.raises(ConnectionRefusedError):
+            async with asyncio.timeout(5):
+                await connecting
+        assert len(wakeups) == tcp_queue.counters().wakeups + udp_queue.counters().wakeups
+        assert tcp_queue.counters().kernel_errors == udp_queue.counters().kernel_errors == 0
+    finally:
+        client.close()
+        udp_queue.close()
+        tcp_queue.close()
 
 
 @pytest.mark.root

@@ -149,3 +149,16 @@ def test_another_target_takes_the_timer_over() -> None:
     timers.target = None
     loop.run_soon()
     assert loop.armed() == []
+
+
+def test_settle_looks_at_the_deadline_at_once_without_a_loop_callback() -> None:
+    # The netlink queues' WakeGroup calls settle() at the end of a wake-up: the timer is
+    # armed before the wake-up returns, and no call_soon is spent on it.
+    target = Deadlines(2.0)
+    timers, loop = pump(target)
+    target.deadlines = [1.0]
+    timers.settle()
+    assert loop.soon == []
+    assert loop.armed() == [1.0]
+    timers.settle()  # unchanged: the armed timer stays
+    assert loop.armed() == [1.0] and timers.due == 1.0

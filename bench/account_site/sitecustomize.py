@@ -51,6 +51,11 @@ if _target and b"coloproxy" in _command and b"run" in _command:
         ("coloproxy.engine.runner", "EngineRunner", "_fire", "engine timers (heartbeat send)"),
         ("coloproxy.engine.peer", "HeartbeatPeer", "_received", "heartbeat received"),
         ("coloproxy.net.leasegate", "LeaseGate", "_run", "lease gate (nftables)"),
+        # Per checkpoint (the synchronous parts: the JSON and QMP reading around them run in
+        # coroutines, which these clocks cannot isolate).
+        ("coloproxy.engine.runner", "EngineRunner", "_on_event", "engine: QMP event"),
+        ("coloproxy.engine.runner", "EngineRunner", "_on_push", "engine: proxy push"),
+        ("coloproxy.daemon.primary", "PrimaryProxy", "report_started", "proxy: ckpt started"),
     )
     for module_name, class_name, attribute, label in _POINTS:
         try:
@@ -69,6 +74,24 @@ if _target and b"coloproxy" in _command and b"run" in _command:
         _netlink._recvmmsg = _recvmmsg
     except (ImportError, AttributeError):
         pass
+
+    import gc
+
+    _gc_started = [0.0]
+
+    def _gc_clock(phase: str, info: dict[str, int]) -> None:
+        # The garbage collector, by generation: it runs inside whatever allocated last, so
+        # its time is also in that entry point's.
+        if not _on[0]:
+            return
+        if phase == "start":
+            _gc_started[0] = _clock()
+        else:
+            label = f"gc generation {info.get('generation', '?')}"
+            _seconds[label] += _clock() - _gc_started[0]
+            _calls[label] += 1
+
+    gc.callbacks.append(_gc_clock)
 
     def _begin(*_args: object) -> None:
         _seconds.clear()

@@ -9,7 +9,7 @@ the other way in: QEMU's chardev sockets instead of NFQUEUE (docs/chardev.md), e
 """
 
 from coloproxy.capture.libnfq import NfQueue
-from coloproxy.capture.netlink import NetlinkQueue
+from coloproxy.capture.netlink import NetlinkQueue, WakeGroup
 from coloproxy.capture.queue import (
     OnPacket,
     PacketQueue,
@@ -31,6 +31,7 @@ __all__ = [
     "QueueError",
     "QueueState",
     "QueueStats",
+    "WakeGroup",
     "open_queue",
     "parse_queue_stats",
     "read_queue_stats",

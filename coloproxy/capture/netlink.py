@@ -18,8 +18,9 @@ What this buys over netfilterqueue, measured in ``bench/nfqueue_bench.py``:
   segments. Such packets may carry partial checksums (NFQA_SKB_CSUMNOTREADY): fine for
   accept and drop, not for a payload rewrite (the kernel marks a rewritten packet
   CHECKSUM_NONE and sends the partial checksum as it is), so S-in keeps GSO off.
-* **Fewer verdict syscalls.** Verdicts given during a wake-up (or in one loop iteration
-  after it) go out in one ``send()``, except those of its first two packets, which go at
+* **Fewer verdict syscalls.** Verdicts given during a wake-up (of this queue or of another
+  member of its ``WakeGroup``; outside any, in one loop iteration after) go out in one
+  ``send()``, except those of its first two packets, which go at
   once for latency (see ``_EAGER_VERDICTS``): nfnetlink processes every message of a
   datagram in turn. When they form a run of one kind in ascending id order and no other delivered
   packet is still undecided, the run becomes one NFQNL_MSG_VERDICT_BATCH, which decides
@@ -44,6 +45,7 @@ import itertools
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from coloproxy.capture.netlink_codec import (
@@ -190,6 +192,31 @@ def _ascending(ids: list[int]) -> bool:
     return all(earlier < later for earlier, later in itertools.pairwise(ids))
 
 
+class WakeGroup:
+    """Queues whose verdicts go out together at the end of any member's wake-up.
+
+    A packet read on one queue may decide packets of another (host P: the secondary's copy on
+    S-out releases the primary's on P-out). Alone, such a verdict waits for a loop callback
+    of its own (``call_soon``) after the wake-up; in a group, the reader that is running
+    sends every member's verdicts when it ends, and ``after_wakeup`` (set by the consumer:
+    the daemon re-arms its timer pump there) runs once per wake-up instead of once per
+    packet. Verdicts given outside any wake-up are scheduled as before.
+    """
+
+    __slots__ = ("active", "after_wakeup", "members")
+
+    def __init__(self, after_wakeup: Callable[[], None] | None = None) -> None:
+        self.active = False  # a member's reader (or bind handshake) is running
+        self.after_wakeup = after_wakeup
+        self.members: list[NetlinkQueue] = []
+
+    def flush(self) -> None:
+        """Send every member's pending verdicts."""
+        for queue in self.members:
+            if queue._run or queue._out:
+                queue._flush()
+
+
 class NetlinkQueue(QueueBase):
     """One NFQUEUE over a raw netlink socket, on the running asyncio loop.
 
@@ -201,8 +228,12 @@ class NetlinkQueue(QueueBase):
 
     transport = Transport.NETLINK
 
-    def __init__(self, config: QueueConfig, on_packet: OnPacket) -> None:
+    def __init__(
+        self, config: QueueConfig, on_packet: OnPacket, group: WakeGroup | None = None
+    ) -> None:
         super().__init__(config, on_packet)
+        self._group = group if group is not None else WakeGroup()
+        self._group.members.append(self)
         self._sock: socket.socket | None = None
         self._buf = bytearray(_RECV_SIZE)  # for the bind handshake
         self._view = memoryview(self._buf)
@@ -213,7 +244,6 @@ class NetlinkQueue(QueueBase):
         self._run: list[int] = []
         self._run_verdict = NF_ACCEPT
         self._out = bytearray()
-        self._in_reader = False
         self._flush_scheduled = False
         self._seq = 0
         self._acks: dict[int, int] = {}
@@ -288,7 +318,8 @@ class NetlinkQueue(QueueBase):
         seq = NLMSGHDR.unpack_from(message, 0)[3]
         sock.settimeout(timeout)
         sock.send(message)
-        self._in_reader = True
+        group = self._group
+        was_active, group.active = group.active, True
         try:
             while seq not in self._acks:
                 try:
@@ -301,7 +332,7 @@ class NetlinkQueue(QueueBase):
                     raise
                 self._dispatch_slow(self._view[:size], self._loop.time())
         finally:
-            self._in_reader = False
+            group.active = was_active
         error = self._acks.pop(seq)
         if error:
             raise OSError(error, errno.errorcode.get(error, str(error)))
@@ -357,15 +388,19 @@ class NetlinkQueue(QueueBase):
         batch = self._config.batch
         run = self._run
         out = self._out
+        replies_here = self._config.replies_here
+        group = self._group
         delivered = 0
         drained = False  # the last receive returned fewer packets than it asked for
-        self._in_reader = True
+        group.active = True
         try:
             while delivered < batch:
                 if 0 < delivered <= _EAGER_VERDICTS and (run or out):
                     # Accepts sent now may bring an answer to this socket at once (see
-                    # _EAGER_VERDICTS): read again for it. Drops bring nothing back.
-                    answerable = bool(out) or self._run_verdict != NF_DROP
+                    # _EAGER_VERDICTS): read again for it. Drops bring nothing back, nor
+                    # does anything on a queue whose packets go where no answer comes
+                    # back to it (QueueConfig.replies_here).
+                    answerable = replies_here and (bool(out) or self._run_verdict != NF_DROP)
                     self._flush()
                     if drained and not answerable:
                         break
@@ -414,12 +449,15 @@ class NetlinkQueue(QueueBase):
                     delivered += 1
                     on_packet(packet_id, payload, now)
         finally:
-            self._in_reader = False
-            if delivered:
-                self._received += delivered
-                self._wakeups += 1
-            if self._run or self._out:
-                self._flush()
+            try:
+                if delivered:
+                    self._received += delivered
+                    self._wakeups += 1
+                    if group.after_wakeup is not None:
+                        group.after_wakeup()
+            finally:
+                group.active = False
+                group.flush()
 
     # -- verdicts --------------------------------------------------------------------------
 
@@ -445,7 +483,7 @@ class NetlinkQueue(QueueBase):
         else:
             self._encode_run()
             self._out += self._codec.accept_with_payload(handle, payload)
-        if not self._in_reader and not self._flush_scheduled:
+        if not self._group.active and not self._flush_scheduled:
             self._schedule_flush()
 
     def requeue(self, handle: Any, queue_num: int) -> None:
@@ -459,7 +497,7 @@ class NetlinkQueue(QueueBase):
             return
         self._encode_run()
         self._out += build_verdict(self._config.queue_num, handle, NF_QUEUE | queue_num << 16)
-        if not self._in_reader and not self._flush_scheduled:
+        if not self._group.active and not self._flush_scheduled:
             self._schedule_flush()
 
     def drop(self, handle: Any) -> None:
@@ -472,7 +510,7 @@ class NetlinkQueue(QueueBase):
             self._encode_run()
             self._run_verdict = NF_DROP
         self._run.append(handle)
-        if not self._in_reader and not self._flush_scheduled:
+        if not self._group.active and not self._flush_scheduled:
             self._schedule_flush()
 
     def _unknown(self, handle: Any) -> None:

@@ -127,6 +127,13 @@ class QueueConfig:
     # Bind in this named network namespace (``ip netns``) instead of ours: for the lab and the
     # tests, where each "host" is a namespace. The socket stays in it; the process does not.
     netns: str | None = None
+    # Whether forwarding an accepted packet can bring its answer to this same queue while
+    # the verdict is being sent (the receiver a kernel stack that answers in our context, as
+    # in bench/nfqueue_bench.py): the netlink reader then reads once more after the first
+    # accepts of a wake-up. The daemon's queues say no: their packets go to a VM (a QEMU
+    # process answers later, on its own) or leave the host, and the answers reach other
+    # queues or none, so that read would be a receive syscall for nothing.
+    replies_here: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.queue_num <= 0xFFFF:

@@ -10,7 +10,7 @@ interface of ``queue.py``:
 from __future__ import annotations
 
 from coloproxy.capture.libnfq import NfQueue
-from coloproxy.capture.netlink import NetlinkQueue
+from coloproxy.capture.netlink import NetlinkQueue, WakeGroup
 from coloproxy.capture.queue import OnPacket, PacketQueue, QueueConfig
 from coloproxy.config import Transport
 from coloproxy.errors import InputError
@@ -22,8 +22,10 @@ def open_queue(
     config: QueueConfig,
     on_packet: OnPacket,
     transport: Transport | str = Transport.NETLINK,
+    group: WakeGroup | None = None,
 ) -> PacketQueue:
     """Build and open the queue of ``transport``; call from the running loop's thread.
+    ``group``: the netlink queues whose verdicts go out together (ignored by netfilterqueue).
 
     The default is the netlink transport: it measured faster without GSO (batched verdicts,
     recvmmsg) and is the only one that can take GSO packets (bench/nfqueue_README.md).
@@ -35,7 +37,7 @@ def open_queue(
         raise InputError(f"unknown capture transport {transport!r} (known: {known})") from exc
     queue: PacketQueue
     if kind is Transport.NETLINK:
-        queue = NetlinkQueue(config, on_packet)
+        queue = NetlinkQueue(config, on_packet, group)
     else:
         queue = NfQueue(config, on_packet)
     queue.open()

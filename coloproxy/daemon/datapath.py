@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import cast
 
 from coloproxy.capture.chardev import ChardevTransport
-from coloproxy.capture.netlink import NetlinkQueue
-from coloproxy.capture.queue import PacketQueue, QueueConfig
+from coloproxy.capture.netlink import NetlinkQueue, WakeGroup
+from coloproxy.capture.queue import OnPacket, PacketQueue, QueueConfig
 from coloproxy.capture.stats import read_queue_stats
 from coloproxy.capture.transports import open_queue
 from coloproxy.compare import Comparator, CompareConfig
@@ -99,24 +99,23 @@ class DataPath:
         )
         poke = self.pump.poke
         recorder = self.recorder
-
-        def primary(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_primary(handle, payload, now)
-            poke()
-
-        def secondary(handle: object, payload: bytes, now: float) -> None:
-            proxy.on_secondary(handle, payload, now)
-            poke()
-
-        if recorder is not None:
+        # Netlink: the three queues' verdicts go out together at the end of any one's
+        # wake-up, the pump looks at the proxy's deadline once per wake-up, and the queues
+        # call the proxy directly. netfilterqueue (or --record): a poke after every packet.
+        group = WakeGroup(self.pump.settle) if netlink else None
+        primary: OnPacket = proxy.on_primary
+        secondary: OnPacket = proxy.on_secondary
+        if recorder is not None or group is None:
 
             def primary(handle: object, payload: bytes, now: float) -> None:
-                recorder.write("primary", payload)
+                if recorder is not None:
+                    recorder.write("primary", payload)
                 proxy.on_primary(handle, payload, now)
                 poke()
 
             def secondary(handle: object, payload: bytes, now: float) -> None:
-                recorder.write("secondary", payload)
+                if recorder is not None:
+                    recorder.write("secondary", payload)
                 proxy.on_secondary(handle, payload, now)
                 poke()
 
@@ -124,12 +123,12 @@ class DataPath:
             primary(_SplitSegment(handle), payload, now)
 
         # Whole GSO packets: these verdicts carry no new payload (bench/nfqueue_README.md).
-        primary_out = self._open_queue(queues.primary_out, primary, gso=True)
-        secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True)
+        primary_out = self._open_queue(queues.primary_out, primary, gso=True, group=group)
+        secondary_out = self._open_queue(queues.secondary_out, secondary, gso=True, group=group)
         if netlink:
             # No rule feeds this queue: only P-out's Split verdicts, whose GSO packets the
             # kernel cuts into segments on the way in (no GSO flag here).
-            split = self._open_queue(queues.primary_split, split_segment, gso=False)
+            split = self._open_queue(queues.primary_split, split_segment, gso=False, group=group)
             proxy.bind(_SplittingOut(primary_out, split), secondary_out)
         else:
             proxy.bind(primary_out, secondary_out)
@@ -191,7 +190,9 @@ class DataPath:
         self._queue_metrics(
             {queues.secondary_in: "secondary-in", queues.secondary_egress: "secondary-egress"}
         )
-        # Never GSO here: rewritten packets go back with complete checksums.
+        # Never GSO here: rewritten packets go back with complete checksums. Nothing on these
+        # two queues decides the other's packets and the proxy's deadline moves only on the
+        # engine's reports (poked there): no group.
         to_guest = self._open_queue(queues.secondary_in, proxy.on_to_guest, gso=False)
         from_guest = self._open_queue(queues.secondary_egress, proxy.on_from_guest, gso=False)
         proxy.bind(to_guest, from_guest)
@@ -205,7 +206,12 @@ class DataPath:
         return queues
 
     def _open_queue(
-        self, number: int, callback: Callable[[object, bytes, float], None], *, gso: bool
+        self,
+        number: int,
+        callback: Callable[[object, bytes, float], None],
+        *,
+        gso: bool,
+        group: WakeGroup | None = None,
     ) -> PacketQueue:
         queues = self.state.config.queues
         assert queues is not None
@@ -216,8 +222,12 @@ class DataPath:
             copy_range=queues.copy_range,
             rcvbuf=queues.rcvbuf,
             gso=netlink and gso,
+            # P-out's packets leave the host, S-out's are dropped, S-in's and egress's go
+            # into or come from a VM: no answer ever comes back to the same queue during a
+            # verdict's send.
+            replies_here=False,
         )
-        queue = open_queue(queue_config, callback, queues.transport)
+        queue = open_queue(queue_config, callback, queues.transport, group)
         self.queues.append(queue)
         return queue
 

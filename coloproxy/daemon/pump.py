@@ -67,6 +67,11 @@ class TimerPump:
             self._rearm_pending = True
             self._loop.call_soon(self._rearm)
 
+    def settle(self) -> None:
+        """Look at the target's deadline now: at the end of a queue's wake-up, in place of a
+        poke per packet (the netlink queues' ``WakeGroup.after_wakeup``)."""
+        self._rearm()
+
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
