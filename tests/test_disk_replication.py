@@ -271,9 +271,15 @@ class Records:
         return check
 
 
-def _checker_errors(lab: Lab, role: str) -> int:
-    lines = diskcheck.diskcheck_lines(vms.console(lab.paths, role))
-    assert lines, f"no disk checker line on {role}'s console"
+def _checker_errors(lab: Lab, role: str, timeout: float = 20.0) -> int:
+    """The most errors any of the guest's disk checker lines on ``role``'s console reports.
+    A QEMU started by a reprotect has a console of its own: the migrated guest's checker
+    prints its first line there within a status interval, seconds under TCG on a busy
+    machine (a CI run with a lab benchmark beside it read the console before it had)."""
+    deadline = time.monotonic() + timeout
+    while not (lines := diskcheck.diskcheck_lines(vms.console(lab.paths, role))):
+        assert time.monotonic() < deadline, f"no disk checker line on {role}'s console"
+        time.sleep(0.2)
     return max(line.errors for line in lines)
 
 
