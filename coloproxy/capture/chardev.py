@@ -16,9 +16,10 @@ Each connection gets a fresh decoder: a frame cut by a disconnection is reported
 dropped at once (the sender starts a fresh stream on its next one) and, on an input, a
 checkpoint is asked for.
 
-Per receive: one ``loop.time()``, the decoder cuts the frames, the primary's are stored under
-fresh integer tokens and handed to the proxy in one batch (``on_primary(tokens, packets,
-now)``), the secondary's likewise (token None: nothing of them is kept). The proxy answers
+Per receive: one ``loop.time()``, the decoder cuts the frames (in place: offsets into the
+received bytes, no copy), the primary's are held where they lie under fresh integer tokens
+and handed to the proxy in one batch (``on_primary(tokens, frames, now)``), the secondary's
+likewise (token None: nothing of them is kept). The proxy answers
 through the transport itself (its P-out verdicts): ``accept(token)`` queues that frame,
 re-framed with its vnet header, for outdev; the queue is written once per event-loop
 iteration. The secondary's verdicts are all drops and cost nothing.
@@ -51,7 +52,7 @@ import grp
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, cast
 
 from coloproxy.capture.chardev_link import ChardevError, Link, LinkFigures
 from coloproxy.compare.relay import HeldFrames
@@ -81,6 +82,9 @@ OUTDEV: Final = "outdev"
 NOTIFY: Final = "notify"
 
 
+# (tokens, packets, now). The packets are a ``Frames``: a sequence of bytes (each packet copied
+# when indexed), read in place by ``Comparator.feed_many``. (daemon/datapath.py's callbacks
+# still say list[bytes]; they only iterate it and hand it to ``feed_many``.)
 OnFrames = Callable[[Sequence[object], list[bytes], float], None]
 
 
@@ -217,30 +221,32 @@ class ChardevTransport:
     # -- input -----------------------------------------------------------------------------
 
     def _primary_data(self, data: bytes) -> None:
-        decoded = self._primary_decoder.feed(data)
+        # The frames stay where they came (Frames: offsets into ``data``): held in place,
+        # compared in place, written out as they came (compare/relay.py).
+        frames = self._primary_decoder.cut(data)
         figures = self.primary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
-        packets = decoded.packets
-        if packets:
-            tokens = self._frames.hold(packets, decoded.vnet_headers)
-            figures.frames_in += len(packets)
-            self._on_primary(tokens, packets, now)
+        count = len(frames)
+        if count:
+            tokens = self._frames.hold_frames(frames)
+            figures.frames_in += count
+            self._on_primary(tokens, cast(list[bytes], frames), now)
         # After the frames: those that came whole before a desync are held like any.
-        if decoded.events:
-            self._problems(self.primary_in, decoded.events, now)
+        if frames.events:
+            self._problems(self.primary_in, frames.events, now)
 
     def _secondary_data(self, data: bytes) -> None:
-        decoded = self._secondary_decoder.feed(data)
+        frames = self._secondary_decoder.cut(data)
         figures = self.secondary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
-        packets = decoded.packets
-        if packets:
-            figures.frames_in += len(packets)
-            self._on_secondary([None] * len(packets), packets, now)
-        if decoded.events:
-            self._problems(self.secondary_in, decoded.events, now)
+        count = len(frames)
+        if count:
+            figures.frames_in += count
+            self._on_secondary([None] * count, cast(list[bytes], frames), now)
+        if frames.events:
+            self._problems(self.secondary_in, frames.events, now)
 
     def _primary_ended(self) -> None:
         self._input_ended(self.primary_in, self._primary_decoder)
