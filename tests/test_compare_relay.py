@@ -10,6 +10,7 @@ from coloproxy.compare import Comparator, CompareConfig, Side, relay
 from coloproxy.compare.events import CheckpointNeeded, Reason
 from coloproxy.compare.relay import HeldFrames
 from coloproxy.compare.verdicts import Drop, Release
+from coloproxy.errors import UsageError
 from coloproxy.protocol.colo_frames import FrameDecoder, Frames, encode_frame, encode_frames
 from tests.craft import ACK, SYN, stream, tcp
 
@@ -223,3 +224,22 @@ def test_feed_many_reads_frames_in_place_as_it_reads_a_list() -> None:
     assert [event.token for event in results[0] if isinstance(event, Release)] == list(
         range(len(primary))
     )
+
+
+def test_held_frames_are_the_proxys_verdicts_and_say_when_output_waits() -> None:
+    """accept queues like release but raises for a frame not held; drop always raises (a
+    primary frame is never dropped); on_queued fires when the empty queue gets a frame."""
+    held = HeldFrames()
+    woken: list[int] = []
+    held.on_queued = lambda: woken.append(held.queued_frames)
+    tokens = held.hold_frames(_cut(encode_frames([b"a" * 10, b"b" * 20, b"c" * 30])))
+    held.accept(tokens[0])
+    held.accept(tokens[1])
+    assert woken == [1]  # once for the batch, not per frame
+    with pytest.raises(UsageError):
+        held.accept(tokens[0])  # twice
+    with pytest.raises(UsageError):
+        held.drop(tokens[2])
+    assert held.take() == encode_frames([b"a" * 10, b"b" * 20])
+    held.accept(tokens[2])
+    assert woken == [1, 1]

@@ -16,7 +16,9 @@ write. A receive buffer stays referenced while one of its frames is held; past
 buffer let go, so that what is kept stays bounded by what is held.
 
 ``hold(packets, headers)`` holds packets given one by one (framed then, copied);
-``release(token)`` queues one for output and returns whether it was held;
+``release(token)`` queues one for output and returns whether it was held (``accept``, the
+same raising when nothing is held, makes a ``HeldFrames`` the proxy's P-out verdicts; the
+shell learns of a first queued frame from ``on_queued``);
 ``release_events(events)`` does that for every ``Release`` among a ``feed``'s events and
 returns how many other events (neither ``Release`` nor ``Drop``: checkpoint requests,
 malformed packets) it saw, so that a shell looks at events only when there is more than
@@ -26,9 +28,11 @@ verdicts; ``take()`` returns the queued output as one bytes object.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Final
 
 from coloproxy.compare.verdicts import Drop, Release
+from coloproxy.errors import UsageError
 from coloproxy.protocol.colo_frames import Frames
 
 _LENGTH: Final = struct.Struct("!I")
@@ -76,6 +80,9 @@ class HeldFrames:
         self.queued_frames = 0  # released, not yet taken
         self.queued_bytes = 0
         self.unknown = 0  # releases of tokens not held (never, unless a shell is wrong)
+        # Called when a release makes the empty queue non-empty (the shell schedules its
+        # write then: once per batch of releases, not per frame).
+        self.on_queued: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         return len(self._framed) + self._held
@@ -180,7 +187,7 @@ class HeldFrames:
                 self._close_run()
                 self._out.append(wire)
                 self.queued_bytes += len(wire)
-                self.queued_frames += 1
+                self._queued_one()
                 return True
         batch = self._find(token)
         if batch is None:
@@ -196,7 +203,6 @@ class HeldFrames:
         self._held -= 1
         bounds = batch.bounds
         self.queued_bytes += bounds[index + 1] - bounds[index]
-        self.queued_frames += 1
         if batch is self._run and index == self._run_end:
             self._run_end = index + 1
         else:
@@ -206,7 +212,22 @@ class HeldFrames:
             self._run_end = index + 1
         if not batch.held:
             self._drop_batch(batch)
+        self._queued_one()
         return True
+
+    def _queued_one(self) -> None:
+        self.queued_frames += 1
+        if self.queued_frames == 1 and self.on_queued is not None:
+            self.on_queued()
+
+    def accept(self, handle: object, payload: bytes | None = None) -> None:
+        """The proxy released the primary frame ``handle``: queue it (the P-out ``Verdicts``
+        of a frame-relaying shell, called per released frame, compiled)."""
+        if not self.release(handle):
+            raise UsageError(f"release of frame {handle!r}, which is not held")
+
+    def drop(self, handle: object) -> None:
+        raise UsageError("a frame-relaying shell never drops a primary frame (I2)")
 
     def _drop_batch(self, batch: _Batch) -> None:
         """``batch`` holds nothing any more (its buffer may still be in a queued run)."""
