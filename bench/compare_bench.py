@@ -297,8 +297,9 @@ def _serve_ours(
         from coloproxy.protocol.colo_frames import FrameDecoder
 
         # What the chardev transport does per receive, with the same compiled pieces: cut
-        # the frames (FrameDecoder), hold the primary's under fresh tokens (HeldFrames),
-        # feed the batch, queue the released frames framed, write them once per pass.
+        # the frames in place (FrameDecoder.cut), hold the primary's where they lie under
+        # fresh tokens (HeldFrames.hold_frames), feed the batch, queue the released frames as
+        # they came (runs of them as slices of the receive), write them once per pass.
         decoders = {primary_in: FrameDecoder(), secondary_in: FrameDecoder()}
         held = HeldFrames()
         open_inputs = [primary_in, secondary_in]
@@ -315,9 +316,9 @@ def _serve_ours(
                 if not got:
                     open_inputs.remove(sock)
                     continue
-                frames = decoders[sock].feed(got).packets
+                frames = decoders[sock].cut(got)
                 if sock is primary_in:
-                    tokens: Sequence[object] = held.hold(frames)
+                    tokens: Sequence[object] = held.hold_frames(frames)
                     side = primary_side
                 else:
                     tokens = [None] * len(frames)  # the secondary's: nothing to keep

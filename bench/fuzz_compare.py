@@ -8,10 +8,11 @@ included): TCP connections (several incarnations of one four-tuple, each side cu
 stream its own way, FIN, RST after FIN, urgent data, resends with the same and with other
 bytes), UDP flows, ICMP and ICMPv6 echo sessions, IPv4 fragments; then each side's frames are
 mutated (truncation, flipped bits in headers and payload, reordering, duplication, loss) and
-the two sides interleaved with a random lag. The harness plays the engine: it starts a
-checkpoint some frames after the comparator asks for one (and now and then unasked, as a
-periodic checkpoint would), completes it some frames later, and at the end of each round
-flushes with a last checkpoint.
+the two sides interleaved with a random lag. Half the rounds feed every frame in place, as
+the chardev transport does (``feed_many`` on a ``Frames`` with other bytes around the frame).
+The harness plays the engine: it starts a checkpoint some frames after the comparator asks
+for one (and now and then unasked, as a periodic checkpoint would), completes it some frames
+later, and at the end of each round flushes with a last checkpoint.
 
 What is checked, for every event (the output-commit property):
 
@@ -60,6 +61,7 @@ from coloproxy.compare import (  # noqa: E402
     SecondarySeq,
     Side,
 )
+from coloproxy.protocol.colo_frames import Frames  # noqa: E402
 
 DEFAULT_FRAMES: Final = 1_000_000
 MAX_VIOLATIONS_SHOWN: Final = 10
@@ -763,6 +765,9 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
     ]
     heapq.heapify(pending)
     fed_frames = 0
+    # Half the rounds feed each frame in place, as the chardev transport does: a Frames
+    # (offsets) into a buffer with other bytes before and after it.
+    in_place = rng.random() < 0.5
     while pending:
         at, _, side, frame, tag = heapq.heappop(pending)
         fed_frames += 1
@@ -773,12 +778,23 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
             fed[token] = (frame, meaning_, tag)
             if state != "checkpointing" and not epoch.saturated:
                 reference.primary_fed(meaning_, token, now)
-            check(comparator.feed(side, frame, now, token), False)
+            if in_place:
+                check(
+                    comparator.feed_many(
+                        side, _in_buffer(frame, rng), now, range(token, token + 1)
+                    ),
+                    False,
+                )
+            else:
+                check(comparator.feed(side, frame, now, token), False)
         else:
             if state != "checkpointing":
                 if type(meaning_) is not Piece or not epoch.saturated:
                     reference.secondary(meaning_, tag, now, frame)
-            check(comparator.feed(side, frame, now, None), False)
+            if in_place:
+                check(comparator.feed_many(side, _in_buffer(frame, rng), now, [None]), False)
+            else:
+                check(comparator.feed(side, frame, now, None), False)
         deadline = comparator.get_timer()
         if deadline is not None and deadline <= now:
             check(comparator.handle_timer(now), False)
@@ -798,6 +814,14 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
     result.frames += fed_frames
     result.primary += len(fed)
     result.rounds += 1
+
+
+def _in_buffer(frame: bytes, rng: random.Random) -> Frames:
+    """``frame`` as the one frame of a ``Frames``, with random bytes around it in the buffer
+    (what the comparator must not read: the neighbouring frames of a receive)."""
+    before = rng.randbytes(rng.randint(0, 8))
+    after = rng.randbytes(rng.randint(0, 64))
+    return Frames(before + frame + after, [0, len(before) + len(frame)], [len(before)], False, [])
 
 
 def _secondary_copies_primary(pending: list[Any], now: float, rng: random.Random) -> None:

@@ -7,8 +7,9 @@
 
 Builds a workload, serializes it in colo-compare's framing and cuts it in the feeder's chunks
 (64 schedule entries), then does per chunk what the socket server does per receive: cut the
-frames (``FrameDecoder``), hold the primary's (``HeldFrames``), ``feed_many``, release, join
-the framed output. Prints the CPU time per primary packet (best of ``--runs``, default 3).
+frames in place (``FrameDecoder.cut``), hold the primary's (``HeldFrames.hold_frames``),
+``feed_many``, release, join the output. Prints the CPU time per primary packet (best of
+``--runs``, default 3).
 Under callgrind, the instruction count of a ``--runs 1`` run minus that of ``--setup-only``
 (the same start-up and workload, no loop), divided by the primary packets, is the
 instructions per primary packet:
@@ -61,9 +62,9 @@ def relay(primary_count: int, received: list[tuple[bool, bytes]]) -> float:
     released = others = 0
     started = time.process_time()
     for is_primary, data in received:
-        frames = decoders[is_primary].feed(data).packets
+        frames = decoders[is_primary].cut(data)
         if is_primary:
-            events = comparator.feed_many(Side.PRIMARY, frames, 1.0, held.hold(frames))
+            events = comparator.feed_many(Side.PRIMARY, frames, 1.0, held.hold_frames(frames))
         else:
             events = comparator.feed_many(Side.SECONDARY, frames, 1.0, [None] * len(frames))
         others += held.release_events(events)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from coloproxy.compare import Comparator, CompareConfig, Side
+import struct
+
+import pytest
+
+from coloproxy.compare import Comparator, CompareConfig, Side, relay
 from coloproxy.compare.events import CheckpointNeeded, Reason
 from coloproxy.compare.relay import HeldFrames
 from coloproxy.compare.verdicts import Drop, Release
-from coloproxy.protocol.colo_frames import FrameDecoder, encode_frames
+from coloproxy.errors import UsageError
+from coloproxy.protocol.colo_frames import FrameDecoder, Frames, encode_frame, encode_frames
 from tests.craft import ACK, SYN, stream, tcp
 
 
@@ -94,3 +99,147 @@ def test_requeue_puts_unwritten_output_back_in_front() -> None:
     held.requeue(data, 1)  # the write failed: it goes out first next time
     assert held.queued_frames == 2 and held.queued_bytes == 10
     assert held.take() == encode_frames([b"a", b"b"])
+
+
+# -- frames held in place (hold_frames): what the chardev transport and the bench use ------
+
+
+def _cut(data: bytes, vnet: bool = False) -> Frames:
+    return FrameDecoder(vnet_hdr=vnet).cut(data)
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_frames_held_in_place_go_out_as_they_came_in_release_order(vnet: bool) -> None:
+    packets = [bytes([n]) * (60 + n) for n in range(6)]
+    headers = [bytes([n]) * 12 for n in range(6)] if vnet else None
+    wire = encode_frames(packets, headers)
+    held = HeldFrames(vnet_hdr=vnet)
+    held.hold([b"before"], [b""] if vnet else None)  # one held one by one, token 0
+    tokens = held.hold_frames(_cut(wire, vnet))
+    assert list(tokens) == [1, 2, 3, 4, 5, 6] and len(held) == 7
+    order = [2, 3, 1, 6, 0, 4]  # runs of consecutive tokens, and the one held apart
+    for token in order:
+        assert held.release(token)
+    expected = [b"before" if t == 0 else packets[t - 1] for t in order]
+    expected_headers = [b"" if t == 0 else headers[t - 1] for t in order] if headers else None
+    assert held.queued_frames == 6
+    data = held.take()
+    assert data == encode_frames(expected, expected_headers)
+    assert held.queued_bytes == 0 and len(held) == 1
+    assert held.release(5) and held.take() == encode_frames(
+        [packets[4]], [headers[4]] if headers else None
+    )
+    assert len(held) == 0 and not held.release(5) and held.unknown == 1
+    assert list(held.hold_frames(_cut(wire, vnet))) == [7, 8, 9, 10, 11, 12]  # never reused
+
+
+def test_a_whole_receive_released_in_order_is_written_as_it_came() -> None:
+    wire = encode_frames([b"a" * 100, b"b" * 200, b"c" * 300])
+    held = HeldFrames()
+    tokens = held.hold_frames(_cut(wire))
+    for token in tokens:
+        held.release(token)
+    assert held.take() == wire
+    assert held.queued_bytes == 0 and len(held) == 0
+
+
+def test_a_frame_cut_by_the_stream_is_held_whole() -> None:
+    wire = encode_frames([b"x" * 50, b"y" * 70, b"z" * 30])
+    decoder = FrameDecoder()
+    held = HeldFrames()
+    first = held.hold_frames(decoder.cut(wire[:60]))  # x whole, y cut
+    second = held.hold_frames(decoder.cut(wire[60:]))
+    assert list(first) == [0] and list(second) == [1, 2]
+    for token in (2, 0, 1):
+        assert held.release(token)
+    assert held.take() == encode_frames([b"z" * 30, b"x" * 50, b"y" * 70])
+
+
+def test_a_vnet_header_longer_than_its_frame_goes_out_as_hold_would_frame_it() -> None:
+    bad = struct.pack("!II", 5, 9) + b"12345"  # vnet header length 9 > 5 bytes of data
+    wire = encode_frame(b"ok-1", bytes(12)) + bad + encode_frame(b"ok-2", bytes(12))
+    frames = _cut(wire, vnet=True)
+    assert [event.problem.value for event in frames.events] == ["vnet-header-too-long"]
+    held = HeldFrames(vnet_hdr=True)
+    held.hold_frames(frames)
+    assert len(held) == 3
+    for token in (0, 1, 2):
+        assert held.release(token)
+    reference = HeldFrames(vnet_hdr=True)
+    decoded = FrameDecoder(vnet_hdr=True).feed(wire)
+    reference.hold(decoded.packets, decoded.vnet_headers)
+    for token in (0, 1, 2):
+        reference.release(token)
+    assert held.take() == reference.take()
+
+
+def test_held_receive_buffers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past PINNED_LIMIT bytes of receive buffers kept for held frames, the oldest ones'
+    held frames are copied out: a frame held long does not keep its whole receive alive."""
+    monkeypatch.setattr(relay, "PINNED_LIMIT", 1000)
+    held = HeldFrames()
+    receives = [encode_frames([bytes([n]) * 100] * 4) for n in range(6)]  # 416 bytes each
+    for data in receives:
+        held.hold_frames(_cut(data))
+    assert len(held) == 24
+    if relay.__file__ and relay.__file__.endswith(".py"):  # pure: the patched limit applies
+        assert held._pinned <= 1000
+    order = list(range(23, -1, -1))
+    for token in order:
+        assert held.release(token)
+    assert held.take() == b"".join(encode_frame(bytes([t // 4]) * 100) for t in order)
+    assert len(held) == 0 and held.unknown == 0
+
+
+def test_output_not_taken_is_joined_before_it_keeps_many_receives_alive() -> None:
+    held = HeldFrames()
+    expected = []
+    for n in range(relay.MAX_PARTS * 2):
+        tokens = held.hold_frames(_cut(encode_frames([bytes([n % 256]) * 10] * 2)))
+        held.release(tokens[1])  # one at a time, out of order: a run each
+        expected.append(encode_frame(bytes([n % 256]) * 10))
+    assert len(held._out) <= relay.MAX_PARTS + 1
+    assert held.take() == b"".join(expected)
+
+
+def test_feed_many_reads_frames_in_place_as_it_reads_a_list() -> None:
+    data = bytes(range(256)) * 8
+    primary = [tcp(5000, flags=SYN | ACK), *stream(5000, data, [100, 300, 700, 948])]
+    secondary = [tcp(9000, flags=SYN | ACK), *stream(9000, data, [50, 300, 900, 798])]
+    results = []
+    for in_place in (False, True):
+        comparator = Comparator(CompareConfig())
+        events = []
+        for side, frames in ((Side.PRIMARY, primary), (Side.SECONDARY, secondary)):
+            if in_place:
+                cut = _cut(encode_frames(frames))
+                assert list(cut) == frames and cut[1:3] == frames[1:3] and cut[-1] == frames[-1]
+                tokens = range(len(frames)) if side is Side.PRIMARY else [None] * len(frames)
+                events += comparator.feed_many(side, cut, 1.0, tokens)
+            else:
+                tokens = list(range(len(frames))) if side is Side.PRIMARY else [None] * len(frames)
+                events += comparator.feed_many(side, frames, 1.0, tokens)
+        results.append(events)
+    assert results[0] == results[1]
+    assert [event.token for event in results[0] if isinstance(event, Release)] == list(
+        range(len(primary))
+    )
+
+
+def test_held_frames_are_the_proxys_verdicts_and_say_when_output_waits() -> None:
+    """accept queues like release but raises for a frame not held; drop always raises (a
+    primary frame is never dropped); on_queued fires when the empty queue gets a frame."""
+    held = HeldFrames()
+    woken: list[int] = []
+    held.on_queued = lambda: woken.append(held.queued_frames)
+    tokens = held.hold_frames(_cut(encode_frames([b"a" * 10, b"b" * 20, b"c" * 30])))
+    held.accept(tokens[0])
+    held.accept(tokens[1])
+    assert woken == [1]  # once for the batch, not per frame
+    with pytest.raises(UsageError):
+        held.accept(tokens[0])  # twice
+    with pytest.raises(UsageError):
+        held.drop(tokens[2])
+    assert held.take() == encode_frames([b"a" * 10, b"b" * 20])
+    held.accept(tokens[2])
+    assert woken == [1, 1]

@@ -16,11 +16,12 @@ Each connection gets a fresh decoder: a frame cut by a disconnection is reported
 dropped at once (the sender starts a fresh stream on its next one) and, on an input, a
 checkpoint is asked for.
 
-Per receive: one ``loop.time()``, the decoder cuts the frames, the primary's are stored under
-fresh integer tokens and handed to the proxy in one batch (``on_primary(tokens, packets,
-now)``), the secondary's likewise (token None: nothing of them is kept). The proxy answers
-through the transport itself (its P-out verdicts): ``accept(token)`` queues that frame,
-re-framed with its vnet header, for outdev; the queue is written once per event-loop
+Per receive: one ``loop.time()``, the decoder cuts the frames (in place: offsets into the
+received bytes, no copy), the primary's are held where they lie under fresh integer tokens
+and handed to the proxy in one batch (``on_primary(tokens, frames, now)``), the secondary's
+likewise (token None: nothing of them is kept). The proxy answers
+through the held frames (its P-out verdicts, ``HeldFrames.accept``): ``accept(token)``
+queues that frame, as it came, for outdev; the queue is written once per event-loop
 iteration. The secondary's verdicts are all drops and cost nothing.
 
 Output is never lost while coloproxy holds it: released frames wait in our buffer while
@@ -81,7 +82,9 @@ OUTDEV: Final = "outdev"
 NOTIFY: Final = "notify"
 
 
-OnFrames = Callable[[Sequence[object], list[bytes], float], None]
+# (tokens, packets, now). The packets are a ``Frames``: a sequence of bytes (each packet copied
+# when indexed), read in place by ``Comparator.feed_many``.
+OnFrames = Callable[[Sequence[object], Sequence[bytes], float], None]
 
 
 class _SecondaryOut:
@@ -161,9 +164,12 @@ class ChardevTransport:
         # ones not yet written to outdev, framed (bounded by outdev_buffer_bytes): compiled
         # with the comparator (coloproxy/compare/relay.py).
         self._frames = HeldFrames(vnet)
+        self._frames.on_queued = self._queued
         self._writable = True
         self._flush_pending = False
-        self.primary_verdicts = self
+        # The proxy's P-out verdicts: ``HeldFrames.accept`` itself (compiled, per released
+        # frame), which calls ``_queued`` when the first frame waits for outdev.
+        self.primary_verdicts = self._frames
         self.secondary_verdicts = _SecondaryOut()
 
     # -- life cycle ------------------------------------------------------------------------
@@ -217,30 +223,36 @@ class ChardevTransport:
     # -- input -----------------------------------------------------------------------------
 
     def _primary_data(self, data: bytes) -> None:
-        decoded = self._primary_decoder.feed(data)
+        # The frames stay where they came (Frames: offsets into ``data``): held in place,
+        # compared in place, written out as they came (compare/relay.py).
+        frames = self._primary_decoder.cut(data)
         figures = self.primary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
-        packets = decoded.packets
-        if packets:
-            tokens = self._frames.hold(packets, decoded.vnet_headers)
-            figures.frames_in += len(packets)
-            self._on_primary(tokens, packets, now)
+        count = len(frames)
+        if count:
+            tokens = self._frames.hold_frames(frames)
+            figures.frames_in += count
+            self._on_primary(tokens, frames, now)
+            if self._frames.queued_frames:  # (still waiting: flush checks the bound again)
+                self._queued()
         # After the frames: those that came whole before a desync are held like any.
-        if decoded.events:
-            self._problems(self.primary_in, decoded.events, now)
+        if frames.events:
+            self._problems(self.primary_in, frames.events, now)
 
     def _secondary_data(self, data: bytes) -> None:
-        decoded = self._secondary_decoder.feed(data)
+        frames = self._secondary_decoder.cut(data)
         figures = self.secondary_in.figures
         figures.bytes_in += len(data)
         now = self._loop.time()
-        packets = decoded.packets
-        if packets:
-            figures.frames_in += len(packets)
-            self._on_secondary([None] * len(packets), packets, now)
-        if decoded.events:
-            self._problems(self.secondary_in, decoded.events, now)
+        count = len(frames)
+        if count:
+            figures.frames_in += count
+            self._on_secondary([None] * count, frames, now)
+            if self._frames.queued_frames:
+                self._queued()
+        if frames.events:
+            self._problems(self.secondary_in, frames.events, now)
 
     def _primary_ended(self) -> None:
         self._input_ended(self.primary_in, self._primary_decoder)
@@ -299,15 +311,17 @@ class ChardevTransport:
 
     def accept(self, handle: object, payload: bytes | None = None) -> None:
         """The proxy released the primary frame ``handle`` (a token): queue it for outdev.
-        (The transport is the proxy's P-out ``Verdicts``.)"""
-        if not self._frames.release(handle):
-            raise UsageError(f"chardev: release of frame {handle!r}, which is not held")
-        if not self._flush_pending:
-            self._flush_pending = True
-            self._loop.call_soon(self.flush)
+        (What ``primary_verdicts``, the held frames, do; here for callers of the transport.)"""
+        self._frames.accept(handle, payload)
 
     def drop(self, handle: object) -> None:
         raise UsageError("the chardev transport never drops a primary frame (I2)")
+
+    def _queued(self) -> None:
+        """A released frame waits for outdev: write at the end of this loop iteration."""
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what was released to outdev, if it can take it; else keep it (bounded)."""

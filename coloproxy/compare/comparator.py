@@ -76,6 +76,7 @@ from coloproxy.packet.parse import (
     parse_ethernet,
     parse_ip,
 )
+from coloproxy.protocol.colo_frames import Frames
 
 # ICMP and ICMPv6 echo request and reply types: such a flow is keyed by its identifier too.
 _ECHO_TYPES: Final = {PROTO_ICMP: (0, 8), PROTO_ICMPV6: (128, 129)}
@@ -230,17 +231,33 @@ class Comparator:
     def feed(self, side: Side, data: bytes, now: float, token: object = None) -> list[Event]:
         """Feed one guest-egress packet of ``side``; ``token`` comes back in Release/Drop."""
         out: list[Event] = []
+        self._feed_at(side, data, 0, len(data), now, token, out)
+        return out
+
+    def _feed_at(
+        self,
+        side: Side,
+        data: bytes,
+        begin: int,
+        stop: int,
+        now: float,
+        token: object,
+        out: list[Event],
+    ) -> None:
+        """``feed`` the packet ``data[begin:stop]``, events into ``out``."""
         self._book.now = now
-        # The lanes (lanes.py) take most packets while comparing; the rest, and everything
-        # while a checkpoint runs or a bound holds everything, takes the general path.
-        if self._epoch.compares and self._lanes.feed(side, data, now, token, out):
-            return out
+        # The lanes (lanes.py) take most packets while comparing, in place; the rest, and
+        # everything while a checkpoint runs or a bound holds everything, takes the general
+        # path, which parses a copy of the packet alone.
+        if self._epoch.compares and self._lanes.feed(side, data, begin, stop, now, token, out):
+            return
+        if begin or stop != len(data):
+            data = data[begin:stop]
         packet = self._parse(data)
         if side is _PRIMARY:
             self._feed_primary(packet, data, token, now, out)
         else:
             self._feed_secondary(packet, token, now, out)
-        return out
 
     def feed_many(
         self, side: Side, frames: Sequence[bytes], now: float, tokens: Sequence[object]
@@ -249,14 +266,38 @@ class Comparator:
         as many tokens as frames), all at ``now``: the events of every call, concatenated.
 
         For a shell that receives packets in batches: one call per batch instead of one per
-        packet, and one event list to act on.
+        packet, and one event list to act on. ``frames`` may be a
+        :class:`~coloproxy.protocol.colo_frames.Frames` (the chardev framing cut in place):
+        its packets are then read where they lie in the receive buffer, not copied.
         """
         if len(frames) != len(tokens):
             raise UsageError(f"feed_many: {len(frames)} frames but {len(tokens)} tokens")
-        feed = self.feed
         out: list[Event] = []
-        for index in range(len(frames)):
-            out += feed(side, frames[index], now, tokens[index])
+        count: int = len(frames)
+        if isinstance(frames, Frames):
+            data = frames.data
+            bounds = frames.bounds
+            starts = frames.starts
+            if isinstance(tokens, range) and tokens.step == 1:
+                first: int = tokens.start
+                for index in range(count):
+                    self._feed_at(
+                        side, data, starts[index], bounds[index + 1], now, first + index, out
+                    )
+            else:
+                for index in range(count):
+                    self._feed_at(
+                        side, data, starts[index], bounds[index + 1], now, tokens[index], out
+                    )
+            return out
+        if isinstance(frames, list) and isinstance(tokens, list):
+            for index in range(count):
+                packet = frames[index]
+                self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
+            return out
+        for index in range(count):
+            packet = frames[index]
+            self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
         return out
 
     def _feed_primary(

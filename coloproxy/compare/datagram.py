@@ -50,7 +50,7 @@ class DatagramFlow(FlowState):
             return False
         for index, stored in enumerate(self.secondary):
             if stored.data == payload:
-                del self.secondary[index]
+                self.secondary.pop(index)
                 stored.live = False
                 book.stored_bytes -= len(payload)
                 book.bytes_compared += len(payload)

@@ -86,23 +86,36 @@ class Lanes:
             lane = self._tcp if key[0] == PROTO_TCP else self._udp
             lane.pop(found, None)
 
-    def feed(self, side: Side, data: bytes, now: float, token: object, out: list[Event]) -> bool:
-        """Take one packet of ``side`` (events into ``out``) and say True, or say False and
-        leave it to the general path. The comparator calls it only while it compares."""
-        if len(data) < self.min_length:
+    def feed(
+        self,
+        side: Side,
+        data: bytes,
+        begin: int,
+        stop: int,
+        now: float,
+        token: object,
+        out: list[Event],
+    ) -> bool:
+        """Take the packet ``data[begin:stop]`` of ``side`` (events into ``out``) and say True,
+        or say False and leave it to the general path. It is read in place: ``data`` may be a
+        whole receive buffer. The comparator calls it only while it compares."""
+        if stop - begin < self.min_length:
             return False
         # The header fields, read byte by byte into typed locals: compiled (setup.py), machine
         # integers and no object but the key; a struct unpack would make eleven.
-        l3: int = self.l3
+        l3: int = begin + self.l3
         vhl: int = data[l3]
         total: int = (data[l3 + 2] << 8) | data[l3 + 3]
         frag: int = (data[l3 + 6] << 8) | data[l3 + 7]
         proto: int = data[l3 + 9]
         if not (
             vhl == 0x45
-            and (not l3 or (data[12] == _ETHERTYPE_HIGH and data[13] == _ETHERTYPE_LOW))
+            and (
+                l3 == begin
+                or (data[begin + 12] == _ETHERTYPE_HIGH and data[begin + 13] == _ETHERTYPE_LOW)
+            )
             and not frag & 0x3FFF  # neither MF nor a fragment offset
-            and l3 + total <= len(data)
+            and l3 + total <= stop
         ):
             return False
         book = self._book

@@ -772,7 +772,7 @@ class TcpConnection(FlowState):
             first = chunks[0]
             if first.start == start and first.end == end and first.data == data:
                 first.live = False
-                del chunks[0]
+                chunks.pop(0)  # (a native call compiled; del is a generic one)
                 verified.add(start, end)
                 self.kept.add(start, data)
                 book.bytes_compared += end - start
@@ -894,7 +894,7 @@ class TcpConnection(FlowState):
                 # remove [pos, stop) from the other side's chunk
                 if pos == chunk.start and stop == chunk.end:
                     chunk.live = False
-                    del chunks[index]
+                    chunks.pop(index)
                 elif pos == chunk.start:
                     chunk.data = chunk.data[stop - chunk.start :]
                     chunk.start = stop

@@ -37,7 +37,7 @@ from coloproxy.metrics import Metrics
 from coloproxy.rewrite import SecondaryRewriter
 
 # A receive batch of one side of the chardev transport: (tokens, frames, now).
-_BatchFeed = Callable[[Sequence[object], list[bytes], float], None]
+_BatchFeed = Callable[[Sequence[object], Sequence[bytes], float], None]
 
 
 @dataclass(eq=False)
@@ -144,7 +144,7 @@ class DataPath:
         recorder = self.recorder
 
         def batches(side: str, feed: _BatchFeed) -> _BatchFeed:
-            def callback(tokens: Sequence[object], packets: list[bytes], now: float) -> None:
+            def callback(tokens: Sequence[object], packets: Sequence[bytes], now: float) -> None:
                 if recorder is not None:
                     for packet in packets:
                         recorder.write(side, packet)

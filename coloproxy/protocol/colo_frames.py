@@ -25,7 +25,8 @@ and release it unchanged (a primary frame is never dropped: I2).
 
 The decoder returns, per call, the packets to compare (vnet header stripped), the vnet
 headers (only with vnet on; kept for the outdev copy) and the problems, in arrival order
-among themselves. Frames are sliced from the received bytes once (one copy per frame); a
+among themselves; ``FrameDecoder.cut`` returns the same frames without copying them
+(:class:`Frames`: offsets into the received bytes), for the chardev transport's hot path. A
 frame cut by the stream's segmentation waits in a carry buffer for its remainder.
 
 The notify channel (colo-compare's ``notify_dev``, used by Xen's COLO frame) carries the same
@@ -40,9 +41,10 @@ compared exactly, as QEMU's ``packet_matches_str`` does (length and bytes).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, overload
 
 from coloproxy.errors import UsageError
 
@@ -121,6 +123,72 @@ class Decoded(NamedTuple):
     events: list[FrameEvent]
 
 
+class Frames(Sequence[bytes]):
+    """One receive's whole frames, in place: frame ``i`` is ``data[bounds[i]:bounds[i + 1]]``
+    on the wire (length fields, vnet header, packet) and its packet, what is compared, is
+    ``data[starts[i]:bounds[i + 1]]``. Nothing is copied until a packet is asked for
+    (``frames[i]``); the comparator (``Comparator.feed_many``) reads the packets in place and
+    ``HeldFrames.hold_frames`` holds the primary's wire bytes as they came, so that a run of
+    released frames goes out as one slice of ``data`` (the output framing is the input's).
+
+    A sequence of the packets (``len``, ``frames[i]``) for everything else. ``events``: the
+    problems the decoder found in this receive (``FrameDecoder.feed``'s)."""
+
+    __slots__ = ("bounds", "data", "events", "starts", "vnet_hdr")
+
+    def __init__(
+        self,
+        data: bytes,
+        bounds: list[int],
+        starts: list[int],
+        vnet_hdr: bool,
+        events: list[FrameEvent],
+    ) -> None:
+        self.data = data
+        self.bounds = bounds  # len(starts) + 1 offsets: where each frame starts, then the end
+        self.starts = starts
+        self.vnet_hdr = vnet_hdr
+        self.events = events
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        """The packet of frame ``index`` (its vnet header left out), copied."""
+        if isinstance(index, slice):
+            return [self.packet(position) for position in range(len(self.starts))[index]]
+        return self.packet(index)
+
+    def packet(self, index: int) -> bytes:
+        if index < 0:
+            index += len(self.starts)
+        return self.data[self.starts[index] : self.bounds[index + 1]]
+
+    def __iter__(self) -> Iterator[bytes]:
+        for index in range(len(self.starts)):
+            yield self.packet(index)
+
+    def wire(self, index: int) -> bytes:
+        """Frame ``index`` as it came on the wire (length fields included), copied."""
+        return self.data[self.bounds[index] : self.bounds[index + 1]]
+
+    def vnet_header(self, index: int) -> bytes:
+        """The vnet header of frame ``index`` (vnet on; b"" otherwise). A frame whose vnet
+        header length exceeded its data has all of its data here and an empty packet."""
+        if not self.vnet_hdr:
+            return b""
+        return self.data[self.bounds[index] + VNET_HEADER : self.starts[index]]
+
+    def vnet_headers(self) -> list[bytes]:
+        return [self.vnet_header(index) for index in range(len(self.starts))]
+
+
 class FrameDecoder:
     """Cut a byte stream into frames; one decoder per connection.
 
@@ -147,16 +215,25 @@ class FrameDecoder:
     def feed(self, data: bytes) -> Decoded:
         """The frames ``data`` completes, with the problems found on the way. After a
         :class:`Desynchronised` the stream is not read any more: nothing is decoded."""
+        frames = self.cut(data)
+        packets = [frames.packet(index) for index in range(len(frames))]
+        headers = frames.vnet_headers() if self.vnet_hdr else None
+        return Decoded(packets, headers, frames.events)
+
+    def cut(self, data: bytes) -> Frames:
+        """Like :meth:`feed`, without copying: the frames ``data`` completes as offsets into
+        one buffer (``data`` itself unless a frame was carried over from the last call)."""
         events: list[FrameEvent] = []
         if self.desynchronised:
-            return Decoded([], [] if self.vnet_hdr else None, events)
+            return Frames(b"", [0], [], self.vnet_hdr, events)
         if self._carried:
             data = self._carried + data
+        bounds: list[int] = [0]
+        starts: list[int] = []
         if self.vnet_hdr:
-            packets, headers, position, bad = self._vnet(data, events)
+            position, bad = self._vnet(data, bounds, starts, events)
         else:
-            packets, position, bad = self._plain(data)
-            headers = None
+            position, bad = self._plain(data, bounds, starts)
         if bad is not None:
             # Every frame before the bad length is delivered (a primary frame received
             # whole is held, never lost); the rest of what came is of no use.
@@ -168,41 +245,39 @@ class FrameDecoder:
         else:
             self._carried = data[position:] if position < len(data) else b""
         self.offset += position
-        self.frames += len(packets)
-        return Decoded(packets, headers, events)
+        self.frames += len(starts)
+        return Frames(data, bounds, starts, self.vnet_hdr, events)
 
-    def _plain(self, data: bytes) -> tuple[list[bytes], int, int | None]:
-        """Frames from ``data``: (packets, where the first incomplete frame starts, the bad
-        length found there or None)."""
+    def _plain(self, data: bytes, bounds: list[int], starts: list[int]) -> tuple[int, int | None]:
+        """Frames from ``data`` into ``bounds`` and ``starts``: (where the first incomplete
+        frame starts, the bad length found there or None)."""
         # Typed, with the lengths read byte by byte: compiled (setup.py) this is machine
-        # arithmetic and one slice per frame, no object per field (struct would make two).
-        packets: list[bytes] = []
+        # arithmetic, no object per field (struct would make two) and no copy.
         limit: int = self.max_frame
         position: int = 0
         available: int = len(data)
         while position + HEADER <= available:
             length: int = _be32(data, position)
             if length > limit:
-                return packets, position, length
+                return position, length
             end: int = position + HEADER + length
             if end > available:
                 break
-            packets.append(data[position + HEADER : end])
+            starts.append(position + HEADER)
+            bounds.append(end)
             position = end
-        return packets, position, None
+        return position, None
 
     def _vnet(
-        self, data: bytes, events: list[FrameEvent]
-    ) -> tuple[list[bytes], list[bytes], int, int | None]:
-        packets: list[bytes] = []
-        headers: list[bytes] = []
+        self, data: bytes, bounds: list[int], starts: list[int], events: list[FrameEvent]
+    ) -> tuple[int, int | None]:
         limit: int = self.max_frame
         position: int = 0
         available: int = len(data)
         while position + VNET_HEADER <= available:
             length: int = _be32(data, position)
             if length > limit:
-                return packets, headers, position, length
+                return position, length
             vnet_len: int = _be32(data, position + HEADER)
             start: int = position + VNET_HEADER
             end: int = start + length
@@ -210,13 +285,12 @@ class FrameDecoder:
                 break
             if vnet_len > length:
                 events.append(VnetHeaderTooLong(vnet_len, length, self.offset + position))
-                headers.append(data[start:end])
-                packets.append(b"")
+                starts.append(end)  # an empty packet; the whole data is its "header"
             else:
-                headers.append(data[start : start + vnet_len])
-                packets.append(data[start + vnet_len : end])
+                starts.append(start + vnet_len)
+            bounds.append(end)
             position = end
-        return packets, headers, position, None
+        return position, None
 
     def end(self) -> list[FrameEvent]:
         """The stream ended (connection closed): report a cut frame, and start afresh (a new
@@ -341,6 +415,7 @@ __all__ = [
     "FrameDecoder",
     "FrameEvent",
     "FrameProblem",
+    "Frames",
     "NotifyDecoder",
     "NotifyEvent",
     "ProxyInitRequested",
