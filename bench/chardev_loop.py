@@ -118,6 +118,7 @@ def main() -> int:
         import coloproxy.capture.chardev
         import coloproxy.daemon.primary  # noqa: F401  the same imports as a run
 
+        variant.describe()  # imports every compiled module, as the run's last line does
         return 0
     best = min(
         asyncio.run(relay(primary_count, received, args.vnet)) for _ in range(max(1, args.runs))

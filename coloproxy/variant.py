@@ -32,10 +32,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Final
 
-# The modules setup.py compiles (in import order). Not compiled: packet/parse.py (callers pass
-# bytearray or memoryview, which compiled code refuses where the annotation says bytes),
-# events.py and config.py (frozen dataclasses with fields annotated ``object``, which mypyc
-# cannot compile; compiled frozen dataclasses neither copy nor pickle).
+# The modules setup.py compiles (in import order): the comparator, the chardev framing, the
+# packet layer's checksums, TCP options and shifts, host S's rewrites and the two proxies'
+# per-packet pumps (daemon/primary.py, daemon/secondary.py). Not compiled: packet/parse.py
+# (callers pass bytearray or memoryview, which compiled code refuses where the annotation
+# says bytes; compiled modules read Packet.data through packet.checksum.buffer_of for that
+# reason), packet/build.py (not per packet), events.py and config.py (frozen dataclasses
+# with fields annotated ``object``, which mypyc cannot compile; compiled frozen dataclasses
+# neither copy nor pickle).
 COMPILED_MODULES: Final = (
     "coloproxy.seq",
     "coloproxy.compare.verdicts",
@@ -50,6 +54,13 @@ COMPILED_MODULES: Final = (
     "coloproxy.compare.comparator",
     "coloproxy.protocol.colo_frames",
     "coloproxy.compare.relay",
+    "coloproxy.packet.checksum",
+    "coloproxy.packet.options",
+    "coloproxy.packet.shift",
+    "coloproxy.rewrite.ingress",
+    "coloproxy.rewrite.secondary",
+    "coloproxy.daemon.primary",
+    "coloproxy.daemon.secondary",
 )
 # The shared library of the mypyc group (one per build, holds the code of every module).
 GROUP_NAME: Final = "coloproxy._compiled"

@@ -19,10 +19,19 @@ import pytest
 from coloproxy import cli, variant
 
 ROOT = Path(__file__).resolve().parent.parent
-# The comparator's own tests and the framing's: every module setup.py compiles.
+# The tests of every module setup.py compiles: the comparator's, the framing's, the packet
+# layer's, host S's rewrites and the two proxies (coloproxy/variant.py COMPILED_MODULES).
 PURE_TESTS = sorted(
     str(path.relative_to(ROOT))
-    for pattern in ("test_compare*.py", "test_colo_frames.py", "test_chardev.py")
+    for pattern in (
+        "test_compare*.py",
+        "test_colo_frames.py",
+        "test_chardev.py",
+        "test_packet_*.py",
+        "test_rewrite_*.py",
+        "test_daemon_primary.py",
+        "test_daemon_secondary.py",
+    )
     for path in (ROOT / "tests").glob(pattern)
 )
 

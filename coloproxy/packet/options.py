@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from coloproxy.packet.checksum import Buffer, buffer_of
 from coloproxy.packet.parse import PROTO_TCP, Packet
 
 OPTION_EOL: Final = 0
@@ -21,7 +22,7 @@ _TCP_OPTIONS_OFFSET: Final = 20
 _U32: Final = struct.Struct("!I")
 
 
-def find_timestamps(buf: bytes | bytearray, start: int, end: int) -> int | None:
+def find_timestamps(buf: Buffer, start: int, end: int) -> int | None:
     """Offset of the TSval field of the timestamps option in ``buf[start:end]``, or None."""
     offset = start
     while offset < end:
@@ -46,7 +47,8 @@ def timestamps(packet: Packet) -> tuple[int, int] | None:
     """(TSval, TSecr) of a parsed TCP segment, or None when it carries no valid option."""
     if packet.proto != PROTO_TCP or packet.fragment:
         return None
-    found = find_timestamps(packet.data, packet.l4 + _TCP_OPTIONS_OFFSET, packet.payload)
+    data = buffer_of(packet)
+    found = find_timestamps(data, packet.l4 + _TCP_OPTIONS_OFFSET, packet.payload)
     if found is None:
         return None
-    return _U32.unpack_from(packet.data, found)[0], _U32.unpack_from(packet.data, found + 4)[0]
+    return _U32.unpack_from(data, found)[0], _U32.unpack_from(data, found + 4)[0]

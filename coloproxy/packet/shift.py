@@ -51,6 +51,7 @@ from coloproxy.errors import UsageError
 from coloproxy.packet.checksum import (
     TCP_CHECKSUM_OFFSET,
     ChecksumForm,
+    buffer_of,
     classify_checksum,
     fold,
     update16,
@@ -235,10 +236,7 @@ def _check_usage(buf: bytearray, packet: Packet) -> None:
     # Misuse by our own code, not bad input: raise (STYLE rule 4).
     if not isinstance(buf, bytearray):
         raise UsageError(f"TCP rewrite needs a bytearray, got {type(buf).__name__}")
-    # Packet.data is annotated ``bytes`` (the comparator relies on it), so mypy would call a
-    # bytearray identity impossible; parsing a bytearray is supported, so compare as objects.
-    parsed_from: object = packet.data
-    if parsed_from is not buf:
+    if buffer_of(packet) is not buf:
         raise UsageError("the packet was not parsed from this buffer")
     if packet.proto != PROTO_TCP or packet.version not in (4, 6):
         raise UsageError(f"TCP rewrite of a non-TCP packet: {packet!r}")

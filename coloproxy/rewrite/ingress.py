@@ -27,7 +27,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from coloproxy.packet.checksum import ChecksumForm, checksum_field_offset, tcp_udp_checksum
+from coloproxy.packet.checksum import (
+    ChecksumForm,
+    buffer_of,
+    checksum_field_offset,
+    tcp_udp_checksum,
+)
 from coloproxy.packet.parse import PROTO_TCP, TCP_ACK, Malformed, Packet, parse_ip
 from coloproxy.packet.shift import ShiftResult, ShiftStatus, shift_tcp_ack
 
@@ -109,7 +114,7 @@ def shifted_copy(
     becomes the copy, the shift updates its fields), so the caller must not use it after."""
     buffer = bytearray(data)
     packet: Packet | Malformed
-    if parsed is not None and parsed.data is data:
+    if parsed is not None and buffer_of(parsed) is data:
         packet = parsed
         # The parser reads bytearrays alike; Packet.data is annotated bytes for the comparator.
         packet.data = buffer  # type: ignore[assignment]
