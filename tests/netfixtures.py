@@ -11,6 +11,7 @@ on the machine never meet.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import itertools
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import netns as pyroute2_netns
 
 from coloproxy.lab.topology import (
     GUEST_IPV4,
@@ -36,6 +38,7 @@ from coloproxy.lab.topology import (
     GuestMode,
     Topology,
 )
+from coloproxy.net import netns
 from coloproxy.net.host import HostNet
 from coloproxy.net.rules import QueueNumbers
 from coloproxy.role import Role
@@ -67,6 +70,33 @@ def require_root_and_netns() -> None:
         pytest.skip("needs root: creates network namespaces")
     if not Path("/proc/self/ns/net").exists():
         pytest.skip("kernel without network namespaces (/proc/self/ns/net is missing)")
+
+
+CLONE_NEWNET = 0x40000000
+
+
+@contextlib.contextmanager
+def own_netns() -> Iterator[None]:
+    """The calling thread in a network namespace of its own, loopback up, for the block;
+    then back in the one it came from. For tests that run a daemon in-process: what it binds
+    (NFQUEUE numbers, UDP ports) cannot meet another run's. The namespace has no name (no
+    /run/netns entry to leave behind): it goes with its last socket. Threads and processes
+    started inside the block are in it too; only the calling thread comes back."""
+    require_root_and_netns()
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"unshare(CLONE_NEWNET): {os.strerror(error)}")
+        try:
+            netns.run_command(["ip", "link", "set", "lo", "up"])
+            yield
+        finally:
+            # fork=False: setns(2) in this thread; flags=0: never create a namespace
+            pyroute2_netns.setns(home, flags=0, fork=False)
+    finally:
+        os.close(home)
 
 
 # What iproute2 and iptables print when the kernel lacks what a command needs (a link type,

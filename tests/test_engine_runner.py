@@ -1,7 +1,9 @@
 """The engine runner without QEMU: QMP doubles that behave like COLO's two monitors, the
 real control socket, real UDP heartbeats on loopback, and a real secondary ``Daemon`` running
-its engine from the config file. Fast and unprivileged; tests/test_engine_qemu.py does the
-same against real QEMUs.
+its engine from the config file. Fast; tests/test_engine_qemu.py does the same against real
+QEMUs. Each test runs in a network namespace of its own (root): the secondary daemon binds
+its NFQUEUEs (12, 13) and both engines their heartbeat ports there, so concurrent runs never
+meet ("already bound").
 
 The double speaks QMP (greeting, ``qmp_capabilities``, ``execute``/``return``/``error``, events
 with timestamps). ``migrate`` moves both doubles into COLO with the primary's STOP/RESUME;
@@ -18,7 +20,7 @@ import itertools
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -47,10 +49,17 @@ from coloproxy.protocol import (
     StatusRequest,
 )
 from coloproxy.role import Role
+from netfixtures import own_netns
 from test_engine_qemu import ProxyDouble, free_udp_port
 
 PAUSE = 0.003
 LOOPBACK = (ip_address("127.0.0.1"), ip_address("127.0.0.2"))
+
+
+@pytest.fixture(autouse=True)
+def netns_of_its_own() -> Iterator[None]:
+    with own_netns():
+        yield
 
 
 @dataclass
