@@ -795,7 +795,7 @@ async def test_a_timer_run_a_little_early_acts_instead_of_firing_again_and_again
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # uvloop rounds a timer's delay to whole milliseconds and may run it a fraction of a
-    # millisecond before its deadline. The runner must take the deadline as reached: finding
+    # millisecond before its deadline. The runner's pump must take the deadline as reached: finding
     # nothing due and arming the same deadline again made it fire ~25 times per heartbeat in
     # the lab (a busy loop until the clock passed the deadline).
     async with asyncio.timeout(30), world(tmp_path) as w:
@@ -805,14 +805,16 @@ async def test_a_timer_run_a_little_early_acts_instead_of_firing_again_and_again
         assert decider is not None
         due = decider.get_timer()
         assert due is not None
-        if runner._timer is not None:
-            runner._timer.cancel()
-        runner._timer_due = due
+        pump = runner._pump
+        assert pump is not None and pump.target is runner
+        pump.close()
+        pump._timer_due = due
         sent = runner.peer.counters["sent"]
-        monkeypatch.setattr(runner, "_now", lambda: due - 50e-6)  # 50 us early
-        runner._fire()
+        with monkeypatch.context() as patch:
+            patch.setattr(asyncio.get_running_loop(), "time", lambda: due - 50e-6)  # 50 us early
+            pump._fire()
         assert runner.peer.counters["sent"] == sent + 1  # the heartbeat went out
-        assert runner._timer_due > due  # armed for the next deadline, not the same one
+        assert pump.due is not None and pump.due > due  # the next deadline, not the same one
 
 
 @pytest.mark.asyncio

@@ -47,8 +47,13 @@ if _target and b"coloproxy" in _command and b"run" in _command:
         ("coloproxy.daemon.primary", "PrimaryProxy", "_act", "proxy events"),
         ("coloproxy.daemon.secondary", "SecondaryProxy", "on_to_guest", "host S S-in rewrite"),
         ("coloproxy.daemon.secondary", "SecondaryProxy", "on_from_guest", "host S egress"),
-        ("coloproxy.daemon.pump", "TimerPump", "_rearm", "comparator timer rearm"),
-        ("coloproxy.engine.runner", "EngineRunner", "_fire", "engine timers (heartbeat send)"),
+        ("coloproxy.pump", "TimerPump", "_rearm", "comparator timer rearm"),
+        (
+            "coloproxy.engine.runner",
+            "EngineRunner",
+            "handle_timer",
+            "engine timers (heartbeat send)",
+        ),
         ("coloproxy.engine.peer", "HeartbeatPeer", "_received", "heartbeat received"),
         ("coloproxy.net.leasegate", "LeaseGate", "_run", "lease gate (nftables)"),
         # Per checkpoint (the synchronous parts: the JSON and QMP reading around them run in

@@ -22,7 +22,6 @@ from coloproxy.compare import Evidence
 from coloproxy.control.server import ClientInfo, ControlServer, HandlerReply, ProxyIdentity
 from coloproxy.daemon.notify import Notifier
 from coloproxy.daemon.primary import CheckpointRequest
-from coloproxy.daemon.pump import TimerPump
 from coloproxy.daemon.state import DaemonState
 from coloproxy.metrics import Metrics
 from coloproxy.net import NetError
@@ -46,6 +45,7 @@ from coloproxy.protocol import (
 )
 from coloproxy.protocol import CheckpointRequest as WireRequest
 from coloproxy.protocol.messages import MAX_DETAIL, MAX_EVIDENCE_BYTES, StreamOffset
+from coloproxy.pump import TimerPump
 
 # The daemon's log name, as before this moved out of coloproxy/daemon/run.py: journal
 # filters (and scripts/check-systemd-unit) match on it.

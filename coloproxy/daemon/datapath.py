@@ -29,11 +29,11 @@ from coloproxy.capture.transports import open_queue
 from coloproxy.compare import Comparator, CompareConfig
 from coloproxy.config import ChardevConfig, QueuesConfig, Transport
 from coloproxy.daemon.primary import PrimaryProxy, RequestSink
-from coloproxy.daemon.pump import TimerPump
 from coloproxy.daemon.record import Recorder
 from coloproxy.daemon.secondary import SecondaryProxy
 from coloproxy.daemon.state import DaemonState
 from coloproxy.metrics import Metrics
+from coloproxy.pump import TimerPump
 from coloproxy.rewrite import SecondaryRewriter
 
 # A receive batch of one side of the chardev transport: (tokens, frames, now).

@@ -46,7 +46,7 @@ construction: its guest's frames leave only through P-out.
 
 Timers: the proxy owns its deadlines (h11/aioquic style): ``get_timer()`` is the earliest
 time at which ``handle_timer(now)`` has something to do (today the comparator's timeouts);
-it never touches the event loop. ``coloproxy/daemon/pump.py`` keeps one loop timer at that
+it never touches the event loop. ``coloproxy/pump.py`` keeps one loop timer at that
 deadline, looked at again after every call into the proxy.
 """
 

@@ -43,7 +43,6 @@ from coloproxy.daemon import reload as reloading
 from coloproxy.daemon.control import DaemonControl
 from coloproxy.daemon.datapath import DataPath
 from coloproxy.daemon.notify import Notifier
-from coloproxy.daemon.pump import TimerPump
 from coloproxy.daemon.record import Recorder
 from coloproxy.daemon.rulewatch import RuleWatch
 from coloproxy.daemon.state import DaemonState
@@ -57,6 +56,7 @@ from coloproxy.net import host as hostnet
 from coloproxy.net.leasegate import LeaseGate
 from coloproxy.net.rules import QueueNumbers
 from coloproxy.protocol import ClientRole, Mode, SetPeriod
+from coloproxy.pump import TimerPump
 from coloproxy.role import Role
 
 log = logging.getLogger(__name__)

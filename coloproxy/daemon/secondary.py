@@ -19,7 +19,7 @@ carry a wrong ACK, which the SVM drops with a challenge ACK; when it was the cli
 (a FIN), the PVM's ACK of it waited, gated, for the client's retransmission timeout. At the
 RESUME the offsets are forgotten first, then the held segments are shifted (with none) and
 accepted, in order. If no RESUME comes within ``S_IN_HOLD_LIMIT``, the proxy's own timer
-(``get_timer``/``handle_timer``, pumped by ``coloproxy/daemon/pump.py``) lets them go with
+(``get_timer``/``handle_timer``, pumped by ``coloproxy/pump.py``) lets them go with
 the old offsets (``release_held``: a checkpoint that did not load leaves the SVM and its
 offsets as they were).
 

@@ -17,7 +17,7 @@ are carried out by two *lanes* (serial worker tasks, :mod:`coloproxy.engine.lane
 QMP commands, one for control messages, so a slow QMP command never delays a release) or
 by a task of their own for a bring-up or a failover, whose QMP sequences are
 :mod:`coloproxy.engine.colo`'s. One loop timer stays armed at the earliest of the
-machines' timers.
+machines' timers (:class:`coloproxy.pump.TimerPump`, the runner its target).
 
 Role primary: a request becomes an ``x-checkpoint-delay`` trigger; the primary's ``STOP``
 becomes ``checkpoint-started``, its ``RESUME`` ``checkpoint-completed`` (QEMU emits it only
@@ -97,6 +97,7 @@ from coloproxy.protocol import (
     Push,
     SetPeriod,
 )
+from coloproxy.pump import TimerPump
 from coloproxy.role import Role
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,7 @@ class EngineRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._qmp_lane = Lane("qmp")
         self._changed = asyncio.Event()  # pulsed at every input: tests and waiters
-        self._timer: asyncio.Handle | None = None
-        self._timer_due = 0.0
+        self._pump: TimerPump | None = None  # while running: the machines' one loop timer
         self._tasks: list[asyncio.Task[None]] = []
         self._requests_received: dict[int, float] = {}  # request id -> loop time (bounded)
         self._entry_checkpoint: int | None = None  # the checkpoint that enters COLO
@@ -229,6 +229,7 @@ class EngineRunner:
             now,
         )
         self.runstate = EngineRunstate.RUNNING
+        self._pump = TimerPump(loop, self)
         if self.leadership is None:
             log.warning("%s", TWO_HOST_WARNING)
             self._fence(float("inf"))
@@ -271,8 +272,8 @@ class EngineRunner:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._pump is not None:
+            self._pump.target = None  # no timer from here on
         if self.leadership is not None:
             await self.leadership.aclose(self._now())
         tasks = [*self._tasks]
@@ -327,36 +328,17 @@ class EngineRunner:
 
     # -- the timer -------------------------------------------------------------------------
 
-    def _rearm(self) -> None:
-        loop = self._loop
-        if loop is None or self.runstate is not EngineRunstate.RUNNING:
-            return
+    def get_timer(self) -> float | None:
+        """The earliest of the machines' deadlines (for the pump)."""
         deadlines = [
             machine.get_timer()
             for machine in (self.scheduler, self.decider, self.leader)
             if machine is not None
         ]
-        due = min((d for d in deadlines if d is not None), default=None)
-        timer = self._timer
-        if timer is not None:
-            # Compare with the deadline we asked for, not timer.when(): uvloop returns a
-            # plain Handle without when() for a deadline already in the past.
-            if due is not None and self._timer_due == due:
-                return
-            timer.cancel()
-            self._timer = None
-        if due is not None:
-            self._timer = loop.call_at(due, self._fire)
-            self._timer_due = due
+        return min((d for d in deadlines if d is not None), default=None)
 
-    def _fire(self) -> None:
-        self._timer = None
-        # The deadline counts as reached: a loop may run a timer a little early (uvloop
-        # rounds a delay to whole milliseconds; asyncio runs what is due within its clock's
-        # resolution). Handed the clock as it is, the machines found nothing due and the same
-        # deadline was armed again and again until the clock passed it: about 25 fires per
-        # heartbeat in the lab, a busy loop (tests/test_engine_runner.py, "early").
-        now = max(self._now(), self._timer_due)
+    def handle_timer(self, now: float) -> None:
+        """The pump's timer fired: each machine acts on what is due by ``now``."""
         if self.decider is not None:
             self._decide(self.decider.handle_timer(now), rearm=False)
         if self.scheduler is not None:
@@ -364,7 +346,11 @@ class EngineRunner:
         if self.leadership is not None:
             self.leadership.handle_timer(now)
             self._pulse()
-        self._rearm()
+
+    def _rearm(self) -> None:
+        """An input reached the machines: their deadlines looked at again, now."""
+        if self._pump is not None:
+            self._pump.settle()
 
     # -- inputs ----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The timer pump (coloproxy/daemon/pump.py): one loop timer at a pure object's deadline,
+"""The timer pump (coloproxy/pump.py): one loop timer at a pure object's deadline,
 looked at again after each call into it, and a timer that fires early is no busy loop."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, cast
 
-from coloproxy.daemon.pump import TimerPump
+from coloproxy.pump import TimerPump
 
 
 class Handle:

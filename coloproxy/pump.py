@@ -1,11 +1,14 @@
-"""One event-loop timer around a pure object that owns its timers (shell).
+"""One event-loop timer around an object that owns its timers (shell).
 
-The object (``Timed``: the primary proxy, host S's proxy) says when it next has something to
-do (``get_timer() -> float | None``, on the loop's clock) and does it when told
-(``handle_timer(now)``); it never touches the loop. ``TimerPump`` keeps one ``loop.call_at``
-armed at that deadline: whoever calls into the object calls :meth:`TimerPump.poke` after it,
-and the pump asks the object again once per loop iteration (a receive batch of many packets
-costs one ``get_timer``), re-arming only when the deadline moved earlier or went away.
+The object (``Timed``: the daemon's primary proxy or host S's proxy; the engine's runner,
+which names the earliest of its pure machines' deadlines and feeds them the timer) says when
+it next has something to do (``get_timer() -> float | None``, on the loop's clock) and does
+it when told (``handle_timer(now)``); it never touches the loop. ``TimerPump`` keeps one
+``loop.call_at`` armed at that deadline: whoever calls into the object calls
+:meth:`TimerPump.poke` after it, and the pump asks the object again once per loop iteration
+(a receive batch of many packets costs one ``get_timer``), or :meth:`TimerPump.settle` to
+have it asked at once, re-arming only when the deadline moved earlier or went away (a
+deadline that moved later is found not yet due when the old one fires, and armed then).
 
 A loop may run a timer a little early: uvloop rounds a delay to whole milliseconds, asyncio
 runs what is due within its clock's resolution. The pump takes the deadline it armed as
@@ -21,7 +24,8 @@ from typing import Protocol
 
 
 class Timed(Protocol):
-    """A pure object with deadlines of its own (h11/aioquic style)."""
+    """An object with deadlines of its own (h11/aioquic style), or one that speaks for
+    several (the engine's runner)."""
 
     def get_timer(self) -> float | None: ...
 
@@ -69,7 +73,8 @@ class TimerPump:
 
     def settle(self) -> None:
         """Look at the target's deadline now: at the end of a queue's wake-up, in place of a
-        poke per packet (the netlink queues' ``WakeGroup.after_wakeup``)."""
+        poke per packet (the netlink queues' ``WakeGroup.after_wakeup``); after each of the
+        engine's inputs."""
         self._rearm()
 
     def close(self) -> None:
