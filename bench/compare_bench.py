@@ -289,6 +289,9 @@ def _serve_ours(
             listener.close()
         primary_in, secondary_in, out = connections
         report.send("ready")
+        from coloproxy.daemon import collector
+
+        collector.tune()  # as `coloproxy run` does
         cpu_started = time.process_time()  # idle until the harness writes: CPU, not wall
         primary_side, secondary_side = _sides()
         comparator = _new_comparator()

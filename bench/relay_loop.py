@@ -87,6 +87,9 @@ def main() -> int:
     from coloproxy import variant
 
     primary_count, received = chunks(args.workload, args.packets)
+    from coloproxy.daemon import collector
+
+    collector.tune()  # as `coloproxy run` does (the same in a --setup-only run)
     if args.setup_only:
         import coloproxy.compare.relay
         import coloproxy.protocol.colo_frames  # noqa: F401  the same imports as a run

@@ -38,7 +38,7 @@ from coloproxy.config import (
     QuorumService,
     load_config,
 )
-from coloproxy.daemon import logs
+from coloproxy.daemon import collector, logs
 from coloproxy.daemon import reload as reloading
 from coloproxy.daemon.control import DaemonControl
 from coloproxy.daemon.datapath import DataPath
@@ -450,6 +450,7 @@ def run(
         )
         await daemon.run()
 
+    collector.tune()
     if loop_factory is None:
         with contextlib.suppress(ImportError):
             import uvloop
