@@ -5,7 +5,10 @@ Theory of operation
 ``PrimaryProxy`` is the pump between the capture layer and the pure core. It owns no
 sockets: verdicts go to the queue objects it is given, checkpoint requests to a
 ``RequestSink`` (the control server), counts to ``ProxyCounters`` (read by the metrics
-collector at scrape time, so the per-packet cost is a dict increment).
+collector at scrape time). Each answer of the comparator is carried out as a batch
+(``_act``): its releases go to P-out in one call where P-out takes a batch
+(``BatchVerdicts.accept_many``: the chardev transport's held frames; else one ``accept``
+each, in order) and the counters are added once per run of one reason, not per packet.
 
 - P-out (primary egress): ``comparator.feed(PRIMARY, ...)``; the packet is held in the kernel
   (no verdict) until a ``Release`` names it.
