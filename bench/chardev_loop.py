@@ -8,11 +8,12 @@
 What ``coloproxy run`` does with a ``chardev:`` section (bench/chardev_bench.py drives the real
 daemon over sockets) between the bytes a socket read returns and the bytes written to outdev:
 ``ChardevTransport``'s input (cut the frames, hold the primary's), the daemon's callback
-(``PrimaryProxy.on_primary_many`` / ``on_secondary_many``: ``feed_many``, then ``_act`` per
-event: the transport's ``accept`` per released frame, the counters), and the outdev write's
-``take()``. Not included: the event loop, the socket calls, the timer pump's poke. The
-workload is chardev_bench's (the secondary in the primary's sequence space, compared as
-``secondary_seq: rewritten``), cut into the feeder's chunks as bench/relay_loop.py does.
+(``PrimaryProxy.on_primary_many`` / ``on_secondary_many``: ``feed_many``, then ``_act``: the
+batch's released frames handed to the held frames in one ``accept_many``, the counters), and
+the outdev write's ``take()``. Not included: the event loop, the socket calls, the timer
+pump's poke. The workload is chardev_bench's (the secondary in the primary's sequence space,
+compared as ``secondary_seq: rewritten``), cut into the feeder's chunks as
+bench/relay_loop.py does.
 Under callgrind, (instructions of ``--runs 1``) minus (instructions of ``--setup-only``),
 divided by the primary packets, is the instructions per primary packet.
 """

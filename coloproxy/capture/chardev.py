@@ -21,8 +21,9 @@ received bytes, no copy), the primary's are held where they lie under fresh inte
 and handed to the proxy in one batch (``on_primary(tokens, frames, now)``), the secondary's
 likewise (token None: nothing of them is kept). The proxy answers
 through the held frames (its P-out verdicts, ``HeldFrames.accept``): ``accept(token)``
-queues that frame, as it came, for outdev; the queue is written once per event-loop
-iteration. The secondary's verdicts are all drops and cost nothing.
+queues that frame, as it came, for outdev (``accept_many(tokens)``: a batch's releases in one
+call, as the proxy hands them over); the queue is written once per event-loop iteration.
+The secondary's verdicts are all drops and cost nothing.
 
 Output is never lost while coloproxy holds it: released frames wait in our buffer while
 outdev is disconnected or its socket is full (asyncio's ``pause_writing``). When the buffer
@@ -167,8 +168,8 @@ class ChardevTransport:
         self._frames.on_queued = self._queued
         self._writable = True
         self._flush_pending = False
-        # The proxy's P-out verdicts: ``HeldFrames.accept`` itself (compiled, per released
-        # frame), which calls ``_queued`` when the first frame waits for outdev.
+        # The proxy's P-out verdicts: ``HeldFrames.accept_many`` itself (compiled, a batch's
+        # releases in one call), which calls ``_queued`` when the first frame waits for outdev.
         self.primary_verdicts = self._frames
         self.secondary_verdicts = _SecondaryOut()
 
@@ -313,6 +314,10 @@ class ChardevTransport:
         """The proxy released the primary frame ``handle`` (a token): queue it for outdev.
         (What ``primary_verdicts``, the held frames, do; here for callers of the transport.)"""
         self._frames.accept(handle, payload)
+
+    def accept_many(self, handles: list[object]) -> None:
+        """``accept`` each of ``handles``, in order (``HeldFrames.accept_many``)."""
+        self._frames.accept_many(handles)
 
     def drop(self, handle: object) -> None:
         raise UsageError("the chardev transport never drops a primary frame (I2)")

@@ -17,8 +17,9 @@ buffer let go, so that what is kept stays bounded by what is held.
 
 ``hold(packets, headers)`` holds packets given one by one (framed then, copied);
 ``release(token)`` queues one for output and returns whether it was held (``accept``, the
-same raising when nothing is held, makes a ``HeldFrames`` the proxy's P-out verdicts; the
-shell learns of a first queued frame from ``on_queued``);
+same raising when nothing is held, makes a ``HeldFrames`` the proxy's P-out verdicts, and
+``accept_many(tokens)`` takes a batch's releases in one call; the shell learns of a first
+queued frame from ``on_queued``);
 ``release_events(events)`` does that for every ``Release`` among a ``feed``'s events and
 returns how many other events (neither ``Release`` nor ``Drop``: checkpoint requests,
 malformed packets) it saw, so that a shell looks at events only when there is more than
@@ -225,6 +226,13 @@ class HeldFrames:
         of a frame-relaying shell, called per released frame, compiled)."""
         if not self.release(handle):
             raise UsageError(f"release of frame {handle!r}, which is not held")
+
+    def accept_many(self, handles: list[object]) -> None:
+        """``accept`` each of ``handles``, in order (the proxy hands over a batch's releases
+        in one call: ``daemon/primary.py`` ``BatchVerdicts``)."""
+        for handle in handles:
+            if not self.release(handle):
+                raise UsageError(f"release of frame {handle!r}, which is not held")
 
     def drop(self, handle: object) -> None:
         raise UsageError("a frame-relaying shell never drops a primary frame (I2)")

@@ -5,7 +5,10 @@ Theory of operation
 ``PrimaryProxy`` is the pump between the capture layer and the pure core. It owns no
 sockets: verdicts go to the queue objects it is given, checkpoint requests to a
 ``RequestSink`` (the control server), counts to ``ProxyCounters`` (read by the metrics
-collector at scrape time, so the per-packet cost is a dict increment).
+collector at scrape time). Each answer of the comparator is carried out as a batch
+(``_act``): its releases go to P-out in one call where P-out takes a batch
+(``BatchVerdicts.accept_many``: the chardev transport's held frames; else one ``accept``
+each, in order) and the counters are added once per run of one reason, not per packet.
 
 - P-out (primary egress): ``comparator.feed(PRIMARY, ...)``; the packet is held in the kernel
   (no verdict) until a ``Release`` names it.
@@ -56,7 +59,7 @@ import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
@@ -98,6 +101,13 @@ class Verdicts(Protocol):
     def accept(self, handle: object, payload: bytes | None = None) -> None: ...
 
     def drop(self, handle: object) -> None: ...
+
+
+class BatchVerdicts(Protocol):
+    """A P-out that takes a batch's releases in one call (the chardev transport's held
+    frames): ``accept(handle)`` for each of ``handles``, in order."""
+
+    def accept_many(self, handles: list[object]) -> None: ...
 
 
 class Splitting(Protocol):
@@ -162,6 +172,7 @@ class PrimaryProxy:
     ) -> None:
         self.comparator = comparator
         self._primary_out = primary_out
+        self._accept_many = _batch_accept(primary_out)
         self._secondary_out = secondary_out
         self._requests = requests
         self.counters = counters or ProxyCounters()
@@ -182,6 +193,7 @@ class PrimaryProxy:
     def bind(self, primary_out: Verdicts, secondary_out: Verdicts) -> None:
         """Attach the queues (they are opened after the proxy exists: packets may come at once)."""
         self._primary_out = primary_out
+        self._accept_many = _batch_accept(primary_out)
         self._secondary_out = secondary_out
 
     # -- packets ---------------------------------------------------------------------------
@@ -196,9 +208,10 @@ class PrimaryProxy:
         self.release_until = deadline
         if now < deadline and self._gated:
             gated, self._gated = self._gated, []
-            for token, label in gated:
-                self._primary_out.accept(token)
-                self.counters.packets["primary-out", label] += 1
+            self._release([token for token, _ in gated])
+            packets = self.counters.packets
+            for _, label in gated:
+                packets["primary-out", label] += 1
             log.warning("the leader key is held again: %d fenced packets released", len(gated))
 
     def _accept(self, token: object, label: str, now: float) -> None:
@@ -228,8 +241,7 @@ class PrimaryProxy:
     ) -> None:
         """``on_primary`` for a receive batch: one ``feed_many`` call (the chardev transport)."""
         if self.unprotected:
-            for handle in handles:
-                self._accept(handle, "accept-unprotected", now)
+            self._accept_all(list(handles), "accept-unprotected", now)
             return
         self._act(self.comparator.feed_many(Side.PRIMARY, payloads, now, handles), now)
 
@@ -255,37 +267,100 @@ class PrimaryProxy:
         self._act(self.comparator.handle_timer(now), now)
 
     def _act(self, events: list[Event], now: float) -> None:
+        """Carry out the comparator's events, in order, per batch: the releases go to P-out
+        in one call (``_release``), the packet counters are added once per run of one reason.
+        Anything else (a request, a split) may call out: the releases decided before it are
+        handed over first, and the leader key's gate is looked at again after it."""
+        if not events:
+            return
         packets = self.counters.packets
+        released: list[object] = []  # tokens for P-out, not yet handed over
+        release_reason = ""  # the run of releases being counted: its reason and length
+        releases = 0
+        drop_reason = ""
+        drops = 0
+        fenced = 0
+        gate_open = now < self.release_until and not self._gated
         for event in events:
             if type(event) is Release:
-                if now < self.release_until and not self._gated:
-                    self._primary_out.accept(event.token)
-                    packets["primary-out", _ACCEPT[event.reason]] += 1
+                if gate_open:
+                    released.append(event.token)
+                    reason: str = event.reason
+                    if reason is not release_reason:
+                        if releases:
+                            packets["primary-out", _ACCEPT[release_reason]] += releases
+                        release_reason = reason
+                        releases = 0
+                    releases += 1
                 else:
-                    self._accept(event.token, _ACCEPT[event.reason], now)
+                    self._gated.append((event.token, _ACCEPT[event.reason]))
+                    fenced += 1
             elif type(event) is Drop:
                 if event.token is not None:
                     self._secondary_out.drop(event.token)
-                packets["secondary-out", _DROP[event.reason]] += 1
-            elif type(event) is Split:
-                # Only a P-out that can split gets one (CompareConfig.split_after is None
-                # elsewhere).
-                cast(Splitting, self._primary_out).split(event.token)
-                packets["primary-out", "split"] += 1
-            elif type(event) is CheckpointNeeded:
-                self.counters.divergences[event.protocol, event.reason] += 1
-                if event.coalesced or self.outstanding is not None:
-                    self.counters.coalesced[event.reason] += 1
-                else:
-                    self._request(
-                        event.reason,
-                        event.protocol,
-                        str(event.flow) if event.flow is not None else None,
-                        event.evidence,
-                        now,
-                    )
-            elif type(event) is MalformedPacket:
-                self.counters.malformed[event.side.value, event.reason] += 1
+                reason = event.reason
+                if reason is not drop_reason:
+                    if drops:
+                        packets["secondary-out", _DROP[drop_reason]] += drops
+                    drop_reason = reason
+                    drops = 0
+                drops += 1
+            else:
+                if released:
+                    self._release(released)
+                    released = []
+                self._other(event, now)
+                gate_open = now < self.release_until and not self._gated
+        if released:
+            self._release(released)
+        if releases:
+            packets["primary-out", _ACCEPT[release_reason]] += releases
+        if drops:
+            packets["secondary-out", _DROP[drop_reason]] += drops
+        if fenced:
+            packets["primary-out", "fenced"] += fenced
+
+    def _other(self, event: Event, now: float) -> None:
+        """An event that is neither ``Release`` nor ``Drop``."""
+        if type(event) is Split:
+            # Only a P-out that can split gets one (CompareConfig.split_after is None
+            # elsewhere).
+            cast(Splitting, self._primary_out).split(event.token)
+            self.counters.packets["primary-out", "split"] += 1
+        elif type(event) is CheckpointNeeded:
+            self.counters.divergences[event.protocol, event.reason] += 1
+            if event.coalesced or self.outstanding is not None:
+                self.counters.coalesced[event.reason] += 1
+            else:
+                self._request(
+                    event.reason,
+                    event.protocol,
+                    str(event.flow) if event.flow is not None else None,
+                    event.evidence,
+                    now,
+                )
+        elif type(event) is MalformedPacket:
+            self.counters.malformed[event.side.value, event.reason] += 1
+
+    def _release(self, tokens: list[object]) -> None:
+        """Hand P-out released tokens, in order: in one call where it takes a batch."""
+        accept_many = self._accept_many
+        if accept_many is not None:
+            accept_many(tokens)
+        else:
+            primary_out = self._primary_out
+            for token in tokens:
+                primary_out.accept(token)
+
+    def _accept_all(self, tokens: list[object], label: str, now: float) -> None:
+        """P-out's accept of ``tokens``, in order, through the leader key's gate."""
+        if now < self.release_until and not self._gated:
+            self._release(tokens)
+            self.counters.packets["primary-out", label] += len(tokens)
+        else:
+            for token in tokens:
+                self._gated.append((token, label))
+            self.counters.packets["primary-out", "fenced"] += len(tokens)
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -300,9 +375,9 @@ class PrimaryProxy:
         """The secondary is gone: release what is held and compare nothing from now on."""
         self.unprotected = True
         self.outstanding = None
-        for event in self.comparator.checkpoint_completed(now):
-            if type(event) is Release:
-                self._accept(event.token, "accept-unprotected", now)
+        tokens = [e.token for e in self.comparator.checkpoint_completed(now) if type(e) is Release]
+        if tokens:
+            self._accept_all(tokens, "accept-unprotected", now)
 
     def _request(
         self, reason: str, protocol: str, flow: str | None, evidence: Evidence | None, now: float
@@ -400,3 +475,9 @@ class PrimaryProxy:
         self.counters.checkpoints_completed += 1
         self.counters.last_checkpoint = now
         self._act(self.comparator.checkpoint_completed(now, synced, resumed), now)
+
+
+def _batch_accept(primary_out: Verdicts) -> Callable[[list[object]], None] | None:
+    """``primary_out``'s ``accept_many`` (``BatchVerdicts``), if it has one."""
+    accept_many = getattr(primary_out, "accept_many", None)
+    return cast(BatchVerdicts, primary_out).accept_many if callable(accept_many) else None
