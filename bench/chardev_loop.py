@@ -115,6 +115,9 @@ def main() -> int:
     from coloproxy import variant
 
     primary_count, received = chunks(args.workload, args.packets, args.vnet)
+    from coloproxy.daemon import collector
+
+    collector.tune()  # as `coloproxy run` does (the same in a --setup-only run)
     if args.setup_only:
         import coloproxy.capture.chardev
         import coloproxy.daemon.primary  # noqa: F401  the same imports as a run
