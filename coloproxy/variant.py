@@ -32,16 +32,16 @@ from pathlib import Path
 from types import ModuleType
 from typing import Final
 
-# The modules setup.py compiles (in import order): the comparator, the chardev framing, the
-# packet layer's checksums, TCP options and shifts, host S's rewrites and the two proxies'
-# per-packet pumps (daemon/primary.py, daemon/secondary.py). Not compiled: packet/parse.py
-# (callers pass bytearray or memoryview, which compiled code refuses where the annotation
-# says bytes; compiled modules read Packet.data through packet.checksum.buffer_of for that
-# reason), packet/build.py (not per packet), events.py and config.py (frozen dataclasses
-# with fields annotated ``object``, which mypyc cannot compile; compiled frozen dataclasses
-# neither copy nor pickle).
+# The modules setup.py compiles (in import order): the packet parser, the comparator, the
+# chardev framing, the packet layer's checksums, TCP options and shifts, host S's rewrites and
+# the two proxies' per-packet pumps (daemon/primary.py, daemon/secondary.py). Compiled code
+# checks argument and attribute types at runtime: the parser takes ``bytes | bytearray``
+# (packet/parse.py ``PacketData``), never a memoryview. Not compiled: packet/build.py (not
+# per packet), events.py and config.py (frozen dataclasses with fields annotated ``object``,
+# which mypyc cannot compile; compiled frozen dataclasses neither copy nor pickle).
 COMPILED_MODULES: Final = (
     "coloproxy.seq",
+    "coloproxy.packet.parse",
     "coloproxy.compare.verdicts",
     "coloproxy.compare.ranges",
     "coloproxy.compare.kept",

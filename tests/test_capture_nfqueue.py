@@ -36,6 +36,7 @@ from coloproxy.capture.netlink_codec import NF_ACCEPT, build_verdict
 from coloproxy.config import Transport
 from coloproxy.errors import InputError, UsageError
 from coloproxy.net.netns import run_in
+from coloproxy.packet import Packet, parse_ip
 from netfixtures import require_root_and_netns, setup_step
 
 CLIENT = "10.204.1.1"
@@ -397,6 +398,33 @@ async def test_accept_with_a_modified_payload(queued: Lab, udp: Udp, transport: 
         assert await receive(udp.rx) == b"Hello, modified"
     finally:
         queue.close()
+
+
+@pytest.mark.root
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_payloads_are_bytes_that_the_compiled_parser_reads(
+    queued: Lab, udp: Udp, transport: Transport
+) -> None:
+    # The parser (compiled: coloproxy/variant.py) takes bytes | bytearray and raises
+    # TypeError for anything else, a memoryview of the receive buffer say.
+    parsed: list[tuple[type, int, bytes]] = []
+    queue: PacketQueue | None = None
+
+    def on_packet(handle: Any, payload: bytes, now: float) -> None:
+        assert queue is not None
+        packet = parse_ip(payload)
+        assert isinstance(packet, Packet), packet
+        parsed.append((type(payload), packet.dport, packet.payload_bytes()))
+        queue.accept(handle)
+
+    queue = open_queue(config(queued), on_packet, transport)
+    try:
+        udp.send(b"parse me")
+        assert await receive(udp.rx) == b"parse me"
+    finally:
+        queue.close()
+    assert parsed == [(bytes, UDP_PORT, b"parse me")]
 
 
 @pytest.mark.root

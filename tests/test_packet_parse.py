@@ -9,7 +9,9 @@ hypothesis throws arbitrary bytes and mutations at both parsers: the answer is a
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from scapy.packet import Packet as ScapyPacket
 from scapy.packet import Padding, Raw
 
 from coloproxy.packet import Malformed, MalformedReason, Packet, parse_ethernet, parse_ip
+from coloproxy.packet import parse as parse_module
 from coloproxy.packet.parse import MAX_V6_EXTENSION_HEADERS, NOT_IP
 
 MAC_GUEST = "02:00:00:00:00:01"
@@ -153,7 +156,7 @@ def _samples() -> list[Sample]:
 SAMPLES = _samples()
 
 
-def parse(sample: Sample, data: bytes | None = None) -> Packet | Malformed:
+def parse(sample: Sample, data: bytes | bytearray | None = None) -> Packet | Malformed:
     buffer = sample.frame if data is None else data
     return parse_ethernet(buffer) if sample.ethernet else parse_ip(buffer)
 
@@ -347,19 +350,20 @@ def test_every_truncation_is_data(sample: Sample) -> None:
 
 
 @pytest.mark.parametrize("sample", SAMPLES[:4], ids=lambda sample: sample.name)
-def test_parses_bytearray_memoryview_and_offset(sample: Sample) -> None:
+def test_parses_bytearray_and_offset(sample: Sample) -> None:
+    # A bytearray is what host S's rewrites parse (rewrite/ingress.py shifted_copy).
     expected = parse(sample)
     assert isinstance(expected, Packet)
-    for buffer in (bytearray(sample.frame), memoryview(sample.frame)):
-        got = parse(sample, buffer)  # type: ignore[arg-type]
-        assert isinstance(got, Packet)
-        assert (got.src, got.dst, got.seq, got.payload, got.end) == (
-            expected.src,
-            expected.dst,
-            expected.seq,
-            expected.payload,
-            expected.end,
-        )
+    got = parse(sample, bytearray(sample.frame))
+    assert isinstance(got, Packet)
+    assert type(got.data) is bytearray
+    assert (got.src, got.dst, got.seq, got.payload, got.end) == (
+        expected.src,
+        expected.dst,
+        expected.seq,
+        expected.payload,
+        expected.end,
+    )
     prefixed = parse_ip(b"\xee" * 7 + sample.frame, 7)
     assert isinstance(prefixed, Packet)
     assert (prefixed.l3, prefixed.payload - 7, prefixed.payload_bytes()) == (
@@ -367,6 +371,66 @@ def test_parses_bytearray_memoryview_and_offset(sample: Sample) -> None:
         expected.payload,
         expected.payload_bytes(),
     )
+
+
+def test_compiled_the_parser_refuses_a_memoryview() -> None:
+    # The parser takes bytes | bytearray; compiled (coloproxy/variant.py), the annotation is
+    # checked at the call. No production caller makes a memoryview (see the next test).
+    if not (parse_module.__file__ or "").endswith(".so"):
+        pytest.skip("the pure variant does not check annotations")
+    frame = SAMPLES[0].frame
+    with pytest.raises(TypeError, match="memoryview"):
+        parse_ip(memoryview(frame))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="memoryview"):
+        parse_ethernet(memoryview(frame))  # type: ignore[arg-type]
+
+
+def test_each_transports_buffer_reaches_the_parser_as_bytes(tmp_path: Path) -> None:
+    """What each input hands the parser, decoded by the transport's own code: NFQUEUE's
+    netlink messages (the codec; the live queues of both transports are in
+    tests/test_capture_nfqueue.py), the chardev framing (the comparator parses a slice of
+    the receive, ``Frames.data``), a pcap replay's records, and host S's rewrite copy."""
+    from coloproxy.capture.netlink_codec import NFQA_PACKET_HDR, NFQA_PAYLOAD, parse_packet
+    from coloproxy.pcap import LINKTYPE_ETHERNET, Capture
+    from coloproxy.protocol.colo_frames import FrameDecoder, encode_frames
+    from pcaps import write_records
+
+    ip = bytes(v4() / TCP(sport=80, dport=40000, flags="A") / b"payload")
+    frame = bytes(ether() / v4() / TCP(sport=80, dport=40000, flags="A") / b"payload")
+    expected = parse_ip(ip)
+    assert isinstance(expected, Packet)
+
+    header = struct.pack(">IHB", 7, 0x0800, 2) + b"\0"
+    body = bytes([2, 0, 0, 41])
+    for attr_type, value in ((NFQA_PACKET_HDR, header), (NFQA_PAYLOAD, ip)):
+        body += struct.pack("=HH", 4 + len(value), attr_type) + value + bytes(-len(value) % 4)
+    message = struct.pack("=IHHII", 16 + len(body), 0x0300, 0, 0, 0) + body
+    netlink = parse_packet(memoryview(message)).payload  # the receive buffer is a memoryview
+
+    cut = FrameDecoder().cut(encode_frames([ip, ip]))
+    chardev = cut.data[cut.starts[1] : cut.bounds[2]]  # Comparator._feed_at's slice
+
+    write_records(tmp_path / "replay.pcap", [(1.0, frame)], link_type=LINKTYPE_ETHERNET)
+    with Capture(tmp_path / "replay.pcap") as capture:
+        (record,) = capture
+
+    for name, data, ethernet in (
+        ("netlink", netlink, False),
+        ("chardev", chardev, False),
+        ("chardev copy", cut[0], False),
+        ("pcap", record.data, True),
+        ("rewrite copy", bytearray(ip), False),
+    ):
+        assert type(data) in (bytes, bytearray), name
+        got = parse_ethernet(data) if ethernet else parse_ip(data)
+        assert isinstance(got, Packet), name
+        assert got.data is data, name
+        assert (got.sport, got.dport, got.flags, got.payload_bytes()) == (
+            expected.sport,
+            expected.dport,
+            expected.flags,
+            b"payload",
+        ), name
 
 
 # --- specific defects, specific reasons ---------------------------------------------------

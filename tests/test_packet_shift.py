@@ -71,7 +71,7 @@ def build(
 
 
 def parsed(buf: bytearray) -> Packet:
-    packet = parse_ip(buf)  # type: ignore[arg-type]
+    packet = parse_ip(buf)
     assert isinstance(packet, Packet), packet
     return packet
 
@@ -465,7 +465,7 @@ def test_ethernet_framed_packet_with_vlan() -> None:
             / b"x"
         )
     )
-    packet = parse_ethernet(frame)  # type: ignore[arg-type]
+    packet = parse_ethernet(frame)
     assert isinstance(packet, Packet)
     assert shift_tcp_ack(frame, packet, 10) == ShiftResult(ShiftStatus.SHIFTED, 3)
     inner = bytearray(frame[18:])
@@ -580,7 +580,7 @@ def test_misuse_raises_usage_error() -> None:
     with pytest.raises(UsageError):
         shift_tcp_ack(udp, parsed(udp), 1)
     arp = bytearray(bytes(Ether() / ARP()))
-    arp_packet = parse_ethernet(arp)  # type: ignore[arg-type]
+    arp_packet = parse_ethernet(arp)
     assert isinstance(arp_packet, Packet)
     with pytest.raises(UsageError):
         shift_tcp_seq(arp, arp_packet, 1)

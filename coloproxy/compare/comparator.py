@@ -143,6 +143,14 @@ def echo_identifier(packet: Packet) -> tuple[int, int] | None:
     return kind, int.from_bytes(packet.data[packet.l4 + 4 : packet.l4 + 6], "big")
 
 
+def _data(packet: Packet) -> bytes:
+    """``packet.data``, which is bytes here: the comparator parses what ``feed`` is given and
+    reassembled datagrams, both bytes (the parser also reads the bytearrays host S rewrites)."""
+    data = packet.data
+    assert type(data) is bytes
+    return data
+
+
 def _urgent_pointer(packet: Packet) -> int:
     """The TCP urgent pointer (the general path reads it only for URG segments)."""
     return int.from_bytes(packet.data[packet.l4 + 18 : packet.l4 + 20], "big")
@@ -363,7 +371,7 @@ class Comparator:
                 packet.seq,
                 packet.ack,
                 packet.flags,
-                packet.data[packet.payload : packet.end],
+                _data(packet)[packet.payload : packet.end],
                 held,
                 now,
                 book,
@@ -387,7 +395,7 @@ class Comparator:
         if epoch.checkpointing:
             self._learn_uncompared(packet, False, now, out)
             if len(self._late_secondary) < self._max_held_packets:
-                self._late_secondary.append((packet.data, now))
+                self._late_secondary.append((_data(packet), now))
             out.append(Drop(token, DropReason.CHECKPOINTING))
             return
         if epoch.saturated:
@@ -428,7 +436,7 @@ class Comparator:
                 packet.seq,
                 packet.ack,
                 packet.flags,
-                packet.data[packet.payload : packet.end],
+                _data(packet)[packet.payload : packet.end],
                 now,
                 book,
                 out,

@@ -46,18 +46,6 @@ from coloproxy.packet.parse import PROTO_TCP, PROTO_UDP, Packet
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
-def buffer_of(packet: Packet) -> Buffer:
-    """``packet.data`` as the parser holds it: the buffer it was given, which may be a
-    bytearray (a rewrite parses, or moves the packet onto, its copy) or a memoryview.
-
-    ``Packet.data`` is annotated ``bytes`` for the comparator, which parses bytes only, and
-    compiled code (mypyc, coloproxy/variant.py) checks that annotation where it reads the
-    attribute: a bytearray there raises TypeError. Read untyped, it is whatever it is.
-    """
-    data: Buffer = getattr(packet, "data")  # noqa: B009  # untyped read: see above
-    return data
-
-
 _MODULUS: Final = 0xFFFF
 _MASK16: Final = 0xFFFF
 # Where the checksum field sits in the L4 header (RFC 9293 section 3.1, RFC 768).
@@ -156,7 +144,7 @@ def ipv4_header_checksum(packet: Packet) -> int:
     """
     if packet.version != 4:
         raise UsageError(f"IPv4 header checksum of a version {packet.version} packet")
-    data = buffer_of(packet)
+    data = packet.data
     l3 = packet.l3
     field_offset = l3 + IPV4_CHECKSUM_OFFSET
     field = (data[field_offset] << 8) | data[field_offset + 1]
@@ -177,7 +165,7 @@ def classify_checksum(packet: Packet) -> ChecksumForm:
     says NEEDS_CSUM, NFQUEUE says CSUMNOTREADY) should say so instead of asking.
     """
     field_offset = checksum_field_offset(packet)
-    data = buffer_of(packet)
+    data = packet.data
     field = (data[field_offset] << 8) | data[field_offset + 1]
     pseudo = (
         int.from_bytes(packet.src, "big")
@@ -238,7 +226,7 @@ def _segment_total(packet: Packet) -> tuple[int, int]:
     (``2**16 == 1 (mod 0xFFFF)`` makes their widths irrelevant).
     """
     field_offset = checksum_field_offset(packet)
-    data = buffer_of(packet)
+    data = packet.data
     l4 = packet.l4
     end = packet.end
     # The slice copies the segment once (a memcpy); measured, that costs less than setting up

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from coloproxy.packet.checksum import Buffer, buffer_of
+from coloproxy.packet.checksum import Buffer
 from coloproxy.packet.parse import PROTO_TCP, Packet
 
 OPTION_EOL: Final = 0
@@ -47,7 +47,7 @@ def timestamps(packet: Packet) -> tuple[int, int] | None:
     """(TSval, TSecr) of a parsed TCP segment, or None when it carries no valid option."""
     if packet.proto != PROTO_TCP or packet.fragment:
         return None
-    data = buffer_of(packet)
+    data = packet.data
     found = find_timestamps(data, packet.l4 + _TCP_OPTIONS_OFFSET, packet.payload)
     if found is None:
         return None

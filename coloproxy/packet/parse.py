@@ -26,7 +26,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, TypeAlias
 
 ETH_P_IP: Final = 0x0800
 ETH_P_IPV6: Final = 0x86DD
@@ -61,6 +61,12 @@ _U32: Final = struct.Struct("!I")
 _V4: Final = struct.Struct("!BxHHHBB")  # vhl, total length, id, frag field, ttl, proto
 _TCP: Final = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
 _PORTS: Final = struct.Struct("!HHH")  # sport, dport, UDP length
+
+# What the parsers read: the bytes a queue or the comparator hands over, or the bytearray a
+# rewrite shifts in place (coloproxy.packet.shift needs the packet parsed from, or moved onto,
+# that very buffer). Not a memoryview: no caller makes one, and this module is compiled
+# (coloproxy/variant.py), where the annotation is checked at the call (TypeError).
+PacketData: TypeAlias = bytes | bytearray
 
 
 class MalformedReason(StrEnum):
@@ -117,7 +123,7 @@ class Packet:
         "window",
     )
 
-    data: bytes
+    data: PacketData
     l3: int
     version: int
     ethertype: int
@@ -139,6 +145,23 @@ class Packet:
     flags: int
     window: int
 
+    def __init__(self, data: PacketData, l3: int, ethertype: int, vlan: int) -> None:
+        # The parsers set version, proto, src, dst, l4, end and payload before returning it.
+        self.data = data
+        self.l3 = l3
+        self.ethertype = ethertype
+        self.vlan = vlan
+        self.fragment = False
+        self.frag_id = 0
+        self.frag_offset = 0
+        self.frag_more = False
+        self.sport = 0
+        self.dport = 0
+        self.seq = 0
+        self.ack = 0
+        self.flags = 0
+        self.window = 0
+
     @property
     def payload_len(self) -> int:
         return self.end - self.payload
@@ -156,26 +179,9 @@ class Packet:
         )
 
 
-def _new(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet:
-    packet = Packet.__new__(Packet)
-    packet.data = data
-    packet.l3 = l3
-    packet.ethertype = ethertype
-    packet.vlan = vlan
-    packet.fragment = False
-    packet.frag_id = 0
-    packet.frag_offset = 0
-    packet.frag_more = False
-    packet.sport = 0
-    packet.dport = 0
-    packet.seq = 0
-    packet.ack = 0
-    packet.flags = 0
-    packet.window = 0
-    return packet
-
-
-def parse_ip(data: bytes, l3: int = 0, ethertype: int = 0, vlan: int = -1) -> Packet | Malformed:
+def parse_ip(
+    data: PacketData, l3: int = 0, ethertype: int = 0, vlan: int = -1
+) -> Packet | Malformed:
     """Parse the IP packet that starts at ``data[l3]``; the version nibble picks v4 or v6."""
     if len(data) <= l3:
         return Malformed(MalformedReason.TRUNCATED, "no IP header")
@@ -187,7 +193,7 @@ def parse_ip(data: bytes, l3: int = 0, ethertype: int = 0, vlan: int = -1) -> Pa
     return Malformed(MalformedReason.BAD_VERSION, f"IP version {version}")
 
 
-def parse_ethernet(data: bytes) -> Packet | Malformed:
+def parse_ethernet(data: PacketData) -> Packet | Malformed:
     """Parse an Ethernet II frame, with up to two VLAN tags, carrying IP or anything else."""
     if len(data) < ETHERNET_HEADER_LEN:
         return Malformed(MalformedReason.TRUNCATED, "short Ethernet header")
@@ -208,7 +214,7 @@ def parse_ethernet(data: bytes) -> Packet | Malformed:
         if isinstance(result, Packet) and (result.version == 4) != (ethertype == ETH_P_IP):
             return Malformed(MalformedReason.BAD_VERSION, "IP version does not match ethertype")
         return result
-    packet = _new(data, offset, ethertype, vlan)
+    packet = Packet(data, offset, ethertype, vlan)
     packet.version = 0
     packet.proto = NOT_IP
     packet.dst = bytes(data[0:6])
@@ -219,7 +225,7 @@ def parse_ethernet(data: bytes) -> Packet | Malformed:
     return packet
 
 
-def _parse_v4(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
+def _parse_v4(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
     if len(data) < l3 + 20:
         return Malformed(MalformedReason.TRUNCATED, "IPv4 header")
     vhl, total, ident, frag, _ttl, proto = _V4.unpack_from(data, l3)
@@ -231,7 +237,7 @@ def _parse_v4(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malfo
     end = l3 + total
     if end > len(data):
         return Malformed(MalformedReason.TRUNCATED, f"IPv4 total length {total}")
-    packet = _new(data, l3, ethertype, vlan)
+    packet = Packet(data, l3, ethertype, vlan)
     packet.version = 4
     packet.proto = proto
     packet.src = bytes(data[l3 + 12 : l3 + 16])
@@ -251,14 +257,14 @@ def _parse_v4(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malfo
     return _parse_l4(packet, data, proto, l4, end)
 
 
-def _parse_v6(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
+def _parse_v6(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
     if len(data) < l3 + 40:
         return Malformed(MalformedReason.TRUNCATED, "IPv6 header")
     payload_length = _U16.unpack_from(data, l3 + 4)[0]
     end = l3 + 40 + payload_length
     if end > len(data):
         return Malformed(MalformedReason.TRUNCATED, f"IPv6 payload length {payload_length}")
-    packet = _new(data, l3, ethertype, vlan)
+    packet = Packet(data, l3, ethertype, vlan)
     packet.version = 6
     packet.src = bytes(data[l3 + 8 : l3 + 24])
     packet.dst = bytes(data[l3 + 24 : l3 + 40])
@@ -303,7 +309,9 @@ def _parse_v6(data: bytes, l3: int, ethertype: int, vlan: int) -> Packet | Malfo
     return Malformed(MalformedReason.BAD_EXTENSION_HEADER, "extension header chain too long")
 
 
-def _parse_l4(packet: Packet, data: bytes, proto: int, l4: int, end: int) -> Packet | Malformed:
+def _parse_l4(
+    packet: Packet, data: PacketData, proto: int, l4: int, end: int
+) -> Packet | Malformed:
     if proto == PROTO_TCP:
         if l4 + 20 > end:
             return Malformed(MalformedReason.TRUNCATED, "TCP header")

@@ -51,7 +51,6 @@ from coloproxy.errors import UsageError
 from coloproxy.packet.checksum import (
     TCP_CHECKSUM_OFFSET,
     ChecksumForm,
-    buffer_of,
     classify_checksum,
     fold,
     update16,
@@ -236,7 +235,7 @@ def _check_usage(buf: bytearray, packet: Packet) -> None:
     # Misuse by our own code, not bad input: raise (STYLE rule 4).
     if not isinstance(buf, bytearray):
         raise UsageError(f"TCP rewrite needs a bytearray, got {type(buf).__name__}")
-    if buffer_of(packet) is not buf:
+    if packet.data is not buf:
         raise UsageError("the packet was not parsed from this buffer")
     if packet.proto != PROTO_TCP or packet.version not in (4, 6):
         raise UsageError(f"TCP rewrite of a non-TCP packet: {packet!r}")

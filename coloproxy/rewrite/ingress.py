@@ -29,7 +29,6 @@ from enum import StrEnum
 
 from coloproxy.packet.checksum import (
     ChecksumForm,
-    buffer_of,
     checksum_field_offset,
     tcp_udp_checksum,
 )
@@ -114,12 +113,11 @@ def shifted_copy(
     becomes the copy, the shift updates its fields), so the caller must not use it after."""
     buffer = bytearray(data)
     packet: Packet | Malformed
-    if parsed is not None and buffer_of(parsed) is data:
+    if parsed is not None and parsed.data is data:
         packet = parsed
-        # The parser reads bytearrays alike; Packet.data is annotated bytes for the comparator.
-        packet.data = buffer  # type: ignore[assignment]
+        packet.data = buffer
     else:
-        packet = parse_ip(buffer)  # type: ignore[arg-type]  # the parser reads bytearrays alike
+        packet = parse_ip(buffer)
     if not isinstance(packet, Packet):  # the caller parsed it once already: cannot differ
         return RewriteOutcome(RewriteStatus.MALFORMED)
     form = ChecksumForm.PARTIAL if checksum_partial else ChecksumForm.FULL
