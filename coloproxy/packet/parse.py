@@ -58,7 +58,11 @@ MAX_VLAN_TAGS: Final = 2
 
 _U16: Final = struct.Struct("!H")
 _U32: Final = struct.Struct("!I")
-_V4: Final = struct.Struct("!BxHHHBB")  # vhl, total length, id, frag field, ttl, proto
+# vhl, total length, id, frag field, proto, source, destination: one unpack for the header (no
+# slices), the same for bytes and bytearrays. The parsers declare the types of what it returns
+# (Any to mypy), so that compiled they check each field once and do the arithmetic on ints.
+_V4: Final = struct.Struct("!BxHHHxBxx4s4s")
+_V6: Final = struct.Struct("!4xHBx16s16s")  # payload length, next header, source, destination
 _TCP: Final = struct.Struct("!HHIIBBH")  # sport, dport, seq, ack, data offset, flags, window
 _PORTS: Final = struct.Struct("!HHH")  # sport, dport, UDP length
 
@@ -185,7 +189,7 @@ def parse_ip(
     """Parse the IP packet that starts at ``data[l3]``; the version nibble picks v4 or v6."""
     if len(data) <= l3:
         return Malformed(MalformedReason.TRUNCATED, "no IP header")
-    version = data[l3] >> 4
+    version: int = data[l3] >> 4
     if version == 4:
         return _parse_v4(data, l3, ethertype, vlan)
     if version == 6:
@@ -197,7 +201,7 @@ def parse_ethernet(data: PacketData) -> Packet | Malformed:
     """Parse an Ethernet II frame, with up to two VLAN tags, carrying IP or anything else."""
     if len(data) < ETHERNET_HEADER_LEN:
         return Malformed(MalformedReason.TRUNCATED, "short Ethernet header")
-    ethertype = _U16.unpack_from(data, 12)[0]
+    ethertype: int = _U16.unpack_from(data, 12)[0]
     offset = ETHERNET_HEADER_LEN
     vlan = -1
     tags = 0
@@ -228,7 +232,14 @@ def parse_ethernet(data: PacketData) -> Packet | Malformed:
 def _parse_v4(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
     if len(data) < l3 + 20:
         return Malformed(MalformedReason.TRUNCATED, "IPv4 header")
-    vhl, total, ident, frag, _ttl, proto = _V4.unpack_from(data, l3)
+    vhl: int
+    total: int
+    ident: int
+    frag: int
+    proto: int
+    src: bytes
+    dst: bytes
+    vhl, total, ident, frag, proto, src, dst = _V4.unpack_from(data, l3)
     ihl = (vhl & 0x0F) * 4
     if ihl < 20:
         return Malformed(MalformedReason.BAD_HEADER_LENGTH, f"IHL {ihl}")
@@ -240,8 +251,8 @@ def _parse_v4(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | 
     packet = Packet(data, l3, ethertype, vlan)
     packet.version = 4
     packet.proto = proto
-    packet.src = bytes(data[l3 + 12 : l3 + 16])
-    packet.dst = bytes(data[l3 + 16 : l3 + 20])
+    packet.src = src
+    packet.dst = dst
     packet.end = end
     l4 = l3 + ihl
     packet.l4 = l4
@@ -260,16 +271,19 @@ def _parse_v4(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | 
 def _parse_v6(data: PacketData, l3: int, ethertype: int, vlan: int) -> Packet | Malformed:
     if len(data) < l3 + 40:
         return Malformed(MalformedReason.TRUNCATED, "IPv6 header")
-    payload_length = _U16.unpack_from(data, l3 + 4)[0]
+    payload_length: int
+    next_header: int
+    src: bytes
+    dst: bytes
+    payload_length, next_header, src, dst = _V6.unpack_from(data, l3)
     end = l3 + 40 + payload_length
     if end > len(data):
         return Malformed(MalformedReason.TRUNCATED, f"IPv6 payload length {payload_length}")
     packet = Packet(data, l3, ethertype, vlan)
     packet.version = 6
-    packet.src = bytes(data[l3 + 8 : l3 + 24])
-    packet.dst = bytes(data[l3 + 24 : l3 + 40])
+    packet.src = src
+    packet.dst = dst
     packet.end = end
-    next_header = data[l3 + 6]
     offset = l3 + 40
     # One pass per extension header plus the final one for the upper-layer header.
     for _ in range(MAX_V6_EXTENSION_HEADERS + 1):
@@ -315,6 +329,13 @@ def _parse_l4(
     if proto == PROTO_TCP:
         if l4 + 20 > end:
             return Malformed(MalformedReason.TRUNCATED, "TCP header")
+        sport: int
+        dport: int
+        seq: int
+        ack: int
+        offset: int
+        flags: int
+        window: int
         sport, dport, seq, ack, offset, flags, window = _TCP.unpack_from(data, l4)
         doff = (offset >> 4) * 4
         if doff < 20 or l4 + doff > end:
@@ -330,6 +351,7 @@ def _parse_l4(
     if proto == PROTO_UDP:
         if l4 + 8 > end:
             return Malformed(MalformedReason.TRUNCATED, "UDP header")
+        length: int
         sport, dport, length = _PORTS.unpack_from(data, l4)
         if length < 8 or l4 + length > end:
             return Malformed(MalformedReason.BAD_UDP_LENGTH, f"UDP length {length}")
