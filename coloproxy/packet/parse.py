@@ -1,4 +1,4 @@
-"""Parse IPv4, IPv6, TCP, UDP, ICMP and ICMPv6 from bytes, without copying.
+"""Parse IPv4, IPv6, TCP, UDP, ICMP and ICMPv6 from bytes or a bytearray, without copying.
 
 Theory of operation
 -------------------
