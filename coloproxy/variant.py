@@ -61,6 +61,9 @@ COMPILED_MODULES: Final = (
     "coloproxy.rewrite.secondary",
     "coloproxy.daemon.primary",
     "coloproxy.daemon.secondary",
+    "coloproxy.pump",
+    "coloproxy.capture.netlink_codec",
+    "coloproxy.capture.netlink",
 )
 # The shared library of the mypyc group (one per build, holds the code of every module).
 GROUP_NAME: Final = "coloproxy._compiled"

@@ -528,17 +528,17 @@ async def test_netlink_reads_a_drained_socket_again_only_after_sending_accepts(
     # accepts can (the receiver's immediate answer), drops and no verdict cannot, nor accepts
     # on a queue configured to get no replies (the daemon's). Each wasted receive is a
     # syscall per packet.
-    import coloproxy.capture.netlink as netlink
+    from coloproxy.capture import recvmmsg
 
     calls: list[int] = []
-    real = netlink._recvmmsg()
+    real = recvmmsg.libc_recvmmsg()
 
     def counting(*args: Any) -> int:
         count: int = real(*args)
         calls.append(count)
         return count
 
-    monkeypatch.setattr(netlink, "_recvmmsg", lambda: counting)
+    monkeypatch.setattr(recvmmsg, "libc_recvmmsg", lambda: counting)
     queue: PacketQueue | None = None
     held: list[Any] = []
 

@@ -69,14 +69,14 @@ if _target and b"coloproxy" in _command and b"run" in _command:
         except (ImportError, AttributeError):
             pass
     try:
-        from coloproxy.capture import netlink as _netlink
+        from coloproxy.capture import recvmmsg as _recvmmsg_module
 
-        _real_recvmmsg = _netlink._recvmmsg
+        _real_recvmmsg = _recvmmsg_module.libc_recvmmsg
 
         def _recvmmsg() -> Any:
             return _counted(_real_recvmmsg(), "recvmmsg")
 
-        _netlink._recvmmsg = _recvmmsg
+        _recvmmsg_module.libc_recvmmsg = _recvmmsg
     except (ImportError, AttributeError):
         pass
 

@@ -46,8 +46,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar, Final
 
+from coloproxy.capture import recvmmsg
 from coloproxy.capture.netlink_codec import (
     BE32,
     HEADER_LEN,
@@ -91,76 +92,17 @@ __all__ = ["NetlinkQueue"]
 log = logging.getLogger(__name__)
 
 # linux/netlink.h
-NETLINK_NETFILTER = 12
+NETLINK_NETFILTER: Final = 12
 # asm-generic/socket.h: like SO_RCVBUF but may exceed net.core.rmem_max (needs CAP_NET_ADMIN)
-SO_RCVBUFFORCE = 33
+SO_RCVBUFFORCE: Final = 33
 
 # Largest datagram: a 64 KiB GSO packet (payload capped at 65531 by NFQNL_MAX_COPY_RANGE)
 # plus its metadata attributes (under 200 bytes with the flags we set; 4 KiB of room).
-_RECV_SIZE = 0x10000 + 4096
+_RECV_SIZE: Final = 0x10000 + 4096
 # Datagrams one recvmmsg() call may return. Each has a slot of _RECV_SIZE bytes, so a queue
 # holds 32 * 68 KiB = 2.2 MiB of receive slots. One call instead of one recv() per packet
 # measured +10-20% bulk throughput (see bench/nfqueue_README.md).
-_SLOTS = 32
-MSG_DONTWAIT = 0x40  # bits/socket_type.h
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = (
-        ("msg_name", ctypes.c_void_p),
-        ("msg_namelen", ctypes.c_uint32),
-        ("msg_iov", ctypes.POINTER(_Iovec)),
-        ("msg_iovlen", ctypes.c_size_t),
-        ("msg_control", ctypes.c_void_p),
-        ("msg_controllen", ctypes.c_size_t),
-        ("msg_flags", ctypes.c_int),
-    )
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = (("msg_hdr", _Msghdr), ("msg_len", ctypes.c_uint))
-
-
-_recvmmsg_fn: Any = None
-
-
-def _recvmmsg() -> Any:
-    """libc's recvmmsg(2) (Python's socket module has none), looked up once."""
-    global _recvmmsg_fn
-    if _recvmmsg_fn is None:
-        function = ctypes.CDLL(None, use_errno=True).recvmmsg
-        function.argtypes = (
-            ctypes.c_int,
-            ctypes.POINTER(_Mmsghdr),
-            ctypes.c_uint,
-            ctypes.c_int,
-            ctypes.c_void_p,
-        )
-        function.restype = ctypes.c_int
-        _recvmmsg_fn = function
-    return _recvmmsg_fn
-
-
-class _Slots:
-    """Receive slots for recvmmsg(): one buffer cut into ``count`` slots of ``size`` bytes."""
-
-    def __init__(self, count: int, size: int) -> None:
-        self.count = count
-        self.size = size
-        self.buffer = (ctypes.c_char * (count * size))()
-        self.view = memoryview(self.buffer).cast("B")
-        self.iovecs = (_Iovec * count)()
-        self.headers = (_Mmsghdr * count)()
-        base = ctypes.addressof(self.buffer)
-        for index in range(count):
-            self.iovecs[index].iov_base = base + index * size
-            self.iovecs[index].iov_len = size
-            self.headers[index].msg_hdr.msg_iov = ctypes.pointer(self.iovecs[index])
-            self.headers[index].msg_hdr.msg_iovlen = 1
+_SLOTS: Final = 32
 
 
 # Verdicts given to the first two packets of a wake-up are sent before we read on; the rest
@@ -176,11 +118,11 @@ class _Slots:
 # wake-up whose verdicts are drops (or none yet) stops reading instead of asking the empty
 # socket again (a syscall per packet in the lab's one-packet wake-ups); what arrives later
 # wakes the loop again (tests/test_capture_nfqueue.py, "drained").
-_EAGER_VERDICTS = 2
+_EAGER_VERDICTS: Final = 2
 # Bytes of verdicts per send(): netlink refuses a datagram larger than the socket's send
 # buffer (EMSGSIZE; default 208 KiB). 4096 plain verdicts of 32 bytes, or one rewritten
 # packet of up to 64 KiB with a few others.
-_MAX_SEND = 128 << 10
+_MAX_SEND: Final = 128 << 10
 
 # ---------------------------------------------------------------------------------------------
 # The transport.
@@ -226,7 +168,7 @@ class NetlinkQueue(QueueBase):
     send; ``flush()`` sends at once.
     """
 
-    transport = Transport.NETLINK
+    transport: ClassVar[Transport] = Transport.NETLINK
 
     def __init__(
         self, config: QueueConfig, on_packet: OnPacket, group: WakeGroup | None = None
@@ -237,7 +179,7 @@ class NetlinkQueue(QueueBase):
         self._sock: socket.socket | None = None
         self._buf = bytearray(_RECV_SIZE)  # for the bind handshake
         self._view = memoryview(self._buf)
-        self._slots: _Slots | None = None
+        self._slots: recvmmsg.Slots | None = None
         self._undecided: set[int] = set()
         # The run of plain verdicts of one kind (self._run_verdict) not yet encoded, and the
         # encoded verdicts before it, in the order the consumer gave them.
@@ -297,7 +239,7 @@ class NetlinkQueue(QueueBase):
             sock.close()
             raise
         sock.setblocking(False)
-        self._slots = _Slots(min(_SLOTS, config.batch), _RECV_SIZE)
+        self._slots = recvmmsg.Slots(min(_SLOTS, config.batch), _RECV_SIZE)
         loop.add_reader(sock.fileno(), self._on_readable)
         self._state = QueueState.OPEN
         if self._run or self._out:
@@ -375,7 +317,7 @@ class NetlinkQueue(QueueBase):
             return
         assert self._loop is not None
         now = self._loop.time()
-        recvmmsg = _recvmmsg()
+        receive = recvmmsg.libc_recvmmsg()
         fd = sock.fileno()
         headers = slots.headers
         view = slots.view
@@ -409,7 +351,7 @@ class NetlinkQueue(QueueBase):
                     # syscall per wake-up for nothing. What arrives since wakes the loop.
                     break
                 asked = min(slots.count, batch - delivered)
-                count = recvmmsg(fd, headers, asked, MSG_DONTWAIT, None)
+                count = receive(fd, headers, asked, recvmmsg.MSG_DONTWAIT, None)
                 drained = count < asked
                 if count < 0:
                     err = ctypes.get_errno()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "PacketMessage",
@@ -29,61 +30,61 @@ __all__ = [
 
 # Constants from the kernel's UAPI headers (linux-libc-dev, Debian 12).
 # linux/socket.h
-AF_UNSPEC = 0
+AF_UNSPEC: Final = 0
 # linux/netlink.h
-NLM_F_REQUEST = 0x01
-NLM_F_ACK = 0x04
-NLMSG_ERROR = 0x2
-NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+NLM_F_REQUEST: Final = 0x01
+NLM_F_ACK: Final = 0x04
+NLMSG_ERROR: Final = 0x2
+NLA_TYPE_MASK: Final = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
 # linux/netfilter/nfnetlink.h
-NFNL_SUBSYS_QUEUE = 3
-NFNETLINK_V0 = 0
+NFNL_SUBSYS_QUEUE: Final = 3
+NFNETLINK_V0: Final = 0
 # linux/netfilter/nfnetlink_queue.h: enum nfqnl_msg_types
-NFQNL_MSG_PACKET = 0
-NFQNL_MSG_VERDICT = 1
-NFQNL_MSG_CONFIG = 2
-NFQNL_MSG_VERDICT_BATCH = 3
+NFQNL_MSG_PACKET: Final = 0
+NFQNL_MSG_VERDICT: Final = 1
+NFQNL_MSG_CONFIG: Final = 2
+NFQNL_MSG_VERDICT_BATCH: Final = 3
 # enum nfqnl_attr_type
-NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 2
-NFQA_IFINDEX_INDEV = 5
-NFQA_IFINDEX_PHYSINDEV = 7
-NFQA_PAYLOAD = 10
-NFQA_CAP_LEN = 13
-NFQA_SKB_INFO = 14
+NFQA_PACKET_HDR: Final = 1
+NFQA_VERDICT_HDR: Final = 2
+NFQA_IFINDEX_INDEV: Final = 5
+NFQA_IFINDEX_PHYSINDEV: Final = 7
+NFQA_PAYLOAD: Final = 10
+NFQA_CAP_LEN: Final = 13
+NFQA_SKB_INFO: Final = 14
 # enum nfqnl_msg_config_cmds
-NFQNL_CFG_CMD_BIND = 1
-NFQNL_CFG_CMD_UNBIND = 2
+NFQNL_CFG_CMD_BIND: Final = 1
+NFQNL_CFG_CMD_UNBIND: Final = 2
 # enum nfqnl_config_mode
-NFQNL_COPY_PACKET = 2
+NFQNL_COPY_PACKET: Final = 2
 # enum nfqnl_attr_config
-NFQA_CFG_CMD = 1
-NFQA_CFG_PARAMS = 2
-NFQA_CFG_QUEUE_MAXLEN = 3
-NFQA_CFG_MASK = 4
-NFQA_CFG_FLAGS = 5
+NFQA_CFG_CMD: Final = 1
+NFQA_CFG_PARAMS: Final = 2
+NFQA_CFG_QUEUE_MAXLEN: Final = 3
+NFQA_CFG_MASK: Final = 4
+NFQA_CFG_FLAGS: Final = 5
 # NFQA_CFG_F_*
-NFQA_CFG_F_FAIL_OPEN = 1 << 0
-NFQA_CFG_F_GSO = 1 << 2
+NFQA_CFG_F_FAIL_OPEN: Final = 1 << 0
+NFQA_CFG_F_GSO: Final = 1 << 2
 # NFQA_SKB_* (flags in NFQA_SKB_INFO)
-NFQA_SKB_CSUMNOTREADY = 1 << 0
-NFQA_SKB_GSO = 1 << 1
+NFQA_SKB_CSUMNOTREADY: Final = 1 << 0
+NFQA_SKB_GSO: Final = 1 << 1
 # linux/netfilter.h
-NF_DROP = 0
-NF_ACCEPT = 1
-NF_QUEUE = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
+NF_DROP: Final = 0
+NF_ACCEPT: Final = 1
+NF_QUEUE: Final = 3  # with the target queue number in the upper 16 bits (NF_QUEUE_NR)
 
-TYPE_PACKET = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
-_TYPE_VERDICT = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
-_PADDING = bytes(3)
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
-_NFGENMSG = struct.Struct(">BBH")  # family, version, res_id (the queue number, big-endian)
-NLMSG_LEN_TYPE = struct.Struct("=IH")  # the first two fields of NLMSGHDR
-NLATTR = struct.Struct("=HH")  # len, type: host byte order; attribute values are big-endian
-BE32 = struct.Struct(">I")
-_PACKET_HDR = struct.Struct(">IHB")  # struct nfqnl_msg_packet_hdr
-_ERRNO = struct.Struct("=i")
-HEADER_LEN = NLMSGHDR.size + _NFGENMSG.size  # 20: where the attributes start
+TYPE_PACKET: Final = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET
+_TYPE_VERDICT: Final = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT
+_PADDING: Final = bytes(3)
+NLMSGHDR: Final = struct.Struct("=IHHII")  # len, type, flags, seq, portid: host byte order
+_NFGENMSG: Final = struct.Struct(">BBH")  # family, version, res_id (the queue number, big-endian)
+NLMSG_LEN_TYPE: Final = struct.Struct("=IH")  # the first two fields of NLMSGHDR
+NLATTR: Final = struct.Struct("=HH")  # len, type: host byte order; attribute values are big-endian
+BE32: Final = struct.Struct(">I")
+_PACKET_HDR: Final = struct.Struct(">IHB")  # struct nfqnl_msg_packet_hdr
+_ERRNO: Final = struct.Struct("=i")
+HEADER_LEN: Final = NLMSGHDR.size + _NFGENMSG.size  # 20: where the attributes start
 
 
 def _attr(attr_type: int, value: bytes) -> bytes:
