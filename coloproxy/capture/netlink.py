@@ -46,7 +46,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, TypeVar
 
 from coloproxy.capture import recvmmsg
 from coloproxy.capture.netlink_codec import (
@@ -91,6 +91,8 @@ __all__ = ["NetlinkQueue"]
 
 log = logging.getLogger(__name__)
 
+E = TypeVar("E", bound=BaseException)
+
 # linux/netlink.h
 NETLINK_NETFILTER: Final = 12
 # asm-generic/socket.h: like SO_RCVBUF but may exceed net.core.rmem_max (needs CAP_NET_ADMIN)
@@ -126,6 +128,14 @@ _MAX_SEND: Final = 128 << 10
 
 # ---------------------------------------------------------------------------------------------
 # The transport.
+
+
+def _caused(error: E, cause: BaseException) -> E:
+    """``error`` with ``cause`` as its ``__cause__``. mypyc (this module is compiled) raises
+    ``raise error from cause`` without the ``from``: ``raise _caused(error, cause) from cause``
+    chains in both variants."""
+    error.__cause__ = cause
+    return error
 
 
 def _ascending(ids: list[int]) -> bool:
@@ -233,7 +243,7 @@ class NetlinkQueue(QueueBase):
         except OSError as exc:
             self._sock = None
             sock.close()
-            raise self._bind_error(exc.errno, exc) from exc
+            raise _caused(self._bind_error(exc.errno, exc), exc) from exc
         except BaseException:
             self._sock = None
             sock.close()
@@ -267,7 +277,8 @@ class NetlinkQueue(QueueBase):
                 try:
                     size = sock.recv_into(self._buf)
                 except TimeoutError as exc:
-                    raise OSError(errno.ETIMEDOUT, "no answer from nfnetlink_queue") from exc
+                    error = OSError(errno.ETIMEDOUT, "no answer from nfnetlink_queue")
+                    raise _caused(error, exc) from exc
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:  # not with NETLINK_NO_ENOBUFS; harmless
                         continue
@@ -508,10 +519,8 @@ class NetlinkQueue(QueueBase):
         except OSError as exc:
             # What was not sent stays queued: the next flush (or close) tries it again.
             # Verdicts lost here would hold their packets in the kernel until close.
-            raise QueueError(
-                f"queue {self._config.queue_num}: sending verdicts failed: {exc}",
-                self._config.queue_num,
-            ) from exc
+            message = f"queue {self._config.queue_num}: sending verdicts failed: {exc}"
+            raise _caused(QueueError(message, self._config.queue_num), exc) from exc
 
     def _send_out(self, sock: socket.socket) -> None:
         """Send the encoded verdicts, in datagrams of at most _MAX_SEND bytes."""
