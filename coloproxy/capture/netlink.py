@@ -277,8 +277,8 @@ class NetlinkQueue(QueueBase):
                 try:
                     size = sock.recv_into(self._buf)
                 except TimeoutError as exc:
-                    error = OSError(errno.ETIMEDOUT, "no answer from nfnetlink_queue")
-                    raise _caused(error, exc) from exc
+                    timeout_error = OSError(errno.ETIMEDOUT, "no answer from nfnetlink_queue")
+                    raise _caused(timeout_error, exc) from exc
                 except OSError as exc:
                     if exc.errno == errno.ENOBUFS:  # not with NETLINK_NO_ENOBUFS; harmless
                         continue
