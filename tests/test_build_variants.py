@@ -20,7 +20,8 @@ from coloproxy import cli, variant
 
 ROOT = Path(__file__).resolve().parent.parent
 # The tests of every module setup.py compiles: the comparator's, the framing's, the packet
-# layer's, host S's rewrites and the two proxies (coloproxy/variant.py COMPILED_MODULES).
+# layer's, host S's rewrites, the two proxies, the netlink queue (its codec, its reader) and
+# the timer pump (coloproxy/variant.py COMPILED_MODULES).
 PURE_TESTS = sorted(
     str(path.relative_to(ROOT))
     for pattern in (
@@ -31,6 +32,9 @@ PURE_TESTS = sorted(
         "test_rewrite_*.py",
         "test_daemon_primary.py",
         "test_daemon_secondary.py",
+        "test_netlink_codec.py",
+        "test_capture_nfqueue.py",
+        "test_pump.py",
     )
     for path in (ROOT / "tests").glob(pattern)
 )
