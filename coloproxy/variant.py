@@ -34,7 +34,9 @@ from typing import Final
 
 # The modules setup.py compiles (in import order): the packet parser, the comparator, the
 # chardev framing, the packet layer's checksums, TCP options and shifts, host S's rewrites and
-# the two proxies' per-packet pumps (daemon/primary.py, daemon/secondary.py). Compiled code
+# the two proxies' per-packet pumps (daemon/primary.py, daemon/secondary.py), and what every
+# NFQUEUE wake-up runs: the timer pump, the netlink codec and reader (capture/netlink.py; its
+# base QueueBase and the ctypes of capture/recvmmsg.py stay interpreted). Compiled code
 # checks argument and attribute types at runtime: the parser takes ``bytes | bytearray``
 # (packet/parse.py ``PacketData``), never a memoryview. Not compiled: packet/build.py (not
 # per packet), events.py and config.py (frozen dataclasses with fields annotated ``object``,
