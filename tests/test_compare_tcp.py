@@ -83,6 +83,53 @@ def test_identical_stream_is_released_segment_by_segment() -> None:
     assert pair.comparator.stats().stored_bytes == 0
 
 
+def test_a_long_held_queue_releases_in_stream_order() -> None:
+    """Hundreds of segments held at once, released one by one while new ones come, a few out
+    of order, resends of released bytes among them: each is released when the secondary's
+    matching segment comes, in stream order, a resend at once, and the oldest held one is the
+    one the statistics name (the queues drop released entries from the front)."""
+    pair = Pair(compare_timeout=60.0)
+    handshake(pair)
+    size, ahead, count = 10, 300, 1200
+    data = bytes(index % 251 for index in range(size * count))
+    # Primary segments in stream order, but every 50th pair swapped (later bytes first).
+    order = list(range(count))
+    for index in range(0, count - 1, 50):
+        order[index], order[index + 1] = order[index + 1], order[index]
+    arrival: dict[int, float] = {}
+
+    def send_primary(position: int) -> None:
+        segment = order[position]
+        pair.now = position / 1000
+        arrival[segment] = pair.now
+        payload = data[segment * size : (segment + 1) * size]
+        assert pair.primary(tcp(P_ISN + 1 + segment * size, payload), f"p{segment}") == []
+
+    for position in range(ahead):
+        send_primary(position)
+    for segment in range(count):
+        payload = data[segment * size : (segment + 1) * size]
+        assert pair.secondary(tcp(S_ISN + 1 + segment * size, payload), f"s{segment}") == [
+            Drop(f"s{segment}", DropReason.COMPARED),
+            Release(f"p{segment}", ReleaseReason.MATCHED),
+        ]
+        del arrival[segment]
+        if segment + ahead < count:
+            send_primary(segment + ahead)
+        if segment % 100 == 99:
+            # A resend of bytes released before: it goes before everything held (stream
+            # order), so nothing holds it back.
+            again = segment - 50
+            resend = tcp(P_ISN + 1 + again * size, data[again * size : (again + 1) * size])
+            assert pair.primary(resend, f"again{again}") == [
+                Release(f"again{again}", ReleaseReason.MATCHED)
+            ]
+        stats = pair.comparator.stats()
+        assert stats.held_packets == len(arrival)
+        assert stats.oldest_primary == (min(arrival.values()) if arrival else None)
+    assert pair.checkpoints() == []
+
+
 def test_secondary_first_releases_primary_at_once() -> None:
     pair = Pair()
     handshake(pair)

@@ -613,11 +613,9 @@ class Comparator:
         book = self._book
         config = self.config
         deadline: float | None = self._next_sweep
-        fifo = book.primary_fifo
-        while fifo and fifo[0].released:
-            fifo.popleft()
-        if fifo:
-            candidate = fifo[0].arrival + config.compare_timeout
+        first = book.oldest_primary()
+        if first is not None:
+            candidate = first.arrival + config.compare_timeout
             if deadline is None or candidate < deadline:
                 deadline = candidate
         secondary_timeout = config.secondary_timeout
@@ -703,9 +701,13 @@ class Comparator:
         # Deadlines are compared as ``arrival + timeout <= now``, the same sum get_timer()
         # returns, so that handle_timer(get_timer()) always fires (no float round-off).
         fifo = book.primary_fifo
+        head = book.primary_head
         timeout = config.compare_timeout
-        while fifo and (fifo[0].released or fifo[0].arrival + timeout <= now):
-            held = fifo.popleft()
+        while head < len(fifo):
+            held = fifo[head]
+            if not (held.released or held.arrival + timeout <= now):
+                break
+            head += 1
             flow = held.flow
             if held.released or flow is None or flow.diverged or flow.timed_out:
                 continue
@@ -717,6 +719,8 @@ class Comparator:
                 flow.label,
                 _timeout_evidence(held, config.compare_timeout),
             )
+        if head != book.primary_head:
+            book.trim_primary(head)
         if config.secondary_timeout is not None:
             stored_fifo = book.secondary_fifo
             secondary_timeout = config.secondary_timeout
@@ -808,8 +812,7 @@ class Comparator:
                 held.extend(flow.take_held())
                 flow.reset_epoch(book, synced)
                 continue
-            held.extend(flow.held)
-            flow.held.clear()
+            held.extend(flow.drain())
             if type(flow) is DatagramFlow:
                 flow.reset_epoch(book)
         held.sort(key=lambda entry: entry.serial)
@@ -843,10 +846,8 @@ class Comparator:
 
     def stats(self) -> CompareStats:
         book = self._book
-        fifo = book.primary_fifo
-        while fifo and fifo[0].released:
-            fifo.popleft()
-        oldest_primary = fifo[0].arrival if fifo else None
+        waiting = book.oldest_primary()
+        oldest_primary = waiting.arrival if waiting is not None else None
         if self._frozen:
             first = self._frozen[0].arrival
             oldest_primary = first if oldest_primary is None else min(first, oldest_primary)

@@ -63,9 +63,13 @@ class DatagramFlow(FlowState):
     def feed_secondary(self, payload: bytes, now: float, book: Book, out: list[Event]) -> bool:
         if self.diverged:
             return False
-        for held in self.held:
+        queue = self.held
+        for index in range(self.head, len(queue)):
+            held = queue[index]
             if held.payload == payload:
-                self.held.remove(held)
+                queue.pop(index)
+                if self.head and self.head == len(queue):
+                    self.trim(self.head)
                 book.stored_bytes -= len(payload)
                 book.bytes_compared += len(payload)
                 book.release(held, out, _MATCHED)
@@ -86,7 +90,8 @@ class DatagramFlow(FlowState):
         self.reorder_deadline = None
         if self.diverged or not self.held or not self.secondary:
             return
-        primary = self.held[0].payload
+        primary = self.held[self.head].payload
+        unmatched = len(self.held) - self.head
         secondary = self.secondary[0].data
         evidence = difference(
             primary,
@@ -94,14 +99,14 @@ class DatagramFlow(FlowState):
             None,
             len(primary),
             len(secondary),
-            f"{len(self.held)} primary and {len(self.secondary)} secondary datagrams unmatched",
+            f"{unmatched} primary and {len(self.secondary)} secondary datagrams unmatched",
         )
         self.diverged = True
         for stored in self.secondary:
             stored.live = False
             book.stored_bytes -= len(stored.data)
         self.secondary = []
-        for held in self.held:
+        for held in self.held[self.head :]:
             book.stored_bytes -= len(held.payload)
             held.payload = b""
         book.request(out, Reason.PAYLOAD, self.protocol, self.label, evidence)

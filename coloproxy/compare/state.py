@@ -33,16 +33,35 @@ NEED_ACK: Final = 8  # the secondary acknowledged at least ``ack`` (ACK gating)
 NEED_URG: Final = 16  # the secondary's urgent pointer named the stream offset ``urgent`` too
 NEED_CHECKPOINT: Final = 32  # nothing the secondary sends can match it: a checkpoint only
 
+# The queues of held packets (FlowState.held, Book.primary_fifo) are lists with a head index,
+# not deques: compiled, a list's operations are native calls and a deque's are generic method
+# calls (about 175 instructions for an append or popleft, 95 for an index). The front is cut
+# off once this many entries before the head are gone and they are the majority (a slice
+# delete moves the rest); a queue that runs empty starts again at 0.
+COMPACT_AT: Final = 256
+
 
 class FlowState:
     """What every kind of flow has: identity, held primary packets, divergence marks."""
 
-    __slots__ = ("diverged", "held", "key", "label", "last_active", "passthrough", "timed_out")
+    __slots__ = (
+        "diverged",
+        "head",
+        "held",
+        "key",
+        "label",
+        "last_active",
+        "passthrough",
+        "timed_out",
+    )
 
     def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
         self.key = key
         self.label = label
-        self.held: deque[Held] = deque()
+        # The held packets are ``held[head:]``, in order; ``held`` is empty (and ``head`` 0)
+        # when none is, so ``not held`` says whether any is.
+        self.held: list[Held] = []
+        self.head = 0
         self.diverged = False  # a divergence was reported: hold everything until checkpoint
         self.timed_out = False  # a timeout was reported for this flow in this epoch
         self.passthrough = False
@@ -51,6 +70,26 @@ class FlowState:
     def idle(self) -> bool:
         """Nothing held or stored: the flow may be forgotten without losing anything."""
         return not self.held
+
+    def drain(self) -> list[Held]:
+        """The held packets, in order, taken away (the queue is empty after)."""
+        held = self.held[self.head :] if self.head else self.held
+        self.held = []
+        self.head = 0
+        return held
+
+    def trim(self, head: int) -> None:
+        """The held packets before ``head`` are gone (released or removed): store ``head``,
+        emptying or compacting the queue as it says above COMPACT_AT."""
+        held = self.held
+        count = len(held)
+        if head >= count:
+            held.clear()
+            head = 0
+        elif head >= COMPACT_AT and head * 2 > count:
+            del held[:head]
+            head = 0
+        self.head = head
 
 
 class Held:
@@ -130,7 +169,10 @@ class Book:
         # Whether a checkpoint was asked for, a bound hit (hold and drop uncompared until the
         # checkpoint), a checkpoint runs.
         self.epoch = Epoch()
-        self.primary_fifo: deque[Held] = deque()  # arrival order, for compare_timeout
+        # Arrival order, for compare_timeout: ``primary_fifo[primary_head:]`` (as for
+        # FlowState.held; released entries are dropped from the front lazily).
+        self.primary_fifo: list[Held] = []
+        self.primary_head = 0
         self.secondary_fifo: deque[Stored] = deque()  # arrival order, for secondary_timeout
         # Held GSO packets that may be split (CompareConfig.split_after), arrival order.
         self.split_after = config.split_after
@@ -149,6 +191,31 @@ class Book:
         self.held_packets += 1
         self.primary_fifo.append(held)
         return held
+
+    def oldest_primary(self) -> Held | None:
+        """The oldest held primary packet that waits for compare_timeout, or None (the released
+        ones before it are dropped)."""
+        fifo = self.primary_fifo
+        head = self.primary_head
+        count = len(fifo)
+        while head < count and fifo[head].released:
+            head += 1
+        if head != self.primary_head:
+            self.trim_primary(head)
+            head = self.primary_head
+        return fifo[head] if head < len(fifo) else None
+
+    def trim_primary(self, head: int) -> None:
+        """The entries of primary_fifo before ``head`` are done with: as FlowState.trim."""
+        fifo = self.primary_fifo
+        count = len(fifo)
+        if head >= count:
+            fifo.clear()
+            head = 0
+        elif head >= COMPACT_AT and head * 2 > count:
+            del fifo[:head]
+            head = 0
+        self.primary_head = head
 
     def freeze(self, token: object, now: float, extra: list[object] | None) -> Held:
         """A primary packet held uncompared until the next checkpoint completes (no flow, no
@@ -197,6 +264,7 @@ class Book:
         """A checkpoint completed (everything held was released, every flow reset): nothing
         is held, stored or waiting for a timeout any more."""
         self.primary_fifo.clear()
+        self.primary_head = 0
         self.secondary_fifo.clear()
         self.split_fifo.clear()
         self.gated_fifo.clear()

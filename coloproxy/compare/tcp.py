@@ -80,7 +80,6 @@ is.
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import deque
 from typing import Final
 
 from coloproxy import seq
@@ -260,12 +259,11 @@ class TcpConnection(FlowState):
 
     def take_held(self) -> list[Held]:
         """Every held primary packet of every incarnation, taken away (for a checkpoint)."""
-        held = [*self.held, *self.stranded]
-        self.held.clear()
+        held = self.drain()
+        held.extend(self.stranded)
         self.stranded = []
         for earlier in self.older:
-            held.extend(earlier.held)
-            earlier.held.clear()
+            held.extend(earlier.drain())
         return held
 
     def forget(self, book: Book) -> None:
@@ -416,8 +414,7 @@ class TcpConnection(FlowState):
             # The oldest is forgotten: nothing can match its held packets any more; they time
             # out and a checkpoint releases them. A side still in it is in none now.
             oldest = self.older.pop(0)
-            self.stranded.extend(oldest.held)
-            oldest.held.clear()
+            self.stranded.extend(oldest.drain())
             oldest._forget_alignment(book)
             if self.at_primary is oldest:
                 self.at_primary = None
@@ -427,10 +424,11 @@ class TcpConnection(FlowState):
         moved.earlier = True
         moved.rewritten = self.rewritten
         moved.primary, moved.secondary = self.primary, self.secondary
-        moved.verified, moved.kept, moved.held = self.verified, self.kept, self.held
+        moved.verified, moved.kept = self.verified, self.kept
+        moved.held, moved.head = self.held, self.head
         moved.diverged, moved.timed_out = self.diverged, self.timed_out
         moved.rebase_asked = self.rebase_asked
-        for held in moved.held:
+        for held in moved.held[moved.head :]:
             held.flow = moved
         for side in (moved.primary, moved.secondary):
             for stored in side.chunks:
@@ -460,7 +458,8 @@ class TcpConnection(FlowState):
         self.secondary = TcpSide()
         self.verified = RangeSet()
         self.kept = KeptBytes(moved.kept.budget)
-        self.held = deque()
+        self.held = []
+        self.head = 0
         self.diverged = False
         self.timed_out = False
         self.rebase_asked = False
@@ -629,7 +628,8 @@ class TcpConnection(FlowState):
             # packet): in stream order, so that a held packet behind it in the stream, still
             # waiting for the secondary, does not hold it back (release goes in this order).
             index = len(queue) - 1
-            while index > 0 and start < queue[index - 1].start:
+            head = self.head
+            while index > head and start < queue[index - 1].start:
                 index -= 1
             queue.insert(index, held)
         else:
@@ -976,7 +976,9 @@ class TcpConnection(FlowState):
     def split(self, held: Held, book: Book, out: list[Event]) -> None:
         """Hand ``held`` back to be cut into segments: they come back as new primary packets
         (their bytes are this packet's, already verified or waiting in ``chunks``)."""
-        self.held.remove(held)
+        self.held.remove(held)  # never in the part before ``head``: it is not released
+        if self.head and self.head == len(self.held):
+            self.trim(self.head)
         self.split_end = max(self.split_end, held.end)
         held.released = True
         book.held_packets -= 1
@@ -985,10 +987,14 @@ class TcpConnection(FlowState):
 
     def release_ready(self, book: Book, out: list[Event]) -> None:
         held = self.held
+        first = self.head
+        head = first
+        count = len(held)
         secondary = self.secondary
         verified = self.verified
-        while held:
-            segment = held[0]
+        # ``break`` where the oldest held segment must wait: the head is stored after the loop.
+        while head < count:
+            segment = held[head]
             need = segment.need
             if need:
                 if need & NEED_ACK:
@@ -1005,23 +1011,23 @@ class TcpConnection(FlowState):
                         ):
                             segment.gated = True
                             book.gated_fifo.append((book.now, segment))
-                        return
+                        break
                 if need != NEED_ACK:  # a SYN, FIN, RST or URG waits for the secondary's too
                     if need & NEED_SYN and not secondary.syn:
-                        return
+                        break
                     if need & NEED_FIN and secondary.fin != segment.end:
-                        return
+                        break
                     if need & NEED_RST and secondary.rst is None:
-                        return
+                        break
                     if need & NEED_URG and segment.urgent not in secondary.urgent:
-                        return
+                        break
                     if need & NEED_CHECKPOINT:
-                        return
+                        break
             if segment.end > segment.start and not verified.contains(segment.start, segment.end):
-                return
+                break
             if self.split_end >= 0 and segment.start >= self.split_end:
-                return
-            held.popleft()
+                break
+            head += 1
             # book.release(segment, out, ReleaseReason.MATCHED), without the call
             segment.released = True
             book.held_packets -= 1
@@ -1029,6 +1035,13 @@ class TcpConnection(FlowState):
             if segment.extra:
                 for token in segment.extra:
                     out.append(Release(token, _MATCHED))
+        if head != first:
+            # self.trim(head), without the call when the queue ran empty (the usual case)
+            if head == count:
+                held.clear()
+                self.head = 0
+            else:
+                self.trim(head)
 
 
 def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str] | None:
