@@ -68,12 +68,20 @@ class Lanes:
         self._max_held_bytes = config.max_held_bytes
         self._tcp: dict[bytes, TcpConnection] = {}
         self._udp: dict[bytes, DatagramFlow] = {}
+        # Each lane's last key and its flow: consecutive packets mostly belong to one flow, and
+        # comparing 12 bytes costs much less than a dict lookup (hashing the key, a new bytes
+        # object each time). Forgotten whenever a flow is added or removed.
+        self._tcp_key = b""
+        self._tcp_last: TcpConnection | None = None
+        self._udp_key = b""
+        self._udp_last: DatagramFlow | None = None
 
     def add(self, key: tuple[object, ...], flow: FlowState, proto: int) -> None:
         """A new flow of the comparator (``key`` as in its flow table): its lane takes it."""
         found = lane_key(key)
         if found is None or flow.passthrough:
             return
+        self._forget_last()
         if type(flow) is TcpConnection:
             self._tcp[found] = flow
         elif type(flow) is DatagramFlow and proto == PROTO_UDP:
@@ -83,8 +91,15 @@ class Lanes:
         """The comparator forgot the flow of ``key``."""
         found = lane_key(key)
         if found is not None:
+            self._forget_last()
             lane = self._tcp if key[0] == PROTO_TCP else self._udp
             lane.pop(found, None)
+
+    def _forget_last(self) -> None:
+        self._tcp_key = b""
+        self._tcp_last = None
+        self._udp_key = b""
+        self._udp_last = None
 
     def feed(
         self,
@@ -126,7 +141,13 @@ class Lanes:
         )
         l4 = l3 + 20
         if proto == PROTO_TCP:
-            connection = self._tcp.get(key)
+            if key == self._tcp_key:
+                connection = self._tcp_last
+            else:
+                connection = self._tcp.get(key)
+                if connection is not None:
+                    self._tcp_key = key
+                    self._tcp_last = connection
             offset: int = data[l3 + 32]
             flags: int = data[l3 + 33]
             end = l3 + total
@@ -158,7 +179,13 @@ class Lanes:
                     connection.feed_secondary(number, ack, flags, data[start:end], now, book, out)
                 return True
         elif proto == PROTO_UDP:
-            datagrams = self._udp.get(key)
+            if key == self._udp_key:
+                datagrams = self._udp_last
+            else:
+                datagrams = self._udp.get(key)
+                if datagrams is not None:
+                    self._udp_key = key
+                    self._udp_last = datagrams
             length = number >> 16  # the UDP length field, where TCP's seq would be
             if (
                 datagrams is not None
