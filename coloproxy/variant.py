@@ -140,7 +140,16 @@ def loaded_variants() -> dict[str, str]:
     """Each compiled module, imported, and whether it runs compiled or pure."""
     found = {}
     for module in COMPILED_MODULES:
-        loaded = importlib.import_module(module)
+        try:
+            loaded = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if (exc.name or "coloproxy").partition(".")[0] == "coloproxy":
+                raise
+            # A third-party module it needs is missing from this Python (a benchmark run with
+            # a bare interpreter: capture/ needs pyroute2): the files tell which would run.
+            pure = pure_forced() or _extension(module) is None
+            found[module] = PURE if pure else COMPILED
+            continue
         compiled = (loaded.__file__ or "").endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
         found[module] = COMPILED if compiled else PURE
     return found

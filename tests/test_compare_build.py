@@ -7,7 +7,10 @@ nothing to check.
 
 from __future__ import annotations
 
+import importlib
 import importlib.machinery
+
+import pytest
 
 from coloproxy import variant
 
@@ -33,3 +36,30 @@ def test_each_module_runs_the_variant_on_disk() -> None:
         )
         expected = variant.COMPILED if built and not forced else variant.PURE
         assert found == expected, (module, found, "built" if built else "no build")
+
+
+def test_a_missing_third_party_module_is_told_from_the_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A benchmark run with a bare interpreter (no pyroute2) still learns which variant is on
+    # disk; a coloproxy module that does not import is still an error.
+    target = "coloproxy.capture.netlink"
+    real_import = importlib.import_module
+
+    def without_pyroute2(name: str) -> object:
+        if name == target:
+            raise ModuleNotFoundError("No module named 'pyroute2'", name="pyroute2")
+        return real_import(name)
+
+    monkeypatch.setattr(importlib, "import_module", without_pyroute2)
+    expected = variant.PURE if variant._extension(target) is None else variant.COMPILED
+    assert variant.loaded_variants()[target] == expected
+
+    def without_own(name: str) -> object:
+        if name == target:
+            raise ModuleNotFoundError("No module named 'coloproxy.gone'", name="coloproxy.gone")
+        return real_import(name)
+
+    monkeypatch.setattr(importlib, "import_module", without_own)
+    with pytest.raises(ModuleNotFoundError):
+        variant.loaded_variants()
