@@ -3,10 +3,10 @@
 The per-packet path allocates a few objects the collector tracks for every packet: the held
 packet (``compare.state.Held``), a stored chunk (``Stored``), the verdict events
 (``Release``, ``Drop``). CPython's default runs a young collection every 700 such
-allocations, which is every 150 or so packets: about 900 of the 14 500 instructions a
-64-byte TCP packet costs on the chardev path (callgrind, bench/relay_loop.py; figures in
-docs/benchmarks.md, "The collector's threshold"), and a walk over objects that are no longer
-in the CPU's caches.
+allocations, which is every 150 or so packets: 5-7 % of the comparator's instructions per
+packet on 64-byte TCP segments and on UDP datagrams (callgrind, bench/relay_loop.py; figures
+in docs/benchmarks.md, "The collector's threshold"), and a walk over objects that are no
+longer in the CPU's caches.
 
 ``tune()`` raises the young generation's threshold to ``YOUNG_THRESHOLD``; the older
 generations keep CPython's default (a middle collection every 10 young ones, a full one
