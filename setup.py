@@ -72,9 +72,13 @@ def _extensions() -> list[Any]:
     sources = [str(Path(*module.split(".")).with_suffix(".py")) for module in COMPILED_MODULES]
     # One group named inside the package, so that its shared library sits in coloproxy/
     # and imports wherever coloproxy does (the default name is a hash at the top level).
-    extensions: list[Any] = mypycify(
-        sources, group_name=GROUP_NAME, target_dir="build/mypyc", opt_level="3"
-    )
+    try:
+        extensions: list[Any] = mypycify(
+            sources, group_name=GROUP_NAME, target_dir="build/mypyc", opt_level="3"
+        )
+    except (Exception, SystemExit) as exc:  # mypyc exits on a type error it finds
+        _say(f"mypyc could not compile ({exc!r}): building the pure-Python comparator")
+        return []
     return extensions
 
 
