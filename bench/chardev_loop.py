@@ -41,16 +41,7 @@ from workloads import NAMES, make_workload  # noqa: E402
 def chunks(name: str, packets: int, vnet: bool) -> tuple[int, list[tuple[bool, bytes]]]:
     workload = make_workload(name, packets, secondary_in_primary_seq_space=True)
     streams = frame_streams(workload, vnet)
-    out: list[tuple[bool, bytes]] = []
-    primary_at = secondary_at = 0
-    for primary_end, secondary_end in streams.boundaries:
-        if primary_end > primary_at:
-            out.append((True, streams.primary[primary_at:primary_end]))
-            primary_at = primary_end
-        if secondary_end > secondary_at:
-            out.append((False, streams.secondary[secondary_at:secondary_end]))
-            secondary_at = secondary_end
-    return len(workload.primary_frames), out
+    return len(workload.primary_frames), streams.receives()
 
 
 class _Requests:

@@ -90,6 +90,20 @@ class FramedStreams:
     primary_frames: int
     secondary_frames: int
 
+    def receives(self) -> list[tuple[bool, bytes]]:
+        """The chunks as a reader of both inputs gets them, in feeding order: (primary side,
+        the chunk's bytes) for each side that has bytes in a chunk."""
+        out: list[tuple[bool, bytes]] = []
+        primary_at = secondary_at = 0
+        for primary_end, secondary_end in self.boundaries:
+            if primary_end > primary_at:
+                out.append((True, self.primary[primary_at:primary_end]))
+                primary_at = primary_end
+            if secondary_end > secondary_at:
+                out.append((False, self.secondary[secondary_at:secondary_end]))
+                secondary_at = secondary_end
+        return out
+
 
 def length_framed(frame: bytes) -> bytes:
     """colo-compare's framing without vnet headers: a 4-byte big-endian length, the frame."""

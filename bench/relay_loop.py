@@ -38,16 +38,7 @@ from qemu_colo_compare import frame_streams  # noqa: E402
 def chunks(name: str, packets: int) -> tuple[int, list[tuple[bool, bytes]]]:
     workload = bench_workload(name, packets)
     streams = frame_streams(workload)
-    out: list[tuple[bool, bytes]] = []
-    primary_at = secondary_at = 0
-    for primary_end, secondary_end in streams.boundaries:
-        if primary_end > primary_at:
-            out.append((True, streams.primary[primary_at:primary_end]))
-            primary_at = primary_end
-        if secondary_end > secondary_at:
-            out.append((False, streams.secondary[secondary_at:secondary_end]))
-            secondary_at = secondary_end
-    return len(workload.primary_frames), out
+    return len(workload.primary_frames), streams.receives()
 
 
 def relay(primary_count: int, received: list[tuple[bool, bytes]]) -> float:
