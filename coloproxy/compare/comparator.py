@@ -299,6 +299,7 @@ class Comparator:
                     )
             return out
         if isinstance(frames, list) and isinstance(tokens, list):
+            # The same loop as below, with both narrowed to lists: compiled, native indexing.
             for index in range(count):
                 packet = frames[index]
                 self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)

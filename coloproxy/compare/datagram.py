@@ -20,6 +20,9 @@ _MATCHED: Final = ReleaseReason.MATCHED
 
 
 class DatagramFlow(FlowState):
+    # A held datagram leaves by its index (any secondary datagram may match any held one),
+    # never from the front by ``head``: here ``head`` stays 0 and ``held`` is a plain list.
+
     __slots__ = ("protocol", "reorder_deadline", "secondary")
 
     def __init__(self, key: tuple[object, ...], label: Flow, now: float) -> None:
@@ -64,12 +67,10 @@ class DatagramFlow(FlowState):
         if self.diverged:
             return False
         queue = self.held
-        for index in range(self.head, len(queue)):
+        for index in range(len(queue)):
             held = queue[index]
             if held.payload == payload:
                 queue.pop(index)
-                if self.head and self.head == len(queue):
-                    self.trim(self.head)
                 book.stored_bytes -= len(payload)
                 book.bytes_compared += len(payload)
                 book.release(held, out, _MATCHED)
@@ -90,8 +91,7 @@ class DatagramFlow(FlowState):
         self.reorder_deadline = None
         if self.diverged or not self.held or not self.secondary:
             return
-        primary = self.held[self.head].payload
-        unmatched = len(self.held) - self.head
+        primary = self.held[0].payload
         secondary = self.secondary[0].data
         evidence = difference(
             primary,
@@ -99,14 +99,14 @@ class DatagramFlow(FlowState):
             None,
             len(primary),
             len(secondary),
-            f"{unmatched} primary and {len(self.secondary)} secondary datagrams unmatched",
+            f"{len(self.held)} primary and {len(self.secondary)} secondary datagrams unmatched",
         )
         self.diverged = True
         for stored in self.secondary:
             stored.live = False
             book.stored_bytes -= len(stored.data)
         self.secondary = []
-        for held in self.held[self.head :]:
+        for held in self.held:
             book.stored_bytes -= len(held.payload)
             held.payload = b""
         book.request(out, Reason.PAYLOAD, self.protocol, self.label, evidence)

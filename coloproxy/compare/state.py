@@ -41,6 +41,19 @@ NEED_CHECKPOINT: Final = 32  # nothing the secondary sends can match it: a check
 COMPACT_AT: Final = 256
 
 
+def cut_front(queue: list[Held], head: int) -> int:
+    """``queue[head:]`` is what is left of a queue with a head index: empty it when nothing
+    is, cut its front off when COMPACT_AT says so; the head index to store."""
+    count = len(queue)
+    if head >= count:
+        queue.clear()
+        return 0
+    if head >= COMPACT_AT and head * 2 > count:
+        del queue[:head]
+        return 0
+    return head
+
+
 class FlowState:
     """What every kind of flow has: identity, held primary packets, divergence marks."""
 
@@ -81,15 +94,7 @@ class FlowState:
     def trim(self, head: int) -> None:
         """The held packets before ``head`` are gone (released or removed): store ``head``,
         emptying or compacting the queue as it says above COMPACT_AT."""
-        held = self.held
-        count = len(held)
-        if head >= count:
-            held.clear()
-            head = 0
-        elif head >= COMPACT_AT and head * 2 > count:
-            del held[:head]
-            head = 0
-        self.head = head
+        self.head = cut_front(self.held, head)
 
 
 class Held:
@@ -207,15 +212,7 @@ class Book:
 
     def trim_primary(self, head: int) -> None:
         """The entries of primary_fifo before ``head`` are done with: as FlowState.trim."""
-        fifo = self.primary_fifo
-        count = len(fifo)
-        if head >= count:
-            fifo.clear()
-            head = 0
-        elif head >= COMPACT_AT and head * 2 > count:
-            del fifo[:head]
-            head = 0
-        self.primary_head = head
+        self.primary_head = cut_front(self.primary_fifo, head)
 
     def freeze(self, token: object, now: float, extra: list[object] | None) -> Held:
         """A primary packet held uncompared until the next checkpoint completes (no flow, no

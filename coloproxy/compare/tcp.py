@@ -977,8 +977,7 @@ class TcpConnection(FlowState):
         """Hand ``held`` back to be cut into segments: they come back as new primary packets
         (their bytes are this packet's, already verified or waiting in ``chunks``)."""
         self.held.remove(held)  # never in the part before ``head``: it is not released
-        if self.head and self.head == len(self.held):
-            self.trim(self.head)
+        self.trim(self.head)  # empty when only released ones were left before it
         self.split_end = max(self.split_end, held.end)
         held.released = True
         book.held_packets -= 1
