@@ -856,6 +856,21 @@ def test_rsts_after_fins_on_both_sides_are_released() -> None:
         assert pair.released() == ["p-syn", "p-fin", "p-rst"]
 
 
+def test_a_rst_whose_fate_differs_is_not_released_as_matched() -> None:
+    """Found by bench/fuzz_compare.py: the secondary's RST came with another incarnation's
+    sequence number, so it landed before bytes the primary had sent, a fate divergence; the
+    primary's RST was released as matched all the same, because the secondary had a RST."""
+    pair = _closed_pair()
+    assert pair.primary(tcp(P_ISN + 5, flags=RST), "p-rst") == []
+    pair.secondary(tcp(S_ISN + 2, flags=RST), "s-rst")  # before the primary's "bye"
+    (needed,) = pair.checkpoints()
+    assert needed.reason is Reason.FATE
+    assert pair.released() == ["p-syn", "p-fin"]  # the RST waits for the checkpoint
+    pair.comparator.checkpoint_started(pair.now)
+    completed = pair.comparator.checkpoint_completed(pair.now, synced=True)
+    assert Release("p-rst", ReleaseReason.CHECKPOINT) in completed
+
+
 def test_a_secondary_fin_the_primary_never_sends_is_a_fate_divergence() -> None:
     pair = Pair()
     handshake(pair)

@@ -745,9 +745,11 @@ class Comparator:
                 evidence = Evidence(
                     offset=stored.start if type(flow) is TcpConnection else None,
                     primary=b"",
-                    secondary=stored.data[:EVIDENCE_BYTES],
+                    secondary=stored.span(
+                        stored.start, min(stored.end, stored.start + EVIDENCE_BYTES)
+                    ),
                     primary_length=0,
-                    secondary_length=len(stored.data),
+                    secondary_length=stored.end - stored.start,
                     detail=detail,
                 )
                 book.request(out, reason, flow.label.protocol, flow.label, evidence)

@@ -133,17 +133,39 @@ class Held:
 
 
 class Stored:
-    """Bytes one side produced that wait for the other side (a TCP chunk or a datagram)."""
+    """Bytes one side produced that wait for the other side (a TCP chunk or a datagram).
 
-    __slots__ = ("arrival", "data", "end", "flow", "live", "start")
+    What waits is [``start``, ``end``); ``data`` holds it from ``base`` on, and may hold more
+    at either end: a TCP chunk partly matched keeps the buffer it arrived in and moves its
+    bounds (compiled, a slice is a copy). ``waiting()`` gives the bytes of [start, end).
+    """
+
+    __slots__ = ("arrival", "base", "data", "end", "flow", "live", "start")
 
     def __init__(self, start: int, data: bytes, arrival: float, flow: FlowState) -> None:
         self.start = start
+        self.base = start
         self.end = start + len(data)
         self.data = data
         self.arrival = arrival
         self.flow = flow
         self.live = True
+
+    def waiting(self) -> bytes:
+        """The bytes of [start, end)."""
+        data = self.data
+        low = self.start - self.base
+        if low == 0 and self.end - self.start == len(data):
+            return data
+        return data[low : self.end - self.base]
+
+    def span(self, low: int, high: int) -> bytes:
+        """The bytes of [low, high), within [start, end)."""
+        data = self.data
+        base = self.base
+        if low == base and high - low == len(data):
+            return data
+        return data[low - base : high - base]
 
 
 class Signal(Stored):

@@ -770,7 +770,7 @@ class TcpConnection(FlowState):
                 self._store(mine, primary_side, start, data, now, book)
                 return
             first = chunks[0]
-            if first.start == start and first.end == end and first.data == data:
+            if first.start == start and first.end == end and first.span(start, end) == data:
                 first.live = False
                 chunks.pop(0)  # (a native call compiled; del is a generic one)
                 verified.add(start, end)
@@ -796,7 +796,7 @@ class TcpConnection(FlowState):
                     else piece[new_low - low : new_high - low]
                 )
                 if chunk is not None:
-                    first_sent = chunk.data[new_low - chunk.start : new_high - chunk.start]
+                    first_sent = chunk.span(new_low, new_high)
                     if part != first_sent:
                         self._resent_differently(primary_side, new_low, part, first_sent, book, out)
                         return
@@ -858,25 +858,35 @@ class TcpConnection(FlowState):
     def _match(
         self, primary_side: bool, start: int, piece: bytes, now: float, book: Book, out: list[Event]
     ) -> bool:
-        """Compare new bytes [start, start+len) of one side with the other side's chunks."""
+        """Compare new bytes [start, start+len) of one side with the other side's chunks.
+
+        Compiled, every slice is a copy: the other side's chunks keep their buffers as they
+        are matched away (``Stored.base``), and a run of matched bytes is verified and kept in
+        one piece (the whole of ``piece`` in the common case: no copy at all).
+        """
         mine = self.primary if primary_side else self.secondary
         other = self.secondary if primary_side else self.primary
         chunks = other.chunks
         end = start + len(piece)
         pos = start
+        matched = start  # [matched, pos) compared equal, not yet verified and kept
         index = _first_ending_after(chunks, start)
         while pos < end:
             if index < len(chunks) and chunks[index].start < end:
                 chunk = chunks[index]
                 if chunk.start > pos:
+                    self._verify(matched, pos, start, piece, book)
                     self._store(
                         mine, primary_side, pos, piece[pos - start : chunk.start - start], now, book
                     )
-                    pos = chunk.start
+                    pos = matched = chunk.start
                 stop = min(end, chunk.end)
-                ours = piece[pos - start : stop - start]
-                theirs = chunk.data[pos - chunk.start : stop - chunk.start]
+                ours = (
+                    piece if (pos == start and stop == end) else piece[pos - start : stop - start]
+                )
+                theirs = chunk.span(pos, stop)
                 if ours != theirs:
+                    self._verify(matched, pos, start, piece, book)
                     if primary_side:
                         evidence = difference(
                             ours, theirs, pos, len(piece), chunk.end - chunk.start, ""
@@ -887,24 +897,19 @@ class TcpConnection(FlowState):
                         )
                     self._diverge(Reason.PAYLOAD, evidence, book, out)
                     return False
-                self.verified.add(pos, stop)
-                self.kept.add(pos, ours)
-                book.bytes_compared += stop - pos
-                book.stored_bytes -= stop - pos
-                # remove [pos, stop) from the other side's chunk
+                # remove [pos, stop) from the other side's chunk (its buffer stays as it is)
                 if pos == chunk.start and stop == chunk.end:
                     chunk.live = False
                     chunks.pop(index)
                 elif pos == chunk.start:
-                    chunk.data = chunk.data[stop - chunk.start :]
                     chunk.start = stop
                 elif stop == chunk.end:
-                    chunk.data = chunk.data[: pos - chunk.start]
                     chunk.end = pos
                     index += 1
                 else:
-                    tail = Stored(stop, chunk.data[stop - chunk.start :], chunk.arrival, chunk.flow)
-                    chunk.data = chunk.data[: pos - chunk.start]
+                    tail = Stored(chunk.base, chunk.data, chunk.arrival, chunk.flow)
+                    tail.start = stop
+                    tail.end = chunk.end
                     chunk.end = pos
                     chunks.insert(index + 1, tail)
                     if primary_side and book.secondary_timeout is not None:
@@ -914,6 +919,7 @@ class TcpConnection(FlowState):
                     index += 1
                 pos = stop
             else:
+                self._verify(matched, pos, start, piece, book)
                 self._store(
                     mine,
                     primary_side,
@@ -922,8 +928,18 @@ class TcpConnection(FlowState):
                     now,
                     book,
                 )
-                pos = end
+                pos = matched = end
+        self._verify(matched, pos, start, piece, book)
         return True
+
+    def _verify(self, low: int, high: int, start: int, piece: bytes, book: Book) -> None:
+        """[low, high) of ``piece`` (which starts at ``start``) compared equal: verified, kept."""
+        if high > low:
+            self.verified.add(low, high)
+            whole = low == start and high - low == len(piece)
+            self.kept.add(low, piece if whole else piece[low - start : high - start])
+            book.bytes_compared += high - low
+            book.stored_bytes -= high - low
 
     def _store(
         self, side: TcpSide, primary_side: bool, start: int, data: bytes, now: float, book: Book
@@ -1012,6 +1028,12 @@ class TcpConnection(FlowState):
                             book.gated_fifo.append((book.now, segment))
                         break
                 if need != NEED_ACK:  # a SYN, FIN, RST or URG waits for the secondary's too
+                    if self.diverged:
+                        # Not after a divergence: the secondary's mark may be the one that
+                        # diverged (a RST is matched by any RST, and a RST of another fate
+                        # is only found to be one by _check_fate). Bytes compared equal are
+                        # still released; the rest waits for the checkpoint.
+                        break
                     if need & NEED_SYN and not secondary.syn:
                         break
                     if need & NEED_FIN and secondary.fin != segment.end:
