@@ -106,9 +106,11 @@ def main() -> int:
     from coloproxy import variant
 
     primary_count, received = chunks(args.workload, args.packets, args.vnet)
-    from coloproxy.daemon import collector
+    from coloproxy.compare import CompareConfig
+    from coloproxy.daemon import collector, heap
 
     collector.tune()  # as `coloproxy run` does (the same in a --setup-only run)
+    heap.reserve(CompareConfig().max_retransmit_bytes)  # as `coloproxy run` does on host P
     if args.setup_only:
         import coloproxy.capture.chardev
         import coloproxy.daemon.primary  # noqa: F401  the same imports as a run

@@ -288,10 +288,12 @@ def _serve_ours(
         for listener in listeners:
             listener.close()
         primary_in, secondary_in, out = connections
-        report.send("ready")
-        from coloproxy.daemon import collector
+        from coloproxy.compare import CompareConfig
+        from coloproxy.daemon import collector, heap
 
         collector.tune()  # as `coloproxy run` does
+        heap.reserve(CompareConfig().max_retransmit_bytes)  # as `coloproxy run` does on host P
+        report.send("ready")
         cpu_started = time.process_time()  # idle until the harness writes: CPU, not wall
         primary_side, secondary_side = _sides()
         comparator = _new_comparator()

@@ -78,9 +78,11 @@ def main() -> int:
     from coloproxy import variant
 
     primary_count, received = chunks(args.workload, args.packets)
-    from coloproxy.daemon import collector
+    from coloproxy.compare import CompareConfig
+    from coloproxy.daemon import collector, heap
 
     collector.tune()  # as `coloproxy run` does (the same in a --setup-only run)
+    heap.reserve(CompareConfig().max_retransmit_bytes)  # as `coloproxy run` does on host P
     if args.setup_only:
         import coloproxy.compare.relay
         import coloproxy.protocol.colo_frames  # noqa: F401  the same imports as a run

@@ -38,7 +38,7 @@ from coloproxy.config import (
     QuorumService,
     load_config,
 )
-from coloproxy.daemon import collector, logs
+from coloproxy.daemon import collector, heap, logs
 from coloproxy.daemon import reload as reloading
 from coloproxy.daemon.control import DaemonControl
 from coloproxy.daemon.datapath import DataPath
@@ -451,6 +451,10 @@ def run(
         await daemon.run()
 
     collector.tune()
+    if config.pair.role is Role.PRIMARY:
+        heap.reserve(config.compare.max_retransmit_bytes)
+    else:
+        heap.keep(config.compare.max_retransmit_bytes)
     if loop_factory is None:
         with contextlib.suppress(ImportError):
             import uvloop
