@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from coloproxy.compare import Comparator, CompareConfig, Side, relay
 from coloproxy.compare.events import CheckpointNeeded, Reason
@@ -243,3 +246,71 @@ def test_held_frames_are_the_proxys_verdicts_and_say_when_output_waits() -> None
     assert held.take() == encode_frames([b"a" * 10, b"b" * 20])
     held.accept(tokens[2])
     assert woken == [1, 1]
+
+
+def _state(held: HeldFrames) -> tuple[int, int, int, int, bytes]:
+    return held.queued_frames, held.queued_bytes, len(held), held.unknown, held.take()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    single=st.integers(0, 3),
+    order=st.randoms(use_true_random=False),
+    runs=st.lists(st.integers(1, 8), min_size=1, max_size=10),
+    bad=st.sampled_from([None, "again", "unknown", "secondary"]),
+)
+def test_accept_many_is_accept_one_at_a_time(
+    sizes: list[int], single: int, order: random.Random, runs: list[int], bad: str | None
+) -> None:
+    """Batches of in-place frames, frames held one by one, tokens in stretches and out of
+    order, a token twice or never held: ``accept_many`` leaves what ``accept`` one at a time
+    leaves, raises where it raises, and what comes out is the same bytes."""
+    receives = [
+        encode_frames([bytes([n, i]) * (10 + i) for i in range(size)])
+        for n, size in enumerate(sizes)
+    ]
+    tokens: list[object] = []
+    pair = (HeldFrames(), HeldFrames())
+    for held in pair:
+        tokens = []
+        for data in receives:
+            tokens += held.hold_frames(_cut(data))
+        tokens += held.hold([bytes([99, i]) * 7 for i in range(single)])
+    # mostly in order, some stretches moved: what a comparator's releases look like
+    handles: list[object] = sorted(tokens, key=lambda token: order.random() < 0.2)
+    if bad == "again" and handles:
+        handles.insert(order.randrange(len(handles)), handles[0])
+    elif bad == "unknown":
+        handles.insert(order.randrange(len(handles) + 1), 10_000)
+    elif bad == "secondary":
+        handles.insert(order.randrange(len(handles) + 1), None)
+    many, one = pair
+    position = 0
+    raised = [False, False]
+    for length in runs * (len(handles) // sum(runs) + 1):
+        chunk = handles[position : position + length]
+        position += length
+        try:
+            many.accept_many(chunk)
+        except UsageError:
+            raised[0] = True
+        try:
+            for handle in chunk:
+                one.accept(handle)
+        except UsageError:
+            raised[1] = True
+        assert raised[0] == raised[1]
+        if raised[0] or position >= len(handles):
+            break
+    assert _state(many) == _state(one)
+
+
+def test_accept_many_refuses_a_token_released_already_inside_a_stretch() -> None:
+    held = HeldFrames()
+    tokens = held.hold_frames(_cut(encode_frames([bytes([n]) * 20 for n in range(6)])))
+    held.accept_many([tokens[4]])
+    with pytest.raises(UsageError):
+        held.accept_many([tokens[2], tokens[3], tokens[4], tokens[5]])
+    assert len(held) == 3  # 0, 1 and 5: 2 and 3 went out before the refusal
+    assert held.take() == encode_frames([bytes([n]) * 20 for n in (4, 2, 3)])

@@ -229,10 +229,68 @@ class HeldFrames:
 
     def accept_many(self, handles: list[object]) -> None:
         """``accept`` each of ``handles``, in order (the proxy hands over a batch's releases
-        in one call: ``daemon/primary.py`` ``BatchVerdicts``)."""
-        for handle in handles:
-            if not self.release(handle):
-                raise UsageError(f"release of frame {handle!r}, which is not held")
+        in one call: ``daemon/primary.py`` ``BatchVerdicts``).
+
+        The same as ``accept`` one by one, taken a stretch at a time: consecutive tokens
+        held in one batch (a connection's segments matched in stream order: nearly always
+        the whole list) are released together, the batch found once and the counts added
+        once per stretch."""
+        count: int = len(handles)
+        position: int = 0
+        while position < count:
+            handle = handles[position]
+            batch: _Batch | None = None
+            start: int = 0
+            if isinstance(handle, int):
+                run = self._run
+                if run is not None and run.first <= handle < run.first + len(run.live):
+                    batch = run  # the common case: the run being extended
+                else:
+                    batch = self._find(handle)
+                if batch is not None:
+                    start = handle - batch.first
+            if batch is None or not batch.live[start]:
+                # Not in a batch (held apart, or not held): one at a time.
+                if not self.release(handle):
+                    raise UsageError(f"release of frame {handle!r}, which is not held")
+                position += 1
+                continue
+            live = batch.live
+            end: int = start
+            limit: int = len(live)
+            # The stretch: tokens that follow one another, each still held in ``batch``.
+            while True:
+                live[end] = False
+                end += 1
+                position += 1
+                if position >= count or end >= limit or not live[end]:
+                    break
+                following = handles[position]
+                if not isinstance(following, int) or following != batch.first + end:
+                    break
+            self._release_stretch(batch, start, end)
+
+    def _release_stretch(self, batch: _Batch, start: int, end: int) -> None:
+        """Frames [start, end) of ``batch``, just marked not live: queue them (``release``
+        for each, in order, at once)."""
+        stretch: int = end - start
+        batch.held -= stretch
+        self._held -= stretch
+        bounds = batch.bounds
+        self.queued_bytes += bounds[end] - bounds[start]
+        if batch is self._run and start == self._run_end:
+            self._run_end = end
+        else:
+            self._close_run()
+            self._run = batch
+            self._run_start = start
+            self._run_end = end
+        if not batch.held:
+            self._drop_batch(batch)
+        was_empty = not self.queued_frames
+        self.queued_frames += stretch
+        if was_empty and self.on_queued is not None:
+            self.on_queued()
 
     def drop(self, handle: object) -> None:
         raise UsageError("a frame-relaying shell never drops a primary frame (I2)")
