@@ -36,7 +36,9 @@ from typing import Final
 # chardev framing, the packet layer's checksums, TCP options and shifts, host S's rewrites and
 # the two proxies' per-packet pumps (daemon/primary.py, daemon/secondary.py), and what every
 # NFQUEUE wake-up runs: the timer pump, the netlink codec and reader (capture/netlink.py; its
-# base QueueBase and the ctypes of capture/recvmmsg.py stay interpreted). Compiled code
+# base QueueBase and the ctypes of capture/recvmmsg.py stay interpreted), and the chardev
+# transport's receive and write path (capture/chardev.py; its sockets, capture/chardev_link.py,
+# stay interpreted). Compiled code
 # checks argument and attribute types at runtime: the parser takes ``bytes | bytearray``
 # (packet/parse.py ``PacketData``), never a memoryview. Not compiled: packet/build.py (not
 # per packet), events.py and config.py (frozen dataclasses with fields annotated ``object``,
@@ -66,6 +68,7 @@ COMPILED_MODULES: Final = (
     "coloproxy.pump",
     "coloproxy.capture.netlink_codec",
     "coloproxy.capture.netlink",
+    "coloproxy.capture.chardev",
 )
 # The shared library of the mypyc group (one per build, holds the code of every module).
 GROUP_NAME: Final = "coloproxy._compiled"

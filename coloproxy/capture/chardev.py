@@ -23,7 +23,9 @@ likewise (token None: nothing of them is kept). The proxy answers
 through the held frames (its P-out verdicts, ``HeldFrames.accept``): ``accept(token)``
 queues that frame, as it came, for outdev (``accept_many(tokens)``: a batch's releases in one
 call, as the proxy hands them over); the queue is written once per event-loop iteration.
-The secondary's verdicts are all drops and cost nothing.
+The secondary's verdicts are all drops and cost nothing. This module is compiled with the
+comparator (``coloproxy/variant.py``): what runs per receive and per write is native code;
+its sockets (``chardev_link.py``) and the event loop are not.
 
 Output is never lost while coloproxy holds it: released frames wait in our buffer while
 outdev is disconnected or its socket is full (asyncio's ``pause_writing``). When the buffer
