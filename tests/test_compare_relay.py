@@ -314,3 +314,18 @@ def test_accept_many_refuses_a_token_released_already_inside_a_stretch() -> None
         held.accept_many([tokens[2], tokens[3], tokens[4], tokens[5]])
     assert len(held) == 3  # 0, 1 and 5: 2 and 3 went out before the refusal
     assert held.take() == encode_frames([bytes([n]) * 20 for n in (4, 2, 3)])
+
+
+def test_take_parts_is_take_not_joined() -> None:
+    pair = (HeldFrames(), HeldFrames())
+    for held in pair:
+        first = held.hold_frames(_cut(encode_frames([bytes([n]) * 30 for n in range(4)])))
+        second = held.hold_frames(_cut(encode_frames([bytes([n]) * 40 for n in range(4, 8)])))
+        held.accept_many([first[1], first[2], second[0], first[3], *second[1:], first[0]])
+    parts_of, joined = pair
+    queued = (parts_of.queued_frames, parts_of.queued_bytes)
+    assert queued == (joined.queued_frames, joined.queued_bytes) == (8, 4 * 34 + 4 * 44)
+    parts = parts_of.take_parts()
+    assert len(parts) == 5  # the runs: first[1:3], second[0], first[3], second[1:], first[0]
+    assert b"".join(parts) == joined.take()
+    assert (parts_of.queued_frames, parts_of.queued_bytes, parts_of.take_parts()) == (0, 0, [])

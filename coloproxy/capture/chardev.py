@@ -22,7 +22,10 @@ and handed to the proxy in one batch (``on_primary(tokens, frames, now)``), the 
 likewise (token None: nothing of them is kept). The proxy answers
 through the held frames (its P-out verdicts, ``HeldFrames.accept``): ``accept(token)``
 queues that frame, as it came, for outdev (``accept_many(tokens)``: a batch's releases in one
-call, as the proxy hands them over); the queue is written once per event-loop iteration.
+call, as the proxy hands them over); the queue is written once per event-loop iteration, as
+the runs of frames it is made of (slices of the receive buffers, one vectored write under
+uvloop: nothing joined) unless outdev is behind (then joined: what waits in the connection's
+buffer keeps no receive buffer alive).
 The secondary's verdicts are all drops and cost nothing. This module is compiled with the
 comparator (``coloproxy/variant.py``): what runs per receive and per write is native code;
 its sockets (``chardev_link.py``) and the event loop are not.
@@ -334,15 +337,25 @@ class ChardevTransport:
         """Write what was released to outdev, if it can take it; else keep it (bounded)."""
         self._flush_pending = False
         frames = self._frames
-        if frames.queued_frames and self._writable and self.outdev.connected:
+        outdev = self.outdev
+        if frames.queued_frames and self._writable and outdev.connected:
             count = frames.queued_frames
-            data = frames.take()
-            if self.outdev.write(data):
-                figures = self.outdev.figures
+            size = frames.queued_bytes
+            if outdev.write_buffered():
+                # outdev is behind: one compact copy waits in the connection's buffer, no
+                # receive buffer kept alive for the few frames of it that are queued
+                parts: list[bytes | memoryview] = [frames.take()]
+            else:
+                # the usual case: the runs of released frames as they lie in the receive
+                # buffers, in one vectored write (what the socket does not take at once
+                # keeps at most these buffers alive)
+                parts = frames.take_parts()
+            if outdev.writelines(parts):
+                figures = outdev.figures
                 figures.frames_out += count
-                figures.bytes_out += len(data)
+                figures.bytes_out += size
             else:  # the connection is closing: keep it all for the next one
-                frames.requeue(data, count)
+                frames.requeue(b"".join(parts), count)
         limit = self.config.outdev_buffer_bytes
         buffered = frames.queued_bytes
         if buffered > limit and not self.primary_in.reading_paused:

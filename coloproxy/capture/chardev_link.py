@@ -336,6 +336,15 @@ class Link:
         current.transport.write(data)
         return True
 
+    def writelines(self, parts: list[bytes | memoryview]) -> bool:
+        """Write ``parts`` one after the other on the current connection (uvloop: one
+        vectored write, nothing joined); False if there is none."""
+        current = self.current
+        if current is None or current.transport is None or current.transport.is_closing():
+            return False
+        current.transport.writelines(parts)
+        return True
+
     def write_buffered(self) -> int:
         current = self.current
         if current is None or current.transport is None:

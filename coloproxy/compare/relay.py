@@ -23,7 +23,8 @@ queued frame from ``on_queued``);
 ``release_events(events)`` does that for every ``Release`` among a ``feed``'s events and
 returns how many other events (neither ``Release`` nor ``Drop``: checkpoint requests,
 malformed packets) it saw, so that a shell looks at events only when there is more than
-verdicts; ``take()`` returns the queued output as one bytes object.
+verdicts; ``take()`` returns the queued output as one bytes object, ``take_parts()`` as the
+parts it is made of, for a vectored write.
 """
 
 from __future__ import annotations
@@ -341,6 +342,18 @@ class HeldFrames:
         self.queued_frames = 0
         self.queued_bytes = 0
         return data
+
+    def take_parts(self) -> list[bytes | memoryview]:
+        """What ``take`` would join, not joined: the queued output as the parts it is made of
+        (runs of frames: whole receives, or slices of them), for a writer that writes them
+        as they are (``writelines``: one vectored write, no copy); the queue is empty
+        afterwards. Each part keeps its receive buffer alive until written."""
+        self._close_run()
+        out = self._out
+        self._out = []
+        self.queued_frames = 0
+        self.queued_bytes = 0
+        return out
 
     def requeue(self, data: bytes, frames: int) -> None:
         """Put what ``take`` returned (``frames`` frames) back in front of the queue: it
