@@ -10,7 +10,7 @@ daemon over sockets) between the bytes a socket read returns and the bytes writt
 ``ChardevTransport``'s input (cut the frames, hold the primary's), the daemon's callback
 (``PrimaryProxy.on_primary_many`` / ``on_secondary_many``: ``feed_many``, then ``_act``: the
 batch's released frames handed to the held frames in one ``accept_many``, the counters), and
-the outdev write's ``take()``. Not included: the event loop, the socket calls, the timer
+the outdev write's ``take_parts()``. Not included: the event loop, the socket calls, the timer
 pump's poke. The workload is chardev_bench's (the secondary in the primary's sequence space,
 compared as ``secondary_seq: rewritten``), cut into the feeder's chunks as
 bench/relay_loop.py does.
@@ -88,7 +88,7 @@ async def relay(primary_count: int, received: list[tuple[bool, bytes]], vnet: bo
             transport._secondary_data(data)
         if frames.queued_frames:  # what flush() writes to outdev
             released += frames.queued_frames
-            frames.take()
+            frames.take_parts()  # what flush() hands to a vectored write
     seconds = time.process_time() - started
     if released != primary_count or len(frames):
         raise SystemExit(f"released {released} of {primary_count}, {len(frames)} held")
