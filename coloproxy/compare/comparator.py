@@ -58,7 +58,7 @@ from coloproxy.compare.events import (
     ReleaseReason,
     Side,
 )
-from coloproxy.compare.lanes import Lanes
+from coloproxy.compare.lanes import DROPPED_UNTOKENED, Lanes
 from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import NEED_URG, Book, FlowState, Held, Signal
 from coloproxy.compare.tcp import TCP_URG, TcpConnection
@@ -431,7 +431,7 @@ class Comparator:
                 out.append(Drop(token, DropReason.OVERFLOW))
             return
         if drop:
-            out.append(Drop(token, _COMPARED))
+            out.append(DROPPED_UNTOKENED if token is None else Drop(token, _COMPARED))
         if type(flow) is TcpConnection:
             flow.feed_secondary(
                 packet.seq,
