@@ -58,10 +58,11 @@ from coloproxy.compare.events import (
     ReleaseReason,
     Side,
 )
-from coloproxy.compare.lanes import DROPPED_UNTOKENED, Lanes
+from coloproxy.compare.lanes import Lanes
 from coloproxy.compare.reassembly import Partial, Reassembler
 from coloproxy.compare.state import NEED_URG, Book, FlowState, Held, Signal
 from coloproxy.compare.tcp import TCP_URG, TcpConnection
+from coloproxy.compare.verdicts import compared
 from coloproxy.errors import UsageError
 from coloproxy.packet.parse import (
     NOT_IP,
@@ -86,7 +87,6 @@ _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO
 _PRIMARY: Final = Side.PRIMARY
 # Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
 # metaclass, about 85 ns in CPython 3.11, on every packet otherwise.
-_COMPARED: Final = DropReason.COMPARED
 
 
 @dataclass(frozen=True, slots=True)
@@ -431,7 +431,7 @@ class Comparator:
                 out.append(Drop(token, DropReason.OVERFLOW))
             return
         if drop:
-            out.append(DROPPED_UNTOKENED if token is None else Drop(token, _COMPARED))
+            out.append(compared(token))
         if type(flow) is TcpConnection:
             flow.feed_secondary(
                 packet.seq,

@@ -19,9 +19,10 @@ from typing import Final
 
 from coloproxy.compare.config import CompareConfig
 from coloproxy.compare.datagram import DatagramFlow, ReorderTimers
-from coloproxy.compare.events import Drop, DropReason, Event, Side
+from coloproxy.compare.events import Event, Side
 from coloproxy.compare.state import Book, FlowState
 from coloproxy.compare.tcp import TCP_URG, TcpConnection
+from coloproxy.compare.verdicts import compared
 from coloproxy.packet.parse import ETH_P_IP, ETHERNET_HEADER_LEN, PROTO_TCP, PROTO_UDP, TCP_SYN
 
 # The lanes read from the IP header: version and IHL, total length, the fragment field,
@@ -38,11 +39,6 @@ _TCP_FLAGS_OUT: Final = TCP_SYN | TCP_URG
 _PRIMARY: Final = Side.PRIMARY
 # Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
 # metaclass, about 85 ns in CPython 3.11, on every packet otherwise.
-_COMPARED: Final = DropReason.COMPARED
-# The verdict of a secondary packet compared whose token is None (the chardev transport's:
-# nothing of it is kept, so there is nothing to drop). Verdicts are immutable: one object
-# serves them all, instead of an allocation (and the collector's share of it) per packet.
-DROPPED_UNTOKENED: Final = Drop(None, _COMPARED)
 
 
 def lane_key(key: tuple[object, ...]) -> bytes | None:
@@ -179,7 +175,7 @@ class Lanes:
                         number, ack, flags, data[start:end], held, now, book, out
                     )
                 else:
-                    out.append(DROPPED_UNTOKENED if token is None else Drop(token, _COMPARED))
+                    out.append(compared(token))
                     connection.feed_secondary(number, ack, flags, data[start:end], now, book, out)
                 return True
         elif proto == PROTO_UDP:
@@ -204,7 +200,7 @@ class Lanes:
                     if datagrams.feed_primary(payload, held, now, book, out):
                         self._reorder.arm(datagrams)
                 else:
-                    out.append(DROPPED_UNTOKENED if token is None else Drop(token, _COMPARED))
+                    out.append(compared(token))
                     if datagrams.feed_secondary(payload, now, book, out):
                         self._reorder.arm(datagrams)
                 return True

@@ -189,7 +189,7 @@ class HeldFrames:
                 self._close_run()
                 self._out.append(wire)
                 self.queued_bytes += len(wire)
-                self._queued_one()
+                self._queued(1)
                 return True
         batch = self._find(token)
         if batch is None:
@@ -201,25 +201,14 @@ class HeldFrames:
             self.unknown += 1
             return False
         live[index] = False
-        batch.held -= 1
-        self._held -= 1
-        bounds = batch.bounds
-        self.queued_bytes += bounds[index + 1] - bounds[index]
-        if batch is self._run and index == self._run_end:
-            self._run_end = index + 1
-        else:
-            self._close_run()
-            self._run = batch
-            self._run_start = index
-            self._run_end = index + 1
-        if not batch.held:
-            self._drop_batch(batch)
-        self._queued_one()
+        self._release_stretch(batch, index, index + 1)
         return True
 
-    def _queued_one(self) -> None:
-        self.queued_frames += 1
-        if self.queued_frames == 1 and self.on_queued is not None:
+    def _queued(self, frames: int) -> None:
+        """``frames`` more frames queued: say so to ``on_queued`` if the queue was empty."""
+        was_empty = not self.queued_frames
+        self.queued_frames += frames
+        if was_empty and self.on_queued is not None:
             self.on_queued()
 
     def accept(self, handle: object, payload: bytes | None = None) -> None:
@@ -288,10 +277,7 @@ class HeldFrames:
             self._run_end = end
         if not batch.held:
             self._drop_batch(batch)
-        was_empty = not self.queued_frames
-        self.queued_frames += stretch
-        if was_empty and self.on_queued is not None:
-            self.on_queued()
+        self._queued(stretch)
 
     def drop(self, handle: object) -> None:
         raise UsageError("a frame-relaying shell never drops a primary frame (I2)")
@@ -335,13 +321,8 @@ class HeldFrames:
 
     def take(self) -> bytes:
         """Everything queued, as one bytes object; the queue is empty afterwards."""
-        self._close_run()
         # (one whole receive released in order: join returns the very bytes received)
-        data = b"".join(self._out)
-        self._out = []
-        self.queued_frames = 0
-        self.queued_bytes = 0
-        return data
+        return b"".join(self.take_parts())
 
     def take_parts(self) -> list[bytes | memoryview]:
         """What ``take`` would join, not joined: the queued output as the parts it is made of

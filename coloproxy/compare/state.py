@@ -137,7 +137,7 @@ class Stored:
 
     What waits is [``start``, ``end``); ``data`` holds it from ``base`` on, and may hold more
     at either end: a TCP chunk partly matched keeps the buffer it arrived in and moves its
-    bounds (compiled, a slice is a copy). ``waiting()`` gives the bytes of [start, end).
+    bounds (compiled, a slice is a copy). ``span(low, high)`` gives bytes of [start, end).
     """
 
     __slots__ = ("arrival", "base", "data", "end", "flow", "live", "start")
@@ -150,14 +150,6 @@ class Stored:
         self.arrival = arrival
         self.flow = flow
         self.live = True
-
-    def waiting(self) -> bytes:
-        """The bytes of [start, end)."""
-        data = self.data
-        low = self.start - self.base
-        if low == 0 and self.end - self.start == len(data):
-            return data
-        return data[low : self.end - self.base]
 
     def span(self, low: int, high: int) -> bytes:
         """The bytes of [low, high), within [start, end)."""

@@ -14,7 +14,7 @@ patterns, copy and pickle.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import ClassVar, cast
+from typing import ClassVar, Final, cast
 
 
 class ReleaseReason(StrEnum):
@@ -102,3 +102,14 @@ class Drop(_Verdict):
     @property
     def reason(self) -> DropReason:
         return cast(DropReason, self._reason)  # only ever set from a DropReason
+
+
+# The verdict of every compared secondary packet without a token (the chardev transport's:
+# nothing of it is kept, so there is nothing to drop). Verdicts are immutable: one object
+# serves them all, instead of an allocation (and the collector's share of it) per packet.
+_COMPARED_UNTOKENED: Final = Drop(None, DropReason.COMPARED)
+
+
+def compared(token: object) -> Drop:
+    """The verdict of the compared secondary packet ``token``."""
+    return _COMPARED_UNTOKENED if token is None else Drop(token, DropReason.COMPARED)
