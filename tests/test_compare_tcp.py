@@ -1088,3 +1088,27 @@ def test_syns_during_an_overflow_still_name_the_isns() -> None:
     pair.secondary(tcp(S_ISN + 1, DATA[:50]), "s-data")
     assert pair.released(ReleaseReason.MATCHED) == ["p-data"]
     assert len(pair.checkpoints()) == 1
+
+
+def test_ranges_compared_in_place_agree_with_slices() -> None:
+    # tcp._same compares ours[low:high] with theirs[at:at + high - low] without slicing where a
+    # range is a whole buffer or begins or ends one: every such case, and the general one,
+    # against the slices themselves, for equal ranges and for ranges differing in one byte.
+    from coloproxy.compare.tcp import _same
+
+    rng = random.Random(14)
+    cases = 0
+    for _ in range(3000):
+        ours = rng.randbytes(rng.randint(1, 40))
+        theirs = bytearray(rng.randbytes(rng.randint(1, 40)))
+        length = rng.randint(1, min(len(ours), len(theirs)))
+        low = rng.choice([0, len(ours) - length, rng.randint(0, len(ours) - length)])
+        at = rng.choice([0, len(theirs) - length, rng.randint(0, len(theirs) - length)])
+        if rng.random() < 0.6:  # make the ranges equal, then perhaps differ in one byte
+            theirs[at : at + length] = ours[low : low + length]
+            if rng.random() < 0.5:
+                theirs[at + rng.randrange(length)] ^= 0x01
+        expected = ours[low : low + length] == bytes(theirs[at : at + length])
+        assert _same(ours, low, low + length, bytes(theirs), at) is expected
+        cases += expected
+    assert 500 < cases < 2500  # both outcomes were exercised

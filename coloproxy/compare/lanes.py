@@ -17,6 +17,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from mypy_extensions import i64
+
 from coloproxy.compare.config import CompareConfig
 from coloproxy.compare.datagram import DatagramFlow, ReorderTimers
 from coloproxy.compare.events import Event, Side
@@ -118,11 +120,11 @@ class Lanes:
             return False
         # The header fields, read byte by byte into typed locals: compiled (setup.py), machine
         # integers and no object but the key; a struct unpack would make eleven.
-        l3: int = begin + self.l3
-        vhl: int = data[l3]
-        total: int = (data[l3 + 2] << 8) | data[l3 + 3]
-        frag: int = (data[l3 + 6] << 8) | data[l3 + 7]
-        proto: int = data[l3 + 9]
+        l3: i64 = begin + self.l3
+        vhl: i64 = data[l3]
+        total: i64 = (data[l3 + 2] << 8) | data[l3 + 3]
+        frag: i64 = (data[l3 + 6] << 8) | data[l3 + 7]
+        proto: i64 = data[l3 + 9]
         if not (
             vhl == 0x45
             and (
@@ -136,10 +138,10 @@ class Lanes:
         book = self._book
         # The lane's flow key: source and destination address and port.
         key = data[l3 + 12 : l3 + 24]  # bytes, as annotated (compiled, feed insists)
-        number: int = (
+        number: i64 = (
             (data[l3 + 24] << 24) | (data[l3 + 25] << 16) | (data[l3 + 26] << 8) | data[l3 + 27]
         )
-        l4 = l3 + 20
+        l4: i64 = l3 + 20
         if proto == PROTO_TCP:
             if key == self._tcp_key:
                 connection = self._tcp_last
@@ -148,10 +150,10 @@ class Lanes:
                 if connection is not None:
                     self._tcp_key = key
                     self._tcp_last = connection
-            offset: int = data[l3 + 32]
-            flags: int = data[l3 + 33]
-            end = l3 + total
-            start = l4 + (offset >> 4) * 4
+            offset: i64 = data[l3 + 32]
+            flags: i64 = data[l3 + 33]
+            end: i64 = l3 + total
+            start: i64 = l4 + (offset >> 4) * 4
             if (
                 connection is not None
                 and offset >= 0x50  # a TCP data offset of at least 20 bytes
@@ -163,7 +165,7 @@ class Lanes:
                 and book.stored_bytes + (end - start) <= self._max_held_bytes
             ):
                 connection.last_active = now
-                ack: int = (
+                ack: i64 = (
                     (data[l3 + 28] << 24)
                     | (data[l3 + 29] << 16)
                     | (data[l3 + 30] << 8)

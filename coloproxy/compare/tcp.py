@@ -767,7 +767,7 @@ class TcpConnection(FlowState):
             other = self.secondary if primary_side else self.primary
             chunks = other.chunks
             if not chunks:
-                self._store(mine, primary_side, start, data, now, book)
+                self._store(mine, primary_side, start, end, start, data, now, book)
                 return
             first = chunks[0]
             if first.start == start and first.end == end and first.span(start, end) == data:
@@ -876,16 +876,12 @@ class TcpConnection(FlowState):
                 chunk = chunks[index]
                 if chunk.start > pos:
                     self._verify(matched, pos, start, piece, book)
-                    self._store(
-                        mine, primary_side, pos, piece[pos - start : chunk.start - start], now, book
-                    )
+                    self._store(mine, primary_side, pos, chunk.start, start, piece, now, book)
                     pos = matched = chunk.start
                 stop = min(end, chunk.end)
-                ours = (
-                    piece if (pos == start and stop == end) else piece[pos - start : stop - start]
-                )
-                theirs = chunk.span(pos, stop)
-                if ours != theirs:
+                if not _same(piece, pos - start, stop - start, chunk.data, pos - chunk.base):
+                    ours = piece[pos - start : stop - start]
+                    theirs = chunk.span(pos, stop)
                     self._verify(matched, pos, start, piece, book)
                     if primary_side:
                         evidence = difference(
@@ -920,14 +916,7 @@ class TcpConnection(FlowState):
                 pos = stop
             else:
                 self._verify(matched, pos, start, piece, book)
-                self._store(
-                    mine,
-                    primary_side,
-                    pos,
-                    piece[pos - start :] if pos > start else piece,
-                    now,
-                    book,
-                )
+                self._store(mine, primary_side, pos, end, start, piece, now, book)
                 pos = matched = end
         self._verify(matched, pos, start, piece, book)
         return True
@@ -942,16 +931,28 @@ class TcpConnection(FlowState):
             book.stored_bytes -= high - low
 
     def _store(
-        self, side: TcpSide, primary_side: bool, start: int, data: bytes, now: float, book: Book
+        self,
+        side: TcpSide,
+        primary_side: bool,
+        start: int,
+        end: int,
+        base: int,
+        data: bytes,
+        now: float,
+        book: Book,
     ) -> None:
-        stored = Stored(start, data, now, self)
+        """Store [start, end) of one side, which ``data`` (starting at ``base``) holds: the
+        chunk keeps ``data`` as it is (compiled, a slice is a copy)."""
+        stored = Stored(base, data, now, self)
+        stored.start = start
+        stored.end = end
         chunks = side.chunks
         if not chunks or chunks[-1].start < start:
             chunks.append(stored)
         else:
             chunks.insert(bisect_right([c.start for c in chunks], start), stored)
         if primary_side:
-            book.stored_bytes += len(data)
+            book.stored_bytes += end - start
         else:
             book.store_secondary(stored)
 
@@ -1081,6 +1082,40 @@ def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str
         if this.rst is not None and that.syn and not this.syn:
             return -1, f"{other} SYN vs {name} RST"
     return None
+
+
+def _same(ours: bytes, low: int, high: int, theirs: bytes, at: int) -> bool:
+    """``ours[low:high] == theirs[at:at + high - low]``, both ranges within their buffers,
+    with at most one copy and mostly none: compiled, a slice is a copy, while ``startswith``
+    and ``endswith`` without offsets are native calls that compare in place. A range that is
+    a whole buffer, or begins or ends one, is compared with those."""
+    length = high - low
+    stop = at + length
+    ours_whole = low == 0 and high == len(ours)
+    theirs_whole = at == 0 and stop == len(theirs)
+    if ours_whole and theirs_whole:
+        return ours == theirs
+    if ours_whole or theirs_whole:
+        # one is the whole of its buffer: the other's range begins or ends its own, or a copy
+        if ours_whole:
+            whole, other, first, last = ours, theirs, at, stop
+        else:
+            whole, other, first, last = theirs, ours, low, high
+        if first == 0:
+            return other.startswith(whole)
+        if last == len(other):
+            return other.endswith(whole)
+        return other[first:last] == whole
+    # neither is whole: copy one range, compare it with the other where that one is anchored
+    if low == 0:
+        return ours.startswith(theirs[at:stop])
+    if high == len(ours):
+        return ours.endswith(theirs[at:stop])
+    if at == 0:
+        return theirs.startswith(ours[low:high])
+    if stop == len(theirs):
+        return theirs.endswith(ours[low:high])
+    return ours[low:high] == theirs[at:stop]
 
 
 def _first_ending_after(chunks: list[Stored], pos: int) -> int:

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, NamedTuple, overload
 
+from mypy_extensions import i64
+
 from coloproxy.errors import UsageError
 
 # include/net/net.h: #define NET_BUFSIZE (4096 + 65536): a 64 KiB GSO frame plus headers.
@@ -62,14 +64,13 @@ _LENGTH: Final = struct.Struct("!I")
 _LENGTHS: Final = struct.Struct("!II")
 
 
-def _be32(data: bytes, position: int) -> int:
+def _be32(data: bytes, position: i64) -> i64:
     """The big-endian 32-bit number at ``position`` (four bytes must be there)."""
-    return (
-        (data[position] << 24)
-        | (data[position + 1] << 16)
-        | (data[position + 2] << 8)
-        | data[position + 3]
-    )
+    b0: i64 = data[position]
+    b1: i64 = data[position + 1]
+    b2: i64 = data[position + 2]
+    b3: i64 = data[position + 3]
+    return (b0 << 24) | (b1 << 16) | (b2 << 8) | b3
 
 
 class FrameProblem(StrEnum):
@@ -254,13 +255,13 @@ class FrameDecoder:
         # Typed, with the lengths read byte by byte: compiled (setup.py) this is machine
         # arithmetic, no object per field (struct would make two) and no copy.
         limit: int = self.max_frame
-        position: int = 0
-        available: int = len(data)
+        position: i64 = 0
+        available: i64 = len(data)
         while position + HEADER <= available:
-            length: int = _be32(data, position)
+            length: i64 = _be32(data, position)
             if length > limit:
                 return position, length
-            end: int = position + HEADER + length
+            end: i64 = position + HEADER + length
             if end > available:
                 break
             starts.append(position + HEADER)
@@ -272,15 +273,15 @@ class FrameDecoder:
         self, data: bytes, bounds: list[int], starts: list[int], events: list[FrameEvent]
     ) -> tuple[int, int | None]:
         limit: int = self.max_frame
-        position: int = 0
-        available: int = len(data)
+        position: i64 = 0
+        available: i64 = len(data)
         while position + VNET_HEADER <= available:
-            length: int = _be32(data, position)
+            length: i64 = _be32(data, position)
             if length > limit:
                 return position, length
-            vnet_len: int = _be32(data, position + HEADER)
-            start: int = position + VNET_HEADER
-            end: int = start + length
+            vnet_len: i64 = _be32(data, position + HEADER)
+            start: i64 = position + VNET_HEADER
+            end: i64 = start + length
             if end > available:
                 break
             if vnet_len > length:
