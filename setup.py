@@ -49,6 +49,9 @@ class OptionalBuildExt(build_ext):
     """
 
     def run(self) -> None:
+        # run() replaces the compiler option with the compiler object it makes, and setuptools'
+        # clears --inplace until its build is done: both restored for the retry
+        compiler_option, inplace = self.compiler, self.inplace
         try:
             super().run()
             return
@@ -59,6 +62,7 @@ class OptionalBuildExt(build_ext):
             _say(f"compiling with {' '.join(_TUNING)} failed; again without it")
             for ext in self.extensions:
                 ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in _TUNING]
+            self.compiler, self.inplace = compiler_option, inplace
             try:
                 super().run()
                 return

@@ -126,3 +126,48 @@ def test_check_asks_for_a_build_where_a_compiler_is_present(
     monkeypatch.setenv("COLOPROXY_PURE", "1")
     monkeypatch.setattr(variant, "compiler_present", lambda: True)
     assert variant.main(["--check"]) == 0  # pure on purpose
+
+
+def test_a_compiler_rejecting_the_tuning_option_still_builds_the_compiled_comparator(
+    tmp_path: Path,
+) -> None:
+    """setup.py passes GCC an inlining option; where it is refused, the build is retried
+    without it rather than falling back to pure Python. Here the option is one GCC refuses."""
+    if not variant.compiler_present():
+        pytest.skip("no C compiler: nothing to compile")
+    files = subprocess.run(
+        ["git", "ls-files", "setup.py", "pyproject.toml", "coloproxy"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    setup_py = tmp_path / "setup.py"
+    text = setup_py.read_text()
+    tuning = '_TUNING: tuple[str, ...] = ("--param=early-inlining-insns=200",)'
+    assert tuning in text
+    setup_py.write_text(text.replace(tuning, '_TUNING: tuple[str, ...] = ("--param=no-such=1",)'))
+    env = {k: v for k, v in os.environ.items() if k != "COLOPROXY_PURE"}
+    built = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,  # the asserts below say what went wrong
+    )
+    assert "compiling with --param=no-such=1 failed; again without it" in built.stderr
+    assert "pure-Python" not in built.stderr, built.stderr[-2000:]
+    described = subprocess.run(
+        [sys.executable, "-c", "from coloproxy import variant; print(variant.describe())"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        check=True,
+    )
+    assert "compiled (mypyc)" in described.stdout
