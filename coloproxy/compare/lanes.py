@@ -118,8 +118,9 @@ class Lanes:
         whole receive buffer. The comparator calls it only while it compares."""
         if stop - begin < self.min_length:
             return False
-        # The header fields, read byte by byte into typed locals: compiled (setup.py), machine
-        # integers and no object but the key; a struct unpack would make eleven.
+        # The header fields, read byte by byte into i64 locals: compiled (setup.py), machine
+        # integers (no tag checks, no object but the key; a struct unpack would make eleven);
+        # not compiled, plain ints.
         l3: i64 = begin + self.l3
         vhl: i64 = data[l3]
         total: i64 = (data[l3 + 2] << 8) | data[l3 + 3]
