@@ -35,7 +35,7 @@ from scapy.packet import Padding, Raw
 
 from coloproxy.packet import Malformed, MalformedReason, Packet, parse_ethernet, parse_ip
 from coloproxy.packet import parse as parse_module
-from coloproxy.packet.parse import MAX_V6_EXTENSION_HEADERS, NOT_IP
+from coloproxy.packet.parse import MAX_V6_EXTENSION_HEADERS, NOT_IP, be32
 
 MAC_GUEST = "02:00:00:00:00:01"
 MAC_PEER = "02:00:00:00:00:02"
@@ -599,3 +599,10 @@ def test_mutated_samples_never_raise(
     _check_any(mutated)
     result = parse(sample, mutated)
     assert isinstance(result, (Packet, Malformed))
+
+
+@HYPOTHESIS
+@given(st.binary(min_size=4, max_size=64), st.data())
+def test_be32_reads_four_bytes_big_endian_in_place(data: bytes, draw: st.DataObject) -> None:
+    at = draw.draw(st.integers(0, len(data) - 4))
+    assert be32(data, at) == int.from_bytes(data[at : at + 4], "big")

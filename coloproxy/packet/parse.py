@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, TypeAlias
 
+from mypy_extensions import i64
+
 ETH_P_IP: Final = 0x0800
 ETH_P_IPV6: Final = 0x86DD
 ETH_P_8021Q: Final = 0x8100
@@ -71,6 +73,18 @@ _PORTS: Final = struct.Struct("!HHH")  # sport, dport, UDP length
 # that very buffer). Not a memoryview: no caller makes one, and this module is compiled
 # (coloproxy/variant.py), where the annotation is checked at the call (TypeError).
 PacketData: TypeAlias = bytes | bytearray
+
+
+def be32(data: bytes, at: i64) -> i64:
+    """The big-endian 32-bit number in ``data[at:at + 4]`` (the four bytes must be there).
+
+    Compiled, machine arithmetic on the four bytes in place: no slice, no struct tuple, no
+    object. The lanes read their fields with it, the chardev framing its lengths."""
+    b0: i64 = data[at]
+    b1: i64 = data[at + 1]
+    b2: i64 = data[at + 2]
+    b3: i64 = data[at + 3]
+    return (b0 << 24) | (b1 << 16) | (b2 << 8) | b3
 
 
 class MalformedReason(StrEnum):

@@ -49,6 +49,7 @@ from typing import Final, NamedTuple, overload
 from mypy_extensions import i64
 
 from coloproxy.errors import UsageError
+from coloproxy.packet.parse import be32
 
 # include/net/net.h: #define NET_BUFSIZE (4096 + 65536): a 64 KiB GSO frame plus headers.
 MAX_FRAME: Final = 4096 + 65536
@@ -62,15 +63,6 @@ NOTIFY_CHECKPOINT_DONE: Final = b"COLO_CHECKPOINT"
 
 _LENGTH: Final = struct.Struct("!I")
 _LENGTHS: Final = struct.Struct("!II")
-
-
-def _be32(data: bytes, position: i64) -> i64:
-    """The big-endian 32-bit number at ``position`` (four bytes must be there)."""
-    b0: i64 = data[position]
-    b1: i64 = data[position + 1]
-    b2: i64 = data[position + 2]
-    b3: i64 = data[position + 3]
-    return (b0 << 24) | (b1 << 16) | (b2 << 8) | b3
 
 
 class FrameProblem(StrEnum):
@@ -258,7 +250,7 @@ class FrameDecoder:
         position: i64 = 0
         available: i64 = len(data)
         while position + HEADER <= available:
-            length: i64 = _be32(data, position)
+            length: i64 = be32(data, position)
             if length > limit:
                 return position, length
             end: i64 = position + HEADER + length
@@ -276,10 +268,10 @@ class FrameDecoder:
         position: i64 = 0
         available: i64 = len(data)
         while position + VNET_HEADER <= available:
-            length: i64 = _be32(data, position)
+            length: i64 = be32(data, position)
             if length > limit:
                 return position, length
-            vnet_len: i64 = _be32(data, position + HEADER)
+            vnet_len: i64 = be32(data, position + HEADER)
             start: i64 = position + VNET_HEADER
             end: i64 = start + length
             if end > available:
