@@ -77,17 +77,14 @@ class Lanes:
         self._max_held_bytes = config.max_held_bytes
         self._tcp: dict[bytes, TcpConnection] = {}
         self._udp: dict[bytes, DatagramFlow] = {}
-        # Each lane's last key, as its three 32-bit words (addresses, ports), and its flow:
-        # consecutive packets mostly belong to one flow, and comparing three machine integers
-        # read in place costs much less than a dict lookup (a new bytes object for the key,
-        # hashing it). -1 matches no key: forgotten whenever a flow is added or removed.
-        self._tcp_src: i64 = -1
-        self._tcp_dst: i64 = -1
-        self._tcp_ports: i64 = -1
+        # Each lane's last key and its flow: consecutive packets mostly belong to one flow, and
+        # comparing 12 bytes costs much less than a dict lookup (hashing the key, a new bytes
+        # object each time). Forgotten whenever a flow is added or removed. (Compared in place
+        # as three 32-bit words instead, the slice saved on tcp-1 cost more where flows
+        # interleave and every packet misses: docs/benchmarks.md, "Inlined and unboxed".)
+        self._tcp_key = b""
         self._tcp_last: TcpConnection | None = None
-        self._udp_src: i64 = -1
-        self._udp_dst: i64 = -1
-        self._udp_ports: i64 = -1
+        self._udp_key = b""
         self._udp_last: DatagramFlow | None = None
 
     def add(self, key: tuple[object, ...], flow: FlowState, proto: int) -> None:
@@ -110,9 +107,9 @@ class Lanes:
             lane.pop(found, None)
 
     def _forget_last(self) -> None:
-        self._tcp_src = self._tcp_dst = self._tcp_ports = -1
+        self._tcp_key = b""
         self._tcp_last = None
-        self._udp_src = self._udp_dst = self._udp_ports = -1
+        self._udp_key = b""
         self._udp_last = None
 
     def feed(
@@ -149,25 +146,17 @@ class Lanes:
         ):
             return False
         book = self._book
-        # The lane's flow key: source and destination address, the two ports. Compared with
-        # the last flow's in place, the ports first (where flows interleave, they differ);
-        # a bytes key, data[l3 + 12 : l3 + 24], only to look a flow up.
-        ports = be32(data, l3 + 20)
+        # The lane's flow key: source and destination address and port.
+        key = data[l3 + 12 : l3 + 24]  # bytes, as annotated (compiled, feed insists)
         number = be32(data, l3 + 24)
         l4: i64 = l3 + 20
         if proto == PROTO_TCP:
-            if (
-                ports == self._tcp_ports
-                and be32(data, l3 + 12) == self._tcp_src
-                and be32(data, l3 + 16) == self._tcp_dst
-            ):
+            if key == self._tcp_key:
                 connection = self._tcp_last
             else:
-                connection = self._tcp.get(data[l3 + 12 : l3 + 24])
+                connection = self._tcp.get(key)
                 if connection is not None:
-                    self._tcp_src = be32(data, l3 + 12)
-                    self._tcp_dst = be32(data, l3 + 16)
-                    self._tcp_ports = ports
+                    self._tcp_key = key
                     self._tcp_last = connection
             offset: i64 = data[l3 + 32]
             flags: i64 = data[l3 + 33]
@@ -195,18 +184,12 @@ class Lanes:
                     connection.feed_secondary(number, ack, flags, data[start:end], now, book, out)
                 return True
         elif proto == PROTO_UDP:
-            if (
-                ports == self._udp_ports
-                and be32(data, l3 + 12) == self._udp_src
-                and be32(data, l3 + 16) == self._udp_dst
-            ):
+            if key == self._udp_key:
                 datagrams = self._udp_last
             else:
-                datagrams = self._udp.get(data[l3 + 12 : l3 + 24])
+                datagrams = self._udp.get(key)
                 if datagrams is not None:
-                    self._udp_src = be32(data, l3 + 12)
-                    self._udp_dst = be32(data, l3 + 16)
-                    self._udp_ports = ports
+                    self._udp_key = key
                     self._udp_last = datagrams
             length = number >> 16  # the UDP length field, where TCP's seq would be
             if (
