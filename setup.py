@@ -52,26 +52,29 @@ class OptionalBuildExt(build_ext):
         # run() replaces the compiler option with the compiler object it makes, and setuptools'
         # clears --inplace until its build is done: both restored for the retry
         compiler_option, inplace = self.compiler, self.inplace
-        try:
-            super().run()
-            return
-        except Exception as exc:  # CompileError, LinkError, a missing compiler: all the same
-            self._remove_outputs()
-            failure = exc
-        if any(set(_TUNING) & set(ext.extra_compile_args) for ext in self.extensions):
-            _say(f"compiling with {' '.join(_TUNING)} failed; again without it")
-            for ext in self.extensions:
-                ext.extra_compile_args = [a for a in ext.extra_compile_args if a not in _TUNING]
-            self.compiler, self.inplace = compiler_option, inplace
+        while True:
             try:
                 super().run()
                 return
-            except Exception as exc:
+            except Exception as exc:  # CompileError, LinkError, a missing compiler: all the same
                 self._remove_outputs()
                 failure = exc
+            if not self._untune():
+                break
+            _say(f"compiling with {' '.join(_TUNING)} failed; again without it")
+            self.compiler, self.inplace = compiler_option, inplace
         _say(f"compiling failed ({type(failure).__name__}: {failure})")
         _say("building the pure-Python comparator (slower; same behaviour)")
         self.extensions = []
+
+    def _untune(self) -> bool:
+        """Take ``_TUNING`` out of every extension's options; whether any had it."""
+        tuned = False
+        for ext in self.extensions:
+            kept = [arg for arg in ext.extra_compile_args if arg not in _TUNING]
+            tuned = tuned or len(kept) < len(ext.extra_compile_args)
+            ext.extra_compile_args = kept
+        return tuned
 
     def _remove_outputs(self) -> None:
         """Every extension module built so far, in the build directory and in place."""

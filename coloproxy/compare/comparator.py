@@ -84,9 +84,9 @@ _ECHO_TYPES: Final = {PROTO_ICMP: (0, 8), PROTO_ICMPV6: (128, 129)}
 _ECHO: Final = 0x100  # set in the key's second port field for an echo flow (its ICMP type)
 
 _PROTOCOL_NAMES = {PROTO_TCP: "tcp", PROTO_UDP: "udp", PROTO_ICMP: "icmp", PROTO_ICMPV6: "icmpv6"}
-_PRIMARY: Final = Side.PRIMARY
-# Enum members read once: ``DropReason.COMPARED`` is an attribute lookup through the enum's
+# Enum members read once: ``Side.PRIMARY`` is an attribute lookup through the enum's
 # metaclass, about 85 ns in CPython 3.11, on every packet otherwise.
+_PRIMARY: Final = Side.PRIMARY
 
 
 @dataclass(frozen=True, slots=True)

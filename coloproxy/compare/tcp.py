@@ -1088,34 +1088,24 @@ def _same(ours: bytes, low: int, high: int, theirs: bytes, at: int) -> bool:
     """``ours[low:high] == theirs[at:at + high - low]``, both ranges within their buffers,
     with at most one copy and mostly none: compiled, a slice is a copy, while ``startswith``
     and ``endswith`` without offsets are native calls that compare in place. A range that is
-    a whole buffer, or begins or ends one, is compared with those."""
+    a whole buffer is compared with the other where that one begins or ends its buffer."""
     length = high - low
     stop = at + length
-    ours_whole = low == 0 and high == len(ours)
-    theirs_whole = at == 0 and stop == len(theirs)
-    if ours_whole and theirs_whole:
-        return ours == theirs
-    if ours_whole or theirs_whole:
-        # one is the whole of its buffer: the other's range begins or ends its own, or a copy
-        if ours_whole:
-            whole, other, first, last = ours, theirs, at, stop
+    if not (low == 0 and high == len(ours)) and not (at == 0 and stop == len(theirs)):
+        # neither is a whole buffer: copy one range, the other one if this one is anchored
+        if low == 0 or high == len(ours):
+            theirs, at, stop = theirs[at:stop], 0, length
         else:
-            whole, other, first, last = theirs, ours, low, high
-        if first == 0:
-            return other.startswith(whole)
-        if last == len(other):
-            return other.endswith(whole)
-        return other[first:last] == whole
-    # neither is whole: copy one range, compare it with the other where that one is anchored
-    if low == 0:
-        return ours.startswith(theirs[at:stop])
-    if high == len(ours):
-        return ours.endswith(theirs[at:stop])
-    if at == 0:
-        return theirs.startswith(ours[low:high])
-    if stop == len(theirs):
-        return theirs.endswith(ours[low:high])
-    return ours[low:high] == theirs[at:stop]
+            ours, low, high = ours[low:high], 0, length
+    if low == 0 and high == len(ours):
+        whole, other, first, last = ours, theirs, at, stop
+    else:
+        whole, other, first, last = theirs, ours, low, high
+    if first == 0:
+        return other.startswith(whole)
+    if last == len(other):
+        return other.endswith(whole)
+    return other[first:last] == whole
 
 
 def _first_ending_after(chunks: list[Stored], pos: int) -> int:
