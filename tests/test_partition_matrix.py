@@ -34,7 +34,7 @@ import pytest
 
 from coloproxy.lab.client import ClientLoop, expected_pages
 from coloproxy.lab.lab import Lab
-from coloproxy.lab.topology import GUEST_MAC, REPLICATION_IPV4, Topology
+from coloproxy.lab.topology import GUEST_MAC, GUEST_PORT, LAN_BRIDGE, REPLICATION_IPV4, Topology
 from coloproxy.net import netns
 
 pytestmark = [pytest.mark.root, pytest.mark.qemu]
@@ -65,6 +65,8 @@ class LanCapture:
         self.topology = topology
         self.ports = ports
         self.frames: dict[str, list[float]] = {port: [] for port in ports}
+        # The first frames of each port, whole headers in hex: what a stray frame was.
+        self.first: dict[str, list[str]] = {port: [] for port in ports}
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._run, args=(port,), daemon=True) for port in ports
@@ -93,6 +95,8 @@ class LanCapture:
                     continue
                 if address[2] != PACKET_OUTGOING and frame[6:12] == mac:
                     self.frames[port].append(time.monotonic())
+                    if len(self.first[port]) < 3:
+                        self.first[port].append(frame[:64].hex())
 
     def stop(self) -> dict[str, list[float]]:
         self._stop.set()
@@ -206,6 +210,18 @@ def _logged(path: Path, text: str) -> float | None:
     return None
 
 
+def _tail(path: Path, lines: int = 40) -> list[str]:
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace").splitlines()[-lines:]
+    return []
+
+
+def _port_master(lab: Lab) -> str:
+    """``ip -o link show`` of host S's guest port (its ``master`` is the bridge it is in)."""
+    done = lab.topology.exec("hs", ["ip", "-o", "link", "show", GUEST_PORT], check=False)
+    return (done.stdout or done.stderr).strip()
+
+
 def _metric(text: str, series: str) -> float:
     """The value of one series (name and labels exactly as exposed) in a scrape; 0 if none."""
     for line in text.splitlines():
@@ -218,6 +234,9 @@ def _metric(text: str, series: str) -> float:
 def test_partition_matrix(cell: Cell) -> None:
     require()
     with fresh_lab() as lab:
+        # Where host S's guest port is when the cell starts (its LAN bridge only after a
+        # takeover): the first suspect should SVM frames reach the LAN before the fault.
+        port_before = _port_master(lab)
         capture = LanCapture(lab.topology).start()
         client = ClientLoop(lab.topology, expected_pages()).start()
         try:
@@ -236,6 +255,7 @@ def test_partition_matrix(cell: Cell) -> None:
         fenced = _logged(lab.paths.daemon_log("primary"), "FENCED")
         handed = _logged(lab.paths.daemon_log("primary"), "leader key handed over")
         won = _logged(lab.paths.daemon_log("secondary"), "won the leader key")
+        logs = {role: _tail(lab.paths.daemon_log(role)) for role in ("primary", "secondary")}
 
     pvm, svm = frames["lan-hp"], frames["lan-hs"]
     served_by = "hs" if svm else "hp"  # host S's port joins the LAN only at a takeover
@@ -274,7 +294,11 @@ def test_partition_matrix(cell: Cell) -> None:
     with contextlib.suppress(OSError), RESULTS.open("a") as results:
         results.write(json.dumps(row) + "\n")
     # At most one guest's frames on the LAN at any time: the PVM's end before the SVM's begin.
-    assert row["pvm_after_svm"] == 0, row
+    # Should it fail, what the stray frames were, where host S's guest port was, and the
+    # daemons' last words.
+    seen = {"port_before": port_before, "first_frames": capture.first, "logs": logs}
+    assert row["pvm_after_svm"] == 0, (row, seen)
+    assert f"master {LAN_BRIDGE} " not in port_before, seen  # I3 while protected
     assert not wrong, wrong[:3]
     assert served_by == cell.expect, row
     assert after, "the client was never served after the fault"
