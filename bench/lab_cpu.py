@@ -5,10 +5,14 @@ Brings up the lab (our proxy, engine-driven), runs ``--clients`` client loops re
 guest's ``/index.html`` over new connections for ``--seconds``, and prints requests/s and,
 for each process the lab started, its CPU share and CPU milliseconds per request (utime +
 stime from /proc). It answers whether the proxy or the guests bound the lab's throughput
-(docs/benchmarks.md, section 4). It prints, it never asserts. Needs root (namespaces).
+(docs/benchmarks.md, section 4). Before the clients start it measures every process for
+``--idle`` seconds with no client; after the per-request lines (each process's own CPU, as
+bench/lab_cpu_ab.py reads them) it prints each one's figure with the programs it ran (the
+daemons run iptables-save every few seconds), its idle CPU, and what the load added per
+request. It prints, it never asserts. Needs root (namespaces).
 Traffic only goes from the lab's client namespace to the lab's guest.
 
-    python3 bench/lab_cpu.py [--seconds 15] [--clients 4]
+    python3 bench/lab_cpu.py [--seconds 15] [--clients 4] [--idle 5]
 """
 
 from __future__ import annotations
@@ -34,14 +38,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=5.0,
+        help="seconds to measure each process with no client first (0: skip); the load's own"
+        " share of the figures is what is above that",
+    )
     args = parser.parse_args()
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {os.getloadavg()}")
-    print(f"command: python3 bench/lab_cpu.py --seconds {args.seconds} --clients {args.clients}")
+    print(
+        f"command: python3 bench/lab_cpu.py --seconds {args.seconds} --clients {args.clients}"
+        f" --idle {args.idle}"
+    )
     lab = Lab("cpcpu", Path("/run/coloproxy-lab-cpu"), say=lambda _text: None)
     try:
         state = lab.up(build=False)
         pids = dict(state.pids)
+        idle: dict[str, float] = {}
+        if args.idle > 0:
+            quiet = {name: process_cpu_seconds(pid, children=True) for name, pid in pids.items()}
+            time.sleep(args.idle)
+            for name, pid in pids.items():
+                idle[name] = (process_cpu_seconds(pid, children=True) - quiet[name]) / args.idle
         before = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        before_all = {name: process_cpu_seconds(pid, children=True) for name, pid in pids.items()}
         pages = {PAGE: expected_pages()[PAGE]}
         loops = [ClientLoop(lab.topology, pages, pause=0).start() for _ in range(args.clients)]
         started = time.monotonic()
@@ -49,6 +70,7 @@ def main() -> int:
         attempts = [a for loop in loops for a in loop.stop()]
         elapsed = time.monotonic() - started
         after = {name: process_cpu_seconds(pid) for name, pid in pids.items()}
+        after_all = {name: process_cpu_seconds(pid, children=True) for name, pid in pids.items()}
     finally:
         lab.down()
     served = sum(1 for a in attempts if a.ok)
@@ -62,6 +84,15 @@ def main() -> int:
         )
     share, per_request = total / elapsed * 100, total / served * 1e3
     print(f"  {'all of them':18} {share:5.1f}% CPU  {per_request:5.2f} ms/request")
+    # The daemons' own figures above leave out the programs they run (iptables-save, every
+    # few seconds); these count them, and split off what the processes use with no client.
+    for name in pids:
+        used = after_all[name] - before_all[name]
+        line = f"  ({name} with its child processes: {used / served * 1e3:.2f} ms/request"
+        if name in idle:
+            load_share = (used - idle[name] * elapsed) / served * 1e3
+            line += f"; idle {idle[name] * 1e3:.1f} ms/s, above idle {load_share:.2f} ms/request"
+        print(line + ")")
     return 0
 
 

@@ -512,11 +512,15 @@ def running_qemu(
         yield primary, secondary, out, pid
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far, from /proc (clock-tick granularity)."""
+def process_cpu_seconds(pid: int, children: bool = False) -> float:
+    """User plus system CPU time of a process so far, from /proc (clock-tick granularity);
+    ``children``: also that of its children it waited for (the daemons run iptables-save)."""
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    if children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def run_qemu(workload: Workload, binary: str = QEMU_BINARY) -> RunResult:

@@ -103,7 +103,9 @@ def _mangle(packet: bytes, draw: st.DrawFn) -> bytes:
 
 @st.composite
 def tcp_segment(draw: st.DrawFn, side: Side) -> bytes:
-    port = draw(st.sampled_from([40000, 40000, 40001, 40002]))
+    # 40064 shares a slot of the TCP lane's table of recent flows with 40000 (the low bytes
+    # of the ports, 80 ^ 0x40 and 80 ^ 0x80, agree in their six low bits).
+    port = draw(st.sampled_from([40000, 40000, 40001, 40002, 40064]))
     low = draw(st.integers(0, len(STREAM)))
     high = draw(st.integers(low, min(len(STREAM), low + 60)))
     payload = bytearray(STREAM[low:high])
@@ -301,6 +303,42 @@ def test_the_lane_takes_in_order_data_of_a_known_connection(framing: Framing) ->
             Drop(f"s{index}", DropReason.COMPARED),
             Release(f"p{index}", ReleaseReason.MATCHED),
         ]
+
+
+@pytest.mark.parametrize("framing", list(Framing))
+def test_the_tcp_lane_keeps_interleaved_connections_apart(framing: Framing) -> None:
+    """Connections whose segments interleave, two of them in one slot of the lane's table of
+    recent flows (peer ports 40000 and 40064): each segment reaches its own connection. Each
+    connection sends other bytes, so a segment taken to another one would be held or differ."""
+    wrap: Callable[[bytes], bytes] = (
+        (lambda packet: MACS + b"\x08\x00" + packet)
+        if framing is Framing.ETHERNET
+        else (lambda packet: packet)
+    )
+    ports = (40000, 40064, 40001)
+    # Each connection's ISNs apart from the others' by another distance on each side: a
+    # segment taken to another connection lands at an offset its peer's segment does not.
+    step = {Side.PRIMARY: 7919, Side.SECONDARY: 104729}
+    isns = {
+        side: {port: ISNS[side] + n * step[side] for n, port in enumerate(ports)} for side in Side
+    }
+    comparator = Comparator(CompareConfig(framing=framing))
+    for port in ports:
+        for side in Side:
+            syn = tcp(isns[side][port], flags=SYN | ACK, dport=port)
+            comparator.feed(side, wrap(syn), 0.0, ("syn", side.value, port))
+    for index in range(4):
+        for n, port in enumerate(ports):
+            low = index * 50
+            payload = bytes([n + 1]) * 50  # this connection's bytes
+            tokens = [(side.value, port, index) for side in Side]
+            segments = [wrap(tcp(isns[side][port] + 1 + low, payload, dport=port)) for side in Side]
+            assert comparator.feed(Side.PRIMARY, segments[0], 1.0, tokens[0]) == []
+            assert comparator.feed(Side.SECONDARY, segments[1], 1.0, tokens[1]) == [
+                Drop(tokens[1], DropReason.COMPARED),
+                Release(tokens[0], ReleaseReason.MATCHED),
+            ]
+    assert comparator.stats().flows == 3
 
 
 @pytest.mark.parametrize("framing", list(Framing))
