@@ -64,6 +64,12 @@ def lane_key(key: tuple[object, ...]) -> bytes | None:
     return src + dst + _PORTS.pack(sport, dport)
 
 
+def _slot(key: bytes) -> i64:
+    """A lane key's slot in the TCP lane's table of recent flows: the low bytes of its two
+    ports (the key ends with them)."""
+    return (key[9] ^ key[11]) & (_RECENT_SLOTS - 1)
+
+
 class Lanes:
     """The TCP and the UDP lane of one comparator; ``feed`` takes a packet or declines it."""
 
@@ -115,11 +121,11 @@ class Lanes:
 
     def _forget(self, found: bytes) -> None:
         """Whatever the recent flows hold for the lane key ``found``, whose flow was added or
-        removed (the slot as ``feed`` computes it from the same two bytes of the key)."""
+        removed."""
         if found == self._tcp_key:
             self._tcp_key = b""
             self._tcp_last = None
-        slot: i64 = (found[9] ^ found[11]) & (_RECENT_SLOTS - 1)
+        slot = _slot(found)
         if found == self._tcp_keys[slot]:
             self._tcp_keys[slot] = b""
             self._tcp_recent[slot] = None
@@ -169,7 +175,7 @@ class Lanes:
             if key == self._tcp_key:
                 connection = self._tcp_last
             else:
-                slot: i64 = (data[l3 + 21] ^ data[l3 + 23]) & (_RECENT_SLOTS - 1)
+                slot = _slot(key)
                 if key == self._tcp_keys[slot]:
                     connection = self._tcp_recent[slot]
                 else:
