@@ -9,7 +9,8 @@ stream its own way, FIN, RST after FIN, urgent data, resends with the same and w
 bytes), UDP flows, ICMP and ICMPv6 echo sessions, IPv4 fragments; then each side's frames are
 mutated (truncation, flipped bits in headers and payload, reordering, duplication, loss) and
 the two sides interleaved with a random lag. Half the rounds feed every frame in place, as
-the chardev transport does (``feed_many`` on a ``Frames`` with other bytes around the frame).
+the chardev transport does (``feed_many`` on a ``Frames`` with other bytes around the frames),
+the secondary's in receives of up to 32 frames.
 The harness plays the engine: it starts a checkpoint some frames after the comparator asks
 for one (and now and then unasked, as a periodic checkpoint would), completes it some frames
 later, and at the end of each round flushes with a last checkpoint.
@@ -781,7 +782,7 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
             if in_place:
                 check(
                     comparator.feed_many(
-                        side, _in_buffer(frame, rng), now, range(token, token + 1)
+                        side, _in_buffer([frame], rng), now, range(token, token + 1)
                     ),
                     False,
                 )
@@ -792,7 +793,21 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
                 if type(meaning_) is not Piece or not epoch.saturated:
                     reference.secondary(meaning_, tag, now, frame)
             if in_place:
-                check(comparator.feed_many(side, _in_buffer(frame, rng), now, [None]), False)
+                # A receive of the secondary's frames: those next in line, one to 32 (a
+                # batch's consecutive segments of a connection are compared as one run).
+                batch = [frame]
+                limit = rng.choice([1, 2, 8, 32])
+                while len(batch) < limit and pending and pending[0][2] is Side.SECONDARY:
+                    at, _, _, frame, tag = heapq.heappop(pending)
+                    fed_frames += 1
+                    now = max(now, at)
+                    meaning_ = meaning(frame, ethernet)
+                    if state != "checkpointing":
+                        if type(meaning_) is not Piece or not epoch.saturated:
+                            reference.secondary(meaning_, tag, now, frame)
+                    batch.append(frame)
+                received = _in_buffer(batch, rng)
+                check(comparator.feed_many(side, received, now, [None] * len(batch)), False)
             else:
                 check(comparator.feed(side, frame, now, None), False)
         deadline = comparator.get_timer()
@@ -816,12 +831,19 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
     result.rounds += 1
 
 
-def _in_buffer(frame: bytes, rng: random.Random) -> Frames:
-    """``frame`` as the one frame of a ``Frames``, with random bytes around it in the buffer
-    (what the comparator must not read: the neighbouring frames of a receive)."""
-    before = rng.randbytes(rng.randint(0, 8))
-    after = rng.randbytes(rng.randint(0, 64))
-    return Frames(before + frame + after, [0, len(before) + len(frame)], [len(before)], False, [])
+def _in_buffer(frames: list[bytes], rng: random.Random) -> Frames:
+    """``frames`` as a ``Frames``, each with random bytes before it in the buffer (what the
+    comparator must not read: the framing of a receive) and some after the last."""
+    data = b""
+    bounds: list[int] = []
+    starts: list[int] = []
+    for frame in frames:
+        bounds.append(len(data))
+        data += rng.randbytes(rng.randint(0, 8))
+        starts.append(len(data))
+        data += frame
+    bounds.append(len(data))
+    return Frames(data + rng.randbytes(rng.randint(0, 64)), bounds, starts, False, [])
 
 
 def _secondary_copies_primary(pending: list[Any], now: float, rng: random.Random) -> None:

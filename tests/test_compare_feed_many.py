@@ -1,14 +1,36 @@
-"""``Comparator.feed_many`` gives exactly the events of ``feed`` called once per frame."""
+"""``Comparator.feed_many`` decides as ``feed`` called once per frame does.
+
+One difference, by design: the secondary's consecutive plain segments of one connection in a
+batch are compared as one segment (lanes.py, ``Lanes.run``), so the releases they bring come
+after their drops rather than between them, and where a connection diverges the evidence
+describes the run, not the segment. The releases (in order), the drops (in order), what else
+happens (checkpoints with their reasons and flows, malformed packets) and the end state are
+the same; after a divergence inside a run, the batch releases at most what the loop did (bytes
+of the run before the difference may be left unverified: their packets wait for the
+checkpoint the divergence asked for).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coloproxy.compare import Comparator, CompareConfig, Drop, Event, Release, Side
+from coloproxy.compare import (
+    CheckpointNeeded,
+    Comparator,
+    CompareConfig,
+    CompareStats,
+    Drop,
+    Event,
+    Release,
+    Side,
+)
 from coloproxy.errors import UsageError
-from craft import ACK, SYN, stream, tcp, udp
+from craft import ACK, FIN, PSH, RST, SYN, stream, tcp, udp
 from test_compare_lane import ISNS, STREAM, tcp_segment, udp_datagram
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -22,6 +44,43 @@ def batches(draw: st.DrawFn) -> list[tuple[Side, list[bytes]]]:
         frames = draw(st.lists(st.one_of(tcp_segment(side), udp_datagram()), max_size=8))
         out.append((side, frames))
     return out
+
+
+def _decisions(events: list[Event]) -> tuple[list[Event], list[Event], list[object]]:
+    """Releases, drops and the rest (checkpoints without their evidence), each in order."""
+    releases = [event for event in events if type(event) is Release]
+    drops = [event for event in events if type(event) is Drop]
+    rest: list[object] = [
+        (event.reason, event.flow, event.coalesced) if type(event) is CheckpointNeeded else event
+        for event in events
+        if type(event) not in (Release, Drop)
+    ]
+    return releases, drops, rest
+
+
+def _diverged(events: list[Event]) -> bool:
+    return any(type(event) is CheckpointNeeded for event in events)
+
+
+def _comparable(stats: CompareStats, diverged: bool) -> CompareStats:
+    """Once a connection diverged, the bytes of a run before its difference may be left
+    unverified (and stored) where the segments' were verified: those counts may differ."""
+    if not diverged:
+        return stats
+    return dataclasses.replace(stats, bytes_compared=0, stored_bytes=0, kept_bytes=0)
+
+
+def _same_decisions(batched: list[Event], single: list[Event]) -> None:
+    releases, drops, rest = _decisions(batched)
+    expected_releases, expected_drops, expected_rest = _decisions(single)
+    assert drops == expected_drops
+    assert rest == expected_rest
+    if _diverged(single):
+        # the batch's releases are the loop's less some, in the same order
+        remaining = iter(expected_releases)
+        assert all(release in remaining for release in releases), (releases, expected_releases)
+    else:
+        assert releases == expected_releases
 
 
 @SETTINGS
@@ -44,9 +103,89 @@ def test_feed_many_is_feed_in_a_loop(
         expected: list[Event] = []
         for frame, token in zip(frames, tokens, strict=True):
             expected += single.feed(side, frame, now, token)
-        assert batched.feed_many(side, frames, now, tokens) == expected
+        _same_decisions(batched.feed_many(side, frames, now, tokens), expected)
         assert batched.handle_timer(now) == single.handle_timer(now)
         assert batched.stats() == single.stats()
+
+
+_PORTS = (40000, 40001)
+_FLAGS = [PSH | ACK] * 6 + [ACK] * 3 + [FIN | ACK, RST | ACK, 0]
+
+
+@st.composite
+def runs(draw: st.DrawFn) -> list[tuple[Side, list[bytes]]]:
+    """Batches of each side's stream of two connections cut anywhere, so that the secondary's
+    batches hold runs (consecutive segments that continue each other), now and then broken: a
+    resend of earlier bytes, other bytes, another acknowledgement number, a FIN or RST, the
+    other connection's segment, an empty segment, a UDP datagram."""
+    cursor = {(side, port): 0 for side in Side for port in _PORTS}
+    out = []
+    for _ in range(draw(st.integers(1, 10))):
+        side = draw(st.sampled_from(Side))
+        frames = []
+        for _ in range(draw(st.integers(1, 3))):
+            if draw(st.integers(0, 12)) == 0:
+                frames.append(draw(udp_datagram()))
+                continue
+            port = draw(st.sampled_from(_PORTS))
+            low = cursor[side, port]
+            if draw(st.integers(0, 6)) == 0:  # a resend of bytes sent before
+                low = draw(st.integers(0, low))
+            high = min(len(STREAM), low + draw(st.integers(0, 120)))
+            cuts = draw(st.lists(st.integers(low, high), max_size=4))
+            bounds = sorted({low, high, *cuts})
+            ack = 1000 + draw(st.sampled_from([0, 0, 0, 100]))
+            for start, end in itertools.pairwise(bounds if len(bounds) > 1 else [low, low]):
+                payload = bytearray(STREAM[start:end])
+                if payload and draw(st.integers(0, 20)) == 0:
+                    payload[draw(st.integers(0, len(payload) - 1))] ^= 0x40
+                flags = draw(st.sampled_from(_FLAGS))
+                number = ISNS[side] + 1 + start
+                frames.append(tcp(number, bytes(payload), flags, ack, dport=port))
+            cursor[side, port] = max(cursor[side, port], high)
+        out.append((side, frames))
+    return out
+
+
+@SETTINGS
+@given(
+    runs(),
+    st.sampled_from(
+        [
+            CompareConfig(),
+            CompareConfig(max_held_packets=4, max_held_bytes=150),
+            CompareConfig(compare_timeout=0.05, secondary_timeout=0.05),
+        ]
+    ),
+)
+def test_the_secondarys_runs_decide_as_its_segments(
+    steps: list[tuple[Side, list[bytes]]], config: CompareConfig
+) -> None:
+    """Seen failing with the run's bytes left out of the bound on held bytes (the batch kept
+    more than ``max_held_bytes``)."""
+    batched, single = Comparator(config), Comparator(config)
+    for comparator in (batched, single):
+        for side in Side:
+            for port in _PORTS:
+                comparator.feed(side, tcp(ISNS[side], flags=SYN | ACK, dport=port), 0.0, "syn")
+    now = 0.0
+    diverged = False
+    for number, (side, frames) in enumerate(steps):
+        now += 0.03
+        tokens = [(number, index) for index in range(len(frames))]
+        expected: list[Event] = []
+        for frame, token in zip(frames, tokens, strict=True):
+            expected += single.feed(side, frame, now, token)
+        _same_decisions(batched.feed_many(side, frames, now, tokens), expected)
+        expected = single.handle_timer(now)
+        _same_decisions(batched.handle_timer(now), expected)
+        diverged = diverged or single.stats().checkpoint_requested
+        assert _comparable(batched.stats(), diverged) == _comparable(single.stats(), diverged)
+    end = now + 10
+    _same_decisions(batched.handle_timer(end), single.handle_timer(end))
+    _same_decisions(batched.checkpoint_completed(end), single.checkpoint_completed(end))
+    assert _comparable(batched.stats(), diverged) == _comparable(single.stats(), diverged)
+    assert batched.stats().stored_bytes == single.stats().stored_bytes == 0
 
 
 def test_a_batch_of_a_stream_releases_in_order() -> None:
@@ -56,10 +195,11 @@ def test_a_batch_of_a_stream_releases_in_order() -> None:
     primary = stream(ISNS[Side.PRIMARY], STREAM[:300], [100, 200])
     secondary = stream(ISNS[Side.SECONDARY], STREAM[:300], [150])
     assert comparator.feed_many(Side.PRIMARY, primary, 1.0, ["p0", "p1", "p2"]) == []
+    # the secondary's two segments are one run: compared as one, after both drops
     assert comparator.feed_many(Side.SECONDARY, secondary, 1.0, ["s0", "s1"]) == [
         Drop("s0"),
-        Release("p0"),
         Drop("s1"),
+        Release("p0"),
         Release("p1"),
         Release("p2"),
     ]

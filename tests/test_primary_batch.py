@@ -83,10 +83,16 @@ def _diverging_batch(proxy: PrimaryProxy) -> None:
         1.0,
     )
     # One secondary batch: two matches, then a divergence; a later flow's packet is only
-    # held. The request comes after the two releases decided before it.
+    # held. The request comes after the two releases decided before it. (The last segment
+    # acknowledges more, so the two data segments are not one run: see
+    # test_a_run_that_diverges_releases_its_verified_bytes_after_the_request.)
     proxy.on_secondary_many(
         [None, None, None],
-        [tcp(S_ISN, flags=SYN | ACK), tcp(S_ISN + 1, b"same"), tcp(S_ISN + 5, b"abd")],
+        [
+            tcp(S_ISN, flags=SYN | ACK),
+            tcp(S_ISN + 1, b"same"),
+            tcp(S_ISN + 5, b"abd", ack=1001),
+        ],
         1.0,
     )
 
@@ -97,6 +103,31 @@ def test_a_batch_s_releases_go_to_p_out_in_one_call_in_order() -> None:
     assert cast_sink(proxy).requests == [(1, "restart", 0), (2, "payload", 2)]
     assert proxy.counters.packets["primary-out", "accept-matched"] == 2
     assert proxy.counters.packets["secondary-out", "drop-compared"] == 3
+    assert proxy.counters.divergences["tcp", "payload"] == 1
+
+
+def test_a_run_that_diverges_releases_its_verified_bytes_after_the_request() -> None:
+    """The secondary's consecutive segments of a connection in a batch are compared as one
+    run (lanes.py): its difference is found before the bytes ahead of it are verified, so the
+    request comes first and the primary packet those bytes match goes out after it."""
+
+    def script(proxy: PrimaryProxy) -> None:
+        proxy.checkpoint_completed(0.0)
+        proxy.on_primary_many(
+            ["p-syn", "p1", "p2"],
+            [tcp(P_ISN, flags=SYN | ACK), tcp(P_ISN + 1, b"same"), tcp(P_ISN + 5, b"abc")],
+            1.0,
+        )
+        proxy.on_secondary_many(
+            [None, None, None],
+            [tcp(S_ISN, flags=SYN | ACK), tcp(S_ISN + 1, b"same"), tcp(S_ISN + 5, b"abd")],
+            1.0,
+        )
+
+    batching, proxy = _same(script)
+    assert batching.batches == [["p-syn"], ["p1"]]
+    assert cast_sink(proxy).requests == [(1, "restart", 0), (2, "payload", 1)]
+    assert proxy.counters.packets["primary-out", "accept-matched"] == 2
     assert proxy.counters.divergences["tcp", "payload"] == 1
 
 

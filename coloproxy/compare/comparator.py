@@ -257,8 +257,11 @@ class Comparator:
         # The lanes (lanes.py) take most packets while comparing, in place; the rest, and
         # everything while a checkpoint runs or a bound holds everything, takes the general
         # path, which parses a copy of the packet alone.
-        if self._epoch.compares and self._lanes.feed(side, data, begin, stop, now, token, out):
+        lanes = self._lanes
+        if self._epoch.compares and lanes.feed(side, data, begin, stop, now, token, out):
             return
+        if lanes.run is not None:
+            lanes.flush(now, out)  # the general path sees the secondary's segments in order
         if begin or stop != len(data):
             data = data[begin:stop]
         packet = self._parse(data)
@@ -282,31 +285,39 @@ class Comparator:
             raise UsageError(f"feed_many: {len(frames)} frames but {len(tokens)} tokens")
         out: list[Event] = []
         count: int = len(frames)
-        if isinstance(frames, Frames):
-            data = frames.data
-            bounds = frames.bounds
-            starts = frames.starts
-            if isinstance(tokens, range) and tokens.step == 1:
-                first: int = tokens.start
+        lanes = self._lanes
+        # The secondary's consecutive plain segments of one connection go in as one (lanes.py,
+        # ``Lanes.run``), before any other frame and at the end.
+        lanes.gathering = side is not _PRIMARY
+        try:
+            if isinstance(frames, Frames):
+                data = frames.data
+                bounds = frames.bounds
+                starts = frames.starts
+                if isinstance(tokens, range) and tokens.step == 1:
+                    first: int = tokens.start
+                    for index in range(count):
+                        self._feed_at(
+                            side, data, starts[index], bounds[index + 1], now, first + index, out
+                        )
+                else:
+                    for index in range(count):
+                        self._feed_at(
+                            side, data, starts[index], bounds[index + 1], now, tokens[index], out
+                        )
+            elif isinstance(frames, list) and isinstance(tokens, list):
+                # The same loop as below, with both narrowed to lists: compiled, native indexing.
                 for index in range(count):
-                    self._feed_at(
-                        side, data, starts[index], bounds[index + 1], now, first + index, out
-                    )
+                    packet = frames[index]
+                    self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
             else:
                 for index in range(count):
-                    self._feed_at(
-                        side, data, starts[index], bounds[index + 1], now, tokens[index], out
-                    )
-            return out
-        if isinstance(frames, list) and isinstance(tokens, list):
-            # The same loop as below, with both narrowed to lists: compiled, native indexing.
-            for index in range(count):
-                packet = frames[index]
-                self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
-            return out
-        for index in range(count):
-            packet = frames[index]
-            self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
+                    packet = frames[index]
+                    self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
+        finally:
+            lanes.gathering = False
+        if lanes.run is not None:
+            lanes.flush(now, out)
         return out
 
     def _feed_primary(

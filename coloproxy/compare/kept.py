@@ -10,7 +10,8 @@ What bounds that: a guest retransmits only bytes its peer has not acknowledged, 
 more than its send buffer holds. The comparator sees guest output only, not the peer's
 acknowledgements, so it keeps, per connection, the last ``window`` bytes by stream offset
 (``CompareConfig.retransmit_window``; the oldest are cut off in batches, once a quarter more
-has come, so between ``window`` and 1.25 ``window`` bytes plus a segment), and over all
+has come, so between ``window`` and 1.25 ``window`` bytes plus a segment, or a run of the
+secondary's segments: lanes.py), and over all
 connections at most ``limit`` bytes (``max_retransmit_bytes``): past it the connection that
 kept bytes longest ago (to within 64 KiB of its bytes) gives up its oldest first, down to a
 sixteenth below the limit. A resend of verified bytes no longer kept

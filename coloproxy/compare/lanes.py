@@ -10,6 +10,20 @@ and the general path parses it from scratch.
 The comparator tells the lanes of each flow it creates (``add``) and forgets (``remove``);
 the lanes hold those of their kinds by guest address, peer address, guest port and peer port
 as they stand in the headers.
+
+In a batch of the secondary's (``Comparator.feed_many``) the TCP lane gathers consecutive
+plain segments (ACK, perhaps PSH, with data) of one connection that continue each other with
+one acknowledgement number into a *run* and feeds it as one segment: before any other frame
+of the batch, and at its end. The secondary's packets are never released, so what a run
+changes is how its bytes are compared: one comparison, one stored chunk, one kept piece
+instead of one per segment (a guest that cuts its stream finely, or differently from the
+primary, costs a fraction per segment; docs/benchmarks.md, "Runs"). The decisions are the
+segments' (tests/test_compare_feed_many.py): the same releases and drops, in order, the drops
+of a run ahead of the releases it brings; only where a run holds a difference, the bytes of
+the run ahead of it may stay unverified, their primary packets left to the checkpoint the
+difference asks for. A connection gathers only with one incarnation and no FIN or RST seen
+(``TcpConnection.gathers``), so that a run meets no check of the connection's fate before a
+segment of it would have.
 """
 
 from __future__ import annotations
@@ -30,6 +44,8 @@ from coloproxy.packet.parse import (
     ETHERNET_HEADER_LEN,
     PROTO_TCP,
     PROTO_UDP,
+    TCP_ACK,
+    TCP_PSH,
     TCP_SYN,
     be32,
 )
@@ -99,6 +115,13 @@ class Lanes:
         self._tcp_recent: list[TcpConnection | None] = [None] * _RECENT_SLOTS
         self._udp_key = b""
         self._udp_last: DatagramFlow | None = None
+        # The secondary's run (``TcpConnection.run_parts``): consecutive plain segments of one
+        # connection in a batch of the secondary's, fed as one segment when another frame
+        # comes or the batch ends (Comparator.feed_many turns ``gathering`` on and off);
+        # ``pending``: its bytes, not yet among the book's stored bytes.
+        self.gathering = False
+        self.run: TcpConnection | None = None
+        self.pending: i64 = 0
 
     def add(self, key: tuple[object, ...], flow: FlowState, proto: int) -> None:
         """A new flow of the comparator (``key`` as in its flow table): its lane takes it."""
@@ -132,6 +155,14 @@ class Lanes:
         if found == self._udp_key:
             self._udp_key = b""
             self._udp_last = None
+
+    def flush(self, now: float, out: list[Event]) -> None:
+        """Feed the secondary's run, if there is one (events into ``out``)."""
+        run = self.run
+        if run is not None:
+            self.run = None
+            self.pending = 0
+            run.feed_run(now, self._book, out)
 
     def feed(
         self,
@@ -198,7 +229,7 @@ class Lanes:
                 and not flags & _TCP_FLAGS_OUT
                 # not book.over_bounds(end - start), without the call
                 and book.held_packets < self._max_held_packets
-                and book.stored_bytes + (end - start) <= self._max_held_bytes
+                and book.stored_bytes + self.pending + (end - start) <= self._max_held_bytes
             ):
                 connection.last_active = now
                 ack = be32(data, l3 + 28)
@@ -209,6 +240,33 @@ class Lanes:
                     )
                 else:
                     out.append(compared(token))
+                    length: i64 = end - start
+                    run = self.run
+                    if (
+                        self.gathering
+                        and length
+                        and flags | TCP_PSH == TCP_ACK | TCP_PSH
+                        and connection.gathers()
+                    ):
+                        if run is connection:
+                            if number == connection.run_next and ack == connection.run_ack:
+                                connection.run_parts.append(data[start:end])
+                                connection.run_length += length
+                                connection.run_next = (number + length) & 0xFFFFFFFF
+                                self.pending += length
+                                return True
+                        if run is not None:
+                            self.flush(now, out)
+                        connection.run_parts.append(data[start:end])
+                        connection.run_length = length
+                        connection.run_number = number
+                        connection.run_next = (number + length) & 0xFFFFFFFF
+                        connection.run_ack = ack
+                        self.run = connection
+                        self.pending = length
+                        return True
+                    if run is not None:
+                        self.flush(now, out)
                     connection.feed_secondary(number, ack, flags, data[start:end], now, book, out)
                 return True
         elif proto == PROTO_UDP:
@@ -234,6 +292,8 @@ class Lanes:
                         self._reorder.arm(datagrams)
                 else:
                     out.append(compared(token))
+                    if self.run is not None:
+                        self.flush(now, out)
                     if datagrams.feed_secondary(payload, now, book, out):
                         self._reorder.arm(datagrams)
                 return True

@@ -196,6 +196,11 @@ class TcpConnection(FlowState):
         "primary",
         "rebase_asked",
         "rewritten",
+        "run_ack",
+        "run_length",
+        "run_next",
+        "run_number",
+        "run_parts",
         "secondary",
         "span",
         "split_end",
@@ -237,6 +242,14 @@ class TcpConnection(FlowState):
         self.span: list[int] = [-1, -1, -1, -1]
         # Held primary packets that no incarnation kept can match: a checkpoint releases them.
         self.stranded: list[Held] = []
+        # The secondary's run: consecutive plain segments of a batch gathered by the lanes
+        # (lanes.py, ``Lanes.run``), fed as one segment before any other frame is fed and
+        # when the batch ends. ``run_length`` 0: no run.
+        self.run_parts: list[bytes] = []
+        self.run_length = 0
+        self.run_number = 0  # the first segment's sequence number
+        self.run_next = 0  # the sequence number that continues the run
+        self.run_ack = 0
 
     def idle(self) -> bool:
         # Forgetting a connection whose sides have different ISNs would make its next
@@ -650,6 +663,26 @@ class TcpConnection(FlowState):
             # resend with other bytes): only the checkpoint just asked for may release it.
             held.need |= NEED_CHECKPOINT
         self.release_ready(book, out)
+
+    def gathers(self) -> bool:
+        """Whether the secondary's plain segments may be gathered into a run: one incarnation,
+        neither side ended, the SYNs alike (so that a run's bytes meet no check of the
+        connection's fate a segment of it would have met first)."""
+        primary, secondary = self.primary, self.secondary
+        return (
+            not self.older
+            and primary.ending is None
+            and secondary.ending is None
+            and primary.syn == secondary.syn
+        )
+
+    def feed_run(self, now: float, book: Book, out: list[Event]) -> None:
+        """Feed the secondary's gathered run (``run_length`` > 0) as one segment."""
+        parts = self.run_parts
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.run_parts = []
+        self.run_length = 0
+        self.feed_secondary(self.run_number, self.run_ack, TCP_ACK, payload, now, book, out)
 
     def feed_secondary(
         self,
