@@ -789,24 +789,23 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
             else:
                 check(comparator.feed(side, frame, now, token), False)
         else:
-            if state != "checkpointing":
-                if type(meaning_) is not Piece or not epoch.saturated:
-                    reference.secondary(meaning_, tag, now, frame)
+            batch = [(frame, meaning_, tag)]
             if in_place:
                 # A receive of the secondary's frames: those next in line, one to 32 (a
-                # batch's consecutive segments of a connection are compared as one run).
-                batch = [frame]
+                # batch's consecutive segments of a connection are compared as one run), all
+                # at the time of the last, for the comparator and the reference alike.
                 limit = rng.choice([1, 2, 8, 32])
                 while len(batch) < limit and pending and pending[0][2] is Side.SECONDARY:
                     at, _, _, frame, tag = heapq.heappop(pending)
                     fed_frames += 1
                     now = max(now, at)
-                    meaning_ = meaning(frame, ethernet)
-                    if state != "checkpointing":
-                        if type(meaning_) is not Piece or not epoch.saturated:
-                            reference.secondary(meaning_, tag, now, frame)
-                    batch.append(frame)
-                received = _in_buffer(batch, rng)
+                    batch.append((frame, meaning(frame, ethernet), tag))
+            if state != "checkpointing":
+                for frame, meaning_, tag in batch:
+                    if type(meaning_) is not Piece or not epoch.saturated:
+                        reference.secondary(meaning_, tag, now, frame)
+            if in_place:
+                received = _in_buffer([frame for frame, _, _ in batch], rng)
                 check(comparator.feed_many(side, received, now, [None] * len(batch)), False)
             else:
                 check(comparator.feed(side, frame, now, None), False)

@@ -1112,3 +1112,26 @@ def test_ranges_compared_in_place_agree_with_slices() -> None:
         assert _same(ours, low, low + length, bytes(theirs), at) is expected
         cases += expected
     assert 500 < cases < 2500  # both outcomes were exercised
+
+
+def test_a_rst_of_a_newer_connection_does_not_match_an_older_ones_rst() -> None:
+    """Found by bench/fuzz_compare.py: the secondary's RST of its second connection on a
+    four-tuple came before its SYN-ACK of it, while the secondary was still in the first; its
+    sequence number lay far beyond that connection's, yet it was taken as the first one's RST
+    and released the primary's RST of the first connection as matched."""
+    pair = Pair()
+    pair.primary(tcp(P_ISN, flags=SYN | ACK, ack=5001), "p0-syn")
+    pair.primary(tcp(P_ISN + 1, OLD, flags=FIN | PSH | ACK, ack=5001), "p0-fin")
+    pair.secondary(tcp(S_ISN, flags=SYN | ACK, ack=5001), "s0-syn")
+    pair.secondary(tcp(S_ISN + 1, OLD, flags=FIN | PSH | ACK, ack=5001), "s0-fin")
+    assert pair.released() == ["p0-syn", "p0-fin"]
+    end = len(OLD) + 2  # after the FIN
+    pair.primary(tcp(P_ISN + end, flags=RST), "p0-rst")
+    pair.primary(tcp(NEW_P_ISN, flags=SYN | ACK, ack=9001), "p1-syn")
+    pair.primary(tcp(NEW_P_ISN + 1, NEW, flags=FIN | PSH | ACK, ack=9001), "p1-fin")
+    pair.primary(tcp(NEW_P_ISN + len(NEW) + 2, flags=RST), "p1-rst")
+    pair.secondary(tcp(NEW_S_ISN + len(NEW) + 2, flags=RST), "s1-rst")  # before its SYN-ACK
+    assert pair.released() == ["p0-syn", "p0-fin"]
+    pair.secondary(tcp(NEW_S_ISN, flags=SYN | ACK, ack=9001), "s1-syn")
+    pair.secondary(tcp(S_ISN + end, flags=RST), "s0-rst")
+    assert pair.released() == ["p0-syn", "p0-fin", "p1-syn", "p0-rst"]

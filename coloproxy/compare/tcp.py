@@ -531,8 +531,17 @@ class TcpConnection(FlowState):
             if low >= 0 and seq.leq(low, number) and seq.leq(number, high):
                 return incarnation
         if at is not self:
-            # the side runs behind: what it sends widens its span in that incarnation
             span = at.span
+            if (
+                flags & TCP_RST
+                and span[index] >= 0
+                and not (seq.leq(span[index], number) and seq.leq(number, span[index + 1]))
+            ):
+                # A RST past all the side sent in the incarnation it runs behind in may be a
+                # newer one's whose SYN is still to come (any RST matches a RST): compared
+                # with none (the primary's waits for a checkpoint, the secondary's is dropped).
+                return None
+            # the side runs behind: what it sends widens its span in that incarnation
             end = seq.add(number, length + (1 if flags & TCP_FIN else 0))
             if span[index] < 0 or seq.lt(number, span[index]):
                 span[index] = number
