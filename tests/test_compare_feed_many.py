@@ -161,8 +161,11 @@ def runs(draw: st.DrawFn) -> list[tuple[Side, list[bytes]]]:
 def test_the_secondarys_runs_decide_as_its_segments(
     steps: list[tuple[Side, list[bytes]]], config: CompareConfig
 ) -> None:
-    """Seen failing with the run's bytes left out of the bound on held bytes (the batch kept
-    more than ``max_held_bytes``)."""
+    """Seen failing, each alone, with the run's bytes left out of the bound on held bytes,
+    with a segment taken into a run by its sequence number alone (another acknowledgement
+    number) or by its acknowledgement number alone, with no run fed before a frame the lanes
+    leave to the general path, and with runs gathered while a side had ended (a run's
+    difference then found before the fate problem a segment of it met first)."""
     batched, single = Comparator(config), Comparator(config)
     for comparator in (batched, single):
         for side in Side:

@@ -689,7 +689,7 @@ class TcpConnection(FlowState):
         """Feed the secondary's gathered run (``run_length`` > 0) as one segment."""
         parts = self.run_parts
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
-        self.run_parts = []
+        parts.clear()
         self.run_length = 0
         self.feed_secondary(self.run_number, self.run_ack, TCP_ACK, payload, now, book, out)
 
