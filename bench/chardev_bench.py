@@ -67,7 +67,16 @@ from qemu_colo_compare import (  # noqa: E402
     running_comparator,
 )
 from qemu_colo_compare import frame_streams as qemu_frame_streams  # noqa: E402
-from runstats import MIN_RUNS, Figure, cpu_ratio, figure, load, load_one, ratio  # noqa: E402
+from runstats import (  # noqa: E402
+    MIN_RUNS,
+    Figure,
+    cpu_ratio,
+    figure,
+    load,
+    load_one,
+    ratio,
+    socket_probe,
+)
 from workloads import DESCRIPTIONS, NAMES, Workload, make_workload  # noqa: E402
 
 DEFAULT_PACKETS: Final = 20_000
@@ -409,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         print("loop      uvloop")
     print(f"qemu      {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host      {os.cpu_count()} CPUs, {platform.platform()}")
+    print(f"syscalls  {socket_probe()}")
     print(
         f"qemu cmd  {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}[,vnet_hdr_support=on]"
     )

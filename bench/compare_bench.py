@@ -64,7 +64,16 @@ from qemu_colo_compare import (  # noqa: E402
     running_qemu,
     timed_run,
 )
-from runstats import MIN_RUNS, Figure, cpu_ratio, figure, load, load_one, ratio  # noqa: E402
+from runstats import (  # noqa: E402
+    MIN_RUNS,
+    Figure,
+    cpu_ratio,
+    figure,
+    load,
+    load_one,
+    ratio,
+    socket_probe,
+)
 from workloads import DESCRIPTIONS as BASE_DESCRIPTIONS  # noqa: E402
 from workloads import Workload, make_workload  # noqa: E402
 
@@ -660,6 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"qemu     {qemu_version(args.qemu_binary) if not args.skip_qemu else 'skipped'}")
     print(f"host     {os.cpu_count()} CPUs, {_cpu_model()}, {platform.platform()}")
+    print(f"syscalls {socket_probe()}")
     print(f"load     {_load()} at the start")
     if not args.skip_qemu:
         print(f"qemu cmd {shlex.join(qemu_command('<tmpdir>', args.qemu_binary))}")

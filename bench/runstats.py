@@ -11,7 +11,9 @@ figure.
 from __future__ import annotations
 
 import os
+import socket
 import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -94,3 +96,26 @@ def load() -> str:
 
 def load_one() -> str:
     return f"{os.getloadavg()[0]:.2f}"
+
+
+def socket_probe(rounds: int = 3, count: int = 20_000) -> str:
+    """What a small socket round costs on this machine: a 1500-byte ``send`` and ``recv``
+    over an AF_UNIX stream pair in one process, median of ``rounds`` loops, in us. QEMU's
+    colo-compare makes several syscalls per packet where our daemon makes a few per receive,
+    so on a machine whose syscalls cost more it slows down more than ours does, and the ratio
+    rises with nothing of ours faster: compare this figure between machines before the
+    ratios (docs/benchmarks.md)."""
+    first, second = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    data = bytes(1500)
+    times = []
+    try:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for _ in range(count):
+                first.send(data)
+                second.recv(2048)
+            times.append((time.perf_counter() - started) / count * 1e6)
+    finally:
+        first.close()
+        second.close()
+    return f"AF_UNIX 1500-byte send + recv {statistics.median(times):.2f} us (median of {rounds})"
