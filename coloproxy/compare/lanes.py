@@ -117,11 +117,10 @@ class Lanes:
         self._udp_last: DatagramFlow | None = None
         # The secondary's run (``TcpConnection.run_parts``): consecutive plain segments of one
         # connection in a batch of the secondary's, fed as one segment when another frame
-        # comes or the batch ends (Comparator.feed_many turns ``gathering`` on and off);
-        # ``pending``: its bytes, not yet among the book's stored bytes.
+        # comes or the batch ends (Comparator.feed_many turns ``gathering`` on and off). Its
+        # bytes are not yet among the book's stored bytes.
         self.gathering = False
         self.run: TcpConnection | None = None
-        self.pending: i64 = 0
 
     def add(self, key: tuple[object, ...], flow: FlowState, proto: int) -> None:
         """A new flow of the comparator (``key`` as in its flow table): its lane takes it."""
@@ -161,7 +160,6 @@ class Lanes:
         run = self.run
         if run is not None:
             self.run = None
-            self.pending = 0
             run.feed_run(now, self._book, out)
 
     def feed(
@@ -217,6 +215,7 @@ class Lanes:
                 if connection is not None:
                     self._tcp_key = key
                     self._tcp_last = connection
+            run = self.run
             offset: i64 = data[l3 + 32]
             flags: i64 = data[l3 + 33]
             end: i64 = l3 + total
@@ -229,7 +228,8 @@ class Lanes:
                 and not flags & _TCP_FLAGS_OUT
                 # not book.over_bounds(end - start), without the call
                 and book.held_packets < self._max_held_packets
-                and book.stored_bytes + self.pending + (end - start) <= self._max_held_bytes
+                and book.stored_bytes + (end - start) + (run.run_length if run is not None else 0)
+                <= self._max_held_bytes
             ):
                 connection.last_active = now
                 ack = be32(data, l3 + 28)
@@ -241,29 +241,25 @@ class Lanes:
                 else:
                     out.append(compared(token))
                     length: i64 = end - start
-                    run = self.run
                     if (
                         self.gathering
                         and length
                         and flags | TCP_PSH == TCP_ACK | TCP_PSH
                         and connection.gathers()
                     ):
-                        if run is connection:
-                            if number == connection.run_next and ack == connection.run_ack:
+                        if run is connection and ack == connection.run_ack:
+                            follows = (connection.run_number + connection.run_length) & 0xFFFFFFFF
+                            if number == follows:
                                 connection.run_parts.append(data[start:end])
                                 connection.run_length += length
-                                connection.run_next = (number + length) & 0xFFFFFFFF
-                                self.pending += length
                                 return True
                         if run is not None:
                             self.flush(now, out)
                         connection.run_parts.append(data[start:end])
                         connection.run_length = length
                         connection.run_number = number
-                        connection.run_next = (number + length) & 0xFFFFFFFF
                         connection.run_ack = ack
                         self.run = connection
-                        self.pending = length
                         return True
                     if run is not None:
                         self.flush(now, out)

@@ -198,7 +198,6 @@ class TcpConnection(FlowState):
         "rewritten",
         "run_ack",
         "run_length",
-        "run_next",
         "run_number",
         "run_parts",
         "secondary",
@@ -248,7 +247,6 @@ class TcpConnection(FlowState):
         self.run_parts: list[bytes] = []
         self.run_length = 0
         self.run_number = 0  # the first segment's sequence number
-        self.run_next = 0  # the sequence number that continues the run
         self.run_ack = 0
 
     def idle(self) -> bool:
