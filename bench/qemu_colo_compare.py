@@ -513,14 +513,41 @@ def running_qemu(
 
 
 def process_cpu_seconds(pid: int, children: bool = False) -> float:
-    """User plus system CPU time of a process so far, from /proc (clock-tick granularity);
-    ``children``: also that of its children it waited for (the daemons run iptables-save)."""
+    """CPU time of a process so far. Without ``children``: the time its live threads ran, from
+    the scheduler (``/proc/PID/task/*/schedstat``, nanoseconds), where the kernel has it, so
+    that a run of 100 ms is measured to the microsecond and not in 10 ms clock ticks (a
+    thread that ends between two readings takes its time with it: the comparing processes
+    measured here keep theirs). With ``children`` (the daemons run iptables-save), or where
+    schedstat is missing: user plus system time and that of the children it waited for, from
+    ``/proc/PID/stat`` (clock ticks)."""
+    if not children:
+        precise = _threads_ran(pid)
+        if precise is not None:
+            return precise
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()  # after the command name
     ticks = int(fields[11]) + int(fields[12])  # utime, stime
     if children:
         ticks += int(fields[13]) + int(fields[14])  # cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _threads_ran(pid: int) -> float | None:
+    """Seconds the live threads of ``pid`` have run, or None where schedstat is missing."""
+    total = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return None
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{thread}"):
+                continue  # the thread ended meanwhile
+            return None
+    return total / 1e9
 
 
 def run_qemu(workload: Workload, binary: str = QEMU_BINARY) -> RunResult:

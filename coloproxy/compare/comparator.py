@@ -261,7 +261,7 @@ class Comparator:
         if self._epoch.compares and lanes.feed(side, data, begin, stop, now, token, out):
             return
         if lanes.run is not None:
-            lanes.flush(now, out)  # the general path sees the secondary's segments in order
+            lanes.flush(now, out)  # the general path sees a side's segments in order
         if begin or stop != len(data):
             data = data[begin:stop]
         packet = self._parse(data)
@@ -286,9 +286,9 @@ class Comparator:
         out: list[Event] = []
         count: int = len(frames)
         lanes = self._lanes
-        # The secondary's consecutive plain segments of one connection go in as one (lanes.py,
-        # ``Lanes.run``), before any other frame and at the end.
-        lanes.gathering = side is not _PRIMARY
+        # Consecutive plain segments of one connection go in as one (lanes.py, ``Lanes.run``),
+        # before any other frame and at the end.
+        lanes.gathering = True
         try:
             if isinstance(frames, Frames):
                 data = frames.data

@@ -11,17 +11,29 @@ The comparator tells the lanes of each flow it creates (``add``) and forgets (``
 the lanes hold those of their kinds by guest address, peer address, guest port and peer port
 as they stand in the headers.
 
-In a batch of the secondary's (``Comparator.feed_many``) the TCP lane gathers consecutive
-plain segments (ACK, perhaps PSH, with data) of one connection that continue each other with
-one acknowledgement number into a *run* and feeds it as one segment: before any other frame
-of the batch, and at its end. The secondary's packets are never released, so what a run
-changes is how its bytes are compared: one comparison, one stored chunk, one kept piece
-instead of one per segment (a guest that cuts its stream finely, or differently from the
-primary, costs a fraction per segment; docs/benchmarks.md, "Runs"). The decisions are the
-segments' (tests/test_compare_feed_many.py): the same releases and drops, in order, the drops
-of a run ahead of the releases it brings; only where a run holds a difference, the bytes of
-the run ahead of it may stay unverified, their primary packets left to the checkpoint the
-difference asks for. A connection gathers only with one incarnation and no FIN or RST seen
+In a batch of one side's (``Comparator.feed_many``) the TCP lane gathers consecutive plain
+segments (ACK, perhaps PSH, with data) of one connection that continue each other with one
+acknowledgement number into a *run* and compares it as one segment: before any other frame of
+the batch, and at its end. A run starts only where the lanes' last TCP packet was the same
+connection's (where connections take turns packet by packet a run would hold one segment).
+What a run changes is how its bytes are compared: one comparison, one stored chunk, one kept
+piece instead of one per segment (a guest that cuts its stream finely, or differently from
+the other, costs a fraction per segment; docs/benchmarks.md, "Runs" and "The primary's
+runs").
+
+- The secondary's packets are never released: a run's segments are dropped as they come and
+  its bytes compared at its end.
+- The primary's segments of a run are held as they come (``TcpConnection.hold_in_run``), and
+  released once the run's bytes are compared. A primary run holds only bytes the primary
+  never sent before, so that no packet of it can be released by bytes verified earlier: a
+  resend goes to ``feed_primary`` alone, as does any segment ``feed_primary`` treats apart
+  (one to split as GSO, one past the rebase mark).
+
+The decisions are the segments' (tests/test_compare_feed_many.py): the same releases and
+drops, in order, the secondary's drops of a run ahead of the releases it brings; only where a
+run holds a difference, the bytes of the run ahead of it (or of the other side's run it meets)
+may stay unverified, their primary packets left to the checkpoint the difference asks for. A
+connection gathers only with one incarnation and no FIN or RST seen
 (``TcpConnection.gathers``), so that a run meets no check of the connection's fate before a
 segment of it would have.
 """
@@ -115,12 +127,13 @@ class Lanes:
         self._tcp_recent: list[TcpConnection | None] = [None] * _RECENT_SLOTS
         self._udp_key = b""
         self._udp_last: DatagramFlow | None = None
-        # The secondary's run (``TcpConnection.run_parts``): consecutive plain segments of one
-        # connection in a batch of the secondary's, fed as one segment when another frame
-        # comes or the batch ends (Comparator.feed_many turns ``gathering`` on and off). Its
-        # bytes are not yet among the book's stored bytes.
+        # The run (``TcpConnection.run_parts``): consecutive plain segments of one connection
+        # in a batch of one side's, compared as one segment when another frame comes or the
+        # batch ends (Comparator.feed_many turns ``gathering`` on and off); ``run_primary``:
+        # the primary's. Its bytes are not yet among the book's stored bytes.
         self.gathering = False
         self.run: TcpConnection | None = None
+        self.run_primary = False
 
     def add(self, key: tuple[object, ...], flow: FlowState, proto: int) -> None:
         """A new flow of the comparator (``key`` as in its flow table): its lane takes it."""
@@ -156,11 +169,14 @@ class Lanes:
             self._udp_last = None
 
     def flush(self, now: float, out: list[Event]) -> None:
-        """Feed the secondary's run, if there is one (events into ``out``)."""
+        """Compare the run, if there is one (events into ``out``)."""
         run = self.run
         if run is not None:
             self.run = None
-            run.feed_run(now, self._book, out)
+            if self.run_primary:
+                run.feed_primary_run(now, self._book, out)
+            else:
+                run.feed_run(now, self._book, out)
 
     def feed(
         self,
@@ -201,7 +217,11 @@ class Lanes:
         number = be32(data, l3 + 24)
         l4: i64 = l3 + 20
         if proto == PROTO_TCP:
-            if key == self._tcp_key:
+            # ``again``: the lanes' last TCP packet was this connection's too. Only then may a
+            # packet start a run: where connections take turns packet by packet, a run would
+            # hold one segment and cost more than it saves.
+            again = key == self._tcp_key
+            if again:
                 connection = self._tcp_last
             else:
                 slot = _slot(key)
@@ -233,18 +253,41 @@ class Lanes:
             ):
                 connection.last_active = now
                 ack = be32(data, l3 + 28)
+                length: i64 = end - start
                 if side is _PRIMARY:
                     held = book.new_held(token, now, connection)
+                    if self.gathering and length and flags | TCP_PSH == TCP_ACK | TCP_PSH:
+                        if run is connection and ack == connection.run_ack:
+                            follows = (connection.run_number + connection.run_length) & 0xFFFFFFFF
+                            if number == follows and connection.hold_in_run(
+                                number, ack, length, held, book, False
+                            ):
+                                connection.run_parts.append(data[start:end])
+                                connection.run_length += length
+                                return True
+                        if run is not None:
+                            self.flush(now, out)
+                            run = None
+                        if again and connection.hold_in_run(number, ack, length, held, book, True):
+                            connection.run_parts.append(data[start:end])
+                            connection.run_length = length
+                            connection.run_number = number
+                            connection.run_ack = ack
+                            self.run = connection
+                            self.run_primary = True
+                            return True
+                    if run is not None:
+                        self.flush(now, out)
                     connection.feed_primary(
                         number, ack, flags, data[start:end], held, now, book, out
                     )
                 else:
                     out.append(compared(token))
-                    length: i64 = end - start
                     if (
                         self.gathering
                         and length
                         and flags | TCP_PSH == TCP_ACK | TCP_PSH
+                        and again  # (so is a run of this connection's going on)
                         and connection.gathers()
                     ):
                         if run is connection and ack == connection.run_ack:
@@ -260,6 +303,7 @@ class Lanes:
                         connection.run_number = number
                         connection.run_ack = ack
                         self.run = connection
+                        self.run_primary = False
                         return True
                     if run is not None:
                         self.flush(now, out)

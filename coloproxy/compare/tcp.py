@@ -241,9 +241,10 @@ class TcpConnection(FlowState):
         self.span: list[int] = [-1, -1, -1, -1]
         # Held primary packets that no incarnation kept can match: a checkpoint releases them.
         self.stranded: list[Held] = []
-        # The secondary's run: consecutive plain segments of a batch gathered by the lanes
-        # (lanes.py, ``Lanes.run``), fed as one segment before any other frame is fed and
-        # when the batch ends. ``run_length`` 0: no run.
+        # A run: consecutive plain segments of one side in a batch, gathered by the lanes
+        # (lanes.py, ``Lanes.run``), compared as one segment before any other frame is fed
+        # and when the batch ends. ``run_length`` 0: no run. The primary's segments of a run
+        # are held one by one as they come (``hold_in_run``); only their bytes wait here.
         self.run_parts: list[bytes] = []
         self.run_length = 0
         self.run_number = 0  # the first segment's sequence number
@@ -690,6 +691,67 @@ class TcpConnection(FlowState):
         parts.clear()
         self.run_length = 0
         self.feed_secondary(self.run_number, self.run_ack, TCP_ACK, payload, now, book, out)
+
+    def hold_in_run(
+        self, number: int, ack: int, length: int, held: Held, book: Book, first: bool
+    ) -> bool:
+        """Hold a plain primary segment (ACK, perhaps PSH, ``length`` > 0 bytes of data) of the
+        primary's run as ``feed_primary`` holds it, its bytes left for ``feed_primary_run`` to
+        compare; ``first``: it would start the run. False, with nothing done, where it must go
+        to ``feed_primary`` instead.
+
+        A run holds only bytes the primary never sent before (past everything it sent and
+        everything verified), in one incarnation with neither side ended and not diverged, and
+        no segment that ``feed_primary`` would treat apart (one to split as GSO, one past the
+        rebase mark, one while a split packet is coming back): compared as one segment, its
+        bytes then meet exactly the checks the segments' would, and a packet of it is released
+        only once all of its own bytes are verified."""
+        isn = self.primary.isn
+        if isn is None:
+            return False
+        start = seq.diff(number, isn) - 1
+        end = start + length
+        if end > REBASE_AT or (length > book.gso_payload and book.split_after is not None):
+            return False
+        queue = self.held
+        if first:
+            primary = self.primary
+            high = primary.high
+            if (
+                start < 0
+                or (high is not None and start < high)
+                or start < self.verified.high
+                or (queue and start < queue[-1].start)
+                or self.diverged
+                or self.split_end >= 0
+                or not self.gathers()
+            ):
+                return False
+            # _side_base's note of the highest ACK: one ACK number for the whole run
+            max_ack = primary.max_ack
+            if max_ack is None or (max_ack != ack and seq.gt(ack, max_ack)):
+                primary.max_ack = ack
+        held.need = NEED_ACK
+        held.ack = ack
+        held.start = start
+        held.end = end
+        queue.append(held)
+        return True
+
+    def feed_primary_run(self, now: float, book: Book, out: list[Event]) -> None:
+        """Compare the primary's gathered run (``run_length`` > 0; its packets are held) as one
+        segment, and release what it verified."""
+        parts = self.run_parts
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
+        self.run_length = 0
+        isn = self.primary.isn
+        assert isn is not None  # hold_in_run took the run's segments only with one
+        self._absorb(True, seq.diff(self.run_number, isn) - 1, payload, now, book, out)
+        # Neither side ended and the SYNs alike (``gathers``): _check_fate has nothing to say.
+        # A difference in the run leaves the bytes from it on unverified, so that their
+        # packets wait for the checkpoint it asked for (none of them was verified before).
+        self.release_ready(book, out)
 
     def feed_secondary(
         self,
