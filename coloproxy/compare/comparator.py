@@ -316,6 +316,7 @@ class Comparator:
                     self._feed_at(side, packet, 0, len(packet), now, tokens[index], out)
         finally:
             lanes.gathering = False
+            lanes.drop_view()
         if lanes.run is not None:
             lanes.flush(now, out)
         return out

@@ -245,7 +245,7 @@ class TcpConnection(FlowState):
         # (lanes.py, ``Lanes.run``), compared as one segment before any other frame is fed
         # and when the batch ends. ``run_length`` 0: no run. The primary's segments of a run
         # are held one by one as they come (``hold_in_run``); only their bytes wait here.
-        self.run_parts: list[bytes] = []
+        self.run_parts: list[bytes | memoryview] = []  # (Lanes._part)
         self.run_length = 0
         self.run_number = 0  # the first segment's sequence number
         self.run_ack = 0
@@ -687,7 +687,7 @@ class TcpConnection(FlowState):
     def feed_run(self, now: float, book: Book, out: list[Event]) -> None:
         """Feed the secondary's gathered run (``run_length`` > 0) as one segment."""
         parts = self.run_parts
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         parts.clear()
         self.run_length = 0
         self.feed_secondary(self.run_number, self.run_ack, TCP_ACK, payload, now, book, out)
@@ -742,7 +742,7 @@ class TcpConnection(FlowState):
         """Compare the primary's gathered run (``run_length`` > 0; its packets are held) as one
         segment, and release what it verified."""
         parts = self.run_parts
-        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         parts.clear()
         self.run_length = 0
         isn = self.primary.isn
