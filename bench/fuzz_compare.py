@@ -773,23 +773,23 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
         at, _, side, frame, tag = heapq.heappop(pending)
         fed_frames += 1
         now = max(now, at)
-        meaning_ = meaning(frame, ethernet)
+        batch = [(frame, meaning(frame, ethernet), tag)]
+        if in_place:
+            # A receive of one side's frames: those next in line, one to 32 (a batch's
+            # consecutive segments of a connection are compared as one run), all at the time
+            # of the last, for the comparator and the reference alike.
+            limit = rng.choice([1, 2, 8, 32])
+            while len(batch) < limit and pending and pending[0][2] is side:
+                at, _, _, frame, tag = heapq.heappop(pending)
+                fed_frames += 1
+                now = max(now, at)
+                batch.append((frame, meaning(frame, ethernet), tag))
         if side is Side.PRIMARY:
-            batch = [(frame, meaning_, tag)]
-            if in_place:
-                # A receive of the primary's frames, as of the secondary's below (a batch's
-                # consecutive segments of a connection are compared as one run too).
-                limit = rng.choice([1, 2, 8, 32])
-                while len(batch) < limit and pending and pending[0][2] is Side.PRIMARY:
-                    at, _, _, frame, tag = heapq.heappop(pending)
-                    fed_frames += 1
-                    now = max(now, at)
-                    batch.append((frame, meaning(frame, ethernet), tag))
             token = base + len(fed)
-            for frame, meaning_, tag in batch:
-                fed[base + len(fed)] = (frame, meaning_, tag)
+            for index, (frame, meaning_, tag) in enumerate(batch):
+                fed[token + index] = (frame, meaning_, tag)
                 if state != "checkpointing" and not epoch.saturated:
-                    reference.primary_fed(meaning_, base + len(fed) - 1, now)
+                    reference.primary_fed(meaning_, token + index, now)
             if in_place:
                 received = _in_buffer([frame for frame, _, _ in batch], rng)
                 tokens = range(token, token + len(batch))
@@ -797,17 +797,6 @@ def run_round(round_: Round, rng: random.Random, result: Result) -> None:
             else:
                 check(comparator.feed(side, frame, now, token), False)
         else:
-            batch = [(frame, meaning_, tag)]
-            if in_place:
-                # A receive of the secondary's frames: those next in line, one to 32 (a
-                # batch's consecutive segments of a connection are compared as one run), all
-                # at the time of the last, for the comparator and the reference alike.
-                limit = rng.choice([1, 2, 8, 32])
-                while len(batch) < limit and pending and pending[0][2] is Side.SECONDARY:
-                    at, _, _, frame, tag = heapq.heappop(pending)
-                    fed_frames += 1
-                    now = max(now, at)
-                    batch.append((frame, meaning(frame, ethernet), tag))
             if state != "checkpointing":
                 for frame, meaning_, tag in batch:
                     if type(meaning_) is not Piece or not epoch.saturated:

@@ -134,7 +134,7 @@ class Lanes:
         self.gathering = False
         self.run: TcpConnection | None = None
         self.run_primary = False
-        # A run's segments (of over 512 bytes) are views of the batch's buffer (``_part``),
+        # A run's segments (of over 512 bytes) are views of the batch's buffer (``_add``),
         # copied once when the run is joined: a ``bytes`` slice of each (a 1.5 kB allocation
         # from malloc, a copy, a free) costs several times a view. The view of the buffer is
         # dropped when the batch ends (``drop_view``).
@@ -174,16 +174,26 @@ class Lanes:
             self._udp_key = b""
             self._udp_last = None
 
-    def _part(self, data: bytes, start: i64, end: i64) -> bytes | memoryview:
-        """``data[start:end]`` for a run: a view, or a copy where that is as cheap (Python's
-        own allocator serves objects up to 512 bytes, quickly; larger ones go to malloc)."""
+    def _start(self, connection: TcpConnection, number: int, ack: int, primary: bool) -> None:
+        """A run of ``connection``'s starts, at sequence number ``number`` (with no bytes yet)."""
+        connection.run_number = number
+        connection.run_ack = ack
+        self.run = connection
+        self.run_primary = primary
+
+    def _add(self, connection: TcpConnection, data: bytes, start: i64, end: i64) -> None:
+        """``data[start:end]`` joins ``connection``'s run: a view, or a copy where that is as
+        cheap (Python's own allocator serves objects up to 512 bytes, quickly; larger ones go
+        to malloc)."""
         if end - start <= 512:
-            return data[start:end]
-        view = self._view
-        if view is None or data is not self._viewed:
-            view = self._view = memoryview(data)
-            self._viewed = data
-        return view[start:end]
+            connection.run_parts.append(data[start:end])
+        else:
+            view = self._view
+            if view is None or data is not self._viewed:
+                view = self._view = memoryview(data)
+                self._viewed = data
+            connection.run_parts.append(view[start:end])
+        connection.run_length += end - start
 
     def drop_view(self) -> None:
         """The batch ended: the view of its buffer goes (a run's parts keep theirs)."""
@@ -279,24 +289,19 @@ class Lanes:
                 if side is _PRIMARY:
                     held = book.new_held(token, now, connection)
                     if self.gathering and length and flags | TCP_PSH == TCP_ACK | TCP_PSH:
-                        if run is connection and ack == connection.run_ack:
-                            follows = (connection.run_number + connection.run_length) & 0xFFFFFFFF
-                            if number == follows and connection.hold_in_run(
-                                number, ack, length, held, book, False
-                            ):
-                                connection.run_parts.append(self._part(data, start, end))
-                                connection.run_length += length
-                                return True
+                        if (
+                            run is connection
+                            and connection.run_continues(number, ack)
+                            and connection.hold_in_run(number, ack, length, held, book, False)
+                        ):
+                            self._add(connection, data, start, end)
+                            return True
                         if run is not None:
                             self.flush(now, out)
                             run = None
                         if again and connection.hold_in_run(number, ack, length, held, book, True):
-                            connection.run_parts.append(self._part(data, start, end))
-                            connection.run_length = length
-                            connection.run_number = number
-                            connection.run_ack = ack
-                            self.run = connection
-                            self.run_primary = True
+                            self._start(connection, number, ack, True)
+                            self._add(connection, data, start, end)
                             return True
                     if run is not None:
                         self.flush(now, out)
@@ -312,20 +317,11 @@ class Lanes:
                         and again  # (so is a run of this connection's going on)
                         and connection.gathers()
                     ):
-                        if run is connection and ack == connection.run_ack:
-                            follows = (connection.run_number + connection.run_length) & 0xFFFFFFFF
-                            if number == follows:
-                                connection.run_parts.append(self._part(data, start, end))
-                                connection.run_length += length
-                                return True
-                        if run is not None:
-                            self.flush(now, out)
-                        connection.run_parts.append(self._part(data, start, end))
-                        connection.run_length = length
-                        connection.run_number = number
-                        connection.run_ack = ack
-                        self.run = connection
-                        self.run_primary = False
+                        if not (run is connection and connection.run_continues(number, ack)):
+                            if run is not None:
+                                self.flush(now, out)
+                            self._start(connection, number, ack, False)
+                        self._add(connection, data, start, end)
                         return True
                     if run is not None:
                         self.flush(now, out)

@@ -245,7 +245,7 @@ class TcpConnection(FlowState):
         # (lanes.py, ``Lanes.run``), compared as one segment before any other frame is fed
         # and when the batch ends. ``run_length`` 0: no run. The primary's segments of a run
         # are held one by one as they come (``hold_in_run``); only their bytes wait here.
-        self.run_parts: list[bytes | memoryview] = []  # (Lanes._part)
+        self.run_parts: list[bytes | memoryview] = []  # (Lanes._add)
         self.run_length = 0
         self.run_number = 0  # the first segment's sequence number
         self.run_ack = 0
@@ -684,12 +684,23 @@ class TcpConnection(FlowState):
             and primary.syn == secondary.syn
         )
 
-    def feed_run(self, now: float, book: Book, out: list[Event]) -> None:
-        """Feed the secondary's gathered run (``run_length`` > 0) as one segment."""
+    def run_continues(self, number: int, ack: int) -> bool:
+        """Whether a segment at sequence number ``number`` acknowledging ``ack`` continues
+        this connection's run."""
+        follows = (self.run_number + self.run_length) & 0xFFFFFFFF
+        return ack == self.run_ack and number == follows
+
+    def _take_run(self) -> bytes:
+        """The run's bytes, joined (one copy); the run is empty after."""
         parts = self.run_parts
         payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         parts.clear()
         self.run_length = 0
+        return payload
+
+    def feed_run(self, now: float, book: Book, out: list[Event]) -> None:
+        """Feed the secondary's gathered run (``run_length`` > 0) as one segment."""
+        payload = self._take_run()
         self.feed_secondary(self.run_number, self.run_ack, TCP_ACK, payload, now, book, out)
 
     def hold_in_run(
@@ -741,10 +752,7 @@ class TcpConnection(FlowState):
     def feed_primary_run(self, now: float, book: Book, out: list[Event]) -> None:
         """Compare the primary's gathered run (``run_length`` > 0; its packets are held) as one
         segment, and release what it verified."""
-        parts = self.run_parts
-        payload = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-        parts.clear()
-        self.run_length = 0
+        payload = self._take_run()
         isn = self.primary.isn
         assert isn is not None  # hold_in_run took the run's segments only with one
         self._absorb(True, seq.diff(self.run_number, isn) - 1, payload, now, book, out)
