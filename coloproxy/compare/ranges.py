@@ -22,16 +22,27 @@ class RangeSet:
         self._ends: list[int] = []
         # The end of the last interval, or EMPTY_HIGH when empty. A plain attribute kept up to
         # date by every change, not a property: the TCP hot path reads it for every segment.
+        # The in-order fast path of ``add`` moves only this one (compiled, an int in a list
+        # is an object, made anew for every segment): ``_ends[-1]`` may lag behind it, and is
+        # brought up to date (``_sync``) before anything but that path and ``contains`` read
+        # the lists.
         self.high: int = EMPTY_HIGH
 
     def __bool__(self) -> bool:
         return bool(self._starts)
 
     def __iter__(self) -> object:
+        self._sync()
         return iter(zip(self._starts, self._ends, strict=True))
 
     def intervals(self) -> list[tuple[int, int]]:
+        self._sync()
         return list(zip(self._starts, self._ends, strict=True))
+
+    def _sync(self) -> None:
+        """``_ends[-1]`` brought up to ``high`` (the fast path of ``add`` moves only that)."""
+        if self._ends:
+            self._ends[-1] = self.high
 
     def clear(self) -> None:
         self._starts.clear()
@@ -42,10 +53,12 @@ class RangeSet:
         """Add [start, end), merging with overlapping or touching intervals."""
         if start >= end:
             return
-        starts, ends = self._starts, self._ends
-        if starts and ends[-1] == start:  # the in-order fast path: extend the last interval
-            ends[-1] = self.high = end
+        starts = self._starts
+        if starts and self.high == start:  # the in-order fast path: extend the last interval
+            self.high = end
             return
+        self._sync()
+        ends = self._ends
         # first interval that could touch: the last one starting at or before `start`
         i = bisect_right(starts, start) - 1
         if i < 0 or ends[i] < start:
@@ -67,12 +80,13 @@ class RangeSet:
         if not starts:
             return False
         if starts[-1] <= start:
-            return end <= self._ends[-1]
-        i = bisect_right(starts, start) - 1
+            return end <= self.high
+        i = bisect_right(starts, start) - 1  # (not the last interval: its end may lag)
         return i >= 0 and end <= self._ends[i]
 
     def subtract(self, start: int, end: int) -> list[tuple[int, int]]:
         """The parts of [start, end) not in the set, in order."""
+        self._sync()
         starts, ends = self._starts, self._ends
         if not starts or start >= ends[-1] or end <= starts[0]:
             return [(start, end)] if start < end else []

@@ -56,7 +56,7 @@ class _Batch:
         self.data = frames.data
         self.bounds = frames.bounds
         self.first = first
-        count = len(frames.starts)
+        count = len(frames)
         self.live = [True] * count  # held, not yet released (nor copied out)
         self.held = count
 
@@ -111,7 +111,7 @@ class HeldFrames:
         ``first + i`` is frame ``i``). A frame whose vnet header length exceeded its data goes
         out framed as its header and an empty packet, as ``hold`` would."""
         first = self._next
-        count = len(frames.starts)
+        count = len(frames)
         self._next = first + count
         if not count:
             return range(first, first)
@@ -129,9 +129,8 @@ class HeldFrames:
     def _reframe_odd(self, batch: _Batch, frames: Frames) -> None:
         """Frames whose vnet header length exceeded their data: framed anew, held apart."""
         bounds = frames.bounds
-        starts = frames.starts
-        for index in range(len(starts)):
-            if frames.vnet_hdr and starts[index] == bounds[index + 1]:
+        for index in range(len(frames)):
+            if frames.vnet_hdr and frames.start(index) == bounds[index + 1]:
                 # (an empty packet after a fitting vnet header comes out the same)
                 header = frames.vnet_header(index)
                 batch.live[index] = False

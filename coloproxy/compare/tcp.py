@@ -116,6 +116,8 @@ TCP_URG: Final = 0x20
 # An urgent pointer of 0xFFFF says "beyond what this segment's 16 bits can reach" (Linux sends
 # it while the real pointer is more than 64 KiB ahead): no stream offset, so not compared.
 URGENT_BEYOND: Final = 0xFFFF
+# ``TcpSide.high`` of a side that has sent no data (in this epoch): below every offset.
+NOTHING_SENT: Final = -(1 << 60)
 # Urgent offsets remembered per side and epoch: a retransmission names a recent one again.
 URGENT_MARKS: Final = 64
 # Incarnations of one four-tuple kept apart, the newest included (``_route``).
@@ -161,7 +163,9 @@ class TcpSide:
         self.syn = False  # a SYN was seen in this epoch
         self.fin: int | None = None  # stream offset of the FIN, in this epoch
         self.rst: int | None = None  # stream offset of the RST, in this epoch
-        self.high: int | None = None  # end of the highest data sent, in this epoch
+        # End of the highest data sent, in this epoch; NOTHING_SENT before any (an int, not
+        # None: compiled, an optional int is an object, made anew for every segment).
+        self.high = NOTHING_SENT
         self.ending: str | None = None  # "FIN" or "RST", whichever came first in this epoch
         self.urgent: list[int] = []  # stream offsets urgent pointers named, in this epoch
         self.signals: list[Signal] = []  # the secondary's: FIN/RST/URG awaiting the primary's
@@ -172,7 +176,7 @@ class TcpSide:
         self.syn = False
         self.fin = None
         self.rst = None
-        self.high = None
+        self.high = NOTHING_SENT
         self.urgent = []
         for signal in self.signals:
             signal.live = False
@@ -299,7 +303,7 @@ class TcpConnection(FlowState):
         # epoch start near 0 (REBASE_AT). Both move by the same amount: the ISN offset the
         # S-in rewrite uses (secondary base - primary base) does not change.
         shift = primary.high
-        if shift is not None and shift > 0:
+        if shift > 0:
             if primary.isn is not None:
                 primary.isn = seq.add(primary.isn, shift)
             if secondary.isn is not None:
@@ -395,7 +399,7 @@ class TcpConnection(FlowState):
             and side.provisional
             and side.isn is not None
             and side.isn != base
-            and (side.high is not None or side.ending is not None)
+            and (side.high != NOTHING_SENT or side.ending is not None)
             and not self.diverged
         ):
             evidence = Evidence.without_bytes(
@@ -452,7 +456,7 @@ class TcpConnection(FlowState):
             # Only a side whose offsets count from its SYN's ISN (moved up by checkpoints) has
             # a span to tell: a base taken mid-stream may lie anywhere.
             if side.isn is not None and side.syn_seq is not None and side.isn_from_syn:
-                top = max(side.high or 0, (side.fin or 0) + 1, side.rst or 0)
+                top = max(side.high, 0, (side.fin or 0) + 1, side.rst or 0)
                 high = seq.add(side.isn, top + 1)
                 if 0 <= seq.diff(high, side.syn_seq) <= REBASE_AT:
                     span[2 * index] = side.syn_seq
@@ -730,7 +734,7 @@ class TcpConnection(FlowState):
             high = primary.high
             if (
                 start < 0
-                or (high is not None and start < high)
+                or start < high
                 or start < self.verified.high
                 or (queue and start < queue[-1].start)
                 or self.diverged
@@ -866,7 +870,7 @@ class TcpConnection(FlowState):
     ) -> None:
         mine = self.primary if primary_side else self.secondary
         end = start + len(data)
-        if mine.high is None or end > mine.high:
+        if end > mine.high:  # noqa: PLR1730  (compiled, max() would be a generic call)
             mine.high = end
         verified = self.verified
         if start >= verified.high and (not mine.chunks or start >= mine.chunks[-1].end):
@@ -1185,9 +1189,9 @@ def _fate_problem(primary: TcpSide, secondary: TcpSide) -> tuple[int | None, str
         return offset, f"primary {primary.ending} vs secondary {secondary.ending}"
     for name, this, that in (("primary", primary, secondary), ("secondary", secondary, primary)):
         other = "secondary" if name == "primary" else "primary"
-        if this.fin is not None and that.high is not None and that.high > this.fin:
+        if this.fin is not None and that.high > this.fin:
             return this.fin, f"{other} sent data past the {name}'s FIN"
-        if this.rst is not None and that.high is not None and that.high > this.rst:
+        if this.rst is not None and that.high > this.rst:
             return this.rst, f"{other} sent data past the {name}'s RST"
         if this.rst is not None and that.syn and not this.syn:
             return -1, f"{other} SYN vs {name} RST"

@@ -119,7 +119,10 @@ class Decoded(NamedTuple):
 class Frames(Sequence[bytes]):
     """One receive's whole frames, in place: frame ``i`` is ``data[bounds[i]:bounds[i + 1]]``
     on the wire (length fields, vnet header, packet) and its packet, what is compared, is
-    ``data[starts[i]:bounds[i + 1]]``. Nothing is copied until a packet is asked for
+    ``data[start(i):bounds[i + 1]]``: ``starts[i]``, or with ``starts`` empty (the framing
+    without vnet headers, as the decoder cuts it) right after the frame's length field,
+    ``bounds[i] + HEADER`` (one offset a frame, each an int object, instead of two).
+    Nothing is copied until a packet is asked for
     (``frames[i]``); the comparator (``Comparator.feed_many``) reads the packets in place and
     ``HeldFrames.hold_frames`` holds the primary's wire bytes as they came, so that a run of
     released frames goes out as one slice of ``data`` (the output framing is the input's).
@@ -138,13 +141,17 @@ class Frames(Sequence[bytes]):
         events: list[FrameEvent],
     ) -> None:
         self.data = data
-        self.bounds = bounds  # len(starts) + 1 offsets: where each frame starts, then the end
-        self.starts = starts
+        self.bounds = bounds  # where each frame starts, then where the last ends
+        self.starts = starts  # where each packet starts, or empty: after its length field
         self.vnet_hdr = vnet_hdr
         self.events = events
 
     def __len__(self) -> int:
-        return len(self.starts)
+        return len(self.bounds) - 1
+
+    def start(self, index: int) -> int:
+        """Where the packet of frame ``index`` (0 <= ``index`` < len) starts in ``data``."""
+        return self.starts[index] if self.starts else self.bounds[index] + HEADER
 
     @overload
     def __getitem__(self, index: int) -> bytes: ...
@@ -155,16 +162,16 @@ class Frames(Sequence[bytes]):
     def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
         """The packet of frame ``index`` (its vnet header left out), copied."""
         if isinstance(index, slice):
-            return [self.packet(position) for position in range(len(self.starts))[index]]
+            return [self.packet(position) for position in range(len(self))[index]]
         return self.packet(index)
 
     def packet(self, index: int) -> bytes:
         if index < 0:
-            index += len(self.starts)
-        return self.data[self.starts[index] : self.bounds[index + 1]]
+            index += len(self)
+        return self.data[self.start(index) : self.bounds[index + 1]]
 
     def __iter__(self) -> Iterator[bytes]:
-        for index in range(len(self.starts)):
+        for index in range(len(self)):
             yield self.packet(index)
 
     def wire(self, index: int) -> bytes:
@@ -176,10 +183,10 @@ class Frames(Sequence[bytes]):
         header length exceeded its data has all of its data here and an empty packet."""
         if not self.vnet_hdr:
             return b""
-        return self.data[self.bounds[index] + VNET_HEADER : self.starts[index]]
+        return self.data[self.bounds[index] + VNET_HEADER : self.start(index)]
 
     def vnet_headers(self) -> list[bytes]:
-        return [self.vnet_header(index) for index in range(len(self.starts))]
+        return [self.vnet_header(index) for index in range(len(self))]
 
 
 class FrameDecoder:
@@ -226,7 +233,7 @@ class FrameDecoder:
         if self.vnet_hdr:
             position, bad = self._vnet(data, bounds, starts, events)
         else:
-            position, bad = self._plain(data, bounds, starts)
+            position, bad = self._plain(data, bounds)  # (``starts`` stays empty)
         if bad is not None:
             # Every frame before the bad length is delivered (a primary frame received
             # whole is held, never lost); the rest of what came is of no use.
@@ -238,12 +245,13 @@ class FrameDecoder:
         else:
             self._carried = data[position:] if position < len(data) else b""
         self.offset += position
-        self.frames += len(starts)
+        self.frames += len(bounds) - 1
         return Frames(data, bounds, starts, self.vnet_hdr, events)
 
-    def _plain(self, data: bytes, bounds: list[int], starts: list[int]) -> tuple[int, int | None]:
-        """Frames from ``data`` into ``bounds`` and ``starts``: (where the first incomplete
-        frame starts, the bad length found there or None)."""
+    def _plain(self, data: bytes, bounds: list[int]) -> tuple[int, int | None]:
+        """Frames from ``data`` into ``bounds`` (each packet starts ``HEADER`` bytes after its
+        frame): (where the first incomplete frame starts, the bad length found there or
+        None)."""
         # Typed, with the lengths read byte by byte: compiled (setup.py) this is machine
         # arithmetic, no object per field (struct would make two) and no copy.
         limit: int = self.max_frame
@@ -256,7 +264,6 @@ class FrameDecoder:
             end: i64 = position + HEADER + length
             if end > available:
                 break
-            starts.append(position + HEADER)
             bounds.append(end)
             position = end
         return position, None
