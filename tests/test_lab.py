@@ -286,15 +286,24 @@ def test_concurrent_bulk_downloads_never_wait_for_a_checkpoint(
     # quarter of these waited 0.7-3.6 s for the periodic checkpoint: the SVM could not send
     # the bytes that completed a held 64 KiB PVM packet before the client's ACK of it. A
     # second is five times the slowest download seen since, and a third of the stall.
+    # A real divergence is another matter: busybox httpd's Date: header differs when the two
+    # guests' answers straddle a second (docs/lab.md), and the download in flight waits for
+    # the checkpoint it asks for (seen in CI: one download of 2.2 s, the evidence the
+    # header's seconds). Each payload checkpoint excuses one slow download, no more.
     before = lab.checkpoints()
     attempts = lab.topology.run_in("client", _downloads, 24, 2)
     after = lab.checkpoints()
     assert [a.detail for a in attempts if not a.ok] == []
     slow = sorted(round(a.ended - a.started, 3) for a in attempts if a.ended - a.started > 1.0)
-    assert slow == [], (slow, before, after)
+    diverged = after.get("payload", 0) - before.get("payload", 0)
+    assert len(slow) <= diverged, (slow, before, after)
     assert after.get("timeout", 0) == before.get("timeout", 0), (before, after)
     durations = sorted(a.ended - a.started for a in attempts)
-    report(capsys, f"24 downloads of /big.bin, 2 at a time: slowest {durations[-1]:.3f} s")
+    report(
+        capsys,
+        f"24 downloads of /big.bin, 2 at a time: slowest {durations[-1]:.3f} s"
+        f" ({diverged} payload checkpoints meanwhile, {len(slow)} downloads over 1 s)",
+    )
 
 
 UPLOAD = bytes((i * 131 + 7) % 251 for i in range(1 << 20))

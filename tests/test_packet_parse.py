@@ -408,7 +408,7 @@ def test_each_transports_buffer_reaches_the_parser_as_bytes(tmp_path: Path) -> N
     netlink = parse_packet(memoryview(message)).payload  # the receive buffer is a memoryview
 
     cut = FrameDecoder().cut(encode_frames([ip, ip]))
-    chardev = cut.data[cut.starts[1] : cut.bounds[2]]  # Comparator._feed_at's slice
+    chardev = cut.data[cut.start(1) : cut.bounds[2]]  # Comparator._feed_at's slice
 
     write_records(tmp_path / "replay.pcap", [(1.0, frame)], link_type=LINKTYPE_ETHERNET)
     with Capture(tmp_path / "replay.pcap") as capture:
