@@ -77,7 +77,7 @@ from coloproxy.packet.parse import (
     parse_ethernet,
     parse_ip,
 )
-from coloproxy.protocol.colo_frames import HEADER, Frames
+from coloproxy.protocol.colo_frames import Frames
 
 # ICMP and ICMPv6 echo request and reply types: such a flow is keyed by its identifier too.
 _ECHO_TYPES: Final = {PROTO_ICMP: (0, 8), PROTO_ICMPV6: (128, 129)}
@@ -293,15 +293,14 @@ class Comparator:
             if isinstance(frames, Frames):
                 data = frames.data
                 bounds = frames.bounds
-                starts = frames.starts  # empty: each packet starts after its length field
                 if isinstance(tokens, range) and tokens.step == 1:
                     first: int = tokens.start
                     for index in range(count):
-                        start = starts[index] if starts else bounds[index] + HEADER
+                        start = frames.start(index)
                         self._feed_at(side, data, start, bounds[index + 1], now, first + index, out)
                 else:
                     for index in range(count):
-                        start = starts[index] if starts else bounds[index] + HEADER
+                        start = frames.start(index)
                         self._feed_at(side, data, start, bounds[index + 1], now, tokens[index], out)
             elif isinstance(frames, list) and isinstance(tokens, list):
                 # The same loop as below, with both narrowed to lists: compiled, native indexing.
