@@ -12,9 +12,9 @@ CPU per request and each entry point's CPU per request, calls per request, CPU p
 CPU per second. Entry points nest (a wake-up holds its packets' comparator feeds and verdict
 sends); what no entry point covers is the event loop itself, the gRPC client of the quorum
 and the control/QMP traffic. The wrappers cost about a microsecond a call. Needs root; it
-never asserts.
+never asserts. ``--pin``: as bench/lab_cpu.py's (the daemons on a CPU of their own).
 
-    python3 bench/lab_account.py [--seconds 12] [--clients 4]
+    python3 bench/lab_account.py [--seconds 12] [--clients 4] [--pin]
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from lab_cpu import pin_daemons  # noqa: E402
+
 from coloproxy.lab.client import ClientLoop, expected_pages  # noqa: E402
 from coloproxy.lab.lab import Lab  # noqa: E402
 
@@ -42,10 +44,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the daemons on the last CPU, the guests, etcd and the clients on the others",
+    )
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least two CPUs")
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {os.getloadavg()}")
     print(
         f"command: python3 bench/lab_account.py --seconds {args.seconds} --clients {args.clients}"
+        f"{' --pin' if args.pin else ''}"
     )
     out = Path(tempfile.mkdtemp(prefix="coloproxy-account-")) / "account"
     path = os.pathsep.join(
@@ -57,6 +67,8 @@ def main() -> int:
     try:
         state = lab.up(build=False)
         daemons = {name: pid for name, pid in state.pids.items() if name.endswith("_daemon")}
+        if args.pin:
+            print(pin_daemons(dict(state.pids)))
         for pid in daemons.values():
             os.kill(pid, signal.SIGUSR1)
         pages = {PAGE: expected_pages()[PAGE]}

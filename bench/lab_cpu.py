@@ -12,12 +12,18 @@ daemons run iptables-save every few seconds), its idle CPU, and what the load ad
 request. It prints, it never asserts. Needs root (namespaces).
 Traffic only goes from the lab's client namespace to the lab's guest.
 
-    python3 bench/lab_cpu.py [--seconds 15] [--clients 4] [--idle 5]
+With ``--pin`` the two daemons (every thread, and the programs they start) run on the last
+CPU and everything else the lab started, and this process with the clients, on the others:
+how much of a daemon's cost comes from sharing its CPUs with the guests (docs/benchmarks.md,
+section 4). The guests then have one CPU less, and serve fewer requests.
+
+    python3 bench/lab_cpu.py [--seconds 15] [--clients 4] [--idle 5] [--pin]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -34,6 +40,23 @@ from coloproxy.lab.lab import Lab
 PAGE = "/index.html"
 
 
+def pin_daemons(pids: dict[str, int]) -> str:
+    """Every thread of the ``*_daemon`` processes on the last CPU this process may use, every
+    thread of the other processes and this process (its client threads start later and
+    inherit it) on the rest; says which CPUs went where."""
+    cpus = sorted(os.sched_getaffinity(0))
+    daemon_cpus, other_cpus = {cpus[-1]}, set(cpus[:-1])
+    for name, pid in pids.items():
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(
+                    int(task), daemon_cpus if name.endswith("_daemon") else other_cpus
+                )
+    os.sched_setaffinity(0, other_cpus)
+    others = ", ".join(map(str, sorted(other_cpus)))
+    return f"pinned: the daemons on CPU {cpus[-1]}, the rest on CPU {others}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=15.0)
@@ -45,16 +68,25 @@ def main() -> int:
         help="seconds to measure each process with no client first (0: skip); the load's own"
         " share of the figures is what is above that",
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the daemons on the last CPU, the guests, etcd and the clients on the others",
+    )
     args = parser.parse_args()
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin needs at least two CPUs")
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load {os.getloadavg()}")
     print(
         f"command: python3 bench/lab_cpu.py --seconds {args.seconds} --clients {args.clients}"
-        f" --idle {args.idle}"
+        f" --idle {args.idle}{' --pin' if args.pin else ''}"
     )
     lab = Lab("cpcpu", Path("/run/coloproxy-lab-cpu"), say=lambda _text: None)
     try:
         state = lab.up(build=False)
         pids = dict(state.pids)
+        if args.pin:
+            print(pin_daemons(pids))
         idle: dict[str, float] = {}
         if args.idle > 0:
             quiet = {name: process_cpu_seconds(pid, children=True) for name, pid in pids.items()}
