@@ -7,7 +7,7 @@ each, and prints every run (load average before it, requests/s, each daemon's CP
 milliseconds per request) and the medians of both daemons together. It prints, it never
 asserts; like lab_cpu.py it needs root and the lab's QEMU and guest image.
 
-    python3 bench/lab_cpu_ab.py --old /path/to/base-checkout --new . [--runs 3] [--seconds 15]
+    python3 bench/lab_cpu_ab.py --old /path/to/base --new . [--runs 3] [--seconds 15] [--pin]
 """
 
 from __future__ import annotations
@@ -26,13 +26,15 @@ RATE = re.compile(r"^([\d.]+) requests/s")
 
 
 def one_run(
-    tree: Path, seconds: float, clients: int, cache: Path | None = None
+    tree: Path, seconds: float, clients: int, cache: Path | None = None, pin: bool = False
 ) -> dict[str, float] | str:
     env = dict(os.environ, PYTHONPATH=str(tree))
     if cache is not None:  # that checkout's QEMU and guest builds (COLOPROXY_CACHE)
         env["COLOPROXY_CACHE"] = str(cache)
     command = [sys.executable, str(tree / "bench" / "lab_cpu.py")]
     command += ["--seconds", str(seconds), "--clients", str(clients)]
+    if pin:  # both checkouts' lab_cpu.py must have it
+        command.append("--pin")
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     figures: dict[str, float] = {}
     for line in done.stdout.splitlines():
@@ -59,6 +61,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument(
+        "--pin", action="store_true", help="lab_cpu.py --pin: the daemons on a CPU of their own"
+    )
     args = parser.parse_args()
     sides = {"old": args.old.resolve(), "new": args.new.resolve()}
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
@@ -66,13 +71,14 @@ def main() -> int:
         f"command: python3 bench/lab_cpu_ab.py --old {sides['old']} --new {sides['new']}"
         f" --runs {args.runs} --seconds {args.seconds} --clients {args.clients}"
         + (f" --old-cache {args.old_cache}" if args.old_cache else "")
+        + (" --pin" if args.pin else "")
     )
     results: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     for run in range(args.runs):
         for side, tree in sides.items():
             load = os.getloadavg()
             cache = args.old_cache if side == "old" else None
-            figures = one_run(tree, args.seconds, args.clients, cache)
+            figures = one_run(tree, args.seconds, args.clients, cache, args.pin)
             head = f"run {run + 1} {side}: load {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
             if isinstance(figures, str):
                 print(f"{head}: {figures}", flush=True)
