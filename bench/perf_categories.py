@@ -25,7 +25,8 @@ import collections
 import sys
 from pathlib import Path
 
-# (label, what the stack holds), first match wins; a wake-up's parts before the wake-up.
+# A sample whose stack holds the NFQUEUE reader is a wake-up's (split by ``category``);
+# any other, the first of ``_CATEGORIES`` (label, symbols any of which the stack holds).
 _WAKEUP = "NetlinkQueue____on_readable"
 _CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("timers (the engine's: heartbeats, the key's renewals; the proxy's)", ("TimerPump____fire",)),
@@ -48,6 +49,7 @@ def _frames(sample: list[str]) -> list[tuple[str, str]]:
 
 
 def category(thread: str, frames: list[tuple[str, str]]) -> str:
+    """Where a sample of thread ``thread`` with stack ``frames`` started (module doc)."""
     if thread != "python":
         return f"other threads ({thread})"
     stack = " ".join(symbol for symbol, _ in frames)
